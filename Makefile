@@ -1,0 +1,37 @@
+# The two README commands. Each creates .venv if missing and installs into it: torch FIRST
+# (the CPU wheel on local disk), then the package, so nothing drags in a CUDA build of torch.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+# DeepSpeed JIT-compiles its CPU comm op once; keep the cache with the venv so reruns skip it.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export MLFLOW_ENABLE_TELEMETRY ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: install quickstart test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: install
+	$(BIN)/opt-study run configs/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

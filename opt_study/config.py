@@ -1,0 +1,248 @@
+"""The study spec: YAML -> frozen, typed, validated config objects.
+
+Every component owns a frozen dataclass (levanter-style); `load_study(path)` parses YAML with a
+safe loader, builds the dataclasses field by field and reports the first problem as a
+`ConfigError` that names the file, the dotted field path and what is allowed. Nothing here starts
+Ray, DeepSpeed or MLflow. Variant-specific slices (a workload's parameters) are chosen by `type:`
+through the workload registry, imported lazily so this module stays import-light.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from opt_study.space import Domain
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_CONFIG_BYTES = 1 << 20  # a study spec is a page of YAML; refuse anything absurd
+
+
+class FieldError(ValueError):
+    """Raised by a config's __post_init__: `field` is the dataclass field, `message` what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class ConfigError(ValueError):
+    """A spec problem, reported to the user as `file: field: message` with exit code 2."""
+
+    def __init__(self, file: str, field: str, message: str):
+        super().__init__(f"{file}: {field or '<top>'}: {message}")
+        self.file, self.field, self.message = file, field, message
+
+
+def _check_name(value: str, what: str) -> None:
+    if not NAME_RE.match(value) or ".." in value:
+        raise FieldError(what, f"{value!r} must match {NAME_RE.pattern} (no path separators, no '..')")
+
+
+# ---------------------------------------------------------------------------------------- slices
+@dataclass(frozen=True)
+class StudyConfig:
+    """Identity and storage of a study."""
+
+    name: str
+    seeds: tuple[int, ...] = (0,)  # every configuration is run once per seed (a study dimension)
+    storage: str = "results"  # storage root; relative paths are relative to the working directory
+    mlflow_uri: str | None = None  # default: sqlite:///<abs storage>/mlflow.db
+    description: str = ""
+
+    def __post_init__(self):
+        _check_name(self.name, "name")
+        if not self.seeds:
+            raise FieldError("seeds", "give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise FieldError("seeds", "seeds must be distinct")
+        if any(s < 0 or s >= 2**31 for s in self.seeds):
+            raise FieldError("seeds", "seeds must be in [0, 2**31)")
+        if not self.storage:
+            raise FieldError("storage", "must be a non-empty path")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """`type` picks the workload; `params` is that workload's own frozen config."""
+
+    type: str
+    params: Any = None
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How big one trial is: its worker group and DeepSpeed settings."""
+
+    workers: int = 1
+    gpus_per_worker: int = 0  # 0 = CPU (gloo); 1 = one GPU per worker (nccl)
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 0
+    precision: str = "fp32"
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    launcher: str = "auto"  # auto: in_process for one CPU/GPU worker, worker_group otherwise
+    torch_threads: int = 1  # per worker; CPU trials oversubscribe cores otherwise
+
+    def __post_init__(self):
+        if not 1 <= self.workers <= 4096:
+            raise FieldError("workers", "must be an integer in [1, 4096]")
+        if self.gpus_per_worker not in (0, 1):
+            raise FieldError("gpus_per_worker", "must be 0 (CPU) or 1 (one GPU per worker rank)")
+        if not 0 < self.cpus_per_worker <= 256:
+            raise FieldError("cpus_per_worker", "must be in (0, 256]")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise FieldError("zero_stage", "must be one of 0, 1, 2, 3")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise FieldError("precision", "must be one of fp32, bf16, fp16")
+        if self.precision == "fp16" and self.gpus_per_worker == 0:
+            raise FieldError("precision", "fp16 needs a GPU; use fp32 or bf16 on CPU")
+        if not 1 <= self.micro_batch_size <= 1 << 20:
+            raise FieldError("micro_batch_size", "must be an integer in [1, 1048576]")
+        if not 1 <= self.grad_accum <= 4096:
+            raise FieldError("grad_accum", "must be an integer in [1, 4096]")
+        if self.launcher not in ("auto", "in_process", "worker_group"):
+            raise FieldError("launcher", "must be one of auto, in_process, worker_group")
+        if self.launcher == "in_process" and self.workers != 1:
+            raise FieldError("launcher", "in_process runs exactly one worker; set workers: 1 or use worker_group")
+        if not 1 <= self.torch_threads <= 256:
+            raise FieldError("torch_threads", "must be an integer in [1, 256]")
+
+    @property
+    def resolved_launcher(self) -> str:
+        if self.launcher != "auto":
+            return self.launcher
+        return "in_process" if self.workers == 1 else "worker_group"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """LR multiplier over training: linear warmup, then `type` decay (opt_study.optim.lr_factor)."""
+
+    type: str = "constant"
+    warmup_steps: int = 0
+    min_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.type not in ("constant", "linear", "cosine"):
+            raise FieldError("type", "must be one of constant, linear, cosine")
+        if self.warmup_steps < 0:
+            raise FieldError("warmup_steps", "must be >= 0")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise FieldError("min_ratio", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = 100
+    eval_every: int = 50  # evaluation and Tune report cadence (ASHA decides at these points)
+    grad_clip: float | None = None  # global-norm clipping (DeepSpeed gradient_clipping)
+    schedule: ScheduleConfig = ScheduleConfig()
+    log_every: int = 1  # Parquet row cadence: 1 = every step
+
+    def __post_init__(self):
+        if not 1 <= self.steps <= 10**9:
+            raise FieldError("steps", "must be an integer in [1, 1e9]")
+        if not 1 <= self.eval_every <= self.steps:
+            raise FieldError("eval_every", f"must be in [1, steps={self.steps}]")
+        if self.grad_clip is not None and not (0 < self.grad_clip < math.inf):
+            raise FieldError("grad_clip", "must be a positive finite number or null")
+        if self.schedule.warmup_steps > self.steps:
+            raise FieldError("schedule.warmup_steps", f"must be <= steps={self.steps}")
+        if not 1 <= self.log_every <= self.steps:
+            raise FieldError("log_every", f"must be in [1, steps={self.steps}]")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer to compare and its hyperparameter space (fixed values or search domains)."""
+
+    name: str
+    space: Mapping[str, Domain]
+    label: str = ""  # distinguishes two entries of the same optimizer; defaults to name
+
+
+@dataclass(frozen=True)
+class AshaConfig:
+    metric: str = "eval_loss"
+    grace_period: int = 1  # in evaluations (Tune "training_iteration")
+    reduction_factor: int = 2
+
+    def __post_init__(self):
+        if self.metric not in ("eval_loss", "loss"):
+            raise FieldError("metric", "must be eval_loss or loss")
+        if self.grace_period < 1:
+            raise FieldError("grace_period", "must be >= 1")
+        if self.reduction_factor < 2:
+            raise FieldError("reduction_factor", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    samples: int = 1  # random draws per optimizer (times its grid), the same for every optimizer
+    seed: int = 0
+    asha: AshaConfig | None = None
+    max_concurrent_trials: int | None = None  # default: derived from the cluster's resources
+
+    def __post_init__(self):
+        if not 1 <= self.samples <= 100_000:
+            raise FieldError("samples", "must be an integer in [1, 100000]")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise FieldError("max_concurrent_trials", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    every: int = 0  # measured-step cadence k; 0 = off (loss, lr and the norms are always recorded)
+    probe_s: str = "1"  # "1", "uniform" or "exponential" (METRICS.md)
+    norms: bool = True  # every step: ‖g‖, ‖Δ‖, ‖x‖ from the shards (off: loss and lr only)
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise FieldError("every", "must be >= 0 (0 turns measurement off)")
+        if self.probe_s not in ("1", "uniform", "exponential"):
+            raise FieldError("probe_s", "must be one of 1, uniform, exponential")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole study: what `opt-study run FILE` executes."""
+
+    study: StudyConfig
+    workload: WorkloadConfig
+    optimizers: tuple[OptimizerSpec, ...]
+    scale: ScaleConfig = ScaleConfig()
+    training: TrainingConfig = TrainingConfig()
+    search: SearchConfig = SearchConfig()
+    measure: MeasureConfig = MeasureConfig()
+    source: str = "<memory>"  # the file it came from, for messages
+
+    @property
+    def storage_root(self) -> Path:
+        return Path(self.study.storage).expanduser().resolve()
+
+    @property
+    def study_dir(self) -> Path:
+        return self.storage_root / self.study.name
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.study.mlflow_uri or f"sqlite:///{self.storage_root / 'mlflow.db'}"
+
+
+# The YAML loader and the generic dataclass builder live in config_load.py (one concern each);
+# these wrappers let callers import one module without an import cycle.
+def load_study(path) -> Spec:
+    """Parse and validate a study YAML file; raises ConfigError naming the file and the field."""
+    from opt_study.config_load import load_study as _load
+
+    return _load(path)
+
+
+def parse_study(data, file: str = "<memory>") -> Spec:
+    """Validate an already-parsed YAML document (a dict)."""
+    from opt_study.config_load import parse_study as _parse
+
+    return _parse(data, file)

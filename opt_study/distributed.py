@@ -1,0 +1,96 @@
+"""Every collective opt_study uses, as small named wrappers that are no-ops on one process.
+
+Only this module touches `torch.distributed` (project rule): measurement code builds local sums
+and calls `all_reduce_sum` once; everything else here is process-group bookkeeping.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place SUM over ranks (returns `t`); a no-op on one process.
+
+    gloo reduces float64 exactly as given; measurement packs its float64 partial sums into one
+    tensor so a measured step costs exactly one collective.
+    """
+    if is_distributed() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        COUNTERS["all_reduce"] += 1
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        COUNTERS["all_reduce"] += 1
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (used for run-level metadata, never tensors)."""
+    if not (is_distributed() and world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed() and world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
+    """Gather equal-shaped tensors from every rank. Tests only (the teacher-forced reference)."""
+    if not (is_distributed() and world_size() > 1):
+        return [t]
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return out
+
+
+# Collective counts per process, so benchmarks and tests can assert "one all-reduce per measured
+# step" on the real code path rather than trusting a comment.
+COUNTERS = {"all_reduce": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(backend: str = "gloo") -> None:
+    """Join the process group: reuse one that exists (Ray Train sets one up; Tune may run several
+    in-process trials in one actor), join torchrun's from its environment, or make a world of one
+    (the in-process launcher: DeepSpeed needs an initialized group)."""
+    if is_distributed():
+        return
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ and "RANK" in os.environ:
+        dist.init_process_group(backend=backend)
+        return
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    dist.init_process_group(backend=backend, rank=0, world_size=1)
+
+
+def destroy() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

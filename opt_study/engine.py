@@ -1,0 +1,78 @@
+"""DeepSpeed engine construction: CPU (gloo, DS_ACCELERATOR=cpu) or GPU (nccl), ZeRO 0-3.
+
+The client optimizer comes from `opt_study.optim` (a plain torch.optim object), so DeepSpeed never
+JIT-compiles fused_adam. The learning rate is driven by the loop each step (no DeepSpeed
+scheduler), which keeps the schedule a pure function of the step (opt_study.optim.lr_factor).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from opt_study import distributed
+from opt_study.config import ScaleConfig
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    device: torch.device
+    world_size: int
+    rank: int
+    zero_stage: int
+    precision: str
+    grad_comm_dtype: str  # METRICS.md: gradient communication is fp32 or recorded as not
+
+
+def ds_config(scale: ScaleConfig, world_size: int, grad_clip: float | None) -> dict:
+    """The DeepSpeed JSON config for one trial (also stored with the trial for provenance)."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": scale.micro_batch_size,
+        "gradient_accumulation_steps": scale.grad_accum,
+        "train_batch_size": scale.micro_batch_size * scale.grad_accum * world_size,
+        "zero_optimization": {"stage": scale.zero_stage},
+        # torch.optim optimizers are not on DeepSpeed's ZeRO allow-list but are element-wise
+        # (opt_study.optim declares per optimizer which stages are correct and validate() checks).
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": float(grad_clip) if grad_clip else 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if scale.precision == "bf16":
+        # fp32 gradient accumulation and reduction, so measured gradients are not bf16-rounded.
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
+    elif scale.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        cfg["communication_data_type"] = "fp32"
+    return cfg
+
+
+def setup_process(scale: ScaleConfig) -> torch.device:
+    """Threads, accelerator selection and the process group, before deepspeed is imported."""
+    torch.set_num_threads(scale.torch_threads)
+    if scale.gpus_per_worker == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    distributed.init_process_group("gloo" if scale.gpus_per_worker == 0 else "nccl")
+    if scale.gpus_per_worker:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: ScaleConfig,
+                 grad_clip: float | None):
+    """Wrap `model` and its client optimizer in a DeepSpeed engine on the current process group."""
+    import deepspeed  # heavy (about 4 s); imported only where an engine is built
+
+    world = distributed.world_size()
+    config = ds_config(scale, world, grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    info = EngineInfo(device=engine.device, world_size=world, rank=distributed.rank(),
+                      zero_stage=scale.zero_stage, precision=scale.precision,
+                      grad_comm_dtype="fp32")
+    return engine, info, config

@@ -1,0 +1,75 @@
+"""The two trial launchers, as Ray Tune function trainables.
+
+- worker_group: the Ray Train V2 pattern that works under Tune (STACK.md): the trainable builds
+  and fits a TorchTrainer whose workers run `run_trial`; TuneReportCallback forwards rank 0's
+  reports to Tune. (`Tuner(trainer)` fails in Ray 2.60.)
+- in_process: one worker, the DeepSpeed engine in the Tune trial's own process (a process group
+  of one), so small studies do not pay a worker group's start-up for each trial.
+"""
+from __future__ import annotations
+
+import logging
+
+from opt_study.config import Spec
+from opt_study.trial import TrialPlan
+
+
+def _quiet() -> None:
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _attempt(spec: Spec, trial_id: str) -> int:
+    from opt_study.results.parquet import next_attempt
+    return next_attempt(spec.study_dir, trial_id)
+
+
+def in_process_trainable(config: dict, spec: Spec) -> None:
+    from ray import tune
+
+    from opt_study.trial import run_trial
+
+    _quiet()
+    plan = TrialPlan(**config["trial"])
+    run_trial(spec, plan, report=tune.report, attempt=_attempt(spec, plan.trial_id))
+
+
+def _worker_loop(cfg: dict) -> None:
+    import ray.train
+
+    from opt_study.trial import run_trial
+
+    _quiet()
+    run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report, attempt=cfg["attempt"])
+
+
+def worker_group_trainable(config: dict, spec: Spec) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    plan = config["trial"]
+    s = spec.scale
+    per_worker = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"spec": spec, "trial": plan, "attempt": _attempt(spec, plan["trial_id"])},
+        torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=bool(s.gpus_per_worker),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=plan["trial_id"], storage_path=str(spec.study_dir / "ray" / "train"),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def trainable_for(spec: Spec):
+    """The Tune trainable with its resources: what one trial of this spec holds while it runs."""
+    from ray import tune
+
+    s = spec.scale
+    if s.resolved_launcher == "in_process":
+        res = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+        return tune.with_resources(tune.with_parameters(in_process_trainable, spec=spec), res)
+    # The trainable only drives the worker group, which reserves its own resources.
+    return tune.with_resources(tune.with_parameters(worker_group_trainable, spec=spec), {"CPU": 0})

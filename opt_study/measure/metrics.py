@@ -1,0 +1,188 @@
+"""Derived metrics of METRICS.md: pure functions of the global raw sums (online and in analysis).
+
+Definitions follow METRICS.md, "Derived metrics"; the tests check them against the float64
+single-process oracle in ``reference.py`` and against closed forms on a quadratic.
+
+The probe segment. The probe runs at p = x_t + sΔ_t, so every metric about the segment uses sΔ in
+place of Δ: ⟨g, sΔ⟩ = s·ip_grad_update, ⟨g⁺, sΔ⟩ = s·ip_probe_update, ‖sΔ‖² = s²·sq_update
+(the raw sums stay in terms of Δ). Norms and cosines describe the real update Δ and do not
+depend on s.
+
+The noise floor (``noise_floor``) is the rounding scale of the quantities an inequality compares,
+each term the first-order rounding of one computed input (Higham, §2.2 and §3.1):
+
+    floor = c·u·( |ℓ| + |ℓ⁺|                      the two computed losses
+                + (‖g‖ + ‖g⁺‖)·‖sΔ‖               the inner products ⟨g,sΔ⟩, ⟨g⁺,sΔ⟩: elementwise
+                                                  relative error u in g, g⁺ and in the chunked
+                                                  sums, bounded by Cauchy–Schwarz
+                + r·(‖g‖ + ‖g⁺‖)·(2‖x‖ + ‖sΔ‖) )  the rounding of the evaluation points
+
+u is the unit roundoff of ``precision`` (the dtype of the weights and arithmetic of the forward /
+backward at x_t and p): 2^-24 fp32, 2^-8 bf16, 2^-11 fp16, 2^-53 fp64. r = 0 when both points
+are exact master values (fp32/fp64 weights and s = 1: p = x_{t+1}), otherwise r = 1: with s ≠ 1
+the point x_t + sΔ is rounded, and with bf16/fp16 weights both x_t and x_{t+1} are, so the segment
+really travelled differs from sΔ elementwise by up to u(|x_t| + |p|), moving δ by up to
+u·‖g‖(2‖x‖ + ‖sΔ‖) to first order. c = FLOOR_C = 4 covers the roundings the first-order count
+leaves out (the subtraction ℓ⁺ − ℓ and the final roundings of each loss and dot: 1u each; the
+measured chunked-dot error of sums.py: up to 3u). The floor is a scale, deliberately
+conservative (Cauchy–Schwarz, not the much smaller typical size of random rounding errors):
+"indeterminate" is the honest reading inside it. An inequality "gap ≤ 0" is classified
+``holds`` if gap < −floor, ``violated`` if gap > floor, ``indeterminate`` otherwise.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+UNIT_ROUNDOFF: dict[str, float] = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8,
+                                   "fp16": 2.0**-11}
+FLOOR_C = 4.0
+CLASSES: tuple[str, ...] = ("holds", "violated", "indeterminate")
+
+DERIVED_NAMES: tuple[str, ...] = (
+    "loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",
+    "smoothness_local", "smoothness_descent", "curvature_secant", "step_alpha",
+    "cos_grad_update", "cos_update_prev", "cos_grad_prev", "grad_norm", "update_norm",
+    "param_norm", "update_to_param", "noise_floor",
+)
+OUTPUT_NAMES: tuple[str, ...] = DERIVED_NAMES + ("cls_convexity_fwd", "cls_convexity_bwd", "flag")
+
+
+def _f(v) -> float:
+    """A float, NaN for None."""
+    return math.nan if v is None else float(v)
+
+
+def _root(v: float) -> float:
+    return math.sqrt(v) if v >= 0 else math.nan  # NaN stays NaN (NaN >= 0 is False)
+
+
+def _div(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 or either is NaN (never raises, never ±inf)."""
+    return a / b if (b != 0 and math.isfinite(a) and math.isfinite(b)) else math.nan
+
+
+def _out(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def classify(gap: float | None, floor: float | None) -> str | None:
+    """'holds' / 'violated' / 'indeterminate' for the inequality gap ≤ 0; None if undefined."""
+    if gap is None or floor is None or not (math.isfinite(gap) and math.isfinite(floor)):
+        return None
+    if gap < -floor:
+        return "holds"
+    if gap > floor:
+        return "violated"
+    return "indeterminate"
+
+
+def group_metrics(sums: Mapping[str, float]) -> dict[str, float | None]:
+    """The loss-free metrics (norms, ‖Δ‖/‖x‖, cosines): valid for one group's sums or totals."""
+    s = {k: _f(v) for k, v in sums.items()}
+    gn, un, pn = _root(s.get("sq_grad", math.nan)), _root(s.get("sq_update", math.nan)), \
+        _root(s.get("sq_param", math.nan))
+    un_prev = _root(s.get("sq_update_prev", math.nan))
+    gn_prev = _root(s.get("sq_grad_prev", math.nan))
+    vals = {
+        "cos_grad_update": _div(s.get("ip_grad_update", math.nan), gn * un),
+        "cos_update_prev": _div(s.get("ip_update_prev", math.nan), un * un_prev),
+        "cos_grad_prev": _div(s.get("ip_grad_prev", math.nan), gn * gn_prev),
+        "grad_norm": gn, "update_norm": un, "param_norm": pn,
+        "update_to_param": _div(un, pn),
+    }
+    return {k: _out(v) for k, v in vals.items()}
+
+
+def noise_floor(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: float,
+                precision: str = "fp32", floor_c: float = FLOOR_C) -> float:
+    """The floor of the module docstring; NaN where an input is missing."""
+    if precision not in UNIT_ROUNDOFF:
+        raise ValueError(f"precision must be one of {sorted(UNIT_ROUNDOFF)}, got {precision!r}")
+    s = _f(probe_s)
+    gsum = _root(_f(sums.get("sq_grad"))) + _root(_f(sums.get("sq_grad_probe")))
+    seg = abs(s) * _root(_f(sums.get("sq_update")))
+    scale = abs(_f(loss)) + abs(_f(loss_probe)) + gsum * seg
+    if precision in ("bf16", "fp16") or s != 1.0:  # the evaluation points are rounded
+        scale += gsum * (2.0 * _root(_f(sums.get("sq_param"))) + seg)
+    return floor_c * UNIT_ROUNDOFF[precision] * scale
+
+
+def _flag(sq_update: float, loss_probe: float, probe_s: float) -> str | None:
+    reasons = []
+    if sq_update == 0:
+        reasons.append("zero_update")
+    elif probe_s == 0:
+        reasons.append("zero_probe_s")
+    if not (math.isfinite(loss_probe) and math.isfinite(probe_s)):
+        reasons.append("no_probe")
+    return ",".join(reasons) or None
+
+
+def derive(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: float,
+           precision: str = "fp32", *, floor_c: float = FLOOR_C) -> dict[str, float | str | None]:
+    """Every derived column of METRICS.md (OUTPUT_NAMES) from the global sums of one step.
+
+    ``sums`` maps SUM_NAMES to totals (NaN/None for missing ones). Undefined values are None:
+    a missing input, a zero segment ("zero_update" / "zero_probe_s" in ``flag``: every metric
+    dividing by ‖Δ‖ is None; the gaps stay, they then measure the loss's reproducibility), no
+    probe ("no_probe": every probe metric is None).
+    """
+    S = {k: _f(v) for k, v in sums.items()}
+    get = lambda k: S.get(k, math.nan)  # noqa: E731
+    ell, ell_p, s = _f(loss), _f(loss_probe), _f(probe_s)
+    delta = ell_p - ell                                 # δ_t
+    ip_g = s * get("ip_grad_update")                    # ⟨g, sΔ⟩
+    ip_gp = s * get("ip_probe_update")                  # ⟨g⁺, sΔ⟩
+    sq_seg = s * s * get("sq_update")                   # ‖sΔ‖²
+    gap_fwd = ip_g - delta
+    gap_bwd = delta - ip_gp
+    floor = noise_floor(S, ell, ell_p, s, precision, floor_c)
+    vals = {
+        "loss_change": delta,
+        "convexity_gap_fwd": gap_fwd,
+        "convexity_gap_bwd": gap_bwd,
+        "trapezoid_residual": delta - 0.5 * (ip_g + ip_gp),
+        "smoothness_local": _div(_root(get("sq_grad_diff")), _root(sq_seg)),
+        "smoothness_descent": _div(2.0 * (delta - ip_g), sq_seg),
+        "curvature_secant": _div(ip_gp - ip_g, sq_seg),
+        "step_alpha": _div(-get("ip_probe_update"), get("ip_grad_update")),  # s cancels
+        "noise_floor": floor,
+    }
+    out: dict[str, float | str | None] = {k: _out(v) for k, v in vals.items()}
+    out.update(group_metrics(S))
+    out["cls_convexity_fwd"] = classify(out["convexity_gap_fwd"], out["noise_floor"])
+    out["cls_convexity_bwd"] = classify(out["convexity_gap_bwd"], out["noise_floor"])
+    out["flag"] = _flag(get("sq_update"), ell_p, s)
+    return {k: out[k] for k in OUTPUT_NAMES}
+
+
+def summarize(rows: Sequence[Mapping]) -> dict[str, float]:
+    """Per-trial summary over the measured rows of one trial (one row per measured step, holding
+    the total sums, ``loss``, ``loss_probe``, ``probe_s``, the ``derive`` columns and ``flag``).
+
+    Rows with a flag (zero update, no probe, ...) count in ``n_measured`` and ``n_flagged`` and
+    are excluded from every other statistic. Fractions are over the unflagged rows with a class;
+    the effective smoothness ratio Σ(δ_t − ⟨g_t, s_tΔ_t⟩) / (½ Σ‖s_tΔ_t‖²) sums before dividing
+    (METRICS.md, "Aggregates"). An undefined statistic is NaN.
+    """
+    ok = [r for r in rows if not r.get("flag")]
+    out: dict[str, float] = {"n_measured": float(len(rows)), "n_flagged": float(len(rows) - len(ok))}
+    for side in ("fwd", "bwd"):
+        cls = [r.get(f"cls_convexity_{side}") for r in ok]
+        cls = [c for c in cls if c is not None]
+        for c in CLASSES:
+            out[f"frac_convexity_{side}_{c}"] = _div(float(cls.count(c)), float(len(cls)))
+    L = [x for x in (_f(r.get("smoothness_local")) for r in ok) if math.isfinite(x)]
+    out["smoothness_local_median"] = statistics.median(L) if L else math.nan
+    out["smoothness_local_max"] = max(L) if L else math.nan
+    num = den = 0.0
+    for r in ok:
+        s = _f(r.get("probe_s"))
+        d = _f(r.get("loss_probe")) - _f(r.get("loss"))
+        n_i, d_i = d - s * _f(r.get("ip_grad_update")), 0.5 * s * s * _f(r.get("sq_update"))
+        if math.isfinite(n_i) and math.isfinite(d_i):
+            num, den = num + n_i, den + d_i
+    out["smoothness_ratio"] = _div(num, den)
+    return out

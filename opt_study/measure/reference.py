@@ -1,0 +1,118 @@
+"""The tests' oracle: every raw sum and derived metric of METRICS.md from FULL tensors in float64.
+
+Single process, plain PyTorch, written to follow METRICS.md line by line and deliberately
+independent of ``sums.py`` and ``metrics.py`` (no imports from them, no shared helpers): derived
+metrics come from the tensors themselves (e.g. smoothness_local = ‖g⁺ − g‖ / ‖sΔ‖ from the
+vectors, not from sq_grad_diff). Any tensor argument may be None; what needs it is then NaN
+(sums) or None (metrics). The noise-floor formula is restated from metrics.py's docstring on
+purpose, so that a change to one without the other fails the tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_U = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
+
+
+def _v(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to("cpu", torch.float64).reshape(-1)
+
+
+def _dot(a: Tensor | None, b: Tensor | None) -> float:
+    return math.nan if a is None or b is None else float(torch.dot(a, b))
+
+
+def _norm(a: Tensor | None) -> float:
+    return math.nan if a is None else float(torch.linalg.vector_norm(a))
+
+
+def _sub(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return None if a is None or b is None else a - b
+
+
+def reference_sums(x, g, delta, g_plus, x0, delta_prev, g_prev) -> dict[str, float]:
+    """The raw sums of METRICS.md over full 1-D tensors, in float64."""
+    x, g, d, gp, x0, dp, gq = (_v(t) for t in (x, g, delta, g_plus, x0, delta_prev, g_prev))
+    return {
+        "sq_grad": _dot(g, g),                              # ‖g_t‖²
+        "sq_grad_probe": _dot(gp, gp),                      # ‖g⁺_t‖²
+        "sq_update": _dot(d, d),                            # ‖Δ_t‖²
+        "sq_param": _dot(x, x),                             # ‖x_t‖²
+        "sq_dist_init": _dot(_sub(x, x0), _sub(x, x0)),     # ‖x_t − x_0‖²
+        "ip_grad_update": _dot(g, d),                       # ⟨g_t, Δ_t⟩
+        "ip_probe_update": _dot(gp, d),                     # ⟨g⁺_t, Δ_t⟩
+        "sq_grad_diff": _dot(_sub(gp, g), _sub(gp, g)),     # ‖g⁺_t − g_t‖²
+        "ip_param_update": _dot(x, d),                      # ⟨x_t, Δ_t⟩
+        "ip_param_grad": _dot(x, g),                        # ⟨x_t, g_t⟩
+        "ip_update_prev": _dot(d, dp),                      # ⟨Δ_t, Δ_{t−1}⟩
+        "ip_grad_prev": _dot(g, gq),                        # ⟨g_t, g_{t−1}⟩
+        "sq_update_prev": _dot(dp, dp),                     # ‖Δ_{t−1}‖²
+        "sq_grad_prev": _dot(gq, gq),                       # ‖g_{t−1}‖²
+    }
+
+
+def _none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if (b != 0 and math.isfinite(a) and math.isfinite(b)) else None
+
+
+def _cls(gap: float, floor: float) -> str | None:
+    if not (math.isfinite(gap) and math.isfinite(floor)):
+        return None
+    return "holds" if gap < -floor else "violated" if gap > floor else "indeterminate"
+
+
+def reference_metrics(x, g, delta, g_plus, loss: float, loss_probe: float, probe_s: float = 1.0,
+                      *, delta_prev=None, g_prev=None, precision: str = "fp32",
+                      floor_c: float = 4.0) -> dict:
+    """The derived metrics of METRICS.md straight from the definitions, segment sΔ."""
+    x, g, d, gp, dp, gq = (_v(t) for t in (x, g, delta, g_plus, delta_prev, g_prev))
+    ell = math.nan if loss is None else float(loss)
+    ell_p = math.nan if loss_probe is None else float(loss_probe)
+    s = math.nan if probe_s is None else float(probe_s)
+    seg = None if d is None else s * d                     # the probe segment p − x_t = sΔ_t
+    dl = ell_p - ell                                       # δ_t = ℓ⁺_t − ℓ_t
+    sq_seg = _dot(seg, seg)
+    gap_fwd = _dot(g, seg) - dl                            # ⟨g_t, sΔ_t⟩ − δ_t
+    gap_bwd = dl - _dot(gp, seg)                           # δ_t − ⟨g⁺_t, sΔ_t⟩
+    g_sum = None if g is None or gp is None else g + gp
+    gsum = _norm(g) + _norm(gp)
+    scale = abs(ell) + abs(ell_p) + gsum * _norm(seg)
+    if precision in ("bf16", "fp16") or s != 1.0:
+        scale += gsum * (2.0 * _norm(x) + _norm(seg))
+    floor = floor_c * _U[precision] * scale
+    out = {
+        "loss_change": _none(dl),
+        "convexity_gap_fwd": _none(gap_fwd),
+        "convexity_gap_bwd": _none(gap_bwd),
+        "trapezoid_residual": _none(dl - 0.5 * _dot(g_sum, seg)),  # δ − ½⟨g + g⁺, sΔ⟩
+        "smoothness_local": _ratio(_norm(_sub(gp, g)), _norm(seg)),
+        "smoothness_descent": _ratio(2.0 * (dl - _dot(g, seg)), sq_seg),
+        "curvature_secant": _ratio(_dot(_sub(gp, g), seg), sq_seg),
+        "step_alpha": _ratio(-_dot(gp, seg), _dot(g, seg)),
+        "cos_grad_update": _ratio(_dot(g, d), _norm(g) * _norm(d)),
+        "cos_update_prev": _ratio(_dot(d, dp), _norm(d) * _norm(dp)),
+        "cos_grad_prev": _ratio(_dot(g, gq), _norm(g) * _norm(gq)),
+        "grad_norm": _none(_norm(g)),
+        "update_norm": _none(_norm(d)),
+        "param_norm": _none(_norm(x)),
+        "update_to_param": _ratio(_norm(d), _norm(x)),
+        "noise_floor": _none(floor),
+        "cls_convexity_fwd": _cls(gap_fwd, floor),
+        "cls_convexity_bwd": _cls(gap_bwd, floor),
+    }
+    reasons = []
+    if d is not None and not bool(d.any()):
+        reasons.append("zero_update")
+    elif s == 0:
+        reasons.append("zero_probe_s")
+    if not (math.isfinite(ell_p) and math.isfinite(s)):
+        reasons.append("no_probe")
+    out["flag"] = ",".join(reasons) or None
+    return out

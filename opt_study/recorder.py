@@ -1,0 +1,112 @@
+"""Driver-side recording of a study: the trials table, MLflow, and the live progress lines.
+
+Runs in the `opt-study run` process only (a Tune Callback), so one process writes the trials table
+and MLflow: no SQLite write contention between trials, and MLflow never sits on a worker's step
+path. Per-trial summaries are computed from the trial's Parquet rows (the source of truth), not
+from Tune's result objects.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from ray.tune import Callback
+
+from opt_study.config import Spec
+from opt_study.measure.metrics import summarize
+from opt_study.results import parquet, trials as trials_tbl
+from opt_study.results.mlflow_sink import MlflowSink
+from opt_study.trial import TrialPlan
+
+CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
+
+
+def trial_summary(rows: list[dict]) -> dict[str, float]:
+    """Final/best losses and the measurement summary of one trial's step rows."""
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
+    out = {"steps_done": float(len(rows)),
+           "final_loss": losses[-1] if losses else math.nan,
+           "best_loss": min((x for x in losses if math.isfinite(x)), default=math.nan),
+           "final_eval_loss": evals[-1] if evals else math.nan,
+           "best_eval_loss": min(evals, default=math.nan)}
+    times = [r["step_time_s"] for r in rows if r.get("step_time_s") is not None]
+    if times:
+        out["mean_step_time_s"] = sum(times) / len(times)
+    measured = [r for r in rows if r.get("measured")]
+    if measured:
+        out.update(summarize(measured))
+    return out
+
+
+class StudyRecorder(Callback):
+    def __init__(self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: MlflowSink | None,
+                 parent_run_id: str | None, out=sys.stdout):
+        self.spec, self.resources, self.sink, self.parent = spec, resources, sink, parent_run_id
+        self.plans = {p.trial_id: p for p in plans}
+        self.out, self.t0 = out, time.time()
+        self.best: tuple[float, str] | None = None
+        self.n_done = 0
+
+    # ------------------------------------------------------------------------ trials table rows
+    def record(self, plan: TrialPlan, status: str, **extra) -> dict:
+        rec = {"trial_id": plan.trial_id, "study": self.spec.study.name, "optimizer": plan.optimizer,
+               "label": plan.label, "workload": self.spec.workload.type, "seed": plan.seed,
+               "hparams": dict(plan.hparams), "status": status, "resources": self.resources, **extra}
+        trials_tbl.write_trial_record(self.spec.study_dir, rec)
+        return rec
+
+    def _plan(self, trial) -> TrialPlan:
+        return self.plans[trial.config["trial"]["trial_id"]]
+
+    # -------------------------------------------------------------------------- Tune callbacks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        plan = self._plan(trial)
+        self.record(plan, "running", started=time.time())
+        self._line(plan.trial_id, "RUNNING", "")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        plan = self._plan(trial)
+        ev = result.get("eval_loss", math.nan)
+        if isinstance(ev, float) and math.isfinite(ev) and (self.best is None or ev < self.best[0]):
+            self.best = (ev, plan.trial_id)
+        self._line(plan.trial_id, "RUNNING",
+                   f"step {result.get('step', 0):>5}/{self.spec.training.steps}  loss {result.get('loss', math.nan):.4f}"
+                   f"  eval {ev:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        status = last.get("status", "stopped")
+        if status == "running":  # the scheduler stopped it at a report boundary
+            status = "stopped"
+        self._finish(trial, status, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "failed", str(getattr(trial, "error_msg", None) or "trial failed")[-2000:])
+
+    def _finish(self, trial, status: str, error: str | None) -> None:
+        plan = self._plan(trial)
+        rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
+        summary = trial_summary(rows)
+        self.record(plan, status, summary=summary, ended=time.time(), error=error)
+        trials_tbl.write_trials_table(self.spec.study_dir)
+        if self.sink is not None:
+            curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in CURVES}
+            params = {"optimizer": plan.optimizer, **{f"hp.{k}": v for k, v in plan.hparams.items()},
+                      "seed": plan.seed, "zero_stage": self.spec.scale.zero_stage,
+                      "workers": self.spec.scale.workers, "precision": self.spec.scale.precision,
+                      "micro_batch_size": self.spec.scale.micro_batch_size,
+                      "grad_accum": self.spec.scale.grad_accum, "steps": self.spec.training.steps}
+            tags = {"opt_study.workload": self.spec.workload.type, "opt_study.optimizer": plan.optimizer,
+                    "opt_study.label": plan.label, "opt_study.seed": str(plan.seed)}
+            self.sink.log_trial(self.parent, plan.trial_id, params, tags, summary, curves, status)
+        self.n_done += 1
+        self._line(plan.trial_id, status.upper(),
+                   f"loss {summary['final_loss']:.4f}  eval {summary['best_eval_loss']:.4f}"
+                   f"  [{self.n_done}/{len(self.plans)} done]")
+
+    def _line(self, tid: str, state: str, text: str) -> None:
+        best = f"best {self.best[1]} {self.best[0]:.4f}" if self.best else ""
+        print(f"[{time.time() - self.t0:6.0f}s] {tid:<24} {state:<9} {text:<44} {best}",
+              file=self.out, flush=True)

@@ -1,0 +1,90 @@
+"""Hyperparameter search domains and the deterministic expansion of a space into trials.
+
+In YAML a hyperparameter is either a fixed scalar (`momentum: 0.9`) or a one-key mapping naming
+its domain: `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`.
+The study expands every optimizer's space itself, seeded by `search.seed`, so that trial ids and
+hyperparameters are known (and stored) before anything runs and a resumed study reuses them.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+SCALAR = (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Domain:
+    kind: str  # fixed | choice | grid | uniform | loguniform
+    values: tuple[Any, ...]
+
+    def sample(self, rng: random.Random) -> Any:
+        if self.kind == "fixed":
+            return self.values[0]
+        if self.kind == "choice":
+            return rng.choice(self.values)
+        lo, hi = self.values
+        if self.kind == "uniform":
+            return rng.uniform(lo, hi)
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))  # loguniform
+
+    def describe(self) -> str:
+        return self.values[0] if self.kind == "fixed" else f"{self.kind}{list(self.values)}"
+
+
+def parse_domain(raw: Any, field: str) -> Domain:
+    """YAML value -> Domain; raises ValueError('<field>: ...') on anything else."""
+    if isinstance(raw, SCALAR):
+        return Domain("fixed", (raw,))
+    if not isinstance(raw, Mapping) or len(raw) != 1:
+        raise ValueError(f"{field}: a hyperparameter is a scalar or one of "
+                         "{choice: [..]}, {grid: [..]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}")
+    (kind, vals), = raw.items()
+    if kind in ("choice", "grid"):
+        if not isinstance(vals, list) or not vals or not all(isinstance(v, SCALAR) for v in vals):
+            raise ValueError(f"{field}.{kind}: must be a non-empty list of scalars")
+        return Domain(kind, tuple(vals))
+    if kind in ("uniform", "loguniform"):
+        ok = isinstance(vals, list) and len(vals) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+        if not ok or not vals[0] < vals[1]:
+            raise ValueError(f"{field}.{kind}: must be [lo, hi] with finite numbers lo < hi")
+        if kind == "loguniform" and vals[0] <= 0:
+            raise ValueError(f"{field}.{kind}: lo must be > 0")
+        return Domain(kind, (float(vals[0]), float(vals[1])))
+    raise ValueError(f"{field}: unknown domain {kind!r} (allowed: choice, grid, uniform, loguniform)")
+
+
+def expand(space: Mapping[str, Domain], samples: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Every grid point x `samples` random draws of the sampled dimensions (Tune's semantics).
+
+    Draws are made in sorted key order from `rng`, so the expansion is a pure function of the
+    space and the seed.
+    """
+    keys = sorted(space)
+    grid_keys = [k for k in keys if space[k].kind == "grid"]
+    grids = itertools.product(*(space[k].values for k in grid_keys)) if grid_keys else [()]
+    out = []
+    for point in grids:
+        for _ in range(samples):
+            cfg = {k: space[k].sample(rng) for k in keys if space[k].kind != "grid"}
+            cfg.update(zip(grid_keys, point))
+            out.append({k: cfg[k] for k in keys})
+    return out
+
+
+def budget(space: Mapping[str, Domain], samples: int) -> int:
+    """Number of configurations `expand` yields (grid size x samples)."""
+    n = samples
+    for d in space.values():
+        if d.kind == "grid":
+            n *= len(d.values)
+    return n
+
+
+def dedupe(configs: Sequence[dict]) -> bool:
+    """True when all configurations are distinct (a sampled space can repeat a choice)."""
+    return len({tuple(sorted(c.items())) for c in configs}) == len(configs)

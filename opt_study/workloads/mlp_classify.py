@@ -1,0 +1,124 @@
+"""mlp_classify: a ReLU multilayer perceptron trained with cross-entropy on a small table.
+
+dataset "digits": scikit-learn's bundled 8×8 handwritten digits (1,797 samples, 64 features,
+10 classes; shipped inside scikit-learn, no download). "synthetic": a Gaussian mixture with
+one isotropic unit-variance component per class and class means drawn at random.
+
+The data and the train/validation split depend on the config only, never on the trial seed,
+so every seed and every optimizer of a study is evaluated on the same held-out samples; the
+seed drives the initialisation, the batch sampling and dropout. Features are standardised
+with the training split's mean and standard deviation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt_study.config import FieldError
+from opt_study.workloads.base import STREAM_DATA, Batch, Workload, eval_slices, generator, seeded_build
+
+DATASETS = ("digits", "synthetic")
+DATA_SEED = 0  # the seed of the dataset and split: fixed, so all trials share them
+MEAN_SPREAD = 2.0  # class means ~ N(0, (MEAN_SPREAD² / n_features) I): separable, not trivially
+
+
+@dataclass(frozen=True)
+class MLPClassifyConfig:
+    dataset: str = "digits"  # "digits" or "synthetic"
+    hidden: tuple[int, ...] = (64, 64)  # widths of the hidden layers; () is softmax regression
+    dropout: float = 0.0  # after every hidden ReLU
+    val_fraction: float = 0.2  # held-out fraction of the samples
+    n_classes: int = 10  # synthetic only; digits has 10
+    n_features: int = 64  # synthetic only; digits has 64
+    n_samples: int = 2000  # synthetic only; digits has 1797
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise FieldError("dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        hidden = tuple(self.hidden)
+        if any(isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= 1 << 16 for h in hidden):
+            raise FieldError("hidden", f"must be a list of integers in [1, 65536], got {self.hidden!r}")
+        object.__setattr__(self, "hidden", hidden)  # a YAML list becomes a hashable tuple
+        if not 0.0 <= self.dropout < 1.0:
+            raise FieldError("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise FieldError("val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+        for name, lo, hi in (("n_classes", 2, 1 << 16), ("n_features", 1, 1 << 16),
+                             ("n_samples", 2, 1 << 24)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise FieldError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.dataset == "digits" and (self.n_classes, self.n_features) != (10, 64):
+            raise FieldError("n_classes" if self.n_classes != 10 else "n_features",
+                             "digits has 10 classes and 64 features; leave n_classes and n_features "
+                             "at their defaults or use dataset: synthetic")
+        if self.dataset == "synthetic" and self.n_samples < self.n_classes:
+            raise FieldError("n_samples", f"must be >= n_classes={self.n_classes}")
+
+
+def load_dataset(cfg: MLPClassifyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples as (features [n, f] float32, labels [n] int64), before the split."""
+    if cfg.dataset == "digits":
+        from sklearn.datasets import load_digits  # lazy: only this dataset needs scikit-learn
+
+        d = load_digits()
+        return torch.as_tensor(d.data, dtype=torch.float32), torch.as_tensor(d.target, dtype=torch.int64)
+    g = generator(STREAM_DATA, DATA_SEED)
+    means = torch.randn(cfg.n_classes, cfg.n_features, generator=g) * (MEAN_SPREAD / cfg.n_features ** 0.5)
+    y = torch.arange(cfg.n_samples) % cfg.n_classes  # balanced classes
+    x = means[y] + torch.randn(cfg.n_samples, cfg.n_features, generator=g)
+    return x, y
+
+
+def make_mlp(n_features: int, hidden: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = n_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+class MLPClassifyWorkload(Workload):
+    """Batches are (features [b, f] float32, labels [b] int64); loss is mean cross-entropy."""
+
+    unit = "samples"
+
+    def __init__(self, cfg: MLPClassifyConfig, seed: int):
+        super().__init__(cfg, seed)
+        x, y = load_dataset(cfg)
+        perm = torch.randperm(len(y), generator=generator(STREAM_DATA, DATA_SEED, 1))
+        n_val = max(1, int(len(y) * cfg.val_fraction))
+        train, val = perm[n_val:], perm[:n_val]
+        mean, std = x[train].mean(dim=0), x[train].std(dim=0)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # digits has constant pixels
+        x = (x - mean) / std
+        self.train_x, self.train_y = x[train].contiguous(), y[train].contiguous()
+        self.val_x, self.val_y = x[val].contiguous(), y[val].contiguous()
+        self.n_features, self.n_classes = x.shape[1], int(cfg.n_classes)
+
+    def build_model(self) -> nn.Module:
+        c = self.cfg
+        return seeded_build(self.seed, lambda: make_mlp(self.n_features, c.hidden, self.n_classes, c.dropout))
+
+    def train_batch(self, step: int, index: int, micro_batch_size: int) -> Batch:
+        # Sampling with replacement: every micro-batch is an independent draw, so no epoch state.
+        i = torch.randint(0, len(self.train_y), (micro_batch_size,), generator=self._batch_generator(step, index))
+        return self.train_x[i], self.train_y[i]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def eval_batches(self, micro_batch_size: int, rank: int, world: int) -> list[Batch]:
+        return [(self.val_x[s], self.val_y[s])
+                for s in eval_slices(len(self.val_y), micro_batch_size, rank, world)]
+
+    def units_per_batch(self, batch: Batch) -> int:
+        return batch[0].shape[0]

@@ -18,6 +18,7 @@ from opt_study.space import Domain
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_CONFIG_BYTES = 1 << 20  # a study spec is a page of YAML; refuse anything absurd
+MAX_TRIALS = 100_000  # planned trials per study; the plan is materialised before anything runs
 
 
 class FieldError(ValueError):
@@ -38,7 +39,7 @@ class ConfigError(ValueError):
 
 def _check_name(value: str, what: str) -> None:
     if not NAME_RE.match(value) or ".." in value:
-        raise FieldError(what, f"{value!r} must match {NAME_RE.pattern} (no path separators, no '..')")
+        raise FieldError(what, f"{value[:60]!r} must match {NAME_RE.pattern} (no path separators, no '..')")
 
 
 # ---------------------------------------------------------------------------------------- slices
@@ -60,8 +61,8 @@ class StudyConfig:
             raise FieldError("seeds", "seeds must be distinct")
         if any(s < 0 or s >= 2**31 for s in self.seeds):
             raise FieldError("seeds", "seeds must be in [0, 2**31)")
-        if not self.storage:
-            raise FieldError("storage", "must be a non-empty path")
+        if not self.storage or "\0" in self.storage:
+            raise FieldError("storage", "must be a non-empty path without NUL bytes")
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,9 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     steps: int = 100
-    eval_every: int = 50  # evaluation and Tune report cadence (ASHA decides at these points)
+    # Evaluation and Tune report cadence (ASHA decides at these points); null = min(50, steps),
+    # so a short run does not fail on a default the user never wrote.
+    eval_every: int | None = None
     grad_clip: float | None = None  # global-norm clipping (DeepSpeed gradient_clipping)
     schedule: ScheduleConfig = ScheduleConfig()
     log_every: int = 1  # Parquet row cadence: 1 = every step
@@ -145,6 +148,8 @@ class TrainingConfig:
     def __post_init__(self):
         if not 1 <= self.steps <= 10**9:
             raise FieldError("steps", "must be an integer in [1, 1e9]")
+        if self.eval_every is None:
+            object.__setattr__(self, "eval_every", min(50, self.steps))
         if not 1 <= self.eval_every <= self.steps:
             raise FieldError("eval_every", f"must be in [1, steps={self.steps}]")
         if self.grad_clip is not None and not (0 < self.grad_clip < math.inf):

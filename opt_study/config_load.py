@@ -68,9 +68,12 @@ def parse_study(data: Any, file: str = "<memory>") -> C.Spec:
     for required in ("study", "workload", "optimizers"):
         if required not in top:
             raise C.ConfigError(file, required, "is required")
+    study = build(C.StudyConfig, top["study"], file, "study")
+    # Ray workers run in other working directories: pin a relative storage root now.
+    study = dataclasses.replace(study, storage=str(Path(study.storage).expanduser().resolve()))
     try:
         spec = C.Spec(
-            study=build(C.StudyConfig, top["study"], file, "study"),
+            study=study,
             workload=_workload(top["workload"], file),
             optimizers=_optimizers(top["optimizers"], file),
             scale=build(C.ScaleConfig, top.get("scale", {}), file, "scale"),

@@ -14,6 +14,9 @@ from opt_study.config import Spec
 from opt_study.trial import TrialPlan
 
 
+DRIVER_MEMORY = 256 * 2**20  # bytes reserved for a worker-group trial's driver process
+
+
 def _quiet() -> None:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -71,5 +74,7 @@ def trainable_for(spec: Spec):
     if s.resolved_launcher == "in_process":
         res = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
         return tune.with_resources(tune.with_parameters(in_process_trainable, spec=spec), res)
-    # The trainable only drives the worker group, which reserves its own resources.
-    return tune.with_resources(tune.with_parameters(worker_group_trainable, spec=spec), {"CPU": 0})
+    # The trainable only drives the worker group, which reserves its own CPUs/GPUs; it asks for
+    # memory alone (Tune refuses an all-zero request) so it never takes a CPU from the workers.
+    return tune.with_resources(tune.with_parameters(worker_group_trainable, spec=spec),
+                               {"CPU": 0, "memory": DRIVER_MEMORY})

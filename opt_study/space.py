@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 SCALAR = (bool, int, float, str)
+MAX_VALUES = 10_000  # values in one choice/grid list
+MAX_INT = 2**62  # larger integers are absurd as hyperparameters (and overflow float())
 
 
 @dataclass(frozen=True)
@@ -32,30 +34,60 @@ class Domain:
         return math.exp(rng.uniform(math.log(lo), math.log(hi)))  # loguniform
 
     def describe(self) -> str:
-        return self.values[0] if self.kind == "fixed" else f"{self.kind}{list(self.values)}"
+        return str(self.values[0]) if self.kind == "fixed" else f"{self.kind}{list(self.values)}"
 
 
 def parse_domain(raw: Any, field: str) -> Domain:
-    """YAML value -> Domain; raises ValueError('<field>: ...') on anything else."""
+    """YAML value -> Domain; raises ValueError('<field>: ...') on anything else.
+
+    Every value must be a usable scalar: NaN, infinities and integers beyond MAX_INT are refused
+    here, so that nothing downstream (float(), math.isfinite) overflows on a hostile file.
+    """
     if isinstance(raw, SCALAR):
+        _check_scalar(raw, field)
         return Domain("fixed", (raw,))
     if not isinstance(raw, Mapping) or len(raw) != 1:
         raise ValueError(f"{field}: a hyperparameter is a scalar or one of "
                          "{choice: [..]}, {grid: [..]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}")
     (kind, vals), = raw.items()
+    where = f"{field}.{kind}"
     if kind in ("choice", "grid"):
         if not isinstance(vals, list) or not vals or not all(isinstance(v, SCALAR) for v in vals):
-            raise ValueError(f"{field}.{kind}: must be a non-empty list of scalars")
+            raise ValueError(f"{where}: must be a non-empty list of scalars")
+        if len(vals) > MAX_VALUES:
+            raise ValueError(f"{where}: at most {MAX_VALUES} values, got {len(vals)}")
+        for v in vals:
+            _check_scalar(v, where)
+        if kind == "grid" and len(set(map(_key, vals))) != len(vals):
+            raise ValueError(f"{where}: grid values must be distinct (a repeat is a duplicate trial)")
         return Domain(kind, tuple(vals))
     if kind in ("uniform", "loguniform"):
-        ok = isinstance(vals, list) and len(vals) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+        ok = isinstance(vals, list) and len(vals) == 2 and all(_finite_number(v) for v in vals)
         if not ok or not vals[0] < vals[1]:
-            raise ValueError(f"{field}.{kind}: must be [lo, hi] with finite numbers lo < hi")
+            raise ValueError(f"{where}: must be [lo, hi] with finite numbers lo < hi")
         if kind == "loguniform" and vals[0] <= 0:
-            raise ValueError(f"{field}.{kind}: lo must be > 0")
+            raise ValueError(f"{where}: lo must be > 0")
         return Domain(kind, (float(vals[0]), float(vals[1])))
-    raise ValueError(f"{field}: unknown domain {kind!r} (allowed: choice, grid, uniform, loguniform)")
+    raise ValueError(f"{field}: unknown domain {str(kind)[:40]!r} (allowed: choice, grid, uniform, loguniform)")
+
+
+def _finite_number(v: Any) -> bool:
+    """A real number (not a bool) that is finite as a float; a huge int is not (float() overflows)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):
+        return abs(v) <= MAX_INT
+    return math.isfinite(v)
+
+
+def _check_scalar(v: Any, field: str) -> None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not _finite_number(v):
+        raise ValueError(f"{field}: must be a finite number of sane size, got {str(v)[:40]}")
+
+
+def _key(v: Any) -> tuple:
+    """Equality key that keeps True, 1 and 1.0 apart (Python's == would merge them)."""
+    return (type(v).__name__, v)
 
 
 def expand(space: Mapping[str, Domain], samples: int, rng: random.Random) -> list[dict[str, Any]]:

@@ -155,7 +155,7 @@ def _engine_norm(eng) -> float | None:
 def _report_metrics(state: TrialState, row: dict) -> dict:
     out = {"step": state.step, "loss": float(row.get("loss", math.nan)),
            "eval_loss": state.last_eval, "best_eval_loss": state.best_eval,
-           "status": state.status, "done": state.status != "running"}
+           "status": state.status, "finished": state.status != "running"}
     for k in ("lr", "grad_norm", "units_per_s"):
         if k in row and row[k] is not None:
             out[k] = float(row[k])

@@ -131,6 +131,13 @@ def window_rate(times_unix: list[float], warmup: int) -> float:
     return (n - warmup) / (times_unix[-1] - times_unix[warmup - 1])
 
 
+def paired_ratios(runs: list[dict], variant: str, base: str, key: str = "steps_per_s") -> list[float]:
+    """Per-repeat ratio variant / base of `key` (both runs of a repeat are adjacent in time)."""
+    by = {(r["rep"], r["variant"]): r[key] for r in runs}
+    reps = sorted({r["rep"] for r in runs})
+    return [by[(k, variant)] / by[(k, base)] for k in reps if (k, variant) in by and (k, base) in by]
+
+
 # ------------------------------------------------------------------------------ report pieces
 @dataclass
 class Section:

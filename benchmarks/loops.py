@@ -8,7 +8,7 @@
   the same DeepSpeed config; end times are taken the same way, after each `engine.step()`.
 
 Both take the per-step end times, so steps/s over a window that skips the warm-up steps is
-measured identically for both (`common.window_rate`).
+measured identically for both (`interleaved`, `common.window_rate`).
 """
 from __future__ import annotations
 
@@ -102,3 +102,35 @@ def plain_deepspeed(doc: dict) -> dict:
     del engine, client, model
     gc.collect()
     return {"time_unix": ends, "step_time_s": durations}
+
+
+def interleaved(variants: dict, repeats: int, warmup: int, label: str) -> list[dict]:
+    """Run every variant `repeats` times, rotating the order each repeat so slow phases of
+    foreign load fall on every variant alike. `variants[name](rep)` runs one training and returns
+    rank 0's columns (None elsewhere). Returns rank 0's runs (empty elsewhere), each with the
+    1-minute load average read just before it, steps/s over the window warmup..N-1 (the mean:
+    every step counts, periodic probes included), 1 / the median interval between step ends
+    (robust to bursts of foreign load, blind to anything that happens on a minority of steps),
+    and the median intervals of measured and of unmeasured steps separately."""
+    from common import load1, median, window_rate
+
+    names = list(variants)
+    runs = []
+    for rep in range(repeats):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            load = load1()
+            cols = variants[name](rep)
+            if distributed.rank() != 0:
+                continue
+            t = cols["time_unix"]
+            gaps = [b - a for a, b in zip(t[warmup - 1:-1], t[warmup:])]
+            flags = (cols.get("measured") or [False] * len(t))[warmup:]
+            runs.append({"rep": rep, "variant": name, "load1": load,
+                         "steps_per_s": window_rate(t, warmup), "steps_per_s_median": 1 / median(gaps),
+                         "median_step_s": median(cols["step_time_s"][warmup:]),
+                         "median_gap_unmeasured_s": median(g for g, m in zip(gaps, flags) if not m),
+                         "median_gap_measured_s": median(g for g, m in zip(gaps, flags) if m)})
+            print(f"{label} {runs[-1]}", flush=True)
+    return runs
+

@@ -81,14 +81,26 @@ def cmd_status_spec(spec: Spec) -> int:
 
     recs = sorted(read_trial_records(spec.study_dir), key=lambda r: r["trial_id"])
     counts: dict[str, int] = {}
-    print(f"{'trial':<26}{'status':<11}{'final loss':>12}{'best eval':>12}  hyperparameters")
+    # The paper's per-trial summary (arXiv:2407.01825): how often each convexity inequality
+    # holds / is violated / is indeterminate (within the noise floor) on measured steps, and the
+    # median local smoothness ‖g⁺−g‖/‖Δ‖.
+    print(f"{'trial':<20}{'status':<10}{'final loss':>11}{'best eval':>10}"
+          f"{'fwd h/v/i':>16}{'bwd h/v/i':>16}{'L med':>9}  hyperparameters")
     for r in recs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
         s = r.get("summary") or {}
         hp = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("hparams", {}).items()))
-        print(f"{r['trial_id']:<26}{r['status']:<11}{_fmt(s.get('final_loss')):>12}{_fmt(s.get('best_eval_loss')):>12}  {hp}")
+        print(f"{r['trial_id']:<20}{r['status']:<10}{_fmt(s.get('final_loss')):>11}{_fmt(s.get('best_eval_loss')):>10}"
+              f"{_fracs(s, 'fwd'):>16}{_fracs(s, 'bwd'):>16}{_fmt(s.get('smoothness_local_median')):>9}  {hp}")
     print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no trials yet")
     return 1 if counts.get("failed") else 0
+
+
+def _fracs(s: dict, side: str) -> str:
+    vals = [s.get(f"frac_convexity_{side}_{k}") for k in ("holds", "violated", "indeterminate")]
+    if any(v is None or v != v for v in vals):
+        return "-"
+    return "/".join(f"{v:.2f}" for v in vals)
 
 
 def _fmt(v) -> str:

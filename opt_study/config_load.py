@@ -1,13 +1,17 @@
 """Load a study YAML into `opt_study.config.Spec`, or fail with one `ConfigError`.
 
-Security: YAML is parsed by a SafeLoader subclass (no Python object tags) with a cap on the file
-size and on the number of aliases; a safe loader still *shares* aliased nodes, so a "billion
-laughs" document would only explode when the config is walked: capping aliases stops it at parse.
+Security: YAML is parsed by a SafeLoader subclass (no Python object tags) with caps on the file
+size, the number of aliases and the nesting depth, and duplicate keys are refused (plain PyYAML
+keeps the last one silently). A safe loader still *shares* aliased nodes, so a "billion laughs"
+document would only explode when the config is walked: capping aliases stops the classic one at
+parse, and the walk itself counts every value it visits (MAX_NODES), so 63 nested aliases cannot
+expand to 7**9 values either. Every failure, whatever the library raised, becomes one ConfigError.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,40 +20,125 @@ from typing import Any, Mapping
 import yaml
 
 from opt_study import config as C
-from opt_study.space import parse_domain
+from opt_study.space import budget, parse_domain
 
 MAX_ALIASES = 64
-MAX_DEPTH = 32
+MAX_DEPTH = 32  # levels of nesting below the top mapping
+MAX_NODES = 100_000  # values visited when walking the document, aliases counted once per use
+MAX_INT_BITS = 4096  # ~1233 decimal digits: still printable in an error message
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, field: str, line: int):
+        super().__init__(f"duplicate key {field} (line {line})")
+        self.field, self.line = field, line
 
 
 class _CappedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents with more than MAX_ALIASES aliases."""
+    """SafeLoader that refuses alias bombs, nesting deeper than MAX_DEPTH and duplicate keys.
+
+    The depth cap is applied while composing, before PyYAML's recursive composer can hit
+    Python's recursion limit on a file of 1000 nested brackets.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases, self._depth = 0, 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            self._aliases = getattr(self, "_aliases", 0) + 1
+            self._aliases += 1
             if self._aliases > MAX_ALIASES:
                 raise yaml.YAMLError(f"more than {MAX_ALIASES} YAML aliases (alias bombs are refused)")
-        return super().compose_node(parent, index)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH + 1:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_duplicate_keys(node)
+        return node
+
+    def construct_yaml_int(self, node):
+        # `0x` + 5000 hex digits is a legal YAML int that Python cannot even print (str() stops at
+        # 4300 digits): refuse it here. Smaller absurd ints reach the field checks, which name them.
+        value = super().construct_yaml_int(node)
+        if value.bit_length() > MAX_INT_BITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {value.bit_length()} bits (at most {MAX_INT_BITS})", node.start_mark)
+        return value
+
+
+_CappedLoader.add_constructor("tag:yaml.org,2002:int", _CappedLoader.construct_yaml_int)
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` as the STRING "1e-3": its float needs a dot and a signed
+# exponent. YAML 1.2 and every user mean a number; resolve it as one (on this loader only).
+_CappedLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_CappedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _check_duplicate_keys(root: yaml.Node) -> None:
+    """Raise _DuplicateKey naming the dotted path of the first repeated key of any mapping.
+
+    Keys are compared as (resolved tag, text); `<<` merge keys are YAML's override mechanism and
+    are skipped. Each node is visited once, so shared (aliased) and cyclic nodes cost nothing.
+    """
+    stack, seen = [(root, "")], set()
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = set()
+            for k, v in node.value:
+                name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                at = f"{path}.{name}" if path else name
+                if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG:
+                    if (k.tag, name) in keys:
+                        raise _DuplicateKey(at, k.start_mark.line + 1)
+                    keys.add((k.tag, name))
+                stack.append((v, at))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node.value))
 
 
 def read_yaml(path: Path) -> Any:
+    """The YAML document in `path`, or ConfigError(file, "", why) for any unreadable file."""
     file = str(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:  # read at most one byte past the cap: /dev/zero is a "file" too
+            raw = f.read(C.MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise C.ConfigError(file, "", f"cannot read: {e.strerror or e}") from None
     if len(raw) > C.MAX_CONFIG_BYTES:
-        raise C.ConfigError(file, "", f"file is {len(raw)} bytes; a study spec is at most {C.MAX_CONFIG_BYTES}")
+        raise C.ConfigError(file, "", f"file is over {C.MAX_CONFIG_BYTES} bytes; a study spec is a page of YAML")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise C.ConfigError(file, "", "not UTF-8 text (is it a binary file?)") from None
     try:
         return yaml.load(text, Loader=_CappedLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise C.ConfigError(file, e.field, f"duplicate key (line {e.line}); each key may appear once") from None
     except yaml.YAMLError as e:
         msg = str(e).replace("\n", " ")
         raise C.ConfigError(file, "", f"invalid YAML: {msg[:300]}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        # PyYAML's constructors raise these on hostile scalars: int() past Python's 4300-digit
+        # limit, a timestamp with month 13.
+        msg = str(e).replace("\n", " ")
+        raise C.ConfigError(file, "", f"invalid YAML value: {msg[:300]}") from None
 
 
 def load_study(path: str | Path) -> C.Spec:
@@ -59,9 +148,12 @@ def load_study(path: str | Path) -> C.Spec:
 
 
 def parse_study(data: Any, file: str = "<memory>") -> C.Spec:
+    """Validate a parsed document (the top-level dict) into a Spec; the first problem found is
+    raised as ConfigError(file, dotted field, what is allowed). Relative storage is resolved
+    against the current directory."""
     if data is None:
         raise C.ConfigError(file, "", "the file is empty; a study needs study, workload and optimizers")
-    _check_depth(data, file)
+    _check_shape(data, file)
     top = _mapping(data, file, "")
     allowed = {"study", "workload", "optimizers", "scale", "training", "search", "measure"}
     _no_unknown(top, allowed, file, "")
@@ -70,7 +162,11 @@ def parse_study(data: Any, file: str = "<memory>") -> C.Spec:
             raise C.ConfigError(file, required, "is required")
     study = build(C.StudyConfig, top["study"], file, "study")
     # Ray workers run in other working directories: pin a relative storage root now.
-    study = dataclasses.replace(study, storage=str(Path(study.storage).expanduser().resolve()))
+    try:
+        storage = str(Path(study.storage).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError) as e:  # no home directory for ~, a symlink loop
+        raise C.ConfigError(file, "study.storage", f"cannot resolve {study.storage[:60]!r}: {e}") from None
+    study = dataclasses.replace(study, storage=storage)
     try:
         spec = C.Spec(
             study=study,
@@ -133,15 +229,20 @@ def _scalar(tp, value: Any, file: str, where: str):
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if abs(value) > 2**62:
-                raise C.ConfigError(file, where, f"{value} is absurdly large")
+                raise C.ConfigError(file, where, f"a {len(str(abs(value)))}-digit integer is absurdly large")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise C.ConfigError(file, where, "must be a finite number")
+            # A huge int overflows float() (10**400): it is refused like inf, not raised as OverflowError.
+            if (abs(value) > 2**62) if isinstance(value, int) else not math.isfinite(value):
+                raise C.ConfigError(file, where, f"must be a finite number of sane size, got {str(value)[:40]}")
             return float(value)
     elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**62:
+            return str(value)  # `name: 2024`, `probe_s: 1`
+        if isinstance(value, float) and math.isfinite(value):
             return str(value)
     else:  # pragma: no cover - a field type this builder does not know is a programming error
         raise TypeError(f"unsupported config field type {tp} at {where}")
@@ -157,26 +258,32 @@ def _mapping(raw: Any, file: str, where: str) -> Mapping:
         raise C.ConfigError(file, where, f"must be a mapping, got {_tname(raw)}")
     bad = [k for k in raw if not isinstance(k, str)]
     if bad:
-        raise C.ConfigError(file, where, f"keys must be strings, got {bad[0]!r}")
+        raise C.ConfigError(file, where, f"keys must be strings, got {bad[0]!r:.60}")
     return raw
 
 
 def _no_unknown(m: Mapping, allowed: set[str], file: str, where: str) -> None:
     unknown = sorted(set(m) - allowed)
     if unknown:
-        at = f"{where}.{unknown[0]}" if where else unknown[0]
+        at = f"{where}.{unknown[0][:60]}" if where else unknown[0][:60]
         raise C.ConfigError(file, at, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _check_depth(data: Any, file: str, depth: int = 0) -> None:
-    if depth > MAX_DEPTH:
-        raise C.ConfigError(file, "", f"nested deeper than {MAX_DEPTH} levels")
-    if isinstance(data, Mapping):
-        for v in data.values():
-            _check_depth(v, file, depth + 1)
-    elif isinstance(data, list):
-        for v in data:
-            _check_depth(v, file, depth + 1)
+def _check_shape(data: Any, file: str) -> None:
+    """At most MAX_DEPTH levels and MAX_NODES values, counting a shared (aliased) value once per
+    use: the later walks see exactly that many. Iterative, so a cyclic document just hits a cap."""
+    stack, visited = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        visited += 1
+        if visited > MAX_NODES:
+            raise C.ConfigError(file, "", f"more than {MAX_NODES} values once aliases are expanded")
+        if depth > MAX_DEPTH:
+            raise C.ConfigError(file, "", f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 # ------------------------------------------------------------------------- registry-backed parts
@@ -189,7 +296,7 @@ def _workload(raw: Any, file: str) -> C.WorkloadConfig:
     wtype = m["type"]
     if not isinstance(wtype, str) or wtype not in workloads.WORKLOADS:
         raise C.ConfigError(file, "workload.type",
-                            f"unknown workload {wtype!r} (allowed: {', '.join(sorted(workloads.WORKLOADS))})")
+                            f"unknown workload {wtype!r:.60} (allowed: {', '.join(sorted(workloads.WORKLOADS))})")
     params = {k: v for k, v in m.items() if k != "type"}
     cfg = build(workloads.workload_config_class(wtype), params, file, "workload")
     return C.WorkloadConfig(type=wtype, params=cfg)
@@ -208,7 +315,7 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
         name = m.get("name")
         if not isinstance(name, str) or name not in optim.OPTIMIZERS:
             raise C.ConfigError(file, f"{where}.name",
-                                f"unknown optimizer {name!r} (allowed: {', '.join(sorted(optim.OPTIMIZERS))})")
+                                f"unknown optimizer {name!r:.60} (allowed: {', '.join(sorted(optim.OPTIMIZERS))})")
         params = _mapping(m.get("params") or {}, file, f"{where}.params")
         space = {}
         for k, v in params.items():
@@ -217,11 +324,8 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
             except ValueError as e:
                 field, _, msg = str(e).partition(": ")
                 raise C.ConfigError(file, field, msg) from None
-        try:  # unknown hyperparameter names, checked against the optimizer's defaults
-            optim.resolve_hparams(name, {k: d.values[0] for k, d in space.items()})
-        except ValueError as e:
-            raise C.ConfigError(file, f"{where}.params", str(e)) from None
-        label = str(m.get("label") or name)
+        _check_hparams(name, space, file, f"{where}.params")
+        label = name if m.get("label") is None else _scalar(str, m["label"], file, f"{where}.label")
         try:
             C._check_name(label, "label")
         except C.FieldError as e:
@@ -231,6 +335,34 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
         labels.add(label)
         out.append(C.OptimizerSpec(name=name, space=space, label=label))
     return tuple(out)
+
+
+def _check_hparams(name: str, space: Mapping, file: str, where: str) -> None:
+    """Every value a trial can draw is one the optimizer accepts, else ConfigError(where.<key>).
+
+    Names and types go through optim.resolve_hparams; ranges through torch itself, by building
+    the optimizer on a one-element parameter (torch checks lr >= 0, 0 <= beta < 1, ...). Each
+    value is tried with the other hyperparameters at their first values; a uniform/loguniform
+    domain is tried at both ends (torch's valid ranges are intervals).
+    """
+    import torch
+
+    from opt_study import optim
+
+    defaults = optim.optimizer_entry(name).defaults
+    for k in space:
+        if k not in defaults:  # `betas` too: a pair cannot be a domain, so it is beta1/beta2 here
+            raise C.ConfigError(file, f"{where}.{k}", f"unknown hyperparameter of {name} "
+                                                      f"(allowed: {', '.join(sorted(defaults))})")
+    first = {k: d.values[0] for k, d in space.items()}
+    param = torch.nn.Parameter(torch.zeros(1))
+    for k, d in space.items():
+        for v in d.values:
+            try:
+                optim.build_optimizer(name, [param], {**first, k: v})
+            except (ValueError, TypeError, RuntimeError) as e:
+                msg = str(e).removeprefix(f"{name}: ")
+                raise C.ConfigError(file, f"{where}.{k}", f"{name} rejects {k}={v!r:.40}: {msg[:200]}") from None
 
 
 def _cross_checks(spec: C.Spec) -> None:
@@ -243,6 +375,23 @@ def _cross_checks(spec: C.Spec) -> None:
             raise C.ConfigError(file, f"optimizers[{i}].name",
                                 f"{o.name} is not correct under ZeRO stage {spec.scale.zero_stage} "
                                 f"(supported stages: {sorted(entry.zero_stages)}); change scale.zero_stage")
-    if spec.search.asha and spec.training.steps // spec.training.eval_every < spec.search.asha.grace_period:
+    t = spec.training
+    evals = -(-t.steps // t.eval_every)  # at every eval_every-th step and at the last step
+    if spec.search.asha and evals < spec.search.asha.grace_period:
         raise C.ConfigError(file, "search.asha.grace_period",
-                            "exceeds the number of evaluations (training.steps / training.eval_every)")
+                            f"exceeds the {evals} evaluations of a trial (training.steps / training.eval_every)")
+    _check_trial_count(spec)
+
+
+def _check_trial_count(spec: C.Spec) -> None:
+    """The plan is expanded before anything runs: refuse one of more than C.MAX_TRIALS trials
+    (five 40-value grids would be 10**8 trials, and `validate` would hang expanding them)."""
+    seeds, samples, total = len(spec.study.seeds), spec.search.samples, 0
+    for i, o in enumerate(spec.optimizers):
+        if budget(o.space, 1) * seeds > C.MAX_TRIALS:
+            raise C.ConfigError(spec.source, f"optimizers[{i}].params",
+                                f"its grid times {seeds} seed(s) is over {C.MAX_TRIALS} trials")
+        total += budget(o.space, samples) * seeds
+    if total > C.MAX_TRIALS:
+        raise C.ConfigError(spec.source, "search.samples",
+                            f"the study would plan {total} trials; at most {C.MAX_TRIALS}")

@@ -202,6 +202,8 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     )
     tuner.fit()
     write_trials_table(spec.study_dir)
+    if not pending_plans(spec):  # every planned trial finished: close the study's parent run
+        sink.end_parent(parent)
     return {"ran": len(todo), "parent_run_id": parent}
 
 

@@ -12,7 +12,7 @@ hooks. Target: exactly one opt_study all-reduce per measured step, at every ZeRO
 """
 from __future__ import annotations
 
-from common import Section, fmt, out_path, study_dict, write_json
+from common import Section, out_path, study_dict, write_json
 
 SMALL_MODEL = {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16, "dropout": 0.1}
 STEPS = 6
@@ -73,9 +73,10 @@ def counting_measurer(dist_counter: DistCounter, log: list):
         def at_boundary(self):
             self._count("at_boundary", super().at_boundary)
 
-        def end(self, step, loss_local, loss_fn):
+        def end(self, step, loss_local, loss_fn, **kw):  # kw: whatever run_trial passes on
             in_step = dist_counter.take()
-            row = self._count("end", super().end, step, loss_local, loss_fn)
+            parent = super().end
+            row = self._count("end", lambda: parent(step, loss_local, loss_fn, **kw))
             dist_counter.active = False
             in_end = dist_counter.take()
             total = {k: in_step.get(k, 0) + in_end.get(k, 0) for k in set(in_step) | set(in_end)}

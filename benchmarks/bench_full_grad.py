@@ -45,11 +45,11 @@ def shard_way(view, group_of, n_groups, clone: bool) -> list[float]:
     import torch
 
     from opt_study import distributed
-    from opt_study.measure.sums import SUM_NAMES, Fragment, local_sums, pack, unpack
+    from opt_study.measure.sums import LOSS_NAMES, SUM_NAMES, Fragment, local_sums, pack, unpack
 
     xs, gs = (view.clone_params(), view.clone_grads()) if clone else (view.params(), view.grads())
     frags = [Fragment(group=group_of[i], x=x, g=g) for i, (x, g) in enumerate(zip(xs, gs))]
-    packed = pack(local_sums(frags, n_groups, only=SUMS), torch.zeros(2, dtype=torch.float64))
+    packed = pack(local_sums(frags, n_groups, only=SUMS), torch.zeros(len(LOSS_NAMES), dtype=torch.float64))
     distributed.all_reduce_sum(packed)
     per_group, _ = unpack(packed, n_groups)
     assert set(SUMS) <= set(SUM_NAMES)

@@ -76,13 +76,15 @@ def summarize(res: dict) -> Section:
                       ", ".join(fmt(r["load1"]) for r in rs)])
     ratio = median(paired_ratios(runs, "every10", "off"))
     robust = median(modelled_ratios(runs))
+    on = [r for r in runs if r["variant"] == "every10"]
+    gap_m = median(r["median_gap_measured_s"] for r in on)
+    gap_u = median(r["median_gap_unmeasured_s"] for r in on)
     step_s = median(r["median_step_s"] for r in runs if r["variant"] == "off")
     notes = [f"2 ranks, ZeRO-2, AdamW; {res['repeats']} repeats (order rotated); window = steps "
              f"{res['warmup']}..{res['steps'] - 1}; steps/s = window mean from Parquet `time_unix`.",
              f"Robust check from median intervals: off / ((9 · unmeasured + measured) / 10) = "
              f"{fmt(robust)} (per repeat {', '.join(fmt(x) for x in modelled_ratios(runs))}); median "
-             f"interval of measured steps {fmt(1000 * median(r['median_gap_measured_s'] for r in runs if r['variant'] == 'every10'))} ms, "
-             f"unmeasured {fmt(1000 * median(r['median_gap_unmeasured_s'] for r in runs if r['variant'] == 'every10'))} ms.",
+             f"interval of measured steps {fmt(1000 * gap_m)} ms, unmeasured {fmt(1000 * gap_u)} ms.",
              "Ceiling: a probe costs about one step, so 10 steps take about 11 step-times (≈ 0.91).",
              f"Step time with measurement off {fmt(1000 * step_s)} ms "
              f"({'>=' if step_s >= MIN_STEP_S else 'BELOW'} the 100 ms the target assumes)."]

@@ -88,9 +88,13 @@ def per_optimizer_asha(spec: Spec):
     """ASHA that compares trials of the same optimizer entry only (a fair, equal-budget race).
 
     One AsyncHyperBandScheduler per label; Tune sees a single FIFO-style scheduler that routes
-    each trial's results to its label's ASHA.
+    each trial's results to its label's ASHA. A STOP decision is delivered cooperatively: a stop
+    file the trial's rank 0 sees on its next step (opt_study.trial.stop_path), so the trial ends
+    on its own and Ray Train releases its workers; Tune is told to CONTINUE.
     """
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+    from opt_study.trial import stop_path
 
     a = spec.search.asha
     evals = spec.training.steps // spec.training.eval_every + (spec.training.steps % spec.training.eval_every > 0)
@@ -100,7 +104,8 @@ def per_optimizer_asha(spec: Spec):
             super().__init__()
             self._by_label = {o.label: AsyncHyperBandScheduler(
                 time_attr="training_iteration", metric=a.metric, mode="min", max_t=evals,
-                grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+                grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                stop_last_trials=False)  # a trial that reaches max_t ends by itself
                 for o in spec.optimizers}
 
         def _asha(self, trial):
@@ -113,7 +118,12 @@ def per_optimizer_asha(spec: Spec):
             self._asha(trial).on_trial_add(controller, trial)
 
         def on_trial_result(self, controller, trial, result):
-            return self._asha(trial).on_trial_result(controller, trial, result)
+            decision = self._asha(trial).on_trial_result(controller, trial, result)
+            if decision == TrialScheduler.STOP:
+                f = stop_path(spec.study_dir, trial.config["trial"]["trial_id"])
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.touch()
+            return TrialScheduler.CONTINUE
 
         def on_trial_complete(self, controller, trial, result):
             self._asha(trial).on_trial_complete(controller, trial, result)

@@ -47,6 +47,17 @@ class TrialState:
     start_time: float = field(default_factory=time.time)
 
 
+def stop_path(study_dir, trial_id: str):
+    """The file through which the study asks a running trial to stop (opt_study.study).
+
+    Stopping is cooperative: Tune killing a worker-group trial's actor leaks Ray Train V2's
+    placement group (ray-project/ray#54305), which then starves every later trial.
+    """
+    from pathlib import Path
+
+    return Path(study_dir) / "control" / f"{trial_id}.stop"
+
+
 def _to_device(batch, device):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
@@ -96,6 +107,7 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, attempt: int = 0,
                             eval_every=training.eval_every, total_steps=training.steps,
                             seed=plan.seed, norms=spec.measure.norms)
     state = TrialState()
+    stop_file = stop_path(spec.study_dir, plan.trial_id)
     base_lr = float(hparams["lr"])
     A, b = scale.grad_accum, scale.micro_batch_size
     units = 0
@@ -116,13 +128,15 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, attempt: int = 0,
             eng.step()
             loss_sum += loss.detach().double().cpu()
             units += workload.units_per_batch(batch)
-        fields = measurer.end(step, loss_sum / A, lambda mb: workload.loss(eng, mb))
+        fields = measurer.end(step, loss_sum / A, lambda mb: workload.loss(eng, mb),
+                              stop_vote=rank == 0 and stop_file.exists())
         dt = time.perf_counter() - t0
         row = {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": workload.units_per_batch(batch) * A * world / dt,
                "engine_grad_norm": _engine_norm(eng), "time_unix": time.time(), **fields}
         state.step, state.last_loss = step + 1, row["loss"]
         diverged = not math.isfinite(row["loss"])
-        boundary = (step + 1) % training.eval_every == 0 or step + 1 == training.steps or diverged
+        stopping = measurer.stop_requested and not diverged
+        boundary = (step + 1) % training.eval_every == 0 or step + 1 == training.steps or diverged or stopping
         if boundary and not diverged:
             state.last_eval = row["eval_loss"] = evaluate(eng, workload, b, device)
             state.best_eval = min(state.best_eval, state.last_eval)
@@ -132,11 +146,13 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, attempt: int = 0,
             state.status = "diverged"
         elif step + 1 == training.steps:
             state.status = "completed"
+        elif stopping:
+            state.status = "stopped"
         if boundary:
             if writer is not None:
                 writer.flush()  # rows are durable before a scheduler can stop the trial
             report(_report_metrics(state, row))
-        if diverged:
+        if diverged or stopping:
             break
     if writer is not None:
         writer.close()

@@ -26,7 +26,10 @@ STAGES = (0, 1, 2, 3)
 CASES = {
     1: [{"stage": s, "workload": "mlp_classify", "gas": 2} for s in STAGES],
     2: [{"stage": s, "workload": w, "gas": g} for s in STAGES for w in ("tiny_lm", "mlp_classify") for g in (1, 2)]
-    + [{"stage": 2, "workload": "mlp_classify", "gas": 1, "clip": 0.05, "opt": "momentum"}],
+    + [{"stage": 2, "workload": "mlp_classify", "gas": 1, "clip": 0.05, "opt": "momentum"}]
+    # the same trial measured at every step and never measured: must end bit-for-bit equal
+    + [{"stage": s, "workload": "tiny_lm", "gas": 2, "every": e, "keep_final": True, "pair": f"p{s}"}
+       for s in STAGES for e in (1, 0)],
     4: [{"stage": s, "workload": "tiny_lm", "gas": 1} for s in STAGES]
     + [{"stage": 3, "workload": "mlp_classify", "gas": 2}],
 }
@@ -61,7 +64,15 @@ def test_every_number_matches_reference(world_results):
     assert len(data["results"]) == len(CASES[world])
     for r in data["results"]:
         assert "error" not in r, f"{r['case']}: {r.get('tb', r.get('error'))}"
-        assert r["steps"] == 5 and r["measured"] == 5, r["case"]
+        assert r["steps"] == 5, r["case"]
+        assert r["measured"] == (0 if r["case"].get("every") == 0 else 5), r["case"]
+        assert r["probe_state_diff"] == [], f"{r['case']}: the probe changed {r['probe_state_diff']}"
+        # memory: what the measurer keeps is a small constant times this rank's own partition,
+        # and that partition is this rank's share of the model, not the whole of it
+        assert r["kept_ratio"] <= 5.0, r["case"]
+        assert r["local_fraction"] <= 1.0 / world + 0.05, r["case"]
+        if r["case"].get("every") == 0:
+            continue
         errs = r["errors"]
         # the columns each case must have checked (a missing key would be a silent skip)
         must = {"grad_norm", "update_norm", "param_norm", "sq_grad", "sq_grad_probe", "sq_update",
@@ -74,3 +85,23 @@ def test_every_number_matches_reference(world_results):
         for k, e in errs.items():
             limit = TOL_FP64 if k.endswith("_vs_fp64") else TOL
             assert e <= limit, f"world {world} {r['case']}: {k} error {e:.2e} > {limit:.0e}"
+
+
+@pytest.mark.slow
+def test_probe_leaves_trajectory_bit_for_bit_unchanged(world_results):
+    """A run measuring every step (probe + sums) ends with exactly the parameters and losses of a
+    run that never measures: the probe restores optimizer state, gradient buffers, accumulation
+    boundary and counters, RNG (dropout masks replayed) and module buffers."""
+    world, data = world_results
+    pairs: dict[str, dict] = {}
+    for r in data["results"]:
+        if "pair" in r["case"]:
+            pairs.setdefault(r["case"]["pair"], {})[r["case"]["every"]] = r
+    if world != 2:
+        assert not pairs
+        return
+    assert len(pairs) == len(STAGES)
+    for name, p in pairs.items():
+        on, off = p[1], p[0]
+        assert on["losses"] == off["losses"], name
+        assert on["final_x"] == off["final_x"], name

@@ -81,12 +81,17 @@ class StepMeasurer:
             self.g_t = self.view.clone_grads()
 
     # ----------------------------------------------------------------------------- the numbers
-    def end(self, step: int, loss_local: torch.Tensor, loss_fn) -> dict:
-        """Called after engine.step(); returns this step's row fields (same on every rank)."""
+    def end(self, step: int, loss_local: torch.Tensor, loss_fn, stop_vote: bool = False) -> dict:
+        """Called after engine.step(); returns this step's row fields (same on every rank).
+
+        `stop_vote` (rank 0's view of the study's stop request) is summed in the same all-reduce;
+        afterwards `self.stop_requested` is the same on every rank.
+        """
         world = self.info.world_size
-        losses = torch.tensor([float(loss_local) / world, math.nan], dtype=torch.float64)
+        losses = torch.tensor([float(loss_local) / world, math.nan, float(stop_vote)], dtype=torch.float64)
         if self.x_t is None:  # norms off and not measured: the loss alone, still one all-reduce
             distributed.all_reduce_sum(losses)
+            self.stop_requested = bool(losses[2] > 0)
             return {"loss": float(losses[0]), "measured": False}
         x_next = self.view.params()
         delta = [b.float() - a for a, b in zip(self.x_t, x_next)]
@@ -106,6 +111,7 @@ class StepMeasurer:
         packed = pack(local_sums(frags, len(self.groups), only=only), losses)
         distributed.all_reduce_sum(packed)  # the ONE collective of this step
         per_group, scalars = unpack(packed, len(self.groups))
+        self.stop_requested = scalars["stop_votes"] > 0
         self.prev_delta, self.prev_g = (delta, self.g_t) if self.keep_prev else (None, None)
         totals = {k: float(v.sum()) for k, v in per_group.items()}
         row = {"loss": scalars["loss"], "grad_norm": _root(totals["sq_grad"]),

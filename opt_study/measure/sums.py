@@ -40,8 +40,10 @@ SUM_NAMES: tuple[str, ...] = (
     "sq_update_prev", "sq_grad_prev",
 )
 # Each rank contributes its share of the global mean loss (ℓ_r / N for N equal ranks), so the
-# SUM all-reduce yields the global mean directly.
-LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe")
+# SUM all-reduce yields the global mean directly. `stop_votes` rides the same reduction: rank 0
+# puts 1 when the study asked the trial to stop (opt_study.trial), so every rank learns it on the
+# same step without a collective of its own.
+LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes")
 
 CHUNK = 1 << 16  # 64k elements: 7 fp32 operands x 256 KiB stay in a 2 MiB L2 while 14 dots run
 

@@ -43,6 +43,41 @@ def full_grads(engine, stage: int) -> torch.Tensor:
     return torch.cat([safe_get_full_grad(p).detach().double().reshape(-1) for p in ps])
 
 
+def engine_snapshot(engine, stage: int) -> dict:
+    """Everything a probe could disturb: optimizer state, counters, buffers, RNG, weights, ZeRO
+    gradient bookkeeping. Deep copies, compared exactly."""
+    opt = engine.optimizer
+    client = getattr(opt, "optimizer", opt)
+    state = {f"{i}.{k}": v.detach().clone() if torch.is_tensor(v) else v
+             for i, st in enumerate(client.state.values()) for k, v in st.items()}
+    snap = {"state": state, "rng": torch.get_rng_state().clone(),
+            "counters": (engine.global_steps, engine.micro_steps, engine.global_samples,
+                         engine.is_gradient_accumulation_boundary(), getattr(opt, "micro_step_id", None)),
+            "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()},
+            "params": full_params(engine, stage),
+            "lr": [g["lr"] for g in client.param_groups]}
+    if stage in (1, 2, 3):
+        snap["avg_grads"] = sorted(k for k, v in (getattr(opt, "averaged_gradients", {}) or {}).items()
+                                   if v is not None)
+    if stage == 0:
+        snap["grads"] = [p.grad is None for p in engine.module.parameters()]
+    return snap
+
+
+def diff_snapshots(a: dict, b: dict) -> list[str]:
+    out = []
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            bad = [n for n in x if not (torch.equal(x[n], y[n]) if torch.is_tensor(x[n]) else x[n] == y[n])]
+            out += [f"{k}.{n}" for n in bad]
+        elif torch.is_tensor(x):
+            out += [] if torch.equal(x, y) else [k]
+        elif x != y:
+            out.append(f"{k}: {x} != {y}")
+    return out
+
+
 class RecordingView(ShardView):
     """A ShardView that also records the full tensors at the moments the measurer reads shards."""
 
@@ -73,9 +108,15 @@ class RecordingMeasurer(StepMeasurer):
         super().at_boundary()
         self.rec["g"] = self.view.full_g
 
-    def end(self, step, loss_local, loss_fn):
+    def end(self, step, loss_local, loss_fn, **kw):
         self.view.full_g = None
-        row = super().end(step, loss_local, loss_fn)
+        before = engine_snapshot(self.engine, self.view.stage) if self.measured else None
+        row = super().end(step, loss_local, loss_fn, **kw)
+        if before is not None:  # the probe ran inside end(): nothing of the engine may differ
+            self.rec["probe_state_diff"] = diff_snapshots(before, engine_snapshot(self.engine, self.view.stage))
+        kept = [self.x_t, self.g_t, self.x0, self.prev_delta, self.prev_g]
+        self.rec["kept_numel"] = sum(t.numel() for ts in kept if ts for t in ts)
+        self.rec["local_numel"] = self.view.local_numel()
         self.rec["g_plus"] = self.view.full_g if self.measured else None
         self.rec["x_next"] = full_params(self.engine, self.view.stage)
         self.rec["row"] = row
@@ -96,7 +137,7 @@ def spec_for(case: dict, storage: str):
         "training": {"steps": case.get("steps", 5), "eval_every": case.get("steps", 5),
                      "grad_clip": case.get("clip")},
         "optimizers": [{"name": case.get("opt", "adamw"), "params": {"lr": 0.01}}],
-        "measure": {"every": case.get("every", 1)},
+        "measure": {"every": case.get("every", 1), "norms": True},
     })
 
 
@@ -128,7 +169,7 @@ def rel(a: float, b: float, scale: float) -> float:
 
 def check_case(case: dict, log: list[dict], spec) -> dict:
     world = distributed.world_size()
-    errs: dict[str, float] = {}
+    errs: dict[str, float] = {"probe_state_diffs": float(sum(len(r.get("probe_state_diff", [])) for r in log))}
 
     def put(name, e):
         errs[name] = max(errs.get(name, 0.0), e)
@@ -201,7 +242,10 @@ def run_case(case: dict, storage: str) -> dict:
            "measured": sum(1 for r in m.log if r["row"].get("measured")),
            "errors": check_case(case, m.log, spec),
            "final_x": m.log[-1]["x_next"].tolist() if case.get("keep_final") else None,
-           "losses": [r["row"]["loss"] for r in m.log]}
+           "losses": [r["row"]["loss"] for r in m.log],
+           "probe_state_diff": sorted({d for r in m.log for d in r.get("probe_state_diff", [])})[:10],
+           "kept_ratio": max(r["kept_numel"] / max(r["local_numel"], 1) for r in m.log),
+           "local_fraction": m.log[0]["local_numel"] / m.log[0]["x"].numel()}
     return out
 
 

@@ -22,11 +22,6 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _attempt(spec: Spec, trial_id: str) -> int:
-    from opt_study.results.parquet import next_attempt
-    return next_attempt(spec.study_dir, trial_id)
-
-
 def in_process_trainable(config: dict, spec: Spec) -> None:
     from ray import tune
 
@@ -34,7 +29,7 @@ def in_process_trainable(config: dict, spec: Spec) -> None:
 
     _quiet()
     plan = TrialPlan(**config["trial"])
-    run_trial(spec, plan, report=tune.report, attempt=_attempt(spec, plan.trial_id))
+    run_trial(spec, plan, report=tune.report)
 
 
 def _worker_loop(cfg: dict) -> None:
@@ -43,11 +38,11 @@ def _worker_loop(cfg: dict) -> None:
     from opt_study.trial import run_trial
 
     _quiet()
-    run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report, attempt=cfg["attempt"])
+    run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report)
 
 
 def worker_group_trainable(config: dict, spec: Spec) -> None:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -56,12 +51,15 @@ def worker_group_trainable(config: dict, spec: Spec) -> None:
     per_worker = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.gpus_per_worker else {})}
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"spec": spec, "trial": plan, "attempt": _attempt(spec, plan["trial_id"])},
+        train_loop_config={"spec": spec, "trial": plan},
         torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=bool(s.gpus_per_worker),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=plan["trial_id"], storage_path=str(spec.study_dir / "ray" / "train"),
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()],
+                             # a dead worker: Ray Train restarts the group, and run_trial resumes
+                             # from the trial's last checkpoint (opt_study.checkpoint)
+                             failure_config=FailureConfig(max_failures=spec.training.max_failures)),
     )
     trainer.fit()
 

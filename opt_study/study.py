@@ -148,6 +148,9 @@ def ray_env() -> dict:
     keep = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opt_study" / "torch_extensions"))
+    # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine several groups
+    # starting at once need longer.
+    env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"))
     env.update({"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1",
                 "MLFLOW_ENABLE_TELEMETRY": "false", "TOKENIZERS_PARALLELISM": "false"})
     return env
@@ -208,7 +211,10 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
                                     scheduler=per_optimizer_asha(spec) if spec.search.asha else None),
         run_config=tune.RunConfig(name=f"run-{run_idx}", storage_path=str(spec.study_dir / "ray"),
                                   callbacks=[recorder], verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  # in-process trials are retried by Tune; worker groups by Ray Train
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=spec.training.max_failures
+                                      if spec.scale.resolved_launcher == "in_process" else 0)),
     )
     tuner.fit()
     write_trials_table(spec.study_dir)

@@ -43,6 +43,7 @@ class TrialState:
     best_eval: float = math.inf
     last_eval: float = math.nan
     last_loss: float = math.nan
+    initial_loss: float | None = None
     status: str = "running"
     start_time: float = field(default_factory=time.time)
 
@@ -81,82 +82,149 @@ def evaluate(engine, workload, mbs: int, device) -> float:
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
 
-def run_trial(spec: Spec, plan: TrialPlan, report: Report, attempt: int = 0,
-              measurer_cls=StepMeasurer) -> dict:
-    """Train one trial to the end (or divergence); returns the final summary on every rank.
+@dataclass
+class Ctx:
+    """What one rank's loop holds: the engine, its data and the sinks."""
 
-    `measurer_cls` is a test seam: the multi-rank tests pass a subclass that also gathers full
-    tensors (in the test only) to check every measured number against the reference.
-    """
+    spec: Spec
+    plan: TrialPlan
+    eng: Any
+    client_opt: torch.optim.Optimizer
+    workload: Any
+    measurer: StepMeasurer
+    device: torch.device
+    rank: int
+    world: int
+    base_lr: float
+    writer: Any = None
+    attempt: int = 0
+
+
+def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
+    """Process group, workload, model, optimizer, DeepSpeed engine and the step measurer."""
     scale, training = spec.scale, spec.training
     device = engine_mod.setup_process(scale)
-    rank, world = distributed.rank(), distributed.world_size()
-    torch.manual_seed(plan.seed * 1000 + rank)  # dropout masks differ per rank, fixed per seed
-
     workload = make_workload(spec.workload.type, spec.workload.params, plan.seed)
     model = workload.build_model()
     hparams = optim.resolve_hparams(plan.optimizer, plan.hparams)
     client_opt = optim.build_optimizer(plan.optimizer, model.parameters(), hparams)
     eng, info, _ = engine_mod.build_engine(model, client_opt, scale, training.grad_clip)
-
-    writer = None
-    if rank == 0:
-        from opt_study.results.parquet import StepWriter
-        writer = StepWriter(spec.study_dir, plan.trial_id, attempt, start_step=0)
+    # Built before any checkpoint is loaded, so x_0 is the deterministic initial point even
+    # after a restart (build_model is a pure function of the seed).
     measurer = measurer_cls(eng, info, spec.measure, precision=scale.precision,
                             eval_every=training.eval_every, total_steps=training.steps,
                             seed=plan.seed, norms=spec.measure.norms)
+    return Ctx(spec, plan, eng, client_opt, workload, measurer, device, distributed.rank(),
+               distributed.world_size(), float(hparams["lr"]))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The global RNG seed of one rank's step: dropout masks depend on (seed, rank, step) only,
+    so a trial resumed from a checkpoint replays exactly the masks it would have drawn."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
+    """One optimizer step over A micro-batches (DeepSpeed accumulates; step() at the boundary)."""
+    training, A, b = c.spec.training, c.spec.scale.grad_accum, c.spec.scale.micro_batch_size
+    lr = c.base_lr * optim.lr_factor(step, training.steps, training.schedule.type,
+                                     training.schedule.warmup_steps, training.schedule.min_ratio)
+    _set_lr(c.client_opt, lr)
+    torch.manual_seed(step_seed(c.plan.seed, c.rank, step))
+    t0 = time.perf_counter()
+    c.measurer.begin(step)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    units = 0
+    for m in range(A):
+        batch = _to_device(c.workload.train_batch(step, m * c.world + c.rank, b), c.device)
+        c.measurer.before_micro(batch)
+        loss = c.workload.loss(c.eng, batch)
+        c.eng.backward(loss)
+        if m == A - 1:
+            c.measurer.at_boundary()
+        c.eng.step()
+        loss_sum += loss.detach().double().cpu()
+        units += c.workload.units_per_batch(batch)
+    fields = c.measurer.end(step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote)
+    dt = time.perf_counter() - t0
+    return {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": units * c.world / dt,
+            "engine_grad_norm": _engine_norm(c.eng), "time_unix": time.time(), **fields}
+
+
+def resume(c: Ctx, state: TrialState) -> int:
+    """Load the trial's latest checkpoint if there is one; open this attempt's Parquet writer.
+
+    Returns the first step to run. The attempt number is chosen by rank 0 and broadcast, so a
+    worker group restarted by Ray Train never reuses one.
+    """
+    from opt_study import checkpoint
+
+    client = checkpoint.load(c.eng, c.spec.study_dir, c.plan.trial_id) if c.spec.training.checkpoint_every != 0 else None
+    start = int(client["next_step"]) if client else 0
+    if client:
+        state.best_eval, state.initial_loss = client.get("best_eval", math.inf), client.get("initial_loss")
+    if c.rank == 0:
+        from opt_study.results.parquet import StepWriter, next_attempt
+        c.attempt = next_attempt(c.spec.study_dir, c.plan.trial_id)
+        c.writer = StepWriter(c.spec.study_dir, c.plan.trial_id, c.attempt, start_step=start)
+    c.attempt = distributed.broadcast_object(c.attempt)
+    return start
+
+
+def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeasurer) -> dict:
+    """Train one trial to the end (or divergence, or a stop request); every rank runs this.
+
+    Returns the final report metrics. `measurer_cls` is a test seam: the multi-rank tests pass a
+    subclass that also gathers full tensors (in the test only) to check every measured number.
+    """
+    from opt_study import checkpoint
+
+    c = build(spec, plan, measurer_cls)
+    training = spec.training
     state = TrialState()
     stop_file = stop_path(spec.study_dir, plan.trial_id)
-    base_lr = float(hparams["lr"])
-    A, b = scale.grad_accum, scale.micro_batch_size
-    units = 0
-    for step in range(training.steps):
-        lr = base_lr * optim.lr_factor(step, training.steps, training.schedule.type,
-                                       training.schedule.warmup_steps, training.schedule.min_ratio)
-        _set_lr(client_opt, lr)
-        t0 = time.perf_counter()
-        measurer.begin(step)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for m in range(A):
-            batch = _to_device(workload.train_batch(step, m * world + rank, b), device)
-            measurer.before_micro(batch)
-            loss = workload.loss(eng, batch)
-            eng.backward(loss)
-            if m == A - 1:
-                measurer.at_boundary()
-            eng.step()
-            loss_sum += loss.detach().double().cpu()
-            units += workload.units_per_batch(batch)
-        fields = measurer.end(step, loss_sum / A, lambda mb: workload.loss(eng, mb),
-                              stop_vote=rank == 0 and stop_file.exists())
-        dt = time.perf_counter() - t0
-        row = {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": workload.units_per_batch(batch) * A * world / dt,
-               "engine_grad_norm": _engine_norm(eng), "time_unix": time.time(), **fields}
+    start = resume(c, state)
+    ckpt_every = training.checkpoint_every if training.checkpoint_every is not None else training.eval_every
+    for step in range(start, training.steps):
+        row = train_step(c, step, stop_vote=c.rank == 0 and stop_file.exists())
         state.step, state.last_loss = step + 1, row["loss"]
-        diverged = not math.isfinite(row["loss"])
-        stopping = measurer.stop_requested and not diverged
-        boundary = (step + 1) % training.eval_every == 0 or step + 1 == training.steps or diverged or stopping
-        if boundary and not diverged:
-            state.last_eval = row["eval_loss"] = evaluate(eng, workload, b, device)
+        if state.initial_loss is None:
+            state.initial_loss = row["loss"]
+        status = _status(state, row, training, c.measurer.stop_requested, step)
+        boundary = (step + 1) % training.eval_every == 0 or status != "running"
+        if boundary and status != "diverged":
+            state.last_eval = row["eval_loss"] = evaluate(c.eng, c.workload, spec.scale.micro_batch_size, c.device)
             state.best_eval = min(state.best_eval, state.last_eval)
-        if writer is not None and (step % training.log_every == 0 or boundary):
-            writer.append({"trial_id": plan.trial_id, "attempt": attempt, **row})
-        if diverged:
-            state.status = "diverged"
-        elif step + 1 == training.steps:
-            state.status = "completed"
-        elif stopping:
-            state.status = "stopped"
+        if c.writer is not None and (step % training.log_every == 0 or boundary):
+            c.writer.append({"trial_id": plan.trial_id, "attempt": c.attempt, **row})
+        state.status = status
+        if boundary and c.writer is not None:
+            c.writer.flush()  # rows are durable before a checkpoint, a report or a stop
+        if ckpt_every and (step + 1) % ckpt_every == 0 and status == "running":
+            checkpoint.save(c.eng, spec.study_dir, plan.trial_id, step + 1,
+                            {"best_eval": state.best_eval, "initial_loss": state.initial_loss})
         if boundary:
-            if writer is not None:
-                writer.flush()  # rows are durable before a scheduler can stop the trial
             report(_report_metrics(state, row))
-        if diverged or stopping:
+        if status != "running":
             break
-    if writer is not None:
-        writer.close()
+    if c.writer is not None:
+        c.writer.close()
+    distributed.barrier()
+    if c.rank == 0 and state.status != "running":
+        checkpoint.remove(spec.study_dir, plan.trial_id)
     return _report_metrics(state, {"loss": state.last_loss})
+
+
+def _status(state: TrialState, row: dict, training, stop_requested: bool, step: int) -> str:
+    """Divergence is data: a NaN/inf loss or one above `divergence_factor` x the first loss ends the
+    trial as `diverged` at that step (the study goes on)."""
+    loss = row["loss"]
+    if not math.isfinite(loss) or (training.divergence_factor and state.initial_loss is not None
+                                   and loss > training.divergence_factor * abs(state.initial_loss)):
+        return "diverged"
+    if step + 1 == training.steps:
+        return "completed"
+    return "stopped" if stop_requested else "running"
 
 
 def _engine_norm(eng) -> float | None:

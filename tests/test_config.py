@@ -97,7 +97,7 @@ def test_full_spec_builds_every_slice():
                        "schedule": {"type": "linear", "warmup_steps": 40, "min_ratio": 1}},
              search={"samples": 3, "seed": 7, "asha": {"grace_period": 4, "reduction_factor": 3},
                      "max_concurrent_trials": 2},
-             measure={"every": 5, "probe_s": "uniform", "norms": False})
+             measure={"every": 5, "probe_s": "1", "norms": False})
     assert s.study.seeds == (3, 1) and s.study.name == "full.v1-a_b"
     assert s.workload.params == TinyLMConfig(layers=1, heads=4, width=32, context=16)
     assert [o.label for o in s.optimizers] == ["aw", "momentum"]
@@ -106,7 +106,7 @@ def test_full_spec_builds_every_slice():
     assert s.scale.resolved_launcher == "worker_group" and s.scale.precision == "bf16"
     assert s.training.grad_clip == 1.0 and isinstance(s.training.grad_clip, float)
     assert s.training.schedule.min_ratio == 1.0 and s.search.asha.grace_period == 4
-    assert (s.measure.every, s.measure.probe_s, s.measure.norms) == (5, "uniform", False)
+    assert (s.measure.every, s.measure.probe_s, s.measure.norms) == (5, "1", False)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.scale.workers = 3  # type: ignore[misc]
 
@@ -235,6 +235,7 @@ RULES = [
     # measure
     ("measure.every", {"measure": {"every": -5}}),
     ("measure.probe_s", {"measure": {"probe_s": "2"}}),
+    ("measure.probe_s", {"measure": {"probe_s": "uniform"}}),
     ("measure.norms", {"measure": {"norms": 1}}),
     ("measure.hessian", {"measure": {"hessian": True}}),
     # optimizers

@@ -5,14 +5,18 @@ The interface every workload implements is `opt_study.workloads.base.Workload`.
 from __future__ import annotations
 
 from opt_study.workloads.base import Batch, Workload
+from opt_study.workloads.gpt2 import GPT2Config, GPT2Workload
 from opt_study.workloads.mlp_classify import MLPClassifyConfig, MLPClassifyWorkload
 from opt_study.workloads.quadratic import QuadraticConfig, QuadraticWorkload
+from opt_study.workloads.resnet_cifar import ResNetCifarConfig, ResNetCifarWorkload
 from opt_study.workloads.tiny_lm import TinyLMConfig, TinyLMWorkload
 
 WORKLOADS: dict[str, tuple[type[Workload], type]] = {
     "tiny_lm": (TinyLMWorkload, TinyLMConfig),
     "quadratic": (QuadraticWorkload, QuadraticConfig),
     "mlp_classify": (MLPClassifyWorkload, MLPClassifyConfig),
+    "gpt2": (GPT2Workload, GPT2Config),
+    "resnet_cifar": (ResNetCifarWorkload, ResNetCifarConfig),
 }
 
 

@@ -1,0 +1,148 @@
+"""Factories that turn FLAT scalar hyperparameters into library optimizers, and the thin glue
+subclasses the distributed loop needs. No update rule is written here: every rule is the
+library's (torch.optim, pytorch-optimizer 4.1.0, schedulefree 1.4.1); the glue only changes
+WHEN state is created or WHERE a Hessian estimate comes from.
+
+A factory is `factory(params, **hparams)` where `params` is an iterable of tensors (the model's
+parameters, or flat partitions at ZeRO 1-3) and `hparams` are exactly the entry's default names.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytorch_optimizer as po
+import schedulefree
+import torch
+
+Factory = Callable[..., torch.optim.Optimizer]
+
+
+# ------------------------------------------------------------------------------ generic shapes
+def sgd(nesterov: bool, with_momentum: bool) -> Factory:
+    def factory(params, lr, weight_decay, momentum=0.0, dampening=0.0):
+        if not with_momentum:
+            momentum = 0.0
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening,
+                               weight_decay=weight_decay, nesterov=nesterov)
+    return factory
+
+
+def with_betas(cls: type, **fixed) -> Factory:
+    """Adam-family factory: flat beta1/beta2 -> the library's `betas` tuple; `fixed` arguments are
+    part of the rule's definition (AMSGrad's amsgrad=True), not searchable knobs."""
+    def factory(params, beta1, beta2, **rest):
+        return cls(params, betas=(beta1, beta2), **fixed, **rest)
+    return factory
+
+
+def plain(cls: type, **fixed) -> Factory:
+    def factory(params, **hparams):
+        return cls(params, **fixed, **hparams)
+    return factory
+
+
+# ------------------------------------------------------------------------------------ Lookahead
+class Lookahead(po.Lookahead):
+    """pytorch-optimizer's Lookahead (Zhang et al. 2019, https://arxiv.org/abs/1907.08610), with
+    its slow weights taken from the tensors the optimizer holds at its FIRST step.
+
+    Why: upstream copies the slow weights at construction, keyed by the construction-time
+    tensors. DeepSpeed ZeRO 1-3 and the bf16 wrapper then swap `param_groups[i]["params"]` for
+    flat fp32 partitions, so at the sync step upstream finds no slow weights for the tensors it
+    steps and silently skips the interpolation. Here the first step drops the stale copies and
+    copies the held tensors, which at that moment still equal x0: the rule is unchanged.
+    """
+
+    def __init__(self, optimizer, k: int = 5, alpha: float = 0.5, **kwargs):
+        super().__init__(optimizer, k=k, alpha=alpha, **kwargs)
+        self._slow_from_held = False
+
+    def step(self, closure=None):
+        if not self._slow_from_held:
+            held = {p for g in self.param_groups for p in g["params"]}
+            for p in [p for p in self.state if p not in held]:
+                del self.state[p]  # a full model copy per rank would undo ZeRO's memory saving
+            for g in self.param_groups:
+                self.init_group(g)
+            self._slow_from_held = True
+        return super().step(closure)
+
+
+def lookahead(inner: Factory) -> Factory:
+    """Lookahead over any registered inner factory: `k`, `alpha` are Lookahead's, the rest the
+    inner optimizer's."""
+    def factory(params, k, alpha, **inner_hparams):
+        return Lookahead(inner(params, **inner_hparams), k=k, alpha=alpha)
+    return factory
+
+
+# ----------------------------------------------------------------------------------------- Muon
+def muon(params, lr, momentum, weight_decay, nesterov, ns_steps, adamw_lr, adamw_wd, beta1, beta2):
+    """pytorch-optimizer Muon: matrices (ndim >= 2) get the orthogonalised momentum update, other
+    tensors (biases, gains) its built-in AdamW at `adamw_lr` with betas (beta1, beta2).
+
+    The factory sees tensors, not names, so embeddings and output heads (2-D) are Muon'd too;
+    Jordan et al.'s recipe gives those to AdamW. Say so when comparing against the reference.
+    """
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "use_muon": True, "lr": lr},
+              {"params": [p for p in params if p.ndim < 2], "use_muon": False, "lr": adamw_lr,
+               "betas": (beta1, beta2), "weight_decay": adamw_wd}]
+    return po.Muon([g for g in groups if g["params"]], momentum=momentum, weight_decay=weight_decay,
+                   nesterov=nesterov, ns_steps=ns_steps, adamw_lr=adamw_lr)
+
+
+# --------------------------------------------------------------------------------------- Sophia
+class SideHessianSophiaH(po.SophiaH):
+    """pytorch-optimizer SophiaH whose Hessian-diagonal estimate comes from the loop's SIDE
+    backward (`opt_study.optim.estimate_hessian`) instead of a `create_graph=True` main backward.
+
+    Why: DeepSpeed's engine.backward keeps no graph on the gradients, and on several ranks each
+    rank's Hutchinson estimate must be averaged like the gradient is. `hessian_due()` is True
+    before the steps whose update consumes a fresh estimate (every `update_period` steps,
+    starting with the first); stepping then without one raises instead of silently reusing a
+    stale estimate.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self._side_hessian: list[torch.Tensor] | None = None
+
+    def hessian_due(self) -> bool:
+        return self.param_groups[0].get("step", 0) % self.update_period == 0
+
+    def set_side_hessian(self, hessian: list[torch.Tensor]) -> None:
+        """One tensor per held parameter, in param_groups order, each shaped like it."""
+        self._side_hessian = list(hessian)
+
+    def has_side_hessian(self) -> bool:
+        return self._side_hessian is not None
+
+    @torch.no_grad()
+    def step(self, closure=None, hessian=None):
+        if hessian is None and self.hessian_due():
+            if self._side_hessian is None:
+                raise RuntimeError(
+                    "sophia: this step needs a Hessian estimate; call "
+                    "opt_study.optim.estimate_hessian(optimizer, loss_fn, seed) after the "
+                    "boundary backward and before engine.step() whenever optim.needs_hessian(optimizer)")
+            hessian = self._side_hessian
+        self._side_hessian = None
+        return super().step(closure, hessian=hessian)
+
+
+def sophia(params, lr, beta1, beta2, weight_decay, p, update_period, eps):
+    return SideHessianSophiaH(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, p=p,
+                              update_period=update_period, eps=eps, hessian_distribution="gaussian")
+
+
+# -------------------------------------------------------------------------------- Schedule-Free
+def schedulefree_adamw(params, lr, beta1, beta2, eps, weight_decay, warmup_steps, r, weight_lr_power):
+    return schedulefree.AdamWScheduleFree(params, lr=lr, betas=(beta1, beta2), eps=eps,
+                                          weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                          r=r, weight_lr_power=weight_lr_power)
+
+
+def schedulefree_sgd(params, lr, momentum, weight_decay, warmup_steps, r, weight_lr_power):
+    return schedulefree.SGDScheduleFree(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                        warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)

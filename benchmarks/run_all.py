@@ -40,6 +40,9 @@ BENCHMARKS = [
 ]
 RANKS = 2
 TIMEOUT_S = 420
+# Before each benchmark, wait (up to QUIET_WAIT_S) for the 1-minute load to fall below QUIET_LOAD:
+# our own previous benchmark leaves up to ~2 that decays within a minute; more is someone else.
+QUIET_LOAD, QUIET_WAIT_S = 3.0, 90
 
 
 def command(module: str, runner: str, out_json: Path) -> list[str]:
@@ -49,10 +52,20 @@ def command(module: str, runner: str, out_json: Path) -> list[str]:
     return [sys.executable, script, str(out_json)]
 
 
-def run_one(key: str, module: str, runner: str, work: Path) -> tuple[Section, dict]:
+def wait_quiet(limit_s: float) -> float:
+    """Sleep until load1 < QUIET_LOAD or `limit_s` has passed; return the seconds waited."""
+    t0 = time.time()
+    while load1() >= QUIET_LOAD and time.time() - t0 < limit_s:
+        time.sleep(5)
+    return time.time() - t0
+
+
+def run_one(key: str, module: str, runner: str, work: Path, quiet_s: float) -> tuple[Section, dict]:
     out_json, log = work / f"{key}.json", work / f"{key}.log"
+    waited = wait_quiet(quiet_s)
     load, t0 = load1(), time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {key}: running ({runner}, load1 {load})", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {key}: running ({runner}, load1 {load}, "
+          f"waited {waited:.0f} s for quiet)", flush=True)
     with open(log, "w") as f:
         try:
             rc = subprocess.run(command(module, runner, out_json), env=child_env(), cwd=REPO,
@@ -60,7 +73,7 @@ def run_one(key: str, module: str, runner: str, work: Path) -> tuple[Section, di
         except subprocess.TimeoutExpired:
             rc = "timeout"
     secs = time.time() - t0
-    meta = {"seconds": secs, "load1_before": load, "rc": rc}
+    meta = {"seconds": secs, "load1_before": load, "rc": rc, "waited_s": waited}
     mod = importlib.import_module(module)
     if rc != 0 or not out_json.exists():
         tail = log.read_text(errors="replace")[-2500:]
@@ -84,12 +97,15 @@ def render(info: dict, done: list[tuple[str, Section, dict]], total_s: float) ->
                        ["load1 at start", fmt(info["load1_at_start"])],
                        ["suite wall time", f"{total_s:.0f} s"]]), "",
              "The machine is shared: the 1-minute load average is recorded before every timed section "
-             "(our own 2 ranks add up to 2 to it); variants are interleaved and results are medians "
-             "over repeats.", "",
+             "(our own 2 ranks add up to 2 to it); before each benchmark the suite waits up to "
+             f"{QUIET_WAIT_S} s for it to fall below {QUIET_LOAD}; variants are interleaved and results "
+             "are medians over repeats. A load well above 2 during a benchmark means other jobs "
+             "shared the 2 cores, and its throughput ratios are then noise-dominated.", "",
              "## Summary", "",
-             md_table([["benchmark", "target", "result", "verdict", "run time s", "load1 before"]] +
+             md_table([["benchmark", "target", "result", "verdict", "run time s", "load1 before",
+                        "waited for quiet s"]] +
                       [[s.title, s.target, s.headline, f"**{s.verdict}**", f"{m['seconds']:.0f}",
-                        fmt(m["load1_before"])] for _, s, m in done]), ""]
+                        fmt(m["load1_before"]), f"{m['waited_s']:.0f}"] for _, s, m in done]), ""]
     for _, s, m in done:
         lines += [f"## {s.title}", "", f"Target: {s.target}. Result: {s.headline}. **{s.verdict}**", ""]
         if s.table:
@@ -104,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", help="markdown file to write (default: benchmarks/RESULTS.md; with "
                                      "--only, nothing unless given)")
     ap.add_argument("--keep", help="directory to keep the raw JSON and logs in")
+    ap.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S,
+                    help=f"max seconds to wait for load1 < {QUIET_LOAD} before each benchmark (0: never)")
     a = ap.parse_args(argv)
     keys = [k for k, _, _ in BENCHMARKS]
     only = a.only.split(",") if a.only else keys
@@ -118,7 +136,7 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         for key, module, runner in BENCHMARKS:
             if key in only:
-                section, meta = run_one(key, module, runner, work)
+                section, meta = run_one(key, module, runner, work, a.quiet_wait)
                 done.append((key, section, meta))
     text = render(info, done, time.time() - t0)
     out = Path(a.output) if a.output else (RESULTS if not a.only else None)

@@ -120,19 +120,40 @@ class ScaleConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """LR multiplier over training: linear warmup, then `type` decay (opt_study.optim.lr_factor)."""
+    """LR multiplier over training: linear warmup, then `type` decay (opt_study.optim.lr_factor).
+
+    cosine_restarts (SGDR) needs `period` (steps of the first cycle after warm-up; each next
+    cycle is `mult` times longer); wsd / trapezoidal (warmup-stable-decay) decays linearly over
+    the last `decay_fraction` of the steps.
+    """
 
     type: str = "constant"
     warmup_steps: int = 0
     min_ratio: float = 0.0
+    period: int | None = None  # cosine_restarts only
+    mult: float = 1.0  # cosine_restarts only
+    decay_fraction: float = 0.2  # wsd / trapezoidal only
+
+    TYPES = ("constant", "linear", "cosine", "cosine_restarts", "wsd", "trapezoidal")
 
     def __post_init__(self):
-        if self.type not in ("constant", "linear", "cosine"):
-            raise FieldError("type", "must be one of constant, linear, cosine")
+        if self.type not in self.TYPES:
+            raise FieldError("type", f"must be one of {', '.join(self.TYPES)}")
         if self.warmup_steps < 0:
             raise FieldError("warmup_steps", "must be >= 0")
         if not 0.0 <= self.min_ratio <= 1.0:
             raise FieldError("min_ratio", "must be in [0, 1]")
+        if self.type == "cosine_restarts":
+            if self.period is None or not 1 <= self.period <= 10**9:
+                raise FieldError("period", "cosine_restarts needs period: the first cycle's length in steps, >= 1")
+        elif self.period is not None:
+            raise FieldError("period", "is used by type cosine_restarts only; remove it or set type: cosine_restarts")
+        if not 1.0 <= self.mult <= 1e6:
+            raise FieldError("mult", "must be in [1, 1e6] (each restart cycle is mult times the previous)")
+        if self.mult != 1.0 and self.type != "cosine_restarts":
+            raise FieldError("mult", "is used by type cosine_restarts only")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise FieldError("decay_fraction", "must be in (0, 1] (the fraction of steps spent decaying)")
 
 
 @dataclass(frozen=True)
@@ -212,10 +233,16 @@ class MeasureConfig:
     every: int = 0  # measured-step cadence k; 0 = off (loss, lr and the norms are always recorded)
     probe_s: str = "1"  # the probe point x_t + s*Δ_t; "1" (x_{t+1}) only, for now
     norms: bool = True  # every step: ‖g‖, ‖Δ‖, ‖x‖ from the shards (off: loss and lr only)
+    # fp32 parameter snapshots for checkpoint replay (opt_study.measure.snapshots): x_0, every
+    # k-th iterate and the last one; 0 = none. Each rank writes its own shard to the study dir.
+    snapshot_every: int = 0
 
     def __post_init__(self):
         if self.every < 0:
             raise FieldError("every", "must be >= 0 (0 turns measurement off)")
+        if isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) \
+                or not 0 <= self.snapshot_every <= 10**9:
+            raise FieldError("snapshot_every", "must be an integer in [0, 1e9] (0 saves no snapshots)")
         if self.probe_s != "1":
             # uniform / exponential s (METRICS.md) need the weights moved to x_t + sΔ_t inside
             # ZeRO's partitions and back; not implemented yet, so refused rather than mis-measured.

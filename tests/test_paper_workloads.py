@@ -65,9 +65,10 @@ def test_prepare_cli_reads_directories_and_refuses_bad_input(tmp_path, capsys):
     assert "type: gpt2" in capsys.readouterr().out
     (src / "bad.txt").write_bytes(b"\xff\xfe")
     assert prepare_main(["--text", str(src), "--out", str(tmp_path / "bad")]) == 2
+    assert "bad.txt' is not UTF-8" in capsys.readouterr().err
     assert not list((tmp_path / "bad").glob("*.bin*")), "a failed run leaves no token files"
     assert prepare_main(["--text", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
-    assert "bad.txt" in capsys.readouterr().err or True  # message checked below by the missing path
+    assert "no such file or directory" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="too few"):
         prepare_token_files(["a"], tmp_path / "tiny", "bytes", val_fraction=0.5)
 
@@ -151,7 +152,7 @@ def test_gpt2_model_is_deterministic_causal_and_learns(byte_data):
     before = eval_loss(w, model, 8)
     assert abs(before - math.log(256)) < 0.3  # N(0, 0.02) init predicts nearly uniformly
     torch.manual_seed(0)
-    train_steps(w, model, torch.optim.AdamW(model.parameters(), lr=3e-3), steps=40, mbs=8)
+    train_steps(w, model, torch.optim.AdamW(model.parameters(), lr=1e-2), steps=15, mbs=8)
     after = eval_loss(w, model, 8)
     assert after < before - 1.0, (before, after)
 
@@ -275,10 +276,18 @@ def test_resnet_learns_and_accepts_half_precision_weights(cifar):
     model = w.build_model()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(),
                                                   make_workload("resnet_cifar", w.cfg, 0).build_model().parameters()))
-    before = eval_loss(w, model, 10)
-    train_steps(w, model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), steps=25, mbs=16)
-    after = eval_loss(w, model, 10)
-    assert after < before - 0.3, (before, after)
+    # A few SGD steps on one batch (train mode: BatchNorm uses the batch's statistics) must fit it;
+    # 40 steps on fresh batches also lower the eval loss, but too noisily for a 1 s test.
+    batch = w.train_batch(0, 0, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = w.loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.4, losses
     half = w.build_model().to(torch.bfloat16)  # DeepSpeed bf16 casts the module, not the inputs
     assert torch.isfinite(w.loss(half, w.train_batch(0, 0, 4)))
 
@@ -312,10 +321,12 @@ def test_paper_study_files_validate_and_dry_run(name, capsys):
     if PAPER[name]:
         assert spec.workload.type == PAPER[name]
     assert cli.main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: OK")
     assert cli.main(["run", str(path), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    plan = json.loads(out[out.index("{", out.index("{") + 1) - 0 if False else out.rindex('{\n  "study"'):])
-    assert plan["trials"] > 0 and plan["resources_per_trial"]["total_gpu"] == 8
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["trials"] == sum(plan["per_optimizer"].values()) > 0
+    assert plan["resources_per_trial"]["total_gpu"] == 8
+    assert plan["study_dir"] == str(spec.study_dir)
 
 
 def test_paper_gpt2_study_is_gpt2_small_in_bf16():

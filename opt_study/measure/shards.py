@@ -15,9 +15,14 @@ checks every stage against a gathered reference):
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from opt_study import distributed
+
 EMPTY = torch.empty(0)
+WRITE_BUCKET = 1 << 22  # elements per all-reduce when writing replicated weights (16 MiB fp32)
 
 
 class ShardView:
@@ -45,9 +50,17 @@ class ShardView:
             return [p.detach().view(-1)[slice(*self._bounds(p))] for _, p in self.named]
         if self.mode == "z3":
             from deepspeed.utils import safe_get_local_fp32_param
-            return [safe_get_local_fp32_param(p).view(-1) for _, p in self.named]
+            return [self._z3_valid(p, safe_get_local_fp32_param(p)) for _, p in self.named]
         return [p._hp_mapping.get_hp_fragment().view(-1) if p._hp_mapping is not None else EMPTY
                 for _, p in self.named]
+
+    def _z3_valid(self, p, part: torch.Tensor) -> torch.Tensor:
+        """The real elements of a ZeRO-3 partition: rank r holds [r*P, (r+1)*P) of the flattened
+        parameter, P = ceil(n/W); the tail past n is padding whose memory may be recycled from an
+        earlier allocation (garbage), so it must never enter a sum."""
+        part = part.view(-1)
+        valid = max(0, min(p.ds_numel - self.rank * part.numel(), part.numel()))
+        return part[:valid]
 
     def grads(self) -> list[torch.Tensor]:
         """This rank's fp32 fragment of every reduced gradient.
@@ -58,7 +71,7 @@ class ShardView:
             return [p.grad.view(-1)[slice(*self._bounds(p))] for _, p in self.named]
         if self.mode == "z3":
             from deepspeed.utils import safe_get_local_grad
-            return [safe_get_local_grad(p).view(-1) for _, p in self.named]
+            return [self._z3_valid(p, safe_get_local_grad(p)) for _, p in self.named]
         return [self._hp_grad(p) for _, p in self.named]
 
     @staticmethod
@@ -80,3 +93,93 @@ class ShardView:
 
     def local_numel(self) -> int:
         return sum(t.numel() for t in self.params())
+
+    # ------------------------------------------------------------------ layout and write-back
+    def bounds(self) -> list[tuple[int, int]]:
+        """[start, stop) of each fragment of ``params()`` within its flattened parameter.
+
+        Only the first ``stop - start`` elements of a fragment are parameter values: a ZeRO-3
+        partition is padded to ceil(numel / W) elements on the last ranks (DeepSpeed
+        ``_aligned_size``), and a rank that holds none of a ZeRO-1/2 parameter has (0, 0).
+        """
+        if self.mode == "slice":
+            return [self._bounds(p) for _, p in self.named]
+        if self.mode == "z3":
+            out = []
+            for _, p in self.named:
+                size = p.ds_tensor.ds_numel  # the (padded) partition size of every rank
+                start = min(size * self.rank, p.ds_numel)
+                out.append((start, min(start + size, p.ds_numel)))
+            return out
+        out = []
+        for _, p in self.named:
+            m = p._hp_mapping
+            a = None if m is None else m.lp_fragment_address
+            out.append((0, 0) if a is None else (a.start, a.start + a.numel))
+        return out
+
+    def write_params(self, frags: list[torch.Tensor]) -> None:
+        """Set the model to the parameter vector whose fragments on this rank are ``frags``.
+
+        Collective: every rank calls it with its own fragments (laid out as ``bounds()``). The
+        fp32 master fragments (hp at ZeRO-1/2, the local fp32 partition at ZeRO-3) and the
+        weights the forward reads are both written:
+
+        - ZeRO-3: the lp partition ``p.ds_tensor``; the forward all-gathers it. A parameter that
+          is gathered right now (persistent below stage3_param_persistence_threshold, or still
+          cached) also gets its full ``p.data`` written, as DeepSpeed's own step does by
+          re-gathering persistent parameters.
+        - ZeRO-0/1/2: ``p.data`` is replicated, so every rank needs every rank's fragment: each
+          rank scatters its fragments into a zero buffer and one SUM all-reduce per bucket of
+          WRITE_BUCKET elements yields the whole parameter everywhere (x + 0 is exact).
+        """
+        bounds = self.bounds()
+        if len(frags) != len(self.named):
+            raise ValueError(f"need {len(self.named)} fragments, got {len(frags)}")
+        for (name, _), (lo, hi), f in zip(self.named, bounds, frags):
+            if f.numel() < hi - lo:
+                raise ValueError(f"fragment of {name} has {f.numel()} elements, needs {hi - lo}")
+        frags = [f.reshape(-1)[:hi - lo] for f, (lo, hi) in zip(frags, bounds)]
+        with torch.no_grad():
+            if self.mode == "z3":
+                for (_, p), f, master in zip(self.named, frags, self.params()):
+                    p.ds_tensor.data.view(-1)[:f.numel()].copy_(f)
+                    master[:f.numel()].copy_(f)
+                held = torch.tensor([float(p.data.numel() == p.ds_numel) for _, p in self.named],
+                                    dtype=torch.float64)
+                distributed.all_reduce_max(held)  # every rank must join the same all-reduces
+                full = [i for i, h in enumerate(held.tolist()) if h > 0]
+            else:
+                if self.mode == "hp":
+                    for (_, p), f in zip(self.named, frags):
+                        if p._hp_mapping is not None:
+                            p._hp_mapping.get_hp_fragment().view(-1).copy_(f)
+                full = list(range(len(self.named)))
+            self._write_replicated(full, frags, bounds)
+
+    def _full_numel(self, p) -> int:
+        return p.ds_numel if self.mode == "z3" else p.numel()
+
+    def _write_replicated(self, idx: list[int], frags, bounds) -> None:
+        """Fill the whole ``p.data`` of parameters ``idx`` on every rank (see write_params)."""
+        buckets: list[list[int]] = []
+        size = 0
+        for i in idx:
+            n = self._full_numel(self.named[i][1])
+            if not buckets or (size + n > WRITE_BUCKET and buckets[-1]):
+                buckets.append([])
+                size = 0
+            buckets[-1].append(i)
+            size += n
+        for bucket in buckets:
+            sizes = [self._full_numel(self.named[j][1]) for j in bucket]
+            offsets = [0, *itertools.accumulate(sizes)][:-1]
+            buf = torch.zeros(sum(sizes), dtype=torch.float32, device=self.engine.device)
+            for j, o in zip(bucket, offsets):
+                lo, hi = bounds[j]
+                buf[o + lo:o + hi].copy_(frags[j])
+            distributed.all_reduce_sum(buf)
+            for j, o, n in zip(bucket, offsets, sizes):
+                p = self.named[j][1]
+                if p.data.numel() == n:  # ZeRO-3: only where this rank holds the whole
+                    p.data.view(-1).copy_(buf[o:o + n])

@@ -44,27 +44,37 @@ def plain(cls: type, **fixed) -> Factory:
 # ------------------------------------------------------------------------------------ Lookahead
 class Lookahead(po.Lookahead):
     """pytorch-optimizer's Lookahead (Zhang et al. 2019, https://arxiv.org/abs/1907.08610), with
-    its slow weights taken from the tensors the optimizer holds at its FIRST step.
+    its slow weights taken from the tensors the optimizer holds at their FIRST step.
 
     Why: upstream copies the slow weights at construction, keyed by the construction-time
     tensors. DeepSpeed ZeRO 1-3 and the bf16 wrapper then swap `param_groups[i]["params"]` for
     flat fp32 partitions, so at the sync step upstream finds no slow weights for the tensors it
-    steps and silently skips the interpolation. Here the first step drops the stale copies and
-    copies the held tensors, which at that moment still equal x0: the rule is unchanged.
+    steps and silently skips the interpolation. Here each step first copies the held tensors
+    that have none (at their first step they still equal x0: the rule is unchanged) and drops
+    the construction-time copies once they are no longer held. ZeRO 1-2 also ASSIGN
+    `param_groups` (one group per step call), hence the setter.
     """
 
     def __init__(self, optimizer, k: int = 5, alpha: float = 0.5, **kwargs):
         super().__init__(optimizer, k=k, alpha=alpha, **kwargs)
-        self._slow_from_held = False
+        self._construction = [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.optimizer.param_groups = groups
 
     def step(self, closure=None):
-        if not self._slow_from_held:
-            held = {p for g in self.param_groups for p in g["params"]}
-            for p in [p for p in self.state if p not in held]:
-                del self.state[p]  # a full model copy per rank would undo ZeRO's memory saving
-            for g in self.param_groups:
-                self.init_group(g)
-            self._slow_from_held = True
+        held = [p for g in self.param_groups for p in g["params"]]
+        if self._construction and not any(p is q for p in held for q in self._construction):
+            for p in self._construction:
+                self.state.pop(p, None)  # a full model copy per rank would undo ZeRO's memory saving
+            self._construction = []
+        for g in self.param_groups:
+            self.init_group(g)
         return super().step(closure)
 
 

@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "opt_study" / "workloads" / "data" / "corpus.txt"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine, two threads made the small convolutions
+    here 50x slower (spin-waiting threads), and these models gain nothing from a second one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def train_steps(w, model, opt, steps: int, mbs: int) -> None:
     model.train()
     for step in range(steps):

@@ -48,11 +48,12 @@ class Lookahead(po.Lookahead):
 
     Why: upstream copies the slow weights at construction, keyed by the construction-time
     tensors. DeepSpeed ZeRO 1-3 and the bf16 wrapper then swap `param_groups[i]["params"]` for
-    flat fp32 partitions, so at the sync step upstream finds no slow weights for the tensors it
-    steps and silently skips the interpolation. Here each step first copies the held tensors
-    that have none (at their first step they still equal x0: the rule is unchanged) and drops
-    the construction-time copies once they are no longer held. ZeRO 1-2 also ASSIGN
-    `param_groups` (one group per step call), hence the setter.
+    flat fp32 partitions, so at the first sync upstream has no slow weights for the tensors it
+    steps (measured with DeepSpeed 0.19.8, ZeRO-3: "Tensor lists must have the same number of
+    tensors"); ZeRO 1-2 also ASSIGN `param_groups` (one group per step call), which upstream's
+    read-only property refuses. Here each step first copies the held tensors that have no slow
+    weights yet (at their first step they still equal x0: the rule is unchanged), drops the
+    construction-time copies once they are no longer held, and `param_groups` has a setter.
     """
 
     def __init__(self, optimizer, k: int = 5, alpha: float = 0.5, **kwargs):

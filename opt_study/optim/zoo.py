@@ -140,7 +140,7 @@ CONTENDERS = (
     # Chen et al. 2023 (Lion): sign of an interpolated momentum; lr 3-10x below AdamW's.
     _ew("lion", F.with_betas(po.Lion, weight_decouple=True),
         {"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0},
-        "https://arxiv.org/abs/2302.06675", {"lr": _lu(1e-6, 1e-2), "weight_decay": _lu(1e-3, 10.0)},
+        "https://arxiv.org/abs/2302.06675", {"lr": _lu(1e-6, 1e-2), "beta1": BETA1},
         f"{PO} Lion"),
     OptimizerEntry("schedulefree_adamw", F.schedulefree_adamw,
                    {"lr": 2.5e-3, **_ADAM, "weight_decay": 0.0, "warmup_steps": 0, "r": 0.0,
@@ -166,9 +166,10 @@ CONTENDERS = (
             {"lr": 3e-3, "beta1": 0.95, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01,
              "precondition_frequency": 10},
             "https://arxiv.org/abs/2409.11321", {"lr": _lu(1e-4, 1e-1), "beta2": _u(0.9, 0.999)}, f"{PO} SOAP"),
-    # Gupta, Koren & Singer 2018 (Shampoo): per-dimension Kronecker-factored preconditioners.
+    # Gupta, Koren & Singer 2018 (Shampoo): per-dimension Kronecker-factored preconditioners. The
+    # update is scale-free like Adagrad's, whose default lr (1e-2) we take (the library's is 1e-3).
     _shaped("shampoo", F.plain(po.Shampoo),
-            {"lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "preconditioning_compute_steps": 1,
+            {"lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "preconditioning_compute_steps": 1,
              "matrix_eps": 1e-6},
             "https://arxiv.org/abs/1802.09568", {"lr": _lu(1e-5, 1e-1), "momentum": _u(0.0, 0.95)},
             f"{PO} Shampoo"),

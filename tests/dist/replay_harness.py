@@ -10,6 +10,7 @@ scale-aware errors as JSON; tests/test_replay.py asserts on them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ import torch
 
 from harness import full_grads, full_params  # tests/dist/harness.py (the script's directory)
 from opt_study import distributed
+from opt_study import engine as engine_mod
 from opt_study import trial as trial_mod
 from opt_study.config import parse_study
 from opt_study.measure import snapshots
@@ -64,7 +66,7 @@ class SnapshotMeasurer(StepMeasurer):
 
 def spec_for(case: dict, storage: str):
     wl = {"mlp": {"type": "mlp_classify", "dataset": "digits", "hidden": [15], "dropout": 0.1,
-                  "val_fraction": 0.1},
+                  "val_fraction": case.get("val_fraction", 0.1)},
           "quadratic": {"type": "quadratic", "dim": 16, "cols": 4, "noise": 0.3}}[case["workload"]]
     steps = case["steps"]
     return parse_study({
@@ -190,6 +192,27 @@ def exact_hessian(spec, x, world) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ driver
+@contextlib.contextmanager
+def extra_ds_config(extra: dict | None):
+    """Merge ``extra`` into the zero_optimization section of every DeepSpeed config built inside
+    (e.g. stage3_param_persistence_threshold: 0, so ZeRO-3 really partitions a tiny model's
+    parameters instead of keeping them all gathered)."""
+    if not extra:
+        yield
+        return
+    orig = engine_mod.ds_config
+
+    def patched(*a, **kw):
+        cfg = orig(*a, **kw)
+        cfg["zero_optimization"].update(extra)
+        return cfg
+    engine_mod.ds_config = patched
+    try:
+        yield
+    finally:
+        engine_mod.ds_config = orig
+
+
 def run_case(case: dict, storage: str) -> dict:
     spec = spec_for(case, storage)
     tid = f"t{case['id']}"
@@ -197,10 +220,6 @@ def run_case(case: dict, storage: str) -> dict:
                      seed=0, index=0)
     SnapshotMeasurer.study_dir, SnapshotMeasurer.trial_id = spec.study_dir, tid
     reports = []
-    t0 = time.time()
-    run_trial(spec, plan, report=reports.append, measurer_cls=SnapshotMeasurer)
-    recorded = SnapshotMeasurer.last.full
-    t1 = time.time()
     engine_g = {}
     stage = case["stage"]
 
@@ -208,13 +227,18 @@ def run_case(case: dict, storage: str) -> dict:
         engine_g[step] = full_grads(view.engine, stage)
 
     hess = HessianOptions(**case["hessian"]) if case.get("hessian") else None
-    rows = replay_rank(spec, plan, spec.study_dir, case.get("reference", "final"), hess, on_grad=on_grad)
-    t2 = time.time()
+    with extra_ds_config(case.get("ds_extra")):
+        t0 = time.time()
+        run_trial(spec, plan, report=reports.append, measurer_cls=SnapshotMeasurer)
+        recorded = SnapshotMeasurer.last.full
+        t1 = time.time()
+        rows = replay_rank(spec, plan, spec.study_dir, case.get("reference", "final"), hess, on_grad=on_grad)
+        t2 = time.time()
     out = {"case": case, "train_s": t1 - t0, "replay_s": t2 - t1,
            "steps": snapshots.committed_steps(spec.study_dir, tid), "n_rows": len(rows)}
     if distributed.rank() == 0:
         stored = read_replay(spec.study_dir, tid, case.get("reference", "final")).to_pylist()
-        out["stored_equals_returned"] = [{k: s[k] for k in r} for s in stored] == rows
+        out["stored_equals_returned"] = [{k: s[k] for k in r} for s, r in zip(stored, rows)] == rows
         out["errors"] = check(case, spec, rows, engine_g, reports[-1]["eval_loss"], recorded)
         out["rows"] = rows
     return out

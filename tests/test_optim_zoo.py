@@ -1,0 +1,204 @@
+"""The optimizer zoo, single process: every entry trains `quadratic` from its defaults through the
+generic interface, its default search space validates, its (ZeRO stage, precision) declaration
+is what its rule allows, and the interface calls (Schedule-Free switch, Lookahead sync flag,
+Sophia's side Hessian, the shape guard, per-group lr) do what they say.
+The multi-rank side (DeepSpeed at every declared stage) is tests/test_optim_multirank.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opt_study import optim
+from opt_study.config import ConfigError, parse_study
+from opt_study.space import parse_domain
+from opt_study.workloads import QuadraticConfig, make_workload
+
+ALL = list(optim.OPTIMIZERS)
+LAYERWISE = {"lamb", "novograd", "muon", "soap", "shampoo"}
+STEPS, MBS = 200, 16
+# The slowest defaults on this problem after 200 steps: shampoo (0.85), lookahead_radam (0.93),
+# lion (0.955: lr 1e-4 moves each coordinate at most 0.02); the rest end below 0.9.
+MAX_RATIO = 0.97
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 200 tiny steps: threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+
+def train_quadratic(name: str, steps: int, hparams=None):
+    """The generic loop: nothing here names an optimizer."""
+    w = make_workload("quadratic", QuadraticConfig(), 0)
+    model = w.build_model()
+    opt = optim.build_optimizer(name, model.parameters(), hparams or {})
+    for step in range(steps):
+        optim.train_mode(opt)
+        opt.zero_grad()
+        batch = w.train_batch(step, 0, MBS)
+        w.loss(model, batch).backward()
+        if optim.needs_hessian(opt):
+            optim.estimate_hessian(opt, lambda: w.loss(model, batch), seed=step)
+        opt.step()
+    optim.eval_mode(opt)
+    return w, model, opt
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_defaults_reduce_the_quadratic(name):
+    w, model, opt = train_quadratic(name, STEPS)
+    assert opt.param_groups[0]["lr"] == optim.OPTIMIZERS[name].defaults["lr"]
+    assert w.full_loss(model.X) < MAX_RATIO * w.full_loss(w.X0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_default_space_validates(name, tmp_path):
+    entry = optim.OPTIMIZERS[name]
+    assert entry.space and set(entry.space) <= set(entry.defaults), name
+    for k, raw in entry.space.items():
+        d = parse_domain(raw, k)
+        assert d.kind in ("uniform", "loguniform"), f"{name}.{k}"
+        assert d.values[0] <= entry.defaults[k] <= d.values[1], f"{name}.{k}: the default lies outside its space"
+    stage, precision = min(entry.combos)  # a declared combination: the whole study validates
+    spec = parse_study({"study": {"name": "s", "storage": str(tmp_path)}, "workload": {"type": "quadratic"},
+                        "scale": {"zero_stage": stage, "precision": precision},
+                        "optimizers": [{"name": name, "params": dict(entry.space)}]})
+    assert set(spec.optimizers[0].space) == set(entry.space)
+
+
+# ---------------------------------------------------------------------------- the declarations
+def test_declared_combinations():
+    for name, e in optim.OPTIMIZERS.items():
+        if name in LAYERWISE or name == "sophia":
+            assert e.combos == optim.MODEL_TENSORS and e.needs_model_shapes, name
+        elif name.startswith("schedulefree"):
+            assert e.combos == optim.MODEL_TENSORS and not e.needs_model_shapes, name
+        else:
+            assert e.combos == optim.ELEMENTWISE and e.elementwise and e.zero_stages == {0, 1, 2, 3}, name
+        for s in optim.STAGES:
+            for p in optim.PRECISIONS:
+                assert (optim.combination_error(name, s, p) is None) == ((s, p) in e.combos)
+
+
+def test_combination_errors_say_what_to_change():
+    msg = optim.combination_error("lamb", 2, "fp32")
+    assert "set scale.zero_stage to 0 with scale.precision fp32" in msg and "real shape" in msg
+    msg = optim.combination_error("lamb", 0, "bf16")
+    assert "set scale.precision to fp32" in msg
+    msg = optim.combination_error("schedulefree_adamw", 3, "fp32")
+    assert "evaluation would see y instead of x" in msg and "scale.zero_stage to 0" in msg
+
+
+def _study(opt: str, stage: int, precision: str, tmp_path) -> dict:
+    return {"study": {"name": "s", "storage": str(tmp_path)}, "workload": {"type": "quadratic"},
+            "scale": {"zero_stage": stage, "precision": precision},
+            "optimizers": [{"name": "adam"}, {"name": opt}]}
+
+
+def test_validate_rejects_lamb_at_zero2(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_study(_study("lamb", 2, "fp32", tmp_path))
+    assert e.value.field == "optimizers[1].name"
+    assert "zero_stage" in e.value.message and "0" in e.value.message
+    assert e.value.message == optim.combination_error("lamb", 2, "fp32")
+
+
+def test_validate_rejects_lamb_under_bf16(tmp_path):
+    """ZeRO-0 with bf16 still hands the optimizer DeepSpeed's flat fp32 partitions."""
+    with pytest.raises(ConfigError) as e:
+        parse_study(_study("lamb", 0, "bf16", tmp_path))
+    assert e.value.field == "optimizers[1].name"
+    assert e.value.message == optim.combination_error("lamb", 0, "bf16")
+
+
+# ---------------------------------------------------------------------------- the interface
+def test_check_model_shapes_guards_shape_rules_only():
+    model = make_workload("quadratic", QuadraticConfig(), 0).build_model()
+    optim.check_model_shapes(optim.build_optimizer("lamb", model.parameters(), {}), model)
+    flat = torch.nn.Parameter(model.X.detach().reshape(-1).clone())  # what ZeRO would hand it
+    with pytest.raises(RuntimeError, match="not a model parameter.*zero_stage 0 with precision fp32"):
+        optim.check_model_shapes(optim.build_optimizer("lamb", [flat], {}), model)
+    optim.check_model_shapes(optim.build_optimizer("adam", [flat], {}), model)  # element-wise: fine
+    model.X.ds_shape = torch.Size([8, 8])  # ZeRO-3 keeps the Parameter, empties it, records ds_shape
+    with pytest.raises(RuntimeError, match=r"real shape \(8, 8\)"):
+        optim.check_model_shapes(optim.build_optimizer("muon", model.parameters(), {}), model)
+    with pytest.raises(TypeError, match="build_optimizer"):
+        optim.check_model_shapes(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+def test_lookahead_sync_steps_are_flagged():
+    w = make_workload("quadratic", QuadraticConfig(), 0)
+    model = w.build_model()
+    opt = optim.build_optimizer("lookahead_momentum", model.parameters(), {"k": 3})
+    synced = []
+    for step in range(9):
+        opt.zero_grad()
+        w.loss(model, w.train_batch(step, 0, MBS)).backward()
+        opt.step()
+        # right after a sync the fast weights ARE the slow weights
+        synced.append(torch.equal(model.X, opt.state[model.X]["slow_params"]))
+        assert synced[-1] == optim.is_sync_step(opt, step), step
+    assert synced == [False, False, True] * 3
+    assert not any(optim.is_sync_step(optim.build_optimizer("adam", [model.X], {}), s) for s in range(9))
+
+
+def test_schedulefree_switches_between_y_and_x():
+    w, model, opt = train_quadratic("schedulefree_adamw", 20)  # ends in eval mode: x
+    x = model.X.detach().clone()
+    optim.train_mode(opt)
+    y, z = model.X.detach().clone(), opt.state[model.X]["z"]
+    beta1 = opt.param_groups[0]["betas"][0]
+    # Defazio et al. 2024 (https://arxiv.org/abs/2405.15682): y = (1 − β1) z + β1 x
+    torch.testing.assert_close(y, (1 - beta1) * z + beta1 * x, rtol=1e-5, atol=1e-6)
+    assert (y - x).abs().max() > 1e-3  # the two iterates really differ
+    optim.train_mode(opt)  # idempotent
+    torch.testing.assert_close(model.X.detach(), y, rtol=0, atol=0)
+    optim.eval_mode(opt)
+    torch.testing.assert_close(model.X.detach(), x, rtol=1e-5, atol=1e-6)
+    _, model_b, adam = train_quadratic("adam", 3)  # no-op elsewhere
+    before = model_b.X.detach().clone()
+    optim.eval_mode(adam), optim.train_mode(adam)
+    assert torch.equal(model_b.X, before)
+
+
+def test_sophia_takes_the_side_hessian():
+    w = make_workload("quadratic", QuadraticConfig(), 0)
+    model = w.build_model()
+    opt = optim.build_optimizer("sophia", model.parameters(), {"update_period": 4})
+    batch = w.train_batch(0, 0, MBS)
+    w.loss(model, batch).backward()
+    assert optim.needs_hessian(opt)
+    with pytest.raises(RuntimeError, match="estimate_hessian"):
+        opt.step()
+    optim.estimate_hessian(opt, lambda: w.loss(model, batch), seed=7)
+    assert not optim.needs_hessian(opt)  # given, not yet consumed
+    # The quadratic's Hessian acts on X as Z -> A Z, so Hutchinson's z ⊙ (H z) is Z ⊙ (A Z).
+    z = torch.randn(model.X.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(opt._side_hessian[0], z * (w.A32 @ z), rtol=1e-5, atol=1e-5)
+    assert model.X.grad is not None and p_grad_unchanged(model, w, batch)
+    due = []
+    for step in range(9):
+        due.append(optim.needs_hessian(opt))
+        if due[-1]:
+            optim.estimate_hessian(opt, lambda: w.loss(model, batch), seed=step)
+        opt.step()
+    assert due == [False, False, False, False, True, False, False, False, True]
+
+
+def p_grad_unchanged(model, w, batch) -> bool:
+    """estimate_hessian is a side computation: p.grad is still the plain gradient."""
+    ref = make_workload("quadratic", QuadraticConfig(), 0).build_model()
+    w.loss(ref, batch).backward()
+    return torch.equal(model.X.grad, ref.X.grad)
+
+
+def test_lr_factor_scales_every_group_from_its_own_base():
+    params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(3))]
+    opt = optim.build_optimizer("muon", params, {"lr": 0.02, "adamw_lr": 3e-4})
+    optim.apply_lr_factor(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 1.5e-4]
+    optim.apply_lr_factor(opt, 1.0)  # from the initial lr, not compounding
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 3e-4]
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]

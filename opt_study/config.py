@@ -233,6 +233,7 @@ class MeasureConfig:
     every: int = 0  # measured-step cadence k; 0 = off (loss, lr and the norms are always recorded)
     probe_s: str = "1"  # the probe point x_t + s*Δ_t; "1" (x_{t+1}) only, for now
     norms: bool = True  # every step: ‖g‖, ‖Δ‖, ‖x‖ from the shards (off: loss and lr only)
+    noise_scale: bool = False  # B_simple from per-rank micro-batch gradients (needs ranks x GAS >= 2)
     # fp32 parameter snapshots for checkpoint replay (opt_study.measure.snapshots): x_0, every
     # k-th iterate and the last one; 0 = none. Each rank writes its own shard to the study dir.
     snapshot_every: int = 0

@@ -113,7 +113,7 @@ def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
     # after a restart (build_model is a pure function of the seed).
     measurer = measurer_cls(eng, info, spec.measure, precision=scale.precision,
                             eval_every=training.eval_every, total_steps=training.steps,
-                            seed=plan.seed, norms=spec.measure.norms)
+                            seed=plan.seed, norms=spec.measure.norms, small_batch=scale.micro_batch_size)
     return Ctx(spec, plan, eng, client_opt, workload, measurer, device, distributed.rank(),
                distributed.world_size(), float(hparams["lr"]))
 

@@ -73,7 +73,7 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     gen = torch.Generator().manual_seed(10 * ranks + (chunk == CHUNK))
     sizes, groups = [1, 7, 300, 5000, 70_000, 40, 2_000], [0, 0, 1, 1, 2, 2, 2]
     params = _random_params(gen, sizes)
-    losses = [[2.0 + r, 1.9 + r, float(r == 0)] for r in range(ranks)]
+    losses = [[2.0 + r, 1.9 + r, float(r == 0), 0.5 * r] for r in range(ranks)]
     per_group, scalars = _sharded_packed(params, groups, 3, ranks, gen, losses, chunk=chunk)
     assert set(per_group) == set(SUM_NAMES) and set(scalars) == set(LOSS_NAMES)
     for j in range(3):
@@ -83,12 +83,13 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     assert scalars["loss"] == pytest.approx(np.mean([l[0] for l in losses]), rel=1e-12)
     assert scalars["loss_probe"] == pytest.approx(np.mean([l[1] for l in losses]), rel=1e-12)
     assert scalars["stop_votes"] == 1.0 / ranks  # each rank's share, like the losses
+    assert scalars["sq_grad_small"] == pytest.approx(np.mean([0.5 * r for r in range(ranks)]), rel=1e-12)
 
 
 def test_missing_inputs_are_nan_after_reduction():
     gen = torch.Generator().manual_seed(3)
     params = _random_params(gen, [50, 130])
-    per_group, scalars = _sharded_packed(params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0]] * 2,
+    per_group, scalars = _sharded_packed(params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, math.nan]] * 2,
                                          drop=("g_plus", "x0"))
     full = {k: (None if k in ("g_plus", "x0") else torch.cat([p[k] for p in params])) for k in FIELDS}
     ref = reference_sums(**full)
@@ -149,7 +150,7 @@ def test_quadratic_closed_forms(dtype, s):
     half = x.numel() // 2                       # two "ranks", two groups
     frags = [Fragment(group=j, x=x[sl].to(dtype), g=g[sl].to(dtype), delta=d[sl].to(dtype),
                       g_plus=gp[sl].to(dtype)) for j, sl in enumerate((slice(0, half), slice(half, None)))]
-    sums = totals(unpack(pack(local_sums(frags, 2), torch.zeros(3)), 2)[0])
+    sums = totals(unpack(pack(local_sums(frags, 2), torch.zeros(4)), 2)[0])
     prec = "fp64" if dtype == torch.float64 else "fp32"
     via_sums = metrics.derive(sums, q["loss"], q["loss_probe"], s, prec)
     via_ref = reference_metrics(x.to(dtype), g.to(dtype), d.to(dtype), gp.to(dtype), q["loss"],
@@ -182,7 +183,7 @@ def _random_case(seed=7, n=500):
 @pytest.mark.parametrize("s,precision", [(1.0, "fp32"), (0.5, "fp32"), (1.0, "bf16"), (2.3, "fp16")])
 def test_derive_matches_reference_metrics(s, precision):
     t = _random_case()
-    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(3)), 1)[0])
+    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(4)), 1)[0])
     got = metrics.derive(sums, 3.0, 2.5, s, precision)
     ref = reference_metrics(t["x"], t["g"], t["delta"], t["g_plus"], 3.0, 2.5, s,
                             delta_prev=t["delta_prev"], g_prev=t["g_prev"], precision=precision)
@@ -214,7 +215,7 @@ def test_noise_floor_formula_and_classification():
 def test_zero_update_flags_and_nulls():
     t = _random_case()
     t["delta"] = torch.zeros_like(t["delta"])
-    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(3)), 1)[0])
+    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(4)), 1)[0])
     for m in (metrics.derive(sums, 3.0, 3.0 + 1e-9, 1.0),
               reference_metrics(t["x"], t["g"], t["delta"], t["g_plus"], 3.0, 3.0 + 1e-9, 1.0,
                                 delta_prev=t["delta_prev"], g_prev=t["g_prev"])):
@@ -231,7 +232,7 @@ def test_no_probe_flags_and_nulls():
     t = _random_case()
     t["g_plus"] = None
     sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1),
-                              torch.tensor([3.0, math.nan, 0.0])), 1)[0])
+                              torch.tensor([3.0, math.nan, 0.0, math.nan])), 1)[0])
     m = metrics.derive(sums, 3.0, math.nan, math.nan)
     assert m["flag"] == "no_probe"
     for k in ("loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",

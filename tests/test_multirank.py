@@ -80,6 +80,8 @@ def test_every_number_matches_reference(world_results):
                 "convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local", "smoothness_descent",
                 "cls_convexity_fwd_mismatch", "cls_convexity_bwd_mismatch"}
         assert must <= set(errs), f"{r['case']}: unchecked {sorted(must - set(errs))}"
+        if r["case"]["workload"] == "mlp_classify":  # dropout-free: independent float64 oracle
+            assert {"loss_vs_fp64", "grad_vs_fp64", "sq_grad_small_vs_fp64"} <= set(errs), r["case"]
         if r["case"]["stage"] > 0 and not r["case"].get("clip"):
             assert "engine_grad_norm" in errs  # DeepSpeed reports its own norm at ZeRO 1-3
         for k, e in errs.items():

@@ -68,6 +68,6 @@ fi
 echo "MLflow: http://${MLFLOW_HOST}:${MLFLOW_PORT}  (PostgreSQL 127.0.0.1:${PG_PORT}, artifacts ${MLFLOW_ARTIFACTS})"
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_ENABLE_TELEMETRY=false \
   mlflow server \
-    --backend-store-uri "postgresql://mlflow@127.0.0.1:${PG_PORT}/mlflow" \
+    --backend-store-uri "postgresql+psycopg2://mlflow@127.0.0.1:${PG_PORT}/mlflow" \
     --artifacts-destination "$MLFLOW_ARTIFACTS" --serve-artifacts \
     --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS"

@@ -42,15 +42,28 @@ def group_names(param_names: list[str]) -> tuple[list[str], list[int]]:
 
 class StepMeasurer:
     def __init__(self, engine, info, cfg, precision: str, eval_every: int, total_steps: int,
-                 seed: int = 0, norms: bool = True):
+                 seed: int = 0, norms: bool = True, small_batch: int = 1):
         self.engine, self.info, self.cfg, self.precision = engine, info, cfg, precision
         self.eval_every, self.total, self.norms = eval_every, total_steps, norms
+        self.small_batch = small_batch  # samples in one rank's micro-batch (the noise scale's b)
         self.view = ShardView(engine, info.zero_stage, precision, info.rank, info.world_size)
         self.groups, self.group_of = group_names(self.view.names)
         self.rng = random.Random(seed)  # probe_s draws; a private stream, never the global RNG
         self.x0 = self.view.clone_params() if cfg.every > 0 else None
         self.prev_delta = self.prev_g = None
+        self.collecting, self.small_sq = False, 0.0
+        self.accum = engine.gradient_accumulation_steps()
+        if getattr(cfg, "noise_scale", False):
+            for _, p in self.view.named:
+                p.register_hook(self._micro_grad_hook)
         self._reset(-1)
+
+    def _micro_grad_hook(self, grad: torch.Tensor) -> None:
+        """Tensor hooks run in autograd before DeepSpeed's reduction hooks: this is one rank's
+        micro-batch gradient of loss/A (DeepSpeed scales by the accumulation steps)."""
+        if self.collecting:
+            g = grad.detach().reshape(-1).float()
+            self.small_sq += float(torch.dot(g, g)) * self.accum**2
 
     # ------------------------------------------------------------------------------- cadence
     def is_measured(self, step: int) -> bool:
@@ -66,6 +79,8 @@ class StepMeasurer:
 
     def begin(self, step: int) -> None:
         self._reset(step)
+        self.small_sq = 0.0
+        self.collecting = self.measured and getattr(self.cfg, "noise_scale", False)
         if self.norms or self.measured or self.keep_prev:
             self.x_t = self.view.clone_params()
 
@@ -77,6 +92,7 @@ class StepMeasurer:
 
     def at_boundary(self) -> None:
         """After the accumulation-boundary backward, before step(): the reduced gradient exists."""
+        self.collecting = False  # the probe's backward must not count as a micro-batch
         if self.x_t is not None:
             self.g_t = self.view.clone_grads()
 
@@ -88,7 +104,8 @@ class StepMeasurer:
         afterwards `self.stop_requested` is the same on every rank.
         """
         world = self.info.world_size
-        losses = torch.tensor([float(loss_local) / world, math.nan, float(stop_vote)], dtype=torch.float64)
+        small = self.small_sq / (world * self.accum) if self.measured and getattr(self.cfg, "noise_scale", False) else math.nan
+        losses = torch.tensor([float(loss_local) / world, math.nan, float(stop_vote), small], dtype=torch.float64)
         if self.x_t is None:  # norms off and not measured: the loss alone, still one all-reduce
             distributed.all_reduce_sum(losses)
             self.stop_requested = bool(losses[2] > 0)
@@ -119,7 +136,10 @@ class StepMeasurer:
                "measured": self.measured}
         if self.measured:
             row.update({k: totals[k] for k in totals})
-            row.update({"loss_probe": scalars["loss_probe"], "probe_s": s})
+            row.update({"loss_probe": scalars["loss_probe"], "probe_s": s,
+                        "sq_grad_small": _finite(scalars["sq_grad_small"])})
+            row["noise_scale_simple"] = noise_scale_simple(row["sq_grad_small"], totals["sq_grad"],
+                                                           self.small_batch, self.small_batch * world * self.accum)
             derived = metrics.derive(totals, scalars["loss"], scalars["loss_probe"], s, self.precision)
             row.update({k: v for k, v in derived.items() if k not in ("grad_norm", "update_norm", "param_norm")})
             row["groups"] = {name: {k: float(v[j]) for k, v in per_group.items()}
@@ -132,6 +152,25 @@ class StepMeasurer:
         if self.cfg.probe_s == "exponential":
             return self.rng.expovariate(1.0)
         return 1.0
+
+
+def noise_scale_simple(sq_small: float | None, sq_big: float, b: int, B: int) -> float | None:
+    """B_simple = tr(Σ)/‖G‖² from squared gradient norms at batch sizes b < B, in samples.
+
+    McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", App. A
+    (https://arxiv.org/abs/1812.06162): ‖G‖² ≈ (B‖G_B‖² − b‖G_b‖²)/(B − b),
+    tr(Σ) ≈ (‖G_b‖² − ‖G_B‖²)/(1/b − 1/B). Per-step values are noisy; analysis keeps EMAs of the
+    numerator and denominator separately and divides last.
+    """
+    if sq_small is None or B <= b or not math.isfinite(sq_small):
+        return None
+    g2 = (B * sq_big - b * sq_small) / (B - b)
+    tr = (sq_small - sq_big) / (1 / b - 1 / B)
+    return tr / g2 if g2 != 0 else None
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
 
 def _root(v: float) -> float:

@@ -43,7 +43,10 @@ SUM_NAMES: tuple[str, ...] = (
 # SUM all-reduce yields the global mean directly. `stop_votes` rides the same reduction: rank 0
 # puts 1 when the study asked the trial to stop (opt_study.trial), so every rank learns it on the
 # same step without a collective of its own.
-LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes")
+#
+# `sq_grad_small` is the mean over all N·A micro-batches of ‖g_{r,m}‖², each micro-batch's gradient
+# read before DeepSpeed reduces it (the small-batch term of the gradient noise scale; NaN when off).
+LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes", "sq_grad_small")
 
 CHUNK = 1 << 16  # 64k elements: 7 fp32 operands x 256 KiB stay in a 2 MiB L2 while 14 dots run
 

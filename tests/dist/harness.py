@@ -137,7 +137,7 @@ def spec_for(case: dict, storage: str):
         "training": {"steps": case.get("steps", 5), "eval_every": case.get("steps", 5),
                      "grad_clip": case.get("clip")},
         "optimizers": [{"name": case.get("opt", "adamw"), "params": {"lr": 0.01}}],
-        "measure": {"every": case.get("every", 1), "norms": True},
+        "measure": {"every": case.get("every", 1), "norms": True, "noise_scale": True},
     })
 
 
@@ -149,14 +149,15 @@ def reference_loss_grad(spec, x: torch.Tensor, step: int, world: int):
     model = wl.build_model().double()
     torch.nn.utils.vector_to_parameters(x.clone(), [p for p in model.parameters() if p.requires_grad])
     n = world * spec.scale.grad_accum
-    total = 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, g, small = 0.0, None, 0.0
     for idx in range(n):
         batch = tuple(t.double() if t.is_floating_point() else t
                       for t in wl.train_batch(step, idx, spec.scale.micro_batch_size))
-        total = total + wl.loss(model, batch) / n
-    total.backward()
-    g = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-    return float(total), g
+        loss = wl.loss(model, batch)
+        gi = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
+        total, g, small = total + float(loss) / n, gi / n if g is None else g + gi / n, small + float(gi @ gi) / n
+    return total, g, small
 
 
 def rel(a: float, b: float, scale: float) -> float:
@@ -185,9 +186,11 @@ def check_case(case: dict, log: list[dict], spec) -> dict:
         if r["engine_norm"] is not None and not case.get("clip"):
             put("engine_grad_norm", rel(row["grad_norm"], float(r["engine_norm"]), float(g.norm())))
         if case["workload"] == "mlp_classify":  # dropout-free: an independent float64 loss/grad
-            lref, gref = reference_loss_grad(spec, x, t, world)
+            lref, gref, small = reference_loss_grad(spec, x, t, world)
             put("loss_vs_fp64", rel(row["loss"], lref, abs(lref)))
             put("grad_vs_fp64", float((g - gref).norm() / gref.norm()))
+            if row.get("sq_grad_small") is not None:  # the noise scale's small-batch term
+                put("sq_grad_small_vs_fp64", rel(row["sq_grad_small"], small, small))
         if not row.get("measured"):
             continue
         prev = log[t - 1] if t > 0 else None

@@ -1,5 +1,5 @@
 """Checkpoint replay at world W, under `torchrun --nproc_per_node W tests/dist/replay_harness.py
-OUT.json CASES`: one process group, a loop over cases (ZeRO stage x workload).
+OUT.json CASES STORAGE`: one process group, a loop over cases (ZeRO stage x workload).
 
 Per case: a real `run_trial` that saves snapshots (opt_study.measure.snapshots), then
 `replay_rank` on the same process group. In the test only, rank 0 reassembles every snapshot's
@@ -14,10 +14,10 @@ import contextlib
 import json
 import math
 import sys
-import tempfile
 import time
 
 import torch
+import yaml
 
 from harness import full_grads, full_params  # tests/dist/harness.py (the script's directory)
 from opt_study import distributed
@@ -65,11 +65,21 @@ class SnapshotMeasurer(StepMeasurer):
 
 
 def spec_for(case: dict, storage: str):
+    """The case's spec; rank 0 also stores it as the study's spec.yaml (what the CLI replays)."""
+    doc = spec_doc(case, storage)
+    spec = parse_study(doc)
+    if distributed.rank() == 0:
+        spec.study_dir.mkdir(parents=True, exist_ok=True)
+        (spec.study_dir / "spec.yaml").write_text(yaml.safe_dump(doc))
+    return spec
+
+
+def spec_doc(case: dict, storage: str) -> dict:
     wl = {"mlp": {"type": "mlp_classify", "dataset": "digits", "hidden": [15], "dropout": 0.1,
                   "val_fraction": case.get("val_fraction", 0.1)},
           "quadratic": {"type": "quadratic", "dim": 16, "cols": 4, "noise": 0.3}}[case["workload"]]
     steps = case["steps"]
-    return parse_study({
+    return {
         "study": {"name": f"r{case['id']}", "storage": storage},
         "workload": wl,
         "scale": {"workers": distributed.world_size(), "zero_stage": case["stage"],
@@ -78,7 +88,7 @@ def spec_for(case: dict, storage: str):
         "training": {"steps": steps, "eval_every": steps},
         "optimizers": [{"name": "adamw", "params": {"lr": case.get("lr", 0.05)}}],
         "measure": {"every": 0, "snapshot_every": case["every"]},
-    })
+    }
 
 
 # ------------------------------------------------------------------------- the float64 oracle
@@ -219,6 +229,8 @@ def run_case(case: dict, storage: str) -> dict:
     plan = TrialPlan(trial_id=tid, label="x", optimizer="adamw", hparams={"lr": case.get("lr", 0.05)},
                      seed=0, index=0)
     SnapshotMeasurer.study_dir, SnapshotMeasurer.trial_id = spec.study_dir, tid
+    if distributed.rank() == 0:
+        (spec.study_dir / "plan.json").write_text(json.dumps([plan.as_dict()]))
     reports = []
     engine_g = {}
     stage = case["stage"]
@@ -245,18 +257,17 @@ def run_case(case: dict, storage: str) -> dict:
 
 
 def main() -> None:
-    out_path, cases = sys.argv[1], json.loads(sys.argv[2])
+    """argv: OUT.json CASES STORAGE (the studies stay there for the CLI and file-level tests)."""
+    out_path, cases, storage = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     distributed.init_process_group("gloo")
     results = []
-    with tempfile.TemporaryDirectory() as storage:
-        storage = distributed.broadcast_object(storage)
-        for i, case in enumerate(cases):
-            case = {"id": i, **case}
-            try:
-                results.append(run_case(case, storage))
-            except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest
-                import traceback
-                results.append({"case": case, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
+    for i, case in enumerate(cases):
+        case = {"id": i, **case}
+        try:
+            results.append(run_case(case, storage))
+        except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest
+            import traceback
+            results.append({"case": case, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
     if distributed.rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"world": distributed.world_size(), "results": results}, f)

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -60,7 +61,10 @@ def _victim(study: str, tid: str, go, small_done) -> None:
 def _check_view(study: str, chunk_of: dict[str, int]) -> tuple[list[str], int]:
     """What one reader poll sees, checked: (violations, rows seen)."""
     bad = []
-    table = read_steps(study)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        table = read_steps(study)  # it skips a bad chunk with a warning: that is a violation here
+    bad += [f"read_steps warned: {w.message}" for w in warned]
     rows_by_trial: dict[str, list] = {}
     for tid, step, loss, att in zip(*(table[c].to_pylist() for c in ("trial_id", "step", "loss", "attempt"))):
         rows_by_trial.setdefault(tid, []).append(step)

@@ -62,3 +62,39 @@ def test_crash_then_resume_is_exact_and_stores_each_step_once(tmp_path, stage):
     # committed rows, superseded at read time
     assert checkpoint.latest_step(spec.study_dir, PLAN.trial_id) is None
     assert pc.max(table["attempt"]).as_py() == 1
+
+
+def test_same_seed_same_losses_step_for_step(tmp_path):
+    """Reproducibility: the same seed and config give the same losses on CPU, bit for bit."""
+    a, b = _spec(tmp_path, "repro_a", 1), _spec(tmp_path, "repro_b", 1)
+    run_trial(a, PLAN, report=lambda m: None)
+    run_trial(b, PLAN, report=lambda m: None)
+    ra, rb = read_steps(a.study_dir).to_pylist(), read_steps(b.study_dir).to_pylist()
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    assert [r["param_norm"] for r in ra] == [r["param_norm"] for r in rb]
+    other = TrialPlan("t", "adamw", "adamw", {"lr": 0.01}, seed=4, index=0)
+    c = _spec(tmp_path, "repro_c", 1)
+    run_trial(c, other, report=lambda m: None)
+    assert [r["loss"] for r in read_steps(c.study_dir).to_pylist()] != [r["loss"] for r in ra]
+
+
+@pytest.mark.parametrize("lr,factor", [(50.0, None), (3.0, 10.0)])
+def test_divergence_ends_the_trial_as_data(tmp_path, lr, factor):
+    """A NaN/inf loss, or one above divergence_factor x the first loss, ends the trial as
+    `diverged` at that step; its rows up to and including that step are stored."""
+    spec = parse_study({
+        "study": {"name": f"div{int(lr)}", "storage": str(tmp_path)},
+        "workload": {"type": "quadratic", "dim": 8, "cols": 2, "lambda_max": 10.0},
+        "scale": {"workers": 1, "micro_batch_size": 4},
+        "training": {"steps": 60, "eval_every": 20, "divergence_factor": factor},
+        "optimizers": [{"name": "sgd", "params": {"lr": lr}}],
+    })
+    plan = TrialPlan("d", "sgd", "sgd", {"lr": lr}, seed=0, index=0)
+    final = run_trial(spec, plan, report=lambda m: None)
+    rows = read_steps(spec.study_dir).to_pylist()
+    assert final["status"] == "diverged" and final["step"] == len(rows) < 60
+    last = rows[-1]["loss"]
+    if factor is None:
+        assert last != last or last in (float("inf"), float("-inf"))  # NaN or inf
+    else:
+        assert last > factor * rows[0]["loss"] and all(r["loss"] <= factor * rows[0]["loss"] for r in rows[:-1])

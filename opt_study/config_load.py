@@ -370,11 +370,13 @@ def _cross_checks(spec: C.Spec) -> None:
 
     file = spec.source
     for i, o in enumerate(spec.optimizers):
-        entry = optim.optimizer_entry(o.name)
-        if spec.scale.zero_stage not in entry.zero_stages:
-            raise C.ConfigError(file, f"optimizers[{i}].name",
-                                f"{o.name} is not correct under ZeRO stage {spec.scale.zero_stage} "
-                                f"(supported stages: {sorted(entry.zero_stages)}); change scale.zero_stage")
+        # layer-wise / matrix rules degrade silently on ZeRO's flat partitions (optim/entry.py)
+        msg = optim.combination_error(o.name, spec.scale.zero_stage, spec.scale.precision)
+        if msg:
+            raise C.ConfigError(file, f"optimizers[{i}].name", msg)
+    if spec.measure.noise_scale and spec.scale.workers * spec.scale.grad_accum < 2:
+        raise C.ConfigError(file, "measure.noise_scale",
+                            "needs two batch sizes: set scale.workers x scale.grad_accum >= 2")
     t = spec.training
     evals = -(-t.steps // t.eval_every)  # at every eval_every-th step and at the last step
     if spec.search.asha and evals < spec.search.asha.grace_period:

@@ -1,198 +1,51 @@
-"""Checkpoint replay: ⟨∇F(x_e), x_e − y⟩ and F(x_e) − F(y) over a trial's saved snapshots.
+"""`opt-study replay`: checkpoint replay of a study's trials (METRICS.md, "Reference-point metrics").
 
-METRICS.md, "Reference-point metrics": convexity gives ⟨∇F(x), x − y⟩ ≥ F(x) − F(y) for every
-reference y, including references known only after training (the final iterate, x_0, any
-saved step). F is the mean loss over the workload's fixed evaluation sample set (the same
-samples for every snapshot, the set `opt_study.trial.evaluate` uses), in eval mode (no dropout).
+Convexity gives ⟨∇F(x), x − y⟩ ≥ F(x) − F(y) for every reference y, including references known
+only after training: the final iterate, x_0, any saved step. For each trial with snapshots
+(opt_study.measure.snapshots), this launches a `torch.distributed.run` job at the trial's own
+world size on this node; its ranks (opt_study.measure.replay_worker) evaluate, for every
+snapshot x_e, F(x_e), ∇F(x_e) and F(y) on the fixed evaluation sample set and store
+⟨∇F(x_e), x_e − y⟩, F(x_e) − F(y), ‖x_e − y‖², ‖∇F(x_e)‖² and, with ``--hessian``, the top
+Hessian eigenvalues and a Hutchinson trace (opt_study.results.replay_store).
 
-`opt-study replay STUDY` launches, per trial, a `torch.distributed.run` job at the trial's own
-world size; each rank builds the engine exactly as the trial did (`opt_study.trial.build`, so
-ZeRO partitions the same way; the bounds stored with each snapshot are checked) and then:
-
-1. loads the reference y's own-rank fragments into the engine (`ShardView.write_params`) and
-   evaluates this rank's share of F(y);
-2. for each snapshot x_e: loads its fragments; one forward + backward per evaluation batch with
-   the accumulation boundary forced at the last one, and each loss divided by the number of
-   batches (the engine averages over ranks), gives ∇F(x_e) in this rank's gradient fragments;
-   then the partial sums ⟨x_e − y, g⟩, ‖x_e − y‖², ‖g‖² (x_e − y formed in float64, which is
-   exact for fp32 values, so the inner product does not cancel when x_e ≈ y) plus the two loss
-   shares are reduced with ONE all-reduce per snapshot;
-3. optionally (``--hessian``) the top Hessian eigenvalues of F at x_e by Lanczos and a
-   Hutchinson trace (opt_study.measure.curvature), from central differences of gradients
-   computed exactly as in 2.
-
-Rank 0 writes the rows with opt_study.results.replay_store. Weights are what the forward sees:
-with bf16 training the snapshot's fp32 masters are rounded to bf16 on load, as in training.
+This module stays import-light (the CLI parser imports it): torch is imported by the job only.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from opt_study import distributed
-from opt_study.measure import curvature, snapshots
-from opt_study.measure.curvature import HessianOptions
-
-SUMS = ("sq_param", "sq_grad", "ip_param_grad")  # of Fragment(x = x_e − y, g = ∇F(x_e))
+from opt_study.config import FieldError
 
 
-class EvalObjective:
-    """F on the fixed evaluation set through a DeepSpeed engine, in this rank's shard form."""
+@dataclass(frozen=True)
+class HessianOptions:
+    """Curvature estimates at every snapshot (opt_study.measure.curvature)."""
 
-    def __init__(self, engine, view, workload, batches, zero_stage: int):
-        self.engine, self.view, self.workload, self.batches = engine, view, workload, batches
-        self.stage = zero_stage
-        self.sizes = [hi - lo for lo, hi in view.bounds()]
-        if not batches:
-            raise ValueError("the evaluation set gives this rank no batch")
+    lanczos_steps: int = 20  # Krylov dimension k (k Hessian-vector products, 2 gradients each)
+    top: int = 3  # how many of the largest Ritz values to store
+    hutchinson_samples: int = 8  # Rademacher probes for the trace (0: no trace)
+    fd_eps: float = 3e-5  # central-difference step, relative: ε = fd_eps · max(‖x‖, 1)
+    seed: int = 0  # random start vector and probes
 
-    def write(self, frags: list[torch.Tensor]) -> None:
-        self.view.write_params(frags)
-
-    def loss(self) -> float:
-        """This rank's mean loss over its evaluation batches (no collective)."""
-        with torch.no_grad():
-            return sum(float(self.workload.loss(self.engine, b)) for b in self.batches) / len(self.batches)
-
-    def loss_and_grad(self, on_grad=None) -> tuple[float, list[torch.Tensor]]:
-        """(this rank's mean loss, cloned fragments of ∇F): F's gradient over ALL ranks' batches.
-
-        Each loss is divided by the batch count K (scale_wrt_gas off) and the boundary is forced
-        at the last batch, so the engine's reduction (a mean over ranks) yields
-        (1/W) Σ_r (1/K) Σ_k ∇ℓ_{r,k} = ∇F. The engine's gradient state is then cleared as after
-        the probe (opt_study.measure.probe). ``on_grad(view)`` is a test seam, called while
-        the reduced gradient is readable.
-        """
-        from opt_study.measure.probe import _restore
-
-        k = len(self.batches)
-        total = 0.0
-        grads = None
-        for m, batch in enumerate(self.batches):
-            self.engine.set_gradient_accumulation_boundary(m == k - 1)
-            loss = self.workload.loss(self.engine, batch)
-            self.engine.backward(loss / k, scale_wrt_gas=False)
-            total += float(loss.detach())
-            if m == k - 1:
-                grads = [g[:n].clone() for g, n in zip(self.view.clone_grads(), self.sizes)]
-                if on_grad is not None:
-                    on_grad(self.view)
-        _restore(self.engine, self.stage)
-        return total / k, grads
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(flat, self.sizes))
-
-    def join(self, frags: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([f.reshape(-1) for f in frags]) if frags else torch.zeros(0)
-
-    def flat_grad_at(self, x: torch.Tensor) -> torch.Tensor:
-        """∇F at the local point x (flat), as a flat local tensor; moves the model to x."""
-        self.write(self.split(x.float()))
-        return self.join(self.loss_and_grad()[1])
+    def __post_init__(self):
+        if not 1 <= self.lanczos_steps <= 1000:
+            raise FieldError("lanczos_steps", "must be an integer in [1, 1000]")
+        if not 1 <= self.top <= self.lanczos_steps:
+            raise FieldError("top", f"must be in [1, lanczos_steps={self.lanczos_steps}]")
+        if not 0 <= self.hutchinson_samples <= 10_000:
+            raise FieldError("hutchinson_samples", "must be an integer in [0, 10000]")
+        if not 0.0 < self.fd_eps < 1.0:
+            raise FieldError("fd_eps", "must be in (0, 1)")
+        if self.seed < 0:
+            raise FieldError("seed", "must be >= 0")
 
 
-def _own_fragments(study_dir, trial_id: str, step: int, view, device) -> list[torch.Tensor]:
-    """This rank's fragments of snapshot ``step``, checked against the engine's layout."""
-    meta = snapshots.read_meta(study_dir, trial_id, step)
-    if meta["world"] != view.world or meta["names"] != view.names:
-        raise ValueError(f"snapshot step-{step} of {trial_id} was saved by world {meta['world']} with "
-                         f"other parameters; replay needs the trial's own world size and model")
-    if [tuple(b) for b in meta["bounds"][view.rank]] != [tuple(b) for b in view.bounds()]:
-        raise ValueError(f"snapshot step-{step}: the engine partitions the parameters differently "
-                         "from the trial (ZeRO stage, optimizer groups or DeepSpeed version changed)")
-    data = snapshots.load_fragments(study_dir, trial_id, step, view.rank, view.world)
-    return [data["fragments"][n].to(device) for n in view.names]
-
-
-def replay_rank(spec, plan, study_dir, reference: str = "final", hessian: HessianOptions | None = None,
-                on_grad=None) -> list[dict]:
-    """One rank's part of the replay of trial ``plan`` (every rank calls it; a collective).
-
-    Returns the rows on every rank; rank 0 also writes them. ``on_grad(step, view)`` is a test
-    seam (see EvalObjective.loss_and_grad).
-    """
-    from opt_study.measure.hook import StepMeasurer
-    from opt_study.measure.sums import SUM_NAMES, Fragment, local_sums
-    from opt_study.results.replay_store import check_reference, write_replay
-    from opt_study.trial import build
-
-    check_reference(reference)
-    ref_step = snapshots.resolve_reference(study_dir, plan.trial_id, reference)
-    steps = snapshots.committed_steps(study_dir, plan.trial_id)
-    c = build(spec, plan, StepMeasurer)
-    view, stage, world = c.measurer.view, spec.scale.zero_stage, c.world
-    meta = snapshots.read_meta(study_dir, plan.trial_id, ref_step)
-    if meta["zero_stage"] != stage:
-        raise ValueError(f"trial {plan.trial_id} saved its snapshots at ZeRO-{meta['zero_stage']}, "
-                         f"the spec now says ZeRO-{stage}")
-    c.eng.eval()  # F is the evaluation loss: no dropout
-    batches = [tuple(t.to(c.device) for t in b)
-               for b in c.workload.eval_batches(spec.scale.micro_batch_size, c.rank, world)]
-    obj = EvalObjective(c.eng, view, c.workload, batches, stage)
-    y = _own_fragments(study_dir, plan.trial_id, ref_step, view, c.device)
-    obj.write(y)
-    loss_y_local = obj.loss()
-    rows = []
-    for e in steps:
-        x = _own_fragments(study_dir, plan.trial_id, e, view, c.device)
-        obj.write(x)
-        seam = None if on_grad is None else (lambda v, e=e: on_grad(e, v))
-        loss_x_local, g = obj.loss_and_grad(seam)
-        frags = [Fragment(group=0, x=xi.double() - yi.double(), g=gi) for xi, yi, gi in zip(x, y, g)]
-        sums = local_sums(frags, 1, only=SUMS)[:, 0]
-        packed = torch.cat([sums, torch.tensor([loss_x_local / world, loss_y_local / world],
-                                               dtype=torch.float64, device=sums.device)])
-        distributed.all_reduce_sum(packed)  # the ONE collective of this snapshot
-        val = {n: float(packed[SUM_NAMES.index(n)]) for n in SUMS}
-        loss_x, loss_y = float(packed[-2]), float(packed[-1])
-        row = {"step": e, "ref_step": ref_step, "loss_x": loss_x, "loss_y": loss_y,
-               "ip_grad_dist": val["ip_param_grad"], "loss_gap": loss_x - loss_y,
-               "sq_dist": val["sq_param"], "sq_grad": val["sq_grad"], "world": world,
-               "zero_stage": stage}
-        if hessian is not None:
-            row.update(_curvature(obj, x, hessian, e, c.rank))
-        row["time_unix"] = time.time()
-        rows.append(row)
-    if c.rank == 0:
-        write_replay(study_dir, plan.trial_id, reference, rows)
-    return rows
-
-
-def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, step: int,
-               rank: int) -> dict:
-    """Top Ritz values and Hutchinson trace of F's Hessian at x (the model is left at x)."""
-    from opt_study.workloads.base import generator
-
-    reduce = distributed.all_reduce_sum
-    xf = obj.join(x).double()
-    eps = opts.fd_eps * max(curvature.global_norm(xf, reduce), 1.0)
-    hvp = curvature.fd_hvp(obj.flat_grad_at, xf, eps)
-    # Each rank draws its own part of the random vectors: the global vector has i.i.d.
-    # entries whatever the partition, and is a pure function of (seed, step, rank).
-    gen = generator(opts.seed, step, rank)
-    n = xf.numel()
-    v0 = torch.randn(n, generator=gen, dtype=torch.float64).to(xf.device)
-    ritz, k = curvature.lanczos(hvp, v0, opts.lanczos_steps, reduce)
-    probes = [(torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1).to(xf.device)
-              for _ in range(opts.hutchinson_samples)]
-    trace, stderr = curvature.hutchinson(hvp, probes, reduce)
-    obj.write(x)
-    return {"hessian_top": [float(v) for v in ritz[:opts.top]], "lanczos_steps": k,
-            "hutchinson_trace": None if math.isnan(trace) else trace,
-            "hutchinson_stderr": None if math.isnan(stderr) else stderr,
-            "hutchinson_samples": opts.hutchinson_samples}
-
-
-# ------------------------------------------------------------------------------- launching
 def load_trial(study_dir, trial_id: str):
     """(spec, plan) of a trial from the study dir's spec.yaml and plan.json."""
     from dataclasses import replace
@@ -216,6 +69,8 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     Raises ValueError / FileNotFoundError for a bad reference or a trial without snapshots
     (checked here, before anything starts) and RuntimeError if the job fails.
     """
+    from opt_study.distributed import free_port
+    from opt_study.measure import snapshots
     from opt_study.results.replay_store import check_reference, replay_path
 
     study_dir = Path(study_dir).resolve()
@@ -223,7 +78,7 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     ref_step = snapshots.resolve_reference(study_dir, trial_id, reference)
     world = snapshots.read_meta(study_dir, trial_id, ref_step)["world"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
-           "--master_port", str(distributed.free_port()), "-m", "opt_study.replay",
+           "--master_port", str(free_port()), "-m", "opt_study.measure.replay_worker",
            str(study_dir), trial_id, reference]
     if hessian is not None:
         cmd += ["--hessian", "--lanczos-steps", str(hessian.lanczos_steps), "--top", str(hessian.top),
@@ -238,7 +93,7 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     return replay_path(study_dir, trial_id, reference)
 
 
-def _add_hessian_args(p: argparse.ArgumentParser) -> None:
+def add_hessian_args(p: argparse.ArgumentParser) -> None:
     d = HessianOptions()
     p.add_argument("--hessian", action="store_true", help="also the top Hessian eigenvalues (Lanczos) "
                    "and a Hutchinson trace at every snapshot (2 gradients per Hessian-vector product)")
@@ -249,7 +104,7 @@ def _add_hessian_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
 
 
-def _hessian(a) -> HessianOptions | None:
+def hessian_options(a) -> HessianOptions | None:
     if not a.hessian:
         return None
     return HessianOptions(lanczos_steps=a.lanczos_steps, top=a.top, hutchinson_samples=a.hutchinson,
@@ -264,20 +119,21 @@ def register(subparsers) -> None:
     r.add_argument("--trial", action="append", help="trial id (repeatable; default: every trial "
                                                      "with snapshots)")
     r.add_argument("--reference", default="final", help="final (default), init, or a snapshot step")
-    _add_hessian_args(r)
+    add_hessian_args(r)
     r.set_defaults(fn=cmd_replay)
 
 
 def cmd_replay(a) -> int:
     """Exit 0: all replayed; 1: a replay job failed; 2: bad input (nothing started)."""
     from opt_study.config import load_study
+    from opt_study.measure import snapshots
     from opt_study.results.replay_store import check_reference
 
     p = Path(a.study)
     study_dir = p.resolve() if p.is_dir() else load_study(p).study_dir
     try:
         check_reference(a.reference)
-        hessian = _hessian(a)
+        hessian = hessian_options(a)
         trials = a.trial or snapshots.snapshot_trials(study_dir)
         if not trials:
             raise ValueError(f"no trial of {study_dir} has snapshots (set measure.snapshot_every)")
@@ -297,20 +153,3 @@ def cmd_replay(a) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The torchrun worker: `python -m opt_study.replay STUDY_DIR TRIAL REFERENCE [--hessian ...]`."""
-    p = argparse.ArgumentParser(prog="python -m opt_study.replay")
-    p.add_argument("study_dir")
-    p.add_argument("trial")
-    p.add_argument("reference")
-    _add_hessian_args(p)
-    a = p.parse_args(argv)
-    spec, plan = load_trial(a.study_dir, a.trial)
-    try:
-        replay_rank(spec, plan, Path(a.study_dir).resolve(), a.reference, _hessian(a))
-    finally:
-        distributed.destroy()
-
-
-if __name__ == "__main__":
-    main()

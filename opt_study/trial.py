@@ -63,12 +63,6 @@ def _to_device(batch, device):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    # ZeRO wraps the client optimizer but keeps its param_group dicts, so this reaches the rule.
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
 def evaluate(engine, workload, mbs: int, device) -> float:
     """Mean loss over the fixed evaluation set, split across ranks (one all-reduce)."""
     engine.eval()
@@ -109,6 +103,8 @@ def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
     hparams = optim.resolve_hparams(plan.optimizer, plan.hparams)
     client_opt = optim.build_optimizer(plan.optimizer, model.parameters(), hparams)
     eng, info, _ = engine_mod.build_engine(model, client_opt, scale, training.grad_clip)
+    # A layer-wise or matrix rule must see the model's own tensors, not ZeRO's flat partitions.
+    optim.check_model_shapes(client_opt, eng.module)
     # Built before any checkpoint is loaded, so x_0 is the deterministic initial point even
     # after a restart (build_model is a pure function of the seed).
     measurer = measurer_cls(eng, info, spec.measure, precision=scale.precision,
@@ -127,28 +123,51 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
     """One optimizer step over A micro-batches (DeepSpeed accumulates; step() at the boundary)."""
     training, A, b = c.spec.training, c.spec.scale.grad_accum, c.spec.scale.micro_batch_size
-    lr = c.base_lr * optim.lr_factor(step, training.steps, training.schedule.type,
-                                     training.schedule.warmup_steps, training.schedule.min_ratio)
-    _set_lr(c.client_opt, lr)
+    factor = optim.schedule_factor(step, training.steps, training.schedule)
+    # eng.optimizer: ZeRO may rebuild the client optimizer, so set lr on what actually steps
+    optim.apply_lr_factor(c.eng.optimizer, factor)
+    lr = c.base_lr * factor
+    optim.train_mode(c.client_opt)  # gradients at the training iterate (Schedule-Free's y)
     torch.manual_seed(step_seed(c.plan.seed, c.rank, step))
     t0 = time.perf_counter()
     c.measurer.begin(step)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    units = 0
+    units, batches = 0, []
     for m in range(A):
         batch = _to_device(c.workload.train_batch(step, m * c.world + c.rank, b), c.device)
+        batches.append(batch)
         c.measurer.before_micro(batch)
         loss = c.workload.loss(c.eng, batch)
         c.eng.backward(loss)
         if m == A - 1:
             c.measurer.at_boundary()
+            side_backward(c, step, batches)
         c.eng.step()
         loss_sum += loss.detach().double().cpu()
         units += c.workload.units_per_batch(batch)
     fields = c.measurer.end(step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote)
     dt = time.perf_counter() - t0
-    return {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": units * c.world / dt,
-            "engine_grad_norm": _engine_norm(c.eng), "time_unix": time.time(), **fields}
+    row = {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": units * c.world / dt,
+           "engine_grad_norm": _engine_norm(c.eng), "time_unix": time.time(), **fields}
+    if optim.is_sync_step(c.client_opt, step):
+        # Lookahead pulled the fast weights to the slow ones: Δ is not an optimizer step of the
+        # inner rule, so the row is flagged and left out of the inequality fractions (METRICS.md).
+        row["flag"] = ",".join(x for x in (row.get("flag"), "lookahead_sync") if x)
+    return row
+
+
+def side_backward(c: Ctx, step: int, batches: list) -> None:
+    """An optimizer that needs its own extra backward (Sophia's Hessian estimate) gets it here,
+    after the boundary backward and before step(), with the RNG stream left as it was."""
+    if not optim.needs_hessian(c.client_opt):
+        return
+    from opt_study.measure.probe import rng_state, set_rng_state
+
+    state = rng_state()
+    optim.estimate_hessian(c.client_opt,
+                           lambda: sum(c.workload.loss(c.eng.module, mb) for mb in batches) / len(batches),
+                           seed=c.plan.seed * 1_000_003 + step)
+    set_rng_state(state)
 
 
 def resume(c: Ctx, state: TrialState) -> int:
@@ -193,7 +212,9 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
         status = _status(state, row, training, c.measurer.stop_requested, step)
         boundary = (step + 1) % training.eval_every == 0 or status != "running"
         if boundary and status != "diverged":
+            optim.eval_mode(c.client_opt)  # evaluate at the evaluation iterate (Schedule-Free's x)
             state.last_eval = row["eval_loss"] = evaluate(c.eng, c.workload, spec.scale.micro_batch_size, c.device)
+            optim.train_mode(c.client_opt)
             state.best_eval = min(state.best_eval, state.last_eval)
         if c.writer is not None and (step % training.log_every == 0 or boundary):
             c.writer.append({"trial_id": plan.trial_id, "attempt": c.attempt, **row})

@@ -58,8 +58,8 @@ def _victim(study: str, tid: str, go, small_done) -> None:
     time.sleep(60)  # (only reached if the kill came late: the test then retries)
 
 
-def _check_view(study: str, chunk_of: dict[str, int]) -> tuple[list[str], int]:
-    """What one reader poll sees, checked: (violations, rows seen)."""
+def _check_view(study: str, chunk_of: dict[str, int]) -> tuple[list[str], dict[str, int]]:
+    """What one reader poll sees, checked: (violations, rows seen per trial)."""
     bad = []
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
@@ -81,20 +81,19 @@ def _check_view(study: str, chunk_of: dict[str, int]) -> tuple[list[str], int]:
         for tid, n, distinct, hi, nulls in counts:
             if not (n == distinct == hi + 1 and n % chunk_of[tid] == 0 and nulls == 0):
                 bad.append(f"duckdb: {tid}: {n} rows, {distinct} distinct, max {hi}, {nulls} null")
-    return bad, table.num_rows
+    return bad, {tid: len(steps) for tid, steps in rows_by_trial.items()}
 
 
 def _reader(study: str, chunk_of: dict, stop, results) -> None:
     polls, partial, violations = 0, 0, []
-    total = sum(STEPS if t in WRITERS else 2 * VICTIM_SMALL for t in chunk_of)
     while not stop.is_set():
         try:
-            bad, n = _check_view(study, chunk_of)
+            bad, counts = _check_view(study, chunk_of)
         except Exception as e:  # noqa: BLE001 - any reader crash is a violation to report
-            bad, n = [f"reader raised {type(e).__name__}: {e}"], 0
+            bad, counts = [f"reader raised {type(e).__name__}: {e}"], {}
         violations.extend(bad)
         polls += 1
-        partial += 0 < n < total
+        partial += any(0 < counts.get(t, 0) < STEPS for t in WRITERS)  # caught mid-study
     results.put({"polls": polls, "partial": partial, "violations": violations[:20]})
 
 

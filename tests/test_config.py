@@ -242,7 +242,7 @@ RULES = [
     ("optimizers", {"optimizers": []}),
     ("optimizers", {"optimizers": {"name": "sgd"}}),
     ("optimizers[0]", {"optimizers": ["sgd"]}),
-    ("optimizers[0].name", {"optimizers": [{"name": "lion"}]}),
+    ("optimizers[0].name", {"optimizers": [{"name": "adamax"}]}),
     ("optimizers[0].name", {"optimizers": [{"params": {}}]}),
     ("optimizers[0].space", {"optimizers": [{"name": "sgd", "space": {}}]}),
     ("optimizers[0].params", {"optimizers": [{"name": "sgd", "params": [1]}]}),
@@ -294,7 +294,7 @@ def test_missing_required_slices_and_non_mapping_documents():
 
 def test_messages_say_what_is_allowed():
     assert "allowed: measure, optimizers, scale, search, study, training, workload" in rejects("trainer", trainer=1).message
-    assert "mlp_classify, quadratic, tiny_lm" in rejects("workload.type", workload={"type": "x"}).message
+    assert "mlp_classify, quadratic, resnet_cifar, tiny_lm" in rejects("workload.type", workload={"type": "x"}).message
     assert "adadelta, adagrad, adam, adamw" in rejects("optimizers[0].name", optimizers=[{"name": "x"}]).message
     msg = rejects("optimizers[0].params.momentm", optimizers=[{"name": "momentum", "params": {"momentm": 1}}]).message
     assert "allowed: dampening, lr, momentum, weight_decay" in msg

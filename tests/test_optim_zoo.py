@@ -121,6 +121,8 @@ def test_check_model_shapes_guards_shape_rules_only():
     with pytest.raises(RuntimeError, match="not a model parameter.*zero_stage 0 with precision fp32"):
         optim.check_model_shapes(optim.build_optimizer("lamb", [flat], {}), model)
     optim.check_model_shapes(optim.build_optimizer("adam", [flat], {}), model)  # element-wise: fine
+    with pytest.raises(RuntimeError, match="schedulefree_sgd: .*not a model parameter"):
+        optim.check_model_shapes(optim.build_optimizer("schedulefree_sgd", [flat], {}), model)
     model.X.ds_shape = torch.Size([8, 8])  # ZeRO-3 keeps the Parameter, empties it, records ds_shape
     with pytest.raises(RuntimeError, match=r"real shape \(8, 8\)"):
         optim.check_model_shapes(optim.build_optimizer("muon", model.parameters(), {}), model)

@@ -26,7 +26,7 @@ import torch
 
 from opt_study.config import FieldError, MeasureConfig
 from opt_study.measure import curvature, snapshots
-from opt_study.measure.curvature import HessianOptions
+from opt_study.replay import HessianOptions
 from opt_study.results import replay_store
 
 ROOT = Path(__file__).resolve().parents[1]

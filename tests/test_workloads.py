@@ -36,9 +36,9 @@ def eval_loss(w, model, batches) -> float:
 
 
 def test_registry():
-    assert set(WORKLOADS) == {"tiny_lm", "quadratic", "mlp_classify"}
+    assert set(WORKLOADS) == {"tiny_lm", "quadratic", "mlp_classify", "gpt2", "resnet_cifar"}
     assert workload_config_class("quadratic") is QuadraticConfig
-    with pytest.raises(ValueError, match="known: mlp_classify, quadratic, tiny_lm"):
+    with pytest.raises(ValueError, match="known: gpt2, mlp_classify, quadratic, resnet_cifar, tiny_lm"):
         make_workload("resnet", None, 0)
     with pytest.raises(TypeError, match="QuadraticConfig"):
         make_workload("quadratic", TinyLMConfig(), 0)

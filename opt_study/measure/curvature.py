@@ -3,7 +3,8 @@
 Every vector here is this rank's local part (a flat float64 tensor: the concatenation of its
 fragments); a global inner product is a local dot plus a SUM all-reduce (``reduce``, a no-op on
 one process), several of them packed into one all-reduce where the algorithm allows. Nothing
-here knows about DeepSpeed: ``hvp(v)`` is given (opt_study.replay builds it from gradients).
+here knows about DeepSpeed: ``hvp(v)`` is given (opt_study.measure.replay_worker builds it
+from gradients; the options and their defaults are opt_study.replay.HessianOptions).
 
 - ``fd_hvp``: Hv by central differences of gradients, (∇F(x + εv) − ∇F(x − εv)) / (2ε), for
   engines where double backward cannot pass (ZeRO hooks, fused kernels). Truncation error is
@@ -12,7 +13,8 @@ here knows about DeepSpeed: ``hvp(v)`` is given (opt_study.replay builds it from
   networks need a much smaller step: a difference that crosses an activation kink measures a
   gradient jump, not curvature. Measured on mlp_classify (digits, fp32, ‖x‖ = 2.9, 30 Lanczos
   steps against double-backward λ_max = 0.8686): ε = 1e-3 gave 6.99, 1e-2 gave 2.31; ε from
-  3e-6 to 3e-4 stayed within 4e-4 relative. Hence the default ε = 3e-5 · max(‖x‖, 1). In bf16
+  3e-6 to 3e-4 stayed within 4e-4 relative. Hence the default ε = 3e-5 · max(‖x‖, 1)
+  (HessianOptions.fd_eps). In bf16
   (u = 2^-8) no step is good: treat Hessian estimates of bf16 trials as rough.
 - ``lanczos``: the largest Ritz values of H after k Lanczos steps with full
   re-orthogonalisation (classical Gram-Schmidt applied twice, "twice is enough": Giraud,
@@ -25,37 +27,13 @@ here knows about DeepSpeed: ``hvp(v)`` is given (opt_study.replay builds it from
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from opt_study.config import FieldError
-
 Vec = torch.Tensor  # this rank's flat float64 part of a global vector
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # in-place SUM over ranks
-
-
-@dataclass(frozen=True)
-class HessianOptions:
-    lanczos_steps: int = 20  # Krylov dimension k (k Hessian-vector products)
-    top: int = 3  # how many of the largest Ritz values to store
-    hutchinson_samples: int = 8  # Rademacher probes for the trace (0: no trace)
-    fd_eps: float = 3e-5  # central-difference step, relative: ε = fd_eps · max(‖x‖, 1)
-    seed: int = 0  # random start vector and probes
-
-    def __post_init__(self):
-        if not 1 <= self.lanczos_steps <= 1000:
-            raise FieldError("lanczos_steps", "must be an integer in [1, 1000]")
-        if not 1 <= self.top <= self.lanczos_steps:
-            raise FieldError("top", f"must be in [1, lanczos_steps={self.lanczos_steps}]")
-        if not 0 <= self.hutchinson_samples <= 10_000:
-            raise FieldError("hutchinson_samples", "must be an integer in [0, 10000]")
-        if not 0.0 < self.fd_eps < 1.0:
-            raise FieldError("fd_eps", "must be in (0, 1)")
-        if self.seed < 0:
-            raise FieldError("seed", "must be >= 0")
 
 
 def fd_hvp(grad_at: Callable[[Vec], Vec], x: Vec, eps: float) -> Callable[[Vec], Vec]:

@@ -98,9 +98,10 @@ class ShardView:
     def bounds(self) -> list[tuple[int, int]]:
         """[start, stop) of each fragment of ``params()`` within its flattened parameter.
 
-        Only the first ``stop - start`` elements of a fragment are parameter values: a ZeRO-3
-        partition is padded to ceil(numel / W) elements on the last ranks (DeepSpeed
-        ``_aligned_size``), and a rank that holds none of a ZeRO-1/2 parameter has (0, 0).
+        A rank that holds none of a ZeRO-1/2 parameter has (0, 0). At ZeRO-3 the lp partition
+        ``p.ds_tensor`` is padded to ceil(numel / W) elements (DeepSpeed ``_aligned_size``);
+        the fp32 fragment is not (DeepSpeed 0.19.8), and only its first ``stop - start``
+        elements are read anyway.
         """
         if self.mode == "slice":
             return [self._bounds(p) for _, p in self.named]
@@ -146,7 +147,7 @@ class ShardView:
                     p.ds_tensor.data.view(-1)[:f.numel()].copy_(f)
                     master[:f.numel()].copy_(f)
                 held = torch.tensor([float(p.data.numel() == p.ds_numel) for _, p in self.named],
-                                    dtype=torch.float64)
+                                    dtype=torch.float64, device=self.engine.device)
                 distributed.all_reduce_max(held)  # every rank must join the same all-reduces
                 full = [i for i, h in enumerate(held.tolist()) if h > 0]
             else:

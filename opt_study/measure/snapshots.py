@@ -63,9 +63,11 @@ class SnapshotSaver:
             return
         layout.check_name(trial_id, "trial id")
         own = torch.tensor(view.bounds(), dtype=torch.float64).reshape(-1, 2)
-        table = torch.zeros(self.world, own.shape[0], 2, dtype=torch.float64)
-        table[self.rank] = own
+        # on the engine's device: NCCL reduces only GPU tensors
+        table = torch.zeros(self.world, own.shape[0], 2, dtype=torch.float64, device=view.engine.device)
+        table[self.rank] = own.to(table.device)
         distributed.all_reduce_sum(table)  # every rank's bounds, for meta.json (once per trial)
+        table = table.cpu()
         params = [p for _, p in view.named]
         self.meta = {
             "format": FORMAT, "trial_id": trial_id, "world": self.world, "zero_stage": zero_stage,

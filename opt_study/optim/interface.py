@@ -20,6 +20,7 @@ import pytorch_optimizer as po
 import torch
 
 from opt_study import distributed
+from opt_study.optim.entry import MODEL_TENSORS
 
 ENTRY_ATTR = "opt_study_entry"  # set by build_optimizer: the OptimizerEntry the object came from
 
@@ -130,16 +131,18 @@ def estimate_hessian(opt, loss_fn: Callable[[], torch.Tensor], seed: int) -> Non
 
 # ----------------------------------------------------------------------------- run-time guard
 def check_model_shapes(opt, model: torch.nn.Module) -> None:
-    """Raise RuntimeError unless every tensor a shape-needing optimizer holds is one of `model`'s
-    parameters with its real shape. Call after the engine is built: ZeRO 1-3 and DeepSpeed's
-    bf16/fp16 wrappers swap the held tensors for flat partitions then, and ZeRO-3 also empties
-    the model's own tensors (their real shape is `ds_shape`). No-op for element-wise rules.
+    """Raise RuntimeError unless every tensor the optimizer holds is one of `model`'s parameters
+    with its real shape, for every optimizer declared correct only on the model's own tensors
+    (layer-wise and matrix rules, Sophia, Schedule-Free). Call after the engine is built: ZeRO
+    1-3 and DeepSpeed's bf16/fp16 wrappers swap the held tensors for flat partitions then, and
+    ZeRO-3 also empties the model's own tensors (their real shape is `ds_shape`). No-op for
+    element-wise rules, which are correct on any partition.
     """
     tagged = next((o for o in _chain(opt) if hasattr(o, ENTRY_ATTR)), None)
     if tagged is None:
         raise TypeError("check_model_shapes: the optimizer was not built by opt_study.optim.build_optimizer")
     entry = getattr(tagged, ENTRY_ATTR)
-    if not entry.needs_model_shapes:
+    if not (entry.needs_model_shapes or entry.combos <= MODEL_TENSORS):
         return
     model_params = {id(p): p for p in model.parameters()}
     fix = f"{entry.name} is correct only at zero_stage 0 with precision fp32"

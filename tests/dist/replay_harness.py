@@ -25,9 +25,9 @@ from opt_study import engine as engine_mod
 from opt_study import trial as trial_mod
 from opt_study.config import parse_study
 from opt_study.measure import snapshots
-from opt_study.measure.curvature import HessianOptions
+from opt_study.replay import HessianOptions
 from opt_study.measure.hook import StepMeasurer
-from opt_study.replay import replay_rank
+from opt_study.measure.replay_worker import replay_rank
 from opt_study.results.replay_store import read_replay
 from opt_study.trial import TrialPlan, run_trial
 from opt_study.workloads import make_workload

@@ -1,0 +1,265 @@
+"""The assumption table over a synthetic study of 10 million step rows, and the same question
+answered through MLflow's metric history.
+
+The study: 4 optimizers x 5 configurations x 5 seeds = 100 trials of 100,000 steps each, measured
+every ``--every`` steps (default 10: 1M measured rows), eval every 1000 steps, in the layout
+``StepWriter`` produces (``steps/trial_id=<id>/attempt=0/part-<first>-<last>.parquet`` of
+``--chunk`` rows, ``_START``, schema ``STEP_SCHEMA``, zstd) plus trial records and plan.json.
+The rows are generated with numpy and written with pyarrow directly (``StepWriter`` appends
+row by row: hours for 10M rows; the files are the same). No ``groups`` column values (the table
+does not read them). The dataset is cached under ``--cache`` (default /tmp/opt_study_bench).
+
+Timed (``--threads``, default 2, DuckDB's threads): ``report.data.load`` (open the views, read
+the trial records, the per-trial aggregates in SQL, best configurations) + ``assumption_table``;
+median of ``REPEATS`` runs after one untimed warm-up (page cache warm: the OS cache is what a
+second query sees; the cold first run is reported too).
+
+MLflow: the same per-trial statistics from ``get_metric_history`` of the 9 metrics they need
+(MLflow holds no strings, so the classes are recomputed with ``metrics.classify`` from the gaps
+and the floor) for a sample of ``--mlflow-trials`` trials x 1000 measured steps logged into a
+SQLite store; the time per measured row is extrapolated linearly to the whole study (said in
+the output as ``mlflow_extrapolated``).
+
+    .venv/bin/python benchmarks/bench_assumption_table.py [OUT.json] [--every 10] [--chunk 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGET_S = 1.0
+REPEATS = 3
+LABELS = ("adamw", "sgd", "lion", "radam")
+CONFIGS, SEEDS, STEPS, EVAL_EVERY = 5, 5, 100_000, 1000
+HISTORY_KEYS = ("loss", "loss_probe", "probe_s", "ip_grad_update", "sq_update", "smoothness_local",
+                "convexity_gap_fwd", "convexity_gap_bwd", "noise_floor")
+
+
+def _classes(gap: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """``metrics.classify`` vectorized (the generator's only use; the table reads the result)."""
+    out = np.full(gap.shape, "indeterminate", dtype=object)
+    out[gap < -floor] = "holds"
+    out[gap > floor] = "violated"
+    return out
+
+
+def trial_table(trial_id: str, rng: np.random.Generator, every: int):
+    """The 100,000 rows of one trial as a pyarrow Table of STEP_SCHEMA."""
+    import pyarrow as pa
+
+    from opt_study.results.schema import STEP_SCHEMA
+
+    n = STEPS
+    step = np.arange(n, dtype=np.int64)
+    meas = step % every == every - 1
+    m = int(meas.sum())
+    loss = 3.0 * np.exp(-step / 40_000) + rng.normal(0, 0.01, n)
+    cols = {"trial_id": pa.array([trial_id] * n), "attempt": pa.array(np.zeros(n, np.int32)),
+            "step": pa.array(step), "time_unix": pa.array(1.7e9 + 0.2 * step), "loss": pa.array(loss),
+            "lr": pa.array(np.full(n, 1e-3)), "grad_norm": pa.array(rng.uniform(0.5, 2, n)),
+            "update_norm": pa.array(rng.uniform(1e-3, 1e-2, n)), "param_norm": pa.array(np.full(n, 50.0)),
+            "step_time_s": pa.array(rng.uniform(0.1, 0.2, n)), "units_per_s": pa.array(np.full(n, 8e3)),
+            "measured": pa.array(meas)}
+    ev = step % EVAL_EVERY == EVAL_EVERY - 1
+    cols["eval_loss"] = pa.array(np.where(ev, loss + 0.1, np.nan), mask=~ev)
+    lm = loss[meas]
+    s = {"loss_probe": lm - rng.uniform(-1e-3, 3e-3, m), "probe_s": np.ones(m),
+         "sq_update": rng.uniform(1e-6, 1e-4, m), "sq_grad": rng.uniform(0.25, 4, m),
+         "sq_grad_probe": rng.uniform(0.25, 4, m), "sq_param": np.full(m, 2500.0)}
+    s["ip_grad_update"] = -rng.uniform(0, 1, m) * np.sqrt(s["sq_update"] * s["sq_grad"])
+    s["ip_probe_update"] = s["ip_grad_update"] * rng.uniform(-0.5, 1.2, m)
+    s["sq_grad_diff"] = s["sq_update"] * rng.uniform(0.1, 50, m) ** 2
+    delta = s["loss_probe"] - lm
+    d = {"loss_change": delta, "convexity_gap_fwd": s["ip_grad_update"] - delta,
+         "convexity_gap_bwd": delta - s["ip_probe_update"],
+         "smoothness_local": np.sqrt(s["sq_grad_diff"] / s["sq_update"]),
+         "smoothness_descent": 2 * (delta - s["ip_grad_update"]) / s["sq_update"],
+         "noise_floor": 4 * 2.0**-24 * (np.abs(lm) + np.abs(s["loss_probe"]))}
+    for k, v in {**s, **d}.items():
+        full = np.zeros(n)
+        full[meas] = v
+        cols[k] = pa.array(full, mask=~meas)
+    for side in ("fwd", "bwd"):
+        c = np.full(n, None, dtype=object)
+        c[meas] = _classes(d[f"convexity_gap_{side}"], d["noise_floor"])
+        cols[f"cls_convexity_{side}"] = pa.array(c, pa.string())
+    arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in STEP_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=STEP_SCHEMA)
+
+
+def build(study: Path, every: int, chunk: int) -> None:
+    """Write the synthetic study (skipped if a complete one with these parameters exists)."""
+    import pyarrow.parquet as pq
+
+    from opt_study.results import layout
+    from opt_study.results.trials import write_trial_record
+
+    marker = study / "_COMPLETE"
+    params = {"every": every, "chunk": chunk, "steps": STEPS, "trials": len(LABELS) * CONFIGS * SEEDS}
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return
+    if study.exists():
+        import shutil
+        shutil.rmtree(study)
+    rng = np.random.default_rng(0)
+    plan = []
+    (study).mkdir(parents=True)
+    (study / "spec.yaml").write_text("study: {name: bench10m}\nworkload: {type: synthetic}\n")
+    for label in LABELS:
+        for i in range(CONFIGS):
+            for seed in range(SEEDS):
+                tid = f"{label}-{i:03d}-s{seed}"
+                hp = {"lr": 10.0 ** (-4 + i / 2)}
+                plan.append({"trial_id": tid, "label": label, "optimizer": label, "hparams": hp,
+                             "seed": seed, "index": i})
+                table = trial_table(tid, rng, every)
+                adir = layout.attempt_dir(study, tid, 0)
+                adir.mkdir(parents=True)
+                (adir / layout.START_FILE).write_text('{"start_step": 0}')
+                for first in range(0, STEPS, chunk):
+                    last = min(first + chunk, STEPS) - 1
+                    pq.write_table(table.slice(first, last - first + 1),
+                                   adir / layout.chunk_name(first, last), compression="zstd")
+                write_trial_record(study, {"trial_id": tid, "status": "completed", "label": label,
+                                           "optimizer": label, "seed": seed, "workload": "synthetic",
+                                           "hparams": hp})
+    (study / "plan.json").write_text(json.dumps(plan))
+    marker.write_text(json.dumps(params))
+
+
+def time_table(study: Path, threads: int) -> tuple[float, int, int]:
+    from opt_study.report import data, tables
+
+    t0 = time.perf_counter()
+    d = data.load(study, threads=threads)
+    rows = tables.assumption_table(d)
+    dt = time.perf_counter() - t0
+    n_rows = d.db.rows("SELECT count(*) AS n, count(*) FILTER (measured) AS m FROM steps")[0]
+    d.db.close()
+    assert len(rows) == len(LABELS)
+    return dt, n_rows["n"], n_rows["m"]
+
+
+def mlflow_sample(study: Path, root: Path, n_trials: int, n_rows: int):
+    """Log ``n_rows`` measured rows of each of ``n_trials`` trials (the HISTORY_KEYS) into a
+    SQLite MLflow store; return (client, run ids, rows logged)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    import pyarrow.compute as pc
+
+    from opt_study.results.parquet import read_steps
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.create_experiment("sample", artifact_location=str(root / "art"))
+    runs, total = [], 0
+    for label in LABELS[:n_trials]:
+        tid = f"{label}-000-s0"
+        t = read_steps(study, [tid]).filter(pc.field("measured")).slice(0, n_rows)
+        run_id = client.create_run(exp, run_name=tid).info.run_id
+        cols = {k: t[k].to_pylist() for k in HISTORY_KEYS}
+        steps = t["step"].to_pylist()
+        metrics = [Metric(k, float(cols[k][i]), 0, steps[i]) for i in range(t.num_rows)
+                   for k in HISTORY_KEYS]
+        for j in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[j:j + 1000])
+        runs.append(run_id)
+        total += t.num_rows
+    return client, runs, total
+
+
+def mlflow_answer(client, runs: list[str]) -> list[dict]:
+    """The per-trial statistics of the assumption table from MLflow's metric history."""
+    from opt_study.measure.metrics import classify, summarize
+
+    out = []
+    for run_id in runs:
+        hist = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in HISTORY_KEYS}
+        steps = sorted(hist["loss"])
+        rows = [{k: hist[k].get(s) for k in HISTORY_KEYS} for s in steps]
+        for r in rows:
+            r["cls_convexity_fwd"] = classify(r["convexity_gap_fwd"], r["noise_floor"])
+            r["cls_convexity_bwd"] = classify(r["convexity_gap_bwd"], r["noise_floor"])
+        stats = summarize(rows)
+        l_hat = stats["smoothness_local_max"]
+        dl = [classify((r["loss_probe"] - r["loss"]) - (r["probe_s"] * r["ip_grad_update"]
+                       + l_hat * 0.5 * r["probe_s"] ** 2 * r["sq_update"]), r["noise_floor"])
+              for r in rows]
+        stats["frac_descent_holds"] = dl.count("holds") / len(dl)
+        out.append(stats)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--every", type=int, default=10, help="measurement cadence (default 10)")
+    ap.add_argument("--chunk", type=int, default=10_000, help="rows per Parquet chunk")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=os.environ.get("OPT_STUDY_BENCH_CACHE", "/tmp/opt_study_bench"))
+    ap.add_argument("--mlflow-trials", type=int, default=2)
+    ap.add_argument("--mlflow-rows", type=int, default=1000)
+    a = ap.parse_args(argv)
+    study = Path(a.cache) / f"bench10m_every{a.every}_chunk{a.chunk}" / "bench10m"
+    t0 = time.perf_counter()
+    build(study, a.every, a.chunk)
+    build_s = time.perf_counter() - t0
+    load = os.getloadavg()[0]
+    cold, n_rows, n_measured = time_table(study, a.threads)
+    warm = [time_table(study, a.threads)[0] for _ in range(REPEATS)]
+    table_s = statistics.median(warm)
+    with tempfile.TemporaryDirectory(prefix="bench_at_mlflow_") as tmp:
+        client, runs, logged = mlflow_sample(study, Path(tmp), a.mlflow_trials, a.mlflow_rows)
+        mlflow_answer(client, runs[:1])  # warm-up
+        times = []
+        for _ in range(REPEATS):
+            t1 = time.perf_counter()
+            mlflow_answer(client, runs)
+            times.append(time.perf_counter() - t1)
+    per_row = statistics.median(times) / logged
+    mlflow_s = per_row * n_measured
+    result = {"benchmark": "assumption_table", "rows": n_rows, "measured_rows": n_measured,
+            "trials": len(LABELS) * CONFIGS * SEEDS, "every": a.every, "chunk_rows": a.chunk,
+            "files": n_rows // a.chunk, "threads": a.threads, "load1": round(load, 2),
+            "build_s": build_s, "table_s": table_s, "table_cold_s": cold, "table_runs_s": warm,
+            "target_s": TARGET_S, "pass": table_s < TARGET_S,
+            "mlflow_sample_rows": logged, "mlflow_sample_s": statistics.median(times),
+            "mlflow_s_per_measured_row": per_row, "mlflow_extrapolated": True,
+            "mlflow_s": mlflow_s, "ratio": mlflow_s / table_s}
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, default=float))
+    return result
+
+
+def summarize(res: dict):
+    """The RESULTS.md section (for run_all.py)."""
+    from common import Section, fmt
+
+    table = [["rows", "measured rows", "files", "threads", "table s (median)", "cold s",
+              "MLflow s (extrapolated)", "ratio", "load1"],
+             [f"{res['rows']:,}", f"{res['measured_rows']:,}", str(res["files"]), str(res["threads"]),
+              fmt(res["table_s"]), fmt(res["table_cold_s"]), fmt(res["mlflow_s"]), fmt(res["ratio"]),
+              fmt(res["load1"])]]
+    return Section("Assumption table over 10M step rows: DuckDB on Parquet vs MLflow history",
+                   f"< {TARGET_S:g} s on {res['threads']} cores", "PASS" if res["pass"] else "MISS",
+                   f"{fmt(res['table_s'])} s; MLflow ~{fmt(res['ratio'])}x slower", table,
+                   [f"MLflow time extrapolated linearly from {res['mlflow_sample_rows']} measured rows "
+                    f"({fmt(res['mlflow_sample_s'])} s) to {res['measured_rows']:,}."])
+
+
+if __name__ == "__main__":
+    result = main()
+    print(json.dumps(result, default=float))
+    if not math.isfinite(result["table_s"]):
+        sys.exit(1)

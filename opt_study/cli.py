@@ -139,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     r.add_argument("--port", type=int, default=5000)
     r.set_defaults(fn=cmd_ui)
+    # Commands of other concerns register themselves (their heavy imports stay lazy).
+    from opt_study.replay import register as register_replay
+
+    register_replay(sub)
     return p
 
 

@@ -15,6 +15,7 @@ import torch
 
 from opt_study import distributed, engine as engine_mod, optim
 from opt_study.config import Spec
+from opt_study.measure import snapshots
 from opt_study.measure.hook import StepMeasurer
 from opt_study.workloads import make_workload
 
@@ -203,6 +204,11 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     state = TrialState()
     stop_file = stop_path(spec.study_dir, plan.trial_id)
     start = resume(c, state)
+    # fp32 parameter snapshots for checkpoint replay (reference-point metrics, METRICS.md)
+    saver = snapshots.SnapshotSaver(spec.study_dir, plan.trial_id, c.measurer.view, spec.scale.zero_stage,
+                                    spec.scale.precision, spec.measure.snapshot_every)
+    if start == 0:
+        saver.save_initial()
     ckpt_every = training.checkpoint_every if training.checkpoint_every is not None else training.eval_every
     for step in range(start, training.steps):
         row = train_step(c, step, stop_vote=c.rank == 0 and stop_file.exists())
@@ -219,6 +225,8 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
         if c.writer is not None and (step % training.log_every == 0 or boundary):
             c.writer.append({"trial_id": plan.trial_id, "attempt": c.attempt, **row})
         state.status = status
+        if status != "diverged":
+            saver.maybe_save(step, last=status != "running")
         if boundary and c.writer is not None:
             c.writer.flush()  # rows are durable before a checkpoint, a report or a stop
         if ckpt_every and (step + 1) % ckpt_every == 0 and status == "running":

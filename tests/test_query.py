@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -196,3 +198,33 @@ def test_query_command_bad_input(study, tmp_path, capsys):
     assert _cli(["query", str(study), "SELEC nonsense"]) == 2
     assert "error:" in capsys.readouterr().err
     assert _cli(["query", str(tmp_path / "nowhere"), "SELECT 1"]) == 2
+
+
+def test_mixed_schema_versions(tmp_path):
+    """Files written before a column existed: the view still has every column (NULL there)."""
+    s = tmp_path / "s"
+    _write(s, "new", 0, 0, range(3))
+    _write(s, "old", 0, 0, range(2))
+    old = layout.attempt_dir(s, "old", 0) / layout.chunk_name(0, 1)
+    table = pq.read_table(old)
+    pq.write_table(table.drop_columns(["noise_floor", "eval_loss"]), old)
+    os.utime(old, ns=(1, 1))  # the old file is the oldest
+    got = query(s, "SELECT trial_id, step, loss, noise_floor FROM steps ORDER BY trial_id, step")
+    assert got.to_pylist() == read_steps(s).select(["trial_id", "step", "loss", "noise_floor"]).to_pylist()
+    # ... also when the old file is the newest (the fast path takes the first file's columns)
+    os.utime(old, ns=(2**62, 2**62))
+    with open_study(s) as db:
+        assert db.table("SELECT * FROM steps").column_names[:len(STEP_SCHEMA)] == STEP_SCHEMA.names
+        assert db.rows("SELECT count(noise_floor) AS n, count(*) AS m FROM steps") == [{"n": 0, "m": 5}]
+
+
+def test_example_sql_runs(study):
+    text = (Path(__file__).resolve().parents[1] / "analysis" / "examples.sql").read_text()
+    statements = [s for s in text.split("\n;\n") if s.strip()]
+    assert len(statements) == 8
+    for sql in statements:
+        query(study, sql)  # every statement binds and runs on a real study folder
+    bad = query(study, statements[-1]).to_pylist()
+    assert bad == []  # no non-finite loss in this study
+    status = query(study, statements[0]).to_pylist()
+    assert {"optimizer": "sgd", "status": "diverged", "trials": 1} in status

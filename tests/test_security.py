@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,9 +110,16 @@ def test_planted_secrets_are_not_written_anywhere(tmp_path):
     env = {**os.environ, **planted, "RAY_TMPDIR": str(ray_tmp),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(spec_file)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    try:
+        proc = subprocess.run([sys.executable, "-c", DRIVER, str(spec_file)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        _check_no_leak(store, ray_tmp, planted, proc)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _check_no_leak(store: Path, ray_tmp: Path, planted: dict[str, str], proc) -> None:
     result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert result["ran"] == 2
     assert not result["webui_url"]  # no Ray dashboard was started

@@ -14,8 +14,8 @@ from gradients; the options and their defaults are opt_study.replay.HessianOptio
   gradient jump, not curvature. Measured on mlp_classify (digits, fp32, ‖x‖ = 2.9, 30 Lanczos
   steps against double-backward λ_max = 0.8686): ε = 1e-3 gave 6.99, 1e-2 gave 2.31; ε from
   3e-6 to 3e-4 stayed within 4e-4 relative. Hence the default ε = 3e-5 · max(‖x‖, 1)
-  (HessianOptions.fd_eps). In bf16
-  (u = 2^-8) no step is good: treat Hessian estimates of bf16 trials as rough.
+  (HessianOptions.fd_eps). In bf16 (u = 2^-8) no step is good: treat Hessian estimates of
+  bf16 trials as rough.
 - ``lanczos``: the largest Ritz values of H after k Lanczos steps with full
   re-orthogonalisation (classical Gram-Schmidt applied twice, "twice is enough": Giraud,
   Langou & Rozložník 2005, https://doi.org/10.1016/j.camwa.2004.06.025), as in the Hessian

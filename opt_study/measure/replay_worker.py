@@ -33,6 +33,7 @@ from opt_study.measure import curvature, snapshots
 from opt_study.replay import HessianOptions, add_hessian_args, hessian_options, load_trial
 
 SUMS = ("sq_param", "sq_grad", "ip_param_grad")  # of Fragment(x = x_e − y, g = ∇F(x_e))
+STREAM_CURVATURE = 101  # random-stream id of the Lanczos start vector and Hutchinson probes
 
 
 class EvalObjective:
@@ -169,7 +170,7 @@ def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, 
     hvp = curvature.fd_hvp(obj.flat_grad_at, xf, eps)
     # Each rank draws its own part of the random vectors: the global vector has i.i.d.
     # entries whatever the partition, and is a pure function of (seed, step, rank).
-    gen = generator(opts.seed, step, rank)
+    gen = generator(STREAM_CURVATURE, opts.seed, step, rank)
     n = xf.numel()
     v0 = torch.randn(n, generator=gen, dtype=torch.float64).to(xf.device)
     ritz, k = curvature.lanczos(hvp, v0, opts.lanczos_steps, reduce)

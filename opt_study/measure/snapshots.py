@@ -100,9 +100,9 @@ class SnapshotSaver:
         if self.rank == 0:
             (d / COMMITTED).unlink(missing_ok=True)
         distributed.barrier()
-        frags = {name: t[:hi - lo].detach().float().clone().cpu()  # clone: torch.save keeps a
-                 for name, t, (lo, hi)                          # view's whole storage
-                 in zip(self.view.names, self.view.params(), self.view.bounds())}
+        # copy=True: torch.save of a view would write the view's whole storage
+        frags = {name: t[:hi - lo].detach().to("cpu", torch.float32, copy=True)
+                 for name, t, (lo, hi) in zip(self.view.names, self.view.params(), self.view.bounds())}
         bounds = torch.tensor(self.view.bounds(), dtype=torch.int64).reshape(-1, 2)
         layout.atomic_write(rank_file(self.study_dir, self.trial_id, s, self.rank, self.world),
                             lambda f: torch.save({"bounds": bounds, "fragments": frags}, f))

@@ -33,19 +33,24 @@ _DL = ", ".join(f"count(*) FILTER (ok AND {cond}) AS dl_{k}" for k, cond in (
     ("holds", "dl_gap < -nf"), ("violated", "dl_gap > nf"),
     ("indeterminate", "dl_gap BETWEEN -nf AND nf")))
 
-# One pass over every row: training outcome per trial.
+# Training outcome per trial: a full scan, used by the status listing only (``outcomes``).
 OUTCOME_SQL = """
 SELECT trial_id, count(*) AS n_rows, max(step) AS last_step,
-       arg_max(loss, step) FILTER (loss IS NOT NULL) AS final_loss,
-       min(eval_loss) FILTER (isfinite(eval_loss)) AS best_eval_loss,
-       arg_max(eval_loss, step) FILTER (eval_loss IS NOT NULL) AS final_eval_loss,
-       count(eval_loss) AS n_eval
+       arg_max(loss, step) FILTER (loss IS NOT NULL) AS final_loss
 FROM steps GROUP BY trial_id
 """
 
-# The measured rows: the aggregates of the module docstring (L̂ needs a second look at them).
+# Validation losses: only the evaluation rows are decoded beyond the eval_loss column.
+EVAL_SQL = """
+SELECT trial_id, min(eval_loss) FILTER (isfinite(eval_loss)) AS best_eval_loss,
+       arg_max(eval_loss, step) AS final_eval_loss, count(*) AS n_eval
+FROM steps WHERE eval_loss IS NOT NULL GROUP BY trial_id
+"""
+
+# The measured rows, read once (MATERIALIZED) for both passes: L̂ per trial, then the
+# aggregates of the module docstring.
 MEASURED_SQL = f"""
-WITH m AS (
+WITH m AS MATERIALIZED (
   SELECT trial_id, coalesce(flag, '') = '' AS ok, cls_convexity_fwd AS cf,
          cls_convexity_bwd AS cb, smoothness_local AS L, noise_floor AS nf,
          (loss_probe - loss) - probe_s * ip_grad_update AS sr_n,
@@ -76,11 +81,11 @@ def _ratio(a, b) -> float:
 
 
 def trial_stats(db: StudyDB) -> dict[str, dict]:
-    """trial id -> outcome and measurement statistics (see the SQL above), with fractions
+    """trial id -> validation and measurement statistics (see the SQL above), with fractions
     ``frac_convexity_{fwd,bwd}_{holds,violated,indeterminate}``, ``smoothness_ratio``,
     ``smoothness_local_median``, ``smoothness_local_max`` (= L̂) and
     ``frac_descent_{holds,violated,indeterminate}``, ``frac_progress_predicted``."""
-    out: dict[str, dict] = {r["trial_id"]: dict(r) for r in db.rows(OUTCOME_SQL)}
+    out: dict[str, dict] = {r["trial_id"]: dict(r) for r in db.rows(EVAL_SQL)}
     for r in db.rows(MEASURED_SQL):
         s = out.setdefault(r["trial_id"], {"trial_id": r["trial_id"]})
         s.update(r)
@@ -124,6 +129,13 @@ class StudyData:
     tracking_uri: str | None
     trials: dict[str, dict]
     best: dict[str, list[str]] = field(default_factory=dict)
+    _outcomes: dict[str, dict] | None = field(default=None, repr=False)
+
+    def outcomes(self) -> dict[str, dict]:
+        """trial id -> ``n_rows, last_step, final_loss`` (a full scan: computed on first use)."""
+        if self._outcomes is None:
+            self._outcomes = {r["trial_id"]: r for r in self.db.rows(OUTCOME_SQL)}
+        return self._outcomes
 
     def labels(self) -> list[str]:
         return sorted({t["label"] for t in self.trials.values()})

@@ -41,14 +41,15 @@ def status_table(data: StudyData) -> list[dict]:
 def problem_trials(data: StudyData) -> list[dict]:
     """Every trial whose status is not ``completed``: ``trial_id, label, status, steps``
     (rows recorded), ``last_step``, ``final_loss`` and the first line of ``error``."""
-    out = []
+    out, outcomes = [], data.outcomes()
     for t in sorted(data.trials.values(), key=lambda t: t["trial_id"]):
         if t["status"] == "completed":
             continue
         err = (t.get("error") or "").strip().splitlines()
+        o = outcomes.get(t["trial_id"], {})
         out.append({"trial_id": t["trial_id"], "label": t["label"], "status": t["status"],
-                    "steps": int(t.get("n_rows") or 0), "last_step": t.get("last_step"),
-                    "final_loss": t.get("final_loss"), "error": err[-1][:200] if err else ""})
+                    "steps": int(o.get("n_rows") or 0), "last_step": o.get("last_step"),
+                    "final_loss": o.get("final_loss"), "error": err[-1][:200] if err else ""})
     return out
 
 

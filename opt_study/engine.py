@@ -53,8 +53,9 @@ def ds_config(scale: ScaleConfig, world_size: int, grad_clip: float | None) -> d
 def setup_process(scale: ScaleConfig) -> torch.device:
     """Threads, accelerator selection and the process group, before deepspeed is imported."""
     torch.set_num_threads(scale.torch_threads)
-    if scale.gpus_per_worker == 0:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The trial's own scale decides the accelerator, whatever the launching shell exported
+    # (the Makefile exports cpu for the quickstart and tests).
+    os.environ["DS_ACCELERATOR"] = "cuda" if scale.gpus_per_worker else "cpu"
     distributed.init_process_group("gloo" if scale.gpus_per_worker == 0 else "nccl")
     if scale.gpus_per_worker:
         local = int(os.environ.get("LOCAL_RANK", "0"))

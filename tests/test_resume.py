@@ -98,3 +98,29 @@ def test_divergence_ends_the_trial_as_data(tmp_path, lr, factor):
         assert last != last or last in (float("inf"), float("-inf"))  # NaN or inf
     else:
         assert last > factor * rows[0]["loss"] and all(r["loss"] <= factor * rows[0]["loss"] for r in rows[:-1])
+
+
+def test_probe_restores_batchnorm_buffers_bit_for_bit(tmp_path):
+    """BatchNorm running statistics are module buffers the probe's train-mode forward updates:
+    a ResNet trial measured at every step ends exactly like one never measured."""
+    from test_paper_workloads import write_cifar
+
+    data = tmp_path / "cifar"
+    write_cifar(data, per_file=16, n_test=16)
+    runs = {}
+    for every in (1, 0):
+        spec = parse_study({
+            "study": {"name": f"bn{every}", "storage": str(tmp_path)},
+            "workload": {"type": "resnet_cifar", "data_dir": str(data), "blocks": [1, 1, 1, 1], "width": 8,
+                         "eval_samples": 16},
+            "scale": {"workers": 1, "zero_stage": 0, "micro_batch_size": 4},
+            "training": {"steps": 4, "eval_every": 2},
+            "optimizers": [{"name": "momentum", "params": {"lr": 0.05}}],
+            "measure": {"every": every},
+        })
+        plan = TrialPlan("bn", "momentum", "momentum", {"lr": 0.05}, seed=0, index=0)
+        run_trial(spec, plan, report=lambda m: None)
+        runs[every] = read_steps(spec.study_dir).to_pylist()
+    assert sum(r["measured"] for r in runs[1]) == 4
+    for a, b in zip(runs[1], runs[0]):
+        assert (a["loss"], a["param_norm"], a["eval_loss"]) == (b["loss"], b["param_norm"], b["eval_loss"])

@@ -29,6 +29,9 @@ def set_rng_state(state: tuple) -> None:
 def run_probe(engine, view, batches, rng_states, loss_fn, zero_stage: int):
     """Returns (this rank's mean probe loss over its micro-batches, cloned g⁺ fragments)."""
     after = rng_state()
+    # The probe's train-mode forward updates module buffers (BatchNorm running statistics and
+    # counters); keep them and put them back, so measuring never changes the evaluated model.
+    buffers = [(b, b.detach().clone()) for b in engine.module.buffers()]
     n = len(batches)
     total = 0.0
     g_plus = None
@@ -43,6 +46,9 @@ def run_probe(engine, view, batches, rng_states, loss_fn, zero_stage: int):
         if m == n - 1:
             g_plus = view.clone_grads()
     _restore(engine, zero_stage)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
     set_rng_state(after)
     return total / n, g_plus
 

@@ -52,6 +52,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's Python object, in rank order (run-level metadata only, never tensors)."""
+    if not (is_distributed() and world_size() > 1):
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed() and world_size() > 1:
         dist.barrier()

@@ -22,6 +22,12 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def in_process_trainable(config: dict, spec: Spec) -> None:
     from ray import tune
 
@@ -29,7 +35,7 @@ def in_process_trainable(config: dict, spec: Spec) -> None:
 
     _quiet()
     plan = TrialPlan(**config["trial"])
-    run_trial(spec, plan, report=tune.report)
+    run_trial(spec, plan, report=tune.report, node=_node_id())
 
 
 def _worker_loop(cfg: dict) -> None:
@@ -38,7 +44,7 @@ def _worker_loop(cfg: dict) -> None:
     from opt_study.trial import run_trial
 
     _quiet()
-    run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report)
+    run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report, node=_node_id())
 
 
 def worker_group_trainable(config: dict, spec: Spec) -> None:

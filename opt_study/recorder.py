@@ -89,7 +89,8 @@ class StudyRecorder(Callback):
         plan = self._plan(trial)
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
         summary = trial_summary(rows)
-        self.record(plan, status, summary=summary, ended=time.time(), error=error)
+        self.record(plan, status, summary=summary, ended=time.time(), error=error,
+                    nodes=(trial.last_result or {}).get("nodes", ""))
         trials_tbl.write_trials_table(self.spec.study_dir)
         if self.sink is not None:
             curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in CURVES}

@@ -46,6 +46,7 @@ class TrialState:
     last_loss: float = math.nan
     initial_loss: float | None = None
     status: str = "running"
+    nodes: str = ""
     start_time: float = field(default_factory=time.time)
 
 
@@ -191,7 +192,8 @@ def resume(c: Ctx, state: TrialState) -> int:
     return start
 
 
-def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeasurer) -> dict:
+def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeasurer,
+              node: str = "") -> dict:
     """Train one trial to the end (or divergence, or a stop request); every rank runs this.
 
     Returns the final report metrics. `measurer_cls` is a test seam: the multi-rank tests pass a
@@ -202,6 +204,8 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     c = build(spec, plan, measurer_cls)
     training = spec.training
     state = TrialState()
+    # where the ranks ran (the launcher passes its Ray node id): recorded with the trial
+    state.nodes = ",".join(sorted(set(distributed.all_gather_object(node)))) if node else ""
     stop_file = stop_path(spec.study_dir, plan.trial_id)
     start = resume(c, state)
     # fp32 parameter snapshots for checkpoint replay (reference-point metrics, METRICS.md)
@@ -268,7 +272,7 @@ def _engine_norm(eng) -> float | None:
 def _report_metrics(state: TrialState, row: dict) -> dict:
     out = {"step": state.step, "loss": float(row.get("loss", math.nan)),
            "eval_loss": state.last_eval, "best_eval_loss": state.best_eval,
-           "status": state.status, "finished": state.status != "running"}
+           "status": state.status, "finished": state.status != "running", "nodes": state.nodes}
     for k in ("lr", "grad_norm", "units_per_s"):
         if k in row and row[k] is not None:
             out[k] = float(row[k])

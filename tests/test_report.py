@@ -405,3 +405,39 @@ def test_report_command(study, capsys):
     assert f"report: {study / 'r2' / 'index.html'}" in out and f"opt-study ui {study}" in out
     a = p.parse_args(["report", str(study / "nope")])
     assert a.fn(a) == 2
+
+
+def test_report_of_a_study_that_has_not_started(tmp_path):
+    """Only the spec and the plan: every section renders, every trial is counted as pending."""
+    study = tmp_path / "fresh"
+    study.mkdir()
+    (study / "spec.yaml").write_text("study: {name: fresh}\nworkload: {type: quadratic}\n")
+    (study / "plan.json").write_text(
+        '[{"trial_id": "sgd-000-s0", "label": "sgd", "optimizer": "sgd", "hparams": {"lr": 0.1},'
+        ' "seed": 0, "index": 0}]')
+    text = build.write_report(study).read_text()
+    _sections_present(text)
+    assert "MLflow: no tracking store found" in text and "still running" in text
+    d = rdata.load(study)
+    try:
+        assert tables.status_table(d)[-1]["pending"] == 1
+        for fig in (figures.trajectory_figure(d), figures.smoothness_figure(d),
+                    figures.crowded_valley_figure(d), figures.loss_curves_figure(d)):
+            _check_figure(fig)
+    finally:
+        d.db.close()
+
+
+def test_analysis_recipes_run(study, tmp_path):
+    import subprocess
+    import sys
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"}
+    for script, args in (("assumption_tables.py", [str(study)]),
+                         ("crowded_valley.py", [str(study), str(study)])):
+        out = tmp_path / script
+        res = subprocess.run([sys.executable, str(ROOT / "analysis" / script), *args, "--out", str(out)],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert any(p.suffix == ".png" and p.stat().st_size > 2000 for p in out.iterdir())
+    assert (tmp_path / "assumption_tables.py" / "assumption_table.csv").read_text().startswith("label,")

@@ -145,7 +145,7 @@ def crowded_valley_figure(data: StudyData) -> Figure:
                 boxes.append(v[np.isfinite(v)])
         if boxes:
             bp = ax.boxplot(boxes, positions=pos, widths=width * 0.9, patch_artist=True,
-                            manage_ticks=False)
+                            manage_ticks=False, medianprops={"color": "black"})
             for patch in bp["boxes"]:
                 patch.set(facecolor=col[label], alpha=0.6)
         note = f" ({missing} seed(s) without a finite loss)" if missing else ""

@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 
 quickstart: install
 	$(BIN)/opt-study run configs/quickstart.yaml
+	$(BIN)/opt-study report results/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -141,8 +141,10 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_ui)
     # Commands of other concerns register themselves (their heavy imports stay lazy).
     from opt_study.replay import register as register_replay
+    from opt_study.report.commands import register as register_report
 
     register_replay(sub)
+    register_report(sub)
     return p
 
 

@@ -215,17 +215,101 @@ class AshaConfig:
 
 
 @dataclass(frozen=True)
+class BudgetsConfig:
+    """Crowded Valley's nested tuning budgets: random-search samples per optimizer per level.
+
+    Nested (Schmidt, Schneider & Hennig 2021, https://arxiv.org/abs/2007.01547): the small
+    budget's trials are the first `small` of the medium's, which are the first `medium` of the
+    large's, so only `large` (or `medium` when large is null) configurations are trained.
+    """
+
+    small: int = 4
+    medium: int = 10
+    large: int | None = 25  # null: two levels only
+
+    def __post_init__(self):
+        if not 1 <= self.small <= 100_000:
+            raise FieldError("small", "must be an integer in [1, 100000]")
+        if not self.small <= self.medium <= 100_000:
+            raise FieldError("medium", f"must be in [small={self.small}, 100000] (budgets are nested)")
+        if self.large is not None and not self.medium <= self.large <= 100_000:
+            raise FieldError("large", f"must be in [medium={self.medium}, 100000] or null (budgets are nested)")
+
+    def levels(self) -> tuple[tuple[str, int], ...]:
+        """(name, samples) from the smallest level up."""
+        out = (("small", self.small), ("medium", self.medium), ("large", self.large))
+        return tuple((k, n) for k, n in out if n is not None)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """AlgoPerf's target: a trial reaches it at the first evaluation with metric <= value."""
+
+    value: float
+    metric: str = "eval_loss"
+
+    def __post_init__(self):
+        if self.metric not in ("eval_loss", "loss"):
+            raise FieldError("metric", "must be eval_loss or loss")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
-    samples: int = 1  # random draws per optimizer (times its grid), the same for every optimizer
+    """How each optimizer's space becomes trials (opt_study.study.plan_trials).
+
+    `method`: random (seeded draws) or quasirandom (scrambled Sobol, opt_study.space); null
+    means the protocol's own (quasirandom for algoperf_external, random otherwise).
+    `protocol` names a fair-tuning template: none (grid x samples per optimizer),
+    crowded_valley (one-shot at defaults, nested random-search budgets, best reruns with
+    `rerun_seeds`) or algoperf_external (`studies` independent quasi-random studies of
+    `samples` trials, with a `target` for time-to-target).
+    """
+
+    samples: int = 1  # draws per optimizer (times its grid); per study under algoperf_external
     seed: int = 0
     asha: AshaConfig | None = None
     max_concurrent_trials: int | None = None  # default: derived from the cluster's resources
+    method: str | None = None
+    protocol: str = "none"
+    budgets: BudgetsConfig = BudgetsConfig()  # crowded_valley only
+    rerun_seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # crowded_valley: 10 in the paper
+    studies: int = 1  # algoperf_external only
+    target: TargetConfig | None = None  # algoperf_external only (required there)
+
+    METHODS = ("random", "quasirandom")
+    PROTOCOLS = ("none", "crowded_valley", "algoperf_external")
 
     def __post_init__(self):
         if not 1 <= self.samples <= 100_000:
             raise FieldError("samples", "must be an integer in [1, 100000]")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise FieldError("max_concurrent_trials", "must be >= 1 or null")
+        if self.method is not None and self.method not in self.METHODS:
+            raise FieldError("method", "must be random or quasirandom (or null: the protocol's own)")
+        if self.protocol not in self.PROTOCOLS:
+            raise FieldError("protocol", f"must be one of {', '.join(self.PROTOCOLS)}")
+        if self.protocol != "none" and self.asha is not None:
+            # per-label ASHA would race one-shot, search and rerun trials (or studies) together
+            raise FieldError("asha", f"protocol {self.protocol} trains every trial to the end; remove asha")
+        if not self.rerun_seeds or len(set(self.rerun_seeds)) != len(self.rerun_seeds) \
+                or any(not 0 <= s < 2**31 for s in self.rerun_seeds):
+            raise FieldError("rerun_seeds", "must be a non-empty list of distinct seeds in [0, 2**31)")
+        if not 1 <= self.studies <= 1000 or self.studies * self.samples > 100_000:
+            raise FieldError("studies", "must be in [1, 1000] with studies x samples <= 100000")
+        if self.protocol == "algoperf_external":
+            if self.method == "random":
+                raise FieldError("method", "algoperf_external searches quasi-randomly (Dahl et al. 2023); "
+                                           "set quasirandom or leave it out")
+            if self.target is None:
+                raise FieldError("target", "algoperf_external needs target: {metric: eval_loss, value: X}")
+        elif self.studies != 1:
+            raise FieldError("studies", "is used by protocol algoperf_external only")
+
+    @property
+    def resolved_method(self) -> str:
+        if self.method is not None:
+            return self.method
+        return "quasirandom" if self.protocol == "algoperf_external" else "random"
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ class StudyRecorder(Callback):
     def record(self, plan: TrialPlan, status: str, **extra) -> dict:
         rec = {"trial_id": plan.trial_id, "study": self.spec.study.name, "optimizer": plan.optimizer,
                "label": plan.label, "workload": self.spec.workload.type, "seed": plan.seed,
-               "hparams": dict(plan.hparams), "status": status, "resources": self.resources, **extra}
+               "hparams": dict(plan.hparams), "status": status, "resources": self.resources,
+               "phase": plan.phase, "budget": plan.budget, **extra}
         trials_tbl.write_trial_record(self.spec.study_dir, rec)
         return rec
 

@@ -120,3 +120,66 @@ def budget(space: Mapping[str, Domain], samples: int) -> int:
 def dedupe(configs: Sequence[dict]) -> bool:
     """True when all configurations are distinct (a sampled space can repeat a choice)."""
     return len({tuple(sorted(c.items())) for c in configs}) == len(configs)
+
+
+# ------------------------------------------------------------------------- quasi-random search
+def quasirandom_points(dims: int, n: int, seed: int) -> list[list[float]]:
+    """The first `n` points of a scrambled Sobol sequence in [0, 1)^dims, seeded by `seed`.
+
+    A prefix of one Sobol sequence, so the first k of n points are exactly the k points planned
+    alone (nested budgets stay nested). Drawn as the next power of two and cut: scipy warns
+    when a draw is not one, and a Sobol prefix is what nesting needs anyway.
+    """
+    from scipy.stats import qmc
+
+    if dims == 0:
+        return [[] for _ in range(n)]
+    m = max(0, math.ceil(math.log2(n))) if n > 0 else 0
+    pts = qmc.Sobol(d=dims, scramble=True, seed=seed).random_base2(m)
+    return [list(map(float, p)) for p in pts[:n]]
+
+
+def map_unit(domain: Domain, u: float) -> Any:
+    """A point u in [0, 1) of the unit interval -> a value of the sampled `domain`.
+
+    uniform: affine; loguniform: affine in log space; choice: k equal bins of [0, 1).
+    """
+    if domain.kind == "choice":
+        k = len(domain.values)
+        return domain.values[min(int(u * k), k - 1)]
+    lo, hi = domain.values
+    if domain.kind == "uniform":
+        return lo + u * (hi - lo)
+    if domain.kind == "loguniform":
+        return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    raise ValueError(f"{domain.kind} is not a sampled domain")
+
+
+def expand_quasirandom(space: Mapping[str, Domain], samples: int, seed: int) -> list[dict[str, Any]]:
+    """Every grid point x the first `samples` scrambled-Sobol points of the sampled dimensions.
+
+    Quasi-random search as in AlgoPerf's external tuning ruleset (Dahl et al. 2023,
+    "Benchmarking Neural Network Training Algorithms", https://arxiv.org/abs/2306.07179, after
+    Bousquet et al. 2017): low-discrepancy points cover the space more evenly than random draws
+    at the same budget. One Sobol dimension per sampled key in sorted order; every grid point
+    reuses the same points (the grid is a crossed factor). A pure function of (space, seed).
+    """
+    keys = sorted(space)
+    sampled = [k for k in keys if space[k].kind in ("choice", "uniform", "loguniform")]
+    grid_keys = [k for k in keys if space[k].kind == "grid"]
+    points = quasirandom_points(len(sampled), samples, seed)
+    grids = itertools.product(*(space[k].values for k in grid_keys)) if grid_keys else [()]
+    out = []
+    for gp in grids:
+        for u in points:
+            cfg = {k: space[k].values[0] for k in keys if space[k].kind == "fixed"}
+            cfg.update({k: map_unit(space[k], x) for k, x in zip(sampled, u)})
+            cfg.update(zip(grid_keys, gp))
+            out.append({k: cfg[k] for k in keys})
+    return out
+
+
+def seed_of(*parts: Any) -> int:
+    """A stable 63-bit seed from the parts (random.Random hashes a str seed with SHA-512,
+    so it is the same in every process, unlike hash())."""
+    return random.Random(":".join(map(str, parts))).getrandbits(63)

@@ -32,10 +32,16 @@ class TrialPlan:
     hparams: dict[str, Any]
     seed: int
     index: int  # position within its optimizer's budget
+    # Tuning protocols (opt_study.study.plan_trials): "" under protocol none.
+    phase: str = ""  # oneshot | search | rerun (crowded_valley); external (algoperf_external)
+    budget: str = ""  # smallest budget level holding it (small...), or "study<k>" (algoperf)
+    target: dict | None = None  # algoperf_external: {"metric": ..., "value": ...}
 
     def as_dict(self) -> dict:
         return {"trial_id": self.trial_id, "label": self.label, "optimizer": self.optimizer,
-                "hparams": dict(self.hparams), "seed": self.seed, "index": self.index}
+                "hparams": dict(self.hparams), "seed": self.seed, "index": self.index,
+                "phase": self.phase, "budget": self.budget,
+                "target": dict(self.target) if self.target else None}
 
 
 @dataclass

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opt_study.measure.metrics import derive, summarize
+from opt_study.measure.metrics import classify, derive, summarize
 from opt_study.report import build, data as rdata, figures, stats, tables
 from opt_study.results import trials as trials_tbl
 from opt_study.results.mlflow_sink import MlflowSink
@@ -164,12 +164,20 @@ def test_best_configuration_per_label(sd):
 
 
 def test_trial_stats_equal_summarize(study, sd):
-    """The SQL aggregates are the numbers of metrics.summarize on the same rows."""
-    for tid in ("sgd-000-s0", "adam-001-s1", "sgd-001-s1"):
+    """The SQL aggregates are the numbers of metrics.summarize on the same rows, and the
+    descent-lemma classes those of metrics.classify with L̂ = the window's max L_t."""
+    for tid in ("sgd-000-s0", "adam-001-s1", "sgd-001-s1", "adam-000-s1"):
         rows = [r for r in read_steps(study, [tid]).to_pylist() if r["measured"]]
         ref, got = summarize(rows), sd.trials[tid]
         for k, v in ref.items():
             assert got[k] == pytest.approx(v, rel=1e-12, nan_ok=True), (tid, k)
+        l_hat = ref["smoothness_local_max"]
+        ok = [r for r in rows if not r["flag"]]
+        cls = [classify((r["loss_probe"] - r["loss"]) - (r["probe_s"] * r["ip_grad_update"]
+                        + l_hat * (0.5 * r["probe_s"] * r["probe_s"] * r["sq_update"])),
+                        r["noise_floor"]) for r in ok]
+        for k in ("holds", "violated", "indeterminate"):
+            assert got[f"frac_descent_{k}"] == cls.count(k) / len(cls), (tid, k)
 
 
 def test_assumption_table_numbers(sd):
@@ -428,16 +436,19 @@ def test_report_of_a_study_that_has_not_started(tmp_path):
         d.db.close()
 
 
-def test_analysis_recipes_run(study, tmp_path):
-    import subprocess
-    import sys
+def test_analysis_recipes_run(study, tmp_path, monkeypatch, capsys):
+    """Each recipe runs as a script (``runpy`` as ``__main__``, in this process to save the
+    interpreter start-up) and writes its figures and table."""
+    import runpy
 
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"}
     for script, args in (("assumption_tables.py", [str(study)]),
                          ("crowded_valley.py", [str(study), str(study)])):
         out = tmp_path / script
-        res = subprocess.run([sys.executable, str(ROOT / "analysis" / script), *args, "--out", str(out)],
-                             capture_output=True, text=True, env=env, timeout=120)
-        assert res.returncode == 0, res.stderr[-2000:]
+        monkeypatch.setattr("sys.argv", [script, *args, "--out", str(out)])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(ROOT / "analysis" / script), run_name="__main__")
+        assert done.value.code == 0
         assert any(p.suffix == ".png" and p.stat().st_size > 2000 for p in out.iterdir())
+    text = capsys.readouterr().out
+    assert "Assumption table" in text and "Performance-profile scores" in text
     assert (tmp_path / "assumption_tables.py" / "assumption_table.csv").read_text().startswith("label,")

@@ -1,0 +1,364 @@
+"""A durable local queue in front of MLflow: an outage never stops training, loses a write, or
+makes one twice.
+
+Every MLflow write of the driver (``parent_run``, ``log_trial``, ``end_parent``) is first
+committed as one JSON file ``<study>/mlflow_queue/<seq>-<kind>-<key>.json`` (temp file, fsync,
+rename: see ``layout.atomic_write``), then delivered; a delivered entry's file is removed.
+Entries are delivered strictly in ``seq`` order, so a trial's later state never overtakes an
+earlier one and the parent is created before its children.
+
+Failures:
+
+- *transient* (server down, timeout, 5xx, 401/403/409/429, a locked SQLite file): the entry
+  stays and delivery stops there; the call returns at once (``None``) and training goes on.
+  Delivery is tried again before the next write (drain first, oldest first), at study end
+  (``drain()``) and by ``opt-study sync-mlflow STUDY``. After a transient failure, automatic
+  attempts pause for ``retry_interval_s`` so that a black-holed server costs one timeout per
+  interval, not one per trial; explicit drains always try.
+- *permanent* (the server refuses the request: 400/404; a param that would change value): the
+  entry moves to ``mlflow_queue/failed/`` with a ``.error.txt`` beside it, a warning is issued,
+  and later entries go on. ``sync-mlflow --retry-failed`` puts them back in their place.
+
+Re-delivery is always safe, because every operation of ``MlflowSink`` is idempotent: runs are
+found by tags before one is created (and created with those tags in the same request), params
+and curve points already present are skipped, a summary metric is re-logged only if its value
+changed. So an entry whose request reached the server but whose response was lost, or whose
+file outlived a crash right after delivery, is delivered again without duplicating anything.
+A ``log_trial`` queued before the parent run existed carries the study name, and its parent is
+looked up by tag when it is delivered.
+
+Fast failure: MLflow's HTTP client retries a failed request with exponential backoff for
+minutes by default (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
+The queue is the retry mechanism here, so around its own MLflow calls it sets
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=request_timeout_s``
+in this process (restored afterwards; mlflow reads them on every request).
+
+One process delivers at a time (``flock`` on ``mlflow_queue/.lock``): a running study and a
+``sync-mlflow`` started beside it never deliver the same entry concurrently.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from opt_study.results import layout
+from opt_study.results.mlflow_sink import MlflowSink, flatten_params
+from opt_study.results.trials import TRIAL_STATUSES
+
+QUEUE_DIR = "mlflow_queue"
+FAILED_DIR = "failed"
+LOCK_FILE = ".lock"
+ENTRY_FORMAT = 1
+KINDS = ("parent_run", "log_trial", "end_parent")
+_ENTRY_RE = re.compile(r"^(\d{12})-(parent_run|log_trial|end_parent)-([A-Za-z0-9_.-]+)\.json$")
+_USERINFO_RE = re.compile(r"://[^/@\s]+@")  # credentials in a URL, redacted from stored errors
+
+
+def experiment_name(study: str) -> str:
+    """The MLflow experiment of a study (one per study)."""
+    return f"opt_study/{layout.check_name(study, 'study name')}"
+
+
+def queue_dir(study_dir) -> Path:
+    return Path(study_dir) / QUEUE_DIR
+
+
+def pending_entries(study_dir) -> list[Path]:
+    """Entries not yet delivered, in delivery (seq) order."""
+    return _entries(queue_dir(study_dir))
+
+
+def failed_entries(study_dir) -> list[Path]:
+    """Entries the server refused (kept, with ``<name>.error.txt`` saying why), in seq order."""
+    return _entries(queue_dir(study_dir) / FAILED_DIR)
+
+
+def _entries(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _ENTRY_RE.match(p.name) and p.is_file())
+
+
+@contextmanager
+def fast_failing_http(timeout_s: int):
+    """MLflow HTTP calls without MLflow's own retries and with a short timeout (see module doc).
+    Not for concurrent use with other threads that rely on those variables."""
+    want = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    saved = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if retrying later may succeed (server unreachable or busy, credentials missing);
+    False if the server refused the request itself (retrying the same request cannot help)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        code = exc.get_http_status_code()
+        return code in (401, 403, 408, 409, 429, 499) or (code >= 500 and code != 501)
+    return not isinstance(exc, (ValueError, TypeError, KeyError))
+
+
+class ParentNotFound(RuntimeError):
+    """A queued write names a study whose parent run is not on the server (yet): transient."""
+
+
+class QueuedSink:
+    """``MlflowSink``'s write methods, made durable by the queue (see the module docstring).
+
+    Nothing here contacts MLflow at construction. Invalid input (unsafe names, an unknown
+    status, a metric both in summary and curves) raises ValueError at once, before anything is
+    queued; delivery failures never raise.
+    """
+
+    def __init__(self, study_dir, tracking_uri: str, experiment_name: str, *,
+                 request_timeout_s: int = 10, retry_interval_s: float = 30.0,
+                 max_curve_points: int = 200):
+        self.dir = queue_dir(study_dir)
+        self.tracking_uri, self.experiment = tracking_uri, experiment_name
+        self.request_timeout_s, self.retry_interval_s = request_timeout_s, retry_interval_s
+        self.max_curve_points = max_curve_points
+        self.study: str | None = None  # set by parent_run; later entries carry it
+        self.last_error: str | None = None  # the latest transient failure, for reports
+        self._sinks: dict[str, MlflowSink] = {}
+        self._parents: dict[tuple[str, str], str] = {}  # (experiment, study) -> delivered parent id
+        self._results: dict[str, str | None] = {}  # entry name -> what its delivery returned
+        self._failed_at: float | None = None
+        self._next_seq = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # Ray Tune pickles its callbacks (the recorder holds this sink) into the experiment
+        # state: leave out the lock and the live clients, rebuilt on demand after unpickling.
+        return {**self.__dict__, "_lock": None, "_sinks": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------- MlflowSink's API
+    def parent_run(self, study: str, params: dict, tags: dict) -> str | None:
+        """Queue the study's parent run and deliver; its id, or None if not delivered yet."""
+        self.study = layout.check_name(study, "study name")
+        name = self._enqueue("parent_run", study, {"params": flatten_params(params),
+                                                   "tags": _str_dict(tags)})
+        return self._results.get(name)
+
+    def log_trial(self, parent_run_id: str | None, trial_id: str, params: dict, tags: dict,
+                  summary: dict[str, float], curves: dict[str, list[tuple[int, float]]],
+                  status: str) -> str | None:
+        """Queue a trial's child-run write and deliver; the child's id, or None if queued.
+        ``parent_run_id`` None: the parent is resolved by study name at delivery."""
+        layout.check_name(trial_id, "trial id")
+        if status not in TRIAL_STATUSES:
+            raise ValueError(f"status {status!r} not in {sorted(TRIAL_STATUSES)}")
+        clash = set(summary) & set(curves)
+        if clash:
+            raise ValueError(f"names both in summary and curves: {sorted(clash)}")
+        self._need_parent(parent_run_id)
+        args = {"parent_run_id": parent_run_id, "trial_id": trial_id,
+                "params": flatten_params(params), "tags": _str_dict(tags),
+                "summary": {str(k): float(v) for k, v in summary.items()},
+                "curves": {str(k): [[int(s), float(v)] for s, v in pts] for k, pts in curves.items()},
+                "status": status}
+        return self._results.get(self._enqueue("log_trial", trial_id, args))
+
+    def end_parent(self, parent_run_id: str | None, status: str = "FINISHED") -> None:
+        """Queue marking the parent run terminated, and deliver."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status {status!r} not in ['FAILED', 'FINISHED', 'KILLED']")
+        self._need_parent(parent_run_id)
+        self._enqueue("end_parent", self.study or "parent",
+                      {"parent_run_id": parent_run_id, "status": status})
+
+    # ---------------------------------------------------------------------------- the queue
+    def pending(self) -> list[Path]:
+        return _entries(self.dir)
+
+    def failed(self) -> list[Path]:
+        return _entries(self.dir / FAILED_DIR)
+
+    def drain(self, force: bool = True) -> int:
+        """Deliver queued entries in order until one fails transiently; return how many are
+        left (pending + failed). ``force=False`` (the automatic attempt before each write)
+        respects ``retry_interval_s`` and skips if another process is delivering."""
+        if not force and self._failed_at is not None \
+                and time.monotonic() - self._failed_at < self.retry_interval_s:
+            return len(self.pending()) + len(self.failed())
+        with self._lock, self._flock(blocking=force) as held:
+            if held:
+                self._drain_locked()
+        return len(self.pending()) + len(self.failed())
+
+    def requeue_failed(self) -> int:
+        """Move refused entries back into the queue (same names, so same order); their count."""
+        moved = self.failed()
+        for path in moved:
+            os.replace(path, self.dir / path.name)
+            path.with_name(path.name + ".error.txt").unlink(missing_ok=True)
+        return len(moved)
+
+    def _enqueue(self, kind: str, key: str, args: dict) -> str:
+        entry = {"format": ENTRY_FORMAT, "kind": kind, "experiment": self.experiment,
+                 "study": self.study, "created": time.time(), "args": args}
+        with self._lock:
+            seq = max([self._next_seq] + [int(_ENTRY_RE.match(p.name).group(1)) + 1
+                                          for p in self.pending() + self.failed()])
+            self._next_seq = seq + 1
+            name = f"{seq:012d}-{kind}-{key}.json"
+            # allow_nan: summaries of diverged trials are NaN; Python's json reads them back.
+            layout.atomic_write_bytes(self.dir / name, json.dumps(entry, allow_nan=True).encode())
+        self.drain(force=False)
+        return name
+
+    def _need_parent(self, parent_run_id: str | None) -> None:
+        if parent_run_id is None and self.study is None:
+            raise ValueError("parent_run_id is None and no parent_run was queued by this sink: "
+                             "the parent cannot be resolved")
+
+    @contextmanager
+    def _flock(self, blocking: bool):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _drain_locked(self) -> None:
+        for path in self.pending():
+            try:
+                entry = json.loads(path.read_text())
+                if entry.get("format") != ENTRY_FORMAT or entry.get("kind") not in KINDS:
+                    raise ValueError(f"not a queue entry of format {ENTRY_FORMAT}")
+                with fast_failing_http(self.request_timeout_s):
+                    result = self._deliver(entry)
+            except Exception as e:  # noqa: BLE001 - classified below; never stops training
+                if is_transient(e):
+                    self._failed_at, self.last_error = time.monotonic(), _redact(f"{type(e).__name__}: {e}")
+                    return
+                self._refuse(path, e)
+                continue
+            path.unlink()
+            layout.fsync_dir(self.dir)
+            self._results[path.name] = result
+        self._failed_at = None
+
+    def _refuse(self, path: Path, exc: Exception) -> None:
+        failed = self.dir / FAILED_DIR
+        failed.mkdir(exist_ok=True)
+        msg = _redact(f"{type(exc).__name__}: {exc}")
+        layout.atomic_write_bytes(failed / (path.name + ".error.txt"), msg.encode())
+        os.replace(path, failed / path.name)
+        layout.fsync_dir(self.dir)
+        warnings.warn(f"MLflow refused queued write {path.name} (kept in {failed}): {msg}",
+                      stacklevel=4)
+
+    # ----------------------------------------------------------------------------- delivery
+    def _sink(self, experiment: str) -> MlflowSink:
+        if experiment not in self._sinks:  # creating one contacts the server: only when delivering
+            self._sinks[experiment] = MlflowSink(self.tracking_uri, experiment,
+                                                 max_curve_points=self.max_curve_points)
+        return self._sinks[experiment]
+
+    def _deliver(self, entry: dict) -> str | None:
+        sink, args, kind = self._sink(entry["experiment"]), entry["args"], entry["kind"]
+        if kind == "parent_run":
+            run_id = sink.parent_run(entry["study"], args["params"], args["tags"])
+            self._parents[(entry["experiment"], entry["study"])] = run_id
+            return run_id
+        parent = args["parent_run_id"] or self._resolve_parent(sink, entry)
+        if kind == "end_parent":
+            sink.end_parent(parent, status=args["status"])
+            return parent
+        curves = {k: [(s, v) for s, v in pts] for k, pts in args["curves"].items()}
+        return sink.log_trial(parent, args["trial_id"], args["params"], args["tags"],
+                              args["summary"], curves, args["status"])
+
+    def _resolve_parent(self, sink: MlflowSink, entry: dict) -> str:
+        key = (entry["experiment"], entry["study"])
+        if key not in self._parents:
+            found = sink.find_parent_run(entry["study"]) if entry["study"] else None
+            if found is None:
+                raise ParentNotFound(f"no parent run for study {entry['study']!r} in "
+                                     f"experiment {entry['experiment']!r}")
+            self._parents[key] = found
+        return self._parents[key]
+
+
+def _str_dict(d: dict) -> dict[str, str]:
+    return {str(k): str(v) for k, v in d.items()}
+
+
+def _redact(text: str) -> str:
+    return _USERINFO_RE.sub("://***@", text)
+
+
+# ---------------------------------------------------------------------------------- the CLI
+def register(subparsers) -> None:
+    """Add ``sync-mlflow STUDY`` to the ``opt-study`` sub-command parsers."""
+    p = subparsers.add_parser("sync-mlflow", help="deliver a study's queued MLflow writes "
+                                                  "(after the tracking server was unreachable)")
+    p.add_argument("study", help="the study's folder under the storage root")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also retry the writes the server refused before (mlflow_queue/failed)")
+    p.set_defaults(fn=cmd_sync_mlflow)
+
+
+def cmd_sync_mlflow(a) -> int:
+    """Deliver everything queued; exit 0 if nothing is left, else 1 after listing what is."""
+    folder = Path(a.study).resolve()
+    spec = _spec_of_folder(folder)
+    sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name))
+    before = len(sink.pending())
+    if a.retry_failed:
+        before += sink.requeue_failed()
+    left = sink.drain(force=True)
+    print(f"{folder.name}: delivered {before - len(sink.pending())} of {before} queued MLflow "
+          f"write(s) to {_redact(spec.tracking_uri)}")
+    for path in sink.pending():
+        print(f"  pending  {path.name}")
+    if sink.pending():
+        print(f"  (server still unreachable? last error: {sink.last_error})")
+    for path in sink.failed():
+        err = path.with_name(path.name + ".error.txt")
+        print(f"  refused  {path.name}: {err.read_text() if err.is_file() else '?'}")
+    return 0 if left == 0 else 1
+
+
+def _spec_of_folder(folder: Path):
+    """The spec a study folder was started from; a moved folder keeps working where it is."""
+    from dataclasses import replace
+
+    from opt_study.config import ConfigError, load_study
+
+    if not (folder / "spec.yaml").is_file():
+        raise ConfigError(str(folder), "", "not a study directory (no spec.yaml)")
+    spec = load_study(folder / "spec.yaml")
+    if spec.study_dir != folder:
+        spec = replace(spec, study=replace(spec.study, storage=str(folder.parent)))
+    return spec

@@ -1,0 +1,99 @@
+"""Checkpoint-replay rows (METRICS.md, "Reference-point metrics"): schema, atomic writer, reader.
+
+One file per (trial, reference), rewritten whole by each replay of that pair::
+
+    replay/trial_id=<id>/reference=<ref>.parquet
+
+One row per snapshot x_e of the trial (opt_study.measure.snapshots), against the reference y:
+
+- ``trial_id`` string, ``step`` int64 (the snapshot's step e: e updates applied),
+  ``reference`` string ("final", "init" or a step, as asked), ``ref_step`` int64 (its step);
+- ``loss_x`` = F(x_e), ``loss_y`` = F(y): mean loss over the fixed evaluation sample set;
+- ``ip_grad_dist`` = ⟨∇F(x_e), x_e − y⟩, ``loss_gap`` = F(x_e) − F(y) (convexity: ip ≥ gap),
+  ``sq_dist`` = ‖x_e − y‖², ``sq_grad`` = ‖∇F(x_e)‖²;
+- optional curvature of F at x_e: ``hessian_top`` list<double> (the largest Lanczos Ritz
+  values, descending), ``lanczos_steps`` int32, ``hutchinson_trace`` (mean of zᵀHz over
+  ``hutchinson_samples`` Rademacher z) and ``hutchinson_stderr`` (its standard error);
+- ``world`` int32, ``zero_stage`` int32, ``time_unix`` float64.
+
+``trial_id`` and ``reference`` are stored in the file (``opt_study.results.query`` reads the
+dataset with hive_partitioning off). Written to a hidden temporary file, fsynced and renamed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from opt_study.results import layout
+
+REPLAY_DIR = "replay"
+
+REPLAY_SCHEMA = pa.schema([
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("reference", pa.string(), nullable=False),
+    pa.field("ref_step", pa.int64(), nullable=False),
+    pa.field("loss_x", pa.float64()),
+    pa.field("loss_y", pa.float64()),
+    pa.field("ip_grad_dist", pa.float64()),
+    pa.field("loss_gap", pa.float64()),
+    pa.field("sq_dist", pa.float64()),
+    pa.field("sq_grad", pa.float64()),
+    pa.field("hessian_top", pa.list_(pa.float64())),
+    pa.field("lanczos_steps", pa.int32()),
+    pa.field("hutchinson_trace", pa.float64()),
+    pa.field("hutchinson_stderr", pa.float64()),
+    pa.field("hutchinson_samples", pa.int32()),
+    pa.field("world", pa.int32()),
+    pa.field("zero_stage", pa.int32()),
+    pa.field("time_unix", pa.float64()),
+])
+COLUMNS: tuple[str, ...] = tuple(REPLAY_SCHEMA.names)
+
+
+def check_reference(reference: str) -> str:
+    """"final", "init" or a non-negative step number, as a string."""
+    if reference in ("final", "init") or (isinstance(reference, str) and reference.isdigit()):
+        return reference
+    raise ValueError(f"reference must be final, init or a snapshot step, got {reference!r}")
+
+
+def replay_path(study_dir, trial_id: str, reference: str) -> Path:
+    return (Path(study_dir) / REPLAY_DIR / f"trial_id={layout.check_name(trial_id, 'trial id')}"
+            / f"reference={check_reference(reference)}.parquet")
+
+
+def write_replay(study_dir, trial_id: str, reference: str, rows: list[dict]) -> Path:
+    """Replace the replay file of (trial, reference) with ``rows`` (dicts keyed by COLUMNS;
+    nullable columns may be omitted). Raises ValueError on an unknown column or a row of
+    another trial or reference."""
+    path = replay_path(study_dir, trial_id, reference)
+    for r in rows:
+        unknown = set(r) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown replay columns {sorted(unknown)}")
+        if r.get("trial_id", trial_id) != trial_id or r.get("reference", reference) != reference:
+            raise ValueError(f"row of {r.get('trial_id')}/{r.get('reference')} in the file of "
+                             f"{trial_id}/{reference}")
+    full = [{**{c: None for c in COLUMNS}, **r, "trial_id": trial_id, "reference": reference}
+            for r in rows]
+    table = pa.Table.from_pylist(full, schema=REPLAY_SCHEMA)
+    layout.atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
+    return path
+
+
+def read_replay(study_dir, trial_id: str | None = None, reference: str | None = None) -> pa.Table:
+    """The replay rows of a study (optionally one trial and/or one reference), sorted by
+    (trial_id, reference, step); an empty table with REPLAY_SCHEMA if there are none."""
+    root = Path(study_dir) / REPLAY_DIR
+    tdirs = [root / f"trial_id={layout.check_name(trial_id, 'trial id')}"] if trial_id else (
+        sorted(root.glob("trial_id=*")) if root.is_dir() else [])
+    pattern = f"reference={check_reference(reference)}.parquet" if reference else "reference=*.parquet"
+    files = [f for d in tdirs if d.is_dir() for f in sorted(d.glob(pattern))
+             if not f.name.startswith((".", "_"))]
+    if not files:
+        return REPLAY_SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(f, schema=REPLAY_SCHEMA) for f in files])
+    return table.sort_by([("trial_id", "ascending"), ("reference", "ascending"), ("step", "ascending")])

@@ -1,0 +1,104 @@
+"""The per-step schema of the Parquet dataset, versioned.
+
+One row per optimizer step of one attempt of one trial. The identity columns are never
+null; every metric is nullable (null where not computed on that step: the measurement
+columns are filled only on measured steps, ``eval_loss`` only on evaluation steps).
+
+Columns (definitions of the measurement columns in METRICS.md):
+
+- identity: ``trial_id`` string, ``attempt`` int32, ``step`` int64, ``time_unix`` float64
+  (wall clock when the row was produced), ``measured`` bool (the measurement hook ran).
+- training: ``loss, lr, grad_norm, update_norm, param_norm, engine_grad_norm, step_time_s,
+  units_per_s, eval_loss`` (float64). ``engine_grad_norm`` is the engine's own report
+  (DeepSpeed's global norm), kept beside ours as a cross-check.
+- raw sums (measured steps): ``loss_probe, probe_s, sq_grad, sq_grad_probe, sq_update,
+  sq_param, sq_dist_init, ip_grad_update, ip_probe_update, sq_grad_diff, ip_param_update,
+  ip_param_grad, ip_update_prev, ip_grad_prev, sq_update_prev, sq_grad_prev`` (float64;
+  the last two are ‖Δ_{t−1}‖², ‖g_{t−1}‖², the denominators of the `*_prev` cosines).
+- ``sq_grad_small`` (raw) and ``noise_scale_simple`` (derived): the gradient noise scale
+  B_simple in samples (McCandlish et al. 2018), when ``measure.noise_scale`` is on.
+- ``groups``: the raw sums per parameter group, list<struct<name, sums...>> (measured steps).
+- derived (measured steps): ``loss_change, convexity_gap_fwd, convexity_gap_bwd,
+  trapezoid_residual, smoothness_local, smoothness_descent, curvature_secant, step_alpha,
+  cos_grad_update, cos_update_prev, cos_grad_prev, update_to_param, noise_floor`` (float64).
+- ``flag`` string: why derived metrics are null on a measured step (e.g. a zero update).
+- ``cls_convexity_fwd``, ``cls_convexity_bwd`` string: ``holds`` / ``violated`` /
+  ``indeterminate`` (within the noise floor).
+
+Version history: 1 = the columns above. A reader of a newer version may see more columns;
+removing or retyping a column requires a new version.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STEP_SCHEMA_VERSION = 1
+
+IDENTITY_COLUMNS: tuple[str, ...] = ("trial_id", "attempt", "step", "time_unix", "measured")
+
+TRAINING_COLUMNS: tuple[str, ...] = (
+    "loss", "lr", "grad_norm", "update_norm", "param_norm", "engine_grad_norm",
+    "step_time_s", "units_per_s", "eval_loss",
+)
+
+RAW_SUM_COLUMNS: tuple[str, ...] = (
+    "loss_probe", "probe_s", "sq_grad", "sq_grad_probe", "sq_update", "sq_param",
+    "sq_dist_init", "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_param_update",
+    "ip_param_grad", "ip_update_prev", "ip_grad_prev", "sq_update_prev", "sq_grad_prev",
+    "sq_grad_small",
+)
+
+# The raw sums stored per parameter group (METRICS.md: "per measured step, per parameter group"):
+# one list<struct> cell per row, e.g. [{name: "blocks.0", sq_grad: ..., ...}, ...]; DuckDB reads
+# it with UNNEST(groups). Totals over groups are the top-level columns.
+GROUP_SUM_COLUMNS: tuple[str, ...] = tuple(c for c in RAW_SUM_COLUMNS
+                                          if c not in ("loss_probe", "probe_s", "sq_grad_small"))
+GROUPS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string())]
+                                 + [pa.field(c, pa.float64()) for c in GROUP_SUM_COLUMNS]))
+
+DERIVED_COLUMNS: tuple[str, ...] = (
+    "loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",
+    "smoothness_local", "smoothness_descent", "curvature_secant", "step_alpha",
+    "cos_grad_update", "cos_update_prev", "cos_grad_prev", "update_to_param", "noise_floor",
+    "noise_scale_simple",
+)
+
+# Every float64 metric column, in schema order: training, raw sums, derived.
+METRIC_COLUMNS: tuple[str, ...] = TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS
+
+CLASS_COLUMNS: tuple[str, ...] = ("cls_convexity_fwd", "cls_convexity_bwd")
+CLASS_VALUES: frozenset[str] = frozenset({"holds", "violated", "indeterminate"})
+
+STEP_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("trial_id", pa.string(), nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("time_unix", pa.float64(), nullable=False),
+        *[pa.field(name, pa.float64()) for name in METRIC_COLUMNS],
+        pa.field("flag", pa.string()),
+        *[pa.field(name, pa.string()) for name in CLASS_COLUMNS],
+        pa.field("measured", pa.bool_(), nullable=False),
+        pa.field("groups", GROUPS_TYPE),
+    ],
+    metadata={"opt_study.step_schema_version": str(STEP_SCHEMA_VERSION)},
+)
+
+COLUMN_NAMES: tuple[str, ...] = tuple(STEP_SCHEMA.names)
+REQUIRED_COLUMNS: frozenset[str] = frozenset(f.name for f in STEP_SCHEMA if not f.nullable)
+_COLUMN_SET: frozenset[str] = frozenset(COLUMN_NAMES)
+
+
+def schema_version(schema: pa.Schema) -> int | None:
+    """The step-schema version stored in a Parquet file's schema metadata, or None."""
+    meta = schema.metadata or {}
+    raw = meta.get(b"opt_study.step_schema_version")
+    return int(raw) if raw is not None else None
+
+
+def check_keys(row: dict) -> None:
+    """Raise ValueError naming every key of ``row`` that is not a column of the schema."""
+    unknown = row.keys() - _COLUMN_SET
+    if unknown:
+        raise ValueError(f"unknown step column(s): {sorted(unknown)}; allowed: {COLUMN_NAMES}")

@@ -42,7 +42,7 @@ RANKS = 2
 TIMEOUT_S = 420
 # Before each benchmark, wait (up to QUIET_WAIT_S) for the 1-minute load to fall below QUIET_LOAD:
 # our own previous benchmark leaves up to ~2 that decays within a minute; more is someone else.
-QUIET_LOAD, QUIET_WAIT_S = 3.0, 90
+QUIET_LOAD, QUIET_WAIT_S = 3.0, 30
 
 
 def command(module: str, runner: str, out_json: Path) -> list[str]:

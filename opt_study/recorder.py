@@ -22,8 +22,8 @@ from opt_study.trial import TrialPlan
 CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
 
 
-def trial_summary(rows: list[dict]) -> dict[str, float]:
-    """Final/best losses and the measurement summary of one trial's step rows."""
+def trial_summary(rows: list[dict], target: dict | None = None) -> dict[str, float]:
+    """Final/best losses, time-to-target (AlgoPerf) and the measurement summary of a trial's rows."""
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
     out = {"steps_done": float(len(rows)),
@@ -34,6 +34,11 @@ def trial_summary(rows: list[dict]) -> dict[str, float]:
     times = [r["step_time_s"] for r in rows if r.get("step_time_s") is not None]
     if times:
         out["mean_step_time_s"] = sum(times) / len(times)
+    if target:  # AlgoPerf's time-to-target: the first row reaching the target value
+        hit = next((r for r in rows if r.get(target["metric"]) is not None
+                    and r[target["metric"]] <= target["value"]), None)
+        out["steps_to_target"] = float(hit["step"] + 1) if hit else math.nan
+        out["time_to_target_s"] = hit["time_unix"] - rows[0]["time_unix"] if hit else math.nan
     measured = [r for r in rows if r.get("measured")]
     if measured:
         out.update(summarize(measured))
@@ -89,7 +94,7 @@ class StudyRecorder(Callback):
     def _finish(self, trial, status: str, error: str | None) -> None:
         plan = self._plan(trial)
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
-        summary = trial_summary(rows)
+        summary = trial_summary(rows, getattr(plan, "target", None))
         self.record(plan, status, summary=summary, ended=time.time(), error=error,
                     nodes=(trial.last_result or {}).get("nodes", ""))
         trials_tbl.write_trials_table(self.spec.study_dir)

@@ -8,6 +8,7 @@ in the Tune trial's own process.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -216,8 +217,7 @@ def describe(spec: Spec) -> dict:
     """A dry-run summary: trials, budgets, resources and where results go."""
     plans = plan_trials(spec)
     return {"study": spec.study.name, "trials": len(plans),
-            "per_optimizer": {o.label: budget(o.space, spec.search.samples) * len(spec.study.seeds)
-                              for o in spec.optimizers},
+            "per_optimizer": dict(collections.Counter(p.label for p in plans)),
             "resources_per_trial": trial_resources(spec), "study_dir": str(spec.study_dir),
             "mlflow": spec.tracking_uri}
 
@@ -324,33 +324,53 @@ def ensure_ray(spec: Spec) -> None:
 
 
 def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
-    """Run (or continue) a study: only planned trials that have not finished are run."""
+    """Run (or continue) a study: only planned trials that have not finished are run.
+
+    A protocol's later phases (crowded_valley's seed reruns of each optimizer's best
+    configuration) can only be planned once earlier phases finished, so this runs batches of
+    newly planned trials until nothing new appears; a trial is attempted once per call.
+    """
     import sys
 
+    from opt_study.results.mlflow_sink import MlflowSink
+
+    out = out or sys.stdout
+    sink = MlflowSink(spec.tracking_uri, experiment_name=f"opt_study/{spec.study.name}")
+    parent = sink.parent_run(spec.study.name, params=_study_params(spec),
+                             tags={"opt_study.workload": spec.workload.type})
+    attempted: set[str] = set()
+    ran = 0
+    while True:
+        write_spec(spec, source_text)
+        todo = [p for p in pending_plans(spec) if p.trial_id not in attempted]
+        if not todo:
+            break
+        attempted |= {p.trial_id for p in todo}
+        _run_batch(spec, todo, sink, parent, out)
+        ran += len(todo)
+    if ran == 0:
+        print(f"study {spec.study.name}: every planned trial has finished; nothing to run", file=out)
+    if not pending_plans(spec):  # every planned trial finished: close the study's parent run
+        sink.end_parent(parent)
+    return {"ran": ran, "parent_run_id": parent}
+
+
+def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str, out) -> None:
+    """One Tune run over `todo`: record them pending, then run them with the study's scheduler."""
     import ray
     from ray import tune
 
     from opt_study.launch import trainable_for
     from opt_study.recorder import StudyRecorder
-    from opt_study.results.mlflow_sink import MlflowSink
     from opt_study.results.trials import read_trial_records, write_trials_table
 
-    out = out or sys.stdout
-    write_spec(spec, source_text)
-    todo = pending_plans(spec)
     resources = trial_resources(spec)
-    sink = MlflowSink(spec.tracking_uri, experiment_name=f"opt_study/{spec.study.name}")
-    parent = sink.parent_run(spec.study.name, params=_study_params(spec),
-                             tags={"opt_study.workload": spec.workload.type})
     recorder = StudyRecorder(spec, todo, resources, sink, parent, out=out)
     known = {r["trial_id"] for r in read_trial_records(spec.study_dir)}
     for p in todo:
         if p.trial_id not in known:
             recorder.record(p, "pending")
     write_trials_table(spec.study_dir)
-    if not todo:
-        print(f"study {spec.study.name}: every planned trial has finished; nothing to run", file=out)
-        return {"ran": 0, "parent_run_id": parent}
     ensure_ray(spec)
     concurrent = max_concurrent(spec, ray.cluster_resources())
     print(f"study {spec.study.name}: {len(todo)} trials to run, {concurrent} at a time "
@@ -370,9 +390,6 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     )
     tuner.fit()
     write_trials_table(spec.study_dir)
-    if not pending_plans(spec):  # every planned trial finished: close the study's parent run
-        sink.end_parent(parent)
-    return {"ran": len(todo), "parent_run_id": parent}
 
 
 def _study_params(spec: Spec) -> dict:

@@ -86,13 +86,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(backend: str = "gloo") -> None:
+def init_process_group(backend: str = "gloo", single: bool = False) -> None:
     """Join the process group: reuse one that exists (Ray Train sets one up; Tune may run several
-    in-process trials in one actor), join torchrun's from its environment, or make a world of one
-    (the in-process launcher: DeepSpeed needs an initialized group)."""
+    in-process trials in one actor), join torchrun's from its environment, or make a world of one.
+
+    `single` (the in-process launcher) always makes a world of one on a fresh port: RANK /
+    MASTER_PORT inherited from a parent process must never make two trials join one group.
+    """
     if is_distributed():
         return
-    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ and "RANK" in os.environ:
+    if not single and all(k in os.environ for k in ("WORLD_SIZE", "MASTER_ADDR", "RANK", "MASTER_PORT")):
         dist.init_process_group(backend=backend)
         return
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",

@@ -56,7 +56,8 @@ def setup_process(scale: ScaleConfig) -> torch.device:
     # The trial's own scale decides the accelerator, whatever the launching shell exported
     # (the Makefile exports cpu for the quickstart and tests).
     os.environ["DS_ACCELERATOR"] = "cuda" if scale.gpus_per_worker else "cpu"
-    distributed.init_process_group("gloo" if scale.gpus_per_worker == 0 else "nccl")
+    distributed.init_process_group("gloo" if scale.gpus_per_worker == 0 else "nccl",
+                                   single=scale.resolved_launcher == "in_process")
     if scale.gpus_per_worker:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

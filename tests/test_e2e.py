@@ -81,8 +81,8 @@ def test_in_process_study_with_asha_and_rerun(ray_cluster, tmp_path):
 
     recs = {r["trial_id"]: r for r in read_trial_records(spec.study_dir)}
     assert len(recs) == 4 and all(r["status"] in ("completed", "stopped") for r in recs.values())
-    # ASHA (grace 1, factor 2) stops the worse half of its rungs: lr=0.001 cannot be in the top half
-    assert any(r["status"] == "stopped" for r in recs.values())
+    # whether ASHA's stop reaches a fast trial before it ends is timing; test_stop.py tests both
+    # halves deterministically
     rows = _steps(spec)
     n = dict(duckdb.sql("SELECT trial_id, count(*) FROM rows GROUP BY 1").fetchall())
     distinct = dict(duckdb.sql("SELECT trial_id, count(DISTINCT step) FROM rows GROUP BY 1").fetchall())

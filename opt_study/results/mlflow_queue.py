@@ -1,7 +1,8 @@
 """A durable local queue in front of MLflow: an outage never stops training, loses a write, or
 makes one twice.
 
-Every MLflow write of the driver (``parent_run``, ``log_trial``, ``end_parent``) is first
+Every MLflow write of the driver (``parent_run``, ``log_trial``, ``end_parent``,
+``log_artifacts``) is first
 committed as one JSON file ``<study>/mlflow_queue/<seq>-<kind>-<key>.json`` (temp file, fsync,
 rename: see ``layout.atomic_write``), then delivered; a delivered entry's file is removed.
 Entries are delivered strictly in ``seq`` order, so a trial's later state never overtakes an
@@ -15,7 +16,8 @@ Failures:
   (``drain()``) and by ``opt-study sync-mlflow STUDY``. After a transient failure, automatic
   attempts pause for ``retry_interval_s`` so that a black-holed server costs one timeout per
   interval, not one per trial; explicit drains always try.
-- *permanent* (the server refuses the request: 400/404; a param that would change value): the
+- *permanent* (the server refuses the request: 400/404; a param that would change value; an
+  artifact folder that is gone): the
   entry moves to ``mlflow_queue/failed/`` with a ``.error.txt`` beside it, a warning is issued,
   and later entries go on. ``sync-mlflow --retry-failed`` puts them back in their place.
 
@@ -51,20 +53,16 @@ from pathlib import Path
 
 from opt_study.results import layout
 from opt_study.results.mlflow_sink import MlflowSink, flatten_params
+from opt_study.results.query import experiment_name  # noqa: F401 - the CLI's and callers' helper
 from opt_study.results.trials import TRIAL_STATUSES
 
 QUEUE_DIR = "mlflow_queue"
 FAILED_DIR = "failed"
 LOCK_FILE = ".lock"
 ENTRY_FORMAT = 1
-KINDS = ("parent_run", "log_trial", "end_parent")
-_ENTRY_RE = re.compile(r"^(\d{12})-(parent_run|log_trial|end_parent)-([A-Za-z0-9_.-]+)\.json$")
+KINDS = ("parent_run", "log_trial", "end_parent", "log_artifacts")
+_ENTRY_RE = re.compile(r"^(\d{12})-(parent_run|log_trial|end_parent|log_artifacts)-([A-Za-z0-9_.-]+)\.json$")
 _USERINFO_RE = re.compile(r"://[^/@\s]+@")  # credentials in a URL, redacted from stored errors
-
-
-def experiment_name(study: str) -> str:
-    """The MLflow experiment of a study (one per study)."""
-    return f"opt_study/{layout.check_name(study, 'study name')}"
 
 
 def queue_dir(study_dir) -> Path:
@@ -112,7 +110,11 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         code = exc.get_http_status_code()
         return code in (401, 403, 408, 409, 429, 499) or (code >= 500 and code != 501)
-    return not isinstance(exc, (ValueError, TypeError, KeyError))
+    # Anything unknown is taken as transient: it keeps the queue's order (a later write of the
+    # same run never overtakes it), and sync-mlflow shows it; refusing it would let it be
+    # retried later, out of order.
+    return not isinstance(exc, (ValueError, TypeError, KeyError, FileNotFoundError,
+                                NotADirectoryError))
 
 
 class ParentNotFound(RuntimeError):
@@ -186,6 +188,16 @@ class QueuedSink:
         self._need_parent(parent_run_id)
         self._enqueue("end_parent", self.study or "parent",
                       {"parent_run_id": parent_run_id, "status": status})
+
+    def log_artifacts(self, run_id: str | None, folder) -> None:
+        """Queue uploading every file under ``folder`` to run ``run_id`` (None: the study's
+        parent), under the artifact path ``<folder's name>/``, and deliver. The files are
+        read when the entry is delivered (re-uploading replaces files of the same name)."""
+        folder = Path(folder).resolve()
+        if not folder.is_dir():
+            raise NotADirectoryError(f"not a folder: {folder}")
+        self._need_parent(run_id)
+        self._enqueue("log_artifacts", self.study or "run", {"run_id": run_id, "folder": str(folder)})
 
     # ---------------------------------------------------------------------------- the queue
     def pending(self) -> list[Path]:
@@ -290,6 +302,10 @@ class QueuedSink:
         if kind == "parent_run":
             run_id = sink.parent_run(entry["study"], args["params"], args["tags"])
             self._parents[(entry["experiment"], entry["study"])] = run_id
+            return run_id
+        if kind == "log_artifacts":
+            run_id = args["run_id"] or self._resolve_parent(sink, entry)
+            sink.log_artifacts(run_id, args["folder"])
             return run_id
         parent = args["parent_run_id"] or self._resolve_parent(sink, entry)
         if kind == "end_parent":

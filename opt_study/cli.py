@@ -144,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
     from opt_study.report.commands import register as register_report
 
     register_replay(sub)
+    from opt_study.results.mlflow_queue import register as register_sync_mlflow
+
+    register_sync_mlflow(sub)
     register_report(sub)
     return p
 

@@ -16,7 +16,7 @@ from ray.tune import Callback
 from opt_study.config import Spec
 from opt_study.measure.metrics import summarize
 from opt_study.results import parquet, trials as trials_tbl
-from opt_study.results.mlflow_sink import MlflowSink
+from opt_study.results.mlflow_queue import QueuedSink
 from opt_study.trial import TrialPlan
 
 CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
@@ -46,7 +46,7 @@ def trial_summary(rows: list[dict], target: dict | None = None) -> dict[str, flo
 
 
 class StudyRecorder(Callback):
-    def __init__(self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: MlflowSink | None,
+    def __init__(self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: QueuedSink | None,
                  parent_run_id: str | None, out=sys.stdout):
         self.spec, self.resources, self.sink, self.parent = spec, resources, sink, parent_run_id
         self.plans = {p.trial_id: p for p in plans}

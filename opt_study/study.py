@@ -332,10 +332,10 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     """
     import sys
 
-    from opt_study.results.mlflow_sink import MlflowSink
+    from opt_study.results.mlflow_queue import QueuedSink, experiment_name
 
     out = out or sys.stdout
-    sink = MlflowSink(spec.tracking_uri, experiment_name=f"opt_study/{spec.study.name}")
+    sink = QueuedSink(spec.study_dir, spec.tracking_uri, experiment_name(spec.study.name))
     parent = sink.parent_run(spec.study.name, params=_study_params(spec),
                              tags={"opt_study.workload": spec.workload.type})
     attempted: set[str] = set()
@@ -352,10 +352,19 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
         print(f"study {spec.study.name}: every planned trial has finished; nothing to run", file=out)
     if not pending_plans(spec):  # every planned trial finished: close the study's parent run
         sink.end_parent(parent)
+    flush_mlflow(sink, spec, out)
     return {"ran": ran, "parent_run_id": parent}
 
 
-def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str, out) -> None:
+def flush_mlflow(sink, spec: Spec, out) -> None:
+    """Deliver what the MLflow queue still holds; if the server is unreachable, say how to finish."""
+    left = sink.drain()
+    if left:
+        print(f"MLflow: {left} write(s) not delivered yet, kept in {spec.study_dir / 'mlflow_queue'}; "
+              f"deliver them with: opt-study sync-mlflow {spec.study_dir}", file=out)
+
+
+def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out) -> None:
     """One Tune run over `todo`: record them pending, then run them with the study's scheduler."""
     import ray
     from ray import tune

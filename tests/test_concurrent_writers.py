@@ -66,7 +66,8 @@ def _check_view(study: str, chunk_of: dict[str, int]) -> tuple[list[str], dict[s
         table = read_steps(study)  # it skips a bad chunk with a warning: that is a violation here
     bad += [f"read_steps warned: {w.message}" for w in warned]
     rows_by_trial: dict[str, list] = {}
-    for tid, step, loss, att in zip(*(table[c].to_pylist() for c in ("trial_id", "step", "loss", "attempt"))):
+    cols = (table[c].to_pylist() for c in ("trial_id", "step", "loss", "attempt"))
+    for tid, step, loss, att in zip(*cols):
         rows_by_trial.setdefault(tid, []).append(step)
         if loss != _loss(tid, step) or att != 0:
             bad.append(f"read_steps: bad row {tid} step {step}: loss {loss} attempt {att}")

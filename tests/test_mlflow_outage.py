@@ -48,7 +48,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
-             "--default-artifact-root", str(self.store / "artifacts"), "--workers", "1"],
+             "--artifacts-destination", str(self.store / "artifacts"), "--workers", "1"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -132,10 +132,10 @@ def _write_spec(study_dir, server):
         "optimizers: [{name: sgd, params: {lr: 0.1}}]\n")
 
 
-def _sync_cli(study_dir) -> tuple[int, str]:
+def _sync_cli(study_dir, *flags) -> tuple[int, str]:
     p = argparse.ArgumentParser(prog="opt-study")
     mlflow_queue.register(p.add_subparsers(dest="cmd", required=True))
-    a = p.parse_args(["sync-mlflow", str(study_dir)])
+    a = p.parse_args(["sync-mlflow", str(study_dir), *flags])
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = a.fn(a)
@@ -158,12 +158,17 @@ def test_outage_mid_study_and_at_study_start(server, tmp_path):
     for i in range(2, 5):  # training goes on: each write is queued and the call returns promptly
         child, took = _log(a, parent, f"t{i}", i)
         assert child is None and took < 3.0
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "index.html").write_text("<p>study report</p>")
+    a.log_artifacts(None, report)  # None: the study's parent run
     a.end_parent(parent)
     assert [p.name.split("-", 1)[1] for p in a.pending()] == \
-        ["log_trial-t2.json", "log_trial-t3.json", "log_trial-t4.json", "end_parent-outA.json"]
+        ["log_trial-t2.json", "log_trial-t3.json", "log_trial-t4.json", "log_artifacts-outA.json",
+         "end_parent-outA.json"]
     assert "Connection refused" in a.last_error
     rc, out = _sync_cli(a_dir)  # still down: nothing delivered, exit 1, what is left is listed
-    assert rc == 1 and out.count("pending  ") == 4
+    assert rc == 1 and out.count("pending  ") == 5
 
     # A second study whose server is down from its start: the parent itself is queued.
     b = QueuedSink(b_dir, server.uri, experiment_name("outB"), request_timeout_s=3, retry_interval_s=0)
@@ -174,10 +179,11 @@ def test_outage_mid_study_and_at_study_start(server, tmp_path):
 
     server.start()
     rc, out = _sync_cli(a_dir)
-    assert rc == 0 and "delivered 4 of 4" in out, out
+    assert rc == 0 and "delivered 5 of 5" in out, out
     assert a.pending() == [] and a.failed() == []
     assert _check_study(server, "outA", 5).info.status == "FINISHED"
     assert _client(server).get_run(parent).data.params == {"workload": "quadratic", "trials": "5"}
+    assert [f.path for f in _client(server).list_artifacts(parent, "report")] == ["report/index.html"]
 
     # B: the next write drains the older entries first, in order (parent, t0, t1), then itself.
     child, _ = _log(b, None, "t2", 2)
@@ -186,6 +192,29 @@ def test_outage_mid_study_and_at_study_start(server, tmp_path):
     assert b.pending() == [] and b.failed() == []
     assert _check_study(server, "outB", 3).info.status == "FINISHED"
     assert not (b_dir / "mlflow_queue" / "failed").exists()
+
+
+def test_a_refused_write_is_kept_aside_and_the_rest_goes_on(server, tmp_path):
+    if server.proc.poll() is not None:
+        server.start()
+    d = tmp_path / "store" / "refused"
+    _write_spec(d, server)
+    s = QueuedSink(d, server.uri, experiment_name("refused"), request_timeout_s=3, retry_interval_s=0)
+    assert s.parent_run("refused", {"trials": 1}, {}) is not None
+    with pytest.warns(UserWarning, match="refused queued write"):  # MLflow params are immutable
+        assert s.parent_run("refused", {"trials": 2}, {}) is None
+    [failed] = s.failed()
+    assert failed.name.endswith("-parent_run-refused.json") and s.pending() == []
+    assert "'trials'" in failed.with_name(failed.name + ".error.txt").read_text()
+    # Later writes go on; a fresh sink (a restarted driver) resolves the parent by the study tag.
+    fresh = QueuedSink(d, server.uri, experiment_name("refused"), study="refused", retry_interval_s=0)
+    assert _log(fresh, None, "t0", 0)[0] is not None
+    _check_study(server, "refused", 1)
+    rc, out = _sync_cli(d)
+    assert rc == 1 and f"refused  {failed.name}" in out
+    with pytest.warns(UserWarning):  # retried in its place, refused again, kept again
+        rc, out = _sync_cli(d, "--retry-failed")
+    assert rc == 1 and [p.name for p in fresh.failed()] == [failed.name] and fresh.pending() == []
 
 
 class _LossyProxy(ThreadingHTTPServer):
@@ -265,3 +294,42 @@ def test_lost_responses_are_redelivered_without_duplicates(server, tmp_path):
     finally:
         proxy.shutdown()
         proxy.server_close()
+# Append to tests/test_mlflow_outage.py once QueuedSink is wired into run_study and sync-mlflow
+# into opt_study.cli (it uses that module's `server` fixture and helpers). ~40-60 s on a loaded CPU.
+def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_path):
+    """`run_study` with the tracking server down from the start: the trials train and finish,
+    the MLflow writes wait in the queue, and `opt-study sync-mlflow` (the real CLI) delivers them."""
+    from opt_study.config import load_study
+    from opt_study.study import plan_trials, run_study
+
+    if server.proc.poll() is None:
+        server.stop()
+    spec_file = tmp_path / "down.yaml"
+    spec_file.write_text(
+        f"study: {{name: down, storage: '{tmp_path / 'store'}', seeds: [0], mlflow_uri: '{server.uri}'}}\n"
+        "workload: {type: quadratic, dim: 8, cols: 4, noise: 0.1}\n"
+        "scale: {workers: 1, cpus_per_worker: 1, zero_stage: 0, micro_batch_size: 4}\n"
+        "training: {steps: 5, eval_every: 5}\n"
+        "optimizers: [{name: sgd, params: {lr: {grid: [0.01, 0.1]}}}]\n")
+    spec = load_study(spec_file)
+    out = io.StringIO()
+    res = run_study(spec, source_text=spec_file.read_text(), out=out)
+    assert res["ran"] == 2 and res["parent_run_id"] is None
+    assert out.getvalue().count("COMPLETED") == 2 and "opt-study sync-mlflow" in out.getvalue()
+    queued = sorted(p.name.split("-", 1)[1] for p in mlflow_queue.pending_entries(spec.study_dir))
+    tids = sorted(p.trial_id for p in plan_trials(spec))
+    assert queued == sorted(["parent_run-down.json", "end_parent-down.json"]
+                            + [f"log_trial-{t}.json" for t in tids])
+
+    server.start()
+    cli = subprocess.run([sys.executable, "-m", "opt_study.cli", "sync-mlflow", str(spec.study_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert mlflow_queue.pending_entries(spec.study_dir) == []
+    parents, children = _runs(server, "down")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(children) == tids and all(len(v) == 1 for v in children.values())
+    for [run] in children.values():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == "FINISHED" and run.data.params["optimizer"] == "sgd"
+        assert len(_client(server).get_metric_history(run.info.run_id, "loss")) == 5

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from opt_study.results import layout
 from opt_study.results.mlflow_sink import MlflowSink, flatten_params
-from opt_study.results.query import experiment_name  # noqa: F401 - the CLI's and callers' helper
+from opt_study.results.query import experiment_name  # also for callers: one place names it
 from opt_study.results.trials import TRIAL_STATUSES
 
 QUEUE_DIR = "mlflow_queue"
@@ -61,7 +61,7 @@ FAILED_DIR = "failed"
 LOCK_FILE = ".lock"
 ENTRY_FORMAT = 1
 KINDS = ("parent_run", "log_trial", "end_parent", "log_artifacts")
-_ENTRY_RE = re.compile(r"^(\d{12})-(parent_run|log_trial|end_parent|log_artifacts)-([A-Za-z0-9_.-]+)\.json$")
+_ENTRY_RE = re.compile(r"^(\d{12})-(" + "|".join(KINDS) + r")-([A-Za-z0-9_.-]+)\.json$")
 _USERINFO_RE = re.compile(r"://[^/@\s]+@")  # credentials in a URL, redacted from stored errors
 
 
@@ -124,19 +124,21 @@ class ParentNotFound(RuntimeError):
 class QueuedSink:
     """``MlflowSink``'s write methods, made durable by the queue (see the module docstring).
 
-    Nothing here contacts MLflow at construction. Invalid input (unsafe names, an unknown
-    status, a metric both in summary and curves) raises ValueError at once, before anything is
-    queued; delivery failures never raise.
+    ``study`` (or a first ``parent_run`` call) names the study whose parent run receives the
+    writes given no run id. Nothing here contacts MLflow at construction. Invalid input (unsafe
+    names, an unknown status, a metric both in summary and curves, a missing folder) raises at
+    once, before anything is queued; delivery failures never raise.
     """
 
     def __init__(self, study_dir, tracking_uri: str, experiment_name: str, *,
-                 request_timeout_s: int = 10, retry_interval_s: float = 30.0,
-                 max_curve_points: int = 200):
+                 study: str | None = None, request_timeout_s: int = 10,
+                 retry_interval_s: float = 30.0, max_curve_points: int = 200):
         self.dir = queue_dir(study_dir)
         self.tracking_uri, self.experiment = tracking_uri, experiment_name
         self.request_timeout_s, self.retry_interval_s = request_timeout_s, retry_interval_s
         self.max_curve_points = max_curve_points
-        self.study: str | None = None  # set by parent_run; later entries carry it
+        # The study whose parent run a write with no run id goes to; parent_run sets it too.
+        self.study = None if study is None else layout.check_name(study, "study name")
         self.last_error: str | None = None  # the latest transient failure, for reports
         self._sinks: dict[str, MlflowSink] = {}
         self._parents: dict[tuple[str, str], str] = {}  # (experiment, study) -> delivered parent id
@@ -220,10 +222,11 @@ class QueuedSink:
 
     def requeue_failed(self) -> int:
         """Move refused entries back into the queue (same names, so same order); their count."""
-        moved = self.failed()
-        for path in moved:
-            os.replace(path, self.dir / path.name)
-            path.with_name(path.name + ".error.txt").unlink(missing_ok=True)
+        with self._lock, self._flock(blocking=True):
+            moved = self.failed()
+            for path in moved:
+                os.replace(path, self.dir / path.name)
+                path.with_name(path.name + ".error.txt").unlink(missing_ok=True)
         return len(moved)
 
     def _enqueue(self, kind: str, key: str, args: dict) -> str:
@@ -241,8 +244,8 @@ class QueuedSink:
 
     def _need_parent(self, parent_run_id: str | None) -> None:
         if parent_run_id is None and self.study is None:
-            raise ValueError("parent_run_id is None and no parent_run was queued by this sink: "
-                             "the parent cannot be resolved")
+            raise ValueError("no run id and no study (give study= or call parent_run first): "
+                             "the parent run cannot be resolved")
 
     @contextmanager
     def _flock(self, blocking: bool):
@@ -271,7 +274,8 @@ class QueuedSink:
                     result = self._deliver(entry)
             except Exception as e:  # noqa: BLE001 - classified below; never stops training
                 if is_transient(e):
-                    self._failed_at, self.last_error = time.monotonic(), _redact(f"{type(e).__name__}: {e}")
+                    self._failed_at = time.monotonic()
+                    self.last_error = _redact(f"{type(e).__name__}: {e}")
                     return
                 self._refuse(path, e)
                 continue
@@ -349,7 +353,7 @@ def cmd_sync_mlflow(a) -> int:
     """Deliver everything queued; exit 0 if nothing is left, else 1 after listing what is."""
     folder = Path(a.study).resolve()
     spec = _spec_of_folder(folder)
-    sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name))
+    sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name), study=spec.study.name)
     before = len(sink.pending())
     if a.retry_failed:
         before += sink.requeue_failed()

@@ -52,6 +52,7 @@ class StudyRecorder(Callback):
         self.plans = {p.trial_id: p for p in plans}
         self.out, self.t0 = out, time.time()
         self.best: tuple[float, str] | None = None
+        self.started: dict[str, float] = {}  # kept here: a record is rewritten whole at the end
         self.n_done = 0
 
     # ------------------------------------------------------------------------ trials table rows
@@ -69,7 +70,8 @@ class StudyRecorder(Callback):
     # -------------------------------------------------------------------------- Tune callbacks
     def on_trial_start(self, iteration, trials, trial, **info):
         plan = self._plan(trial)
-        self.record(plan, "running", started=time.time())
+        self.started[plan.trial_id] = time.time()
+        self.record(plan, "running", started=self.started[plan.trial_id])
         self._line(plan.trial_id, "RUNNING", "")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -95,7 +97,8 @@ class StudyRecorder(Callback):
         plan = self._plan(trial)
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
         summary = trial_summary(rows, getattr(plan, "target", None))
-        self.record(plan, status, summary=summary, ended=time.time(), error=error,
+        self.record(plan, status, summary=summary, started=self.started.get(plan.trial_id),
+                    ended=time.time(), error=error,
                     nodes=(trial.last_result or {}).get("nodes", ""))
         trials_tbl.write_trials_table(self.spec.study_dir)
         if self.sink is not None:

@@ -66,15 +66,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
-    """Gather equal-shaped tensors from every rank. Tests only (the teacher-forced reference)."""
-    if not (is_distributed() and world_size() > 1):
-        return [t]
-    out = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(out, t)
-    return out
-
-
 # Collective counts per process, so benchmarks and tests can assert "one all-reduce per measured
 # step" on the real code path rather than trusting a comment.
 COUNTERS = {"all_reduce": 0}

@@ -52,9 +52,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from opt_study.results import layout
-from opt_study.results.mlflow_sink import MlflowSink, flatten_params
+from opt_study.results.mlflow_sink import MlflowSink, check_trial_args, flatten_params
 from opt_study.results.query import experiment_name  # also for callers: one place names it
-from opt_study.results.trials import TRIAL_STATUSES
 
 QUEUE_DIR = "mlflow_queue"
 FAILED_DIR = "failed"
@@ -169,12 +168,7 @@ class QueuedSink:
                   status: str) -> str | None:
         """Queue a trial's child-run write and deliver; the child's id, or None if queued.
         ``parent_run_id`` None: the parent is resolved by study name at delivery."""
-        layout.check_name(trial_id, "trial id")
-        if status not in TRIAL_STATUSES:
-            raise ValueError(f"status {status!r} not in {sorted(TRIAL_STATUSES)}")
-        clash = set(summary) & set(curves)
-        if clash:
-            raise ValueError(f"names both in summary and curves: {sorted(clash)}")
+        check_trial_args(trial_id, status, summary, curves)
         self._need_parent(parent_run_id)
         args = {"parent_run_id": parent_run_id, "trial_id": trial_id,
                 "params": flatten_params(params), "tags": _str_dict(tags),

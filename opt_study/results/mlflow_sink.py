@@ -82,6 +82,17 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
+def check_trial_args(trial_id: str, status: str, summary: dict, curves: dict) -> None:
+    """What log_trial refuses, direct or queued: a bad id or status, or a name that is both a
+    summary metric and a curve."""
+    layout.check_name(trial_id, "trial id")
+    if status not in TRIAL_STATUSES:
+        raise ValueError(f"status {status!r} not in {sorted(TRIAL_STATUSES)}")
+    clash = set(summary) & set(curves)
+    if clash:
+        raise ValueError(f"names both in summary and curves: {sorted(clash)}")
+
+
 class MlflowSink:
     """Parent/child runs of a study in one experiment of one tracking store.
 
@@ -163,12 +174,7 @@ class MlflowSink:
         FINISHED otherwise; pending/running leave it running. Tag ``opt_study.status`` is
         always set.
         """
-        layout.check_name(trial_id, "trial id")
-        if status not in TRIAL_STATUSES:
-            raise ValueError(f"status {status!r} not in {sorted(TRIAL_STATUSES)}")
-        clash = set(summary) & set(curves)
-        if clash:
-            raise ValueError(f"names both in summary and curves: {sorted(clash)}")
+        check_trial_args(trial_id, status, summary, curves)
         experiment_id = self.client.get_run(parent_run_id).info.experiment_id
         ours = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_STATUS: status}
         run = self._find(experiment_id, f"tags.`{TAG_PARENT}` = '{parent_run_id}' "

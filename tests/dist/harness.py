@@ -252,22 +252,27 @@ def run_case(case: dict, storage: str) -> dict:
     return out
 
 
-def main() -> None:
-    out_path, cases = sys.argv[1], json.loads(sys.argv[2])
-    distributed.init_process_group("gloo")
+def run_cases(out_path: str, cases: list[dict], storage: str, run) -> None:
+    """Run every case in this process group; a case's exception is recorded, not raised, so the
+    others still run; rank 0 writes {"world", "results"} as JSON for pytest to assert on."""
     results = []
-    with tempfile.TemporaryDirectory() as storage:
-        storage = distributed.broadcast_object(storage)
-        for i, case in enumerate(cases):
-            case = {"id": i, **case}
-            try:
-                results.append(run_case(case, storage))
-            except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest
-                import traceback
-                results.append({"case": case, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
+    for i, case in enumerate(cases):
+        case = {"id": i, **case}
+        try:
+            results.append(run(case, storage))
+        except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest
+            import traceback
+            results.append({"case": case, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
     if distributed.rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"world": distributed.world_size(), "results": results}, f)
+
+
+def main() -> None:
+    out_path, cases = sys.argv[1], json.loads(sys.argv[2])
+    distributed.init_process_group("gloo")
+    with tempfile.TemporaryDirectory() as storage:
+        run_cases(out_path, cases, distributed.broadcast_object(storage), run_case)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 import torch
 import yaml
 
-from harness import full_grads, full_params  # tests/dist/harness.py (the script's directory)
+from harness import full_grads, full_params, run_cases  # tests/dist/harness.py (the script's directory)
 from opt_study import distributed
 from opt_study import engine as engine_mod
 from opt_study import trial as trial_mod
@@ -260,17 +260,7 @@ def main() -> None:
     """argv: OUT.json CASES STORAGE (the studies stay there for the CLI and file-level tests)."""
     out_path, cases, storage = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     distributed.init_process_group("gloo")
-    results = []
-    for i, case in enumerate(cases):
-        case = {"id": i, **case}
-        try:
-            results.append(run_case(case, storage))
-        except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest
-            import traceback
-            results.append({"case": case, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
-    if distributed.rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump({"world": distributed.world_size(), "results": results}, f)
+    run_cases(out_path, cases, storage, run_case)
 
 
 if __name__ == "__main__":

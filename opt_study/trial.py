@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from opt_study import distributed, engine as engine_mod, optim
+from opt_study import distributed, engine as engine_mod, optim, storage
 from opt_study.config import Spec
 from opt_study.measure import snapshots
 from opt_study.measure.hook import StepMeasurer
@@ -33,7 +33,7 @@ class TrialPlan:
     seed: int
     index: int  # position within its optimizer's budget
     # Tuning protocols (opt_study.study.plan_trials): "" under protocol none.
-    phase: str = ""  # oneshot | search | rerun (crowded_valley); external (algoperf_external)
+    phase: str = ""  # oneshot | search | rerun | oneshot_rerun (crowded_valley); external (algoperf_external); tpe
     budget: str = ""  # smallest budget level holding it (small...), or "study<k>" (algoperf)
     target: dict | None = None  # algoperf_external: {"metric": ..., "value": ...}
 
@@ -74,7 +74,7 @@ def _to_device(batch, device):
 def evaluate(engine, workload, mbs: int, device) -> float:
     """Mean loss over the fixed evaluation set, split across ranks (one all-reduce)."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     with torch.no_grad():
         for batch in workload.eval_batches(mbs, distributed.rank(), distributed.world_size()):
             total[0] += float(workload.loss(engine, _to_device(batch, device)))
@@ -153,7 +153,8 @@ def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
         c.eng.step()
         loss_sum += loss.detach().double().cpu()
         units += c.workload.units_per_batch(batch)
-    fields = c.measurer.end(step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote)
+    fields = c.measurer.end(step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote,
+                            model_loss_fn=c.workload.loss)
     dt = time.perf_counter() - t0
     row = {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": units * c.world / dt,
            "engine_grad_norm": _engine_norm(c.eng), "time_unix": time.time(), **fields}
@@ -198,6 +199,18 @@ def resume(c: Ctx, state: TrialState) -> int:
     return start
 
 
+def _pull_trial(study_dir, trial_id: str) -> None:
+    """All ranks, before resuming: on an object-store root, this trial's attempts and
+    checkpoints as the store holds them (a restarted group may run on other machines than the
+    last one, or on this one with stale files). No-op on a local root."""
+    from opt_study import checkpoint
+    from opt_study.results import layout
+
+    storage.pull(layout.trial_steps_dir(study_dir, trial_id))
+    storage.pull(checkpoint.ckpt_dir(study_dir, trial_id))
+    distributed.barrier()
+
+
 def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeasurer,
               node: str = "") -> dict:
     """Train one trial to the end (or divergence, or a stop request); every rank runs this.
@@ -213,6 +226,7 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     # where the ranks ran (the launcher passes its Ray node id): recorded with the trial
     state.nodes = ",".join(sorted(set(distributed.all_gather_object(node)))) if node else ""
     stop_file = stop_path(spec.study_dir, plan.trial_id)
+    _pull_trial(spec.study_dir, plan.trial_id)
     start = resume(c, state)
     # fp32 parameter snapshots for checkpoint replay (reference-point metrics, METRICS.md)
     saver = snapshots.SnapshotSaver(spec.study_dir, plan.trial_id, c.measurer.view, spec.scale.zero_stage,
@@ -221,7 +235,7 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
         saver.save_initial()
     ckpt_every = training.checkpoint_every if training.checkpoint_every is not None else training.eval_every
     for step in range(start, training.steps):
-        row = train_step(c, step, stop_vote=c.rank == 0 and stop_file.exists())
+        row = train_step(c, step, stop_vote=c.rank == 0 and storage.exists(stop_file))
         state.step, state.last_loss = step + 1, row["loss"]
         if state.initial_loss is None:
             state.initial_loss = row["loss"]

@@ -6,16 +6,18 @@ all_reduce(SUM) does. Tolerances are METRICS.md's scale-aware ones.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from opt_study.measure import metrics
+from opt_study.measure import fused_sums, metrics
 from opt_study.measure.reference import reference_metrics, reference_sums
-from opt_study.measure.sums import (CHUNK, LOSS_NAMES, SUM_NAMES, Fragment, local_sums, pack,
-                                    totals, unpack)
+from opt_study.measure.shards import FlatShard, flatten
+from opt_study.measure.sums import (CHUNK, LOSS_NAMES, SUM_NAMES, Fragment, flat_sums,
+                                    flat_sums_torch, group_runs, local_sums, pack, totals, unpack)
 
 FIELDS = ("x", "g", "delta", "g_plus", "x0", "delta_prev", "g_prev")
 # The sums of squares whose roots scale each sum's error (METRICS.md: 1e-6·‖a‖‖b‖).
@@ -280,3 +282,227 @@ def test_validation_errors():
         pack(torch.zeros(len(SUM_NAMES), 2, dtype=torch.float64), torch.zeros(2))
     with pytest.raises(ValueError):
         unpack(torch.zeros(5, dtype=torch.float64), 2)
+
+
+# ------------------------------------------------------------------ flat buffers (the hook's path)
+def _flat_packed(params, groups, n_groups, ranks, gen, chunk=CHUNK, drop=()):
+    """Like _sharded_packed, but each rank keeps every vector in ONE flat buffer (shards.flatten,
+    fragments in parameter order) and sums it with flat_sums over group_runs."""
+    total = None
+    cuts = [_cuts(gen, p["x"].numel(), ranks) for p in params]
+    for r in range(ranks):
+        kept = {k: flatten([p[k][c[r]:c[r + 1]] for p, c in zip(params, cuts)]) for k in FIELDS}
+        runs = group_runs(kept["x"].sizes, groups)
+        vectors = {k: (None if k in drop else v.flat) for k, v in kept.items()}
+        part = pack(flat_sums(vectors, runs, n_groups, chunk=chunk), torch.zeros(len(LOSS_NAMES)))
+        total = part if total is None else total + part
+    return unpack(total, n_groups)[0]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("chunk", [CHUNK, 97])
+def test_flat_sums_equal_reference(ranks, chunk):
+    """Groups interleave (group 0 comes back after group 2), so a group has several runs; the
+    fp32 flat buffers of fp32 inputs equal the inputs, so the float64 reference applies."""
+    gen = torch.Generator().manual_seed(100 * ranks + chunk)
+    sizes, groups = [1, 7, 300, 5000, 70_000, 40, 2_000, 130_000], [0, 0, 1, 1, 2, 2, 2, 0]
+    params = _random_params(gen, sizes)
+    per_group = _flat_packed(params, groups, 3, ranks, gen, chunk=chunk)
+    for j in range(3):
+        full = {k: torch.cat([p[k] for p, grp in zip(params, groups) if grp == j]) for k in FIELDS}
+        _assert_sums_close({k: float(v[j]) for k, v in per_group.items()}, reference_sums(**full))
+
+
+def test_flat_sums_missing_vectors_are_nan_and_agree_with_local_sums():
+    gen = torch.Generator().manual_seed(11)
+    params = _random_params(gen, [50, 130, 3000])
+    drop = ("g_plus", "x0")
+    flat = totals(_flat_packed(params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1), drop=drop))
+    frag = totals(_sharded_packed(params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1),
+                                  [[0.0] * 4] * 2, drop=drop)[0])
+    nan = {k for k, v in flat.items() if math.isnan(v)}
+    assert nan == {k for k, v in frag.items() if math.isnan(v)} \
+        == {"sq_grad_probe", "ip_probe_update", "sq_grad_diff", "sq_dist_init"}
+    ref = reference_sums(**{k: (None if k in drop else torch.cat([p[k] for p in params])) for k in FIELDS})
+    _assert_sums_close(flat, ref)
+    _assert_sums_close(frag, ref)
+
+
+def test_flat_sums_only_and_groups_without_runs():
+    x, g = torch.arange(1.0, 7.0), torch.full((6,), 2.0)
+    out = flat_sums({"x": x, "g": g, "delta": None}, [(1, 0, 2), (2, 2, 6)], 4,
+                    only=("sq_param", "sq_update"))
+    rows = {n: out[i] for i, n in enumerate(SUM_NAMES)}
+    assert rows["sq_param"].tolist() == [0.0, 1.0 + 4.0, 9.0 + 16.0 + 25.0 + 36.0, 0.0]
+    # Δ is missing: NaN in the groups this rank holds, 0 where it holds nothing
+    assert rows["sq_update"][[1, 2]].isnan().all() and rows["sq_update"][[0, 3]].tolist() == [0.0, 0.0]
+    assert all(rows[n].isnan().all() for n in SUM_NAMES if n not in ("sq_param", "sq_update"))
+    # float64 operands are summed in float64
+    x64 = torch.tensor([1.0 + 2.0**-40, 1.0], dtype=torch.float64)
+    exact = flat_sums({"x": x64}, [(0, 0, 2)], 1, only=("sq_param",))[SUM_NAMES.index("sq_param"), 0]
+    assert exact.item() == (1.0 + 2.0**-40) ** 2 + 1.0
+
+
+def test_group_runs():
+    # empty fragments (a ZeRO-1/2 rank holding none of a parameter) join the run around them
+    assert group_runs([3, 0, 2, 4, 0, 1, 5], [0, 1, 0, 1, 1, 0, 0]) == [(0, 0, 5), (1, 5, 9), (0, 9, 15)]
+    assert group_runs([0, 0], [0, 1]) == []
+    with pytest.raises(ValueError):
+        group_runs([1, 2], [0])
+
+
+def test_flatten_keeps_fragments_in_one_buffer():
+    frags = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.empty(0), torch.tensor([5.0], dtype=torch.bfloat16),
+             torch.tensor([6.0, 7.0], dtype=torch.float64)]
+    fs = flatten(frags)
+    assert fs.flat.dtype == torch.float32 and fs.flat.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert fs.sizes == (4, 0, 1, 2) and len(fs) == 4 and [t.numel() for t in fs] == [4, 0, 1, 2]
+    fs[3][1] = 70.0  # parts are views of the one buffer, not copies
+    assert fs.flat[-1].item() == 70.0 and frags[3][1].item() == 7.0
+    assert all(t.untyped_storage().data_ptr() == fs.flat.untyped_storage().data_ptr() for t in fs)
+    with pytest.raises(ValueError):
+        FlatShard(torch.zeros(3), [1, 1])
+
+
+def test_flat_sums_validation():
+    x = torch.zeros(4)
+    with pytest.raises(ValueError):
+        flat_sums({"x": x, "grad": x}, [], 1)          # unknown vector name
+    with pytest.raises(ValueError):
+        flat_sums({"g": x}, [], 1)                     # x is required
+    with pytest.raises(ValueError):
+        flat_sums({"x": x, "g": torch.zeros(5)}, [], 1)  # lengths differ
+    with pytest.raises(ValueError):
+        flat_sums({"x": x}, [(0, 2, 5)], 1)            # run past the end
+    with pytest.raises(ValueError):
+        flat_sums({"x": x}, [(1, 0, 4)], 1)            # group out of range
+    with pytest.raises(ValueError):
+        flat_sums({"x": x}, [(0, 0, 4)], 1, chunk=0)
+
+
+# ------------------------------------------------------------------ the fused one-pass kernel
+# Built by `make install` (opt_study.prebuild); without a C++ compiler flat_sums keeps its torch
+# path, and these tests say so instead of passing vacuously.
+needs_fused = pytest.mark.skipif(not fused_sums.available(),
+                                 reason=f"fused sums kernel unavailable: {fused_sums.error()}")
+NORM_ONLY = ("sq_grad", "sq_update", "sq_param")
+
+
+def _interleaved(gen, sizes, n_groups):
+    """Random fp32 vectors laid out in one flat buffer per field, fragments assigned to groups
+    round-robin so that every group has several runs: (vectors, runs, group of each element)."""
+    params = _random_params(gen, sizes)
+    groups = [i % n_groups for i in range(len(sizes))]
+    vectors = {k: torch.cat([p[k] for p in params]) for k in FIELDS}
+    elem_group = torch.cat([torch.full((n,), grp) for n, grp in zip(sizes, groups)])
+    return vectors, group_runs(sizes, groups), elem_group
+
+
+def _assert_paths_close(got, vectors, elem_group, n_groups, only):
+    """got [SUM_NAMES, n_groups] against the float64 reference per group: NaN exactly where a
+    vector is missing or the sum is not in ``only``, else within 1e-6 of the scale ‖a‖‖b‖; a
+    group with no element is 0 in every wanted sum (this rank holds none of it)."""
+    for j in range(n_groups):
+        sel = elem_group == j
+        if not sel.any():
+            assert [math.isnan(v) for v in got[:, j].tolist()] == \
+                [only is not None and n not in only for n in SUM_NAMES]
+            assert got[:, j].nan_to_num(0.0).abs().sum().item() == 0.0
+            continue
+        ref = reference_sums(**{k: (None if vectors.get(k) is None else vectors[k][sel])
+                                for k in FIELDS})
+        for i, name in enumerate(SUM_NAMES):
+            value = got[i, j].item()
+            if math.isnan(ref[name]) or (only is not None and name not in only):
+                assert math.isnan(value), (name, j, value)
+                continue
+            a, b = SCALE.get(name, (name, name))
+            scale = math.sqrt(ref[a] * ref[b])
+            assert abs(value - ref[name]) <= 1e-6 * scale, (name, j, value, ref[name], scale)
+
+
+@needs_fused
+@pytest.mark.parametrize("sizes", [[1, 7], [3, 250, 9, 1000, 17], [300_000, 70_001, 5, 200_003]])
+@pytest.mark.parametrize("drop, only", [
+    ((), None),                              # a measured step with the probe
+    (("g_plus",), None),                     # no probe (the benchmark's target)
+    ((), NORM_ONLY),                         # an unmeasured step
+    (("g", "x0"), None),                     # patterns outside the compiled kernels: zeros read
+    (("delta_prev", "g_plus"), ("ip_grad_prev", "sq_dist_init", "sq_grad_diff", "sq_update_prev")),
+    (("g", "delta", "g_plus", "x0", "delta_prev", "g_prev"), None),  # x alone
+])
+def test_fused_and_torch_paths_agree_with_reference(sizes, drop, only):
+    gen = torch.Generator().manual_seed(len(sizes) * 31 + len(drop))
+    vectors, runs, elem_group = _interleaved(gen, sizes, 3)
+    vectors = {k: (None if k in drop else v) for k, v in vectors.items()}
+    fused = fused_sums.fused_sums(vectors, runs, 3, only=only)
+    torch_path = flat_sums_torch(vectors, runs, 3, only=only)
+    assert torch.equal(fused.isnan(), torch_path.isnan())
+    _assert_paths_close(fused, vectors, elem_group, 3, only)
+    _assert_paths_close(torch_path, vectors, elem_group, 3, only)
+
+
+@needs_fused
+def test_fused_accuracy_at_scale_and_groups_without_runs():
+    """2M positive elements (rounding errors do not cancel) in one group, g⁺ = g + 1e-5 noise;
+    group 0 holds no run: 0, never NaN."""
+    gen = torch.Generator().manual_seed(6)
+    n = 2_000_000
+    x = (1.0 + torch.rand(n, generator=gen, dtype=torch.float64)).float()
+    g = (1.0 + torch.rand(n, generator=gen, dtype=torch.float64)).float()
+    gp = (g.double() + 1e-5 * torch.randn(n, generator=gen, dtype=torch.float64)).float()
+    out = fused_sums.fused_sums({"x": x, "g": g, "delta": x, "g_plus": gp}, [(1, 0, n)], 2)
+    ref = reference_sums(x, g, x, gp, None, None, None)
+    for name in ("sq_param", "sq_grad", "ip_param_grad", "sq_grad_diff", "ip_probe_update"):
+        assert abs(out[SUM_NAMES.index(name), 1].item() - ref[name]) <= 1e-6 * ref[name], name
+    computed = [SUM_NAMES.index(k) for k, v in ref.items() if not math.isnan(v)]
+    assert out[computed, 0].tolist() == [0.0] * len(computed)
+
+
+@needs_fused
+def test_flat_sums_dispatches_to_the_fused_kernel(monkeypatch):
+    """CPU fp32 contiguous vectors go to the kernel; float64, strided views and
+    OPT_STUDY_FUSED_SUMS=0 take the torch path (and then equal flat_sums_torch exactly)."""
+    gen = torch.Generator().manual_seed(8)
+    vectors, runs, _ = _interleaved(gen, [100, 3000, 70], 2)
+    before = fused_sums.calls
+    fast = flat_sums(vectors, runs, 2)
+    assert fused_sums.calls == before + 1
+    assert torch.equal(fast, fused_sums.fused_sums(vectors, runs, 2))
+    n = vectors["x"].numel()
+    strided = {k: torch.stack([v, v], 1)[:, 0] for k, v in vectors.items()}  # stride 2
+    for other in ({k: v.double() for k, v in vectors.items()}, strided):
+        assert torch.equal(flat_sums(other, runs, 2), flat_sums_torch(other, runs, 2))
+    monkeypatch.setenv(fused_sums.ENV, "0")
+    assert torch.equal(flat_sums(vectors, runs, 2), flat_sums_torch(vectors, runs, 2))
+    assert fused_sums.calls == before + 2  # only the direct fused_sums call above
+    with pytest.raises(RuntimeError):
+        fused_sums.fused_sums({"x": vectors["x"].double()}, runs, 2)
+    # the C entry point refuses a run past the end on its own (code -(2 + run index))
+    kernel, out = fused_sums.load(), torch.zeros(2, len(SUM_NAMES), dtype=torch.float64)
+    table = torch.tensor([[0, 0, n], [1, 0, n + 1]], dtype=torch.int64)
+    ptrs = (ctypes.c_void_p * 7)(vectors["x"].data_ptr())
+    assert kernel(0, ptrs, n, table.data_ptr(), 2, 2, out.data_ptr()) == -3
+    assert out.abs().sum().item() == 0.0
+
+
+def test_fused_kernel_falls_back_without_a_compiler(tmp_path):
+    """No working compiler: available() is False with one warning, flat_sums still computes."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch\n"
+            "from opt_study.measure import fused_sums, sums\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ok = (fused_sums.available(), fused_sums.available())\n"
+            "x = torch.arange(4.0)\n"
+            "out = sums.flat_sums({'x': x}, [(0, 0, 4)], 1, only=('sq_param',))\n"
+            "print(ok, len(w), out[sums.SUM_NAMES.index('sq_param'), 0].item(), fused_sums.calls)\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["(False,", "False)", "1", "14.0", "0"]

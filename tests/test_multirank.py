@@ -2,7 +2,10 @@
 the teacher-forced float64 reference at every step (METRICS.md's correctness contract).
 
 One torchrun job per world size loops over its cases (tests/dist/harness.py), so the whole
-matrix costs three process-group start-ups. Tolerances are METRICS.md's scale-aware ones: the
+matrix costs three process-group start-ups. Cases also cover METRICS.md's probe points
+x_t + sΔ_t with s ~ U[0, 1] and Exp(1), and bf16 at ZeRO 1-3 (sums from the fp32 masters, ℓ and ℓ⁺
+re-evaluated in fp32, checked against fp32 forwards of a plain model at the same points with the
+same dropout masks). Tolerances are METRICS.md's scale-aware ones: the
 harness already divides each error by its scale (‖a‖‖b‖ for an inner product, the sum itself for
 a sum of squares, |ℓ| + ‖g‖‖Δ‖ for anything derived from δ), so 1e-6 applies to every column.
 """
@@ -23,15 +26,37 @@ TOL = 1e-6
 TOL_FP64 = 1e-5
 
 STAGES = (0, 1, 2, 3)
+# DeepSpeed 0.19.8 runs bf16 only with ZeRO 1-3 here (validate refuses ZeRO-0 + bf16: no stage-0
+# bf16 mode with fp32 gradient accumulation); stage 1 is its BF16_Optimizer, 2 and 3 ZeRO's.
+BF16_STAGES = (1, 2, 3)
+# ZeRO-3 keeps parameters under stage3_param_persistence_threshold gathered; 0 makes it really
+# partition a tiny model's, so the probe point and the fp32 re-evaluation meet empty weights.
+PARTITIONED = {"stage3_param_persistence_threshold": 0}
+
+
+def _pair(name: str, **case) -> list[dict]:
+    """The same trial measured at every step and never measured: must end bit-for-bit equal."""
+    return [{**case, "every": e, "keep_final": True, "pair": name} for e in (1, 0)]
+
+
 CASES = {
-    1: [{"stage": s, "workload": "mlp_classify", "gas": 2} for s in STAGES],
+    1: [{"stage": s, "workload": "mlp_classify", "gas": 2} for s in STAGES]
+    + [{"stage": 1, "workload": "tiny_lm", "gas": 2, "precision": "bf16"}],
     2: [{"stage": s, "workload": w, "gas": g} for s in STAGES for w in ("tiny_lm", "mlp_classify") for g in (1, 2)]
     + [{"stage": 2, "workload": "mlp_classify", "gas": 1, "clip": 0.05, "opt": "momentum"}]
-    # the same trial measured at every step and never measured: must end bit-for-bit equal
-    + [{"stage": s, "workload": "tiny_lm", "gas": 2, "every": e, "keep_final": True, "pair": f"p{s}"}
-       for s in STAGES for e in (1, 0)],
+    + [c for s in STAGES for c in _pair(f"p{s}", stage=s, workload="tiny_lm", gas=2)]
+    # probe at x_t + sΔ_t, s ~ U[0, 1]: the point written into every stage's weights and back
+    + [c for s in STAGES for c in _pair(f"u{s}", stage=s, workload="tiny_lm", gas=2, probe_s="uniform")]
+    # bf16: sums from the fp32 masters, ℓ and ℓ⁺ re-evaluated in fp32 (at ZeRO-3 with really
+    # partitioned weights and s ~ U[0, 1]: the point set in bf16 partitions and fp32 masters)
+    + [c for s in BF16_STAGES for c in _pair(f"b{s}", stage=s, workload="tiny_lm", gas=2, precision="bf16",
+                                              **({"zero": PARTITIONED, "probe_s": "uniform"} if s == 3 else {}))]
+    # the probe point against an independent float64 oracle (dropout-free workload)
+    + [{"stage": s, "workload": "mlp_classify", "gas": 2, "probe_s": "uniform"} for s in (0, 3)]
+    + [{"stage": 3, "workload": "tiny_lm", "gas": 2, "zero": PARTITIONED, "probe_s": "exponential"}],
     4: [{"stage": s, "workload": "tiny_lm", "gas": 1} for s in STAGES]
-    + [{"stage": 3, "workload": "mlp_classify", "gas": 2}],
+    + [{"stage": 3, "workload": "mlp_classify", "gas": 2},
+       {"stage": 2, "workload": "tiny_lm", "gas": 1, "precision": "bf16", "probe_s": "uniform"}],
 }
 
 
@@ -65,6 +90,7 @@ def test_every_number_matches_reference(world_results):
     for r in data["results"]:
         assert "error" not in r, f"{r['case']}: {r.get('tb', r.get('error'))}"
         assert r["steps"] == 5, r["case"]
+        _check_probe_s_and_precision(r)
         assert r["measured"] == (0 if r["case"].get("every") == 0 else 5), r["case"]
         assert r["probe_state_diff"] == [], f"{r['case']}: the probe changed {r['probe_state_diff']}"
         # memory: what the measurer keeps is a small constant times this rank's own partition,
@@ -78,10 +104,12 @@ def test_every_number_matches_reference(world_results):
         must = {"grad_norm", "update_norm", "param_norm", "sq_grad", "sq_grad_probe", "sq_update",
                 "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_update_prev", "ip_grad_prev",
                 "convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local", "smoothness_descent",
-                "cls_convexity_fwd_mismatch", "cls_convexity_bwd_mismatch"}
+                "cls_convexity_fwd_mismatch", "cls_convexity_bwd_mismatch",
+                "loss_vs_fp32_ref", "loss_probe_vs_fp32_ref", "loss_precision_mismatch"}
         assert must <= set(errs), f"{r['case']}: unchecked {sorted(must - set(errs))}"
         if r["case"]["workload"] == "mlp_classify":  # dropout-free: independent float64 oracle
-            assert {"loss_vs_fp64", "grad_vs_fp64", "sq_grad_small_vs_fp64"} <= set(errs), r["case"]
+            assert {"loss_vs_fp64", "grad_vs_fp64", "sq_grad_small_vs_fp64", "loss_probe_vs_fp64",
+                    "grad_probe_vs_fp64"} <= set(errs), r["case"]
         if r["case"]["stage"] > 0 and not r["case"].get("clip"):
             assert "engine_grad_norm" in errs  # DeepSpeed reports its own norm at ZeRO 1-3
         for k, e in errs.items():
@@ -102,8 +130,30 @@ def test_probe_leaves_trajectory_bit_for_bit_unchanged(world_results):
     if world != 2:
         assert not pairs
         return
-    assert len(pairs) == len(STAGES)
+    assert len(pairs) == 2 * len(STAGES) + len(BF16_STAGES)
     for name, p in pairs.items():
         on, off = p[1], p[0]
-        assert on["losses"] == off["losses"], name
+        # the training forward's losses (the stored `loss` of a bf16 run's measured rows is the
+        # fp32 re-evaluation, so the rows differ by design) and the final fp32 masters
+        assert on["train_losses"] == off["train_losses"], name
         assert on["final_x"] == off["final_x"], name
+
+
+def _check_probe_s_and_precision(r: dict) -> None:
+    """s is drawn as configured; a bf16 run's stored losses are fp32 re-evaluations (they differ
+    from the bf16 training forward's), an fp32 run's are the training forward's own."""
+    case = r["case"]
+    if case.get("every") == 0:
+        assert r["probe_s"] == [None] * 5, case
+        return
+    s = r["probe_s"]
+    kind = case.get("probe_s", "1")
+    if kind == "1":
+        assert s == [1.0] * 5, case
+    else:
+        assert len(set(s)) == 5 and all(v > 0 for v in s), case
+        assert all(v < 1 for v in s) if kind == "uniform" else max(s) < 20, case
+    if case.get("precision", "fp32") == "bf16":
+        assert r["train_loss_gap"] > 1e-5, case  # bf16 rounding of the forward: ~1e-3 here
+    else:
+        assert r["train_loss_gap"] == 0.0, case

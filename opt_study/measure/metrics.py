@@ -17,12 +17,20 @@ each term the first-order rounding of one computed input (Higham, §2.2 and §3.
                                                   sums, bounded by Cauchy–Schwarz
                 + r·(‖g‖ + ‖g⁺‖)·(2‖x‖ + ‖sΔ‖) )  the rounding of the evaluation points
 
-u is the unit roundoff of ``precision`` (the dtype of the weights and arithmetic of the forward /
-backward at x_t and p): 2^-24 fp32, 2^-8 bf16, 2^-11 fp16, 2^-53 fp64. r = 0 when both points
-are exact master values (fp32/fp64 weights and s = 1: p = x_{t+1}), otherwise r = 1: with s ≠ 1
-the point x_t + sΔ is rounded, and with bf16/fp16 weights both x_t and x_{t+1} are, so the segment
-really travelled differs from sΔ elementwise by up to u(|x_t| + |p|), moving δ by up to
-u·‖g‖(2‖x‖ + ‖sΔ‖) to first order. c = FLOOR_C = 4 covers the roundings the first-order count
+Two unit roundoffs enter, because under mixed precision the losses and the gradients are not
+computed alike (METRICS.md: "on measured steps, losses that enter differences are evaluated in
+fp32"): u_G is that of ``precision``, the arithmetic of the forward / backward that produced g and
+g⁺ (it bounds their elementwise error, so the inner-product term carries u_G); u_L that of
+``loss_precision`` (default: ``precision``), the forward that produced ℓ and ℓ⁺ (the loss terms
+and the point term carry u_L). Unit roundoffs: 2^-24 fp32, 2^-8 bf16, 2^-11 fp16, 2^-53 fp64.
+
+    floor = c·( u_L·(|ℓ| + |ℓ⁺|) + u_G·(‖g‖ + ‖g⁺‖)·‖sΔ‖ + r·u_L·(‖g‖ + ‖g⁺‖)·(2‖x‖ + ‖sΔ‖) )
+
+r = 0 when both points are exact master values read exactly by the loss's forward (fp32/fp64
+losses and s = 1: p = x_{t+1}), otherwise r = 1: with s ≠ 1 the point x_t + sΔ is rounded, and a
+bf16/fp16 loss forward reads bf16/fp16 weights, so the segment really travelled differs from sΔ
+elementwise by up to u(|x_t| + |p|), moving δ by up to u·‖g‖(2‖x‖ + ‖sΔ‖) to first order. With
+loss_precision = precision this is the single-precision formula above. c = FLOOR_C = 4 covers the roundings the first-order count
 leaves out (the subtraction ℓ⁺ − ℓ and the final roundings of each loss and dot: 1u each; the
 measured chunked-dot error of sums.py: up to 3u). The floor is a scale, deliberately
 conservative (Cauchy–Schwarz, not the much smaller typical size of random rounding errors):
@@ -96,17 +104,25 @@ def group_metrics(sums: Mapping[str, float]) -> dict[str, float | None]:
 
 
 def noise_floor(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: float,
-                precision: str = "fp32", floor_c: float = FLOOR_C) -> float:
-    """The floor of the module docstring; NaN where an input is missing."""
-    if precision not in UNIT_ROUNDOFF:
-        raise ValueError(f"precision must be one of {sorted(UNIT_ROUNDOFF)}, got {precision!r}")
+                precision: str = "fp32", floor_c: float = FLOOR_C,
+                loss_precision: str | None = None) -> float:
+    """The floor of the module docstring; NaN where an input is missing.
+
+    ``precision``: the gradients' arithmetic (u_G); ``loss_precision``: the losses' (u_L),
+    default ``precision``.
+    """
+    loss_precision = precision if loss_precision is None else loss_precision
+    for p in (precision, loss_precision):
+        if p not in UNIT_ROUNDOFF:
+            raise ValueError(f"precision must be one of {sorted(UNIT_ROUNDOFF)}, got {p!r}")
+    u_g, u_l = UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[loss_precision]
     s = _f(probe_s)
     gsum = _root(_f(sums.get("sq_grad"))) + _root(_f(sums.get("sq_grad_probe")))
     seg = abs(s) * _root(_f(sums.get("sq_update")))
-    scale = abs(_f(loss)) + abs(_f(loss_probe)) + gsum * seg
-    if precision in ("bf16", "fp16") or s != 1.0:  # the evaluation points are rounded
-        scale += gsum * (2.0 * _root(_f(sums.get("sq_param"))) + seg)
-    return floor_c * UNIT_ROUNDOFF[precision] * scale
+    scale = u_l * (abs(_f(loss)) + abs(_f(loss_probe))) + u_g * gsum * seg
+    if loss_precision in ("bf16", "fp16") or s != 1.0:  # the evaluation points are rounded
+        scale += u_l * gsum * (2.0 * _root(_f(sums.get("sq_param"))) + seg)
+    return floor_c * scale
 
 
 def _flag(sq_update: float, loss_probe: float, probe_s: float) -> str | None:
@@ -121,8 +137,13 @@ def _flag(sq_update: float, loss_probe: float, probe_s: float) -> str | None:
 
 
 def derive(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: float,
-           precision: str = "fp32", *, floor_c: float = FLOOR_C) -> dict[str, float | str | None]:
+           precision: str = "fp32", *, floor_c: float = FLOOR_C,
+           loss_precision: str | None = None) -> dict[str, float | str | None]:
     """Every derived column of METRICS.md (OUTPUT_NAMES) from the global sums of one step.
+
+    ``precision`` is the arithmetic of the gradients, ``loss_precision`` that of ℓ and ℓ⁺
+    (default ``precision``; "fp32" when the losses were re-evaluated in fp32): both only set
+    the noise floor.
 
     ``sums`` maps SUM_NAMES to totals (NaN/None for missing ones). Undefined values are None:
     a missing input, a zero segment ("zero_update" / "zero_probe_s" in ``flag``: every metric
@@ -138,7 +159,7 @@ def derive(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: f
     sq_seg = s * s * get("sq_update")                   # ‖sΔ‖²
     gap_fwd = ip_g - delta
     gap_bwd = delta - ip_gp
-    floor = noise_floor(S, ell, ell_p, s, precision, floor_c)
+    floor = noise_floor(S, ell, ell_p, s, precision, floor_c, loss_precision)
     vals = {
         "loss_change": delta,
         "convexity_gap_fwd": gap_fwd,

@@ -1,12 +1,14 @@
-"""The same-batch probe: forward + backward at x_{t+1} on step t's batch, leaving training untouched.
+"""The same-batch probe: forward + backward at p on step t's batch, leaving training untouched.
 
 METRICS.md: ℓ⁺_t = f(p; B_t), g⁺_t = ∇f(p; B_t) with the same micro-batches and the same dropout
-masks as step t's forward. STACK.md measured on DeepSpeed 0.19.8 (2 CPU ranks, ZeRO 0-3, GAS 1
+masks as step t's forward; the weights already hold p = x_t + sΔ_t when this runs (the hook sets
+and restores p for s ≠ 1). STACK.md measured on DeepSpeed 0.19.8 (2 CPU ranks, ZeRO 0-3, GAS 1
 and 2, dropout) that this sequence leaves a run bit-for-bit identical to one that never probes;
-tests/test_probe_multirank.py re-checks it, and snapshots the engine around a probe. What each
-restore step prevents (STACK.md ablations): without zero_grad at ZeRO-0/3 the probe's gradient
-leaks into the next step; without resetting the boundary override every micro-batch becomes a
-step; without replaying RNG states the probe sees other dropout masks.
+tests/test_multirank.py re-checks it (s = 1, s ~ U[0, 1], fp32 and bf16), and snapshots the
+engine around a probe. What each restore step prevents (STACK.md ablations): without zero_grad
+at ZeRO-0/3 the probe's gradient leaks into the next step; without resetting the boundary
+override every micro-batch becomes a step; without replaying RNG states the probe sees other
+dropout masks.
 """
 from __future__ import annotations
 
@@ -54,16 +56,24 @@ def run_probe(engine, view, batches, rng_states, loss_fn, zero_stage: int):
 
 
 def _restore(engine, zero_stage: int) -> None:
-    """Put the engine back exactly as step() left it (gradient buffers, counters, boundary)."""
-    if zero_stage == 0:
+    """Put the engine back exactly as step() left it (gradient buffers, counters, boundary).
+
+    Dispatches on the stage DeepSpeed really runs. ZeRO-1 with bf16 is DeepSpeed's
+    BF16_Optimizer: its zero_grad(set_to_none) clears its lp grads and zeroes its fp32
+    accumulation buffers, as its step() leaves them; it has no micro_step_id (setting one would
+    add state that a run without the probe lacks).
+    """
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else zero_stage
+    if stage == 0:
         engine.zero_grad()
     else:
         zo = engine.optimizer
         zo.zero_grad(set_to_none=True)
         for k in list(getattr(zo, "averaged_gradients", {}) or {}):
             zo.averaged_gradients[k] = None
-        if zero_stage in (1, 2):
+        if stage in (1, 2):
             for k in list(getattr(zo, "all_grad_tensors", {}) or {}):
                 zo.all_grad_tensors[k] = None
-            zo.micro_step_id = -1
+            if hasattr(zo, "micro_step_id"):
+                zo.micro_step_id = -1
     engine.set_gradient_accumulation_boundary(None)  # the override is sticky otherwise

@@ -70,8 +70,11 @@ def _cls(gap: float, floor: float) -> str | None:
 
 def reference_metrics(x, g, delta, g_plus, loss: float, loss_probe: float, probe_s: float = 1.0,
                       *, delta_prev=None, g_prev=None, precision: str = "fp32",
-                      floor_c: float = 4.0) -> dict:
-    """The derived metrics of METRICS.md straight from the definitions, segment sΔ."""
+                      floor_c: float = 4.0, loss_precision: str | None = None) -> dict:
+    """The derived metrics of METRICS.md straight from the definitions, segment sΔ.
+
+    ``precision``: the gradients' arithmetic; ``loss_precision``: the losses' (default the same).
+    """
     x, g, d, gp, dp, gq = (_v(t) for t in (x, g, delta, g_plus, delta_prev, g_prev))
     ell = math.nan if loss is None else float(loss)
     ell_p = math.nan if loss_probe is None else float(loss_probe)
@@ -83,10 +86,12 @@ def reference_metrics(x, g, delta, g_plus, loss: float, loss_probe: float, probe
     gap_bwd = dl - _dot(gp, seg)                           # δ_t − ⟨g⁺_t, sΔ_t⟩
     g_sum = None if g is None or gp is None else g + gp
     gsum = _norm(g) + _norm(gp)
-    scale = abs(ell) + abs(ell_p) + gsum * _norm(seg)
-    if precision in ("bf16", "fp16") or s != 1.0:
-        scale += gsum * (2.0 * _norm(x) + _norm(seg))
-    floor = floor_c * _U[precision] * scale
+    u_l = _U[precision if loss_precision is None else loss_precision]  # ℓ, ℓ⁺ and the points
+    u_g = _U[precision]                                    # g, g⁺
+    scale = u_l * (abs(ell) + abs(ell_p)) + u_g * gsum * _norm(seg)
+    if u_l > _U["fp32"] or s != 1.0:                       # bf16/fp16 losses, or a rounded p
+        scale += u_l * gsum * (2.0 * _norm(x) + _norm(seg))
+    floor = floor_c * scale
     out = {
         "loss_change": _none(dl),
         "convexity_gap_fwd": _none(gap_fwd),

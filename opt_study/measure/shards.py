@@ -16,6 +16,7 @@ checks every stage against a gathered reference):
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -23,6 +24,49 @@ from opt_study import distributed
 
 EMPTY = torch.empty(0)
 WRITE_BUCKET = 1 << 22  # elements per all-reduce when writing replicated weights (16 MiB fp32)
+
+
+class FlatShard:
+    """One vector of this rank's shard (x_t, g_t, Δ_t, ...) kept in ONE contiguous fp32 buffer.
+
+    ``flat`` holds the fragments back to back in ShardView order and ``parts[i]`` is the view of
+    fragment i, so a FlatShard indexes, iterates and has a length like the list of fragments it
+    replaces. The measurement sums read ``flat`` in large chunks (sums.flat_sums, with the
+    groups' element ranges from sums.group_runs(sizes, ...)) and never concatenate fragments.
+    Memory: exactly the fragments' elements, no padding.
+    """
+
+    __slots__ = ("flat", "sizes", "parts")
+
+    def __init__(self, flat: torch.Tensor, sizes: Sequence[int]):
+        self.sizes = tuple(int(n) for n in sizes)
+        if flat.dim() != 1 or flat.numel() != sum(self.sizes):
+            raise ValueError(f"flat buffer of shape {tuple(flat.shape)} does not hold fragments "
+                             f"of {sum(self.sizes)} elements")
+        self.flat = flat
+        self.parts = list(flat.split(self.sizes))
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.parts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.parts[i]
+
+
+def flatten(frags: Sequence[torch.Tensor]) -> FlatShard:
+    """A copy of ``frags`` (any float dtype, any shape) as one fp32 FlatShard on their device:
+    one allocation and one copy per fragment, the copy a kept vector needs anyway."""
+    sizes = [t.numel() for t in frags]
+    device = next((t.device for t in frags if t.numel()), torch.device("cpu"))
+    out = FlatShard(torch.empty(sum(sizes), dtype=torch.float32, device=device), sizes)
+    with torch.no_grad():
+        for dst, src in zip(out.parts, frags):
+            if dst.numel():
+                dst.copy_(src.detach().reshape(-1))
+    return out
 
 
 class ShardView:
@@ -85,11 +129,13 @@ class ShardView:
             g = g.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel)
         return g.float()
 
-    def clone_params(self) -> list[torch.Tensor]:
-        return [t.detach().clone().float() for t in self.params()]
+    def clone_params(self) -> FlatShard:
+        """An fp32 copy of ``params()`` in one flat buffer (what the measurer keeps)."""
+        return flatten(self.params())
 
-    def clone_grads(self) -> list[torch.Tensor]:
-        return [t.detach().clone().float() for t in self.grads()]
+    def clone_grads(self) -> FlatShard:
+        """An fp32 copy of ``grads()`` in one flat buffer (same validity window as grads())."""
+        return flatten(self.grads())
 
     def local_numel(self) -> int:
         return sum(t.numel() for t in self.params())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from opt_study import distributed
+from opt_study import distributed, storage
 from opt_study.results import layout
 
 SNAPSHOTS_DIR = "snapshots"
@@ -98,7 +98,7 @@ class SnapshotSaver:
     def _save(self, s: int) -> None:
         d = step_dir(self.study_dir, self.trial_id, s)
         if self.rank == 0:
-            (d / COMMITTED).unlink(missing_ok=True)
+            layout.remove_tree(d / COMMITTED)
         distributed.barrier()
         # copy=True: torch.save of a view would write the view's whole storage
         frags = {name: t[:hi - lo].detach().to("cpu", torch.float32, copy=True)
@@ -109,10 +109,11 @@ class SnapshotSaver:
         distributed.barrier()
         if self.rank == 0:
             missing = [r for r in range(self.world)
-                       if not rank_file(self.study_dir, self.trial_id, s, r, self.world).is_file()]
+                       if not storage.exists(rank_file(self.study_dir, self.trial_id, s, r, self.world),
+                                             poll=False)]
             if missing:  # the study dir is not shared by the ranks: say so instead of committing
                 raise RuntimeError(f"snapshot step-{s}: rank files {missing} not visible from rank 0; "
-                                   "snapshots need a study dir shared by all ranks")
+                                   "snapshots need a study dir shared by all ranks or an object store")
             layout.atomic_write_bytes(d / META, json.dumps({**self.meta, "step": s}).encode())
             layout.atomic_write_bytes(d / COMMITTED, b"")
 

@@ -2,7 +2,8 @@
 
 Every raw sum of METRICS.md is a sum over parameter elements, so the global value is the SUM over
 ranks of the sums over each rank's shard; per parameter group it is the sum over the group's
-fragments. A rank computes ``local_sums`` over its fragments, ``pack`` appends the loss terms, one
+fragments. A rank computes its partial sums (``flat_sums`` over the flat buffers StepMeasurer
+keeps, or ``local_sums`` over one tensor per fragment), ``pack`` appends the loss terms, one
 ``all_reduce(SUM)`` of the packed float64 vector yields the global values on every rank and
 ``unpack`` splits them again. A sum whose inputs are missing on a fragment (None) is NaN; NaN
 survives the SUM all-reduce, so it is NaN (null downstream) on every rank.
@@ -17,19 +18,29 @@ case (≈ 4e-3 at C = 2^16); the BLAS kernel's many SIMD accumulators and the ra
 rounding errors make the real error ~√(C/k)·u for k accumulators (Higham & Mary 2019,
 https://doi.org/10.1137/18M1226312). Measured here (MKL, AVX-512): ≤ 3u = 1.8e-7 relative per
 chunk for 4k-100k elements, ≤ 1.1e-7·‖a‖‖b‖ over 10M elements against full float64.
-Cost on a 2-core Xeon, 10M elements in 100 fragments: 31 ms, against 16 ms for one plain pass
-(``t.sum()``) over the same 7 vectors and 56-95 ms for float64 arithmetic (chunks upcast, or
-whole fragments upcast). Differences (x − x_0, g⁺ − g) are formed per chunk in fp32 before the
-dot, never as ‖a‖² − 2⟨a,b⟩ + ‖b‖², which cancels catastrophically when g⁺ ≈ g.
+Differences (x − x_0, g⁺ − g) are formed per chunk in fp32 before the dot, never as
+‖a‖² − 2⟨a,b⟩ + ‖b‖², which cancels catastrophically when g⁺ ≈ g.
+
+Cost. StepMeasurer keeps every vector in ONE flat fp32 buffer per rank (shards.FlatShard, filled
+by the copy that keeping it needs anyway). On CPU ``flat_sums`` hands the buffers to the fused
+kernel (fused_sums.py): one pass over each group's element range, every sum updated from
+registers, within ~1.2x of one pass over the bytes (benchmarks/bench_sums.py, RESULTS.md §3); its
+fp32 lanes over blocks of 256 elements satisfy the bound above with C = 32. Elsewhere (GPU,
+float64, strided views, no compiler) ``flat_sums_torch`` cuts each range into near-equal chunks
+and runs ~12 calls per chunk on plain slices: the bytes are read from memory once, by the first
+dots of a chunk, and the other dots re-read the chunk from L2 (1.7-2.8x one pass on CPU).
+float64 arithmetic (chunks upcast) costs 2-3x more.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from opt_study.measure import fused_sums as _fused
 
 SUM_NAMES: tuple[str, ...] = (
     "sq_grad", "sq_grad_probe", "sq_update", "sq_param", "sq_dist_init",
@@ -48,7 +59,9 @@ SUM_NAMES: tuple[str, ...] = (
 # read before DeepSpeed reduces it (the small-batch term of the gradient noise scale; NaN when off).
 LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes", "sq_grad_small")
 
-CHUNK = 1 << 16  # 64k elements: 7 fp32 operands x 256 KiB stay in a 2 MiB L2 while 14 dots run
+# 64k elements: 6-7 fp32 operands of 256 KiB mostly stay in a 2 MiB L2 while the dots re-read
+# them; 32k pays more per-call overhead, 128k spills (bench_sums on a 2-core Xeon).
+CHUNK = 1 << 16
 
 # Operands of the dot products: Fragment fields, plus two differences formed per chunk.
 _DIFFS: dict[str, tuple[str, str]] = {"x_minus_x0": ("x", "x0"), "gp_minus_g": ("g_plus", "g")}
@@ -104,6 +117,10 @@ class Fragment:
                 if f.name != "group" and getattr(self, f.name) is not None}
 
 
+# The vectors a sum can read, in Fragment's field order (flat_sums takes them by these names).
+VECTOR_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Fragment) if f.name != "group")
+
+
 def local_sums(frags: Sequence[Fragment], n_groups: int, chunk: int = CHUNK,
                only: Collection[str] | None = None) -> Tensor:
     """This rank's partial sums: float64 [len(SUM_NAMES), n_groups], on the fragments' device.
@@ -111,15 +128,13 @@ def local_sums(frags: Sequence[Fragment], n_groups: int, chunk: int = CHUNK,
     Entry [i, j] is SUM_NAMES[i] summed over the fragments of group j (0 if this rank holds none
     of group j; NaN if a fragment of group j lacks an input of that sum). ``only`` restricts the
     work to the named sums (e.g. the every-step norms); the others are NaN.
+
+    For fragments held one tensor each (replay, tests). The step hook keeps every vector in ONE
+    flat buffer and calls ``flat_sums``, which needs no concatenation.
     """
-    wanted = set(SUM_NAMES if only is None else only)
-    if not wanted <= set(SUM_NAMES):
-        raise ValueError(f"unknown sum names {sorted(wanted - set(SUM_NAMES))}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    wanted = _wanted(only, chunk)
     device = frags[0].x.device if frags else torch.device("cpu")
-    out = torch.zeros(len(SUM_NAMES), n_groups, dtype=torch.float64, device=device)
-    out[[i for i, n in enumerate(SUM_NAMES) if n not in wanted]] = float("nan")
+    out = _empty_out(wanted, n_groups, device)
     # Fragments that share a group and a presence pattern are summed together, so that small
     # ones (biases, norms) can be concatenated into full chunks instead of costing ~15 calls each.
     buckets: dict[tuple[int, tuple[str, ...]], list[Fragment]] = {}
@@ -128,15 +143,141 @@ def local_sums(frags: Sequence[Fragment], n_groups: int, chunk: int = CHUNK,
             raise ValueError(f"Fragment.group {f.group} out of range for n_groups={n_groups}")
         buckets.setdefault((f.group, tuple(f.tensors())), []).append(f)
     for (group, present), members in buckets.items():
-        avail = set(present) | {d for d, (a, b) in _DIFFS.items() if a in present and b in present}
-        rows = [i for i, n in enumerate(SUM_NAMES) if n in wanted]
-        computable = [i for i in rows if set(_TERMS[SUM_NAMES[i]]) <= avail]
-        missing = [i for i in rows if i not in computable]
+        computable, missing, terms = _plan(wanted, present)
         out[missing, group] = float("nan")
         if computable:
-            terms = [_TERMS[SUM_NAMES[i]] for i in computable]
-            out[computable, group] += _accumulate(_blocks(members, present, chunk), terms, device)
+            blocks = _blocks(members, present, chunk)
+            out[computable, group] += _accumulate(blocks, terms, device).sum(0)
     return out
+
+
+def flat_sums(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
+              n_groups: int, chunk: int = CHUNK, only: Collection[str] | None = None) -> Tensor:
+    """``local_sums`` over flat buffers: the same float64 [len(SUM_NAMES), n_groups] result.
+
+    ``vectors`` maps Fragment field names (x, g, delta, g_plus, x0, delta_prev, g_prev) to 1-D
+    tensors of one length, each holding this rank's whole shard of that vector in one layout
+    (shards.FlatShard); a missing or None vector makes its sums NaN, as in ``local_sums``.
+    ``runs`` lists (group, start, stop): elements [start, stop) of every vector belong to that
+    group (``group_runs``); elements in no run are not summed.
+
+    CPU fp32 contiguous vectors go to the fused one-pass kernel (fused_sums.py) when it is built
+    and OPT_STUDY_FUSED_SUMS is not "0"; everything else (GPU, float64, strided views) takes
+    ``flat_sums_torch``, which cuts each run into near-equal chunks of at most ``chunk`` elements
+    (plain slices, no copy). Both agree within the error bounds of the module docstring.
+    """
+    present, _, _ = check_flat(vectors, runs, n_groups, chunk, only)
+    if _use_fused(present):
+        return _fused.fused_sums(present, runs, n_groups, chunk, only)
+    return flat_sums_torch(present, runs, n_groups, chunk, only)
+
+
+def flat_sums_torch(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
+                    n_groups: int, chunk: int = CHUNK, only: Collection[str] | None = None
+                    ) -> Tensor:
+    """``flat_sums`` on its torch path (any device and float dtype): per chunk, one torch.dot
+    per sum in the working precision, the chunks' results summed in float64."""
+    present, _, wanted = check_flat(vectors, runs, n_groups, chunk, only)
+    device = present["x"].device
+    out = _empty_out(wanted, n_groups, device)
+    f64 = any(t.dtype == torch.float64 for t in present.values())
+    work = torch.float64 if f64 else torch.float32
+    names = tuple(k for k in VECTOR_NAMES if k in present)
+    computable, missing, terms = _plan(wanted, names)  # one presence pattern for every group
+    held = sorted({g for g, _, _ in runs})
+    if missing and held:
+        out[torch.tensor(missing)[:, None], torch.tensor(held)[None, :]] = float("nan")
+    lens = [chunk_lengths(stop - start, chunk) for _, start, stop in runs]
+    if computable and any(lens):
+        blocks = (dict(zip(names, ops)) for (_, start, stop), ls in zip(runs, lens)
+                  for ops in zip(*(present[k][start:stop].split(ls) for k in names)))
+        per_chunk = _accumulate(blocks, terms, device, work)  # [chunks, terms]
+        per_group = torch.zeros(n_groups, len(terms), dtype=torch.float64, device=device)
+        group_of_chunk = [g for (g, _, _), ls in zip(runs, lens) for _ in ls]
+        per_group.index_add_(0, torch.tensor(group_of_chunk, device=device), per_chunk)
+        out[computable] += per_group.T
+    return out
+
+
+def check_flat(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
+               n_groups: int, chunk: int, only: Collection[str] | None
+               ) -> tuple[dict[str, Tensor], int, set[str]]:
+    """``flat_sums``' argument checks (ValueError on a violation): the vectors that are present,
+    their common length and the set of wanted sums."""
+    wanted = _wanted(only, chunk)
+    present = {k: v for k, v in vectors.items() if v is not None}
+    if set(present) - set(VECTOR_NAMES):
+        raise ValueError(f"unknown vectors {sorted(set(present) - set(VECTOR_NAMES))}; "
+                         f"known: {VECTOR_NAMES}")
+    if "x" not in present:
+        raise ValueError("flat_sums needs the vector 'x'")
+    n = present["x"].numel()
+    for name, t in present.items():
+        if t.dim() != 1 or t.numel() != n or not t.is_floating_point():
+            raise ValueError(f"vector {name!r} must be a 1-D floating-point tensor of {n} elements "
+                             f"(like x), got {t.dtype} {tuple(t.shape)}")
+    for group, start, stop in runs:
+        if not (0 <= group < n_groups and 0 <= start <= stop <= n):
+            raise ValueError(f"run {(group, start, stop)} out of range (n_groups={n_groups}, "
+                             f"{n} elements)")
+    return present, n, wanted
+
+
+def _use_fused(present: Mapping[str, Tensor]) -> bool:
+    """Whether flat_sums hands these vectors to the fused one-pass kernel (fused_sums.py): CPU
+    fp32 contiguous vectors, the kernel built, and OPT_STUDY_FUSED_SUMS not "0"."""
+    return _fused.enabled() and _fused.supports(present) and _fused.available()
+
+
+def chunk_lengths(n: int, chunk: int = CHUNK) -> list[int]:
+    """Lengths of the near-equal pieces of at most ``chunk`` elements that flat_sums cuts a run
+    of ``n`` elements into (no tiny remainder chunk: each costs as many calls as a full one)."""
+    pieces = -(-n // chunk)
+    return [n * (i + 1) // pieces - n * i // pieces for i in range(pieces)]
+
+
+def group_runs(sizes: Sequence[int], group_of: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(group, start, stop) of each maximal run of consecutive fragments of one group, for
+    fragments of ``sizes`` elements laid back to back in one flat buffer (``flat_sums``' runs).
+    Empty fragments (a ZeRO-1/2 rank holding none of a parameter) join any run."""
+    if len(sizes) != len(group_of):
+        raise ValueError(f"{len(sizes)} sizes but {len(group_of)} groups")
+    runs: list[list[int]] = []
+    pos = 0
+    for n, grp in zip(sizes, group_of):
+        if n:
+            if runs and runs[-1][0] == grp and runs[-1][2] == pos:
+                runs[-1][2] += n
+            else:
+                runs.append([grp, pos, pos + n])
+        pos += n
+    return [tuple(r) for r in runs]
+
+
+def _wanted(only: Collection[str] | None, chunk: int) -> set[str]:
+    wanted = set(SUM_NAMES if only is None else only)
+    if not wanted <= set(SUM_NAMES):
+        raise ValueError(f"unknown sum names {sorted(wanted - set(SUM_NAMES))}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return wanted
+
+
+def _empty_out(wanted: set[str], n_groups: int, device) -> Tensor:
+    """Zeros for the wanted sums (a group this rank holds nothing of sums to 0), NaN elsewhere."""
+    out = torch.zeros(len(SUM_NAMES), n_groups, dtype=torch.float64, device=device)
+    out[[i for i, n in enumerate(SUM_NAMES) if n not in wanted]] = float("nan")
+    return out
+
+
+def _plan(wanted: set[str], present) -> tuple[list[int], list[int], list[tuple[str, str]]]:
+    """Rows of the wanted sums that the ``present`` operands can / cannot compute (the latter
+    are NaN), and the operand names of each computable one."""
+    avail = set(present) | {d for d, (a, b) in _DIFFS.items() if a in present and b in present}
+    rows = [i for i, n in enumerate(SUM_NAMES) if n in wanted]
+    computable = [i for i in rows if set(_TERMS[SUM_NAMES[i]]) <= avail]
+    missing = [i for i in rows if i not in computable]
+    return computable, missing, [_TERMS[SUM_NAMES[i]] for i in computable]
 
 
 def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int
@@ -160,20 +301,29 @@ def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int
 
 
 def _accumulate(blocks: Iterator[dict[str, Tensor]], terms: list[tuple[str, str]],
-                device: torch.device) -> Tensor:
-    """Σ over blocks of each term's dot product: per-block dots in the working precision,
-    accumulated in float64 (the error argument is in the module docstring)."""
-    per_block = []
+                device: torch.device, work: torch.dtype | None = None) -> Tensor:
+    """Each term's dot product on every block: float64 [blocks, terms] (one zero row if there
+    are no blocks). The dots run in the working precision (float64 if any operand is float64,
+    else fp32; ``work`` fixes it for every block); their sums over blocks, taken by the caller
+    in float64, carry the error argument of the module docstring."""
+    diffs = {d: ab for d, ab in _DIFFS.items() if any(d in t for t in terms)}
+    scratch: dict[str, Tensor] = {}  # one chunk-sized buffer per difference, reused every block
+    dots: list[Tensor] = []
     for ops in blocks:
-        work = torch.float64 if any(t.dtype == torch.float64 for t in ops.values()) else torch.float32
-        ops = {k: t.to(work) for k, t in ops.items()}  # a no-op for fp32 master values
-        for name, (a, b) in _DIFFS.items():
-            if a in ops and b in ops:
-                ops[name] = ops[a] - ops[b]  # a chunk-sized temporary, never a full-size one
-        per_block.append(torch.stack([torch.dot(ops[a], ops[b]) for a, b in terms]).double())
-    if not per_block:  # only empty fragments
-        return torch.zeros(len(terms), dtype=torch.float64, device=device)
-    return torch.stack(per_block).sum(0)
+        w = work or (torch.float64 if any(t.dtype == torch.float64 for t in ops.values())
+                     else torch.float32)
+        ops = {k: t if t.dtype == w else t.to(w) for k, t in ops.items()}
+        for name, (a, b) in diffs.items():
+            n = ops[a].numel()
+            buf = scratch.get(name)
+            if buf is None or buf.numel() < n or buf.dtype != w:
+                buf = scratch[name] = torch.empty(n, dtype=w, device=device)
+            ops[name] = torch.sub(ops[a], ops[b], out=buf[:n])
+        dots += [torch.dot(ops[a], ops[b]) for a, b in terms]
+    if not dots:  # only empty fragments
+        return torch.zeros(1, len(terms), dtype=torch.float64, device=device)
+    # one stack for all blocks: per-call overhead, not arithmetic, is what grows with the blocks
+    return torch.stack(dots).view(-1, len(terms)).to(torch.float64)
 
 
 def pack(sums: Tensor, losses: Tensor) -> Tensor:

@@ -22,10 +22,15 @@ Columns (definitions of the measurement columns in METRICS.md):
   trapezoid_residual, smoothness_local, smoothness_descent, curvature_secant, step_alpha,
   cos_grad_update, cos_update_prev, cos_grad_prev, update_to_param, noise_floor`` (float64).
 - ``flag`` string: why derived metrics are null on a measured step (e.g. a zero update).
+- ``loss_precision`` string: the precision ``loss`` and ``loss_probe`` of the row were evaluated
+  in: the training precision (``fp32``, ``bf16``, ``fp16``) on unmeasured steps, ``fp32`` on
+  measured steps (METRICS.md: losses that enter differences are re-evaluated in fp32 under
+  bf16/fp16, so a bf16 run's measured rows carry fp32 losses).
 - ``cls_convexity_fwd``, ``cls_convexity_bwd`` string: ``holds`` / ``violated`` /
   ``indeterminate`` (within the noise floor).
 
-Version history: 1 = the columns above. A reader of a newer version may see more columns;
+Version history: 1 = the columns above (``loss_precision`` added within version 1: a new
+nullable column, null in files written before it). A reader of a newer version may see more columns;
 removing or retyping a column requires a new version.
 """
 
@@ -79,6 +84,7 @@ STEP_SCHEMA: pa.Schema = pa.schema(
         *[pa.field(name, pa.float64()) for name in METRIC_COLUMNS],
         pa.field("flag", pa.string()),
         *[pa.field(name, pa.string()) for name in CLASS_COLUMNS],
+        pa.field("loss_precision", pa.string()),
         pa.field("measured", pa.bool_(), nullable=False),
         pa.field("groups", GROUPS_TYPE),
     ],

@@ -9,6 +9,7 @@ every raw sum, loss and derived metric against `opt_study.measure.reference` at 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -25,25 +26,27 @@ from opt_study.measure.shards import ShardView
 from opt_study.trial import TrialPlan, run_trial
 
 
-def full_params(engine, stage: int) -> torch.Tensor:
+def full_params(engine, stage: int, precision: str = "fp32") -> torch.Tensor:
+    """The full fp32 master vector: the module's own weights only at ZeRO-0 fp32 (under bf16 they
+    are bf16 copies; the masters live in the optimizer and DeepSpeed's API gathers them)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     ps = [p for p in engine.module.parameters() if p.requires_grad]
-    if stage == 0:
+    if stage == 0 and precision == "fp32":
         return torch.cat([p.detach().double().reshape(-1) for p in ps])
     return torch.cat([safe_get_full_fp32_param(p).detach().double().reshape(-1) for p in ps])
 
 
-def full_grads(engine, stage: int) -> torch.Tensor:
+def full_grads(engine, stage: int, precision: str = "fp32") -> torch.Tensor:
     from deepspeed.utils import safe_get_full_grad
 
     ps = [p for p in engine.module.parameters() if p.requires_grad]
-    if stage == 0:
+    if stage == 0 and precision == "fp32":
         return torch.cat([p.grad.detach().double().reshape(-1) for p in ps])
     return torch.cat([safe_get_full_grad(p).detach().double().reshape(-1) for p in ps])
 
 
-def engine_snapshot(engine, stage: int) -> dict:
+def engine_snapshot(engine, stage: int, precision: str = "fp32") -> dict:
     """Everything a probe could disturb: optimizer state, counters, buffers, RNG, weights, ZeRO
     gradient bookkeeping. Deep copies, compared exactly."""
     opt = engine.optimizer
@@ -54,7 +57,9 @@ def engine_snapshot(engine, stage: int) -> dict:
             "counters": (engine.global_steps, engine.micro_steps, engine.global_samples,
                          engine.is_gradient_accumulation_boundary(), getattr(opt, "micro_step_id", None)),
             "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()},
-            "params": full_params(engine, stage),
+            "params": full_params(engine, stage, precision),
+            # the weights the forward reads (bf16 copies under bf16), not only the masters
+            "weights": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
             "lr": [g["lr"] for g in client.param_groups]}
     if stage in (1, 2, 3):
         snap["avg_grads"] = sorted(k for k, v in (getattr(opt, "averaged_gradients", {}) or {}).items()
@@ -82,22 +87,24 @@ class RecordingView(ShardView):
     """A ShardView that also records the full tensors at the moments the measurer reads shards."""
 
     def clone_params(self):
-        self.full_x = full_params(self.engine, self.stage)
+        self.full_x = full_params(self.engine, self.stage, self.precision)
         return super().clone_params()
 
     def clone_grads(self):
-        self.full_g = full_grads(self.engine, self.stage)
+        self.full_g = full_grads(self.engine, self.stage, self.precision)
         return super().clone_grads()
 
 
 class RecordingMeasurer(StepMeasurer):
     last = None  # the instance of the most recent run, for the caller to inspect
+    reference_fn = None  # run_case sets reference_losses_fn(spec) before each case
 
     def __init__(self, engine, info, cfg, **kw):
         super().__init__(engine, info, cfg, **kw)
         self.view.__class__ = RecordingView
-        self.view.stage = info.zero_stage
+        self.view.stage, self.view.precision = info.zero_stage, info.precision
         self.log: list[dict] = []
+        self.reference_losses = RecordingMeasurer.reference_fn  # fp32 losses of a plain model
         RecordingMeasurer.last = self
 
     def begin(self, step):
@@ -110,15 +117,27 @@ class RecordingMeasurer(StepMeasurer):
 
     def end(self, step, loss_local, loss_fn, **kw):
         self.view.full_g = None
-        before = engine_snapshot(self.engine, self.view.stage) if self.measured else None
+        stage, precision = self.view.stage, self.view.precision
+        before = engine_snapshot(self.engine, stage, precision) if self.measured else None
+        batches, rng_states = self.batches, self.rng_states
         row = super().end(step, loss_local, loss_fn, **kw)
         if before is not None:  # the probe ran inside end(): nothing of the engine may differ
-            self.rec["probe_state_diff"] = diff_snapshots(before, engine_snapshot(self.engine, self.view.stage))
+            self.rec["probe_state_diff"] = diff_snapshots(before, engine_snapshot(self.engine, stage, precision))
+        train = torch.tensor([float(loss_local) / self.info.world_size], dtype=torch.float64,
+                             device=self.engine.device)
+        distributed.all_reduce_sum(train)  # the training forward's own loss (bf16 under bf16)
+        self.rec["train_loss"] = float(train[0])
         kept = [self.x_t, self.g_t, self.x0, self.prev_delta, self.prev_g]
         self.rec["kept_numel"] = sum(t.numel() for ts in kept if ts for t in ts)
         self.rec["local_numel"] = self.view.local_numel()
         self.rec["g_plus"] = self.view.full_g if self.measured else None
-        self.rec["x_next"] = full_params(self.engine, self.view.stage)
+        self.rec["x_next"] = full_params(self.engine, stage, precision)
+        if self.measured and self.reference_losses is not None:
+            # fp32 forwards of a plain copy of the model at x_t and p = x_t + sΔ_t (p formed as
+            # the hook forms it, fp32 x + s·Δ), on this rank's micro-batches with their masks
+            x, s = self.rec["x"], row["probe_s"]
+            p = torch.add(x.float(), (self.rec["x_next"] - x).float(), alpha=s)
+            self.rec["ref_losses"] = self.reference_losses([x.float(), p], batches, rng_states)
         self.rec["row"] = row
         self.rec["engine_norm"] = self.engine.get_global_grad_norm()
         self.log.append(self.rec)
@@ -133,11 +152,13 @@ def spec_for(case: dict, storage: str):
         "study": {"name": f"h{case['id']}", "storage": storage},
         "workload": wl,
         "scale": {"workers": distributed.world_size(), "zero_stage": case["stage"], "micro_batch_size": 4,
+                  "precision": case.get("precision", "fp32"),
                   "grad_accum": case["gas"], "launcher": "worker_group" if distributed.world_size() > 1 else "auto"},
         "training": {"steps": case.get("steps", 5), "eval_every": case.get("steps", 5),
                      "grad_clip": case.get("clip")},
         "optimizers": [{"name": case.get("opt", "adamw"), "params": {"lr": 0.01}}],
-        "measure": {"every": case.get("every", 1), "norms": True, "noise_scale": True},
+        "measure": {"every": case.get("every", 1), "norms": True, "noise_scale": True,
+                    "probe_s": case.get("probe_s", "1")},
     })
 
 
@@ -160,6 +181,39 @@ def reference_loss_grad(spec, x: torch.Tensor, step: int, world: int):
     return total, g, small
 
 
+def reference_losses_fn(spec):
+    """losses(points, batches, rng_states) -> [global mean fp32 loss at each full point].
+
+    A plain single-process fp32 copy of the model (no DeepSpeed, no hooks) evaluated in train
+    mode on this rank's micro-batches with the RNG states their training forwards used (the same
+    dropout masks), then averaged over ranks with one all-reduce. The RNG state is put back.
+    """
+    from opt_study.measure.probe import rng_state, set_rng_state
+    from opt_study.workloads import make_workload
+
+    wl = make_workload(spec.workload.type, spec.workload.params, 0)
+    model = wl.build_model().float().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def losses(points, batches, rng_states):
+        after, out = rng_state(), []
+        model.to(batches[0][0].device)  # the trial's device (a GPU run keeps batches there)
+        with torch.no_grad():
+            for x in points:
+                torch.nn.utils.vector_to_parameters(x.to(params[0].device, torch.float32).clone(), params)
+                total = 0.0
+                for b, st in zip(batches, rng_states):
+                    set_rng_state(st)
+                    total += float(wl.loss(model, b))
+                out.append(total / len(batches) / distributed.world_size())
+        set_rng_state(after)
+        t = torch.tensor(out, dtype=torch.float64, device=params[0].device)
+        distributed.all_reduce_sum(t)
+        return t.tolist()
+
+    return losses
+
+
 def rel(a: float, b: float, scale: float) -> float:
     if a is None or b is None:
         return math.inf
@@ -169,7 +223,6 @@ def rel(a: float, b: float, scale: float) -> float:
 
 
 def check_case(case: dict, log: list[dict], spec) -> dict:
-    world = distributed.world_size()
     errs: dict[str, float] = {"probe_state_diffs": float(sum(len(r.get("probe_state_diff", [])) for r in log))}
 
     def put(name, e):
@@ -177,53 +230,70 @@ def check_case(case: dict, log: list[dict], spec) -> dict:
 
     x0 = log[0]["x"]
     for t, r in enumerate(log):
-        row, x, g = r["row"], r["x"], r["g"]
-        delta = r["x_next"] - x
-        # every step: the sharded norms against the gathered tensors
-        put("grad_norm", rel(row["grad_norm"], float(g.norm()), float(g.norm())))
-        put("update_norm", rel(row["update_norm"], float(delta.norm()), float(delta.norm())))
-        put("param_norm", rel(row["param_norm"], float(x.norm()), float(x.norm())))
-        if r["engine_norm"] is not None and not case.get("clip"):
-            put("engine_grad_norm", rel(row["grad_norm"], float(r["engine_norm"]), float(g.norm())))
-        if case["workload"] == "mlp_classify":  # dropout-free: an independent float64 loss/grad
-            lref, gref, small = reference_loss_grad(spec, x, t, world)
-            put("loss_vs_fp64", rel(row["loss"], lref, abs(lref)))
-            put("grad_vs_fp64", float((g - gref).norm() / gref.norm()))
-            if row.get("sq_grad_small") is not None:  # the noise scale's small-batch term
-                put("sq_grad_small_vs_fp64", rel(row["sq_grad_small"], small, small))
-        if not row.get("measured"):
-            continue
-        prev = log[t - 1] if t > 0 else None
-        d_prev = (prev["x_next"] - prev["x"]) if prev else None
-        ref = reference.reference_sums(x=x, g=g, delta=delta, g_plus=r["g_plus"], x0=x0,
-                                       delta_prev=d_prev, g_prev=prev["g"] if prev else None)
-        norms = {"g": g.norm(), "delta": delta.norm(), "x": x.norm(), "g_plus": r["g_plus"].norm(),
-                 "x_minus_x0": (x - x0).norm(), "gp_minus_g": (r["g_plus"] - g).norm(),
-                 "delta_prev": d_prev.norm() if d_prev is not None else None,
-                 "g_prev": prev["g"].norm() if prev else None}
-        for name, (a, b) in SUM_OPERANDS.items():
-            if name not in ref or (norms[a] is None or norms[b] is None):
-                continue
-            put(name, rel(row[name], ref[name], float(norms[a] * norms[b])))
-        s = row["probe_s"]
-        mref = reference.reference_metrics(x=x, g=g, delta=delta, g_plus=r["g_plus"],
-                                           delta_prev=d_prev, g_prev=prev["g"] if prev else None,
-                                           loss=row["loss"], loss_probe=row["loss_probe"], probe_s=s)
-        for k in ("cls_convexity_fwd", "cls_convexity_bwd", "flag"):
-            put(f"{k}_mismatch", float(row.get(k) != mref.get(k)))
-        ell = abs(row["loss"])
-        gd = float(g.norm() * delta.norm()) + float(r["g_plus"].norm() * delta.norm())
-        dd = float(delta.norm()) ** 2
-        scales = {"loss_change": ell, "convexity_gap_fwd": ell + gd, "convexity_gap_bwd": ell + gd,
-                  "trapezoid_residual": ell + gd, "smoothness_local": abs(mref["smoothness_local"] or 1),
-                  "smoothness_descent": 2 * gd / dd if dd else 1, "curvature_secant": 2 * gd / dd if dd else 1,
-                  "step_alpha": 1.0, "cos_grad_update": 1.0, "cos_update_prev": 1.0, "cos_grad_prev": 1.0}
-        for k, sc in scales.items():
-            a, b = row.get(k), mref.get(k)
-            if a is None and b is None:
-                continue
-            put(k, rel(a, b, sc))
+        check_step(case, spec, t, r, log[t - 1] if t > 0 else None, x0, put)
     return errs
+
+
+def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) -> None:
+    """Every check of step t's record ``r`` (``prev``: step t−1's, for the `*_prev` sums);
+    ``put(name, relative error)`` keeps the maximum per name."""
+    world = distributed.world_size()
+    row, x, g = r["row"], r["x"], r["g"]
+    delta = r["x_next"] - x
+    # every step: the sharded norms against the gathered tensors
+    put("grad_norm", rel(row["grad_norm"], float(g.norm()), float(g.norm())))
+    put("update_norm", rel(row["update_norm"], float(delta.norm()), float(delta.norm())))
+    put("param_norm", rel(row["param_norm"], float(x.norm()), float(x.norm())))
+    if r["engine_norm"] is not None and not case.get("clip"):
+        put("engine_grad_norm", rel(row["grad_norm"], float(r["engine_norm"]), float(g.norm())))
+    if case["workload"] == "mlp_classify":  # dropout-free: an independent float64 loss/grad
+        lref, gref, small = reference_loss_grad(spec, x, t, world)
+        put("loss_vs_fp64", rel(row["loss"], lref, abs(lref)))
+        put("grad_vs_fp64", float((g - gref).norm() / gref.norm()))
+        if row.get("sq_grad_small") is not None:  # the noise scale's small-batch term
+            put("sq_grad_small_vs_fp64", rel(row["sq_grad_small"], small, small))
+    if not row.get("measured"):
+        return
+    s = row["probe_s"]
+    if "ref_losses" in r:  # ℓ_t and ℓ⁺_t against fp32 forwards of a plain model, same masks
+        put("loss_vs_fp32_ref", rel(row["loss"], r["ref_losses"][0], abs(r["ref_losses"][0])))
+        put("loss_probe_vs_fp32_ref", rel(row["loss_probe"], r["ref_losses"][1], abs(r["ref_losses"][1])))
+    put("loss_precision_mismatch", float(row.get("loss_precision") != "fp32"))
+    if case["workload"] == "mlp_classify":  # the probe point really is x_t + sΔ_t
+        lref_p, gref_p, _ = reference_loss_grad(spec, x + s * delta, t, world)
+        put("loss_probe_vs_fp64", rel(row["loss_probe"], lref_p, abs(lref_p)))
+        put("grad_probe_vs_fp64", float((r["g_plus"] - gref_p).norm() / gref_p.norm()))
+    d_prev = (prev["x_next"] - prev["x"]) if prev else None
+    ref = reference.reference_sums(x=x, g=g, delta=delta, g_plus=r["g_plus"], x0=x0,
+                                   delta_prev=d_prev, g_prev=prev["g"] if prev else None)
+    norms = {"g": g.norm(), "delta": delta.norm(), "x": x.norm(), "g_plus": r["g_plus"].norm(),
+             "x_minus_x0": (x - x0).norm(), "gp_minus_g": (r["g_plus"] - g).norm(),
+             "delta_prev": d_prev.norm() if d_prev is not None else None,
+             "g_prev": prev["g"].norm() if prev else None}
+    for name, (a, b) in SUM_OPERANDS.items():
+        if name not in ref or (norms[a] is None or norms[b] is None):
+            continue
+        put(name, rel(row[name], ref[name], float(norms[a] * norms[b])))
+    mref = reference.reference_metrics(x=x, g=g, delta=delta, g_plus=r["g_plus"],
+                                       delta_prev=d_prev, g_prev=prev["g"] if prev else None,
+                                       loss=row["loss"], loss_probe=row["loss_probe"], probe_s=s,
+                                       precision=spec.scale.precision,
+                                       loss_precision=row["loss_precision"])
+    for k in ("cls_convexity_fwd", "cls_convexity_bwd", "flag"):
+        put(f"{k}_mismatch", float(row.get(k) != mref.get(k)))
+    ell = abs(row["loss"])
+    gd = float(g.norm() * delta.norm()) + float(r["g_plus"].norm() * delta.norm())
+    dd = float(delta.norm()) ** 2
+    scales = {"loss_change": ell, "convexity_gap_fwd": ell + gd, "convexity_gap_bwd": ell + gd,
+              "trapezoid_residual": ell + gd, "smoothness_local": abs(mref["smoothness_local"] or 1),
+              "smoothness_descent": 2 * gd / dd if dd else 1, "curvature_secant": 2 * gd / dd if dd else 1,
+              "step_alpha": 1.0, "cos_grad_update": 1.0, "cos_update_prev": 1.0, "cos_grad_prev": 1.0,
+              "noise_floor": abs(mref["noise_floor"] or 1)}
+    for k, sc in scales.items():
+        a, b = row.get(k), mref.get(k)
+        if a is None and b is None:
+            continue
+        put(k, rel(a, b, sc))
 
 
 SUM_OPERANDS = {"sq_grad": ("g", "g"), "sq_grad_probe": ("g_plus", "g_plus"), "sq_update": ("delta", "delta"),
@@ -239,17 +309,44 @@ def run_case(case: dict, storage: str) -> dict:
     plan = TrialPlan(trial_id=f"c{case['id']}", label="x", optimizer=case.get("opt", "adamw"),
                      hparams={"lr": 0.01}, seed=0, index=0)
     t0 = time.time()
-    run_trial(spec, plan, report=lambda m: None, measurer_cls=RecordingMeasurer)
+    RecordingMeasurer.reference_fn = reference_losses_fn(spec)
+    with zero_config(case.get("zero")):
+        run_trial(spec, plan, report=lambda m: None, measurer_cls=RecordingMeasurer)
     m = RecordingMeasurer.last
     out = {"case": case, "seconds": time.time() - t0, "steps": len(m.log),
            "measured": sum(1 for r in m.log if r["row"].get("measured")),
            "errors": check_case(case, m.log, spec),
            "final_x": m.log[-1]["x_next"].tolist() if case.get("keep_final") else None,
            "losses": [r["row"]["loss"] for r in m.log],
+           "train_losses": [r["train_loss"] for r in m.log],
+           # how far the stored (fp32 re-evaluated) loss is from the training forward's own
+           "train_loss_gap": max(abs(r["row"]["loss"] - r["train_loss"]) / abs(r["train_loss"])
+                                 for r in m.log if r["row"].get("measured")) if m.log[-1]["row"].get("measured") else None,
+           "probe_s": [r["row"].get("probe_s") for r in m.log],
            "probe_state_diff": sorted({d for r in m.log for d in r.get("probe_state_diff", [])})[:10],
            "kept_ratio": max(r["kept_numel"] / max(r["local_numel"], 1) for r in m.log),
            "local_fraction": m.log[0]["local_numel"] / m.log[0]["x"].numel()}
     return out
+
+
+@contextlib.contextmanager
+def zero_config(extra: dict | None):
+    """Merge ``extra`` into the zero_optimization section of the DeepSpeed configs built inside
+    (``{"stage3_param_persistence_threshold": 0}``: ZeRO-3 really partitions a tiny model's
+    parameters instead of keeping every one gathered)."""
+    from opt_study import engine as engine_mod
+
+    orig = engine_mod.ds_config
+
+    def patched(*a, **kw):
+        cfg = orig(*a, **kw)
+        cfg["zero_optimization"].update(extra or {})
+        return cfg
+    engine_mod.ds_config = patched
+    try:
+        yield
+    finally:
+        engine_mod.ds_config = orig
 
 
 def run_cases(out_path: str, cases: list[dict], storage: str, run) -> None:

@@ -1,9 +1,11 @@
 """Hyperparameter search domains and the deterministic expansion of a space into trials.
 
 In YAML a hyperparameter is either a fixed scalar (`momentum: 0.9`) or a one-key mapping naming
-its domain: `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`.
-The study expands every optimizer's space itself, seeded by `search.seed`, so that trial ids and
-hyperparameters are known (and stored) before anything runs and a resumed study reuses them.
+its domain: `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`,
+`{int: [lo, hi]}` (integers lo..hi, both included). For random and quasirandom search the study
+expands every optimizer's space itself, seeded by `search.seed`, so that trial ids and
+hyperparameters are known (and stored) before anything runs and a resumed study reuses them;
+TPE (opt_study.tpe) proposes them online instead.
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 SCALAR = (bool, int, float, str)
+SAMPLED = ("choice", "uniform", "loguniform", "int")  # domains a search draws from (grid is crossed)
 MAX_VALUES = 10_000  # values in one choice/grid list
 MAX_INT = 2**62  # larger integers are absurd as hyperparameters (and overflow float())
 
 
 @dataclass(frozen=True)
 class Domain:
-    kind: str  # fixed | choice | grid | uniform | loguniform
+    kind: str  # fixed | choice | grid | uniform | loguniform | int
     values: tuple[Any, ...]
 
     def sample(self, rng: random.Random) -> Any:
@@ -29,6 +32,8 @@ class Domain:
         if self.kind == "choice":
             return rng.choice(self.values)
         lo, hi = self.values
+        if self.kind == "int":
+            return rng.randint(lo, hi)
         if self.kind == "uniform":
             return rng.uniform(lo, hi)
         return math.exp(rng.uniform(math.log(lo), math.log(hi)))  # loguniform
@@ -47,8 +52,8 @@ def parse_domain(raw: Any, field: str) -> Domain:
         _check_scalar(raw, field)
         return Domain("fixed", (raw,))
     if not isinstance(raw, Mapping) or len(raw) != 1:
-        raise ValueError(f"{field}: a hyperparameter is a scalar or one of "
-                         "{choice: [..]}, {grid: [..]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}")
+        raise ValueError(f"{field}: a hyperparameter is a scalar or one of {{choice: [..]}}, {{grid: [..]}}, "
+                         "{uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]}")
     (kind, vals), = raw.items()
     where = f"{field}.{kind}"
     if kind in ("choice", "grid"):
@@ -68,7 +73,12 @@ def parse_domain(raw: Any, field: str) -> Domain:
         if kind == "loguniform" and vals[0] <= 0:
             raise ValueError(f"{where}: lo must be > 0")
         return Domain(kind, (float(vals[0]), float(vals[1])))
-    raise ValueError(f"{field}: unknown domain {str(kind)[:40]!r} (allowed: choice, grid, uniform, loguniform)")
+    if kind == "int":
+        ok = isinstance(vals, list) and len(vals) == 2 and all(_finite_number(v) and isinstance(v, int) for v in vals)
+        if not ok or not vals[0] < vals[1]:
+            raise ValueError(f"{where}: must be [lo, hi] with integers lo < hi")
+        return Domain(kind, (vals[0], vals[1]))
+    raise ValueError(f"{field}: unknown domain {str(kind)[:40]!r} (allowed: choice, grid, uniform, loguniform, int)")
 
 
 def _finite_number(v: Any) -> bool:
@@ -142,12 +152,14 @@ def quasirandom_points(dims: int, n: int, seed: int) -> list[list[float]]:
 def map_unit(domain: Domain, u: float) -> Any:
     """A point u in [0, 1) of the unit interval -> a value of the sampled `domain`.
 
-    uniform: affine; loguniform: affine in log space; choice: k equal bins of [0, 1).
+    uniform: affine; loguniform: affine in log space; choice and int: k equal bins of [0, 1).
     """
     if domain.kind == "choice":
         k = len(domain.values)
         return domain.values[min(int(u * k), k - 1)]
     lo, hi = domain.values
+    if domain.kind == "int":
+        return lo + min(int(u * (hi - lo + 1)), hi - lo)
     if domain.kind == "uniform":
         return lo + u * (hi - lo)
     if domain.kind == "loguniform":
@@ -165,7 +177,7 @@ def expand_quasirandom(space: Mapping[str, Domain], samples: int, seed: int) -> 
     reuses the same points (the grid is a crossed factor). A pure function of (space, seed).
     """
     keys = sorted(space)
-    sampled = [k for k in keys if space[k].kind in ("choice", "uniform", "loguniform")]
+    sampled = [k for k in keys if space[k].kind in SAMPLED]
     grid_keys = [k for k in keys if space[k].kind == "grid"]
     points = quasirandom_points(len(sampled), samples, seed)
     grids = itertools.product(*(space[k].values for k in grid_keys)) if grid_keys else [()]

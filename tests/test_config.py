@@ -133,6 +133,12 @@ def test_asha_grace_period_counts_the_final_partial_evaluation():
 def test_scalar_coercions():
     s = spec(study={"name": 2024}, measure={"probe_s": 1}, training={"grad_clip": 2})
     assert s.study.name == "2024" and s.measure.probe_s == "1" and s.training.grad_clip == 2.0
+
+
+@pytest.mark.parametrize("probe_s", ["1", "uniform", "exponential"])
+def test_probe_s_choices_are_accepted(probe_s):
+    """METRICS.md's three probe points: s = 1, s ~ U[0, 1], s ~ Exp(1)."""
+    assert spec(measure={"every": 1, "probe_s": probe_s}).measure.probe_s == probe_s
     # a label may be numeric in YAML; it becomes the string folder name
     assert spec(optimizers=[{"name": "sgd", "label": 7}]).optimizers[0].label == "7"
 
@@ -235,7 +241,7 @@ RULES = [
     # measure
     ("measure.every", {"measure": {"every": -5}}),
     ("measure.probe_s", {"measure": {"probe_s": "2"}}),
-    ("measure.probe_s", {"measure": {"probe_s": "uniform"}}),
+    ("measure.probe_s", {"measure": {"probe_s": "Uniform"}}),  # exact names only
     ("measure.norms", {"measure": {"norms": 1}}),
     ("measure.hessian", {"measure": {"hessian": True}}),
     # optimizers

@@ -96,10 +96,18 @@ CV = {"protocol": "crowded_valley", "budgets": {"small": 2, "medium": 3, "large"
 def test_crowded_valley_phases_budgets_and_seed_counts(tmp_path):
     plans = plan_trials(make_spec(tmp_path, CV, seeds=(0, 1)))
     assert not [p for p in plans if p.phase == "rerun"]  # nothing has run yet
+    assert [p.phase for p in plans] == sorted((p.phase for p in plans),  # the order Tune runs them in
+                                              key=["oneshot", "search", "oneshot_rerun"].index)
     for label in ("sgd", "adamw"):
         mine = [p for p in plans if p.label == label]
         one = [p for p in mine if p.phase == "oneshot"]
         assert [p.trial_id for p in one] == [f"{label}-oneshot-s0", f"{label}-oneshot-s1"]
+        # the one-shot configuration is also rerun with the rerun seeds, planned at once (it is
+        # known before anything runs; the paper reports one-shot performance over seeds too)
+        again = [p for p in mine if p.phase == "oneshot_rerun"]
+        assert [(p.trial_id, p.seed, p.budget, p.index) for p in again] == [
+            (f"{label}-oneshot-rerun-s{s}", s, "oneshot", 0) for s in (7, 8, 9)]
+        assert all(p.hparams == one[0].hparams for p in again)
         search = [p for p in mine if p.phase == "search"]
         assert len(search) == 5 * 2
         assert [(p.index, p.budget) for p in search if p.seed == 0] == [
@@ -176,7 +184,7 @@ def test_rerun_picks_the_best_of_each_budget_from_trial_records(tmp_path):
     hp = {p.index: p.hparams for p in search if p.label == "sgd"}
     assert all(p.hparams == hp[p.index] for p in sgd)
     assert len(reruns) == 12  # two optimizers x two distinct bests x three seeds
-    assert planned_trial_count(spec) >= len(plan_trials(spec))
+    assert planned_trial_count(spec) >= len(plan_trials(spec)) == 2 * (2 + 10 + 3) + 12
 
 
 def test_rerun_ignores_failed_and_stopped_trials_and_ties_pick_the_earlier_draw(tmp_path):
@@ -240,6 +248,15 @@ def test_search_config_errors_name_the_field(tmp_path, search, field):
     assert e.value.field == field
 
 
+def test_an_integer_hyperparameter_is_searched_with_an_int_domain(tmp_path):
+    la = lambda k: [{"name": "lookahead_momentum", "params": {"k": k}}]  # noqa: E731
+    with pytest.raises(ConfigError) as e:
+        make_spec(tmp_path, {"samples": 2}, la({"uniform": [2, 6]}))  # a draw of 3.7 would fail the trial
+    assert e.value.field == "optimizers[0].params.k" and "{int: [lo, hi]}" in e.value.message
+    ks = [p.hparams["k"] for p in plan_trials(make_spec(tmp_path, {"samples": 8}, la({"int": [2, 6]})))]
+    assert all(type(k) is int and 2 <= k <= 6 for k in ks) and len(set(ks)) > 1
+
+
 def test_shipped_crowded_valley_cpu_config_plans_as_documented():
     from pathlib import Path
 
@@ -248,5 +265,6 @@ def test_shipped_crowded_valley_cpu_config_plans_as_documented():
     spec = load_study(Path(__file__).parent.parent / "configs" / "crowded_valley_cpu.yaml")
     plans = plan_trials(spec, records=[])
     assert spec.search.protocol == "crowded_valley" and spec.scale.resolved_launcher == "in_process"
-    assert len(plans) == 4 * (1 + 3)
-    assert planned_trial_count(spec) == 4 * (1 + 3 + 2 * 2)
+    assert len(plans) == 4 * (1 + 3 + 2)  # oneshot, search, oneshot_rerun (2 rerun seeds)
+    assert {p.phase for p in plans} == {"oneshot", "search", "oneshot_rerun"}
+    assert planned_trial_count(spec) == 4 * (1 + 3 + 2 + 2 * 2)  # + at most 2 bests x 2 seeds

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from opt_study.space import MAX_VALUES, Domain, budget, dedupe, expand, parse_domain
+from opt_study.space import MAX_VALUES, Domain, budget, dedupe, expand, expand_quasirandom, map_unit, parse_domain
 
 
 # ------------------------------------------------------------------------------ parse_domain
@@ -23,6 +23,8 @@ from opt_study.space import MAX_VALUES, Domain, budget, dedupe, expand, parse_do
     ({"uniform": [0, 1]}, "uniform", (0.0, 1.0)),
     ({"uniform": [-2.5, -1]}, "uniform", (-2.5, -1.0)),
     ({"loguniform": [1e-4, 1e-2]}, "loguniform", (1e-4, 1e-2)),
+    ({"int": [2, 8]}, "int", (2, 8)),
+    ({"int": [-3, -1]}, "int", (-3, -1)),
 ])
 def test_parse_domain_kinds(raw, kind, values):
     d = parse_domain(raw, "p.lr")
@@ -56,6 +58,11 @@ def test_parse_domain_kinds(raw, kind, values):
     ({"uniform": ["a", "b"]}, "p.lr.uniform: must be [lo, hi]"),
     ({"loguniform": [0, 1]}, "p.lr.loguniform: lo must be > 0"),
     ({"loguniform": [-1, 1]}, "p.lr.loguniform: lo must be > 0"),
+    ({"int": [1.0, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+    ({"int": [False, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+    ({"int": [4, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+    ({"int": [1, 2, 3]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+    ({"int": [0, 10**400]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
 ])
 def test_parse_domain_errors_name_the_field(raw, prefix):
     with pytest.raises(ValueError) as ei:
@@ -81,6 +88,15 @@ def test_samples_stay_in_their_domain_and_loguniform_is_uniform_in_log():
     assert abs(math.log10(statistics.median(lus)) + 3) < 0.1
     assert {ch.sample(rng) for _ in range(200)} == {"a", "b"}
     assert Domain("fixed", (0.9,)).sample(rng) == 0.9
+    ints = [Domain("int", (2, 5)).sample(rng) for _ in range(400)]
+    assert set(ints) == {2, 3, 4, 5} and all(type(k) is int for k in ints)  # both ends included
+
+
+def test_int_domain_maps_the_unit_interval_to_equal_bins():
+    d = parse_domain({"int": [2, 5]}, "k")
+    assert [map_unit(d, u) for u in (0.0, 0.2499, 0.25, 0.5, 0.75, 0.999999)] == [2, 2, 3, 4, 5, 5]
+    qs = [c["k"] for c in expand_quasirandom({"k": d}, 8, seed=1)]
+    assert sorted(qs) == [2, 2, 3, 3, 4, 4, 5, 5]  # a Sobol prefix of 8: two points per bin
 
 
 # ------------------------------------------------------------------------------ expand / budget

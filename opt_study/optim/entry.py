@@ -7,6 +7,16 @@ tensors. An element-wise rule (SGD, the Adam family, Lion) computes the same num
 a layer-wise or matrix rule (LAMB's trust ratio, NovoGrad's per-layer norm, Muon's
 orthogonalisation, Shampoo's and SOAP's Kronecker factors) would silently compute something else.
 Only ZeRO-0 with fp32 hands the optimizer the model's own parameters.
+
+Besides the rule, the engine: DeepSpeed 0.19.8 has no bf16 mode without ZeRO when gradients
+accumulate in fp32 (its optimizer sanity check raises "unsupported mix of model_dtype=bfloat16
+and grad_accum_dtype=float32"), and opt_study.engine.ds_config always accumulates and reduces
+bf16 runs in fp32 so measured gradients are not bf16-rounded. So (0, "bf16") is declared for no
+optimizer: bf16 needs ZeRO 1-3 (UNSUPPORTED says why in validate's message).
+
+Tested: every declared fp32 and bf16 combination runs under DeepSpeed on 2 CPU ranks
+(tests/test_optim_multirank.py). fp16 needs a GPU (ScaleConfig refuses it on CPU); its
+combinations are declared by the same element-wise argument and are untested on CPU.
 """
 from __future__ import annotations
 
@@ -17,8 +27,16 @@ import torch
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Every combination: for rules that act element by element (or on scalars such as the step count).
-ELEMENTWISE = frozenset((s, p) for s in STAGES for p in PRECISIONS)
+# What runs on a CPU (ScaleConfig refuses fp16 without a GPU): the multi-rank zoo job
+# (tests/dist/zoo_harness.py) runs every declared combination in these; fp16 combinations are
+# declared by the same element-wise argument but exercised only on a GPU.
+CPU_PRECISIONS = ("fp32", "bf16")
+# Combinations the engine cannot run for any optimizer, and why (for validate's message).
+UNSUPPORTED = {(0, "bf16"): "DeepSpeed 0.19.8 has no bf16 mode without ZeRO when gradients accumulate "
+                            "in fp32, which opt_study.engine sets so measured gradients are not bf16-rounded"}
+# Every combination the engine runs: for rules that act element by element (or on scalars such
+# as the step count).
+ELEMENTWISE = frozenset((s, p) for s in STAGES for p in PRECISIONS) - frozenset(UNSUPPORTED)
 # The one combination in which the client optimizer holds the model's real tensors.
 MODEL_TENSORS = frozenset({(0, "fp32")})
 SHAPES_WHY = ("its update needs each parameter's real shape, and ZeRO 1-3 and DeepSpeed's "
@@ -67,9 +85,14 @@ class OptimizerEntry:
         to change in the study file (for `opt-study validate`)."""
         if (zero_stage, precision) in self.combos:
             return None
-        why = self.why_restricted or (SHAPES_WHY if self.needs_model_shapes else "not declared correct")
+        why = self.why_restricted or (SHAPES_WHY if self.needs_model_shapes else
+                                      UNSUPPORTED.get((zero_stage, precision), "not declared correct"))
         ok = self.precisions_at(zero_stage)
-        if ok:
+        keep = [s for s in STAGES if (s, precision) in self.combos]  # stages that run this precision
+        if ok and keep:
+            fix = (f"set scale.zero_stage to {' or '.join(map(str, keep))} to keep {precision}, "
+                   f"or scale.precision to {' or '.join(ok)}")
+        elif ok:
             fix = f"set scale.precision to {' or '.join(ok)} (or change scale.zero_stage)"
         else:
             stages = sorted(self.zero_stages)

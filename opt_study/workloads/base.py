@@ -82,6 +82,9 @@ class Workload(abc.ABC):
     """A model + data pair. Subclasses set `unit` and implement the five methods below."""
 
     unit: str  # "tokens" or "samples": what units_per_batch counts
+    # Training precisions the workload supports. Token workloads feed integer ids, so the model
+    # may be cast to bf16/fp16; feature workloads feed float32 tensors to the first layer.
+    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
     def __init__(self, cfg, seed: int):
         if int(seed) < 0:

@@ -89,6 +89,7 @@ class MLPClassifyWorkload(Workload):
     """Batches are (features [b, f] float32, labels [b] int64); loss is mean cross-entropy."""
 
     unit = "samples"
+    precisions = ("fp32",)  # float32 features into the first layer: a bf16 model would refuse them
 
     def __init__(self, cfg: MLPClassifyConfig, seed: int):
         super().__init__(cfg, seed)

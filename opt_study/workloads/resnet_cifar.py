@@ -163,6 +163,7 @@ class ResNetCifarWorkload(Workload):
     """Batches are (images [b, 3, 32, 32] float32, labels [b] int64); loss is mean cross-entropy."""
 
     unit = "samples"
+    precisions = ("fp32",)  # float32 features into the first layer: a bf16 model would refuse them
 
     def __init__(self, cfg: ResNetCifarConfig, seed: int):
         super().__init__(cfg, seed)

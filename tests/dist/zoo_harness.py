@@ -1,5 +1,6 @@
-"""Every registered optimizer under real DeepSpeed on 2 CPU ranks, at every (ZeRO stage, fp32) it
-declares: `torchrun --nproc_per_node 2 tests/dist/zoo_harness.py OUT.json [NAMES_JSON]`.
+"""Every registered optimizer under real DeepSpeed on 2 CPU ranks, at every (ZeRO stage, precision)
+it declares that a CPU runs (fp32, bf16):
+`torchrun --nproc_per_node 2 tests/dist/zoo_harness.py OUT.json [NAMES_JSON]`.
 
 One process group loops over the cases (a world costs one torchrun start-up). Each case runs the
 real `opt_study.trial.run_trial` for 3 steps on `quadratic`. The measurer subclass below is the
@@ -34,20 +35,26 @@ WORLD_MBS = 4
 
 
 def cases(names: list[str] | None = None) -> list[dict]:
-    """(optimizer, stage) for every fp32 combination each entry declares, in registry order."""
+    """(optimizer, stage, precision) for every combination each entry declares that runs on CPU
+    (fp16 needs a GPU: opt_study.optim.entry.CPU_PRECISIONS), optimizers in registry order."""
     out = []
     for name, e in optim.OPTIMIZERS.items():
         if names is None or name in names:
-            out += [{"opt": name, "stage": s} for s in sorted(e.zero_stages) if (s, "fp32") in e.combos]
+            out += [{"opt": name, "stage": s, "prec": p} for s, p in sorted(e.combos, key=_combo_order)
+                    if p in optim.CPU_PRECISIONS]
     return out
 
 
-def spec_for(opt: str, stage: int, steps: int, storage: str, tag: str):
+def _combo_order(c: tuple[int, str]) -> tuple[int, int]:
+    return optim.PRECISIONS.index(c[1]), c[0]  # per optimizer: its fp32 stages, then its bf16 stages
+
+
+def spec_for(opt: str, stage: int, steps: int, storage: str, tag: str, precision: str = "fp32"):
     return parse_study({
         "study": {"name": f"zoo-{tag}", "storage": storage},
         "workload": {"type": "quadratic"},
         "scale": {"workers": distributed.world_size(), "zero_stage": stage, "micro_batch_size": WORLD_MBS,
-                  "launcher": "worker_group"},
+                  "launcher": "worker_group", "precision": precision},
         "training": {"steps": steps, "eval_every": steps},
         "optimizers": [{"name": opt}],
         "measure": {"every": 0},
@@ -101,8 +108,8 @@ def full_params(engine) -> torch.Tensor:
     return torch.cat([safe_get_full_fp32_param(p).detach().double().reshape(-1) for p in ps])
 
 
-def run_case(opt: str, stage: int, storage: str, tag: str, steps: int = 3) -> dict:
-    spec = spec_for(opt, stage, steps, storage, tag)
+def run_case(opt: str, stage: int, storage: str, tag: str, steps: int = 3, precision: str = "fp32") -> dict:
+    spec = spec_for(opt, stage, steps, storage, tag, precision)
     ZooMeasurer.workload = make_workload("quadratic", spec.workload.params, 0)
     # Lookahead's default k = 5 would never sync in 3 steps: k = 2 syncs after step 1.
     hparams = {"k": 2} if "k" in optim.optimizer_entry(opt).defaults and steps < 5 else {}
@@ -111,7 +118,7 @@ def run_case(opt: str, stage: int, storage: str, tag: str, steps: int = 3) -> di
     t0 = time.time()
     summary = run_trial(spec, plan, report=reports.append, measurer_cls=ZooMeasurer)
     m = ZooMeasurer.last
-    return {"opt": opt, "stage": stage, "seconds": time.time() - t0, "losses": m.losses,
+    return {"opt": opt, "stage": stage, "prec": precision, "seconds": time.time() - t0, "losses": m.losses,
             "eval_loss": reports[-1]["eval_loss"] if reports else math.nan, "status": summary["status"],
             "x_train": m.x_train, "x_eval": m.x_eval}
 
@@ -161,7 +168,7 @@ def main() -> None:
         storage = distributed.broadcast_object(storage)
         for i, c in enumerate(cases(names)):
             try:
-                r = run_case(c["opt"], c["stage"], storage, f"c{i}")
+                r = run_case(c["opt"], c["stage"], storage, f"c{i}", precision=c["prec"])
                 r.pop("x_train"), r.pop("x_eval")
                 results.append(r)
             except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest

@@ -1,0 +1,243 @@
+"""TPE search (opt_study.tpe): the domain -> Optuna mapping, the searcher's contract (ids, seeds,
+equal budgets, the objective, resume from the trials table) driven directly, the config rules,
+and one tiny real TPE study end to end through Ray Tune."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+from opt_study.config import ConfigError, parse_study
+from opt_study.results.trials import read_trial_records, write_trial_record
+from opt_study.space import Domain, parse_domain, seed_of
+from opt_study.study import describe, pending_plans, plan_trials, planned_trial_count
+from opt_study.tpe import StudyTPE, optuna_distribution, trial_id, trial_value
+
+LR = (1e-3, 1.0)
+
+
+def make_spec(tmp_path, search=None, optimizers=None, seeds=(0,), **over):
+    doc = {
+        "study": {"name": "t", "seeds": list(seeds), "storage": str(tmp_path)},
+        "workload": {"type": "quadratic", "dim": 4, "cols": 2},
+        "training": {"steps": 4, "eval_every": 2},
+        "optimizers": optimizers or [
+            {"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}},
+            {"name": "lookahead_momentum", "params": {"lr": {"loguniform": list(LR)}, "k": {"int": [2, 6]},
+                                                      "alpha": {"choice": [0.3, 0.5, 0.8]}, "momentum": 0.9}},
+        ],
+        "search": {"method": "tpe", "samples": 6, "tpe_startup_trials": 2, "seed": 3, **(search or {})},
+        **over,
+    }
+    return parse_study(doc, "t.yaml")
+
+
+def drive(searcher: StudyTPE, objective, status=lambda plan: "completed") -> list[dict]:
+    """Run the searcher to the end as Tune does with one trial at a time; `objective(plan)` is a
+    trial's best eval loss, `status(plan)` how it ended. Returns the plans in the order handed out."""
+    plans = []
+    while True:
+        cfg = searcher.suggest(f"tune{len(plans)}")
+        if cfg == "FINISHED":
+            return plans
+        p = cfg["trial"]
+        plans.append(p)
+        st = status(p)
+        result = None if st == "failed" else {"status": st, "best_eval_loss": objective(p)}
+        searcher.on_trial_complete(f"tune{len(plans) - 1}", result, error=st == "failed")
+
+
+def near(opt_lr):
+    """A loss lowest at lr = opt_lr (seed s adds 0.01 s)."""
+    return lambda p: (math.log(p["hparams"]["lr"]) - math.log(opt_lr)) ** 2 + 0.01 * p["seed"]
+
+
+# --------------------------------------------------------------------------------- domains
+def test_domains_map_to_optuna_distributions():
+    from optuna import distributions as od
+
+    assert optuna_distribution(parse_domain({"uniform": [0.5, 0.99]}, "m")) == od.FloatDistribution(0.5, 0.99)
+    assert optuna_distribution(parse_domain({"loguniform": [1e-4, 1e-1]}, "lr")) == \
+        od.FloatDistribution(1e-4, 1e-1, log=True)
+    assert optuna_distribution(parse_domain({"int": [2, 6]}, "k")) == od.IntDistribution(2, 6)
+    assert optuna_distribution(parse_domain({"choice": [0.0, "x", True]}, "c")) == \
+        od.CategoricalDistribution((0.0, "x", True))
+    for d in (Domain("fixed", (0.1,)), Domain("grid", (0.1, 0.2))):
+        with pytest.raises(ValueError, match="not a TPE dimension"):
+            optuna_distribution(d)
+
+
+def test_trial_value_is_the_best_eval_loss_with_divergence_worst():
+    assert trial_value("completed", 0.25) == 0.25
+    assert trial_value("stopped", 0.5) == 0.5  # ASHA-stopped: its best so far
+    assert trial_value("diverged", 0.1) == math.inf  # a low loss before blowing up does not count
+    assert trial_value("completed", math.nan) == math.inf
+    assert trial_value("failed", 0.2) is None and trial_value("pending", None) is None
+
+
+# ------------------------------------------------------------------------------- the searcher
+def test_every_label_gets_samples_configurations_each_run_once_per_seed(tmp_path):
+    spec = make_spec(tmp_path, seeds=(0, 1))
+    plans = drive(StudyTPE(spec, []), near(0.03))
+    assert len(plans) == 2 * 6 * 2
+    for label in ("sgd", "lookahead_momentum"):
+        mine = [p for p in plans if p["label"] == label]
+        assert [p["trial_id"] for p in mine] == [trial_id(label, i, s) for i in range(6) for s in (0, 1)]
+        configs = [p["hparams"] for p in mine[::2]]
+        assert [p["hparams"] for p in mine[1::2]] == configs  # one configuration, both seeds
+        assert len({json.dumps(c, sort_keys=True) for c in configs}) == 6  # distinct proposals
+        assert all(LR[0] <= c["lr"] <= LR[1] for c in configs)
+        assert all(p["phase"] == "tpe" and p["index"] == int(p["trial_id"].split("-")[-2]) for p in mine)
+    la = [p["hparams"] for p in plans if p["label"] == "lookahead_momentum"]
+    assert all(h["momentum"] == 0.9 and isinstance(h["k"], int) and 2 <= h["k"] <= 6
+               and h["alpha"] in (0.3, 0.5, 0.8) and list(h) == sorted(h) for h in la)
+    # labels take turns: configuration i of every label is handed out before i + 1 of any
+    assert [p["label"] for p in plans[:8]] == ["sgd"] * 2 + ["lookahead_momentum"] * 2 + ["sgd"] * 2 + \
+        ["lookahead_momentum"] * 2
+
+
+def test_later_proposals_depend_on_earlier_results(tmp_path):
+    """The first tpe_startup_trials proposals are TPE's random start-up, whatever the results;
+    after that the proposals follow the results: fed a loss that is lowest at lr = 1e-3 they
+    concentrate near 1e-3, fed one lowest at 1.0 near 1.0."""
+    spec = make_spec(tmp_path, {"samples": 16, "tpe_startup_trials": 4},
+                     optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}}])
+    low = [p["hparams"]["lr"] for p in drive(StudyTPE(spec, []), near(1e-3))]
+    high = [p["hparams"]["lr"] for p in drive(StudyTPE(spec, []), near(1.0))]
+    assert low[:4] == high[:4]
+    assert low[4:] != high[4:]
+    mean_log = lambda xs: sum(math.log10(x) for x in xs) / len(xs)  # noqa: E731
+    # log10 lr is uniform on [-3, 0] under random search (mean -1.5); measured -2.16 and -0.84
+    assert mean_log(low[4:]) < -2.0 and mean_log(high[4:]) > -1.0
+    again = [p["hparams"]["lr"] for p in drive(StudyTPE(spec, []), near(1e-3))]
+    assert again == low  # seeded: the same results give the same proposals
+
+
+def test_objective_is_the_mean_over_seeds_diverged_inf_failed_ignored(tmp_path):
+    spec = make_spec(tmp_path, {"samples": 3}, seeds=(0, 1),
+                     optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}}])
+    s = StudyTPE(spec, [])
+    ends = {(1, 1): "diverged", (2, 0): "failed"}  # (configuration, seed) -> status; else completed
+    plans = drive(s, lambda p: 1.0 + p["seed"], status=lambda p: ends.get((p["index"], p["seed"]), "completed"))
+    assert len(plans) == 6
+    assert [v for _, v in s.told["sgd"]] == [1.5, math.inf, None]
+    study = s._tpe["sgd"]._ot_study  # what Optuna itself holds
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 1.5), ("COMPLETE", math.inf),
+                                                                ("FAIL", None)]
+
+
+def _rec(tmp_path, tid, label, hp, status, best, seed=0):
+    write_trial_record(tmp_path / "t", {"trial_id": tid, "label": label, "optimizer": "sgd", "seed": seed,
+                                        "hparams": hp, "status": status, "phase": "tpe",
+                                        "summary": {"best_eval_loss": best}})
+
+
+def test_resume_feeds_finished_configurations_back_and_reruns_only_unfinished_seeds(tmp_path):
+    spec = make_spec(tmp_path, {"samples": 6}, seeds=(0, 1),
+                     optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}}])
+    f = near(0.03)
+    first = drive(StudyTPE(spec, []), f)
+    for p in first[:7]:  # configurations 0-2 finished (1 diverged on a seed); 3 seed 0 finished
+        status = "diverged" if (p["index"], p["seed"]) == (1, 0) else "completed"
+        _rec(tmp_path, p["trial_id"], "sgd", p["hparams"], status, f(p), p["seed"])
+    _rec(tmp_path, "sgd-tpe-003-s1", "sgd", first[7]["hparams"], "failed", None, 1)  # 4-5: never proposed
+    records = read_trial_records(spec.study_dir)
+    assert [p.trial_id for p in pending_plans(spec)] == ["sgd-tpe-003-s1", "sgd-tpe-004-s0", "sgd-tpe-004-s1",
+                                                         "sgd-tpe-005-s0", "sgd-tpe-005-s1"]
+    assert len(plan_trials(spec)) == 8  # proposed so far: configurations 0-3, both seeds
+    assert describe(spec)["trials"] == planned_trial_count(spec) == 12
+    s = StudyTPE(spec, records)
+    mean = lambda i: (f(first[2 * i]) + f(first[2 * i + 1])) / 2  # noqa: E731
+    assert s.told["sgd"] == [({"lr": first[0]["hparams"]["lr"]}, mean(0)), ({"lr": first[2]["hparams"]["lr"]}, math.inf),
+                             ({"lr": first[4]["hparams"]["lr"]}, mean(2))]
+    rest = drive(s, f)
+    assert [p["trial_id"] for p in rest] == ["sgd-tpe-003-s1", "sgd-tpe-004-s0", "sgd-tpe-004-s1",
+                                             "sgd-tpe-005-s0", "sgd-tpe-005-s1"]
+    assert rest[0]["hparams"] == first[7]["hparams"]  # the unfinished seed keeps its configuration
+    assert len(s.told["sgd"]) == 6 and s.told["sgd"][3] == ({"lr": first[6]["hparams"]["lr"]}, pytest.approx(mean(3)))
+    assert [p["hparams"] for p in rest[1:]] != [p["hparams"] for p in first[8:]]  # 4-5 saw another history
+
+
+# ---------------------------------------------------------------------------------- the rules
+@pytest.mark.parametrize("search,optimizers,field", [
+    ({"protocol": "crowded_valley"}, None, "search.method"),
+    ({"samples": 4, "tpe_startup_trials": 4}, None, "search.tpe_startup_trials"),
+    ({"tpe_startup_trials": 0}, None, "search.tpe_startup_trials"),
+    ({}, [{"name": "sgd", "params": {"lr": {"grid": [0.1, 0.2]}}}], "optimizers[0].params.lr"),
+    ({}, [{"name": "sgd", "params": {"lr": 0.1}}], "optimizers[0].params"),
+    ({}, [{"name": "sgd"}], "optimizers[0].params"),
+])
+def test_tpe_config_errors_name_the_field(tmp_path, search, optimizers, field):
+    with pytest.raises(ConfigError) as e:
+        make_spec(tmp_path, search, optimizers)
+    assert e.value.field == field
+
+
+def test_tpe_seed_is_stable_per_label(tmp_path):
+    """Each label's TPE has its own seed from search.seed and the label: adding an optimizer
+    leaves the others' proposals as they were."""
+    one = make_spec(tmp_path, optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}}])
+    two = make_spec(tmp_path)
+    a = [p["hparams"] for p in drive(StudyTPE(one, []), near(0.03))]
+    b = [p["hparams"] for p in drive(StudyTPE(two, []), near(0.03)) if p["label"] == "sgd"]
+    assert a == b and seed_of(3, "sgd", "tpe") != seed_of(3, "lookahead_momentum", "tpe")
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_tiny_tpe_study_end_to_end(ray_cluster, tmp_path):
+    """A real TPE study: Ray Tune asks StudyTPE, in-process DeepSpeed trials train `quadratic`,
+    the recorder writes each proposed trial; the first post-start-up proposal is exactly what
+    Optuna's TPE makes from the recorded results (and differs when the results are permuted);
+    a resume re-runs only the unfinished trials with their recorded hyperparameters."""
+    import optuna
+    import pyarrow.parquet as pq
+
+    spec = make_spec(
+        tmp_path, {"samples": 3, "tpe_startup_trials": 2, "seed": 0, "max_concurrent_trials": 1},
+        optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 0.3]}}},
+                    {"name": "momentum", "params": {"lr": {"loguniform": [1e-3, 0.3]},
+                                                    "momentum": {"uniform": [0.5, 0.95]}}}],
+        workload={"type": "quadratic", "dim": 8, "cols": 4, "noise": 0.1},
+        scale={"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 4},
+        training={"steps": 20, "eval_every": 10, "checkpoint_every": 0}, measure={"every": 0})
+    from opt_study.study import run_study
+
+    assert run_study(spec, out=io.StringIO())["ran"] == 6
+    table = pq.read_table(spec.study_dir / "trials.parquet").to_pylist()
+    assert len(table) == 6 and {r["phase"] for r in table} == {"tpe"}
+    for label, keys in (("sgd", {"lr"}), ("momentum", {"lr", "momentum"})):
+        rows = sorted((r for r in table if r["label"] == label), key=lambda r: r["trial_id"])
+        assert [r["trial_id"] for r in rows] == [trial_id(label, i, 0) for i in range(3)]
+        hps = [{k: r[f"hp.{k}"] for k in keys} for r in rows]
+        assert len({json.dumps(h, sort_keys=True) for h in hps}) == 3
+        assert all(1e-3 <= h["lr"] <= 0.3 and 0.5 <= h.get("momentum", 0.5) <= 0.95 for h in hps)
+        assert all(r["status"] in ("completed", "diverged") for r in rows)
+        # replay the label's TPE from the records: the proposal after the 2 start-up trials
+        values = [trial_value(r["status"], r["summary.best_eval_loss"]) for r in rows]
+        space = next(o.space for o in spec.optimizers if o.label == label)
+        dists = {k: optuna_distribution(space[k]) for k in keys}
+
+        def propose(vals):
+            study = optuna.create_study(sampler=optuna.samplers.TPESampler(
+                seed=seed_of(0, label, "tpe") % 2**32, n_startup_trials=2))
+            for h, v in zip(hps[:2], vals):
+                study.add_trial(optuna.trial.create_trial(params=h, distributions=dists, value=v))
+            return study.ask(dists).params
+
+        assert propose(values[:2]) == hps[2]  # TPE's proposal from the first two results
+        assert propose(values[:2][::-1]) != hps[2]  # other results, another proposal
+    plan = json.loads((spec.study_dir / "plan.json").read_text())
+    assert sorted(p["trial_id"] for p in plan) == sorted(r["trial_id"] for r in table)  # replayable
+    # resume: one trial failed, one interrupted -> exactly those two run again, as recorded
+    recs = {r["trial_id"]: r for r in read_trial_records(spec.study_dir)}
+    for tid, status in (("sgd-tpe-002-s0", "failed"), ("momentum-tpe-001-s0", "running")):
+        write_trial_record(spec.study_dir, {**recs[tid], "status": status})
+    assert run_study(spec, out=io.StringIO())["ran"] == 2
+    after = {r["trial_id"]: r for r in read_trial_records(spec.study_dir)}
+    for tid, r in recs.items():
+        assert after[tid]["hparams"] == r["hparams"]
+        rerun = tid in ("sgd-tpe-002-s0", "momentum-tpe-001-s0")
+        assert (after[tid]["ended"] != r["ended"]) == rerun and after[tid]["status"] in ("completed", "diverged")

@@ -4,8 +4,10 @@ MLflow (``MlflowClient.log_batch``, the fastest MLflow path, into a SQLite store
 A row is a measured step as the trial loop writes it: the training columns, the raw sums, the
 derived metrics (float64 each: ``N_METRICS`` values) and the two class strings; MLflow gets the
 float values as metrics at that step (it cannot hold strings as metrics), 1000 metrics per
-``log_batch`` call (MLflow's limit). Parquet: ``StepWriter.append`` per row, a chunk committed
-(temp file, fsync, rename) every ``rows_per_chunk`` rows, all timed, including ``close``.
+``log_batch`` call (MLflow's limit). Parquet: ``StepWriter.append`` per row (as the trial loop
+calls it), a chunk converted and validated (``step_cells.rows_table``), written (snappy) and
+committed (temp file, fsync, rename) every ``rows_per_chunk`` rows, all timed, including
+``close``.
 The two sides alternate in ``REPEATS`` rounds; the reported ratio is the median of the per-round
 ratios (adjacent timings, so a burst of foreign load hits both alike).
 
@@ -70,18 +72,19 @@ def time_parquet(rows: list[dict], root: Path, tag: str) -> float:
 
 
 def time_write_only(tables: list, root: Path) -> float:
-    """Diagnostic: only the storage path of StepWriter's flush (zstd Parquet, temp file, fsync,
-    rename) for the same rows already built as Arrow tables of ``ROWS_PER_CHUNK`` rows: the
-    ceiling of a writer that took columnar batches instead of validating row dicts."""
+    """Diagnostic: only the storage path of StepWriter's flush (Parquet with its options, temp
+    file, fsync, rename) for the same rows already built as Arrow tables of ``ROWS_PER_CHUNK``
+    rows: the ceiling of a writer that took columnar batches instead of row dicts."""
     import pyarrow.parquet as pq
 
     from opt_study.results import layout
+    from opt_study.results.parquet import CHUNK_WRITE_OPTIONS
 
     root.mkdir(parents=True)
     t0 = time.perf_counter()
     for i, table in enumerate(tables):
         layout.atomic_write(root / f"part-{i}.parquet",
-                            lambda f, t=table: pq.write_table(t, f, compression="zstd"))
+                            lambda f, t=table: pq.write_table(t, f, **CHUNK_WRITE_OPTIONS))
     return time.perf_counter() - t0
 
 
@@ -158,7 +161,11 @@ def summarize(res: dict):
                    f"median ratio {fmt(res['ratio'])}", table,
                    [f"{res['metrics_per_row']} float metrics per row; MLflow SQLite store, "
                     f"log_batch of 1000 metrics ({fmt(res['mlflow_metrics_per_s'])} metrics/s); "
-                    f"Parquet chunks of {res['rows_per_chunk']} rows, fsynced."])
+                    f"Parquet chunks of {res['rows_per_chunk']} rows (snappy), fsynced; "
+                    f"{res['parquet_rows']:,} Parquet rows and {res['mlflow_rows']} MLflow rows per "
+                    "round, the two sides alternated; the ratio is the median of the per-round ratios.",
+                    "Write-only (diagnostic): the same chunks already built as Arrow tables, only "
+                    "written and committed: the ceiling for the row path."])
 
 
 if __name__ == "__main__":

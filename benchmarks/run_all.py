@@ -37,6 +37,8 @@ BENCHMARKS = [
     ("full_grad", "bench_full_grad", "torchrun"),
     ("measure_every", "bench_measure_every", "torchrun"),
     ("collectives", "bench_collectives", "torchrun"),
+    ("ingest", "bench_ingest", "python"),
+    ("assumption_table", "bench_assumption_table", "python"),
 ]
 RANKS = 2
 TIMEOUT_S = 420

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 
 from ray.tune import Callback
 
+from opt_study import storage
 from opt_study.config import Spec
 from opt_study.measure.metrics import summarize
-from opt_study.results import parquet, trials as trials_tbl
+from opt_study.results import compact, layout, parquet, trials as trials_tbl
 from opt_study.results.mlflow_queue import QueuedSink
 from opt_study.trial import TrialPlan
 
@@ -65,7 +67,11 @@ class StudyRecorder(Callback):
         return rec
 
     def _plan(self, trial) -> TrialPlan:
-        return self.plans[trial.config["trial"]["trial_id"]]
+        """The plan the trial runs, from its Tune config: a TPE trial's hyperparameters exist
+        only there (opt_study.tpe proposes them when Tune asks), never in `plans`."""
+        plan = TrialPlan(**trial.config["trial"])
+        self.plans[plan.trial_id] = plan
+        return plan
 
     # -------------------------------------------------------------------------- Tune callbacks
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -95,6 +101,10 @@ class StudyRecorder(Callback):
 
     def _finish(self, trial, status: str, error: str | None) -> None:
         plan = self._plan(trial)
+        # an object-store root: the rows the trial's rank 0 uploaded, wherever it ran
+        storage.pull(layout.trial_steps_dir(self.spec.study_dir, plan.trial_id), exact=False)
+        if status in ("completed", "stopped", "diverged"):
+            self._compact(plan.trial_id)
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
         summary = trial_summary(rows, getattr(plan, "target", None))
         self.record(plan, status, summary=summary, started=self.started.get(plan.trial_id),
@@ -115,6 +125,15 @@ class StudyRecorder(Callback):
         self._line(plan.trial_id, status.upper(),
                    f"loss {summary['final_loss']:.4f}  eval {summary['best_eval_loss']:.4f}"
                    f"  [{self.n_done}/{len(self.plans)} done]")
+
+    def _compact(self, trial_id: str) -> None:
+        """A finished trial's chunks become one file per attempt (opt_study.results.compact), so
+        queries over thousands of trials open few files. Crash-safe and rerunnable; a bad
+        chunk is reported and left as it is."""
+        try:
+            compact.compact_trial(self.spec.study_dir, trial_id)
+        except (ValueError, OSError) as e:
+            warnings.warn(f"{trial_id}: steps not compacted: {e}", stacklevel=2)
 
     def _line(self, tid: str, state: str, text: str) -> None:
         best = f"best {self.best[1]} {self.best[0]:.4f}" if self.best else ""

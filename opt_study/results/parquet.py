@@ -21,7 +21,9 @@ provided the trial loop calls ``flush()`` whenever it saves a checkpoint (rows b
 after the last flush are lost with the process, and the resumed attempt rewrites them).
 
 The files are plain Parquet: ``pyarrow.dataset`` and DuckDB read them directly;
-``steps_sql`` gives a DuckDB query that applies rule 2 (see its docstring for the nuance).
+``steps_sql`` gives a DuckDB query that applies rules 2 and 3 (see its docstring for the
+nuance). ``compact`` merges a finished trial's chunks, relying on rules 2 and 3 to keep every
+intermediate state equivalent.
 """
 
 from __future__ import annotations
@@ -39,16 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from opt_study.results import layout
-from opt_study.results.schema import (
-    GROUP_SUM_COLUMNS,
-    CLASS_COLUMNS,
-    CLASS_VALUES,
-    METRIC_COLUMNS,
-    STEP_SCHEMA,
-    check_keys,
-)
-
-_FLOAT_COLUMNS = frozenset(METRIC_COLUMNS) | {"time_unix"}
+from opt_study.results.schema import STEP_SCHEMA
+from opt_study.results.step_cells import rows_table
 
 
 class StepWriter:
@@ -57,11 +51,19 @@ class StepWriter:
     Rows are dicts keyed by schema columns; nullable columns may be omitted. ``step`` is
     required and strictly increasing, starting at ``start_step`` or later; ``time_unix``
     defaults to the time of ``append``; ``measured`` defaults to False; ``trial_id`` and
-    ``attempt`` are filled in (if given they must match). Values are converted on
-    ``append`` so that a bad value fails at the step that produced it, not at the flush.
+    ``attempt`` are filled in (if given they must match).
 
-    Creating the writer creates the attempt directory exclusively (FileExistsError if that
-    attempt already exists: use ``next_attempt``) and commits ``_START``.
+    Validation is split by cost (``step_cells``). ``append`` raises for a bad step (missing,
+    not an integer, out of order) or a foreign ``trial_id`` / ``attempt``. The rest is checked
+    a chunk at a time: an unknown column or a bad cell (wrong type; a class outside
+    ``CLASS_VALUES``) makes that ``flush`` (or the ``append`` that fills the buffer) raise
+    ValueError/TypeError naming the column and the step; that row is dropped, the other
+    buffered rows stay for the next flush.
+
+    Chunks are written with snappy compression (fast to write; ``compact`` rewrites a finished
+    trial's chunks as one zstd file per attempt). Creating the writer creates the attempt
+    directory exclusively (FileExistsError if that attempt already exists: use
+    ``next_attempt``) and commits ``_START``.
     """
 
     def __init__(self, study_dir, trial_id: str, attempt: int, start_step: int,
@@ -80,34 +82,34 @@ class StepWriter:
         self.dir.mkdir(exist_ok=False)  # atomic and exclusive: one writer per attempt
         payload = json.dumps({"start_step": start_step}).encode()
         layout.atomic_write_bytes(self.dir / layout.START_FILE, payload)
-        self._rows: list[dict] = []
-        self._present: set[str] = set()  # columns given in some buffered row
+        self._rows: list[dict] = []  # shallow copies of the appended rows
         self._last_step: int | None = None
         self._closed = False
 
     def append(self, row: dict) -> None:
-        """Validate and buffer one row; commit a chunk once ``rows_per_chunk`` are buffered."""
+        """Check and buffer one row; commit a chunk once ``rows_per_chunk`` are buffered."""
         if self._closed:
             raise RuntimeError("StepWriter is closed")
-        check_keys(row)
-        clean = {name: _convert(name, value) for name, value in row.items()}
-        if clean.get("trial_id", self.trial_id) != self.trial_id:
-            raise ValueError(f"row trial_id {clean['trial_id']!r} != writer's {self.trial_id!r}")
-        if clean.get("attempt", self.attempt) != self.attempt:
-            raise ValueError(f"row attempt {clean['attempt']} != writer's {self.attempt}")
-        if clean.get("step") is None:
+        row = dict(row)  # the caller may reuse its dict
+        step = row.get("step")
+        if step is None:
             raise ValueError("row needs a 'step'")
-        step = clean["step"]
+        if type(step) is not int:
+            try:
+                row["step"] = step = operator.index(step)
+            except TypeError:
+                raise TypeError(f"column 'step' takes an integer, got {step!r}") from None
         floor = self.start_step if self._last_step is None else self._last_step + 1
         if step < floor:
             raise ValueError(f"step {step} out of order: expected >= {floor} "
                              "(steps are strictly increasing from start_step)")
-        if clean.get("time_unix") is None:
-            clean["time_unix"] = time.time()
-        if clean.get("measured") is None:
-            clean["measured"] = False
-        self._rows.append(clean)
-        self._present.update(clean)
+        if row.get("trial_id", self.trial_id) != self.trial_id:
+            raise ValueError(f"row trial_id {row['trial_id']!r} != writer's {self.trial_id!r}")
+        if row.get("attempt", self.attempt) != self.attempt:
+            raise ValueError(f"row attempt {row['attempt']!r} != writer's {self.attempt}")
+        if row.get("time_unix") is None:
+            row["time_unix"] = time.time()
+        self._rows.append(row)
         self._last_step = step
         if len(self._rows) >= self.rows_per_chunk:
             self.flush()
@@ -116,16 +118,15 @@ class StepWriter:
         """Commit the buffered rows as one immutable chunk; return its path (None if empty).
 
         Temp file in the same directory -> fsync -> ``os.replace`` -> fsync of the
-        directory. On failure the buffer is kept, so a later flush can retry.
+        directory. On failure the buffer is kept, so a later flush can retry (except a row
+        with a bad cell, which is dropped: see the class docstring).
         """
         if not self._rows:
             return None
-        table = self._table()
-        first, last = self._rows[0]["step"], self._rows[-1]["step"]
-        final = self.dir / layout.chunk_name(first, last)
-        layout.atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd"))
+        table = rows_table(self._rows, self.trial_id, self.attempt)
+        final = self.dir / layout.chunk_name(self._rows[0]["step"], self._rows[-1]["step"])
+        _commit(table, final)
         self._rows = []
-        self._present = set()
         return final
 
     def close(self) -> None:
@@ -141,43 +142,22 @@ class StepWriter:
         # Rows of completed steps are valid even if the loop raised: commit them.
         self.close()
 
-    def _table(self) -> pa.Table:
-        n = len(self._rows)
-        arrays = []
-        for f in STEP_SCHEMA:
-            if f.name == "trial_id":
-                arrays.append(pa.array([self.trial_id] * n, type=f.type))
-            elif f.name == "attempt":
-                arrays.append(pa.array([self.attempt] * n, type=f.type))
-            elif f.name in self._present:
-                arrays.append(pa.array([r.get(f.name) for r in self._rows], type=f.type))
-            else:  # a column no row gave: all null, without a Python loop
-                arrays.append(pa.nulls(n, type=f.type))
-        return pa.Table.from_arrays(arrays, schema=STEP_SCHEMA)
+
+def _commit(table: pa.Table, path: Path) -> None:
+    """Encode ``table`` in memory and commit it as ``path`` with ``layout.atomic_write``, in
+    one write call (pyarrow writing to a Python file object calls back into Python per page)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **CHUNK_WRITE_OPTIONS)
+    data = sink.getvalue()
+    layout.atomic_write(path, lambda f: f.write(data))
 
 
-def _convert(name: str, value):
-    """Convert one cell to the Python type of its column; raise TypeError/ValueError."""
-    if value is None:
-        return None
-    if name == "groups":  # {group name: {sum name: value}} -> list of structs
-        return [{"name": str(g), **{c: None if v.get(c) is None else float(v[c]) for c in GROUP_SUM_COLUMNS}}
-                for g, v in value.items()]
-    if name in _FLOAT_COLUMNS:
-        if isinstance(value, (str, bytes)):
-            raise TypeError(f"column {name!r} takes a number, got {value!r}")
-        return float(value)
-    if name in ("step", "attempt"):
-        return operator.index(value)
-    if name == "measured":
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"column 'measured' takes a bool, got {value!r}")
-        return bool(value)
-    if not isinstance(value, str):
-        raise TypeError(f"column {name!r} takes a string, got {value!r}")
-    if name in CLASS_COLUMNS and value not in CLASS_VALUES:
-        raise ValueError(f"column {name!r} takes one of {sorted(CLASS_VALUES)}, got {value!r}")
-    return value
+# Snappy: about half the cost of zstd for these rows (benchmarks/bench_ingest.py); dictionary
+# pages only for the string columns (on float columns they cost time and rarely pay); min/max
+# statistics only for the identity columns (what queries filter on; the compacted file has all).
+STRING_COLUMNS = [f.name for f in STEP_SCHEMA if pa.types.is_string(f.type)]
+CHUNK_WRITE_OPTIONS = {"compression": "snappy", "use_dictionary": STRING_COLUMNS,
+                       "write_statistics": ["trial_id", "attempt", "step", "time_unix", "measured"]}
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -203,19 +183,31 @@ def _scan(study_dir) -> dict[str, dict[int, _Attempt]]:
             layout.check_name(trial_id, "trial id")
         except ValueError:
             continue
-        attempts = trials.setdefault(trial_id, {})
-        for adir in tdir.iterdir():
-            a = layout.parse_attempt_dir(adir.name)
-            if a is None or not adir.is_dir():
-                continue
-            chunks = []
-            for f in adir.iterdir():
-                parsed = layout.parse_chunk_name(f.name)
-                if parsed is not None and f.is_file():
-                    chunks.append((*parsed, f))
-            chunks.sort()
-            attempts[a] = _Attempt(_read_start(adir, chunks), chunks)
+        trials[trial_id] = _scan_trial(tdir)
     return trials
+
+
+def _scan_trial(tdir: Path) -> dict[int, _Attempt]:
+    """attempt -> committed chunks and start step of one ``trial_id=<id>`` directory."""
+    attempts = {}
+    for adir in tdir.iterdir() if tdir.is_dir() else ():
+        a = layout.parse_attempt_dir(adir.name)
+        if a is None or not adir.is_dir():
+            continue
+        chunks = []
+        for f in adir.iterdir():
+            parsed = layout.parse_chunk_name(f.name)
+            if parsed is not None and f.is_file():
+                chunks.append((*parsed, f))
+        chunks.sort()
+        attempts[a] = _Attempt(_read_start(adir, chunks), chunks)
+    return attempts
+
+
+def _cutoff(attempts: dict[int, _Attempt], a: int) -> int | None:
+    """Rule 2: the first step of attempt ``a`` replaced by a later attempt (None: none is)."""
+    later = [b.start_step for n, b in attempts.items() if n > a and b.start_step is not None]
+    return min(later) if later else None
 
 
 def _read_start(adir: Path, chunks) -> int | None:
@@ -238,11 +230,18 @@ def next_attempt(study_dir, trial_id: str) -> int:
 
 def list_chunks(study_dir) -> list[Path]:
     """Every committed chunk of the study, ordered by (trial, attempt, first step)."""
-    out = []
-    for _, attempts in sorted(_scan(study_dir).items()):
-        for _, att in sorted(attempts.items()):
-            out.extend(path for _, _, path in att.chunks)
-    return out
+    return [path for trial_id in trial_ids(study_dir) for path in trial_chunks(study_dir, trial_id)]
+
+
+def trial_ids(study_dir) -> list[str]:
+    """The trials that have a step directory (``steps/trial_id=<id>``), sorted."""
+    return sorted(_scan(study_dir))
+
+
+def trial_chunks(study_dir, trial_id: str) -> list[Path]:
+    """The committed chunks of one trial, ordered by (attempt, first step)."""
+    attempts = _scan_trial(layout.trial_steps_dir(Path(study_dir), trial_id))
+    return [path for _, att in sorted(attempts.items()) for _, _, path in att.chunks]
 
 
 def _read_chunk(path: Path, trial_id: str, attempt: int, first: int, last: int) -> pa.Table:
@@ -280,8 +279,10 @@ def check_chunks(study_dir) -> list[tuple[Path, str]]:
     return bad
 
 
-def _attempt_rows(trial_id: str, a: int, att: _Attempt, cutoff: int | None) -> pa.Table | None:
-    """The surviving rows of one attempt: steps < cutoff, last chunk wins per step."""
+def _attempt_rows(trial_id: str, a: int, att: _Attempt, cutoff: int | None,
+                  strict: bool = False) -> pa.Table | None:
+    """The surviving rows of one attempt: steps < cutoff, last chunk wins per step.
+    A bad chunk is skipped with a warning, or (``strict``) raises ValueError naming it."""
     tables = []
     for first, last, path in att.chunks:
         if cutoff is not None and first >= cutoff:
@@ -289,6 +290,8 @@ def _attempt_rows(trial_id: str, a: int, att: _Attempt, cutoff: int | None) -> p
         try:
             tables.append(_read_chunk(path, trial_id, a, first, last))
         except ValueError as e:
+            if strict:
+                raise ValueError(f"bad step chunk {path}: {e}") from None
             warnings.warn(f"skipping bad step chunk {path}: {e}", stacklevel=3)
     if not tables:
         return None
@@ -315,9 +318,7 @@ def read_steps(study_dir, trial_ids=None) -> pa.Table:
         if wanted is not None and trial_id not in wanted:
             continue
         for a, att in attempts.items():
-            later = [b.start_step for n, b in attempts.items()
-                     if n > a and b.start_step is not None]
-            table = _attempt_rows(trial_id, a, att, min(later) if later else None)
+            table = _attempt_rows(trial_id, a, att, _cutoff(attempts, a))
             if table is not None:
                 tables.append(table)
     out = pa.concat_tables(tables, promote_options="default")
@@ -325,18 +326,22 @@ def read_steps(study_dir, trial_ids=None) -> pa.Table:
 
 
 def steps_sql(study_dir) -> str:
-    """A DuckDB query over the raw files that applies rule 2 ("last attempt wins").
+    """A DuckDB query over the raw files that applies rules 2 ("last attempt wins") and 3
+    (within an attempt, the last chunk by name wins: a compaction in progress, ``compact``).
 
     It takes each later attempt's first committed step as its start (``_START`` is not
     Parquet), so it equals ``read_steps`` except while a restarted attempt has not committed
-    its first chunk: then the older rows it will replace are still visible.
+    its first chunk: then the older rows it will replace are still visible. The file's own
+    ``trial_id`` and ``attempt`` columns win over the Hive partition values.
     """
     glob = str(layout.steps_dir(Path(study_dir)) / "**" / "*.parquet").replace("'", "''")
     return (
         f"WITH rows AS (SELECT * FROM read_parquet('{glob}', hive_partitioning = true, "
-        "union_by_name = true)), "
+        "union_by_name = true, filename = '_chunk_file')), "
         "starts AS (SELECT trial_id, attempt, min(step) AS start_step FROM rows GROUP BY ALL) "
-        "SELECT r.* FROM rows r WHERE NOT EXISTS (SELECT 1 FROM starts s WHERE "
-        "s.trial_id = r.trial_id AND s.attempt > r.attempt AND r.step >= s.start_step) "
+        "SELECT r.* EXCLUDE (_chunk_file) FROM rows r WHERE NOT EXISTS (SELECT 1 FROM starts s "
+        "WHERE s.trial_id = r.trial_id AND s.attempt > r.attempt AND r.step >= s.start_step) "
+        "QUALIFY row_number() OVER (PARTITION BY r.trial_id, r.step "
+        "ORDER BY r._chunk_file DESC) = 1 "
         "ORDER BY r.trial_id, r.step"
     )

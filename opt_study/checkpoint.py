@@ -7,10 +7,11 @@ The storage root is trusted: DeepSpeed checkpoints are pickles (SECURITY.md).
 """
 from __future__ import annotations
 
-import shutil
+import re
 from pathlib import Path
 
-from opt_study import distributed
+from opt_study import distributed, storage
+from opt_study.results import layout
 
 
 def ckpt_dir(study_dir: Path, trial_id: str) -> Path:
@@ -30,10 +31,28 @@ def save(engine, study_dir: Path, trial_id: str, next_step: int, state: dict, ke
     """All ranks: save the engine at the boundary before `next_step` (rows up to it are flushed
     first by the caller, so a restart's rows start exactly where the checkpoint does)."""
     d = ckpt_dir(study_dir, trial_id)
-    engine.save_checkpoint(str(d), tag=f"step-{next_step}", client_state={"next_step": next_step, **state})
+    tag = f"step-{next_step}"
+    engine.save_checkpoint(str(d), tag=tag, client_state={"next_step": next_step, **state})
+    _push_own_files(d / tag, distributed.rank())
     distributed.barrier()
     if distributed.rank() == 0:
+        storage.push(d / "latest")  # the commit marker goes up after every rank's files
         _prune(d, keep)
+
+
+# DeepSpeed names each rank's partition files `..zero_pp_rank_<r>_..`; the others (the model
+# states at ZeRO 0-2) are rank 0's.
+_RANK_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _push_own_files(tag_dir: Path, rank: int) -> None:
+    """On an object-store root, upload the files this rank wrote (no-op on a local root)."""
+    if storage.mirror_for(tag_dir) is None or not tag_dir.is_dir():
+        return
+    for f in sorted(tag_dir.iterdir()):
+        m = _RANK_RE.search(f.name)
+        if f.is_file() and (int(m.group(1)) if m else 0) == rank:
+            storage.push(f)
 
 
 def load(engine, study_dir: Path, trial_id: str) -> dict | None:
@@ -49,9 +68,9 @@ def load(engine, study_dir: Path, trial_id: str) -> dict | None:
 def _prune(d: Path, keep: int) -> None:
     steps = sorted((int(p.name.split("-", 1)[1]), p) for p in d.glob("step-*") if p.is_dir())
     for _, p in steps[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        layout.remove_tree(p)
 
 
 def remove(study_dir: Path, trial_id: str) -> None:
     """A finished trial's checkpoints are no longer needed (snapshots for replay are separate)."""
-    shutil.rmtree(ckpt_dir(study_dir, trial_id), ignore_errors=True)
+    layout.remove_tree(ckpt_dir(study_dir, trial_id))

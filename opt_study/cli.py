@@ -63,7 +63,8 @@ def cmd_resume(a) -> int:
 
 def _finish(spec: Spec) -> int:
     rc = cmd_status_spec(spec)
-    print(f"\nresults: {spec.study_dir}\n"
+    remote = f" (working copy of {spec.study.storage})" if "://" in spec.study.storage else ""
+    print(f"\nresults: {spec.study_dir}{remote}\n"
           f"  steps (Parquet): {spec.study_dir / 'steps'}\n"
           f"  trials table:    {spec.study_dir / 'trials.parquet'}\n"
           f"  MLflow:          {spec.tracking_uri}\n"
@@ -73,7 +74,11 @@ def _finish(spec: Spec) -> int:
 
 
 def cmd_status(a) -> int:
-    return cmd_status_spec(_spec_for(a.study))
+    from opt_study import storage
+
+    spec = _spec_for(a.study)
+    storage.refresh_study(spec.study_dir)
+    return cmd_status_spec(spec)
 
 
 def cmd_status_spec(spec: Spec) -> int:
@@ -118,6 +123,20 @@ def cmd_ui(a) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def cmd_compact(a) -> int:
+    """Compact every trial's chunks (one file per attempt): for studies written before trials
+    were compacted as they finished. Safe on a running study and rerunnable."""
+    from opt_study import storage
+    from opt_study.results.compact import compact_study
+
+    spec = _spec_for(a.study)
+    storage.refresh_study(spec.study_dir)
+    done = compact_study(spec.study_dir)
+    print(f"{spec.study.name}: {len(done)} trial(s), "
+          f"{sum(len(files) for files in done.values())} file(s) after compaction")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opt-study", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -134,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("validate", help="check a study YAML without starting anything")
     r.add_argument("file")
     r.set_defaults(fn=cmd_validate)
+    r = sub.add_parser("compact", help="merge each trial's Parquet chunks into one file per attempt")
+    r.add_argument("study")
+    r.set_defaults(fn=cmd_compact)
     r = sub.add_parser("ui", help="the MLflow UI on the study's tracking store")
     r.add_argument("study")
     r.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from opt_study import storage
 from opt_study.space import Domain
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -63,6 +64,15 @@ class StudyConfig:
             raise FieldError("seeds", "seeds must be in [0, 2**31)")
         if not self.storage or "\0" in self.storage:
             raise FieldError("storage", "must be a non-empty path without NUL bytes")
+        if storage.is_uri(self.storage):
+            problem = storage.check_uri(self.storage)
+            if problem:
+                raise FieldError("storage", f"{self.storage[:80]!r} {problem}")
+            if self.mlflow_uri is None:
+                # the default SQLite file would live only in this machine's working copy
+                raise FieldError("mlflow_uri", "is required when storage is an object-store URI: "
+                                 "give a tracking server (http://host:5000, see cluster/README.md) "
+                                 "or a local sqlite:////abs/path/mlflow.db")
 
 
 @dataclass(frozen=True)
@@ -257,8 +267,10 @@ class TargetConfig:
 class SearchConfig:
     """How each optimizer's space becomes trials (opt_study.study.plan_trials).
 
-    `method`: random (seeded draws) or quasirandom (scrambled Sobol, opt_study.space); null
-    means the protocol's own (quasirandom for algoperf_external, random otherwise).
+    `method`: random (seeded draws), quasirandom (scrambled Sobol, opt_study.space) or tpe
+    (Optuna's TPE through Ray Tune, opt_study.tpe: `samples` configurations per optimizer
+    proposed online, each run once per study seed; its first `tpe_startup_trials` are random);
+    null means the protocol's own (quasirandom for algoperf_external, random otherwise).
     `protocol` names a fair-tuning template: none (grid x samples per optimizer),
     crowded_valley (one-shot at defaults, nested random-search budgets, best reruns with
     `rerun_seeds`) or algoperf_external (`studies` independent quasi-random studies of
@@ -275,8 +287,9 @@ class SearchConfig:
     rerun_seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # crowded_valley: 10 in the paper
     studies: int = 1  # algoperf_external only
     target: TargetConfig | None = None  # algoperf_external only (required there)
+    tpe_startup_trials: int = 10  # tpe only: random configurations before TPE's model (Optuna's default)
 
-    METHODS = ("random", "quasirandom")
+    METHODS = ("random", "quasirandom", "tpe")
     PROTOCOLS = ("none", "crowded_valley", "algoperf_external")
 
     def __post_init__(self):
@@ -285,7 +298,8 @@ class SearchConfig:
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise FieldError("max_concurrent_trials", "must be >= 1 or null")
         if self.method is not None and self.method not in self.METHODS:
-            raise FieldError("method", "must be random or quasirandom (or null: the protocol's own)")
+            raise FieldError("method", "must be random, quasirandom or tpe (or null: the protocol's own)")
+        self._check_tpe()
         if self.protocol not in self.PROTOCOLS:
             raise FieldError("protocol", f"must be one of {', '.join(self.PROTOCOLS)}")
         if self.protocol != "none" and self.asha is not None:
@@ -305,6 +319,20 @@ class SearchConfig:
         elif self.studies != 1:
             raise FieldError("studies", "is used by protocol algoperf_external only")
 
+    def _check_tpe(self) -> None:
+        if not 1 <= self.tpe_startup_trials <= 100_000:
+            raise FieldError("tpe_startup_trials", "must be an integer in [1, 100000]")
+        if self.method != "tpe":
+            return
+        if self.protocol != "none":
+            raise FieldError("method", f"tpe is for protocol none; {self.protocol} fixes its own search "
+                                       "(remove method or set protocol: none)")
+        if self.tpe_startup_trials >= self.samples:
+            raise FieldError("tpe_startup_trials",
+                             f"must be below samples={self.samples}: TPE draws its first "
+                             f"{self.tpe_startup_trials} configurations at random, so with these numbers it "
+                             "never uses its model (lower tpe_startup_trials or raise samples)")
+
     @property
     def resolved_method(self) -> str:
         if self.method is not None:
@@ -315,12 +343,16 @@ class SearchConfig:
 @dataclass(frozen=True)
 class MeasureConfig:
     every: int = 0  # measured-step cadence k; 0 = off (loss, lr and the norms are always recorded)
-    probe_s: str = "1"  # the probe point x_t + s*Δ_t; "1" (x_{t+1}) only, for now
+    # the probe point x_t + s*Δ_t: "1" (x_{t+1}), "uniform" (s ~ U[0,1]) or "exponential"
+    # (s ~ Exp(1)); s is drawn per (trial seed, step) and stored in `probe_s` (METRICS.md)
+    probe_s: str = "1"
     norms: bool = True  # every step: ‖g‖, ‖Δ‖, ‖x‖ from the shards (off: loss and lr only)
     noise_scale: bool = False  # B_simple from per-rank micro-batch gradients (needs ranks x GAS >= 2)
     # fp32 parameter snapshots for checkpoint replay (opt_study.measure.snapshots): x_0, every
     # k-th iterate and the last one; 0 = none. Each rank writes its own shard to the study dir.
     snapshot_every: int = 0
+
+    PROBE_S = ("1", "uniform", "exponential")
 
     def __post_init__(self):
         if self.every < 0:
@@ -328,10 +360,9 @@ class MeasureConfig:
         if isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) \
                 or not 0 <= self.snapshot_every <= 10**9:
             raise FieldError("snapshot_every", "must be an integer in [0, 1e9] (0 saves no snapshots)")
-        if self.probe_s != "1":
-            # uniform / exponential s (METRICS.md) need the weights moved to x_t + sΔ_t inside
-            # ZeRO's partitions and back; not implemented yet, so refused rather than mis-measured.
-            raise FieldError("probe_s", "only \"1\" (probe at x_{t+1}) is implemented")
+        if self.probe_s not in self.PROBE_S:
+            raise FieldError("probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} "
+                                        "(the probe point x_t + s*Δ_t)")
 
 
 @dataclass(frozen=True)
@@ -349,6 +380,10 @@ class Spec:
 
     @property
     def storage_root(self) -> Path:
+        """Where this machine reads and writes the study: the storage path itself, or for an
+        object-store URI its local working copy (opt_study.storage mirrors it)."""
+        if storage.is_uri(self.study.storage):
+            return storage.attach(self.study.storage)
         return Path(self.study.storage).expanduser().resolve()
 
     @property

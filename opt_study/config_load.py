@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from opt_study import config as C
+from opt_study.storage import is_uri
 from opt_study.space import budget, parse_domain
 
 MAX_ALIASES = 64
@@ -163,7 +164,7 @@ def parse_study(data: Any, file: str = "<memory>") -> C.Spec:
     study = build(C.StudyConfig, top["study"], file, "study")
     # Ray workers run in other working directories: pin a relative storage root now.
     try:
-        storage = str(Path(study.storage).expanduser().resolve())
+        storage = study.storage if is_uri(study.storage) else str(Path(study.storage).expanduser().resolve())
     except (OSError, RuntimeError, ValueError) as e:  # no home directory for ~, a symlink loop
         raise C.ConfigError(file, "study.storage", f"cannot resolve {study.storage[:60]!r}: {e}") from None
     study = dataclasses.replace(study, storage=storage)
@@ -354,6 +355,12 @@ def _check_hparams(name: str, space: Mapping, file: str, where: str) -> None:
         if k not in defaults:  # `betas` too: a pair cannot be a domain, so it is beta1/beta2 here
             raise C.ConfigError(file, f"{where}.{k}", f"unknown hyperparameter of {name} "
                                                       f"(allowed: {', '.join(sorted(defaults))})")
+    for k, d in space.items():
+        default = defaults[k]
+        if isinstance(default, int) and not isinstance(default, bool) and d.kind in ("uniform", "loguniform"):
+            # its ends may be integers, but a draw between them would not be
+            raise C.ConfigError(file, f"{where}.{k}", f"{k} of {name} is an integer; "
+                                                      "search it with {int: [lo, hi]} or {choice: [...]}")
     first = {k: d.values[0] for k, d in space.items()}
     param = torch.nn.Parameter(torch.zeros(1))
     for k, d in space.items():
@@ -374,6 +381,13 @@ def _cross_checks(spec: C.Spec) -> None:
         msg = optim.combination_error(o.name, spec.scale.zero_stage, spec.scale.precision)
         if msg:
             raise C.ConfigError(file, f"optimizers[{i}].name", msg)
+    from opt_study.workloads import WORKLOADS
+
+    supported = WORKLOADS[spec.workload.type][0].precisions
+    if spec.scale.precision not in supported:
+        raise C.ConfigError(file, "scale.precision",
+                            f"workload {spec.workload.type} supports {', '.join(supported)} only "
+                            f"(it feeds float32 inputs to the model); set scale.precision: fp32")
     if spec.measure.noise_scale and spec.scale.workers * spec.scale.grad_accum < 2:
         raise C.ConfigError(file, "measure.noise_scale",
                             "needs two batch sizes: set scale.workers x scale.grad_accum >= 2")
@@ -382,7 +396,26 @@ def _cross_checks(spec: C.Spec) -> None:
     if spec.search.asha and evals < spec.search.asha.grace_period:
         raise C.ConfigError(file, "search.asha.grace_period",
                             f"exceeds the {evals} evaluations of a trial (training.steps / training.eval_every)")
+    _check_tpe_spaces(spec)
     _check_trial_count(spec)
+
+
+def _check_tpe_spaces(spec: C.Spec) -> None:
+    """TPE models sampled domains only: a grid cannot be one of its dimensions, and a space with
+    nothing sampled would propose the same configuration `samples` times."""
+    from opt_study.space import SAMPLED
+
+    if spec.search.method != "tpe":
+        return
+    for i, o in enumerate(spec.optimizers):
+        grid = sorted(k for k, d in o.space.items() if d.kind == "grid")
+        if grid:
+            raise C.ConfigError(spec.source, f"optimizers[{i}].params.{grid[0]}",
+                                "search.method tpe cannot search a grid; use {choice: [...]} instead")
+        if not any(d.kind in SAMPLED for d in o.space.values()):
+            raise C.ConfigError(spec.source, f"optimizers[{i}].params",
+                                "search.method tpe needs at least one sampled hyperparameter "
+                                "({loguniform: [lo, hi]}, {uniform: ..}, {int: ..} or {choice: ..})")
 
 
 def _check_trial_count(spec: C.Spec) -> None:

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from opt_study import storage
 from opt_study.config import FieldError
 
 
@@ -131,6 +132,7 @@ def cmd_replay(a) -> int:
 
     p = Path(a.study)
     study_dir = p.resolve() if p.is_dir() else load_study(p).study_dir
+    storage.refresh_study(study_dir)  # an object-store root: the trials' snapshots
     try:
         check_reference(a.reference)
         hessian = hessian_options(a)

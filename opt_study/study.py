@@ -4,7 +4,8 @@ The plan (every trial's id, optimizer, hyperparameters and seed) is expanded her
 `search.seed`, before Tune starts: it is stored in the trials table, so a resumed study reuses it
 and a study's provenance never depends on Ray's result objects. Tune then runs that list: a grid
 over the planned trials, each launched as a TorchTrainer worker group or, for one-worker trials,
-in the Tune trial's own process.
+in the Tune trial's own process. Under `search.method: tpe` only the trial ids are fixed in
+advance; opt_study.tpe.StudyTPE proposes the hyperparameters as results come in.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import random
 from pathlib import Path
 
+from opt_study import storage
 from opt_study.config import OptimizerSpec, Spec
 from opt_study.space import Domain, budget, expand, expand_quasirandom, parse_domain, seed_of
 from opt_study.trial import TrialPlan
@@ -27,15 +29,16 @@ def plan_trials(spec: Spec, records: list[dict] | None = None) -> list[TrialPlan
     seeded by search.seed and the optimizer's label keeps the others' draws when one is added.
     crowded_valley and algoperf_external: see plan_crowded_valley / plan_algoperf_external.
     `records` (default: the study dir's trials table) matter only to crowded_valley's rerun
-    phase, which is planned once every search trial has finished.
+    phase, which is planned once every search trial has finished, and to tpe, whose plan is the
+    trials proposed so far (opt_study.tpe.proposed_plans).
     """
     protocol = spec.search.protocol
-    if protocol == "crowded_valley":
-        if records is None:
-            from opt_study.results.trials import read_trial_records
+    if spec.search.resolved_method == "tpe":
+        from opt_study import tpe
 
-            records = read_trial_records(spec.study_dir)
-        return plan_crowded_valley(spec, records)
+        return tpe.proposed_plans(spec, _records(spec) if records is None else records)
+    if protocol == "crowded_valley":
+        return plan_crowded_valley(spec, _records(spec) if records is None else records)
     if protocol == "algoperf_external":
         return plan_algoperf_external(spec)
     plans = []
@@ -83,6 +86,12 @@ def nested_draws(spec: Spec, opt: OptimizerSpec, space: dict[str, Domain], n: in
     return out
 
 
+def _records(spec: Spec) -> list[dict]:
+    from opt_study.results.trials import read_trial_records
+
+    return read_trial_records(spec.study_dir)
+
+
 def plan_crowded_valley(spec: Spec, records: list[dict]) -> list[TrialPlan]:
     """Crowded Valley's protocol (Schmidt, Schneider & Hennig 2021, https://arxiv.org/abs/2007.01547).
 
@@ -90,14 +99,16 @@ def plan_crowded_valley(spec: Spec, records: list[dict]) -> list[TrialPlan]:
     still fixes its key). Phase search: random search with nested budgets (search.budgets):
     draw j of a grid point belongs to every level whose sample count exceeds j, and `budget`
     names the smallest, so the small budget's trials are the first `small` of the medium's and
-    only the largest level is trained. Phase rerun (once every search trial is finished): the
-    best configuration of each level, rerun with search.rerun_seeds (plan_reruns).
+    only the largest level is trained. Phase oneshot_rerun (planned at once: the configuration
+    is known): the one-shot configuration rerun with search.rerun_seeds, since the paper reports
+    one-shot performance over seeds too (budget `oneshot`). Phase rerun (once every search trial
+    is finished): the best configuration of each level, rerun with search.rerun_seeds (plan_reruns).
     """
     from opt_study import optim
 
     levels = spec.search.budgets.levels()
     n = levels[-1][1]
-    plans, search = [], []
+    plans, search, oneshot_reruns = [], [], []
     for opt in spec.optimizers:
         space = protocol_space(opt)
         defaults = optim.optimizer_entry(opt.name).defaults
@@ -105,12 +116,14 @@ def plan_crowded_valley(spec: Spec, records: list[dict]) -> list[TrialPlan]:
         for seed in spec.study.seeds:
             plans.append(TrialPlan(f"{opt.label}-oneshot-s{seed}", opt.label, opt.name, oneshot, seed, 0,
                                    phase="oneshot", budget="oneshot"))
+        oneshot_reruns += [TrialPlan(f"{opt.label}-oneshot-rerun-s{seed}", opt.label, opt.name, oneshot, seed, 0,
+                                     phase="oneshot_rerun", budget="oneshot") for seed in spec.search.rerun_seeds]
         for i, (j, hp) in enumerate(nested_draws(spec, opt, space, n, "search")):
             level = next(name for name, k in levels if j < k)
             for seed in spec.study.seeds:
                 search.append(TrialPlan(f"{opt.label}-search-{level}-{i:03d}-s{seed}", opt.label, opt.name,
                                         hp, seed, i, phase="search", budget=level))
-    return plans + search + plan_reruns(spec, search, records)
+    return plans + search + oneshot_reruns + plan_reruns(spec, search, records)
 
 
 def plan_reruns(spec: Spec, search: list[TrialPlan], records: list[dict]) -> list[TrialPlan]:
@@ -180,9 +193,9 @@ def planned_trial_count(spec: Spec) -> int:
     s, seeds, total = spec.search, len(spec.study.seeds), 0
     for opt in spec.optimizers:
         space = opt.space if s.protocol == "none" else protocol_space(opt)
-        if s.protocol == "crowded_valley":
+        if s.protocol == "crowded_valley":  # oneshot, search, oneshot_rerun, rerun (one per level at most)
             levels = s.budgets.levels()
-            total += seeds * (1 + budget(space, levels[-1][1])) + len(levels) * len(s.rerun_seeds)
+            total += seeds * (1 + budget(space, levels[-1][1])) + (1 + len(levels)) * len(s.rerun_seeds)
         else:
             total += budget(space, s.samples) * seeds * (s.studies if s.protocol == "algoperf_external" else 1)
     return total
@@ -214,8 +227,14 @@ def storage_paths(spec: Spec) -> dict[str, Path]:
 
 
 def describe(spec: Spec) -> dict:
-    """A dry-run summary: trials, budgets, resources and where results go."""
-    plans = plan_trials(spec)
+    """A dry-run summary: trials, budgets, resources and where results go (under tpe every
+    trial, proposed or not)."""
+    if spec.search.resolved_method == "tpe":
+        from opt_study import tpe
+
+        plans = [p for p, _ in tpe.slots(spec, _records(spec))]
+    else:
+        plans = plan_trials(spec)
     return {"study": spec.study.name, "trials": len(plans),
             "per_optimizer": dict(collections.Counter(p.label for p in plans)),
             "resources_per_trial": trial_resources(spec), "study_dir": str(spec.study_dir),
@@ -224,15 +243,14 @@ def describe(spec: Spec) -> dict:
 
 def write_spec(spec: Spec, source_text: str | None) -> None:
     """Keep the exact YAML the study was started from next to its results (provenance)."""
+    from opt_study.results import layout
+
     d = spec.study_dir
     d.mkdir(parents=True, exist_ok=True)
     if source_text is not None:
-        tmp = d / ".spec.yaml.tmp"
-        tmp.write_text(source_text)
-        os.replace(tmp, d / "spec.yaml")
-    tmp = d / ".plan.json.tmp"
-    tmp.write_text(json.dumps([p.as_dict() for p in plan_trials(spec)], indent=1))
-    os.replace(tmp, d / "plan.json")
+        layout.atomic_write_bytes(d / "spec.yaml", source_text.encode())
+    plan = json.dumps([p.as_dict() for p in plan_trials(spec)], indent=1)
+    layout.atomic_write_bytes(d / "plan.json", plan.encode())
 
 
 # ------------------------------------------------------------------------------- running a study
@@ -246,6 +264,7 @@ def per_optimizer_asha(spec: Spec):
     """
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
+    from opt_study.results import layout
     from opt_study.trial import stop_path
 
     a = spec.search.asha
@@ -272,9 +291,9 @@ def per_optimizer_asha(spec: Spec):
         def on_trial_result(self, controller, trial, result):
             decision = self._asha(trial).on_trial_result(controller, trial, result)
             if decision == TrialScheduler.STOP:
-                f = stop_path(spec.study_dir, trial.config["trial"]["trial_id"])
-                f.parent.mkdir(parents=True, exist_ok=True)
-                f.touch()
+                # atomic_write: on an object-store root the file is uploaded, so a rank 0 on
+                # another node sees it (opt_study.storage.exists)
+                layout.atomic_write_bytes(stop_path(spec.study_dir, trial.config["trial"]["trial_id"]), b"")
             return TrialScheduler.CONTINUE
 
         def on_trial_complete(self, controller, trial, result):
@@ -287,12 +306,16 @@ def per_optimizer_asha(spec: Spec):
 
 
 def pending_plans(spec: Spec) -> list[TrialPlan]:
-    """The planned trials not yet finished (completed, stopped or diverged): what a run/resume runs."""
-    from opt_study.results.trials import read_trial_records
+    """The planned trials not yet finished (completed, stopped or diverged): what a run/resume runs.
+    Under tpe: every trial id not finished, proposed or not (a plan not yet proposed has empty
+    hparams: StudyTPE proposes them when Tune asks)."""
+    records = _records(spec)
+    done = {r["trial_id"] for r in records if r.get("status") in ("completed", "stopped", "diverged")}
+    if spec.search.resolved_method == "tpe":
+        from opt_study import tpe
 
-    done = {r["trial_id"] for r in read_trial_records(spec.study_dir)
-            if r.get("status") in ("completed", "stopped", "diverged")}
-    return [p for p in plan_trials(spec) if p.trial_id not in done]
+        return [p for p, _ in tpe.slots(spec, records) if p.trial_id not in done]
+    return [p for p in plan_trials(spec, records) if p.trial_id not in done]
 
 
 def ray_env() -> dict:
@@ -335,6 +358,7 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     from opt_study.results.mlflow_queue import QueuedSink, experiment_name
 
     out = out or sys.stdout
+    storage.pull_study(spec.study_dir)  # an object-store root: start from what the store holds
     sink = QueuedSink(spec.study_dir, spec.tracking_uri, experiment_name(spec.study.name))
     parent = sink.parent_run(spec.study.name, params=_study_params(spec),
                              tags={"opt_study.workload": spec.workload.type})
@@ -365,7 +389,9 @@ def flush_mlflow(sink, spec: Spec, out) -> None:
 
 
 def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out) -> None:
-    """One Tune run over `todo`: record them pending, then run them with the study's scheduler."""
+    """One Tune run over `todo`: record them pending, then run them with the study's scheduler.
+    Under tpe, `todo` are trial ids and StudyTPE proposes the hyperparameters: a trial is
+    recorded when it starts (with them), and Tune asks the searcher `len(todo)` times."""
     import ray
     from ray import tune
 
@@ -375,22 +401,29 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out)
 
     resources = trial_resources(spec)
     recorder = StudyRecorder(spec, todo, resources, sink, parent, out=out)
-    known = {r["trial_id"] for r in read_trial_records(spec.study_dir)}
+    records = read_trial_records(spec.study_dir)
+    searcher = None
+    if spec.search.resolved_method == "tpe":
+        from opt_study.tpe import StudyTPE
+
+        searcher = StudyTPE(spec, records)
+    known = {r["trial_id"] for r in records}
     for p in todo:
-        if p.trial_id not in known:
+        if p.trial_id not in known and searcher is None:
             recorder.record(p, "pending")
     write_trials_table(spec.study_dir)
     ensure_ray(spec)
     concurrent = max_concurrent(spec, ray.cluster_resources())
     print(f"study {spec.study.name}: {len(todo)} trials to run, {concurrent} at a time "
           f"({resources['launcher']}, {resources['workers']} worker(s) x {resources['per_worker']})", file=out)
-    run_idx = len(list((spec.study_dir / "ray").glob("run-*"))) if (spec.study_dir / "ray").exists() else 0
+    run_idx = _next_run_index(spec.study_dir / "ray")
     tuner = tune.Tuner(
         trainable_for(spec),
-        param_space={"trial": tune.grid_search([p.as_dict() for p in todo])},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent,
+        param_space={} if searcher else {"trial": tune.grid_search([p.as_dict() for p in todo])},
+        tune_config=tune.TuneConfig(num_samples=len(todo) if searcher else 1, search_alg=searcher,
+                                    max_concurrent_trials=concurrent,
                                     scheduler=per_optimizer_asha(spec) if spec.search.asha else None),
-        run_config=tune.RunConfig(name=f"run-{run_idx}", storage_path=str(spec.study_dir / "ray"),
+        run_config=tune.RunConfig(name=f"run-{run_idx}", **storage.ray_storage(spec.study_dir / "ray"),
                                   callbacks=[recorder], verbose=0,
                                   # in-process trials are retried by Tune; worker groups by Ray Train
                                   failure_config=tune.FailureConfig(
@@ -399,6 +432,17 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out)
     )
     tuner.fit()
     write_trials_table(spec.study_dir)
+
+
+def _next_run_index(ray_dir: Path) -> int:
+    """The number of the next `run-<i>` folder of Ray's experiment state (in the object store
+    when the root is one: Ray writes there directly)."""
+    m = storage.mirror_for(ray_dir.parent)
+    if m is not None:
+        names = {rel.split("/", 1)[0] for rel in m.listing(ray_dir)}
+    else:
+        names = {p.name for p in ray_dir.glob("run-*")} if ray_dir.exists() else set()
+    return len([n for n in names if n.startswith("run-")])
 
 
 def _study_params(spec: Spec) -> dict:

@@ -11,7 +11,9 @@ import datetime as _dt
 import warnings
 from pathlib import Path
 
+from opt_study import storage
 from opt_study.report import figures, render, tables
+from opt_study.results import layout
 from opt_study.report.data import StudyData, load
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -138,7 +140,7 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
     out = Path(out) if out is not None else Path(study_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:  # a figure not produced this time must not linger from an old report
-        (out / f"{name}.png").unlink(missing_ok=True)
+        layout.remove_tree(out / f"{name}.png")
     data = load(study_dir, threads=threads)
     try:
         run_id, where = _mlflow_parent(data, out) if mlflow else (None, "MLflow: not requested.")
@@ -150,9 +152,10 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
         page = render.page(f"opt_study report: {data.name}", f"Generated {now}. {where}",
                            list(SECTIONS), body)
         path = out / "index.html"
-        tmp = out / ".index.html.tmp"
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(path)  # a browser reloading the page never sees half of it
+        # a browser reloading the page never sees half of it; the figures and the page reach
+        # the object store when the study's root is one
+        storage.push(out)
+        layout.atomic_write_bytes(path, page.encode("utf-8"))
         if run_id is not None:
             from opt_study.results.mlflow_sink import MlflowSink
             from opt_study.results.query import experiment_name

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("query", help="run SQL over a study's Parquet record and trials",
                               description=QUERY_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("study", help="the study folder (<storage>/<study>)")
+    q.add_argument("study", help="the study folder (<storage>/<study>) or its YAML file")
     q.add_argument("sql", help="one SQL statement over the views above")
     q.add_argument("--csv", metavar="PATH", help="also save the result as CSV")
     q.add_argument("--parquet", metavar="PATH", help="also save the result as Parquet")
@@ -40,14 +40,27 @@ def register(subparsers) -> None:
     q.set_defaults(fn=cmd_query)
     r = subparsers.add_parser("report", help="write the study's HTML report (tables, figures) "
                                              "and log it to the study's MLflow parent run")
-    r.add_argument("study", help="the study folder (<storage>/<study>)")
+    r.add_argument("study", help="the study folder (<storage>/<study>) or its YAML file")
     r.add_argument("--out", metavar="DIR", help="where to write it (default STUDY/report)")
     r.add_argument("--no-mlflow", action="store_true", help="do not log it to MLflow")
     r.set_defaults(fn=cmd_report)
 
 
 def _study(path: str) -> Path | None:
+    """The study folder named by ``path`` (a folder, or the study's YAML file), refreshed from
+    the object store when its root is one."""
+    from opt_study import storage
+
     p = Path(path)
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        from opt_study.config import ConfigError, load_study
+
+        try:
+            p = load_study(p).study_dir
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return None
+    storage.refresh_study(p)
     if not p.is_dir() or not ((p / "steps").is_dir() or (p / "trials").is_dir()
                               or (p / "spec.yaml").is_file()):
         print(f"error: {path} is not a study folder (no steps/, trials/ or spec.yaml)",

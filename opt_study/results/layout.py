@@ -7,7 +7,8 @@ Layout under ``<storage_root>/<study>/`` (the *study dir*)::
         attempt=<a>/                            one directory per (re)start of the trial
           _START                                json {"start_step": s}, written atomically
                                                 when the attempt starts
-          part-<first>-<last>.parquet           immutable chunk of rows, steps first..last
+          part-<first>-<last>.parquet           a chunk of rows, steps first..last, never edited
+                                                (compaction replaces chunks by one new file)
                                                 (zero-padded so names sort by step)
           .part-....tmp-<pid>-<rand>            a chunk being written: never read
     trials/<trial_id>.json                      one record per trial (written atomically)
@@ -24,8 +25,11 @@ hostile config cannot escape the storage root or collide with the partition synt
 from __future__ import annotations
 
 import os
+import shutil
 import re
 from pathlib import Path
+
+from opt_study import storage
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -143,6 +147,7 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    storage.after_write(path)  # an object-store root: upload the committed file
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -155,3 +160,15 @@ def temp_path(path: Path) -> Path:
     ``os.replace`` is a rename within one file system)."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a file or a directory tree under a study dir (missing is fine). Every deletion of
+    stored results goes through here, so a mirrored object-store root (``opt_study.storage``)
+    deletes the same objects."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    storage.after_remove(path)

@@ -219,8 +219,8 @@ class QueuedSink:
         with self._lock, self._flock(blocking=True):
             moved = self.failed()
             for path in moved:
-                os.replace(path, self.dir / path.name)
-                path.with_name(path.name + ".error.txt").unlink(missing_ok=True)
+                _move(path, self.dir / path.name)
+                layout.remove_tree(path.with_name(path.name + ".error.txt"))
         return len(moved)
 
     def _enqueue(self, kind: str, key: str, args: dict) -> str:
@@ -273,7 +273,7 @@ class QueuedSink:
                     return
                 self._refuse(path, e)
                 continue
-            path.unlink()
+            layout.remove_tree(path)
             layout.fsync_dir(self.dir)
             self._results[path.name] = result
         self._failed_at = None
@@ -283,7 +283,7 @@ class QueuedSink:
         failed.mkdir(exist_ok=True)
         msg = _redact(f"{type(exc).__name__}: {exc}")
         layout.atomic_write_bytes(failed / (path.name + ".error.txt"), msg.encode())
-        os.replace(path, failed / path.name)
+        _move(path, failed / path.name)
         layout.fsync_dir(self.dir)
         warnings.warn(f"MLflow refused queued write {path.name} (kept in {failed}): {msg}",
                       stacklevel=4)
@@ -324,6 +324,14 @@ class QueuedSink:
         return self._parents[key]
 
 
+def _move(src: Path, dst: Path) -> None:
+    """Move a queue entry: the new name is committed before the old one goes, so a crash in
+    between leaves the entry twice (delivery is idempotent), never zero times. Through layout,
+    so an object-store root sees the same move."""
+    layout.atomic_write_bytes(dst, src.read_bytes())
+    layout.remove_tree(src)
+
+
 def _str_dict(d: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in d.items()}
 
@@ -345,7 +353,10 @@ def register(subparsers) -> None:
 
 def cmd_sync_mlflow(a) -> int:
     """Deliver everything queued; exit 0 if nothing is left, else 1 after listing what is."""
+    from opt_study import storage
+
     folder = Path(a.study).resolve()
+    storage.refresh_study(folder)  # an object-store root: entries queued on other machines
     spec = _spec_of_folder(folder)
     sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name), study=spec.study.name)
     before = len(sink.pending())

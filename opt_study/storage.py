@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 SCHEMES = ("s3", "gs", "gcs")
 MARKER = ".opt_study_remote.json"
 CACHE_ENV = "OPT_STUDY_CACHE"
+# Files up to this size are always fetched by a pull (commit markers, _START, stop files).
+SMALL = 256
 # A stop signal written by the driver reaches a rank on another node within this many seconds.
 REMOTE_POLL_S = 2.0
 
@@ -66,7 +68,11 @@ def local_root(uri: str) -> Path:
     """The working copy of object-store root ``uri`` on this machine: ``$OPT_STUDY_CACHE`` (or
     ``~/.cache/opt_study``) ``/remote/<sha256(uri)[:16]>``."""
     base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "opt_study")
-    return (base / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]).resolve()
+    return (base / "remote" / _digest(uri)).resolve()
+
+
+def _digest(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def attach(uri: str) -> Path:
@@ -102,8 +108,12 @@ def mirror_for(path) -> "Mirror | None":
         seen.append(parent)
         marker = parent / MARKER
         if marker.is_file():
-            found = Mirror(parent, json.loads(marker.read_text())["uri"])
-            break
+            uri = json.loads(marker.read_text())["uri"]
+            # Only a working copy's own root counts: a marker planted in some ancestor folder
+            # (/tmp, a shared mount) must not redirect a local study to someone's bucket.
+            if (parent.parent.name, parent.name) == ("remote", _digest(uri)):
+                found = Mirror(parent, uri)
+                break
     else:
         found = None
     for p in seen:
@@ -123,15 +133,36 @@ class Mirror:
         return "/".join([self.base.rstrip("/"), *rel.parts]) if rel.parts else self.base
 
     def push(self, path) -> None:
-        """Upload one local file (or every file of a directory) to its place in the store."""
+        """Upload one local file (or every file of a directory) to its place in the store.
+
+        Each file goes to a hidden temporary key first and is then moved to its name: closing
+        an S3 upload always completes it, so an upload cut short (an error, a signal) must
+        never be able to land under the real name. The local file then takes the stored
+        object's time, so later pulls see it as unchanged."""
         path = Path(path)
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for f in files:
             if f.name.startswith("."):
                 continue  # temp files and locks are never results
-            with open(f, "rb") as src, self.fs.open_output_stream(self.remote(f)) as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
+            final = self.remote(f)
+            tmp = f"{final.rsplit('/', 1)[0]}/.{f.name}.up-{os.getpid()}-{os.urandom(4).hex()}"
+            try:
+                with open(f, "rb") as src, self.fs.open_output_stream(tmp) as dst:
+                    while chunk := src.read(8 << 20):
+                        dst.write(chunk)
+                self.fs.move(tmp, final)
+            except BaseException:
+                self._discard(tmp)
+                raise
+            mtime = self.fs.get_file_info(final).mtime_ns
+            if mtime is not None:
+                os.utime(f, ns=(mtime, mtime))
+
+    def _discard(self, key: str) -> None:
+        try:
+            self.fs.delete_file(key)
+        except OSError:
+            pass  # never written, or the store is unreachable: a hidden key readers skip
 
     def delete(self, path) -> None:
         """Delete a file or a whole prefix from the store (absent is fine)."""
@@ -158,31 +189,50 @@ class Mirror:
             return {}
         out = {}
         for info in self.fs.get_file_info(pafs.FileSelector(rp, recursive=True)):
-            if info.type == pafs.FileType.File:
+            rel = info.path[len(rp) + 1:]
+            if info.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
                 mtime = info.mtime_ns if info.mtime_ns is not None else 0
-                out[info.path[len(rp) + 1:]] = (info.size, mtime)
+                out[rel] = (info.size, mtime)
         return out
 
-    def pull(self, path, exact: bool = True, exclude: tuple[str, ...] = ()) -> int:
+    def children(self, path) -> list[str]:
+        """The names directly under ``path`` in the store (not recursive)."""
+        from pyarrow import fs as pafs
+
+        rp = self.remote(path)
+        if self.fs.get_file_info(rp).type != pafs.FileType.Directory:
+            return []
+        return [i.base_name for i in self.fs.get_file_info(pafs.FileSelector(rp))]
+
+    def pull(self, path, exact: bool = True, exclude: tuple[str, ...] = (), select=None) -> int:
         """Make the working copy of ``path`` (a directory) match the store; return the number
-        of files downloaded. A file is fetched when missing or when its size or time differs;
-        ``exact`` also deletes local files the store does not hold (never hidden ones: temps
-        and locks). Top-level names in ``exclude`` are skipped on both sides."""
+        of files downloaded. A file is fetched when missing, when its size or time differs, or
+        when it is a small marker (``latest`` may change within the store's one-second time
+        resolution at the same size). ``exact``: the store is the truth, and local files it
+        does not hold are deleted (never hidden ones: temps and locks). Otherwise a local file
+        newer than the stored one is kept (a writer here has just committed it and is
+        uploading it). Top-level names in ``exclude`` are skipped on both sides, and so is every
+        relative path for which ``select(rel)`` is false."""
         local = Path(path)
-        remote = {k: v for k, v in self.listing(local).items() if k.split("/", 1)[0] not in exclude}
+
+        def wanted(rel: str) -> bool:
+            return rel.split("/", 1)[0] not in exclude and (select is None or select(rel))
+
+        remote = {k: v for k, v in self.listing(local).items() if wanted(k)}
         fetched = 0
         for rel, (size, mtime) in remote.items():
             dst = local / rel
             st = dst.stat() if dst.is_file() else None
-            if st is not None and st.st_size == size and st.st_mtime_ns == mtime:
+            if st is not None and not exact and st.st_mtime_ns > mtime:
+                continue
+            if st is not None and st.st_size == size and st.st_mtime_ns == mtime and size > SMALL:
                 continue
             self._download(self.remote(dst), dst, mtime)
             fetched += 1
         if exact and local.is_dir():
             for f in local.rglob("*"):
                 rel = f.relative_to(local).as_posix()
-                if f.is_file() and not f.name.startswith(".") and rel not in remote \
-                        and rel.split("/", 1)[0] not in exclude:
+                if f.is_file() and not f.name.startswith(".") and rel not in remote and wanted(rel):
                     f.unlink(missing_ok=True)
         return fetched
 
@@ -219,10 +269,10 @@ def push(path) -> None:
     after_write(path)
 
 
-def pull(path, exact: bool = True, exclude: tuple[str, ...] = ()) -> int:
+def pull(path, exact: bool = True, exclude: tuple[str, ...] = (), select=None) -> int:
     """Refresh the working copy of directory ``path`` from the store; 0 on a local root."""
     m = mirror_for(path)
-    return m.pull(path, exact=exact, exclude=exclude) if m is not None else 0
+    return m.pull(path, exact=exact, exclude=exclude, select=select) if m is not None else 0
 
 
 def exists(path, poll: bool = True) -> bool:

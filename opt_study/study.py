@@ -439,7 +439,7 @@ def _next_run_index(ray_dir: Path) -> int:
     when the root is one: Ray writes there directly)."""
     m = storage.mirror_for(ray_dir.parent)
     if m is not None:
-        names = {rel.split("/", 1)[0] for rel in m.listing(ray_dir)}
+        names = set(m.children(ray_dir))
     else:
         names = {p.name for p in ray_dir.glob("run-*")} if ray_dir.exists() else set()
     return len([n for n in names if n.startswith("run-")])

@@ -201,13 +201,14 @@ def resume(c: Ctx, state: TrialState) -> int:
 
 def _pull_trial(study_dir, trial_id: str) -> None:
     """All ranks, before resuming: on an object-store root, this trial's attempts and
-    checkpoints as the store holds them (a restarted group may run on other machines than the
-    last one, or on this one with stale files). No-op on a local root."""
+    checkpoint files as the store holds them (a restarted group may run on other machines than
+    the last one, or on this one with stale files). No-op on a local root."""
     from opt_study import checkpoint
     from opt_study.results import layout
 
-    storage.pull(layout.trial_steps_dir(study_dir, trial_id))
-    storage.pull(checkpoint.ckpt_dir(study_dir, trial_id))
+    if distributed.rank() == 0:  # only rank 0 opens the trial's next attempt
+        storage.pull(layout.trial_steps_dir(study_dir, trial_id))
+    checkpoint.pull(study_dir, trial_id, distributed.rank())
     distributed.barrier()
 
 
@@ -263,8 +264,8 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     if c.writer is not None:
         c.writer.close()
     distributed.barrier()
-    if c.rank == 0 and state.status != "running":
-        checkpoint.remove(spec.study_dir, plan.trial_id)
+    if state.status != "running":  # every machine drops its copy; rank 0 the stored one
+        checkpoint.remove(spec.study_dir, plan.trial_id, store=c.rank == 0)
     return _report_metrics(state, {"loss": state.last_loss})
 
 

@@ -106,16 +106,64 @@ def test_writes_and_deletes_reach_the_store_and_pull_restores(s3_endpoint, tmp_p
     assert storage.pull(root_b / "s") == 1
     assert (root_b / "s" / "trials" / "t1.json").read_bytes() == b'{"a": 1}'
     assert not (root_b / "s" / "stale.txt").exists()
-    assert storage.pull(root_b / "s") == 0  # unchanged files are not fetched again
+    big = root / "s" / "steps" / "y" / "part.parquet"
+    layout.atomic_write_bytes(big, b"Q" * 5000)
+    n = storage.pull(root_b / "s")
+    assert n == 2, (n, _objects(s3_endpoint, "unit"), sorted(str(p) for p in (root_b / "s").rglob("*")))  # the new chunk, and the small record (always)
+    assert storage.pull(root_b / "s") == 1  # an unchanged chunk is not fetched again
+    assert big.stat().st_mtime_ns == (root_b / "s" / "steps" / "y" / "part.parquet").stat().st_mtime_ns
     # a newer version of the same size is fetched (compared by time too)
     time.sleep(1.1)
     layout.atomic_write_bytes(root / "s" / "trials" / "t1.json", b'{"a": 2}')
     assert storage.pull(root_b / "s") == 1
     assert (root_b / "s" / "trials" / "t1.json").read_bytes() == b'{"a": 2}'
+    # a refresh (not exact) never replaces a file committed here after the stored copy
+    (root_b / "s" / "trials" / "t1.json").write_bytes(b'{"a": 3}')
+    storage.refresh_study(root_b / "s")
+    assert (root_b / "s" / "trials" / "t1.json").read_bytes() == b'{"a": 3}'
     # a signal written elsewhere is seen through the store
     assert not storage.exists(root_b / "s" / "control" / "t.stop", poll=False)
     layout.atomic_write_bytes(root / "s" / "control" / "t.stop", b"")
     assert storage.exists(root_b / "s" / "control" / "t.stop", poll=False)
+
+
+def test_an_interrupted_upload_never_lands_under_its_name(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    root = storage.attach(_uri(s3_endpoint, "cut"))
+    f = root / "s" / "part.parquet"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"R" * 100_000)
+
+    class Cut:  # the local read fails half way (a disk error, a signal)
+        def __init__(self, *a):
+            self.n = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self, size):
+            self.n += 1
+            if self.n > 1:
+                raise OSError("read cut short")
+            return b"R" * 1000
+
+    monkeypatch.setattr(storage, "open", Cut, raising=False)
+    with pytest.raises(OSError, match="cut short"):
+        storage.push(f)
+    monkeypatch.undo()
+    assert _objects(s3_endpoint, "cut") == {}  # neither the real name nor a leftover temp
+
+
+def test_a_marker_outside_the_cache_is_ignored(s3_endpoint, tmp_path):
+    """A `.opt_study_remote.json` planted in some ancestor folder must not redirect a local
+    study's writes to a bucket."""
+    (tmp_path / storage.MARKER).write_text(json.dumps({"uri": _uri(s3_endpoint, "planted")}))
+    layout.atomic_write_bytes(tmp_path / "study" / "trials" / "t.json", b"{}")
+    assert storage.mirror_for(tmp_path / "study") is None
+    assert _objects(s3_endpoint, "planted") == {}
 
 
 def test_a_local_root_never_touches_a_store(tmp_path):

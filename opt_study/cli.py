@@ -77,7 +77,7 @@ def cmd_status(a) -> int:
     from opt_study import storage
 
     spec = _spec_for(a.study)
-    storage.refresh_study(spec.study_dir)
+    storage.refresh_study(spec.study_dir, "status")
     return cmd_status_spec(spec)
 
 
@@ -130,7 +130,7 @@ def cmd_compact(a) -> int:
     from opt_study.results.compact import compact_study
 
     spec = _spec_for(a.study)
-    storage.refresh_study(spec.study_dir)
+    storage.refresh_study(spec.study_dir, "compact")
     done = compact_study(spec.study_dir)
     print(f"{spec.study.name}: {len(done)} trial(s), "
           f"{sum(len(files) for files in done.values())} file(s) after compaction")

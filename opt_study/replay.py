@@ -132,7 +132,7 @@ def cmd_replay(a) -> int:
 
     p = Path(a.study)
     study_dir = p.resolve() if p.is_dir() else load_study(p).study_dir
-    storage.refresh_study(study_dir)  # an object-store root: the trials' snapshots
+    storage.refresh_study(study_dir, "replay")  # an object-store root: the trials' snapshots
     try:
         check_reference(a.reference)
         hessian = hessian_options(a)

@@ -166,6 +166,21 @@ def test_a_marker_outside_the_cache_is_ignored(s3_endpoint, tmp_path):
     assert _objects(s3_endpoint, "planted") == {}
 
 
+def test_a_reading_command_pulls_only_what_it_reads(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "writer"))
+    uri = _uri(s3_endpoint, "parts")
+    root = storage.attach(uri)
+    for rel in ("s/trials/t.json", "s/steps/trial_id=t/attempt=0/part.parquet", "s/snapshots/t/x.pt"):
+        layout.atomic_write_bytes(root / rel, b"z" * 300)
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "reader"))
+    reader = storage.attach(uri)
+    assert storage.refresh_study(reader / "s", "status") == 1
+    assert [p.relative_to(reader).as_posix() for p in reader.rglob("*") if p.is_file()
+            and not p.name.startswith(".")] == ["s/trials/t.json"]
+    assert storage.refresh_study(reader / "s", "query") == 1  # now the steps, not the snapshots
+    assert not (reader / "s" / "snapshots").exists()
+
+
 def test_a_local_root_never_touches_a_store(tmp_path):
     layout.atomic_write_bytes(tmp_path / "study" / "trials" / "t.json", b"{}")
     assert storage.mirror_for(tmp_path / "study" / "trials") is None

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     r.set_defaults(fn=cmd_report)
 
 
-def _study(path: str) -> Path | None:
+def _study(path: str, command: str) -> Path | None:
     """The study folder named by ``path`` (a folder, or the study's YAML file), refreshed from
     the object store when its root is one."""
     from opt_study import storage
@@ -60,7 +60,7 @@ def _study(path: str) -> Path | None:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return None
-    storage.refresh_study(p)
+    storage.refresh_study(p, command)
     if not p.is_dir() or not ((p / "steps").is_dir() or (p / "trials").is_dir()
                               or (p / "spec.yaml").is_file()):
         print(f"error: {path} is not a study folder (no steps/, trials/ or spec.yaml)",
@@ -72,7 +72,7 @@ def _study(path: str) -> Path | None:
 def cmd_query(args) -> int:
     from opt_study.results.query import QueryError, query, write_csv, write_parquet
 
-    study = _study(args.study)
+    study = _study(args.study, "query")
     if study is None:
         return EXIT_BAD_INPUT
     try:
@@ -111,7 +111,7 @@ def _cell(v) -> str:
 def cmd_report(args) -> int:
     from opt_study.report.build import write_report
 
-    study = _study(args.study)
+    study = _study(args.study, "report")
     if study is None:
         return EXIT_BAD_INPUT
     path = write_report(study, out=args.out, mlflow=not args.no_mlflow)

@@ -356,7 +356,7 @@ def cmd_sync_mlflow(a) -> int:
     from opt_study import storage
 
     folder = Path(a.study).resolve()
-    storage.refresh_study(folder)  # an object-store root: entries queued on other machines
+    storage.refresh_study(folder, "sync-mlflow")  # an object-store root: entries queued on other machines
     spec = _spec_of_folder(folder)
     sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name), study=spec.study.name)
     before = len(sink.pending())

@@ -11,7 +11,8 @@ import re
 import shutil
 from pathlib import Path
 
-from opt_study import distributed, storage
+from opt_study import distributed
+from opt_study.results import storage
 from opt_study.results import layout
 
 

@@ -74,7 +74,7 @@ def _finish(spec: Spec) -> int:
 
 
 def cmd_status(a) -> int:
-    from opt_study import storage
+    from opt_study.results import storage
 
     spec = _spec_for(a.study)
     storage.refresh_study(spec.study_dir, "status")
@@ -126,7 +126,7 @@ def cmd_ui(a) -> int:
 def cmd_compact(a) -> int:
     """Compact every trial's chunks (one file per attempt): for studies written before trials
     were compacted as they finished. Safe on a running study and rerunnable."""
-    from opt_study import storage
+    from opt_study.results import storage
     from opt_study.results.compact import compact_study
 
     spec = _spec_for(a.study)

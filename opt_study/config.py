@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from opt_study import storage
+from opt_study.results import storage
 from opt_study.space import Domain
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -381,7 +381,7 @@ class Spec:
     @property
     def storage_root(self) -> Path:
         """Where this machine reads and writes the study: the storage path itself, or for an
-        object-store URI its local working copy (opt_study.storage mirrors it)."""
+        object-store URI its local working copy (opt_study.results.storage mirrors it)."""
         if storage.is_uri(self.study.storage):
             return storage.attach(self.study.storage)
         return Path(self.study.storage).expanduser().resolve()

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from opt_study import config as C
-from opt_study.storage import is_uri
+from opt_study.results.storage import is_uri
 from opt_study.space import budget, parse_domain
 
 MAX_ALIASES = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from opt_study import storage
+from opt_study.results import storage
 from opt_study.config import Spec
 from opt_study.trial import TrialPlan
 

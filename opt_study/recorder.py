@@ -14,7 +14,7 @@ import warnings
 
 from ray.tune import Callback
 
-from opt_study import storage
+from opt_study.results import storage
 from opt_study.config import Spec
 from opt_study.measure.metrics import summarize
 from opt_study.results import compact, layout, parquet, trials as trials_tbl

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opt_study import storage
+from opt_study.results import storage
 from opt_study.config import FieldError
 
 

@@ -15,7 +15,7 @@ import os
 import random
 from pathlib import Path
 
-from opt_study import storage
+from opt_study.results import storage
 from opt_study.config import Spec
 # The protocol planners live in opt_study.protocols; re-exported here, where plan_trials uses them.
 from opt_study.protocols import (  # noqa: F401
@@ -156,7 +156,7 @@ def per_optimizer_asha(spec: Spec):
             decision = self._asha(trial).on_trial_result(controller, trial, result)
             if decision == TrialScheduler.STOP:
                 # atomic_write: on an object-store root the file is uploaded, so a rank 0 on
-                # another node sees it (opt_study.storage.exists)
+                # another node sees it (opt_study.results.storage.exists)
                 layout.atomic_write_bytes(stop_path(spec.study_dir, trial.config["trial"]["trial_id"]), b"")
             return TrialScheduler.CONTINUE
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from opt_study import distributed, engine as engine_mod, optim, storage
+from opt_study import distributed, engine as engine_mod, optim
+from opt_study.results import storage
 from opt_study.config import Spec
 from opt_study.measure import snapshots
 from opt_study.measure.hook import StepMeasurer

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opt_study import storage
+from opt_study.results import storage
 from opt_study.results import layout
 
 pytestmark = pytest.mark.slow

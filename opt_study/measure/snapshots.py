@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from opt_study import distributed, storage
+from opt_study import distributed
+from opt_study.results import storage
 from opt_study.results import layout
 
 SNAPSHOTS_DIR = "snapshots"

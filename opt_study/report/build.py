@@ -11,7 +11,7 @@ import datetime as _dt
 import warnings
 from pathlib import Path
 
-from opt_study import storage
+from opt_study.results import storage
 from opt_study.report import figures, render, tables
 from opt_study.results import layout
 from opt_study.report.data import StudyData, load
@@ -153,8 +153,9 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
                            list(SECTIONS), body)
         path = out / "index.html"
         # a browser reloading the page never sees half of it; the figures and the page reach
-        # the object store when the study's root is one
-        storage.push(out)
+        # the object store when the study's root is one (atomic_write uploads the page)
+        for figure in sorted(out.glob("*.png")):
+            storage.push(figure)
         layout.atomic_write_bytes(path, page.encode("utf-8"))
         if run_id is not None:
             from opt_study.results.mlflow_sink import MlflowSink

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 def _study(path: str, command: str) -> Path | None:
     """The study folder named by ``path`` (a folder, or the study's YAML file), refreshed from
     the object store when its root is one."""
-    from opt_study import storage
+    from opt_study.results import storage
 
     p = Path(path)
     if p.is_file() and p.suffix in (".yaml", ".yml"):

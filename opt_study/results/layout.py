@@ -29,7 +29,7 @@ import shutil
 import re
 from pathlib import Path
 
-from opt_study import storage
+from opt_study.results import storage
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -164,7 +164,7 @@ def temp_path(path: Path) -> Path:
 
 def remove_tree(path: Path) -> None:
     """Delete a file or a directory tree under a study dir (missing is fine). Every deletion of
-    stored results goes through here, so a mirrored object-store root (``opt_study.storage``)
+    stored results goes through here, so a mirrored object-store root (``opt_study.results.storage``)
     deletes the same objects."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():

@@ -353,7 +353,7 @@ def register(subparsers) -> None:
 
 def cmd_sync_mlflow(a) -> int:
     """Deliver everything queued; exit 0 if nothing is left, else 1 after listing what is."""
-    from opt_study import storage
+    from opt_study.results import storage
 
     folder = Path(a.study).resolve()
     storage.refresh_study(folder, "sync-mlflow")  # an object-store root: entries queued on other machines

@@ -10,7 +10,6 @@ scale-aware errors as JSON; tests/test_replay.py asserts on them.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -19,9 +18,8 @@ import time
 import torch
 import yaml
 
-from harness import full_grads, full_params, run_cases  # tests/dist/harness.py (the script's directory)
+from harness import full_grads, full_params, run_cases, zero_config  # tests/dist/harness.py (the script's directory)
 from opt_study import distributed
-from opt_study import engine as engine_mod
 from opt_study import trial as trial_mod
 from opt_study.config import parse_study
 from opt_study.measure import snapshots
@@ -202,27 +200,6 @@ def exact_hessian(spec, x, world) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ driver
-@contextlib.contextmanager
-def extra_ds_config(extra: dict | None):
-    """Merge ``extra`` into the zero_optimization section of every DeepSpeed config built inside
-    (e.g. stage3_param_persistence_threshold: 0, so ZeRO-3 really partitions a tiny model's
-    parameters instead of keeping them all gathered)."""
-    if not extra:
-        yield
-        return
-    orig = engine_mod.ds_config
-
-    def patched(*a, **kw):
-        cfg = orig(*a, **kw)
-        cfg["zero_optimization"].update(extra)
-        return cfg
-    engine_mod.ds_config = patched
-    try:
-        yield
-    finally:
-        engine_mod.ds_config = orig
-
-
 def run_case(case: dict, storage: str) -> dict:
     spec = spec_for(case, storage)
     tid = f"t{case['id']}"
@@ -239,7 +216,7 @@ def run_case(case: dict, storage: str) -> dict:
         engine_g[step] = full_grads(view.engine, stage)
 
     hess = HessianOptions(**case["hessian"]) if case.get("hessian") else None
-    with extra_ds_config(case.get("ds_extra")):
+    with zero_config(case.get("ds_extra")):
         t0 = time.time()
         run_trial(spec, plan, report=reports.append, measurer_cls=SnapshotMeasurer)
         recorded = SnapshotMeasurer.last.full

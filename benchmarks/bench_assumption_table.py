@@ -105,7 +105,7 @@ def build(study: Path, every: int, chunk: int) -> None:
     """Write the synthetic study (skipped if a complete one with these parameters exists)."""
     import pyarrow.parquet as pq
 
-    from opt_study.results import layout
+    from opt_study.storage import layout
     from opt_study.results.parquet import CHUNK_WRITE_OPTIONS
     from opt_study.results.schema import STEP_SCHEMA
     from opt_study.results.trials import write_trial_record

@@ -14,7 +14,7 @@ before `engine.step()`, when ZeRO-1/2 gradient fragments exist), two ways:
   g_t across `engine.step()`), for reference.
 
 Model: tiny_lm of 10.05M parameters (width 320, 8 layers), 2 ranks, ZeRO-2 and ZeRO-3, built by
-opt_study.engine.build_engine (the trials' own DeepSpeed config). Each of STEPS steps times both
+opt_study.trial.engine.build_engine (the trials' own DeepSpeed config). Each of STEPS steps times both
 ways (order alternated) after a barrier; the results must agree to 1e-6 relative. Target:
 time(full) / time(shard) >= 10, median over steps.
 """
@@ -61,7 +61,8 @@ def run_stage(stage: int) -> list[dict]:
 
     import torch
 
-    from opt_study import distributed, engine as engine_mod
+    from opt_study import distributed
+    from opt_study.trial import engine as engine_mod
     from opt_study.config import ScaleConfig
     from opt_study.measure.hook import group_names
     from opt_study.measure.shards import ShardView

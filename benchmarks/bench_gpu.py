@@ -100,10 +100,11 @@ def peak_flops(device: str, given_tflops: float | None) -> float | None:
 def run_one(doc: dict, trial_id: str, warmup: int, peak: float | None, measurer_cls=None) -> dict:
     """Train one trial through run_trial; steps/s over steps warmup..N-1 from the rows' end times
     (every step counts, measured ones included), tokens/s and MFU."""
-    from opt_study.config import parse_study
+    from opt_study.validate import parse_study
     from opt_study.measure.hook import StepMeasurer
     from opt_study.results.parquet import read_steps
-    from opt_study.trial import TrialPlan, run_trial
+    from opt_study.plan import TrialPlan
+    from opt_study.trial.loop import run_trial
 
     spec = parse_study(doc)
     opt = doc["optimizers"][0]
@@ -132,7 +133,7 @@ def check(args, storage: str, data_dir: Path, peak: float | None) -> dict:
     import harness
     from streaming import StreamingChecker
 
-    from opt_study.config import parse_study
+    from opt_study.validate import parse_study
 
     doc = gpt2_doc("gpu_check", storage, data_dir, args.size, args.device, args.check_steps,
                    {"every": 10}, args.micro_batch)

@@ -77,7 +77,7 @@ def time_write_only(tables: list, root: Path) -> float:
     rows: the ceiling of a writer that took columnar batches instead of row dicts."""
     import pyarrow.parquet as pq
 
-    from opt_study.results import layout
+    from opt_study.storage import layout
     from opt_study.results.parquet import CHUNK_WRITE_OPTIONS
 
     root.mkdir(parents=True)

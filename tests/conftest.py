@@ -34,7 +34,7 @@ def ray_cluster():
     """One local Ray for the whole session (a start costs 4-6 s and ~1 GB)."""
     import ray
 
-    from opt_study.study import ray_env
+    from opt_study.study.run import ray_env
 
     for k, v in ray_env().items():
         os.environ.setdefault(k, v)

@@ -23,7 +23,7 @@ from test_config import CORPUS, ROOT, expected_field, generated_bad_files
 
 HELPER = r"""
 import contextlib, io, json, sys, traceback
-from opt_study.cli import main
+from opt_study.cli.main import main
 
 out = []
 for f in sys.argv[1:]:

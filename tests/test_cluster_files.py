@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opt_study.config import load_study
+from opt_study.validate import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

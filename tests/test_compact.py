@@ -10,7 +10,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.compact import compact_study, compact_trial, compaction_steps
 from opt_study.results.parquet import (StepWriter, check_chunks, list_chunks, next_attempt,
                                        read_steps, steps_sql, trial_chunks)

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.parquet import StepWriter, check_chunks, read_steps
 from opt_study.results.schema import METRIC_COLUMNS
 

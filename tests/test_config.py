@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from opt_study.config import (MAX_CONFIG_BYTES, ConfigError, FieldError, ScaleConfig, Spec, StudyConfig,
-                              TrainingConfig, load_study, parse_study)
-from opt_study.space import Domain
+                              TrainingConfig)
+from opt_study.validate import load_study, parse_study
+from opt_study.config.space import Domain
 from opt_study.workloads import MLPClassifyConfig, QuadraticConfig, TinyLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]

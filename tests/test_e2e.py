@@ -8,8 +8,9 @@ import io
 import duckdb
 import pytest
 
-from opt_study.config import parse_study
-from opt_study.study import plan_trials, run_study
+from opt_study.validate import parse_study
+from opt_study.plan.planners import plan_trials
+from opt_study.study.run import run_study
 
 pytestmark = pytest.mark.slow
 

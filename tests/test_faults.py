@@ -17,10 +17,10 @@ import psutil
 import pytest
 import yaml
 
-from opt_study.config import load_study, parse_study
+from opt_study.validate import load_study, parse_study
 from opt_study.results.parquet import read_steps
 from opt_study.results.trials import read_trial_records
-from opt_study.study import run_study
+from opt_study.study.run import run_study
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opt_study.results import storage
-from opt_study.results import layout
+from opt_study.storage import objectstore
+from opt_study.storage import layout
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def _objects(endpoint: str, prefix: str) -> dict[str, int]:
     """{key under bkt/prefix: size} straight from the server, not through any working copy."""
     from pyarrow import fs as pafs
 
-    fs, base = storage.filesystem(_uri(endpoint, prefix))
+    fs, base = objectstore.filesystem(_uri(endpoint, prefix))
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return {}
     return {i.path[len(base) + 1:]: i.size
@@ -80,16 +80,16 @@ def _objects(endpoint: str, prefix: str) -> dict[str, int]:
 
 
 def _read(endpoint: str, key: str) -> bytes:
-    fs, _ = storage.filesystem(_uri(endpoint, ""))
+    fs, _ = objectstore.filesystem(_uri(endpoint, ""))
     with fs.open_input_stream(f"bkt/{key}") as f:
         return f.read()
 
 
 # ------------------------------------------------------------------------ the mirror itself
 def test_writes_and_deletes_reach_the_store_and_pull_restores(s3_endpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache-a"))
+    monkeypatch.setenv(objectstore.CACHE_ENV, str(tmp_path / "cache-a"))
     uri = _uri(s3_endpoint, "unit")
-    root = storage.attach(uri)
+    root = objectstore.attach(uri)
     assert root.is_relative_to(tmp_path / "cache-a")
     layout.atomic_write_bytes(root / "s" / "trials" / "t1.json", b'{"a": 1}')
     layout.atomic_write_bytes(root / "s" / "steps" / "x" / "part.parquet", b"P" * 1000)
@@ -98,38 +98,38 @@ def test_writes_and_deletes_reach_the_store_and_pull_restores(s3_endpoint, tmp_p
     assert _objects(s3_endpoint, "unit") == {"s/trials/t1.json": 8}
 
     # another machine: an empty working copy fills from the store; `exact` drops stale files
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache-b"))
-    root_b = storage.attach(uri)
+    monkeypatch.setenv(objectstore.CACHE_ENV, str(tmp_path / "cache-b"))
+    root_b = objectstore.attach(uri)
     assert root_b != root
     (root_b / "s" / "stale.txt").parent.mkdir(parents=True)
     (root_b / "s" / "stale.txt").write_text("not in the store")
-    assert storage.pull(root_b / "s") == 1
+    assert objectstore.pull(root_b / "s") == 1
     assert (root_b / "s" / "trials" / "t1.json").read_bytes() == b'{"a": 1}'
     assert not (root_b / "s" / "stale.txt").exists()
     big = root / "s" / "steps" / "y" / "part.parquet"
     layout.atomic_write_bytes(big, b"Q" * 5000)
-    n = storage.pull(root_b / "s")
+    n = objectstore.pull(root_b / "s")
     assert n == 2, (n, _objects(s3_endpoint, "unit"), sorted(str(p) for p in (root_b / "s").rglob("*")))  # the new chunk, and the small record (always)
-    assert storage.pull(root_b / "s") == 1  # an unchanged chunk is not fetched again
+    assert objectstore.pull(root_b / "s") == 1  # an unchanged chunk is not fetched again
     assert big.stat().st_mtime_ns == (root_b / "s" / "steps" / "y" / "part.parquet").stat().st_mtime_ns
     # a newer version of the same size is fetched (compared by time too)
     time.sleep(1.1)
     layout.atomic_write_bytes(root / "s" / "trials" / "t1.json", b'{"a": 2}')
-    assert storage.pull(root_b / "s") == 1
+    assert objectstore.pull(root_b / "s") == 1
     assert (root_b / "s" / "trials" / "t1.json").read_bytes() == b'{"a": 2}'
     # a refresh (not exact) never replaces a file committed here after the stored copy
     (root_b / "s" / "trials" / "t1.json").write_bytes(b'{"a": 3}')
-    storage.refresh_study(root_b / "s")
+    objectstore.refresh_study(root_b / "s")
     assert (root_b / "s" / "trials" / "t1.json").read_bytes() == b'{"a": 3}'
     # a signal written elsewhere is seen through the store
-    assert not storage.exists(root_b / "s" / "control" / "t.stop", poll=False)
+    assert not objectstore.exists(root_b / "s" / "control" / "t.stop", poll=False)
     layout.atomic_write_bytes(root / "s" / "control" / "t.stop", b"")
-    assert storage.exists(root_b / "s" / "control" / "t.stop", poll=False)
+    assert objectstore.exists(root_b / "s" / "control" / "t.stop", poll=False)
 
 
 def test_an_interrupted_upload_never_lands_under_its_name(s3_endpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
-    root = storage.attach(_uri(s3_endpoint, "cut"))
+    monkeypatch.setenv(objectstore.CACHE_ENV, str(tmp_path / "cache"))
+    root = objectstore.attach(_uri(s3_endpoint, "cut"))
     f = root / "s" / "part.parquet"
     f.parent.mkdir(parents=True)
     f.write_bytes(b"R" * 100_000)
@@ -150,9 +150,9 @@ def test_an_interrupted_upload_never_lands_under_its_name(s3_endpoint, tmp_path,
                 raise OSError("read cut short")
             return b"R" * 1000
 
-    monkeypatch.setattr(storage, "open", Cut, raising=False)
+    monkeypatch.setattr(objectstore, "open", Cut, raising=False)
     with pytest.raises(OSError, match="cut short"):
-        storage.push(f)
+        objectstore.push(f)
     monkeypatch.undo()
     assert _objects(s3_endpoint, "cut") == {}  # neither the real name nor a leftover temp
 
@@ -160,32 +160,32 @@ def test_an_interrupted_upload_never_lands_under_its_name(s3_endpoint, tmp_path,
 def test_a_marker_outside_the_cache_is_ignored(s3_endpoint, tmp_path):
     """A `.opt_study_remote.json` planted in some ancestor folder must not redirect a local
     study's writes to a bucket."""
-    (tmp_path / storage.MARKER).write_text(json.dumps({"uri": _uri(s3_endpoint, "planted")}))
+    (tmp_path / objectstore.MARKER).write_text(json.dumps({"uri": _uri(s3_endpoint, "planted")}))
     layout.atomic_write_bytes(tmp_path / "study" / "trials" / "t.json", b"{}")
-    assert storage.mirror_for(tmp_path / "study") is None
+    assert objectstore.mirror_for(tmp_path / "study") is None
     assert _objects(s3_endpoint, "planted") == {}
 
 
 def test_a_reading_command_pulls_only_what_it_reads(s3_endpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "writer"))
+    monkeypatch.setenv(objectstore.CACHE_ENV, str(tmp_path / "writer"))
     uri = _uri(s3_endpoint, "parts")
-    root = storage.attach(uri)
+    root = objectstore.attach(uri)
     for rel in ("s/trials/t.json", "s/steps/trial_id=t/attempt=0/part.parquet", "s/snapshots/t/x.pt"):
         layout.atomic_write_bytes(root / rel, b"z" * 300)
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "reader"))
-    reader = storage.attach(uri)
-    assert storage.refresh_study(reader / "s", "status") == 1
+    monkeypatch.setenv(objectstore.CACHE_ENV, str(tmp_path / "reader"))
+    reader = objectstore.attach(uri)
+    assert objectstore.refresh_study(reader / "s", "status") == 1
     assert [p.relative_to(reader).as_posix() for p in reader.rglob("*") if p.is_file()
             and not p.name.startswith(".")] == ["s/trials/t.json"]
-    assert storage.refresh_study(reader / "s", "query") == 1  # now the steps, not the snapshots
+    assert objectstore.refresh_study(reader / "s", "query") == 1  # now the steps, not the snapshots
     assert not (reader / "s" / "snapshots").exists()
 
 
 def test_a_local_root_never_touches_a_store(tmp_path):
     layout.atomic_write_bytes(tmp_path / "study" / "trials" / "t.json", b"{}")
-    assert storage.mirror_for(tmp_path / "study" / "trials") is None
-    assert storage.ray_storage(tmp_path / "study" / "ray") == {"storage_path": str(tmp_path / "study" / "ray")}
-    assert storage.pull(tmp_path / "study") == 0
+    assert objectstore.mirror_for(tmp_path / "study" / "trials") is None
+    assert objectstore.ray_storage(tmp_path / "study" / "ray") == {"storage_path": str(tmp_path / "study" / "ray")}
+    assert objectstore.pull(tmp_path / "study") == 0
 
 
 # --------------------------------------------------------------- a study, killed and resumed
@@ -207,7 +207,7 @@ def _write_study(tmp_path: Path, endpoint: str) -> Path:
 
 
 def _cli(args, cache: Path, ray_tmp: Path) -> subprocess.Popen:
-    env = {**os.environ, **CREDS, storage.CACHE_ENV: str(cache), "RAY_TMPDIR": str(ray_tmp)}
+    env = {**os.environ, **CREDS, objectstore.CACHE_ENV: str(cache), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "opt_study.cli", *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

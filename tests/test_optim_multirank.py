@@ -81,7 +81,7 @@ def test_elementwise_rules_are_stage_invariant(zoo):
 def test_bf16_runs_in_bf16_and_tracks_fp32(zoo):
     """bf16 really ran (the forward sees bf16-rounded weights, so even the first loss differs
     from fp32's) and follows the same trajectory as fp32 (fp32 master weights and gradient
-    accumulation: opt_study.engine), to within bf16's rounding (2**-8 relative per weight)."""
+    accumulation: opt_study.trial.engine), to within bf16's rounding (2**-8 relative per weight)."""
     by = {(r["opt"], r["stage"], r["prec"]): r for r in zoo["results"]}
     pairs = [(k, by[(k[0], k[1], "fp32")]) for k in by if k[2] == "bf16"]
     assert len(pairs) == 3 * sum(1 for e in optim.OPTIMIZERS.values() if e.elementwise)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from opt_study import optim
-from opt_study.config import ConfigError, parse_study
-from opt_study.space import parse_domain
+from opt_study.config import ConfigError
+from opt_study.validate import parse_study
+from opt_study.config.space import parse_domain
 from opt_study.workloads import QuadraticConfig, make_workload
 
 ALL = list(optim.OPTIMIZERS)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from opt_study import cli, optim
-from opt_study.config import FieldError, load_study
+from opt_study import optim
+from opt_study.cli import main as cli
+from opt_study.config import FieldError
+from opt_study.validate import load_study
 from opt_study.workloads import make_workload
 from opt_study.workloads.base import STREAM_TRAIN, generator
 from opt_study.workloads.gpt2 import GPT2, GPT2Config, flops_per_token, n_params
@@ -353,7 +355,7 @@ def test_paper_resnet_study_uses_sgd_and_adam():
 
 
 def test_crowded_valley_study_compares_many_optimizers_with_equal_budgets():
-    from opt_study.study import describe
+    from opt_study.study.run import describe
 
     spec = load_study(ROOT / "configs" / "crowded_valley_gpu.yaml")
     assert len({o.name for o in spec.optimizers}) >= 8

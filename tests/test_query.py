@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from opt_study.report.commands import register
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.mlflow_sink import MlflowSink
 from opt_study.results.parquet import StepWriter, read_steps
 from opt_study.results.query import (QueryError, best_per_optimizer, find_trials, open_study,

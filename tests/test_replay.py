@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from opt_study.config import FieldError, MeasureConfig
-from opt_study.measure import curvature, snapshots
-from opt_study.replay import HessianOptions
+from opt_study.measure import curvature
+from opt_study.trial import snapshots
+from opt_study.replay.job import HessianOptions
 from opt_study.results import replay_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def test_rows_at_the_reference_are_exactly_zero_and_columns_complete(replayed):
 def test_cli_replay_launches_torchrun_and_reproduces_the_rows(replayed):
     """`opt-study replay STUDY --trial t0`: a fresh torchrun job at the trial's world size gives
     the same rows the in-harness replay gave (CPU, deterministic), time stamps aside."""
-    from opt_study.replay import register
+    from opt_study.replay.job import register
 
     data, storage = replayed
     study = storage / "r0"
@@ -135,7 +136,7 @@ def test_cli_replay_launches_torchrun_and_reproduces_the_rows(replayed):
 
 @pytest.mark.slow
 def test_cli_bad_input_exits_2_without_starting(replayed, capsys):
-    from opt_study.replay import register
+    from opt_study.replay.job import register
 
     _, storage = replayed
     p = argparse.ArgumentParser()

@@ -12,7 +12,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.parquet import (
     StepWriter,
     check_chunks,

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from opt_study import checkpoint
-from opt_study.config import parse_study
+from opt_study.trial import checkpoint
+from opt_study.validate import parse_study
 from opt_study.results.parquet import read_steps
-from opt_study.trial import TrialPlan, run_trial
+from opt_study.plan import TrialPlan
+from opt_study.trial.loop import run_trial
 
 
 class Crash(RuntimeError):

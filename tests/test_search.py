@@ -8,11 +8,13 @@ import random
 import pytest
 
 from opt_study import optim
-from opt_study.config import ConfigError, parse_study
+from opt_study.config import ConfigError
+from opt_study.validate import parse_study
 from opt_study.results.trials import write_trial_record
-from opt_study.space import expand, expand_quasirandom, map_unit, parse_domain, quasirandom_points
-from opt_study.study import plan_trials, planned_trial_count
-from opt_study.trial import TrialPlan
+from opt_study.config.space import expand, expand_quasirandom, map_unit, parse_domain, quasirandom_points
+from opt_study.plan.planners import plan_trials
+from opt_study.plan.protocols import planned_trial_count
+from opt_study.plan import TrialPlan
 
 
 def make_spec(tmp_path, search: dict, optimizers=None, seeds=(0,)):
@@ -260,7 +262,7 @@ def test_an_integer_hyperparameter_is_searched_with_an_int_domain(tmp_path):
 def test_shipped_crowded_valley_cpu_config_plans_as_documented():
     from pathlib import Path
 
-    from opt_study.config import load_study
+    from opt_study.validate import load_study
 
     spec = load_study(Path(__file__).parent.parent / "configs" / "crowded_valley_cpu.yaml")
     plans = plan_trials(spec, records=[])

@@ -20,8 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opt_study.config import ConfigError, load_study
-from opt_study.results import layout
+from opt_study.config import ConfigError
+
+from opt_study.validate import load_study
+from opt_study.storage import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "bad_configs"
@@ -33,8 +35,8 @@ SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "OPT_STUDY_T
 DRIVER = r"""
 import json, sys
 import ray
-from opt_study.config import load_study
-from opt_study.study import run_study
+from opt_study.validate import load_study
+from opt_study.study.run import run_study
 
 spec = load_study(sys.argv[1])
 res = run_study(spec, source_text=open(sys.argv[1]).read())
@@ -207,14 +209,14 @@ def test_source_has_no_eval_exec_or_unpickling():
                     bad.append(f"{at} with Loader={ast.unparse(loader) if loader else None}")
     assert bad == []
     assert seen["yaml.load"] >= 1  # the scan does see the loader call (and would judge it)
-    from opt_study.config_load import _CappedLoader
+    from opt_study.config.load import _CappedLoader
     import yaml
     assert issubclass(_CappedLoader, yaml.SafeLoader)
 
 
 # --------------------------------------------------------------------------- loopback binding
 def test_ui_binds_loopback_by_default():
-    from opt_study.cli import parser
+    from opt_study.cli.main import parser
 
     a = parser().parse_args(["ui", "some/study"])
     assert a.host == "127.0.0.1"
@@ -224,7 +226,7 @@ def test_ui_binds_loopback_by_default():
 def test_ray_is_started_without_its_dashboard():
     import inspect
 
-    from opt_study import study
+    from opt_study.study import run as study
 
     if hasattr(study, "ray_init_kwargs"):
         kw = study.ray_init_kwargs()

@@ -1,4 +1,4 @@
-"""TPE search (opt_study.tpe): the domain -> Optuna mapping, the searcher's contract (ids, seeds,
+"""TPE search (opt_study.plan.tpe): the domain -> Optuna mapping, the searcher's contract (ids, seeds,
 equal budgets, the objective, resume from the trials table) driven directly, the config rules,
 and one tiny real TPE study end to end through Ray Tune."""
 from __future__ import annotations
@@ -9,11 +9,16 @@ import math
 
 import pytest
 
-from opt_study.config import ConfigError, parse_study
+from opt_study.config import ConfigError
+
+from opt_study.validate import parse_study
 from opt_study.results.trials import read_trial_records, write_trial_record
-from opt_study.space import Domain, parse_domain, seed_of
-from opt_study.study import describe, pending_plans, plan_trials, planned_trial_count
-from opt_study.tpe import StudyTPE, optuna_distribution, trial_id, trial_value
+from opt_study.config.space import Domain, parse_domain, seed_of
+from opt_study.plan.planners import pending_plans, plan_trials
+from opt_study.plan.protocols import planned_trial_count
+from opt_study.study.run import describe
+from opt_study.plan.tpe import trial_id, trial_value
+from opt_study.study.tpe_search import StudyTPE, optuna_distribution
 
 LR = (1e-3, 1.0)
 
@@ -203,7 +208,7 @@ def test_tiny_tpe_study_end_to_end(ray_cluster, tmp_path):
         workload={"type": "quadratic", "dim": 8, "cols": 4, "noise": 0.1},
         scale={"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 4},
         training={"steps": 20, "eval_every": 10, "checkpoint_every": 0}, measure={"every": 0})
-    from opt_study.study import run_study
+    from opt_study.study.run import run_study
 
     assert run_study(spec, out=io.StringIO())["ran"] == 6
     table = pq.read_table(spec.study_dir / "trials.parquet").to_pylist()

@@ -14,7 +14,7 @@ import duckdb
 import pytest
 import yaml
 
-from opt_study.config import load_study
+from opt_study.validate import load_study
 from opt_study.distributed import free_port
 from opt_study.results.parquet import read_steps
 from opt_study.results.trials import read_trial_records
@@ -35,7 +35,7 @@ def two_nodes(tmp_path):
     short = tempfile.mkdtemp(prefix="r2n", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": short, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    from opt_study.study import ray_env
+    from opt_study.study.run import ray_env
 
     env.update(ray_env())  # what the nodes' workers need (CPU DeepSpeed, op cache)
     common = ["--num-cpus", "1", "--disable-usage-stats"]

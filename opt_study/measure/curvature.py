@@ -3,7 +3,7 @@
 Every vector here is this rank's local part (a flat float64 tensor: the concatenation of its
 fragments); a global inner product is a local dot plus a SUM all-reduce (``reduce``, a no-op on
 one process), several of them packed into one all-reduce where the algorithm allows. Nothing
-here knows about DeepSpeed: ``hvp(v)`` is given (opt_study.measure.replay_worker builds it
+here knows about DeepSpeed: ``hvp(v)`` is given (opt_study.replay.worker builds it
 from gradients; the options and their defaults are opt_study.replay.HessianOptions).
 
 - ``fd_hvp``: Hv by central differences of gradients, (∇F(x + εv) − ∇F(x − εv)) / (2ε), for

@@ -10,7 +10,7 @@ Only ZeRO-0 with fp32 hands the optimizer the model's own parameters.
 
 Besides the rule, the engine: DeepSpeed 0.19.8 has no bf16 mode without ZeRO when gradients
 accumulate in fp32 (its optimizer sanity check raises "unsupported mix of model_dtype=bfloat16
-and grad_accum_dtype=float32"), and opt_study.engine.ds_config always accumulates and reduces
+and grad_accum_dtype=float32"), and opt_study.trial.engine.ds_config always accumulates and reduces
 bf16 runs in fp32 so measured gradients are not bf16-rounded. So (0, "bf16") is declared for no
 optimizer: bf16 needs ZeRO 1-3 (UNSUPPORTED says why in validate's message).
 
@@ -33,7 +33,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CPU_PRECISIONS = ("fp32", "bf16")
 # Combinations the engine cannot run for any optimizer, and why (for validate's message).
 UNSUPPORTED = {(0, "bf16"): "DeepSpeed 0.19.8 has no bf16 mode without ZeRO when gradients accumulate "
-                            "in fp32, which opt_study.engine sets so measured gradients are not bf16-rounded"}
+                            "in fp32, which opt_study.trial.engine sets so measured gradients are not bf16-rounded"}
 # Every combination the engine runs: for rules that act element by element (or on scalars such
 # as the step count).
 ELEMENTWISE = frozenset((s, p) for s in STAGES for p in PRECISIONS) - frozenset(UNSUPPORTED)
@@ -49,7 +49,7 @@ class OptimizerEntry:
 
     `factory(params, **resolved hparams)` builds it; `defaults` are the full default
     hyperparameters as flat scalars (lr included, Adam's betas as beta1/beta2); `space` is the
-    documented default search space in the YAML domain form of `opt_study.space.parse_domain`
+    documented default search space in the YAML domain form of `opt_study.config.space.parse_domain`
     (a subset of the defaults' names); `combos` the (zero_stage, precision) pairs under which
     the update rule is correct; `needs_model_shapes` says the rule needs each parameter's real
     shape (the run-time guard `check_model_shapes` enforces it); `source` names the

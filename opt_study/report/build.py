@@ -11,9 +11,9 @@ import datetime as _dt
 import warnings
 from pathlib import Path
 
-from opt_study.results import storage
+from opt_study.storage import objectstore
 from opt_study.report import figures, render, tables
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.report.data import StudyData, load
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -155,7 +155,7 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
         # a browser reloading the page never sees half of it; the figures and the page reach
         # the object store when the study's root is one (atomic_write uploads the page)
         for figure in sorted(out.glob("*.png")):
-            storage.push(figure)
+            objectstore.push(figure)
         layout.atomic_write_bytes(path, page.encode("utf-8"))
         if run_id is not None:
             from opt_study.results.mlflow_sink import MlflowSink

@@ -49,18 +49,19 @@ def register(subparsers) -> None:
 def _study(path: str, command: str) -> Path | None:
     """The study folder named by ``path`` (a folder, or the study's YAML file), refreshed from
     the object store when its root is one."""
-    from opt_study.results import storage
+    from opt_study.storage import objectstore
 
     p = Path(path)
     if p.is_file() and p.suffix in (".yaml", ".yml"):
-        from opt_study.config import ConfigError, load_study
+        from opt_study.config import ConfigError
+        from opt_study.validate import load_study
 
         try:
             p = load_study(p).study_dir
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return None
-    storage.refresh_study(p, command)
+    objectstore.refresh_study(p, command)
     if not p.is_dir() or not ((p / "steps").is_dir() or (p / "trials").is_dir()
                               or (p / "spec.yaml").is_file()):
         print(f"error: {path} is not a study folder (no steps/, trials/ or spec.yaml)",

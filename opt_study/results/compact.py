@@ -38,7 +38,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from opt_study.results import layout, parquet
+from opt_study.results import parquet
+from opt_study.storage import layout
 
 # zstd: the compacted file is written once and read by every query; string columns only get
 # dictionary pages (as the live chunks, parquet.CHUNK_WRITE_OPTIONS).

@@ -51,7 +51,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.mlflow_sink import MlflowSink, check_trial_args, flatten_params
 from opt_study.results.query import experiment_name  # also for callers: one place names it
 
@@ -353,10 +353,10 @@ def register(subparsers) -> None:
 
 def cmd_sync_mlflow(a) -> int:
     """Deliver everything queued; exit 0 if nothing is left, else 1 after listing what is."""
-    from opt_study.results import storage
+    from opt_study.storage import objectstore
 
     folder = Path(a.study).resolve()
-    storage.refresh_study(folder, "sync-mlflow")  # an object-store root: entries queued on other machines
+    objectstore.refresh_study(folder, "sync-mlflow")  # an object-store root: entries queued on other machines
     spec = _spec_of_folder(folder)
     sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name), study=spec.study.name)
     before = len(sink.pending())
@@ -379,7 +379,9 @@ def _spec_of_folder(folder: Path):
     """The spec a study folder was started from; a moved folder keeps working where it is."""
     from dataclasses import replace
 
-    from opt_study.config import ConfigError, load_study
+    from opt_study.config import ConfigError
+
+    from opt_study.validate import load_study
 
     if not (folder / "spec.yaml").is_file():
         raise ConfigError(str(folder), "", "not a study directory (no spec.yaml)")

@@ -26,7 +26,7 @@ import math
 import time
 from pathlib import Path
 
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.trials import TERMINAL_STATUSES, TRIAL_STATUSES, flatten
 
 # MLflow's limits (mlflow.utils.validation): values longer than these are refused.

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.schema import STEP_SCHEMA
 from opt_study.results.step_cells import rows_table
 

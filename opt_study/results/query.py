@@ -35,7 +35,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from opt_study.results import layout
+from opt_study.storage import layout
 from opt_study.results.schema import GROUP_SUM_COLUMNS, STEP_SCHEMA
 from opt_study.results.trials import read_trial_records, trials_table
 

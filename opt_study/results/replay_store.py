@@ -4,7 +4,7 @@ One file per (trial, reference), rewritten whole by each replay of that pair::
 
     replay/trial_id=<id>/reference=<ref>.parquet
 
-One row per snapshot x_e of the trial (opt_study.measure.snapshots), against the reference y:
+One row per snapshot x_e of the trial (opt_study.trial.snapshots), against the reference y:
 
 - ``trial_id`` string, ``step`` int64 (the snapshot's step e: e updates applied),
   ``reference`` string ("final", "init" or a step, as asked), ``ref_step`` int64 (its step);
@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opt_study.results import layout
+from opt_study.storage import layout
 
 REPLAY_DIR = "replay"
 

@@ -25,10 +25,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opt_study.results import layout
+from opt_study.storage import layout
 
 TRIAL_STATUSES = frozenset({"pending", "running", "completed", "stopped", "diverged", "failed"})
 TERMINAL_STATUSES = frozenset({"completed", "stopped", "diverged", "failed"})
+# Finished for good: never re-run by a resume (a failed trial is retried).
+DONE_STATUSES = frozenset({"completed", "stopped", "diverged"})
 
 # Top-level fields with a fixed column type, so that the table's schema does not depend on
 # which values happen to be present (an all-null column would otherwise be typed null).

@@ -19,11 +19,12 @@ import time
 import torch
 
 from opt_study import distributed
-from opt_study.config import parse_study
+from opt_study.validate import parse_study
 from opt_study.measure import reference
 from opt_study.measure.hook import StepMeasurer
 from opt_study.measure.shards import ShardView
-from opt_study.trial import TrialPlan, run_trial
+from opt_study.plan import TrialPlan
+from opt_study.trial.loop import run_trial
 
 
 def full_params(engine, stage: int, precision: str = "fp32") -> torch.Tensor:
@@ -334,7 +335,7 @@ def zero_config(extra: dict | None):
     """Merge ``extra`` into the zero_optimization section of the DeepSpeed configs built inside
     (``{"stage3_param_persistence_threshold": 0}``: ZeRO-3 really partitions a tiny model's
     parameters instead of keeping every one gathered)."""
-    from opt_study import engine as engine_mod
+    from opt_study.trial import engine as engine_mod
 
     orig = engine_mod.ds_config
 

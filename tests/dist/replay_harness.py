@@ -1,7 +1,7 @@
 """Checkpoint replay at world W, under `torchrun --nproc_per_node W tests/dist/replay_harness.py
 OUT.json CASES STORAGE`: one process group, a loop over cases (ZeRO stage x workload).
 
-Per case: a real `run_trial` that saves snapshots (opt_study.measure.snapshots), then
+Per case: a real `run_trial` that saves snapshots (opt_study.trial.snapshots), then
 `replay_rank` on the same process group. In the test only, rank 0 reassembles every snapshot's
 full vector from the rank files and recomputes F, ∇F and the replay columns in float64 on one
 process (the oracle); the engine's reduced gradient is also gathered (DeepSpeed's
@@ -20,14 +20,15 @@ import yaml
 
 from harness import full_grads, full_params, run_cases, zero_config  # tests/dist/harness.py (the script's directory)
 from opt_study import distributed
-from opt_study import trial as trial_mod
-from opt_study.config import parse_study
-from opt_study.measure import snapshots
-from opt_study.replay import HessianOptions
+from opt_study.trial import loop as trial_mod
+from opt_study.validate import parse_study
+from opt_study.trial import snapshots
+from opt_study.replay.job import HessianOptions
 from opt_study.measure.hook import StepMeasurer
-from opt_study.measure.replay_worker import replay_rank
+from opt_study.replay.worker import replay_rank
 from opt_study.results.replay_store import read_replay
-from opt_study.trial import TrialPlan, run_trial
+from opt_study.plan import TrialPlan
+from opt_study.trial.loop import run_trial
 from opt_study.workloads import make_workload
 
 # Once opt_study.trial saves snapshots itself, the measurer below only records; before that it

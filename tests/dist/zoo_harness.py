@@ -26,9 +26,11 @@ import time
 import torch
 
 from opt_study import distributed, optim
-from opt_study.config import ScaleConfig, parse_study
+from opt_study.config import ScaleConfig
+from opt_study.validate import parse_study
 from opt_study.measure.hook import StepMeasurer
-from opt_study.trial import TrialPlan, run_trial
+from opt_study.plan import TrialPlan
+from opt_study.trial.loop import run_trial
 from opt_study.workloads import make_workload
 
 WORLD_MBS = 4
@@ -145,7 +147,7 @@ def lamb_reference(steps: int) -> torch.Tensor:
 
 def lamb_zero2_guard() -> str:
     """The RuntimeError text check_model_shapes raises for LAMB inside a ZeRO-2 engine ('' if none)."""
-    from opt_study import engine as engine_mod
+    from opt_study.trial import engine as engine_mod
 
     model = make_workload("quadratic", None, 0).build_model()
     client = optim.build_optimizer("lamb", model.parameters(), {})

@@ -29,9 +29,9 @@ import shutil
 import re
 from pathlib import Path
 
-from opt_study.results import storage
+from opt_study.storage import objectstore
+from opt_study.storage.names import check_name
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 STEPS_DIR = "steps"
 TRIALS_DIR = "trials"
@@ -41,20 +41,6 @@ _CHUNK_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 _ATTEMPT_RE = re.compile(r"^attempt=(\d+)$")
 # Width of the zero-padded step numbers in chunk names: sorts correctly up to 10**12 steps.
 _STEP_DIGITS = 12
-
-
-def check_name(name: str, what: str) -> str:
-    """Return ``name`` if it is safe to use as one path component, else raise ValueError.
-
-    Allowed: 1-128 characters from ``[A-Za-z0-9_.-]``, starting with a letter or digit, and
-    no ``..`` anywhere. ``what`` names the thing in the error message (e.g. "trial id").
-    """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid {what} {name!r}: use 1-128 characters from [A-Za-z0-9_.-], "
-            "starting with a letter or digit, without '..'"
-        )
-    return name
 
 
 def study_dir(storage_root: str | Path, study: str) -> Path:
@@ -147,7 +133,7 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    storage.after_write(path)  # an object-store root: upload the committed file
+    objectstore.after_write(path)  # an object-store root: upload the committed file
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -164,11 +150,20 @@ def temp_path(path: Path) -> Path:
 
 def remove_tree(path: Path) -> None:
     """Delete a file or a directory tree under a study dir (missing is fine). Every deletion of
-    stored results goes through here, so a mirrored object-store root (``opt_study.results.storage``)
+    stored results goes through here, so a mirrored object-store root (``opt_study.storage.objectstore``)
     deletes the same objects."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-    storage.after_remove(path)
+    objectstore.after_remove(path)
+
+
+# ------------------------------------------------------------- the rest of a study folder
+CONTROL_DIR = "control"
+
+
+def stop_path(study: Path, trial_id: str) -> Path:
+    """``control/<trial_id>.stop``: the file through which the driver asks a trial to stop."""
+    return Path(study) / CONTROL_DIR / f"{check_name(trial_id, 'trial id')}.stop"

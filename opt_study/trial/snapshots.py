@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from opt_study import distributed
-from opt_study.results import storage
-from opt_study.results import layout
+from opt_study.storage import objectstore
+from opt_study.storage import layout
 
 SNAPSHOTS_DIR = "snapshots"
 COMMITTED = "COMMITTED"
@@ -110,7 +110,7 @@ class SnapshotSaver:
         distributed.barrier()
         if self.rank == 0:
             missing = [r for r in range(self.world)
-                       if not storage.exists(rank_file(self.study_dir, self.trial_id, s, r, self.world),
+                       if not objectstore.exists(rank_file(self.study_dir, self.trial_id, s, r, self.world),
                                              poll=False)]
             if missing:  # the study dir is not shared by the ranks: say so instead of committing
                 raise RuntimeError(f"snapshot step-{s}: rank files {missing} not visible from rank 0; "

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from opt_study import distributed
-from opt_study.measure import curvature, snapshots
-from opt_study.replay import HessianOptions, add_hessian_args, hessian_options, load_trial
+from opt_study.measure import curvature
+from opt_study.trial import snapshots
+from opt_study.replay.job import HessianOptions, add_hessian_args, hessian_options, load_trial
 
 SUMS = ("sq_param", "sq_grad", "ip_param_grad")  # of Fragment(x = x_e − y, g = ∇F(x_e))
 STREAM_CURVATURE = 101  # random-stream id of the Lanczos start vector and Hutchinson probes
@@ -115,7 +116,7 @@ def replay_rank(spec, plan, study_dir, reference: str = "final", hessian: Hessia
     from opt_study.measure.hook import StepMeasurer
     from opt_study.measure.sums import SUM_NAMES, Fragment, local_sums
     from opt_study.results.replay_store import check_reference, write_replay
-    from opt_study.trial import build
+    from opt_study.trial.loop import build
 
     check_reference(reference)
     ref_step = snapshots.resolve_reference(study_dir, plan.trial_id, reference)
@@ -186,8 +187,8 @@ def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, 
 
 # ------------------------------------------------------------------------------ entry point
 def main(argv: list[str] | None = None) -> None:
-    """`python -m opt_study.measure.replay_worker STUDY_DIR TRIAL REFERENCE [--hessian ...]`, per rank."""
-    p = argparse.ArgumentParser(prog="python -m opt_study.measure.replay_worker")
+    """`python -m opt_study.replay.worker STUDY_DIR TRIAL REFERENCE [--hessian ...]`, per rank."""
+    p = argparse.ArgumentParser(prog="python -m opt_study.replay.worker")
     p.add_argument("study_dir")
     p.add_argument("trial")
     p.add_argument("reference")

@@ -1,23 +1,21 @@
 """The study spec: YAML -> frozen, typed, validated config objects.
 
-Every component owns a frozen dataclass (levanter-style); `load_study(path)` parses YAML with a
-safe loader, builds the dataclasses field by field and reports the first problem as a
+Every component owns a frozen dataclass (levanter-style); `opt_study.config.load` parses YAML
+with a safe loader, builds the dataclasses field by field and reports the first problem as a
 `ConfigError` that names the file, the dotted field path and what is allowed. Nothing here starts
-Ray, DeepSpeed or MLflow. Variant-specific slices (a workload's parameters) are chosen by `type:`
-through the workload registry, imported lazily so this module stays import-light.
+Ray, DeepSpeed or MLflow, and nothing here imports torch: a workload's typed parameters and the
+optimizer registry checks are applied by `opt_study.validate`, a layer above.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from opt_study.results import storage
-from opt_study.space import Domain
+from opt_study.storage import layout, names, objectstore
+from opt_study.config.space import Domain
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_CONFIG_BYTES = 1 << 20  # a study spec is a page of YAML; refuse anything absurd
 MAX_TRIALS = 100_000  # planned trials per study; the plan is materialised before anything runs
 
@@ -38,9 +36,10 @@ class ConfigError(ValueError):
         self.file, self.field, self.message = file, field, message
 
 
-def _check_name(value: str, what: str) -> None:
-    if not NAME_RE.match(value) or ".." in value:
-        raise FieldError(what, f"{value[:60]!r} must match {NAME_RE.pattern} (no path separators, no '..')")
+def check_name(value: str, what: str) -> None:
+    """The storage name rule (opt_study.storage.names) as a FieldError on field ``what``."""
+    if not names.is_safe_name(value):
+        raise FieldError(what, f"{value[:60]!r} is not a safe name: use {names.RULE}")
 
 
 # ---------------------------------------------------------------------------------------- slices
@@ -55,7 +54,7 @@ class StudyConfig:
     description: str = ""
 
     def __post_init__(self):
-        _check_name(self.name, "name")
+        check_name(self.name, "name")
         if not self.seeds:
             raise FieldError("seeds", "give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -64,8 +63,8 @@ class StudyConfig:
             raise FieldError("seeds", "seeds must be in [0, 2**31)")
         if not self.storage or "\0" in self.storage:
             raise FieldError("storage", "must be a non-empty path without NUL bytes")
-        if storage.is_uri(self.storage):
-            problem = storage.check_uri(self.storage)
+        if objectstore.is_uri(self.storage):
+            problem = objectstore.check_uri(self.storage)
             if problem:
                 raise FieldError("storage", f"{self.storage[:80]!r} {problem}")
             if self.mlflow_uri is None:
@@ -207,6 +206,10 @@ class OptimizerSpec:
     name: str
     space: Mapping[str, Domain]
     label: str = ""  # distinguishes two entries of the same optimizer; defaults to name
+    # From the optimizer registry, filled by opt_study.validate: the rule's default
+    # hyperparameters, and the default search space a tuning protocol uses when `space` is empty.
+    defaults: Mapping[str, Any] | None = None
+    default_space: Mapping[str, Domain] | None = None
 
 
 @dataclass(frozen=True)
@@ -267,8 +270,8 @@ class TargetConfig:
 class SearchConfig:
     """How each optimizer's space becomes trials (opt_study.study.plan_trials).
 
-    `method`: random (seeded draws), quasirandom (scrambled Sobol, opt_study.space) or tpe
-    (Optuna's TPE through Ray Tune, opt_study.tpe: `samples` configurations per optimizer
+    `method`: random (seeded draws), quasirandom (scrambled Sobol, opt_study.config.space) or tpe
+    (Optuna's TPE through Ray Tune, opt_study.plan.tpe: `samples` configurations per optimizer
     proposed online, each run once per study seed; its first `tpe_startup_trials` are random);
     null means the protocol's own (quasirandom for algoperf_external, random otherwise).
     `protocol` names a fair-tuning template: none (grid x samples per optimizer),
@@ -348,7 +351,7 @@ class MeasureConfig:
     probe_s: str = "1"
     norms: bool = True  # every step: ‖g‖, ‖Δ‖, ‖x‖ from the shards (off: loss and lr only)
     noise_scale: bool = False  # B_simple from per-rank micro-batch gradients (needs ranks x GAS >= 2)
-    # fp32 parameter snapshots for checkpoint replay (opt_study.measure.snapshots): x_0, every
+    # fp32 parameter snapshots for checkpoint replay (opt_study.trial.snapshots): x_0, every
     # k-th iterate and the last one; 0 = none. Each rank writes its own shard to the study dir.
     snapshot_every: int = 0
 
@@ -381,31 +384,16 @@ class Spec:
     @property
     def storage_root(self) -> Path:
         """Where this machine reads and writes the study: the storage path itself, or for an
-        object-store URI its local working copy (opt_study.results.storage mirrors it)."""
-        if storage.is_uri(self.study.storage):
-            return storage.attach(self.study.storage)
+        object-store URI its local working copy (opt_study.storage.objectstore mirrors it)."""
+        if objectstore.is_uri(self.study.storage):
+            return objectstore.attach(self.study.storage)
         return Path(self.study.storage).expanduser().resolve()
 
     @property
     def study_dir(self) -> Path:
-        return self.storage_root / self.study.name
+        """The study folder, symlink-safe: ValueError if it would resolve outside the root."""
+        return layout.study_dir(self.storage_root, self.study.name)
 
     @property
     def tracking_uri(self) -> str:
         return self.study.mlflow_uri or f"sqlite:///{self.storage_root / 'mlflow.db'}"
-
-
-# The YAML loader and the generic dataclass builder live in config_load.py (one concern each);
-# these wrappers let callers import one module without an import cycle.
-def load_study(path) -> Spec:
-    """Parse and validate a study YAML file; raises ConfigError naming the file and the field."""
-    from opt_study.config_load import load_study as _load
-
-    return _load(path)
-
-
-def parse_study(data, file: str = "<memory>") -> Spec:
-    """Validate an already-parsed YAML document (a dict)."""
-    from opt_study.config_load import parse_study as _parse
-
-    return _parse(data, file)

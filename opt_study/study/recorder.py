@@ -14,12 +14,14 @@ import warnings
 
 from ray.tune import Callback
 
-from opt_study.results import storage
+from opt_study.storage import objectstore
 from opt_study.config import Spec
 from opt_study.measure.metrics import summarize
-from opt_study.results import compact, layout, parquet, trials as trials_tbl
+from opt_study.results import compact, parquet, trials as trials_tbl
+from opt_study.results.trials import DONE_STATUSES
+from opt_study.storage import layout
 from opt_study.results.mlflow_queue import QueuedSink
-from opt_study.trial import TrialPlan
+from opt_study.plan import TrialPlan
 
 CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
 
@@ -68,7 +70,7 @@ class StudyRecorder(Callback):
 
     def _plan(self, trial) -> TrialPlan:
         """The plan the trial runs, from its Tune config: a TPE trial's hyperparameters exist
-        only there (opt_study.tpe proposes them when Tune asks), never in `plans`."""
+        only there (opt_study.plan.tpe proposes them when Tune asks), never in `plans`."""
         plan = TrialPlan(**trial.config["trial"])
         self.plans[plan.trial_id] = plan
         return plan
@@ -102,8 +104,8 @@ class StudyRecorder(Callback):
     def _finish(self, trial, status: str, error: str | None) -> None:
         plan = self._plan(trial)
         # an object-store root: the rows the trial's rank 0 uploaded, wherever it ran
-        storage.pull(layout.trial_steps_dir(self.spec.study_dir, plan.trial_id), exact=False)
-        if status in ("completed", "stopped", "diverged"):
+        objectstore.pull(layout.trial_steps_dir(self.spec.study_dir, plan.trial_id), exact=False)
+        if status in DONE_STATUSES:
             self._compact(plan.trial_id)
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
         summary = trial_summary(rows, getattr(plan, "target", None))

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from opt_study import distributed
-from opt_study.results import storage
-from opt_study.results import layout
+from opt_study.storage import objectstore
+from opt_study.storage import layout
 
 
 def ckpt_dir(study_dir: Path, trial_id: str) -> Path:
@@ -38,7 +38,7 @@ def save(engine, study_dir: Path, trial_id: str, next_step: int, state: dict, ke
     _push_own_files(d / tag, distributed.rank())
     distributed.barrier()
     if distributed.rank() == 0:
-        storage.push(d / "latest")  # the commit marker goes up after every rank's files
+        objectstore.push(d / "latest")  # the commit marker goes up after every rank's files
     # Every rank prunes its machine's copy (other nodes' disks would otherwise keep every tag);
     # rank 0 also deletes from the object store, once.
     _prune(d, keep, store=distributed.rank() == 0)
@@ -59,17 +59,17 @@ def owner(name: str) -> int:
 def pull(study_dir: Path, trial_id: str, rank: int) -> None:
     """On an object-store root, fetch what this rank loads: `latest`, the shared model states
     and its own partition files, not the other ranks' (no-op on a local root)."""
-    storage.pull(ckpt_dir(study_dir, trial_id),
+    objectstore.pull(ckpt_dir(study_dir, trial_id),
                  select=lambda rel: _RANK_RE.search(rel) is None or owner(rel.rsplit("/", 1)[-1]) == rank)
 
 
 def _push_own_files(tag_dir: Path, rank: int) -> None:
     """On an object-store root, upload the files this rank wrote (no-op on a local root)."""
-    if storage.mirror_for(tag_dir) is None or not tag_dir.is_dir():
+    if objectstore.mirror_for(tag_dir) is None or not tag_dir.is_dir():
         return
     for f in sorted(tag_dir.iterdir()):
         if f.is_file() and owner(f.name) == rank:
-            storage.push(f)
+            objectstore.push(f)
 
 
 def load(engine, study_dir: Path, trial_id: str) -> dict | None:

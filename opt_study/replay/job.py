@@ -2,8 +2,8 @@
 
 Convexity gives ⟨∇F(x), x − y⟩ ≥ F(x) − F(y) for every reference y, including references known
 only after training: the final iterate, x_0, any saved step. For each trial with snapshots
-(opt_study.measure.snapshots), this launches a `torch.distributed.run` job at the trial's own
-world size on this node; its ranks (opt_study.measure.replay_worker) evaluate, for every
+(opt_study.trial.snapshots), this launches a `torch.distributed.run` job at the trial's own
+world size on this node; its ranks (opt_study.replay.worker) evaluate, for every
 snapshot x_e, F(x_e), ∇F(x_e) and F(y) on the fixed evaluation sample set and store
 ⟨∇F(x_e), x_e − y⟩, F(x_e) − F(y), ‖x_e − y‖², ‖∇F(x_e)‖² and, with ``--hessian``, the top
 Hessian eigenvalues and a Hutchinson trace (opt_study.results.replay_store).
@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opt_study.results import storage
+from opt_study.storage import objectstore
 from opt_study.config import FieldError
 
 
@@ -51,8 +51,8 @@ def load_trial(study_dir, trial_id: str):
     """(spec, plan) of a trial from the study dir's spec.yaml and plan.json."""
     from dataclasses import replace
 
-    from opt_study.config import load_study
-    from opt_study.trial import TrialPlan
+    from opt_study.validate import load_study
+    from opt_study.plan import TrialPlan
 
     study_dir = Path(study_dir).resolve()
     spec = load_study(study_dir / "spec.yaml")
@@ -71,7 +71,7 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     (checked here, before anything starts) and RuntimeError if the job fails.
     """
     from opt_study.distributed import free_port
-    from opt_study.measure import snapshots
+    from opt_study.trial import snapshots
     from opt_study.results.replay_store import check_reference, replay_path
 
     study_dir = Path(study_dir).resolve()
@@ -79,7 +79,7 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     ref_step = snapshots.resolve_reference(study_dir, trial_id, reference)
     world = snapshots.read_meta(study_dir, trial_id, ref_step)["world"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
-           "--master_port", str(free_port()), "-m", "opt_study.measure.replay_worker",
+           "--master_port", str(free_port()), "-m", "opt_study.replay.worker",
            str(study_dir), trial_id, reference]
     if hessian is not None:
         cmd += ["--hessian", "--lanczos-steps", str(hessian.lanczos_steps), "--top", str(hessian.top),
@@ -126,13 +126,13 @@ def register(subparsers) -> None:
 
 def cmd_replay(a) -> int:
     """Exit 0: all replayed; 1: a replay job failed; 2: bad input (nothing started)."""
-    from opt_study.config import load_study
-    from opt_study.measure import snapshots
+    from opt_study.validate import load_study
+    from opt_study.trial import snapshots
     from opt_study.results.replay_store import check_reference
 
     p = Path(a.study)
     study_dir = p.resolve() if p.is_dir() else load_study(p).study_dir
-    storage.refresh_study(study_dir, "replay")  # an object-store root: the trials' snapshots
+    objectstore.refresh_study(study_dir, "replay")  # an object-store root: the trials' snapshots
     try:
         check_reference(a.reference)
         hessian = hessian_options(a)

@@ -1,67 +1,25 @@
-"""Spec -> a Ray Tune study: the trial plan, resources, per-optimizer ASHA, storage, resume.
+"""Spec -> a Ray Tune study: resources, per-optimizer ASHA, storage, resume.
 
-The plan (every trial's id, optimizer, hyperparameters and seed) is expanded here, seeded by
-`search.seed`, before Tune starts: it is stored in the trials table, so a resumed study reuses it
+The plan (every trial's id, optimizer, hyperparameters and seed) is expanded by
+`opt_study.plan.planners`, seeded by `search.seed`, before Tune starts: it is stored in the trials table, so a resumed study reuses it
 and a study's provenance never depends on Ray's result objects. Tune then runs that list: a grid
 over the planned trials, each launched as a TorchTrainer worker group or, for one-worker trials,
 in the Tune trial's own process. Under `search.method: tpe` only the trial ids are fixed in
-advance; opt_study.tpe.StudyTPE proposes the hyperparameters as results come in.
+advance; opt_study.study.tpe_search.StudyTPE proposes the hyperparameters as results come in.
 """
 from __future__ import annotations
 
 import collections
 import json
 import os
-import random
 from pathlib import Path
 
-from opt_study.results import storage
 from opt_study.config import Spec
-# The protocol planners live in opt_study.protocols; re-exported here, where plan_trials uses them.
-from opt_study.protocols import (  # noqa: F401
-    plan_algoperf_external, plan_crowded_valley, planned_trial_count)
-from opt_study.space import expand, expand_quasirandom, seed_of
-from opt_study.trial import TrialPlan
-
-
-def plan_trials(spec: Spec, records: list[dict] | None = None) -> list[TrialPlan]:
-    """Every trial of the study that can be planned now, a pure function of (spec, records).
-
-    protocol none: every optimizer gets the same budget, `search.samples` draws (random or
-    quasirandom, `search.method`) times its grid, times the study's seeds; a study-level RNG
-    seeded by search.seed and the optimizer's label keeps the others' draws when one is added.
-    crowded_valley and algoperf_external: see plan_crowded_valley / plan_algoperf_external.
-    `records` (default: the study dir's trials table) matter only to crowded_valley's rerun
-    phase, which is planned once every search trial has finished, and to tpe, whose plan is the
-    trials proposed so far (opt_study.tpe.proposed_plans).
-    """
-    protocol = spec.search.protocol
-    if spec.search.resolved_method == "tpe":
-        from opt_study import tpe
-
-        return tpe.proposed_plans(spec, _records(spec) if records is None else records)
-    if protocol == "crowded_valley":
-        return plan_crowded_valley(spec, _records(spec) if records is None else records)
-    if protocol == "algoperf_external":
-        return plan_algoperf_external(spec)
-    plans = []
-    for opt in spec.optimizers:
-        if spec.search.resolved_method == "quasirandom":
-            configs = expand_quasirandom(opt.space, spec.search.samples, seed_of(spec.search.seed, opt.label))
-        else:
-            configs = expand(opt.space, spec.search.samples, random.Random(f"{spec.search.seed}:{opt.label}"))
-        for i, hp in enumerate(configs):
-            for seed in spec.study.seeds:
-                tid = f"{opt.label}-{i:03d}-s{seed}"
-                plans.append(TrialPlan(trial_id=tid, label=opt.label, optimizer=opt.name,
-                                       hparams=hp, seed=seed, index=i))
-    return plans
-
-
-def _records(spec: Spec) -> list[dict]:
-    from opt_study.results.trials import read_trial_records
-
-    return read_trial_records(spec.study_dir)
+from opt_study.plan import TrialPlan
+from opt_study.plan.planners import pending_plans, plan_trials, planner_for
+from opt_study.results.trials import read_trial_records
+from opt_study.storage import objectstore
+from opt_study.study.asha import PerLabelASHA
 
 
 # ------------------------------------------------------------------------ resources and storage
@@ -85,20 +43,10 @@ def max_concurrent(spec: Spec, cluster: dict) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-def storage_paths(spec: Spec) -> dict[str, Path]:
-    d = spec.study_dir
-    return {"study": d, "ray": d / "ray", "spec": d / "spec.json"}
-
-
 def describe(spec: Spec) -> dict:
     """A dry-run summary: trials, budgets, resources and where results go (under tpe every
     trial, proposed or not)."""
-    if spec.search.resolved_method == "tpe":
-        from opt_study import tpe
-
-        plans = [p for p, _ in tpe.slots(spec, _records(spec))]
-    else:
-        plans = plan_trials(spec)
+    plans = planner_for(spec).slots(spec, read_trial_records(spec.study_dir))
     return {"study": spec.study.name, "trials": len(plans),
             "per_optimizer": dict(collections.Counter(p.label for p in plans)),
             "resources_per_trial": trial_resources(spec), "study_dir": str(spec.study_dir),
@@ -107,7 +55,7 @@ def describe(spec: Spec) -> dict:
 
 def write_spec(spec: Spec, source_text: str | None) -> None:
     """Keep the exact YAML the study was started from next to its results (provenance)."""
-    from opt_study.results import layout
+    from opt_study.storage import layout
 
     d = spec.study_dir
     d.mkdir(parents=True, exist_ok=True)
@@ -118,70 +66,6 @@ def write_spec(spec: Spec, source_text: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------- running a study
-def per_optimizer_asha(spec: Spec):
-    """ASHA that compares trials of the same optimizer entry only (a fair, equal-budget race).
-
-    One AsyncHyperBandScheduler per label; Tune sees a single FIFO-style scheduler that routes
-    each trial's results to its label's ASHA. A STOP decision is delivered cooperatively: a stop
-    file the trial's rank 0 sees on its next step (opt_study.trial.stop_path), so the trial ends
-    on its own and Ray Train releases its workers; Tune is told to CONTINUE.
-    """
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
-
-    from opt_study.results import layout
-    from opt_study.trial import stop_path
-
-    a = spec.search.asha
-    evals = spec.training.steps // spec.training.eval_every + (spec.training.steps % spec.training.eval_every > 0)
-
-    class PerLabelASHA(FIFOScheduler):
-        def __init__(self):
-            super().__init__()
-            self._by_label = {o.label: AsyncHyperBandScheduler(
-                time_attr="training_iteration", metric=a.metric, mode="min", max_t=evals,
-                grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-                stop_last_trials=False)  # a trial that reaches max_t ends by itself
-                for o in spec.optimizers}
-
-        def _asha(self, trial):
-            return self._by_label[trial.config["trial"]["label"]]
-
-        def set_search_properties(self, metric, mode, **spec_):
-            return True
-
-        def on_trial_add(self, controller, trial):
-            self._asha(trial).on_trial_add(controller, trial)
-
-        def on_trial_result(self, controller, trial, result):
-            decision = self._asha(trial).on_trial_result(controller, trial, result)
-            if decision == TrialScheduler.STOP:
-                # atomic_write: on an object-store root the file is uploaded, so a rank 0 on
-                # another node sees it (opt_study.results.storage.exists)
-                layout.atomic_write_bytes(stop_path(spec.study_dir, trial.config["trial"]["trial_id"]), b"")
-            return TrialScheduler.CONTINUE
-
-        def on_trial_complete(self, controller, trial, result):
-            self._asha(trial).on_trial_complete(controller, trial, result)
-
-        def on_trial_remove(self, controller, trial):
-            self._asha(trial).on_trial_remove(controller, trial)
-
-    return PerLabelASHA()
-
-
-def pending_plans(spec: Spec) -> list[TrialPlan]:
-    """The planned trials not yet finished (completed, stopped or diverged): what a run/resume runs.
-    Under tpe: every trial id not finished, proposed or not (a plan not yet proposed has empty
-    hparams: StudyTPE proposes them when Tune asks)."""
-    records = _records(spec)
-    done = {r["trial_id"] for r in records if r.get("status") in ("completed", "stopped", "diverged")}
-    if spec.search.resolved_method == "tpe":
-        from opt_study import tpe
-
-        return [p for p, _ in tpe.slots(spec, records) if p.trial_id not in done]
-    return [p for p in plan_trials(spec, records) if p.trial_id not in done]
-
-
 def ray_env() -> dict:
     """Environment for every Ray worker: CPU accelerator, shared compiled-op cache, quiet logs."""
     keep = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
@@ -222,7 +106,7 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     from opt_study.results.mlflow_queue import QueuedSink, experiment_name
 
     out = out or sys.stdout
-    storage.pull_study(spec.study_dir)  # an object-store root: start from what the store holds
+    objectstore.pull_study(spec.study_dir)  # an object-store root: start from what the store holds
     sink = QueuedSink(spec.study_dir, spec.tracking_uri, experiment_name(spec.study.name))
     parent = sink.parent_run(spec.study.name, params=_study_params(spec),
                              tags={"opt_study.workload": spec.workload.type})
@@ -259,8 +143,8 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out)
     import ray
     from ray import tune
 
-    from opt_study.launch import trainable_for
-    from opt_study.recorder import StudyRecorder
+    from opt_study.study.launch import trainable_for
+    from opt_study.study.recorder import StudyRecorder
     from opt_study.results.trials import read_trial_records, write_trials_table
 
     resources = trial_resources(spec)
@@ -268,7 +152,7 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out)
     records = read_trial_records(spec.study_dir)
     searcher = None
     if spec.search.resolved_method == "tpe":
-        from opt_study.tpe import StudyTPE
+        from opt_study.study.tpe_search import StudyTPE
 
         searcher = StudyTPE(spec, records)
     known = {r["trial_id"] for r in records}
@@ -286,8 +170,8 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out)
         param_space={} if searcher else {"trial": tune.grid_search([p.as_dict() for p in todo])},
         tune_config=tune.TuneConfig(num_samples=len(todo) if searcher else 1, search_alg=searcher,
                                     max_concurrent_trials=concurrent,
-                                    scheduler=per_optimizer_asha(spec) if spec.search.asha else None),
-        run_config=tune.RunConfig(name=f"run-{run_idx}", **storage.ray_storage(spec.study_dir / "ray"),
+                                    scheduler=PerLabelASHA(spec) if spec.search.asha else None),
+        run_config=tune.RunConfig(name=f"run-{run_idx}", **objectstore.ray_storage(spec.study_dir / "ray"),
                                   callbacks=[recorder], verbose=0,
                                   # in-process trials are retried by Tune; worker groups by Ray Train
                                   failure_config=tune.FailureConfig(
@@ -301,7 +185,7 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out)
 def _next_run_index(ray_dir: Path) -> int:
     """The number of the next `run-<i>` folder of Ray's experiment state (in the object store
     when the root is one: Ray writes there directly)."""
-    m = storage.mirror_for(ray_dir.parent)
+    m = objectstore.mirror_for(ray_dir.parent)
     if m is not None:
         names = set(m.children(ray_dir))
     else:

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opt_study.config import ConfigError, Spec, load_study
+from opt_study.config import ConfigError, Spec
+
+from opt_study.validate import load_study
 
 EXIT_BAD_INPUT = 2
 
@@ -34,7 +36,7 @@ def _spec_for(target: str) -> Spec:
 
 
 def cmd_validate(a) -> int:
-    from opt_study.study import describe
+    from opt_study.study.run import describe
 
     spec = load_study(a.file)
     print(f"{a.file}: OK")
@@ -43,7 +45,7 @@ def cmd_validate(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from opt_study.study import describe, run_study
+    from opt_study.study.run import describe, run_study
 
     spec = load_study(a.file)
     if a.dry_run:
@@ -54,7 +56,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_resume(a) -> int:
-    from opt_study.study import run_study
+    from opt_study.study.run import run_study
 
     spec = _spec_for(a.study)
     run_study(spec, source_text=None)
@@ -74,10 +76,10 @@ def _finish(spec: Spec) -> int:
 
 
 def cmd_status(a) -> int:
-    from opt_study.results import storage
+    from opt_study.storage import objectstore
 
     spec = _spec_for(a.study)
-    storage.refresh_study(spec.study_dir, "status")
+    objectstore.refresh_study(spec.study_dir, "status")
     return cmd_status_spec(spec)
 
 
@@ -126,11 +128,11 @@ def cmd_ui(a) -> int:
 def cmd_compact(a) -> int:
     """Compact every trial's chunks (one file per attempt): for studies written before trials
     were compacted as they finished. Safe on a running study and rerunnable."""
-    from opt_study.results import storage
+    from opt_study.storage import objectstore
     from opt_study.results.compact import compact_study
 
     spec = _spec_for(a.study)
-    storage.refresh_study(spec.study_dir, "compact")
+    objectstore.refresh_study(spec.study_dir, "compact")
     done = compact_study(spec.study_dir)
     print(f"{spec.study.name}: {len(done)} trial(s), "
           f"{sum(len(files) for files in done.values())} file(s) after compaction")
@@ -162,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=5000)
     r.set_defaults(fn=cmd_ui)
     # Commands of other concerns register themselves (their heavy imports stay lazy).
-    from opt_study.replay import register as register_replay
+    from opt_study.replay.job import register as register_replay
     from opt_study.report.commands import register as register_report
 
     register_replay(sub)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 
 from opt_study.config import OptimizerSpec, Spec
-from opt_study.space import Domain, budget, expand, expand_quasirandom, parse_domain, seed_of
-from opt_study.trial import TrialPlan
+from opt_study.config.space import Domain, budget, expand, expand_quasirandom, seed_of
+from opt_study.plan.trial_plan import TrialPlan
+from opt_study.results.trials import TERMINAL_STATUSES
 
 
 def protocol_space(opt: OptimizerSpec) -> dict[str, Domain]:
@@ -20,10 +21,9 @@ def protocol_space(opt: OptimizerSpec) -> dict[str, Domain]:
     when the YAML gives none (so "tune adam" needs no hand-written space)."""
     if opt.space:
         return dict(opt.space)
-    from opt_study import optim
-
-    entry = optim.optimizer_entry(opt.name)
-    return {k: parse_domain(v, f"{opt.name}.space.{k}") for k, v in entry.space.items()}
+    if opt.default_space is None:
+        raise ValueError(f"{opt.label}: the spec was not validated (opt_study.validate fills default_space)")
+    return dict(opt.default_space)
 
 
 def nested_draws(spec: Spec, opt: OptimizerSpec, space: dict[str, Domain], n: int,
@@ -57,14 +57,12 @@ def plan_crowded_valley(spec: Spec, records: list[dict]) -> list[TrialPlan]:
     one-shot performance over seeds too (budget `oneshot`). Phase rerun (once every search trial
     is finished): the best configuration of each level, rerun with search.rerun_seeds (plan_reruns).
     """
-    from opt_study import optim
-
     levels = spec.search.budgets.levels()
     n = levels[-1][1]
     plans, search, oneshot_reruns = [], [], []
     for opt in spec.optimizers:
         space = protocol_space(opt)
-        defaults = optim.optimizer_entry(opt.name).defaults
+        defaults = opt.defaults or {}
         oneshot = {k: d.values[0] if d.kind == "fixed" else defaults[k] for k, d in sorted(space.items())}
         for seed in spec.study.seeds:
             plans.append(TrialPlan(f"{opt.label}-oneshot-s{seed}", opt.label, opt.name, oneshot, seed, 0,
@@ -84,8 +82,6 @@ def plan_reruns(spec: Spec, search: list[TrialPlan], records: list[dict]) -> lis
     and budget level, the configuration with the lowest mean best_eval_loss over its completed
     trials (ties: the earlier draw), rerun once per search.rerun_seeds seed. A configuration
     that is best at several levels is rerun once; `budget` lists its levels ("small,medium")."""
-    from opt_study.results.trials import TERMINAL_STATUSES
-
     by_id = {r["trial_id"]: r for r in records}
     if not search or any(by_id.get(p.trial_id, {}).get("status") not in TERMINAL_STATUSES for p in search):
         return []

@@ -1,4 +1,4 @@
-"""Load a study YAML into `opt_study.config.Spec`, or fail with one `ConfigError`.
+"""Load a study YAML into `opt_study.config.Spec` (structure only), or fail with one `ConfigError`.
 
 Security: YAML is parsed by a SafeLoader subclass (no Python object tags) with caps on the file
 size, the number of aliases and the nesting depth, and duplicate keys are refused (plain PyYAML
@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from opt_study import config as C
-from opt_study.results.storage import is_uri
-from opt_study.space import budget, parse_domain
+from opt_study.config import spec as C
+from opt_study.storage.objectstore import is_uri
+from opt_study.config.space import SAMPLED, budget, parse_domain
 
 MAX_ALIASES = 64
 MAX_DEPTH = 32  # levels of nesting below the top mapping
@@ -142,13 +142,14 @@ def read_yaml(path: Path) -> Any:
         raise C.ConfigError(file, "", f"invalid YAML value: {msg[:300]}") from None
 
 
-def load_study(path: str | Path) -> C.Spec:
-    """Parse and validate a study file. Raises ConfigError naming file and field."""
+def load_spec(path: str | Path) -> C.Spec:
+    """Parse a study file into a Spec (structure only; `opt_study.validate.load_study` adds the
+    registry checks). Raises ConfigError naming file and field."""
     path = Path(path)
-    return parse_study(read_yaml(path), str(path))
+    return parse_spec(read_yaml(path), str(path))
 
 
-def parse_study(data: Any, file: str = "<memory>") -> C.Spec:
+def parse_spec(data: Any, file: str = "<memory>") -> C.Spec:
     """Validate a parsed document (the top-level dict) into a Spec; the first problem found is
     raised as ConfigError(file, dotted field, what is allowed). Relative storage is resolved
     against the current directory."""
@@ -287,25 +288,20 @@ def _check_shape(data: Any, file: str) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
-# ------------------------------------------------------------------------- registry-backed parts
+# ------------------------------------------------------------------ optimizers and workload
+# Only the structure is checked here; names, hyperparameters and typed workload params are
+# checked against the registries by opt_study.validate (a layer above workloads and optim).
 def _workload(raw: Any, file: str) -> C.WorkloadConfig:
-    from opt_study import workloads  # lazy: imports torch
-
+    """`type` plus the raw params mapping (typed by opt_study.validate)."""
     m = _mapping(raw, file, "workload")
     if "type" not in m:
-        raise C.ConfigError(file, "workload.type", f"is required (allowed: {', '.join(sorted(workloads.WORKLOADS))})")
-    wtype = m["type"]
-    if not isinstance(wtype, str) or wtype not in workloads.WORKLOADS:
-        raise C.ConfigError(file, "workload.type",
-                            f"unknown workload {wtype!r:.60} (allowed: {', '.join(sorted(workloads.WORKLOADS))})")
-    params = {k: v for k, v in m.items() if k != "type"}
-    cfg = build(workloads.workload_config_class(wtype), params, file, "workload")
-    return C.WorkloadConfig(type=wtype, params=cfg)
+        raise C.ConfigError(file, "workload.type", "is required (opt-study validate lists the workloads)")
+    if not isinstance(m["type"], str):
+        raise C.ConfigError(file, "workload.type", f"must be a workload name, got {_tname(m['type'])}")
+    return C.WorkloadConfig(type=m["type"], params={k: v for k, v in m.items() if k != "type"})
 
 
 def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
-    from opt_study import optim  # lazy: imports torch
-
     if not isinstance(raw, list) or not raw:
         raise C.ConfigError(file, "optimizers", "must be a non-empty list of {name, params}")
     out, labels = [], set()
@@ -314,9 +310,8 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
         m = _mapping(item, file, where)
         _no_unknown(m, {"name", "params", "label"}, file, where)
         name = m.get("name")
-        if not isinstance(name, str) or name not in optim.OPTIMIZERS:
-            raise C.ConfigError(file, f"{where}.name",
-                                f"unknown optimizer {name!r:.60} (allowed: {', '.join(sorted(optim.OPTIMIZERS))})")
+        if not isinstance(name, str):
+            raise C.ConfigError(file, f"{where}.name", f"must be an optimizer name, got {_tname(name)}")
         params = _mapping(m.get("params") or {}, file, f"{where}.params")
         space = {}
         for k, v in params.items():
@@ -325,10 +320,9 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
             except ValueError as e:
                 field, _, msg = str(e).partition(": ")
                 raise C.ConfigError(file, field, msg) from None
-        _check_hparams(name, space, file, f"{where}.params")
         label = name if m.get("label") is None else _scalar(str, m["label"], file, f"{where}.label")
         try:
-            C._check_name(label, "label")
+            C.check_name(label, "label")
         except C.FieldError as e:
             raise C.ConfigError(file, f"{where}.label", e.message) from None
         if label in labels:
@@ -338,56 +332,9 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
     return tuple(out)
 
 
-def _check_hparams(name: str, space: Mapping, file: str, where: str) -> None:
-    """Every value a trial can draw is one the optimizer accepts, else ConfigError(where.<key>).
-
-    Names and types go through optim.resolve_hparams; ranges through torch itself, by building
-    the optimizer on a one-element parameter (torch checks lr >= 0, 0 <= beta < 1, ...). Each
-    value is tried with the other hyperparameters at their first values; a uniform/loguniform
-    domain is tried at both ends (torch's valid ranges are intervals).
-    """
-    import torch
-
-    from opt_study import optim
-
-    defaults = optim.optimizer_entry(name).defaults
-    for k in space:
-        if k not in defaults:  # `betas` too: a pair cannot be a domain, so it is beta1/beta2 here
-            raise C.ConfigError(file, f"{where}.{k}", f"unknown hyperparameter of {name} "
-                                                      f"(allowed: {', '.join(sorted(defaults))})")
-    for k, d in space.items():
-        default = defaults[k]
-        if isinstance(default, int) and not isinstance(default, bool) and d.kind in ("uniform", "loguniform"):
-            # its ends may be integers, but a draw between them would not be
-            raise C.ConfigError(file, f"{where}.{k}", f"{k} of {name} is an integer; "
-                                                      "search it with {int: [lo, hi]} or {choice: [...]}")
-    first = {k: d.values[0] for k, d in space.items()}
-    param = torch.nn.Parameter(torch.zeros(1))
-    for k, d in space.items():
-        for v in d.values:
-            try:
-                optim.build_optimizer(name, [param], {**first, k: v})
-            except (ValueError, TypeError, RuntimeError) as e:
-                msg = str(e).removeprefix(f"{name}: ")
-                raise C.ConfigError(file, f"{where}.{k}", f"{name} rejects {k}={v!r:.40}: {msg[:200]}") from None
-
-
 def _cross_checks(spec: C.Spec) -> None:
-    from opt_study import optim
-
+    """Rules that span slices and need no registry."""
     file = spec.source
-    for i, o in enumerate(spec.optimizers):
-        # layer-wise / matrix rules degrade silently on ZeRO's flat partitions (optim/entry.py)
-        msg = optim.combination_error(o.name, spec.scale.zero_stage, spec.scale.precision)
-        if msg:
-            raise C.ConfigError(file, f"optimizers[{i}].name", msg)
-    from opt_study.workloads import WORKLOADS
-
-    supported = WORKLOADS[spec.workload.type][0].precisions
-    if spec.scale.precision not in supported:
-        raise C.ConfigError(file, "scale.precision",
-                            f"workload {spec.workload.type} supports {', '.join(supported)} only "
-                            f"(it feeds float32 inputs to the model); set scale.precision: fp32")
     if spec.measure.noise_scale and spec.scale.workers * spec.scale.grad_accum < 2:
         raise C.ConfigError(file, "measure.noise_scale",
                             "needs two batch sizes: set scale.workers x scale.grad_accum >= 2")
@@ -403,8 +350,6 @@ def _cross_checks(spec: C.Spec) -> None:
 def _check_tpe_spaces(spec: C.Spec) -> None:
     """TPE models sampled domains only: a grid cannot be one of its dimensions, and a space with
     nothing sampled would propose the same configuration `samples` times."""
-    from opt_study.space import SAMPLED
-
     if spec.search.method != "tpe":
         return
     for i, o in enumerate(spec.optimizers):
@@ -430,3 +375,16 @@ def _check_trial_count(spec: C.Spec) -> None:
     if total > C.MAX_TRIALS:
         raise C.ConfigError(spec.source, "search.samples",
                             f"the study would plan {total} trials; at most {C.MAX_TRIALS}")
+
+
+def study_folder_spec(folder: str | Path) -> C.Spec:
+    """The spec a study folder was started from (its ``spec.yaml``), structure only. A folder
+    that was moved keeps working where it is now: its storage root becomes the folder's parent."""
+    folder = Path(folder).resolve()
+    if not (folder / "spec.yaml").is_file():
+        raise C.ConfigError(str(folder), "", "not a study directory (no spec.yaml); give the study's folder "
+                                             "under the storage root, or its YAML file")
+    spec = load_spec(folder / "spec.yaml")
+    if spec.study_dir != folder:
+        spec = dataclasses.replace(spec, study=dataclasses.replace(spec.study, storage=str(folder.parent)))
+    return spec

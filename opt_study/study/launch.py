@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from opt_study.results import storage
+from opt_study.storage import objectstore
 from opt_study.config import Spec
-from opt_study.trial import TrialPlan
+from opt_study.plan import TrialPlan
 
 
 DRIVER_MEMORY = 256 * 2**20  # bytes reserved for a worker-group trial's driver process
@@ -32,7 +32,7 @@ def _node_id() -> str:
 def in_process_trainable(config: dict, spec: Spec) -> None:
     from ray import tune
 
-    from opt_study.trial import run_trial
+    from opt_study.trial.loop import run_trial
 
     _quiet()
     plan = TrialPlan(**config["trial"])
@@ -42,7 +42,7 @@ def in_process_trainable(config: dict, spec: Spec) -> None:
 def _worker_loop(cfg: dict) -> None:
     import ray.train
 
-    from opt_study.trial import run_trial
+    from opt_study.trial.loop import run_trial
 
     _quiet()
     run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report, node=_node_id())
@@ -62,10 +62,10 @@ def worker_group_trainable(config: dict, spec: Spec) -> None:
         torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=bool(s.gpus_per_worker),
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(name=plan["trial_id"], **storage.ray_storage(spec.study_dir / "ray" / "train"),
+        run_config=RunConfig(name=plan["trial_id"], **objectstore.ray_storage(spec.study_dir / "ray" / "train"),
                              callbacks=[TuneReportCallback()],
                              # a dead worker: Ray Train restarts the group, and run_trial resumes
-                             # from the trial's last checkpoint (opt_study.checkpoint)
+                             # from the trial's last checkpoint (opt_study.trial.checkpoint)
                              failure_config=FailureConfig(max_failures=spec.training.max_failures)),
     )
     trainer.fit()

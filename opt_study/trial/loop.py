@@ -13,36 +13,18 @@ from typing import Any, Callable
 
 import torch
 
-from opt_study import distributed, engine as engine_mod, optim
-from opt_study.results import storage
+from opt_study import distributed, optim
 from opt_study.config import Spec
-from opt_study.measure import snapshots
 from opt_study.measure.hook import StepMeasurer
+from opt_study.measure.probe import rng_state, set_rng_state
+from opt_study.plan import TrialPlan
+from opt_study.results.parquet import StepWriter, next_attempt
+from opt_study.storage import layout, objectstore
+from opt_study.trial import checkpoint, control, snapshots
+from opt_study.trial import engine as engine_mod
 from opt_study.workloads import make_workload
 
 Report = Callable[[dict], None]
-
-
-@dataclass(frozen=True)
-class TrialPlan:
-    """One trial of a study, fixed before the study starts (stored in the trials table)."""
-
-    trial_id: str
-    label: str  # the optimizer entry's label (ASHA compares trials of one label only)
-    optimizer: str
-    hparams: dict[str, Any]
-    seed: int
-    index: int  # position within its optimizer's budget
-    # Tuning protocols (opt_study.study.plan_trials): "" under protocol none.
-    phase: str = ""  # oneshot | search | rerun | oneshot_rerun (crowded_valley); external (algoperf_external); tpe
-    budget: str = ""  # smallest budget level holding it (small...), or "study<k>" (algoperf)
-    target: dict | None = None  # algoperf_external: {"metric": ..., "value": ...}
-
-    def as_dict(self) -> dict:
-        return {"trial_id": self.trial_id, "label": self.label, "optimizer": self.optimizer,
-                "hparams": dict(self.hparams), "seed": self.seed, "index": self.index,
-                "phase": self.phase, "budget": self.budget,
-                "target": dict(self.target) if self.target else None}
 
 
 @dataclass
@@ -55,17 +37,6 @@ class TrialState:
     status: str = "running"
     nodes: str = ""
     start_time: float = field(default_factory=time.time)
-
-
-def stop_path(study_dir, trial_id: str):
-    """The file through which the study asks a running trial to stop (opt_study.study).
-
-    Stopping is cooperative: Tune killing a worker-group trial's actor leaks Ray Train V2's
-    placement group (ray-project/ray#54305), which then starves every later trial.
-    """
-    from pathlib import Path
-
-    return Path(study_dir) / "control" / f"{trial_id}.stop"
 
 
 def _to_device(batch, device):
@@ -171,8 +142,6 @@ def side_backward(c: Ctx, step: int, batches: list) -> None:
     after the boundary backward and before step(), with the RNG stream left as it was."""
     if not optim.needs_hessian(c.client_opt):
         return
-    from opt_study.measure.probe import rng_state, set_rng_state
-
     state = rng_state()
     optim.estimate_hessian(c.client_opt,
                            lambda: sum(c.workload.loss(c.eng.module, mb) for mb in batches) / len(batches),
@@ -186,14 +155,11 @@ def resume(c: Ctx, state: TrialState) -> int:
     Returns the first step to run. The attempt number is chosen by rank 0 and broadcast, so a
     worker group restarted by Ray Train never reuses one.
     """
-    from opt_study import checkpoint
-
     client = checkpoint.load(c.eng, c.spec.study_dir, c.plan.trial_id) if c.spec.training.checkpoint_every != 0 else None
     start = int(client["next_step"]) if client else 0
     if client:
         state.best_eval, state.initial_loss = client.get("best_eval", math.inf), client.get("initial_loss")
     if c.rank == 0:
-        from opt_study.results.parquet import StepWriter, next_attempt
         c.attempt = next_attempt(c.spec.study_dir, c.plan.trial_id)
         c.writer = StepWriter(c.spec.study_dir, c.plan.trial_id, c.attempt, start_step=start)
     c.attempt = distributed.broadcast_object(c.attempt)
@@ -204,11 +170,8 @@ def _pull_trial(study_dir, trial_id: str) -> None:
     """All ranks, before resuming: on an object-store root, this trial's attempts and
     checkpoint files as the store holds them (a restarted group may run on other machines than
     the last one, or on this one with stale files). No-op on a local root."""
-    from opt_study import checkpoint
-    from opt_study.results import layout
-
     if distributed.rank() == 0:  # only rank 0 opens the trial's next attempt
-        storage.pull(layout.trial_steps_dir(study_dir, trial_id))
+        objectstore.pull(layout.trial_steps_dir(study_dir, trial_id))
     checkpoint.pull(study_dir, trial_id, distributed.rank())
     distributed.barrier()
 
@@ -220,14 +183,11 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     Returns the final report metrics. `measurer_cls` is a test seam: the multi-rank tests pass a
     subclass that also gathers full tensors (in the test only) to check every measured number.
     """
-    from opt_study import checkpoint
-
     c = build(spec, plan, measurer_cls)
     training = spec.training
     state = TrialState()
     # where the ranks ran (the launcher passes its Ray node id): recorded with the trial
     state.nodes = ",".join(sorted(set(distributed.all_gather_object(node)))) if node else ""
-    stop_file = stop_path(spec.study_dir, plan.trial_id)
     _pull_trial(spec.study_dir, plan.trial_id)
     start = resume(c, state)
     # fp32 parameter snapshots for checkpoint replay (reference-point metrics, METRICS.md)
@@ -237,7 +197,7 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
         saver.save_initial()
     ckpt_every = training.checkpoint_every if training.checkpoint_every is not None else training.eval_every
     for step in range(start, training.steps):
-        row = train_step(c, step, stop_vote=c.rank == 0 and storage.exists(stop_file))
+        row = train_step(c, step, stop_vote=c.rank == 0 and control.stop_requested(spec.study_dir, plan.trial_id))
         state.step, state.last_loss = step + 1, row["loss"]
         if state.initial_loss is None:
             state.initial_loss = row["loss"]

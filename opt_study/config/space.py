@@ -5,7 +5,7 @@ its domain: `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, `{logunif
 `{int: [lo, hi]}` (integers lo..hi, both included). For random and quasirandom search the study
 expands every optimizer's space itself, seeded by `search.seed`, so that trial ids and
 hyperparameters are known (and stored) before anything runs and a resumed study reuses them;
-TPE (opt_study.tpe) proposes them online instead.
+TPE (opt_study.plan.tpe) proposes them online instead.
 """
 from __future__ import annotations
 

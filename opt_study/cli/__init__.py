@@ -1,0 +1,1 @@
+"""The `opt-study` command: one parser (`main.parser`) listing every subcommand."""

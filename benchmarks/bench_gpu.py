@@ -2,7 +2,7 @@
 and the steps/s ratio measuring every 10 steps against measurement off (issue 7, item 5).
 
 Run: `python benchmarks/bench_gpu.py OUT.json [--size small|tiny] [--device cuda|cpu]
-[--mode check|bench|all] ...` (one process, one rank; `tests/test_gpu.py` runs it with GPT-2
+[--mode check|bench|all] ...` (one process, one rank; `tests/multirank/test_gpu.py` runs it with GPT-2
 small on a GPU and with a tiny GPT-2 on the CPU, through the same functions).
 
 - `check`: one trial (`opt_study.trial.run_trial`, bf16, ZeRO-2, measure every 10, so the losses

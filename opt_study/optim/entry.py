@@ -15,7 +15,7 @@ bf16 runs in fp32 so measured gradients are not bf16-rounded. So (0, "bf16") is 
 optimizer: bf16 needs ZeRO 1-3 (UNSUPPORTED says why in validate's message).
 
 Tested: every declared fp32 and bf16 combination runs under DeepSpeed on 2 CPU ranks
-(tests/test_optim_multirank.py). fp16 needs a GPU (ScaleConfig refuses it on CPU); its
+(tests/multirank/test_optim_multirank.py). fp16 needs a GPU (ScaleConfig refuses it on CPU); its
 combinations are declared by the same element-wise argument and are untested on CPU.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ the trial produced them, and a trial restarted k times keeps one file per attemp
 rows.
 
 Safe at every instant, for ``read_steps``, the ``steps`` view of ``query`` and
-``parquet.steps_sql`` alike (``tests/test_compact.py`` checks each intermediate state):
+``parquet.steps_sql`` alike (``tests/unit/test_compact.py`` checks each intermediate state):
 
 - while both the new file and the old chunks exist, a step is in two chunks of one attempt
   with the same values, and rule 3 keeps one of them;

@@ -6,7 +6,7 @@ Per case: a real `run_trial` that saves snapshots (opt_study.trial.snapshots), t
 full vector from the rank files and recomputes F, ∇F and the replay columns in float64 on one
 process (the oracle); the engine's reduced gradient is also gathered (DeepSpeed's
 `safe_get_full_grad`, an independent path) for teacher-forced checks of the sums. Rank 0 writes
-scale-aware errors as JSON; tests/test_replay.py asserts on them.
+scale-aware errors as JSON; tests/multirank/test_replay.py asserts on them.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ evaluation. Besides the sweep, three checks of the declarations:
 - `lamb_zero2_guard`: LAMB handed to a ZeRO-2 engine is caught by optim.check_model_shapes.
 - `schedulefree_eval_at_x`: the eval loss run_trial reports for schedulefree_adamw equals the
   float64 loss at the averaged iterate x (and differs from the loss at y).
-Rank 0 writes the findings as JSON; tests/test_optim_multirank.py asserts on them.
+Rank 0 writes the findings as JSON; tests/multirank/test_optim_multirank.py asserts on them.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from opt_study.validate import load_study, parse_study
 from opt_study.config.space import Domain
 from opt_study.workloads import MLPClassifyConfig, QuadraticConfig, TinyLMConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = sorted((ROOT / "tests" / "bad_configs").glob("*.yaml"))
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 GOOD = {"study": {"name": "t"}, "workload": {"type": "quadratic"},

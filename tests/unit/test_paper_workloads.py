@@ -22,7 +22,7 @@ from opt_study.workloads.prepare import main as prepare_main, prepare_token_file
 from opt_study.workloads.resnet_cifar import (PAD, RECORD_BYTES, TEST_FILE, TRAIN_FILES, ResNet,
                                               ResNetCifarConfig, augment, channel_stats, read_cifar_binary)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "opt_study" / "workloads" / "data" / "corpus.txt"
 
 

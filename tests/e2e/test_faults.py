@@ -23,7 +23,7 @@ from opt_study.results.trials import read_trial_records
 from opt_study.study.run import run_study
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _raw_rows(study_dir: Path):

@@ -3,7 +3,7 @@ float64 reference at every step, with tokens/s and MFU recorded: benchmarks/benc
 
 `test_gpt2_small_bf16_on_gpu` (marker `gpu`, skipped without CUDA) runs GPT-2 small (124M) on
 one GPU: numerics and speed on one device, not multi-rank sharding (NCCL runs one rank per GPU;
-the sharded paths are tests/test_multirank.py's). `test_gpt2_tiny_bf16_on_cpu` runs the very same
+the sharded paths are tests/multirank/test_multirank.py's). `test_gpt2_tiny_bf16_on_cpu` runs the very same
 script and functions with a tiny GPT-2 on the CPU, so no line of the GPU path is untried here.
 Speed is recorded (`record_property`, printed), never asserted: targets live in benchmarks/.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-6  # METRICS.md's scale-aware tolerance, as in tests/test_multirank.py
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-6  # METRICS.md's scale-aware tolerance, as in tests/multirank/test_multirank.py
 # What the checker must have compared at least once (a missing key would be a silent skip).
 MUST = {"grad_norm", "update_norm", "param_norm", "sq_grad", "sq_grad_probe", "sq_update", "sq_param",
         "sq_dist_init", "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_update_prev",

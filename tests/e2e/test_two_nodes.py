@@ -20,7 +20,7 @@ from opt_study.results.parquet import read_steps
 from opt_study.results.trials import read_trial_records
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

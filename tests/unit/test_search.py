@@ -264,7 +264,7 @@ def test_shipped_crowded_valley_cpu_config_plans_as_documented():
 
     from opt_study.validate import load_study
 
-    spec = load_study(Path(__file__).parent.parent / "configs" / "crowded_valley_cpu.yaml")
+    spec = load_study(Path(__file__).parents[2] / "configs" / "crowded_valley_cpu.yaml")
     plans = plan_trials(spec, records=[])
     assert spec.search.protocol == "crowded_valley" and spec.scale.resolved_launcher == "in_process"
     assert len(plans) == 4 * (1 + 3 + 2)  # oneshot, search, oneshot_rerun (2 rerun seeds)

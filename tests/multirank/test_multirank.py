@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-6
 # A float64 single-process gradient vs DeepSpeed's fp32 reduced one: fp32 rounding of the
 # forward/backward (about 1e-7 relative per op) over a few hundred-op graph.

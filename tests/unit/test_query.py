@@ -219,7 +219,7 @@ def test_mixed_schema_versions(tmp_path):
 
 
 def test_example_sql_runs(study):
-    text = (Path(__file__).resolve().parents[1] / "analysis" / "examples.sql").read_text()
+    text = (Path(__file__).resolve().parents[2] / "analysis" / "examples.sql").read_text()
     statements = [s for s in text.split("\n;\n") if s.strip()]
     assert len(statements) == 8
     for sql in statements:

@@ -14,7 +14,7 @@ import yaml
 
 from opt_study.validate import load_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 README = (CLUSTER / "README.md").read_text()
 FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts)

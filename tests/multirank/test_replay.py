@@ -7,7 +7,7 @@ rank 0 checks every stored value against a float64 single-process oracle compute
 snapshots (reassembled from the rank files in the test only). Tolerances (METRICS.md):
 teacher-forced sums (the engine's own reduced gradient, gathered through DeepSpeed's
 safe_get_full_grad) to 1e-6 of their scale; values that include the fp32 forward/backward
-against the float64 model to 1e-5 (as tests/test_multirank.py's *_vs_fp64).
+against the float64 model to 1e-5 (as tests/multirank/test_multirank.py's *_vs_fp64).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from opt_study.trial import snapshots
 from opt_study.replay.job import HessianOptions
 from opt_study.results import replay_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-6
 TOL_FP64 = 1e-5
 TOL_LAMBDA = 2e-3  # finite-difference Hessian (ε = 3e-5‖x‖, fp32 gradients) + Lanczos; measured ≤ 3.2e-4

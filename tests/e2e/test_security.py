@@ -25,7 +25,7 @@ from opt_study.config import ConfigError
 from opt_study.validate import load_study
 from opt_study.storage import layout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "bad_configs"
 SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "OPT_STUDY_TEST_SECRET",
                "HF_TOKEN")

@@ -2,7 +2,7 @@
 generic interface, its default search space validates, its (ZeRO stage, precision) declaration
 is what its rule allows, and the interface calls (Schedule-Free switch, Lookahead sync flag,
 Sophia's side Hessian, the shape guard, per-group lr) do what they say.
-The multi-rank side (DeepSpeed at every declared stage) is tests/test_optim_multirank.py."""
+The multi-rank side (DeepSpeed at every declared stage) is tests/multirank/test_optim_multirank.py."""
 from __future__ import annotations
 
 import pytest

@@ -1,7 +1,7 @@
 """The noise floor when ℓ, ℓ⁺ were re-evaluated in fp32 but g, g⁺ come from a bf16 backward
 (metrics.noise_floor's `loss_precision`), against the formula by hand and the reference; and the
 step-row column that records it. The runs themselves (fp32 re-evaluation through DeepSpeed at
-ZeRO 1-3) are tests/test_multirank.py's bf16 cases."""
+ZeRO 1-3) are tests/multirank/test_multirank.py's bf16 cases."""
 from __future__ import annotations
 
 import math

@@ -17,7 +17,7 @@ import pytest
 
 from opt_study import optim
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 
 

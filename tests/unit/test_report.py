@@ -36,7 +36,7 @@ from opt_study.results import trials as trials_tbl
 from opt_study.results.mlflow_sink import MlflowSink
 from opt_study.results.parquet import StepWriter, read_steps
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "results" / "quickstart"
 T975_1 = 12.706204736174707  # Student t quantile 0.975 with 1 degree of freedom (tables)
 
@@ -118,7 +118,7 @@ def build_study(root: Path) -> Path:
 
 def _log_mlflow(root: Path, study: Path) -> None:
     """The study's MLflow parent run (the report's artifacts go there); the trial runs are
-    tested with the query layer (tests/test_query.py)."""
+    tested with the query layer (tests/unit/test_query.py)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -1,0 +1,3 @@
+from opt_study.cli.main import main
+
+raise SystemExit(main())

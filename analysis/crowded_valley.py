@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from opt_study.report import figures, tables
-from opt_study.report.commands import format_table
+from opt_study.report.text import format_table
 from opt_study.report.data import load
 
 

@@ -1,177 +1,75 @@
-"""`opt-study run / resume / status / validate / ui`: short entry points over opt_study.study.
+"""`opt-study`: the one parser listing every subcommand, and the one way a command finds its study.
 
-Exit codes: 0 success, 1 a study ran but some trials failed, 2 bad input (a config error names
-the file and the field; nothing is started or written).
+Exit codes: 0 success; 1 a study ran (or a replay / an MLflow delivery was attempted) but
+something failed; 2 bad input (the error names the file and the field; nothing is started or
+written). Heavy imports (torch, Ray, DuckDB, MLflow) happen inside the command functions, so
+`opt-study --help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-from opt_study.config import ConfigError, Spec
-
-from opt_study.validate import load_study
+from opt_study.cli import results_commands as results_cmd
+from opt_study.cli import study_commands as study_cmd
+from opt_study.config import ConfigError
 
 EXIT_BAD_INPUT = 2
 
 
-def _spec_for(target: str) -> Spec:
-    """A study YAML, or a study directory (which keeps the spec.yaml it was started from)."""
-    p = Path(target)
-    if p.is_dir():
-        if not (p / "spec.yaml").is_file():
-            raise ConfigError(str(p), "", "not a study directory (no spec.yaml); give the study's folder "
-                                          "under the storage root, or its YAML file")
-        spec = load_study(p / "spec.yaml")
-        if spec.study_dir != p.resolve():
-            # The study folder was moved: read and write where it is now.
-            from dataclasses import replace
-            spec = replace(spec, study=replace(spec.study, storage=str(p.resolve().parent)))
-        return spec
-    return load_study(p)
-
-
-def cmd_validate(a) -> int:
-    from opt_study.study.run import describe
-
-    spec = load_study(a.file)
-    print(f"{a.file}: OK")
-    print(json.dumps(describe(spec), indent=2))
-    return 0
-
-
-def cmd_run(a) -> int:
-    from opt_study.study.run import describe, run_study
-
-    spec = load_study(a.file)
-    if a.dry_run:
-        print(json.dumps(describe(spec), indent=2))
-        return 0
-    run_study(spec, source_text=Path(a.file).read_text())
-    return _finish(spec)
-
-
-def cmd_resume(a) -> int:
-    from opt_study.study.run import run_study
-
-    spec = _spec_for(a.study)
-    run_study(spec, source_text=None)
-    return _finish(spec)
-
-
-def _finish(spec: Spec) -> int:
-    rc = cmd_status_spec(spec)
-    remote = f" (working copy of {spec.study.storage})" if "://" in spec.study.storage else ""
-    print(f"\nresults: {spec.study_dir}{remote}\n"
-          f"  steps (Parquet): {spec.study_dir / 'steps'}\n"
-          f"  trials table:    {spec.study_dir / 'trials.parquet'}\n"
-          f"  MLflow:          {spec.tracking_uri}\n"
-          f"open the MLflow UI: opt-study ui {spec.study_dir}\n"
-          f"query with DuckDB: SELECT * FROM read_parquet('{spec.study_dir}/steps/**/*.parquet', hive_partitioning=true)")
-    return rc
-
-
-def cmd_status(a) -> int:
-    from opt_study.storage import objectstore
-
-    spec = _spec_for(a.study)
-    objectstore.refresh_study(spec.study_dir, "status")
-    return cmd_status_spec(spec)
-
-
-def cmd_status_spec(spec: Spec) -> int:
-    from opt_study.results.trials import read_trial_records
-
-    recs = sorted(read_trial_records(spec.study_dir), key=lambda r: r["trial_id"])
-    counts: dict[str, int] = {}
-    # The paper's per-trial summary (arXiv:2407.01825): how often each convexity inequality
-    # holds / is violated / is indeterminate (within the noise floor) on measured steps, and the
-    # median local smoothness ‖g⁺−g‖/‖Δ‖.
-    print(f"{'trial':<20}{'status':<10}{'final loss':>11}{'best eval':>10}"
-          f"{'fwd h/v/i':>16}{'bwd h/v/i':>16}{'L med':>9}  hyperparameters")
-    for r in recs:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-        s = r.get("summary") or {}
-        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("hparams", {}).items()))
-        print(f"{r['trial_id']:<20}{r['status']:<10}{_fmt(s.get('final_loss')):>11}{_fmt(s.get('best_eval_loss')):>10}"
-              f"{_fracs(s, 'fwd'):>16}{_fracs(s, 'bwd'):>16}{_fmt(s.get('smoothness_local_median')):>9}  {hp}")
-    print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no trials yet")
-    return 1 if counts.get("failed") else 0
-
-
-def _fracs(s: dict, side: str) -> str:
-    vals = [s.get(f"frac_convexity_{side}_{k}") for k in ("holds", "violated", "indeterminate")]
-    if any(v is None or v != v for v in vals):
-        return "-"
-    return "/".join(f"{v:.2f}" for v in vals)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else str(v)
-
-
-def cmd_ui(a) -> int:
-    spec = _spec_for(a.study)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", spec.tracking_uri,
-           "--host", a.host, "--port", str(a.port)]
-    print("starting:", " ".join(cmd), flush=True)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return subprocess.call(cmd, env=env)
-
-
-def cmd_compact(a) -> int:
-    """Compact every trial's chunks (one file per attempt): for studies written before trials
-    were compacted as they finished. Safe on a running study and rerunnable."""
-    from opt_study.storage import objectstore
-    from opt_study.results.compact import compact_study
-
-    spec = _spec_for(a.study)
-    objectstore.refresh_study(spec.study_dir, "compact")
-    done = compact_study(spec.study_dir)
-    print(f"{spec.study.name}: {len(done)} trial(s), "
-          f"{sum(len(files) for files in done.values())} file(s) after compaction")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opt-study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="opt-study", description="Run, query and report optimizer studies "
+                                "(Ray Tune trials of DeepSpeed training with sharded measurements).",
+                                epilog="exit codes: 0 success, 1 some trials (or deliveries) failed, 2 bad input")
     sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("validate", help="check a study YAML without starting anything")
+    r.add_argument("file")
+    r.set_defaults(fn=study_cmd.cmd_validate)
     r = sub.add_parser("run", help="run a study from its YAML file (continues an existing one)")
     r.add_argument("file")
     r.add_argument("--dry-run", action="store_true", help="print trials, resources and storage; start nothing")
-    r.set_defaults(fn=cmd_run)
+    r.set_defaults(fn=study_cmd.cmd_run)
     r = sub.add_parser("resume", help="finish the unfinished trials of a study folder or YAML")
     r.add_argument("study")
-    r.set_defaults(fn=cmd_resume)
+    r.set_defaults(fn=study_cmd.cmd_resume)
     r = sub.add_parser("status", help="one line per trial: status, losses, hyperparameters")
     r.add_argument("study")
-    r.set_defaults(fn=cmd_status)
-    r = sub.add_parser("validate", help="check a study YAML without starting anything")
-    r.add_argument("file")
-    r.set_defaults(fn=cmd_validate)
+    r.set_defaults(fn=study_cmd.cmd_status)
+    q = sub.add_parser("query", help="run SQL over a study's Parquet record and trials",
+                       description=results_cmd.QUERY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("study", help="the study folder (<storage>/<study>) or its YAML file")
+    q.add_argument("sql", help="one SQL statement over the views above")
+    q.add_argument("--csv", metavar="PATH", help="also save the result as CSV")
+    q.add_argument("--parquet", metavar="PATH", help="also save the result as Parquet")
+    q.add_argument("--max-rows", type=int, default=50, help="rows to print (default 50)")
+    q.set_defaults(fn=results_cmd.cmd_query)
+    r = sub.add_parser("report", help="write the study's HTML report (tables, figures) "
+                                      "and log it to the study's MLflow parent run")
+    r.add_argument("study", help="the study folder (<storage>/<study>) or its YAML file")
+    r.add_argument("--out", metavar="DIR", help="where to write it (default STUDY/report)")
+    r.add_argument("--no-mlflow", action="store_true", help="do not log it to MLflow")
+    r.set_defaults(fn=results_cmd.cmd_report)
+    r = sub.add_parser("replay", help="checkpoint replay: ⟨∇F(x_e), x_e − y⟩ and F(x_e) − F(y) "
+                                      "for every saved snapshot x_e against a reference y")
+    r.add_argument("study", help="the study folder (with spec.yaml), or the study's YAML file")
+    r.add_argument("--trial", action="append", help="trial id (repeatable; default: every trial with snapshots)")
+    r.add_argument("--reference", default="final", help="final (default), init, or a snapshot step")
+    results_cmd.add_hessian_args(r)
+    r.set_defaults(fn=results_cmd.cmd_replay)
     r = sub.add_parser("compact", help="merge each trial's Parquet chunks into one file per attempt")
     r.add_argument("study")
-    r.set_defaults(fn=cmd_compact)
+    r.set_defaults(fn=study_cmd.cmd_compact)
+    r = sub.add_parser("sync-mlflow", help="deliver a study's queued MLflow writes "
+                                           "(after the tracking server was unreachable)")
+    r.add_argument("study", help="the study's folder under the storage root, or its YAML file")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="also retry the writes the server refused before (mlflow_queue/failed)")
+    r.set_defaults(fn=results_cmd.cmd_sync_mlflow)
     r = sub.add_parser("ui", help="the MLflow UI on the study's tracking store")
     r.add_argument("study")
     r.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     r.add_argument("--port", type=int, default=5000)
-    r.set_defaults(fn=cmd_ui)
-    # Commands of other concerns register themselves (their heavy imports stay lazy).
-    from opt_study.replay.job import register as register_replay
-    from opt_study.report.commands import register as register_report
-
-    register_replay(sub)
-    from opt_study.results.mlflow_queue import register as register_sync_mlflow
-
-    register_sync_mlflow(sub)
-    register_report(sub)
+    r.set_defaults(fn=study_cmd.cmd_ui)
     return p
 
 
@@ -184,5 +82,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ snapshot x_e, F(x_e), ∇F(x_e) and F(y) on the fixed evaluation sample set and 
 ⟨∇F(x_e), x_e − y⟩, F(x_e) − F(y), ‖x_e − y‖², ‖∇F(x_e)‖² and, with ``--hessian``, the top
 Hessian eigenvalues and a Hutchinson trace (opt_study.results.replay_store).
 
-This module stays import-light (the CLI parser imports it): torch is imported by the job only.
+This module stays import-light (the CLI imports it): torch is imported by the job's ranks only.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opt_study.storage import objectstore
 from opt_study.config import FieldError
+from opt_study.plan import TrialPlan
+from opt_study.validate import resolve_study
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,8 @@ class HessianOptions:
 
 def load_trial(study_dir, trial_id: str):
     """(spec, plan) of a trial from the study dir's spec.yaml and plan.json."""
-    from dataclasses import replace
-
-    from opt_study.validate import load_study
-    from opt_study.plan import TrialPlan
-
     study_dir = Path(study_dir).resolve()
-    spec = load_study(study_dir / "spec.yaml")
-    spec = replace(spec, study=replace(spec.study, storage=str(study_dir.parent)))  # a moved study
+    spec = resolve_study(study_dir)
     plans = [p for p in json.loads((study_dir / "plan.json").read_text()) if p["trial_id"] == trial_id]
     if not plans:
         raise ValueError(f"trial {trial_id!r} is not in {study_dir / 'plan.json'}")
@@ -110,48 +105,3 @@ def hessian_options(a) -> HessianOptions | None:
         return None
     return HessianOptions(lanczos_steps=a.lanczos_steps, top=a.top, hutchinson_samples=a.hutchinson,
                           fd_eps=a.fd_eps, seed=a.seed)
-
-
-def register(subparsers) -> None:
-    """Add `replay STUDY [--trial ID]... [--reference final|init|STEP] [--hessian ...]`."""
-    r = subparsers.add_parser("replay", help="checkpoint replay: ⟨∇F(x_e), x_e − y⟩ and F(x_e) − F(y) "
-                                             "for every saved snapshot x_e against a reference y")
-    r.add_argument("study", help="the study folder (with spec.yaml), or the study's YAML file")
-    r.add_argument("--trial", action="append", help="trial id (repeatable; default: every trial "
-                                                     "with snapshots)")
-    r.add_argument("--reference", default="final", help="final (default), init, or a snapshot step")
-    add_hessian_args(r)
-    r.set_defaults(fn=cmd_replay)
-
-
-def cmd_replay(a) -> int:
-    """Exit 0: all replayed; 1: a replay job failed; 2: bad input (nothing started)."""
-    from opt_study.validate import load_study
-    from opt_study.trial import snapshots
-    from opt_study.results.replay_store import check_reference
-
-    p = Path(a.study)
-    study_dir = p.resolve() if p.is_dir() else load_study(p).study_dir
-    objectstore.refresh_study(study_dir, "replay")  # an object-store root: the trials' snapshots
-    try:
-        check_reference(a.reference)
-        hessian = hessian_options(a)
-        trials = a.trial or snapshots.snapshot_trials(study_dir)
-        if not trials:
-            raise ValueError(f"no trial of {study_dir} has snapshots (set measure.snapshot_every)")
-        for t in trials:
-            snapshots.resolve_reference(study_dir, t, a.reference)
-    except (ValueError, FileNotFoundError) as e:  # FieldError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    failed = 0
-    for t in trials:
-        try:
-            path = run_replay(study_dir, t, a.reference, hessian)
-            print(f"{t}: {path}")
-        except RuntimeError as e:
-            print(f"{t}: {e}", file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
-
-

@@ -10,7 +10,7 @@ aggregate rules (METRICS.md, "Aggregates"). Modules, one concern each:
 - ``tables``: one function per table (row dicts);
 - ``figures``: one function per figure (``matplotlib.figure.Figure``, no pyplot);
 - ``render``, ``build``: the HTML page; ``build.write_report(study_dir)``;
-- ``commands``: the ``opt-study query`` and ``opt-study report`` subcommands.
+- ``text``: plain-text tables (``opt-study query``, the analysis recipes).
 
 ``from opt_study.report import write_report`` works; the heavy modules load on first use.
 """

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opt_study.config import ConfigError, Spec, study_folder_spec
 from opt_study.measure.metrics import CLASSES
 from opt_study.results.query import StudyDB, open_study
 
@@ -163,24 +164,20 @@ def best_configs(trials: dict[str, dict]) -> dict[str, list[str]]:
     return {label: ids for label, (_, ids) in sorted(best.items())}
 
 
-def _spec(study_dir: Path) -> dict:
-    """The few spec fields the report needs, read from ``spec.yaml`` without validating it
-    (validation imports the workloads, i.e. torch)."""
-    import yaml
-
+def _spec(study_dir: Path) -> Spec | None:
+    """The spec the study folder was started from (structure only: no torch), or None for a
+    results folder without a readable ``spec.yaml`` (the report still renders its data)."""
     try:
-        spec = yaml.safe_load((study_dir / "spec.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        spec = {}
-    return spec if isinstance(spec, dict) else {}
+        return study_folder_spec(study_dir)
+    except (ConfigError, ValueError):
+        return None
 
 
-def tracking_uri_for(study_dir: Path, spec: dict) -> str | None:
+def tracking_uri_for(study_dir: Path, spec: Spec | None) -> str | None:
     """The study's MLflow store: the spec's ``study.mlflow_uri``, else ``mlflow.db`` beside the
     study folder (the storage root, wherever the folder now lies); None if that file is absent."""
-    uri = (spec.get("study") or {}).get("mlflow_uri")
-    if uri:
-        return str(uri)
+    if spec is not None and spec.study.mlflow_uri:
+        return spec.study.mlflow_uri
     db = Path(study_dir).resolve().parent / "mlflow.db"
     return f"sqlite:///{db}" if db.is_file() else None
 
@@ -190,7 +187,7 @@ def load(study_dir, threads: int | None = None) -> StudyData:
     study_dir = Path(study_dir)
     spec = _spec(study_dir)
     db = open_study(study_dir, threads=threads)
-    workload = str((spec.get("workload") or {}).get("type") or "workload")
+    workload = spec.workload.type if spec is not None else "workload"
     stats = trial_stats(db)
     trials = {}
     for t in db.rows("SELECT * FROM trials"):
@@ -201,6 +198,6 @@ def load(study_dir, threads: int | None = None) -> StudyData:
         if tid not in trials:
             trials[tid] = {"trial_id": tid, "label": "?", "optimizer": "?", "status": "unknown",
                            "workload": workload, **s}
-    name = str((spec.get("study") or {}).get("name") or study_dir.resolve().name)
+    name = spec.study.name if spec is not None else study_dir.resolve().name
     return StudyData(db, name, workload, tracking_uri_for(study_dir, spec), trials,
                      best_configs(trials))

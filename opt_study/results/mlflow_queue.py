@@ -53,7 +53,6 @@ from pathlib import Path
 
 from opt_study.storage import layout
 from opt_study.results.mlflow_sink import MlflowSink, check_trial_args, flatten_params
-from opt_study.results.query import experiment_name  # also for callers: one place names it
 
 QUEUE_DIR = "mlflow_queue"
 FAILED_DIR = "failed"
@@ -71,11 +70,6 @@ def queue_dir(study_dir) -> Path:
 def pending_entries(study_dir) -> list[Path]:
     """Entries not yet delivered, in delivery (seq) order."""
     return _entries(queue_dir(study_dir))
-
-
-def failed_entries(study_dir) -> list[Path]:
-    """Entries the server refused (kept, with ``<name>.error.txt`` saying why), in seq order."""
-    return _entries(queue_dir(study_dir) / FAILED_DIR)
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -269,7 +263,7 @@ class QueuedSink:
             except Exception as e:  # noqa: BLE001 - classified below; never stops training
                 if is_transient(e):
                     self._failed_at = time.monotonic()
-                    self.last_error = _redact(f"{type(e).__name__}: {e}")
+                    self.last_error = redact(f"{type(e).__name__}: {e}")
                     return
                 self._refuse(path, e)
                 continue
@@ -281,7 +275,7 @@ class QueuedSink:
     def _refuse(self, path: Path, exc: Exception) -> None:
         failed = self.dir / FAILED_DIR
         failed.mkdir(exist_ok=True)
-        msg = _redact(f"{type(exc).__name__}: {exc}")
+        msg = redact(f"{type(exc).__name__}: {exc}")
         layout.atomic_write_bytes(failed / (path.name + ".error.txt"), msg.encode())
         _move(path, failed / path.name)
         layout.fsync_dir(self.dir)
@@ -336,56 +330,5 @@ def _str_dict(d: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in d.items()}
 
 
-def _redact(text: str) -> str:
+def redact(text: str) -> str:
     return _USERINFO_RE.sub("://***@", text)
-
-
-# ---------------------------------------------------------------------------------- the CLI
-def register(subparsers) -> None:
-    """Add ``sync-mlflow STUDY`` to the ``opt-study`` sub-command parsers."""
-    p = subparsers.add_parser("sync-mlflow", help="deliver a study's queued MLflow writes "
-                                                  "(after the tracking server was unreachable)")
-    p.add_argument("study", help="the study's folder under the storage root")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="also retry the writes the server refused before (mlflow_queue/failed)")
-    p.set_defaults(fn=cmd_sync_mlflow)
-
-
-def cmd_sync_mlflow(a) -> int:
-    """Deliver everything queued; exit 0 if nothing is left, else 1 after listing what is."""
-    from opt_study.storage import objectstore
-
-    folder = Path(a.study).resolve()
-    objectstore.refresh_study(folder, "sync-mlflow")  # an object-store root: entries queued on other machines
-    spec = _spec_of_folder(folder)
-    sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name), study=spec.study.name)
-    before = len(sink.pending())
-    if a.retry_failed:
-        before += sink.requeue_failed()
-    left = sink.drain(force=True)
-    print(f"{folder.name}: delivered {before - len(sink.pending())} of {before} queued MLflow "
-          f"write(s) to {_redact(spec.tracking_uri)}")
-    for path in sink.pending():
-        print(f"  pending  {path.name}")
-    if sink.pending():
-        print(f"  (server still unreachable? last error: {sink.last_error})")
-    for path in sink.failed():
-        err = path.with_name(path.name + ".error.txt")
-        print(f"  refused  {path.name}: {err.read_text() if err.is_file() else '?'}")
-    return 0 if left == 0 else 1
-
-
-def _spec_of_folder(folder: Path):
-    """The spec a study folder was started from; a moved folder keeps working where it is."""
-    from dataclasses import replace
-
-    from opt_study.config import ConfigError
-
-    from opt_study.validate import load_study
-
-    if not (folder / "spec.yaml").is_file():
-        raise ConfigError(str(folder), "", "not a study directory (no spec.yaml)")
-    spec = load_study(folder / "spec.yaml")
-    if spec.study_dir != folder:
-        spec = replace(spec, study=replace(spec.study, storage=str(folder.parent)))
-    return spec

@@ -312,17 +312,10 @@ def pull_study(study_dir) -> int:
     return pull(study_dir, exact=True, exclude=STUDY_EXCLUDE)
 
 
-# What each reading command needs of a study (top-level names in the study folder).
-META = ("spec.yaml", "plan.json", "trials", "trials.parquet")
-NEEDS = {"status": META, "query": META + ("steps", "replay"), "report": META + ("steps", "replay"),
-         "replay": META + ("snapshots", "replay"), "sync-mlflow": ("spec.yaml", "mlflow_queue"),
-         "compact": META + ("steps",)}
-
-
-def refresh_study(study_dir, command: str | None = None) -> int:
+def refresh_study(study_dir, parts: tuple[str, ...] | None = None) -> int:
     """Before reading a study that may still be running (status, query, report, replay):
     fetch what is new in the store, delete nothing (a file a trial on this machine has just
-    committed may not be uploaded yet). ``command``: only the parts it reads (NEEDS)."""
-    parts = NEEDS[command] if command else None
+    committed may not be uploaded yet). ``parts``: only these top-level names of the study
+    folder (what the reading command needs); None: all of it."""
     return pull(study_dir, exact=False, exclude=STUDY_EXCLUDE,
                 select=None if parts is None else (lambda rel: rel.split("/", 1)[0] in parts))

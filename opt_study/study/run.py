@@ -103,7 +103,8 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     """
     import sys
 
-    from opt_study.results.mlflow_queue import QueuedSink, experiment_name
+    from opt_study.results.mlflow_queue import QueuedSink
+    from opt_study.results.query import experiment_name
 
     out = out or sys.stdout
     objectstore.pull_study(spec.study_dir)  # an object-store root: start from what the store holds

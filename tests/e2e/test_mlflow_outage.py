@@ -5,7 +5,6 @@ the server but drops the response checks that a write which reached the server i
 without duplicating runs, params or metric points."""
 from __future__ import annotations
 
-import argparse
 import http.client
 import io
 import os
@@ -23,7 +22,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from opt_study.results import mlflow_queue
-from opt_study.results.mlflow_queue import QueuedSink, experiment_name
+from opt_study.cli.main import main as cli_main
+from opt_study.results.mlflow_queue import QueuedSink
+from opt_study.results.query import experiment_name
 
 pytestmark = pytest.mark.slow
 
@@ -133,12 +134,9 @@ def _write_spec(study_dir, server):
 
 
 def _sync_cli(study_dir, *flags) -> tuple[int, str]:
-    p = argparse.ArgumentParser(prog="opt-study")
-    mlflow_queue.register(p.add_subparsers(dest="cmd", required=True))
-    a = p.parse_args(["sync-mlflow", str(study_dir), *flags])
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rc = a.fn(a)
+        rc = cli_main(["sync-mlflow", str(study_dir), *flags])
     return rc, buf.getvalue()
 
 

@@ -11,7 +11,6 @@ against the float64 model to 1e-5 (as tests/multirank/test_multirank.py's *_vs_f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -118,16 +117,13 @@ def test_rows_at_the_reference_are_exactly_zero_and_columns_complete(replayed):
 def test_cli_replay_launches_torchrun_and_reproduces_the_rows(replayed):
     """`opt-study replay STUDY --trial t0`: a fresh torchrun job at the trial's world size gives
     the same rows the in-harness replay gave (CPU, deterministic), time stamps aside."""
-    from opt_study.replay.job import register
+    from opt_study.cli.main import main
 
     data, storage = replayed
     study = storage / "r0"
     path = replay_store.replay_path(study, "t0", "final")
     path.unlink()
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="cmd"))
-    a = p.parse_args(["replay", str(study), "--trial", "t0"])
-    assert a.fn(a) == 0
+    assert main(["replay", str(study), "--trial", "t0"]) == 0
     rows = replay_store.read_replay(study, "t0", "final").to_pylist()
     want = data["results"][0]["rows"]
     assert [{k: v for k, v in r.items() if k != "time_unix" and k in w} for r, w in zip(rows, want)] == \
@@ -136,17 +132,14 @@ def test_cli_replay_launches_torchrun_and_reproduces_the_rows(replayed):
 
 @pytest.mark.slow
 def test_cli_bad_input_exits_2_without_starting(replayed, capsys):
-    from opt_study.replay.job import register
+    from opt_study.cli.main import main
 
     _, storage = replayed
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="cmd"))
     for args, msg in ((["--reference", "7"], "no snapshot at step 7"),
                       (["--reference", "best"], "reference must be"),
                       (["--trial", "nope"], "no committed snapshots"),
                       (["--hessian", "--top", "99"], "top")):
-        a = p.parse_args(["replay", str(storage / "r0"), *args])
-        assert a.fn(a) == 2, args
+        assert main(["replay", str(storage / "r0"), *args]) == 2, args
         assert msg in capsys.readouterr().err, args
 
 

@@ -3,7 +3,6 @@ UNNEST give known values, the MLflow helpers select trials, and `opt-study query
 saves results."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from opt_study.report.commands import register
+from opt_study.cli.main import main as cli_main
 from opt_study.storage import layout
 from opt_study.results.mlflow_sink import MlflowSink
 from opt_study.results.parquet import StepWriter, read_steps
@@ -173,10 +172,7 @@ def test_find_trials_and_best_per_optimizer(store):
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser(prog="opt-study")
-    register(p.add_subparsers(dest="cmd", required=True))
-    a = p.parse_args(argv)
-    return a.fn(a)
+    return cli_main(argv)
 
 
 def test_query_command_prints_and_saves(study, tmp_path, capsys):

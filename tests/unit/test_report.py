@@ -401,18 +401,12 @@ def test_report_of_the_quickstart_study(tmp_path):
 
 
 def test_report_command(study, capsys):
-    import argparse
+    from opt_study.cli.main import main
 
-    from opt_study.report.commands import register
-
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="cmd", required=True))
-    a = p.parse_args(["report", str(study), "--out", str(study / "r2"), "--no-mlflow"])
-    assert a.fn(a) == 0
+    assert main(["report", str(study), "--out", str(study / "r2"), "--no-mlflow"]) == 0
     out = capsys.readouterr().out
     assert f"report: {study / 'r2' / 'index.html'}" in out and f"opt-study ui {study}" in out
-    a = p.parse_args(["report", str(study / "nope")])
-    assert a.fn(a) == 2
+    assert main(["report", str(study / "nope")]) == 2
 
 
 def test_report_of_a_study_that_has_not_started(tmp_path):

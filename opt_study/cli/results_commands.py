@@ -1,0 +1,101 @@
+"""`opt-study query / report / replay / sync-mlflow`: commands that read a study's results."""
+from __future__ import annotations
+
+import sys
+
+from opt_study.cli.resolve import study_folder, study_spec
+from opt_study.replay.job import add_hessian_args, hessian_options  # noqa: F401 - the parser uses add_hessian_args
+
+EXIT_BAD_INPUT = 2
+
+QUERY_HELP = """SQL over the study's views (DuckDB dialect):
+  steps     one row per (trial, step), last attempt wins (columns: opt_study/results/schema.py)
+  trials    one row per trial: trial_id, label, optimizer, workload, seed, status, index,
+            "hp.<name>", "summary.<name>" (quote names that contain dots)
+  steps_hp  steps joined with label, optimizer, workload, seed, status, index, "hp.<name>"
+  groups    trial_id, step, group_name and the per-parameter-group raw sums
+  replay    checkpoint-replay rows, where the study has a replay/ dataset
+example: opt-study query results/quickstart "SELECT optimizer, avg(smoothness_local)
+         FROM steps_hp WHERE measured GROUP BY optimizer"
+"""
+
+
+def cmd_query(args) -> int:
+    from opt_study.report.text import format_table
+    from opt_study.results.query import QueryError, query, write_csv, write_parquet
+
+    study = study_folder(args.study, "query")
+    try:
+        table = query(study, args.sql)
+    except QueryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_table(table.column_names, table.slice(0, args.max_rows).to_pylist(), table.num_rows))
+    if args.csv:
+        print(f"saved {write_csv(table, args.csv)}")
+    if args.parquet:
+        print(f"saved {write_parquet(table, args.parquet)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from opt_study.report.build import write_report
+
+    study = study_folder(args.study, "report")
+    path = write_report(study, out=args.out, mlflow=not args.no_mlflow)
+    print(f"report: {path}")
+    print(f"open the MLflow UI: opt-study ui {study}")
+    return 0
+
+
+def cmd_replay(a) -> int:
+    """Exit 0: all replayed; 1: a replay job failed; 2: bad input (nothing started)."""
+    from opt_study.replay.job import run_replay
+    from opt_study.results.replay_store import check_reference
+    from opt_study.trial import snapshots
+
+    study_dir = study_spec(a.study, "replay").study_dir
+    try:
+        check_reference(a.reference)
+        hessian = hessian_options(a)
+        trials = a.trial or snapshots.snapshot_trials(study_dir)
+        if not trials:
+            raise ValueError(f"no trial of {study_dir} has snapshots (set measure.snapshot_every)")
+        for t in trials:
+            snapshots.resolve_reference(study_dir, t, a.reference)
+    except (ValueError, FileNotFoundError) as e:  # FieldError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    failed = 0
+    for t in trials:
+        try:
+            path = run_replay(study_dir, t, a.reference, hessian)
+            print(f"{t}: {path}")
+        except RuntimeError as e:
+            print(f"{t}: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_sync_mlflow(a) -> int:
+    """Deliver everything queued; exit 0 if nothing is left, else 1 after listing what is."""
+    from opt_study.results.mlflow_queue import QueuedSink, redact
+    from opt_study.results.query import experiment_name
+
+    spec = study_spec(a.study, "sync-mlflow")  # an object-store root: entries queued on other machines
+    folder = spec.study_dir
+    sink = QueuedSink(folder, spec.tracking_uri, experiment_name(spec.study.name), study=spec.study.name)
+    before = len(sink.pending())
+    if a.retry_failed:
+        before += sink.requeue_failed()
+    left = sink.drain(force=True)
+    print(f"{folder.name}: delivered {before - len(sink.pending())} of {before} queued MLflow "
+          f"write(s) to {redact(spec.tracking_uri)}")
+    for path in sink.pending():
+        print(f"  pending  {path.name}")
+    if sink.pending():
+        print(f"  (server still unreachable? last error: {sink.last_error})")
+    for path in sink.failed():
+        err = path.with_name(path.name + ".error.txt")
+        print(f"  refused  {path.name}: {err.read_text() if err.is_file() else '?'}")
+    return 0 if left == 0 else 1

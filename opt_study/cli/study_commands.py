@@ -1,0 +1,112 @@
+"""`opt-study validate / run / resume / status / compact / ui`: short entry points over opt_study.study."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from opt_study.cli.resolve import study_spec
+from opt_study.config import Spec
+from opt_study.validate import load_study
+
+
+def cmd_validate(a) -> int:
+    from opt_study.study.run import describe
+
+    spec = load_study(a.file)
+    print(f"{a.file}: OK")
+    print(json.dumps(describe(spec), indent=2))
+    return 0
+
+
+def cmd_run(a) -> int:
+    from opt_study.study.run import describe, run_study
+
+    spec = load_study(a.file)
+    if a.dry_run:
+        print(json.dumps(describe(spec), indent=2))
+        return 0
+    run_study(spec, source_text=Path(a.file).read_text())
+    return _finish(spec)
+
+
+def cmd_resume(a) -> int:
+    from opt_study.study.run import run_study
+
+    spec = study_spec(a.study)
+    run_study(spec, source_text=None)
+    return _finish(spec)
+
+
+def _finish(spec: Spec) -> int:
+    rc = status_table(spec)
+    remote = f" (working copy of {spec.study.storage})" if "://" in spec.study.storage else ""
+    print(f"\nresults: {spec.study_dir}{remote}\n"
+          f"  steps (Parquet): {spec.study_dir / 'steps'}\n"
+          f"  trials table:    {spec.study_dir / 'trials.parquet'}\n"
+          f"  MLflow:          {spec.tracking_uri}\n"
+          f"open the MLflow UI: opt-study ui {spec.study_dir}\n"
+          # the `steps` view keeps the last attempt of each step (a raw read_parquet does not)
+          f"query with SQL:     opt-study query {spec.study_dir} \"SELECT * FROM steps LIMIT 5\"")
+    return rc
+
+
+def cmd_status(a) -> int:
+    return status_table(study_spec(a.study, "status"))
+
+
+def status_table(spec: Spec) -> int:
+    """One line per trial; exit code 1 if some trial failed."""
+    from opt_study.results.trials import read_trial_records
+
+    recs = sorted(read_trial_records(spec.study_dir), key=lambda r: r["trial_id"])
+    counts: dict[str, int] = {}
+    # The paper's per-trial summary (arXiv:2407.01825): how often each convexity inequality
+    # holds / is violated / is indeterminate (within the noise floor) on measured steps, and the
+    # median local smoothness ‖g⁺−g‖/‖Δ‖.
+    print(f"{'trial':<20}{'status':<10}{'final loss':>11}{'best eval':>10}"
+          f"{'fwd h/v/i':>16}{'bwd h/v/i':>16}{'L med':>9}  hyperparameters")
+    for r in recs:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        s = r.get("summary") or {}
+        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("hparams", {}).items()))
+        print(f"{r['trial_id']:<20}{r['status']:<10}{_fmt(s.get('final_loss')):>11}{_fmt(s.get('best_eval_loss')):>10}"
+              f"{_fracs(s, 'fwd'):>16}{_fracs(s, 'bwd'):>16}{_fmt(s.get('smoothness_local_median')):>9}  {hp}")
+    print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no trials yet")
+    return 1 if counts.get("failed") else 0
+
+
+def _fracs(s: dict, side: str) -> str:
+    vals = [s.get(f"frac_convexity_{side}_{k}") for k in ("holds", "violated", "indeterminate")]
+    if any(v is None or v != v for v in vals):
+        return "-"
+    return "/".join(f"{v:.2f}" for v in vals)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def cmd_compact(a) -> int:
+    """Compact every trial's chunks (one file per attempt): for studies written before trials
+    were compacted as they finished. Safe on a running study and rerunnable."""
+    from opt_study.results.compact import compact_study
+
+    spec = study_spec(a.study, "compact")
+    done = compact_study(spec.study_dir)
+    print(f"{spec.study.name}: {len(done)} trial(s), "
+          f"{sum(len(files) for files in done.values())} file(s) after compaction")
+    return 0
+
+
+def cmd_ui(a) -> int:
+    spec = study_spec(a.study)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", spec.tracking_uri,
+           "--host", a.host, "--port", str(a.port)]
+    print("starting:", " ".join(cmd), flush=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.call(cmd, env=env)

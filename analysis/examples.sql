@@ -27,7 +27,7 @@ FROM steps_hp
 WHERE measured AND coalesce(flag, '') = '' AND cls_convexity_fwd IS NOT NULL
 GROUP BY ALL ORDER BY trial_id
 ;
--- 4. Effective smoothness ratio per trial: sums before the ratio (METRICS.md, "Aggregates").
+-- 4. Effective smoothness ratio per trial: sums before the ratio (docs/METRICS.md §Aggregates).
 SELECT trial_id,
        sum((loss_probe - loss) - probe_s * ip_grad_update)
          / sum(0.5 * probe_s * probe_s * sq_update) AS smoothness_ratio

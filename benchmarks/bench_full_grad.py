@@ -74,7 +74,7 @@ def run_stage(stage: int) -> list[dict]:
     wl = make_workload("tiny_lm", TinyLMConfig(**MODEL), 0)
     model = wl.build_model()
     n_params = sum(p.numel() for p in model.parameters())
-    eng, info, _ = engine_mod.build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-4), scale, None)
+    eng, info = engine_mod.build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-4), scale, None)
     view = ShardView(eng, stage, "fp32", rank, world)
     groups, group_of = group_names(view.names)
     params = [p for _, p in view.named]

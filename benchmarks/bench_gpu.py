@@ -8,8 +8,8 @@ small on a GPU and with a tiny GPT-2 on the CPU, through the same functions).
 - `check`: one trial (`opt_study.trial.run_trial`, bf16, ZeRO-2, measure every 10, so the losses
   of measured steps are re-evaluated in fp32) whose measurer also gathers the full fp32 tensors
   and checks every raw sum, derived metric and the fp32 losses against the float64 reference at
-  every step (tests/dist/streaming.py's StreamingChecker, teacher forced as METRICS.md says). It
-  records tokens/s and MFU too, but the gathering slows it: `bench` is the speed measurement.
+  every step (tests/dist/streaming.py's StreamingChecker, teacher forced as docs/METRICS.md
+  §Correctness contract says). It records tokens/s and MFU too, but the gathering slows it: `bench` is the speed measurement.
 - `bench`: the same trial with `measure: {every: 0, norms: false}` ("off") and `{every: 10}`,
   interleaved over repeats; steps/s over the steps after a warm-up, their ratio, tokens/s, MFU.
 

@@ -42,3 +42,13 @@ def ray_cluster():
              include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def spec_factory(tmp_path):
+    """Validated study specs stored under this test's tmp_path (tests/specs.py): a small quadratic
+    study with deep-merged overrides. ``spec_factory(training={"steps": 40}, ...)`` -> Spec,
+    ``spec_factory.doc(...)`` -> the YAML document, ``spec_factory.write(path, ...)`` -> a YAML file."""
+    from specs import SpecFactory  # here, not at the top: opt_study imports torch after the env above
+
+    return SpecFactory(tmp_path)

@@ -347,7 +347,7 @@ class SearchConfig:
 class MeasureConfig:
     every: int = 0  # measured-step cadence k; 0 = off (loss, lr and the norms are always recorded)
     # the probe point x_t + s*Δ_t: "1" (x_{t+1}), "uniform" (s ~ U[0,1]) or "exponential"
-    # (s ~ Exp(1)); s is drawn per (trial seed, step) and stored in `probe_s` (METRICS.md)
+    # (s ~ Exp(1)); s is drawn per (trial seed, step) and stored in `probe_s` (docs/METRICS.md §Notation)
     probe_s: str = "1"
     norms: bool = True  # every step: ‖g‖, ‖Δ‖, ‖x‖ from the shards (off: loss and lr only)
     noise_scale: bool = False  # B_simple from per-rank micro-batch gradients (needs ranks x GAS >= 2)

@@ -1,7 +1,7 @@
 """fp32 loss re-evaluation at fp32 master points, for measured steps under bf16/fp16.
 
-METRICS.md: "On measured steps, losses that enter differences are evaluated in fp32 (autocast
-off)": a bf16 loss is rounded to ~3 significant digits, more than the late-training gaps δ_t − ⟨g,
+docs/METRICS.md §Precision: "On measured steps, losses that enter differences are evaluated in
+fp32 (autocast off)": a bf16 loss is rounded to ~3 significant digits, more than the late-training gaps δ_t − ⟨g,
 Δ⟩ being measured, and a bf16 forward reads bf16 *weights*, so it does not even see an update
 smaller than half a bf16 ulp of the weight. Under DeepSpeed bf16 the module's weights are bf16
 and the fp32 masters live, partitioned, in the (ZeRO) optimizer; ℓ_t and ℓ⁺_t must be fp32
@@ -22,7 +22,7 @@ trainable parameter is, while its module runs, an fp32 tensor holding the point:
   so nothing of the engine is written.
 - DeepSpeed's own module hooks (ZeRO-3's gather/release, which would overwrite ``p.data`` with
   the bf16 gather) are detached for the forward and re-attached after, in their order; hooks of
-  other origin stay. All ranks run the same modules in the same order, so the all-reduces match.
+  other origin stay (deepspeed_state.without_deepspeed_forward_hooks). All ranks run the same modules in the same order, so the all-reduces match.
 - Dropout masks: each micro-batch's forward replays the RNG state step t's forward used (the
   masks of a bf16 and an fp32 dropout from one state are equal on CPU: tested); afterwards the
   RNG state and the module buffers (BatchNorm statistics) are put back.
@@ -33,42 +33,12 @@ on the empty tensor) instead of returning a wrong value. Frozen parameters are n
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
 
 from opt_study import distributed
-from opt_study.measure import probe as probe_mod
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-def _is_deepspeed_hook(fn) -> bool:
-    fn = getattr(fn, "func", fn)  # functools.partial
-    return (getattr(fn, "__module__", "") or "").startswith("deepspeed")
-
-
-@contextmanager
-def _without_deepspeed_hooks(module: torch.nn.Module):
-    """Every submodule's forward hooks minus DeepSpeed's; the original dicts back afterwards."""
-    saved = []
-    for m in module.modules():
-        dicts = {name: getattr(m, name) for name in _HOOK_DICTS if hasattr(m, name)}
-        drop = {k for k, fn in dicts.get("_forward_pre_hooks", {}).items() if _is_deepspeed_hook(fn)}
-        drop |= {k for k, fn in dicts.get("_forward_hooks", {}).items() if _is_deepspeed_hook(fn)}
-        if not drop:
-            continue
-        saved.append((m, dicts))
-        for name, d in dicts.items():
-            setattr(m, name, OrderedDict((k, v) for k, v in d.items() if k not in drop))
-    try:
-        yield
-    finally:
-        for m, dicts in saved:
-            for name, d in dicts.items():
-                setattr(m, name, d)
+from opt_study.measure import deepspeed_state as ds, probe as probe_mod
 
 
 class _Fp32Point:
@@ -83,8 +53,8 @@ class _Fp32Point:
         for (name, p), (lo, hi), f in zip(view.named, view.bounds(), frags):
             if f.numel() < hi - lo:
                 raise ValueError(f"fragment of {name} has {f.numel()} elements, needs {hi - lo}")
-            shape = p.ds_shape if z3 else p.shape
-            numel = p.ds_numel if z3 else p.numel()
+            shape = ds.z3_shape(p) if z3 else p.shape
+            numel = ds.z3_numel(p) if z3 else p.numel()
             self.where[id(p)] = (f.reshape(-1)[:hi - lo], lo, hi, numel, shape)
         self.saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor, int]] = {}
 
@@ -121,8 +91,9 @@ class _Fp32Point:
 
 
 def evaluate_losses(engine, view, frags: list[torch.Tensor], batches: list, rng_states: list,
-                    model_loss_fn) -> float:
-    """This rank's mean fp32 loss over ``batches`` at the point whose fragments are ``frags``.
+                    model_loss_fn) -> torch.Tensor:
+    """This rank's mean fp32 loss over ``batches`` at the point whose fragments are ``frags``, as
+    a float64 0-dim tensor on the engine's device (summed there: no host sync per micro-batch).
 
     Collective (per-module all-reduces): every rank calls it with its own fragments and
     micro-batches. ``model_loss_fn(model, batch)`` is the workload's loss. Leaves the engine,
@@ -132,8 +103,8 @@ def evaluate_losses(engine, view, frags: list[torch.Tensor], batches: list, rng_
     point = _Fp32Point(view, frags)
     after = probe_mod.rng_state()
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    total = 0.0
-    with _without_deepspeed_hooks(module):
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    with ds.without_deepspeed_forward_hooks(module):
         handles = []
         for m in module.modules():
             if point._own(m):
@@ -143,7 +114,8 @@ def evaluate_losses(engine, view, frags: list[torch.Tensor], batches: list, rng_
             with torch.no_grad(), _autocast_off(engine.device):
                 for batch, st in zip(batches, rng_states):
                     probe_mod.set_rng_state(st)  # step t's dropout masks
-                    total += float(model_loss_fn(module, batch).float())
+                    # float64 sum of the fp32 losses: the same value a Python float sum gives
+                    total += model_loss_fn(module, batch).float().double().reshape(())
         finally:
             point.restore_all()
             for h in handles:
@@ -157,9 +129,9 @@ def evaluate_losses(engine, view, frags: list[torch.Tensor], batches: list, rng_
 
 @contextmanager
 def _autocast_off(device: torch.device):
-    """No autocast region may turn the fp32 forward back into bf16 (METRICS.md: autocast off),
-    and fp32 matrix products are full fp32, not TF32 (10-bit mantissa inputs) even where the
-    process allowed TF32 for speed."""
+    """No autocast region may turn the fp32 forward back into bf16 (docs/METRICS.md §Precision:
+    autocast off), and fp32 matrix products are full fp32, not TF32 (10-bit mantissa inputs) even
+    where the process allowed TF32 for speed."""
     precision, conv_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False  # cuDNN convolutions default to TF32

@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from opt_study.measure.names import SUM_DIFFS, SUM_NAMES, VECTOR_NAMES
+from opt_study.measure.sum_layout import CHUNK, check_flat, empty_out, plan
+
 NAME = "opt_study_fused_sums"
 SOURCE = Path(__file__).with_name("csrc") / "fused_sums.cpp"
 CFLAGS = ["-O3", "-ffp-contract=off", "-Wno-psabi"]
@@ -68,8 +71,8 @@ def load(verbose: bool = False):
 
 
 def _build_and_open(verbose: bool):
-    """Build (ninja: a no-op when up to date) and open the library; check its layout."""
-    from opt_study.measure.sums import SUM_NAMES, VECTOR_NAMES
+    """Build (ninja: a no-op when up to date) and open the library; check its layout against
+    names.py (a kernel built from an older .cpp with another N_SUMS / N_VECS is refused)."""
     from torch.utils.cpp_extension import load as load_ext
 
     # is_python_module=False: a plain shared library with a C entry point (no pybind, no torch
@@ -113,31 +116,28 @@ def fused_sums(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, i
     covers sums to 0), the same validation errors. ``chunk`` is accepted for the signature and
     validated, but the kernel's blocking is fixed. Requires ``available()`` and CPU fp32
     contiguous vectors (``supports``); raises RuntimeError otherwise."""
-    from opt_study.measure import sums
-
-    present, n, wanted = sums.check_flat(vectors, runs, n_groups, sums.CHUNK if chunk is None
-                                         else chunk, only)
+    present, n, wanted = check_flat(vectors, runs, n_groups, CHUNK if chunk is None else chunk,
+                                    only)
     kernel = load()
     if kernel is None:
         raise RuntimeError(f"fused sums unavailable: {error()}")
     if not supports(present):
         raise RuntimeError("fused sums need fp32 contiguous CPU vectors; got "
                            + ", ".join(f"{k}: {t.dtype} on {t.device}" for k, t in present.items()))
-    out = sums._empty_out(wanted, n_groups, torch.device("cpu"))
-    computable, missing, terms = sums._plan(wanted, tuple(k for k in sums.VECTOR_NAMES
-                                                          if k in present))
+    out = empty_out(wanted, n_groups, torch.device("cpu"))
+    computable, missing, terms = plan(wanted, tuple(k for k in VECTOR_NAMES if k in present))
     held = sorted({g for g, _, _ in runs})
     if missing and held:
         out[torch.tensor(missing)[:, None], torch.tensor(held)[None, :]] = float("nan")
     if not computable or not runs:
         return out
     # read only the vectors the wanted sums need (x always: the kernel's sq_param is free)
-    needed = {k for a, b in terms for name in (a, b) for k in sums._DIFFS.get(name, (name,))}
+    needed = {k for a, b in terms for name in (a, b) for k in SUM_DIFFS.get(name, (name,))}
     mask = sum(bit for k, bit in _BITS.items() if k in needed)
     ptrs = (ctypes.c_void_p * 7)(present["x"].data_ptr(),
                                  *(present[k].data_ptr() if k in needed else None for k in _BITS))
     table = torch.tensor(runs, dtype=torch.int64).reshape(-1, 3)
-    per_group = torch.zeros(n_groups, len(sums.SUM_NAMES), dtype=torch.float64)
+    per_group = torch.zeros(n_groups, len(SUM_NAMES), dtype=torch.float64)
     global calls
     calls += 1
     rc = kernel(mask, ptrs, n, table.data_ptr(), table.shape[0], n_groups, per_group.data_ptr())

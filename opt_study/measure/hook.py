@@ -1,14 +1,19 @@
-"""The step hook: decides when to measure, keeps the shard state it needs, runs the probe, and
-turns this rank's shard into global numbers with ONE all-reduce per step.
+"""The step hook: keeps the shard state a step's measurement needs, runs the probe, and turns this
+rank's shard into global numbers with ONE all-reduce per step.
 
-Cadence (levanter-style declared hook): a step is *measured* when measure.every = k > 0 and
-(t+1) % k == 0, and also at every evaluation/report boundary, since a scheduler may stop the trial
-there. The decision depends only on the step number, so every rank joins every collective. The
-shards of Δ and g are kept from the step before every measured step (METRICS.md: the `*_prev`
-sums are then never null).
+Which steps are measured is ``cadence.Cadence.measured`` (measure.every, and every evaluation
+step; the trial loop asks the same object which rows to log). The decision depends only on the
+step number, so every rank joins every collective. The shards of Δ and g are kept from the step
+before every measured step (docs/METRICS.md §Cadence: the `*_prev` sums are then null only on
+an attempt's first step).
 
 Every step (unless measure.norms is off) records loss, ‖g‖, ‖Δ‖, ‖x‖ from the local shards; a
-measured step adds the same-batch probe (opt_study.measure.probe) and every raw sum of METRICS.md.
+measured step adds the same-batch probe (opt_study.measure.probe) and every raw sum of
+docs/METRICS.md §Raw sums.
+
+Host syncs (``# host sync:`` comments): one per step, reading the reduced vector back for the
+row (sums.unpack, or ``tolist`` when only the loss is reduced). The losses, the stop vote and the
+noise scale's micro-batch norms stay on the device until then.
 """
 from __future__ import annotations
 
@@ -19,14 +24,22 @@ import torch
 
 from opt_study import distributed
 from opt_study.measure import fp32eval, metrics, probe as probe_mod
+from opt_study.measure.cadence import Cadence
+from opt_study.measure.names import (GROUPS, LOSS_NAMES, LOSS_PRECISION, MEASURED, NOISE_DERIVED,
+                                     NOISE_RAW, NORM_NAMES, NORM_OF, NORM_SUMS, PREV_OF, SUM_NAMES)
 from opt_study.measure.shards import FlatShard, ShardView, flatten
-from opt_study.measure.sums import SUM_NAMES, flat_sums, group_runs, pack, unpack
+from opt_study.measure.sums import flat_sums, group_runs, pack, unpack
 
+_LOSS = {name: i for i, name in enumerate(LOSS_NAMES)}  # slot of each scalar in the packed losses
 
-NORM_SUMS = ("sq_grad", "sq_update", "sq_param")
-# ‖Δ_{t−1}‖² and ‖g_{t−1}‖² are step t−1's own sq_update and sq_grad, over the very buffers kept
-# as Δ_{t−1} and g_{t−1}: this rank's partial values are kept from its sums, not recomputed.
-PREV_OF = {"sq_update_prev": "sq_update", "sq_grad_prev": "sq_grad"}
+# The hook protocol of one optimizer step: each call, the calls it may follow. The first begin()
+# follows construction (None).
+_PROTOCOL: dict[str, tuple[str | None, ...]] = {
+    "begin": (None, "end"),
+    "before_micro": ("begin", "before_micro"),
+    "at_boundary": ("before_micro",),
+    "end": ("at_boundary",),
+}
 
 
 def group_names(param_names: list[str]) -> tuple[list[str], list[int]]:
@@ -44,69 +57,104 @@ def group_names(param_names: list[str]) -> tuple[list[str], list[int]]:
 
 
 class StepMeasurer:
-    def __init__(self, engine, info, cfg, precision: str, eval_every: int, total_steps: int,
-                 seed: int = 0, norms: bool = True, small_batch: int = 1):
+    """Measures one trial's steps on one rank (every rank constructs one; its calls are collective).
+
+    Protocol of one optimizer step, enforced in ``_enter`` (a call out of this order raises
+    RuntimeError naming the call that came before)::
+
+        begin(step)                once, before the first micro-batch's forward
+        before_micro(batch)        once per micro-batch, before its forward
+        at_boundary()              once, after the last micro-batch's backward, before step()
+        end(step, loss_local, ...) once, after engine.step(): returns the row (same on every rank)
+
+    then ``begin`` of the next step. Subclasses (the test seams in tests/dist and benchmarks)
+    override these four and call ``super()``, so each check runs once per call.
+
+    ``cadence`` decides which steps are measured (cadence.Cadence, shared with the trial loop);
+    ``cfg`` is the study's MeasureConfig (probe_s, noise_scale).
+    """
+
+    def __init__(self, engine, info, cfg, precision: str, cadence: Cadence, seed: int = 0,
+                 norms: bool = True, small_batch: int = 1):
         self.engine, self.info, self.cfg, self.precision = engine, info, cfg, precision
-        self.eval_every, self.total, self.norms = eval_every, total_steps, norms
+        self.cadence, self.norms = cadence, norms
+        self.total = cadence.steps
         self.small_batch = small_batch  # samples in one rank's micro-batch (the noise scale's b)
+        self.noise_scale = bool(getattr(cfg, "noise_scale", False))
         self.view = ShardView(engine, info.zero_stage, precision, info.rank, info.world_size)
         self.groups, self.group_of = group_names(self.view.names)
         self.seed = seed  # probe_s draws: a private stream per (seed, step), never the global RNG
         # Under bf16/fp16 the losses entering differences are re-evaluated in fp32 on measured
         # steps (opt_study.measure.fp32eval); `loss` and `loss_probe` then say "fp32".
         self.refit_fp32 = precision in ("bf16", "fp16")
-        self.x0 = self.view.clone_params() if cfg.every > 0 else None
+        self.x0 = self.view.clone_params() if cadence.measure_every > 0 else None
         self.prev_delta = self.prev_g = self.prev_sq = None
-        self.collecting, self.small_sq = False, 0.0
+        self.collecting = False
+        self.small_sq = self._zero()
         self.accum = engine.gradient_accumulation_steps()
-        if getattr(cfg, "noise_scale", False):
+        if self.noise_scale:
             for _, p in self.view.named:
                 p.register_hook(self._micro_grad_hook)
+        self._last_call: str | None = None
         self._reset(-1)
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.engine.device)
+
+    def _enter(self, call: str, step: int | None = None) -> None:
+        """The protocol check of every hook call (see the class docstring)."""
+        if self._last_call not in _PROTOCOL[call]:
+            after = "construction" if self._last_call is None else f"{self._last_call}()"
+            raise RuntimeError(f"StepMeasurer.{call}() called after {after}; each step calls "
+                               "begin, before_micro (per micro-batch), at_boundary, end")
+        if call == "end" and step != self.step:
+            raise RuntimeError(f"StepMeasurer.end({step}) but begin({self.step})")
+        self._last_call = call
 
     def _micro_grad_hook(self, grad: torch.Tensor) -> None:
         """Tensor hooks run in autograd before DeepSpeed's reduction hooks: this is one rank's
-        micro-batch gradient of loss/A (DeepSpeed scales by the accumulation steps)."""
+        micro-batch gradient of loss/A (DeepSpeed scales by the accumulation steps), so
+        ‖g_{r,m}‖² = A²·‖grad‖² (McCandlish et al. 2018, https://arxiv.org/abs/1812.06162,
+        App. A: the small-batch norm ‖G_b‖²). Summed in float64 on the device, no host sync."""
         if self.collecting:
             g = grad.detach().reshape(-1).float()
-            self.small_sq += float(torch.dot(g, g)) * self.accum**2
+            self.small_sq += torch.dot(g, g).double() * self.accum**2
 
-    # ------------------------------------------------------------------------------- cadence
-    def is_measured(self, step: int) -> bool:
-        k = self.cfg.every
-        if k <= 0:
-            return False
-        return (step + 1) % k == 0 or (step + 1) % self.eval_every == 0 or step + 1 == self.total
-
+    # ---------------------------------------------------------------------------- the protocol
     def _reset(self, step: int) -> None:
         self.step, self.x_t, self.g_t, self.batches, self.rng_states = step, None, None, [], []
-        self.measured = self.is_measured(step) if step >= 0 else False
-        self.keep_prev = self.is_measured(step + 1) if step >= 0 else False
+        self.measured = self.cadence.measured(step) if step >= 0 else False
+        self.keep_prev = self.cadence.measured(step + 1) if step >= 0 else False
 
     def begin(self, step: int) -> None:
+        """Before the step's first forward: x_t is kept when anything of this step needs it."""
+        self._enter("begin")
         self._reset(step)
-        self.small_sq = 0.0
-        self.collecting = self.measured and getattr(self.cfg, "noise_scale", False)
+        self.small_sq = self._zero()
+        self.collecting = self.measured and self.noise_scale
         if self.norms or self.measured or self.keep_prev:
             self.x_t = self.view.clone_params()
 
     def before_micro(self, batch) -> None:
         """Keep the micro-batch and the RNG state its forward uses (the probe replays both)."""
+        self._enter("before_micro")
         if self.measured:
             self.batches.append(batch)
             self.rng_states.append(probe_mod.rng_state())
 
     def at_boundary(self) -> None:
         """After the accumulation-boundary backward, before step(): the reduced gradient exists."""
+        self._enter("at_boundary")
         self.collecting = False  # the probe's backward must not count as a micro-batch
         if self.x_t is not None:
             self.g_t = self.view.clone_grads()
 
-    # ----------------------------------------------------------------------------- the numbers
-    def end(self, step: int, loss_local: torch.Tensor, loss_fn, stop_vote: bool = False,
+    def end(self, step: int, loss_local, loss_fn, stop_vote: bool = False,
             model_loss_fn=None) -> dict:
         """Called after engine.step(); returns this step's row fields (same on every rank).
 
+        ``loss_local`` is this rank's mean training loss over its micro-batches (a tensor, best
+        on the engine's device: it is not read on the host before the all-reduce).
         `loss_fn(batch)` is the loss through the engine (the probe's forward + backward);
         `model_loss_fn(model, batch)` the workload's loss of any module (the fp32 re-evaluation
         under bf16/fp16 needs it; without it the losses stay in the training precision).
@@ -114,50 +162,96 @@ class StepMeasurer:
         afterwards `self.stop_requested` is the same on every rank. `loss_precision` in the row
         says in which precision `loss` (and `loss_probe`) were evaluated.
         """
-        world = self.info.world_size
-        small = self.small_sq / (world * self.accum) if self.measured and getattr(self.cfg, "noise_scale", False) else math.nan
-        losses = torch.tensor([float(loss_local) / world, math.nan, float(stop_vote), small], dtype=torch.float64)
+        self._enter("end", step)
+        losses = self._loss_terms(loss_local, stop_vote)
         if self.x_t is None:  # norms off and not measured: the loss alone, still one all-reduce
-            losses = losses.to(self.engine.device)  # NCCL reduces device tensors only
-            distributed.all_reduce_sum(losses)
-            self.stop_requested = bool(losses[2] > 0)
-            return {"loss": float(losses[0]), "measured": False, "loss_precision": self.precision}
-        delta = flatten(self.view.params())  # x_{t+1}, then Δ_t = x_{t+1} − x_t in place (fp32)
-        delta.flat.sub_(self.x_t.flat)
-        g_plus, s, loss_precision = None, math.nan, self.precision
+            return self._loss_only_row(losses)
+        delta = self._update()
+        s, g_plus, loss_precision = math.nan, None, self.precision
         if self.measured:
             s = self._draw_s(step)
             g_plus, loss_precision = self._probe(s, delta, losses, loss_fn, model_loss_fn)
+        local = self._local_sums(self._kept(delta, g_plus), None if self.measured else NORM_SUMS)
+        per_group, scalars = self._reduce(local, losses)
+        self._keep_prev(delta, local)
+        totals = {k: float(v.sum()) for k, v in per_group.items()}
+        row = self._norm_row(totals, scalars, loss_precision)
+        if self.measured:
+            row.update(self._measured_fields(per_group, totals, scalars, s, loss_precision))
+        return row
+
+    # ------------------------------------------------------------------- the pieces of end()
+    def _loss_terms(self, loss_local, stop_vote: bool) -> torch.Tensor:
+        """This rank's share of the LOSS_NAMES scalars, float64 on the engine's device (NaN where
+        absent; ``_probe`` fills the probe's): no host sync before the all-reduce."""
+        world, device = self.info.world_size, self.engine.device
+        losses = torch.full((len(LOSS_NAMES),), math.nan, dtype=torch.float64, device=device)
+        losses[_LOSS["loss"]] = torch.as_tensor(loss_local, dtype=torch.float64, device=device) / world
+        losses[_LOSS["stop_votes"]] = float(stop_vote)
+        if self.measured and self.noise_scale:
+            # the mean over all N·A micro-batches of ‖g_{r,m}‖² (McCandlish et al. 2018, App. A)
+            losses[_LOSS[NOISE_RAW]] = self.small_sq / (world * self.accum)
+        return losses
+
+    def _loss_only_row(self, losses: torch.Tensor) -> dict:
+        """An unmeasured step with norms off: the losses' all-reduce alone."""
+        distributed.all_reduce_sum(losses)
+        vals = losses.tolist()  # host sync: the row and the stop decision are Python values
+        self.stop_requested = vals[_LOSS["stop_votes"]] > 0
+        return {"loss": vals[_LOSS["loss"]], MEASURED: False, LOSS_PRECISION: self.precision}
+
+    def _update(self) -> FlatShard:
+        """Δ_t = x_{t+1} − x_t on this rank's shard (fp32, in one new flat buffer)."""
+        delta = flatten(self.view.params())  # x_{t+1}, then Δ_t in place
+        delta.flat.sub_(self.x_t.flat)
+        return delta
+
+    def _kept(self, delta: FlatShard, g_plus: FlatShard | None) -> dict:
+        """The vectors this step's sums read (sums.VECTOR_NAMES); unmeasured steps: x, g, Δ."""
         m = self.measured
-        kept = {"x": self.x_t, "g": self.g_t, "delta": delta, "g_plus": g_plus,
+        return {"x": self.x_t, "g": self.g_t, "delta": delta, "g_plus": g_plus,
                 "x0": self.x0 if m else None, "delta_prev": self.prev_delta if m else None,
                 "g_prev": self.prev_g if m else None}
-        only = None if m else NORM_SUMS  # unmeasured steps: the three norms only
-        local = self._local_sums(kept, only)
+
+    def _reduce(self, local: torch.Tensor, losses: torch.Tensor) -> tuple[dict, dict]:
+        """The ONE collective of the step's measurements: this rank's sums and loss terms packed
+        into one float64 vector, SUM-reduced, split again (setting p for s ≠ 1 and the fp32
+        re-evaluation under bf16 communicate too, in _probe: they move weights, not
+        measurements). Sets ``stop_requested`` from the summed votes."""
         packed = pack(local, losses)
-        # the ONE collective of the sums (setting p for s ≠ 1 and the fp32 re-evaluation under
-        # bf16 communicate too, in _probe: they move weights, not measurements)
         distributed.all_reduce_sum(packed)
-        per_group, scalars = unpack(packed, len(self.groups))
+        per_group, scalars = unpack(packed, len(self.groups))  # host sync inside (the row)
         self.stop_requested = scalars["stop_votes"] > 0
+        return per_group, scalars
+
+    def _keep_prev(self, delta: FlatShard, local: torch.Tensor) -> None:
+        """Keep Δ_t, g_t and this rank's partial ‖Δ_t‖², ‖g_t‖² when step t + 1 is measured."""
         self.prev_delta, self.prev_g = (delta, self.g_t) if self.keep_prev else (None, None)
         self.prev_sq = local[[SUM_NAMES.index(v) for v in PREV_OF.values()]] if self.keep_prev else None
-        totals = {k: float(v.sum()) for k, v in per_group.items()}
-        row = {"loss": scalars["loss"], "grad_norm": _root(totals["sq_grad"]),
-               "update_norm": _root(totals["sq_update"]), "param_norm": _root(totals["sq_param"]),
-               "measured": self.measured, "loss_precision": loss_precision}
-        if self.measured:
-            row.update({k: totals[k] for k in totals})
-            row.update({"loss_probe": scalars["loss_probe"], "probe_s": s,
-                        "sq_grad_small": _finite(scalars["sq_grad_small"])})
-            row["noise_scale_simple"] = noise_scale_simple(row["sq_grad_small"], totals["sq_grad"],
-                                                           self.small_batch, self.small_batch * world * self.accum)
-            derived = metrics.derive(totals, scalars["loss"], scalars["loss_probe"], s, self.precision,
-                                     loss_precision=loss_precision)
-            row.update({k: v for k, v in derived.items() if k not in ("grad_norm", "update_norm", "param_norm")})
-            row["groups"] = {name: {k: float(v[j]) for k, v in per_group.items()}
-                              for j, name in enumerate(self.groups)}
+
+    def _norm_row(self, totals: dict, scalars: dict, loss_precision: str) -> dict:
+        """Every step's fields: the loss and the three norms (square roots of the total sums)."""
+        row = {"loss": scalars["loss"]}
+        row.update({name: _root(totals[NORM_OF[name]]) for name in NORM_NAMES})
+        row.update({MEASURED: self.measured, LOSS_PRECISION: loss_precision})
         return row
+
+    def _measured_fields(self, per_group: dict, totals: dict, scalars: dict, s: float,
+                         loss_precision: str) -> dict:
+        """A measured step's fields: the total and per-group sums, the probe's scalars, the noise
+        scale and every derived metric (metrics.derive)."""
+        world = self.info.world_size
+        out = dict(totals)
+        out.update({"loss_probe": scalars["loss_probe"], "probe_s": s,
+                    NOISE_RAW: _finite(scalars[NOISE_RAW])})
+        out[NOISE_DERIVED] = noise_scale_simple(out[NOISE_RAW], totals["sq_grad"], self.small_batch,
+                                                self.small_batch * world * self.accum)
+        derived = metrics.derive(totals, scalars["loss"], scalars["loss_probe"], s, self.precision,
+                                 loss_precision=loss_precision)
+        out.update({k: v for k, v in derived.items() if k not in NORM_NAMES})
+        out[GROUPS] = {name: {k: float(v[j]) for k, v in per_group.items()}
+                       for j, name in enumerate(self.groups)}
+        return out
 
     def _local_sums(self, kept: dict, only) -> torch.Tensor:
         """This rank's partial sums over the kept vectors (shards.FlatShard, or None), which must
@@ -199,13 +293,13 @@ class StepMeasurer:
                 at = point if point is not None else self.view.params()  # p = x_{t+1}: the masters
                 loss_probe = fp32eval.evaluate_losses(self.engine, self.view, at, self.batches,
                                                       self.rng_states, model_loss_fn)
-                losses[0] = fp32eval.evaluate_losses(self.engine, self.view, self.x_t, self.batches,
-                                                     self.rng_states, model_loss_fn) / world
+                losses[_LOSS["loss"]] = fp32eval.evaluate_losses(
+                    self.engine, self.view, self.x_t, self.batches, self.rng_states, model_loss_fn) / world
                 precision = "fp32"
         finally:
             if x_next is not None:
                 self.view.write_params(x_next)
-        losses[1] = loss_probe / world
+        losses[_LOSS["loss_probe"]] = loss_probe / world
         return g_plus, precision
 
     def _draw_s(self, step: int) -> float:

@@ -1,7 +1,8 @@
-"""Derived metrics of METRICS.md: pure functions of the global raw sums (online and in analysis).
+"""Derived metrics of docs/METRICS.md: pure functions of the global raw sums (online, analysis).
 
-Definitions follow METRICS.md, "Derived metrics"; the tests check them against the float64
-single-process oracle in ``reference.py`` and against closed forms on a quadratic.
+Definitions follow docs/METRICS.md §Derived metrics and §Noise floor; the tests check them
+against the float64 single-process oracle in ``reference.py`` and against closed forms on a
+quadratic.
 
 The probe segment. The probe runs at p = x_t + sΔ_t, so every metric about the segment uses sΔ in
 place of Δ: ⟨g, sΔ⟩ = s·ip_grad_update, ⟨g⁺, sΔ⟩ = s·ip_probe_update, ‖sΔ‖² = s²·sq_update
@@ -18,8 +19,8 @@ each term the first-order rounding of one computed input (Higham, §2.2 and §3.
                 + r·(‖g‖ + ‖g⁺‖)·(2‖x‖ + ‖sΔ‖) )  the rounding of the evaluation points
 
 Two unit roundoffs enter, because under mixed precision the losses and the gradients are not
-computed alike (METRICS.md: "on measured steps, losses that enter differences are evaluated in
-fp32"): u_G is that of ``precision``, the arithmetic of the forward / backward that produced g and
+computed alike (docs/METRICS.md §Precision: "on measured steps, losses that enter differences
+are evaluated in fp32"): u_G is that of ``precision``, the arithmetic of the forward / backward that produced g and
 g⁺ (it bounds their elementwise error, so the inner-product term carries u_G); u_L that of
 ``loss_precision`` (default: ``precision``), the forward that produced ℓ and ℓ⁺ (the loss terms
 and the point term carry u_L). Unit roundoffs: 2^-24 fp32, 2^-8 bf16, 2^-11 fp16, 2^-53 fp64.
@@ -43,18 +44,13 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
+# The names of every column below (a new metric: its name there, its formula here).
+from opt_study.measure.names import CLASSES as CLASSES, DERIVED_NAMES as DERIVED_NAMES
+from opt_study.measure.names import OUTPUT_NAMES as OUTPUT_NAMES
+
 UNIT_ROUNDOFF: dict[str, float] = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8,
                                    "fp16": 2.0**-11}
 FLOOR_C = 4.0
-CLASSES: tuple[str, ...] = ("holds", "violated", "indeterminate")
-
-DERIVED_NAMES: tuple[str, ...] = (
-    "loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",
-    "smoothness_local", "smoothness_descent", "curvature_secant", "step_alpha",
-    "cos_grad_update", "cos_update_prev", "cos_grad_prev", "grad_norm", "update_norm",
-    "param_norm", "update_to_param", "noise_floor",
-)
-OUTPUT_NAMES: tuple[str, ...] = DERIVED_NAMES + ("cls_convexity_fwd", "cls_convexity_bwd", "flag")
 
 
 def _f(v) -> float:
@@ -139,7 +135,7 @@ def _flag(sq_update: float, loss_probe: float, probe_s: float) -> str | None:
 def derive(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: float,
            precision: str = "fp32", *, floor_c: float = FLOOR_C,
            loss_precision: str | None = None) -> dict[str, float | str | None]:
-    """Every derived column of METRICS.md (OUTPUT_NAMES) from the global sums of one step.
+    """Every derived column of docs/METRICS.md (OUTPUT_NAMES) from the global sums of one step.
 
     ``precision`` is the arithmetic of the gradients, ``loss_precision`` that of ℓ and ℓ⁺
     (default ``precision``; "fp32" when the losses were re-evaluated in fp32): both only set
@@ -186,7 +182,7 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, float]:
     Rows with a flag (zero update, no probe, ...) count in ``n_measured`` and ``n_flagged`` and
     are excluded from every other statistic. Fractions are over the unflagged rows with a class;
     the effective smoothness ratio Σ(δ_t − ⟨g_t, s_tΔ_t⟩) / (½ Σ‖s_tΔ_t‖²) sums before dividing
-    (METRICS.md, "Aggregates"). An undefined statistic is NaN.
+    (docs/METRICS.md §Aggregates). An undefined statistic is NaN.
     """
     ok = [r for r in rows if not r.get("flag")]
     out: dict[str, float] = {"n_measured": float(len(rows)), "n_flagged": float(len(rows) - len(ok))}

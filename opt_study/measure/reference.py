@@ -1,6 +1,6 @@
-"""The tests' oracle: every raw sum and derived metric of METRICS.md from FULL tensors in float64.
+"""The tests' oracle: every raw sum and derived metric of docs/METRICS.md from FULL tensors in float64.
 
-Single process, plain PyTorch, written to follow METRICS.md line by line and deliberately
+Single process, plain PyTorch, written to follow docs/METRICS.md line by line and deliberately
 independent of ``sums.py`` and ``metrics.py`` (no imports from them, no shared helpers): derived
 metrics come from the tensors themselves (e.g. smoothness_local = ‖g⁺ − g‖ / ‖sΔ‖ from the
 vectors, not from sq_grad_diff). Any tensor argument may be None; what needs it is then NaN
@@ -34,7 +34,7 @@ def _sub(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def reference_sums(x, g, delta, g_plus, x0, delta_prev, g_prev) -> dict[str, float]:
-    """The raw sums of METRICS.md over full 1-D tensors, in float64."""
+    """The raw sums of docs/METRICS.md §Raw sums over full 1-D tensors, in float64."""
     x, g, d, gp, x0, dp, gq = (_v(t) for t in (x, g, delta, g_plus, x0, delta_prev, g_prev))
     return {
         "sq_grad": _dot(g, g),                              # ‖g_t‖²
@@ -71,7 +71,7 @@ def _cls(gap: float, floor: float) -> str | None:
 def reference_metrics(x, g, delta, g_plus, loss: float, loss_probe: float, probe_s: float = 1.0,
                       *, delta_prev=None, g_prev=None, precision: str = "fp32",
                       floor_c: float = 4.0, loss_precision: str | None = None) -> dict:
-    """The derived metrics of METRICS.md straight from the definitions, segment sΔ.
+    """The derived metrics of docs/METRICS.md §Derived metrics from the definitions, segment sΔ.
 
     ``precision``: the gradients' arithmetic; ``loss_precision``: the losses' (default the same).
     """

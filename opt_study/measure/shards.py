@@ -1,9 +1,9 @@
 """Views of this rank's fp32 shard of the parameters and gradients under ZeRO 0-3.
 
 No full-size parameter or gradient vector is materialized: each view is a slice of a tensor the
-engine already holds. Which tensor depends on the stage (STACK.md, measured on DeepSpeed 0.19.8;
-`_hp_mapping` is semi-private, so pyproject pins DeepSpeed and tests/test_shards_multirank.py
-checks every stage against a gathered reference):
+engine already holds. Which tensor depends on the stage (docs/STACK.md §Reading a rank's shard,
+measured on DeepSpeed 0.19.8; the private DeepSpeed state is read through opt_study.measure.deepspeed_state only, pyproject pins
+DeepSpeed and tests/multirank/test_multirank.py checks every stage against a gathered reference):
 
 - ZeRO-0, fp32: every rank holds the whole (all-reduced) gradient, so work is split by taking rank
   r's contiguous slice [n*r//W, n*(r+1)//W) of each flattened parameter.
@@ -21,8 +21,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from opt_study import distributed
+from opt_study.measure import deepspeed_state as ds
 
-EMPTY = torch.empty(0)
+EMPTY = ds.EMPTY
 WRITE_BUCKET = 1 << 22  # elements per all-reduce when writing replicated weights (16 MiB fp32)
 
 
@@ -93,17 +94,15 @@ class ShardView:
         if self.mode == "slice":
             return [p.detach().view(-1)[slice(*self._bounds(p))] for _, p in self.named]
         if self.mode == "z3":
-            from deepspeed.utils import safe_get_local_fp32_param
-            return [self._z3_valid(p, safe_get_local_fp32_param(p)) for _, p in self.named]
-        return [p._hp_mapping.get_hp_fragment().view(-1) if p._hp_mapping is not None else EMPTY
-                for _, p in self.named]
+            return [self._z3_valid(p, ds.z3_local_param(p)) for _, p in self.named]
+        return [ds.hp_param_fragment(p) for _, p in self.named]
 
     def _z3_valid(self, p, part: torch.Tensor) -> torch.Tensor:
         """The real elements of a ZeRO-3 partition: rank r holds [r*P, (r+1)*P) of the flattened
         parameter, P = ceil(n/W); the tail past n is padding whose memory may be recycled from an
         earlier allocation (garbage), so it must never enter a sum."""
         part = part.view(-1)
-        valid = max(0, min(p.ds_numel - self.rank * part.numel(), part.numel()))
+        valid = max(0, min(ds.z3_numel(p) - self.rank * part.numel(), part.numel()))
         return part[:valid]
 
     def grads(self) -> list[torch.Tensor]:
@@ -114,20 +113,8 @@ class ShardView:
         if self.mode == "slice":
             return [p.grad.view(-1)[slice(*self._bounds(p))] for _, p in self.named]
         if self.mode == "z3":
-            from deepspeed.utils import safe_get_local_grad
-            return [self._z3_valid(p, safe_get_local_grad(p)) for _, p in self.named]
-        return [self._hp_grad(p) for _, p in self.named]
-
-    @staticmethod
-    def _hp_grad(p) -> torch.Tensor:
-        m = p._hp_mapping
-        if m is None:
-            return EMPTY
-        g = m.get_lp_grad_fragment(p._index_in_param_group).view(-1)
-        if g.numel() == p.numel() and g.numel() != m.lp_fragment_address.numel:
-            # BF16_Optimizer keeps a full accumulation buffer on each rank; take our fragment.
-            g = g.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel)
-        return g.float()
+            return [self._z3_valid(p, ds.z3_local_grad(p)) for _, p in self.named]
+        return [ds.hp_grad_fragment(p) for _, p in self.named]
 
     def clone_params(self) -> FlatShard:
         """An fp32 copy of ``params()`` in one flat buffer (what the measurer keeps)."""
@@ -144,26 +131,21 @@ class ShardView:
     def bounds(self) -> list[tuple[int, int]]:
         """[start, stop) of each fragment of ``params()`` within its flattened parameter.
 
-        A rank that holds none of a ZeRO-1/2 parameter has (0, 0). At ZeRO-3 the lp partition
-        ``p.ds_tensor`` is padded to ceil(numel / W) elements (DeepSpeed ``_aligned_size``);
-        the fp32 fragment is not (DeepSpeed 0.19.8), and only its first ``stop - start``
-        elements are read anyway.
+        A rank that holds none of a ZeRO-1/2 parameter has (0, 0). At ZeRO-3 the lp partition is
+        padded to ceil(numel / W) elements (deepspeed_state.z3_partition_numel); the fp32
+        fragment is not (DeepSpeed 0.19.8), and only its first ``stop - start`` elements are
+        read anyway.
         """
         if self.mode == "slice":
             return [self._bounds(p) for _, p in self.named]
         if self.mode == "z3":
             out = []
             for _, p in self.named:
-                size = p.ds_tensor.ds_numel  # the (padded) partition size of every rank
-                start = min(size * self.rank, p.ds_numel)
-                out.append((start, min(start + size, p.ds_numel)))
+                size = ds.z3_partition_numel(p)  # the (padded) partition size of every rank
+                start = min(size * self.rank, ds.z3_numel(p))
+                out.append((start, min(start + size, ds.z3_numel(p))))
             return out
-        out = []
-        for _, p in self.named:
-            m = p._hp_mapping
-            a = None if m is None else m.lp_fragment_address
-            out.append((0, 0) if a is None else (a.start, a.start + a.numel))
-        return out
+        return [ds.hp_fragment_bounds(p) for _, p in self.named]
 
     def write_params(self, frags: list[torch.Tensor]) -> None:
         """Set the model to the parameter vector whose fragments on this rank are ``frags``.
@@ -172,7 +154,8 @@ class ShardView:
         fp32 master fragments (hp at ZeRO-1/2, the local fp32 partition at ZeRO-3) and the
         weights the forward reads are both written:
 
-        - ZeRO-3: the lp partition ``p.ds_tensor``; the forward all-gathers it. A parameter that
+        - ZeRO-3: the lp partition (deepspeed_state.z3_write_partition); the forward
+          all-gathers it. A parameter that
           is gathered right now (persistent below stage3_param_persistence_threshold, or still
           cached) also gets its full ``p.data`` written, as DeepSpeed's own step does by
           re-gathering persistent parameters.
@@ -190,22 +173,22 @@ class ShardView:
         with torch.no_grad():
             if self.mode == "z3":
                 for (_, p), f, master in zip(self.named, frags, self.params()):
-                    p.ds_tensor.data.view(-1)[:f.numel()].copy_(f)
+                    ds.z3_write_partition(p, f)
                     master[:f.numel()].copy_(f)
-                held = torch.tensor([float(p.data.numel() == p.ds_numel) for _, p in self.named],
+                held = torch.tensor([float(ds.z3_is_gathered(p)) for _, p in self.named],
                                     dtype=torch.float64, device=self.engine.device)
                 distributed.all_reduce_max(held)  # every rank must join the same all-reduces
+                # host sync: which parameters to write is a Python decision (probe with s != 1 only)
                 full = [i for i, h in enumerate(held.tolist()) if h > 0]
             else:
                 if self.mode == "hp":
                     for (_, p), f in zip(self.named, frags):
-                        if p._hp_mapping is not None:
-                            p._hp_mapping.get_hp_fragment().view(-1).copy_(f)
+                        ds.write_hp_param_fragment(p, f)
                 full = list(range(len(self.named)))
             self._write_replicated(full, frags, bounds)
 
     def _full_numel(self, p) -> int:
-        return p.ds_numel if self.mode == "z3" else p.numel()
+        return ds.z3_numel(p) if self.mode == "z3" else p.numel()
 
     def _write_replicated(self, idx: list[int], frags, bounds) -> None:
         """Fill the whole ``p.data`` of parameters ``idx`` on every rank (see write_params)."""

@@ -1,6 +1,6 @@
-"""Local partial sums over this rank's shard, packed for ONE all-reduce (METRICS.md, "Raw sums").
+"""Local partial sums over this rank's shard, packed for ONE all-reduce (docs/METRICS.md §Raw sums).
 
-Every raw sum of METRICS.md is a sum over parameter elements, so the global value is the SUM over
+Every raw sum of docs/METRICS.md is a sum over parameter elements, so the global value is the SUM over
 ranks of the sums over each rank's shard; per parameter group it is the sum over the group's
 fragments. A rank computes its partial sums (``flat_sums`` over the flat buffers StepMeasurer
 keeps, or ``local_sums`` over one tensor per fragment), ``pack`` appends the loss terms, one
@@ -12,8 +12,8 @@ Precision and cost. Every dot product is an fp32 BLAS dot over chunks of CHUNK e
 results are accumulated in float64 (``_accumulate``). Error bound: a chunk's dot ŝ of C terms
 satisfies |ŝ − s| ≤ γ_C·Σ|a_i b_i| ≤ γ_C·‖a‖‖b‖ (γ_C = C·u/(1 − C·u), u = 2^-24; Higham,
 "Accuracy and Stability of Numerical Algorithms", 2nd ed., §3.1), and the float64 sum over chunks
-adds nothing of that order, so the total's error has exactly the scale-aware form of METRICS.md's
-tolerances (1e-6·‖a‖‖b‖) and does not grow with the shard size, only with C. γ_C is a worst
+adds nothing of that order, so the total's error has exactly the scale-aware form of docs/METRICS.md's
+tolerances (§Correctness contract: 1e-6·‖a‖‖b‖) and does not grow with the shard size, only with C. γ_C is a worst
 case (≈ 4e-3 at C = 2^16); the BLAS kernel's many SIMD accumulators and the random signs of
 rounding errors make the real error ~√(C/k)·u for k accumulators (Higham & Mary 2019,
 https://doi.org/10.1137/18M1226312). Measured here (MKL, AVX-512): ≤ 3u = 1.8e-7 relative per
@@ -41,47 +41,13 @@ import torch
 from torch import Tensor
 
 from opt_study.measure import fused_sums as _fused
-
-SUM_NAMES: tuple[str, ...] = (
-    "sq_grad", "sq_grad_probe", "sq_update", "sq_param", "sq_dist_init",
-    "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_param_update", "ip_param_grad",
-    "ip_update_prev", "ip_grad_prev",
-    # ‖Δ_{t−1}‖², ‖g_{t−1}‖²: the denominators of cos_update_prev and cos_grad_prev. The step
-    # before a measured step is usually not measured, so they must travel with this step's sums.
-    "sq_update_prev", "sq_grad_prev",
-)
-# Each rank contributes its share of the global mean loss (ℓ_r / N for N equal ranks), so the
-# SUM all-reduce yields the global mean directly. `stop_votes` rides the same reduction: rank 0
-# puts 1 when the study asked the trial to stop (opt_study.trial), so every rank learns it on the
-# same step without a collective of its own.
-#
-# `sq_grad_small` is the mean over all N·A micro-batches of ‖g_{r,m}‖², each micro-batch's gradient
-# read before DeepSpeed reduces it (the small-batch term of the gradient noise scale; NaN when off).
-LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes", "sq_grad_small")
-
-# 64k elements: 6-7 fp32 operands of 256 KiB mostly stay in a 2 MiB L2 while the dots re-read
-# them; 32k pays more per-call overhead, 128k spills (bench_sums on a 2-core Xeon).
-CHUNK = 1 << 16
-
-# Operands of the dot products: Fragment fields, plus two differences formed per chunk.
-_DIFFS: dict[str, tuple[str, str]] = {"x_minus_x0": ("x", "x0"), "gp_minus_g": ("g_plus", "g")}
-_TERMS: dict[str, tuple[str, str]] = {
-    "sq_grad": ("g", "g"),
-    "sq_grad_probe": ("g_plus", "g_plus"),
-    "sq_update": ("delta", "delta"),
-    "sq_param": ("x", "x"),
-    "sq_dist_init": ("x_minus_x0", "x_minus_x0"),
-    "ip_grad_update": ("g", "delta"),
-    "ip_probe_update": ("g_plus", "delta"),
-    "sq_grad_diff": ("gp_minus_g", "gp_minus_g"),
-    "ip_param_update": ("x", "delta"),
-    "ip_param_grad": ("x", "g"),
-    "ip_update_prev": ("delta", "delta_prev"),
-    "ip_grad_prev": ("g", "g_prev"),
-    "sq_update_prev": ("delta_prev", "delta_prev"),
-    "sq_grad_prev": ("g_prev", "g_prev"),
-}
-assert tuple(_TERMS) == SUM_NAMES
+# The names live in names.py (the schema and the fused kernel's layout check read them there);
+# the checks and the row plan shared with fused_sums.py in sum_layout.py. Re-exported here.
+from opt_study.measure.names import LOSS_NAMES as LOSS_NAMES, SUM_NAMES as SUM_NAMES
+from opt_study.measure.names import SUM_DIFFS as _DIFFS, VECTOR_NAMES as VECTOR_NAMES
+from opt_study.measure.sum_layout import CHUNK as CHUNK, check_flat as check_flat
+from opt_study.measure.sum_layout import empty_out as _empty_out, plan as _plan
+from opt_study.measure.sum_layout import wanted_sums as _wanted
 
 
 @dataclass(frozen=True)
@@ -117,8 +83,8 @@ class Fragment:
                 if f.name != "group" and getattr(self, f.name) is not None}
 
 
-# The vectors a sum can read, in Fragment's field order (flat_sums takes them by these names).
-VECTOR_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Fragment) if f.name != "group")
+# The vectors a sum can read (names.VECTOR_NAMES) are Fragment's fields, in its order.
+assert VECTOR_NAMES == tuple(f.name for f in fields(Fragment) if f.name != "group")
 
 
 def local_sums(frags: Sequence[Fragment], n_groups: int, chunk: int = CHUNK,
@@ -199,30 +165,6 @@ def flat_sums_torch(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[i
     return out
 
 
-def check_flat(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
-               n_groups: int, chunk: int, only: Collection[str] | None
-               ) -> tuple[dict[str, Tensor], int, set[str]]:
-    """``flat_sums``' argument checks (ValueError on a violation): the vectors that are present,
-    their common length and the set of wanted sums."""
-    wanted = _wanted(only, chunk)
-    present = {k: v for k, v in vectors.items() if v is not None}
-    if set(present) - set(VECTOR_NAMES):
-        raise ValueError(f"unknown vectors {sorted(set(present) - set(VECTOR_NAMES))}; "
-                         f"known: {VECTOR_NAMES}")
-    if "x" not in present:
-        raise ValueError("flat_sums needs the vector 'x'")
-    n = present["x"].numel()
-    for name, t in present.items():
-        if t.dim() != 1 or t.numel() != n or not t.is_floating_point():
-            raise ValueError(f"vector {name!r} must be a 1-D floating-point tensor of {n} elements "
-                             f"(like x), got {t.dtype} {tuple(t.shape)}")
-    for group, start, stop in runs:
-        if not (0 <= group < n_groups and 0 <= start <= stop <= n):
-            raise ValueError(f"run {(group, start, stop)} out of range (n_groups={n_groups}, "
-                             f"{n} elements)")
-    return present, n, wanted
-
-
 def _use_fused(present: Mapping[str, Tensor]) -> bool:
     """Whether flat_sums hands these vectors to the fused one-pass kernel (fused_sums.py): CPU
     fp32 contiguous vectors, the kernel built, and OPT_STUDY_FUSED_SUMS not "0"."""
@@ -252,32 +194,6 @@ def group_runs(sizes: Sequence[int], group_of: Sequence[int]) -> list[tuple[int,
                 runs.append([grp, pos, pos + n])
         pos += n
     return [tuple(r) for r in runs]
-
-
-def _wanted(only: Collection[str] | None, chunk: int) -> set[str]:
-    wanted = set(SUM_NAMES if only is None else only)
-    if not wanted <= set(SUM_NAMES):
-        raise ValueError(f"unknown sum names {sorted(wanted - set(SUM_NAMES))}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return wanted
-
-
-def _empty_out(wanted: set[str], n_groups: int, device) -> Tensor:
-    """Zeros for the wanted sums (a group this rank holds nothing of sums to 0), NaN elsewhere."""
-    out = torch.zeros(len(SUM_NAMES), n_groups, dtype=torch.float64, device=device)
-    out[[i for i, n in enumerate(SUM_NAMES) if n not in wanted]] = float("nan")
-    return out
-
-
-def _plan(wanted: set[str], present) -> tuple[list[int], list[int], list[tuple[str, str]]]:
-    """Rows of the wanted sums that the ``present`` operands can / cannot compute (the latter
-    are NaN), and the operand names of each computable one."""
-    avail = set(present) | {d for d, (a, b) in _DIFFS.items() if a in present and b in present}
-    rows = [i for i, n in enumerate(SUM_NAMES) if n in wanted]
-    computable = [i for i in rows if set(_TERMS[SUM_NAMES[i]]) <= avail]
-    missing = [i for i in rows if i not in computable]
-    return computable, missing, [_TERMS[SUM_NAMES[i]] for i in computable]
 
 
 def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int
@@ -343,6 +259,7 @@ def pack(sums: Tensor, losses: Tensor) -> Tensor:
 def unpack(packed: Tensor, n_groups: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Inverse of ``pack`` (after the all-reduce): per-group sums ({name: float64 [n_groups]})
     and the global losses ({name: float})."""
+    # host sync: the step's ONE read-back; the row holds Python numbers (hook.StepMeasurer._reduce)
     arr = packed.detach().to("cpu", torch.float64).numpy()
     n_sums = len(SUM_NAMES) * n_groups
     if arr.shape != (n_sums + len(LOSS_NAMES),):

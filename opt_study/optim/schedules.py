@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "wsd", "trapezoidal")
+from opt_study.config import ScheduleConfig
+
+SCHEDULES = ScheduleConfig.TYPES  # one list of names: the config slice owns it
 
 
 def lr_factor(step: int, total_steps: int, kind: str, warmup_steps: int, min_ratio: float, *,

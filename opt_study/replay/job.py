@@ -1,4 +1,4 @@
-"""`opt-study replay`: checkpoint replay of a study's trials (METRICS.md, "Reference-point metrics").
+"""`opt-study replay`: checkpoint replay of a study's trials (docs/METRICS.md §Reference-point metrics).
 
 Convexity gives ⟨∇F(x), x − y⟩ ≥ F(x) − F(y) for every reference y, including references known
 only after training: the final iterate, x_0, any saved step. For each trial with snapshots

@@ -2,7 +2,7 @@
 
 Reads a study only through ``opt_study.results`` (DuckDB views over the Parquet record, the
 trial records, MLflow for the parent run) and reuses ``opt_study.measure.metrics``' classes and
-aggregate rules (METRICS.md, "Aggregates"). Modules, one concern each:
+aggregate rules (docs/METRICS.md §Aggregates). Modules, one concern each:
 
 - ``data``: ``load(study_dir) -> StudyData``: per-trial statistics in SQL, best configurations;
 - ``stats``: confidence intervals, the (L0, L1) envelope fit, budgets, performance profiles;

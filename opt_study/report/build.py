@@ -78,7 +78,8 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
         render.note("Per optimizer, its best configuration (lowest mean best validation loss over "
                     "seeds); each cell is the mean over seeds ± the half-width of the 95% Student-t "
                     "interval (no interval from one seed). Fractions are over measured, unflagged "
-                    "steps, classified against the noise floor (arXiv:2407.01825; METRICS.md)."),
+                    "steps, classified against the noise floor (arXiv:2407.01825; "
+                    "docs/METRICS.md §Noise floor)."),
         render.table(tables.assumption_table(data), _ASSUMPTION_COLUMNS, ci=True)]
     s["trajectories"] = [render.image(_save(figures.trajectory_figure(data),
                                             out / "trajectories.png"), "trajectories")]

@@ -2,7 +2,7 @@
 
 Everything goes through ``opt_study.results.query`` (DuckDB views over the Parquet record and the
 trial records); nothing here imports pyarrow or MLflow. The per-trial statistics are the
-window aggregates of METRICS.md ("Aggregates"), with the window = the trial's measured steps,
+window aggregates of docs/METRICS.md §Aggregates, with the window = the trial's measured steps,
 computed in one SQL pass so that they scale to millions of rows. They are, on purpose, the
 same numbers as ``opt_study.measure.metrics.summarize`` (the tests check it row for row):
 

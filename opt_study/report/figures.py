@@ -99,7 +99,7 @@ def smoothness_figure(data: StudyData, q: float = 0.95) -> Figure:
 
 def replay_figure(data: StudyData) -> Figure | None:
     """Checkpoint replay: the convexity ratio Σnum/Σden against each reference point, summed
-    over the snapshots up to each step (sums before ratios, METRICS.md); None without a
+    over the snapshots up to each step (sums before ratios, docs/METRICS.md §Aggregates); None without a
     ``replay/`` dataset. Convexity predicts ≥ 1 where Σden > 0 and ≤ 1 where Σden < 0."""
     rows = series.replay_sums(data)
     if not rows:

@@ -49,7 +49,7 @@ def _pinball_min_l0(y: np.ndarray, g: np.ndarray, l1: float, q: float) -> tuple[
 def quantile_envelope(grad_norm: Sequence[float], smoothness: Sequence[float],
                       q: float = 0.95, tol: float = 1e-12) -> dict[str, float]:
     """The (L0, L1)-smoothness envelope L_t ≤ L0 + L1‖g_t‖ fitted as a q-quantile regression
-    with L0, L1 ≥ 0 (METRICS.md, "Aggregates": an upper envelope, not least squares).
+    with L0, L1 ≥ 0 (docs/METRICS.md §Aggregates: an upper envelope, not least squares).
 
     (L0, L1)-smoothness: Zhang, He, Sra, Jadbabaie 2020, https://arxiv.org/abs/1905.11881.
     Quantile regression: Koenker & Bassett 1978, https://doi.org/10.2307/1913643.

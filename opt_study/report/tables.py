@@ -15,7 +15,8 @@ from opt_study.measure.metrics import CLASSES
 from opt_study.report import series, stats
 from opt_study.report.data import STATUSES, StudyData, hp_text
 
-# Per-trial statistics of the assumption table (arXiv:2407.01825, Tables 1-3; METRICS.md).
+# Per-trial statistics of the assumption table (arXiv:2407.01825, Tables 1-3; docs/METRICS.md
+# §Aggregates).
 ASSUMPTION_STATS: tuple[str, ...] = (
     *(f"frac_convexity_fwd_{k}" for k in CLASSES),
     *(f"frac_convexity_bwd_{k}" for k in CLASSES),
@@ -102,7 +103,7 @@ def envelope_table(data: StudyData, q: float = 0.95) -> list[dict]:
 
 
 def replay_table(data: StudyData) -> list[dict]:
-    """Checkpoint replay (METRICS.md, "Aggregates"), per (label, reference): ``snapshots``,
+    """Checkpoint replay (docs/METRICS.md §Aggregates), per (label, reference): ``snapshots``,
     ``sum_num`` = Σ⟨∇F(x_e), x_e − y⟩, ``sum_den`` = Σ(F(x_e) − F(y)), the primary statistic
     ``excess`` = Σ(num − den) (≥ 0 under convexity), ``ratio`` = Σnum/Σden (NaN if Σden = 0;
     the replay rows carry no noise floor), ``predicted`` (the direction convexity predicts:

@@ -4,7 +4,7 @@ The Parquet dataset is the source of truth; MLflow holds what is needed to find 
 trials (params, tags, summary metrics, curves downsampled to a few hundred points). It is
 written once per trial when the trial ends (or at a few milestones), never per step: a
 SQLite store takes about 150 single-point calls per second, and ``log_batch`` of 1000
-points about 5,000 points per second (STACK.md).
+points about 5,000 points per second (docs/STACK.md §MLflow).
 
 Every call is idempotent, so a driver that restarts, or a trial that is retried, can log
 again without duplicating anything:

@@ -1,4 +1,4 @@
-"""Checkpoint-replay rows (METRICS.md, "Reference-point metrics"): schema, atomic writer, reader.
+"""Checkpoint-replay rows (docs/METRICS.md §Reference-point metrics): schema, atomic writer, reader.
 
 One file per (trial, reference), rewritten whole by each replay of that pair::
 

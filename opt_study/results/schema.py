@@ -4,7 +4,7 @@ One row per optimizer step of one attempt of one trial. The identity columns are
 null; every metric is nullable (null where not computed on that step: the measurement
 columns are filled only on measured steps, ``eval_loss`` only on evaluation steps).
 
-Columns (definitions of the measurement columns in METRICS.md):
+Columns (definitions of every column in docs/METRICS.md):
 
 - identity: ``trial_id`` string, ``attempt`` int32, ``step`` int64, ``time_unix`` float64
   (wall clock when the row was produced), ``measured`` bool (the measurement hook ran).
@@ -24,7 +24,7 @@ Columns (definitions of the measurement columns in METRICS.md):
 - ``flag`` string: why derived metrics are null on a measured step (e.g. a zero update).
 - ``loss_precision`` string: the precision ``loss`` and ``loss_probe`` of the row were evaluated
   in: the training precision (``fp32``, ``bf16``, ``fp16``) on unmeasured steps, ``fp32`` on
-  measured steps (METRICS.md: losses that enter differences are re-evaluated in fp32 under
+  measured steps (docs/METRICS.md §Precision: losses that enter differences are re-evaluated in fp32 under
   bf16/fp16, so a bf16 run's measured rows carry fp32 losses).
 - ``cls_convexity_fwd``, ``cls_convexity_bwd`` string: ``holds`` / ``violated`` /
   ``indeterminate`` (within the noise floor).
@@ -38,42 +38,35 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from opt_study.measure import names
+
 STEP_SCHEMA_VERSION = 1
 
 IDENTITY_COLUMNS: tuple[str, ...] = ("trial_id", "attempt", "step", "time_unix", "measured")
 
+# The measurement's columns come from opt_study.measure.names (a new metric there becomes a
+# column here; tests/unit/test_names.py checks both sides).
 TRAINING_COLUMNS: tuple[str, ...] = (
-    "loss", "lr", "grad_norm", "update_norm", "param_norm", "engine_grad_norm",
+    "loss", "lr", *names.NORM_NAMES, "engine_grad_norm",
     "step_time_s", "units_per_s", "eval_loss",
 )
 
-RAW_SUM_COLUMNS: tuple[str, ...] = (
-    "loss_probe", "probe_s", "sq_grad", "sq_grad_probe", "sq_update", "sq_param",
-    "sq_dist_init", "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_param_update",
-    "ip_param_grad", "ip_update_prev", "ip_grad_prev", "sq_update_prev", "sq_grad_prev",
-    "sq_grad_small",
-)
+RAW_SUM_COLUMNS: tuple[str, ...] = names.RAW_NAMES
 
-# The raw sums stored per parameter group (METRICS.md: "per measured step, per parameter group"):
+# The raw sums stored per parameter group (docs/METRICS.md §Raw sums):
 # one list<struct> cell per row, e.g. [{name: "blocks.0", sq_grad: ..., ...}, ...]; DuckDB reads
 # it with UNNEST(groups). Totals over groups are the top-level columns.
-GROUP_SUM_COLUMNS: tuple[str, ...] = tuple(c for c in RAW_SUM_COLUMNS
-                                          if c not in ("loss_probe", "probe_s", "sq_grad_small"))
+GROUP_SUM_COLUMNS: tuple[str, ...] = names.GROUP_SUM_NAMES
 GROUPS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string())]
                                  + [pa.field(c, pa.float64()) for c in GROUP_SUM_COLUMNS]))
 
-DERIVED_COLUMNS: tuple[str, ...] = (
-    "loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",
-    "smoothness_local", "smoothness_descent", "curvature_secant", "step_alpha",
-    "cos_grad_update", "cos_update_prev", "cos_grad_prev", "update_to_param", "noise_floor",
-    "noise_scale_simple",
-)
+DERIVED_COLUMNS: tuple[str, ...] = names.ROW_DERIVED_NAMES
 
 # Every float64 metric column, in schema order: training, raw sums, derived.
 METRIC_COLUMNS: tuple[str, ...] = TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS
 
-CLASS_COLUMNS: tuple[str, ...] = ("cls_convexity_fwd", "cls_convexity_bwd")
-CLASS_VALUES: frozenset[str] = frozenset({"holds", "violated", "indeterminate"})
+CLASS_COLUMNS: tuple[str, ...] = names.CLASS_NAMES
+CLASS_VALUES: frozenset[str] = frozenset(names.CLASSES)
 
 STEP_SCHEMA: pa.Schema = pa.schema(
     [

@@ -1,7 +1,7 @@
 """The two trial launchers, as Ray Tune function trainables.
 
-- worker_group: the Ray Train V2 pattern that works under Tune (STACK.md): the trainable builds
-  and fits a TorchTrainer whose workers run `run_trial`; TuneReportCallback forwards rank 0's
+- worker_group: the Ray Train V2 pattern that works under Tune (docs/STACK.md §Ray Tune and
+  Train): the trainable builds and fits a TorchTrainer whose workers run `run_trial`; TuneReportCallback forwards rank 0's
   reports to Tune. (`Tuner(trainer)` fails in Ray 2.60.)
 - in_process: one worker, the DeepSpeed engine in the Tune trial's own process (a process group
   of one), so small studies do not pay a worker group's start-up for each trial.

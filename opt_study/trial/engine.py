@@ -22,7 +22,6 @@ class EngineInfo:
     rank: int
     zero_stage: int
     precision: str
-    grad_comm_dtype: str  # METRICS.md: gradient communication is fp32 or recorded as not
 
 
 def ds_config(scale: ScaleConfig, world_size: int, grad_clip: float | None) -> dict:
@@ -67,7 +66,9 @@ def setup_process(scale: ScaleConfig) -> torch.device:
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: ScaleConfig,
                  grad_clip: float | None):
-    """Wrap `model` and its client optimizer in a DeepSpeed engine on the current process group."""
+    """Wrap `model` and its client optimizer in a DeepSpeed engine on the current process group.
+
+    Returns (engine, EngineInfo). The DeepSpeed config is ``ds_config(scale, world, grad_clip)``."""
     import deepspeed  # heavy (about 4 s); imported only where an engine is built
 
     world = distributed.world_size()
@@ -75,6 +76,5 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     info = EngineInfo(device=engine.device, world_size=world, rank=distributed.rank(),
-                      zero_stage=scale.zero_stage, precision=scale.precision,
-                      grad_comm_dtype="fp32")
-    return engine, info, config
+                      zero_stage=scale.zero_stage, precision=scale.precision)
+    return engine, info

@@ -15,6 +15,7 @@ import torch
 
 from opt_study import distributed, optim
 from opt_study.config import Spec
+from opt_study.measure.cadence import Cadence
 from opt_study.measure.hook import StepMeasurer
 from opt_study.measure.probe import rng_state, set_rng_state
 from opt_study.plan import TrialPlan
@@ -72,6 +73,7 @@ class Ctx:
     base_lr: float
     writer: Any = None
     attempt: int = 0
+    cadence: Cadence | None = None  # which steps are measured / evaluated / logged (build sets it)
 
 
 def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
@@ -82,16 +84,16 @@ def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
     model = workload.build_model()
     hparams = optim.resolve_hparams(plan.optimizer, plan.hparams)
     client_opt = optim.build_optimizer(plan.optimizer, model.parameters(), hparams)
-    eng, info, _ = engine_mod.build_engine(model, client_opt, scale, training.grad_clip)
+    eng, info = engine_mod.build_engine(model, client_opt, scale, training.grad_clip)
     # A layer-wise or matrix rule must see the model's own tensors, not ZeRO's flat partitions.
     optim.check_model_shapes(client_opt, eng.module)
     # Built before any checkpoint is loaded, so x_0 is the deterministic initial point even
     # after a restart (build_model is a pure function of the seed).
-    measurer = measurer_cls(eng, info, spec.measure, precision=scale.precision,
-                            eval_every=training.eval_every, total_steps=training.steps,
+    cadence = Cadence.from_spec(spec)  # the one rule for measured / evaluated / logged steps
+    measurer = measurer_cls(eng, info, spec.measure, precision=scale.precision, cadence=cadence,
                             seed=plan.seed, norms=spec.measure.norms, small_batch=scale.micro_batch_size)
     return Ctx(spec, plan, eng, client_opt, workload, measurer, device, distributed.rank(),
-               distributed.world_size(), float(hparams["lr"]))
+               distributed.world_size(), float(hparams["lr"]), cadence=cadence)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -111,7 +113,9 @@ def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
     torch.manual_seed(step_seed(c.plan.seed, c.rank, step))
     t0 = time.perf_counter()
     c.measurer.begin(step)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # summed on the device (float64, as before on the host): no host sync per micro-batch; the
+    # measurer reads it once, after the step's all-reduce
+    loss_sum = torch.zeros((), dtype=torch.float64, device=c.device)
     units, batches = 0, []
     for m in range(A):
         batch = _to_device(c.workload.train_batch(step, m * c.world + c.rank, b), c.device)
@@ -123,16 +127,18 @@ def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
             c.measurer.at_boundary()
             side_backward(c, step, batches)
         c.eng.step()
-        loss_sum += loss.detach().double().cpu()
+        loss_sum += loss.detach().double()
         units += c.workload.units_per_batch(batch)
     fields = c.measurer.end(step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote,
                             model_loss_fn=c.workload.loss)
     dt = time.perf_counter() - t0
+    # host sync: _engine_norm reads DeepSpeed's norm as a Python float (after end()'s own sync)
     row = {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": units * c.world / dt,
            "engine_grad_norm": _engine_norm(c.eng), "time_unix": time.time(), **fields}
     if optim.is_sync_step(c.client_opt, step):
         # Lookahead pulled the fast weights to the slow ones: Δ is not an optimizer step of the
-        # inner rule, so the row is flagged and left out of the inequality fractions (METRICS.md).
+        # inner rule, so the row is flagged and left out of the inequality fractions
+        # (docs/METRICS.md §Flags).
         row["flag"] = ",".join(x for x in (row.get("flag"), "lookahead_sync") if x)
     return row
 
@@ -190,32 +196,32 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     state.nodes = ",".join(sorted(set(distributed.all_gather_object(node)))) if node else ""
     _pull_trial(spec.study_dir, plan.trial_id)
     start = resume(c, state)
-    # fp32 parameter snapshots for checkpoint replay (reference-point metrics, METRICS.md)
+    # fp32 parameter snapshots for checkpoint replay (docs/METRICS.md §Reference-point metrics)
     saver = snapshots.SnapshotSaver(spec.study_dir, plan.trial_id, c.measurer.view, spec.scale.zero_stage,
                                     spec.scale.precision, spec.measure.snapshot_every)
     if start == 0:
         saver.save_initial()
-    ckpt_every = training.checkpoint_every if training.checkpoint_every is not None else training.eval_every
+    cadence = c.cadence
     for step in range(start, training.steps):
         row = train_step(c, step, stop_vote=c.rank == 0 and control.stop_requested(spec.study_dir, plan.trial_id))
         state.step, state.last_loss = step + 1, row["loss"]
         if state.initial_loss is None:
             state.initial_loss = row["loss"]
         status = _status(state, row, training, c.measurer.stop_requested, step)
-        boundary = (step + 1) % training.eval_every == 0 or status != "running"
+        boundary = cadence.evaluated(step) or status != "running"
         if boundary and status != "diverged":
             optim.eval_mode(c.client_opt)  # evaluate at the evaluation iterate (Schedule-Free's x)
             state.last_eval = row["eval_loss"] = evaluate(c.eng, c.workload, spec.scale.micro_batch_size, c.device)
             optim.train_mode(c.client_opt)
             state.best_eval = min(state.best_eval, state.last_eval)
-        if c.writer is not None and (step % training.log_every == 0 or boundary):
+        if c.writer is not None and (cadence.logged(step) or boundary):  # measured rows: always
             c.writer.append({"trial_id": plan.trial_id, "attempt": c.attempt, **row})
         state.status = status
         if status != "diverged":
             saver.maybe_save(step, last=status != "running")
         if boundary and c.writer is not None:
             c.writer.flush()  # rows are durable before a checkpoint, a report or a stop
-        if ckpt_every and (step + 1) % ckpt_every == 0 and status == "running":
+        if cadence.checkpointed(step) and status == "running":
             checkpoint.save(c.eng, spec.study_dir, plan.trial_id, step + 1,
                             {"best_eval": state.best_eval, "initial_loss": state.initial_loss})
         if boundary:

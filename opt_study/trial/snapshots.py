@@ -1,4 +1,4 @@
-"""fp32 parameter snapshots for checkpoint replay (METRICS.md, "Reference-point metrics").
+"""fp32 parameter snapshots for checkpoint replay (docs/METRICS.md §Reference-point metrics).
 
 A trial with ``measure.snapshot_every: k > 0`` saves x_0 before its first step, x_s after every
 step where s % k == 0 (s = the number of updates applied) and its last iterate. Each rank saves
@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from opt_study import distributed
+from opt_study.measure import deepspeed_state
+from opt_study.measure.cadence import due
 from opt_study.storage import objectstore
 from opt_study.storage import layout
 
@@ -73,14 +75,14 @@ class SnapshotSaver:
         self.meta = {
             "format": FORMAT, "trial_id": trial_id, "world": self.world, "zero_stage": zero_stage,
             "precision": precision, "names": view.names,
-            "shapes": [list(getattr(p, "ds_shape", p.shape)) for p in params],
-            "numels": [int(getattr(p, "ds_numel", p.numel())) for p in params],
+            "shapes": [deepspeed_state.full_shape(p) for p in params],
+            "numels": [deepspeed_state.full_numel(p) for p in params],
             "bounds": table.long().tolist(),
         }
 
     def is_due(self, step: int, last: bool) -> bool:
         """Whether ``maybe_save`` saves after step index ``step`` (0-based) of the loop."""
-        return self.every > 0 and ((step + 1) % self.every == 0 or last)
+        return self.every > 0 and (due(step, self.every) or last)
 
     def save_initial(self) -> None:
         """x_0, before the first step (saved as step-0)."""

@@ -5,7 +5,7 @@ A workload owns no iterator state. Every training micro-batch is a pure function
 resume at any step, and the measurement probe can re-read step t's batch, without replaying
 a data loader. Model initialisation is a pure function of (config, seed) and leaves the global
 torch RNG untouched; the global RNG is left to dropout, whose masks the probe replays by
-saving and restoring that state (STACK.md, "The same-batch probe").
+saving and restoring that state (docs/STACK.md §The same-batch probe).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""quadratic: a noisy matrix quadratic whose every metric has a closed form (METRICS.md).
+"""quadratic: a noisy matrix quadratic whose every metric has a closed form (docs/METRICS.md
+§Correctness contract).
 
     f(X; B) = mean_{i in B} ½ tr((X − C_i)ᵀ A (X − C_i)),    C_i = C + noise · ξ_i
 

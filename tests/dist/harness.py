@@ -5,7 +5,8 @@ size costs one torchrun job (CI budget). For every case it runs the real `opt_st
 with a measurer subclass that, in the test only, also gathers FULL tensors through DeepSpeed's own
 `safe_get_full_*` API (an independent path: full-size all-reduces per parameter) and then checks
 every raw sum, loss and derived metric against `opt_study.measure.reference` at every measured step
-(teacher forcing, METRICS.md). Rank 0 writes the findings as JSON; pytest asserts on them.
+(teacher forcing, docs/METRICS.md §Correctness contract). Rank 0 writes the findings as JSON;
+pytest asserts on them.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from opt_study import distributed
 from opt_study.validate import parse_study
-from opt_study.measure import reference
+from opt_study.measure import names, reference
 from opt_study.measure.hook import StepMeasurer
 from opt_study.measure.shards import ShardView
 from opt_study.plan import TrialPlan
@@ -271,7 +272,8 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
              "x_minus_x0": (x - x0).norm(), "gp_minus_g": (r["g_plus"] - g).norm(),
              "delta_prev": d_prev.norm() if d_prev is not None else None,
              "g_prev": prev["g"].norm() if prev else None}
-    for name, (a, b) in SUM_OPERANDS.items():
+    for name in names.SUM_NAMES:  # every raw sum (a new one without operands below: KeyError)
+        a, b = SUM_OPERANDS[name]
         if name not in ref or (norms[a] is None or norms[b] is None):
             continue
         put(name, rel(row[name], ref[name], float(norms[a] * norms[b])))
@@ -290,11 +292,14 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
               "smoothness_descent": 2 * gd / dd if dd else 1, "curvature_secant": 2 * gd / dd if dd else 1,
               "step_alpha": 1.0, "cos_grad_update": 1.0, "cos_update_prev": 1.0, "cos_grad_prev": 1.0,
               "noise_floor": abs(mref["noise_floor"] or 1)}
-    for k, sc in scales.items():
+    for k in names.DERIVED_NAMES:  # every derived metric; the norms are checked above
+        if k in names.NORM_NAMES:
+            continue
         a, b = row.get(k), mref.get(k)
         if a is None and b is None:
             continue
-        put(k, rel(a, b, sc))
+        # a metric without a scale above is compared relative to its reference value
+        put(k, rel(a, b, scales.get(k, abs(b) if b else 1.0)))
 
 
 SUM_OPERANDS = {"sq_grad": ("g", "g"), "sq_grad_probe": ("g_plus", "g_plus"), "sq_update": ("delta", "delta"),
@@ -302,7 +307,8 @@ SUM_OPERANDS = {"sq_grad": ("g", "g"), "sq_grad_probe": ("g_plus", "g_plus"), "s
                 "ip_grad_update": ("g", "delta"), "ip_probe_update": ("g_plus", "delta"),
                 "sq_grad_diff": ("gp_minus_g", "gp_minus_g"), "ip_param_update": ("x", "delta"),
                 "ip_param_grad": ("x", "g"), "ip_update_prev": ("delta", "delta_prev"),
-                "ip_grad_prev": ("g", "g_prev")}
+                "ip_grad_prev": ("g", "g_prev"), "sq_update_prev": ("delta_prev", "delta_prev"),
+                "sq_grad_prev": ("g_prev", "g_prev")}
 
 
 def run_case(case: dict, storage: str) -> dict:

@@ -153,7 +153,7 @@ def lamb_zero2_guard() -> str:
     client = optim.build_optimizer("lamb", model.parameters(), {})
     scale = ScaleConfig(workers=distributed.world_size(), zero_stage=2, micro_batch_size=WORLD_MBS,
                         launcher="worker_group")
-    eng, _, _ = engine_mod.build_engine(model, client, scale, None)
+    eng, _ = engine_mod.build_engine(model, client, scale, None)
     try:
         optim.check_model_shapes(client, eng.module)
     except RuntimeError as e:

@@ -7,27 +7,28 @@ import io
 
 import duckdb
 import pytest
+import specs
 
-from opt_study.validate import parse_study
 from opt_study.plan.planners import plan_trials
 from opt_study.study.run import run_study
 
 pytestmark = pytest.mark.slow
 
 
+WORKER_GROUP = {  # 2 ranks at ZeRO-2 on tiny_lm, measured every 3 steps
+    "study": {"name": "wg", "seeds": [0]},
+    "workload": {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16},
+    "scale": {"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "micro_batch_size": 4},
+    "training": {"steps": 12, "eval_every": 6},
+    "optimizers": [{"name": "adamw", "params": {"lr": 0.003}},
+                   {"name": "momentum", "params": {"lr": {"loguniform": [0.01, 0.1]}}}],
+    "measure": {"every": 3},
+}
+
+
 def _spec(tmp_path, name, **over):
-    doc = {
-        "study": {"name": name, "storage": str(tmp_path / "store"), "seeds": [0]},
-        "workload": {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16},
-        "scale": {"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "micro_batch_size": 4},
-        "training": {"steps": 12, "eval_every": 6},
-        "optimizers": [{"name": "adamw", "params": {"lr": 0.003}},
-                       {"name": "momentum", "params": {"lr": {"loguniform": [0.01, 0.1]}}}],
-        "measure": {"every": 3},
-    }
-    for k, v in over.items():
-        doc[k] = {**doc[k], **v} if isinstance(v, dict) and k in doc and k not in ("optimizers", "workload") else v
-    return parse_study(doc, f"{name}.yaml")
+    """WORKER_GROUP named `name`; `over` deep-merges into or replaces its slices (tests/specs.py)."""
+    return specs.make_spec(tmp_path / "store", file=f"{name}.yaml", base=WORKER_GROUP, study={"name": name}, **over)
 
 
 def _steps(spec):
@@ -48,12 +49,13 @@ def test_worker_group_study_stores_every_step_once(ray_cluster, tmp_path):
     plans = plan_trials(spec)
     assert len(plans) == 2
     rows = _steps(spec)
-    per = duckdb.sql("SELECT trial_id, count(*) n, count(DISTINCT step) d, min(step) lo, max(step) hi, "
+    per = rows.query("rows", "SELECT trial_id, count(*) n, count(DISTINCT step) d, min(step) lo, max(step) hi, "
                      "sum(measured::INT) m, count(eval_loss) e FROM rows GROUP BY 1 ORDER BY 1").fetchall()
     # 12 steps each, exactly once; measured every 3 steps plus eval boundaries (5,11) -> 2,5,8,11
     assert per == [(p.trial_id, 12, 12, 0, 11, 4, 2) for p in sorted(plans, key=lambda p: p.trial_id)]
     # the sharded gradient norm agrees with DeepSpeed's own at ZeRO-2 on every step
-    worst = duckdb.sql("SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) FROM rows").fetchall()[0][0]
+    worst = rows.query("rows", "SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) "
+                               "FROM rows").fetchall()[0][0]
     assert worst < 1e-5
     runs = _runs(spec)
     parent = runs[runs["tags.opt_study.role"] == "parent"]
@@ -85,14 +87,15 @@ def test_in_process_study_with_asha_and_rerun(ray_cluster, tmp_path):
     # whether ASHA's stop reaches a fast trial before it ends is timing; test_stop.py tests both
     # halves deterministically
     rows = _steps(spec)
-    n = dict(duckdb.sql("SELECT trial_id, count(*) FROM rows GROUP BY 1").fetchall())
-    distinct = dict(duckdb.sql("SELECT trial_id, count(DISTINCT step) FROM rows GROUP BY 1").fetchall())
+    n = dict(rows.query("rows", "SELECT trial_id, count(*) FROM rows GROUP BY 1").fetchall())
+    distinct = dict(rows.query("rows", "SELECT trial_id, count(DISTINCT step) FROM rows GROUP BY 1").fetchall())
     for tid, r in recs.items():
         # a stopped trial has every step up to the one where it saw the stop request, once
         assert n[tid] == distinct[tid] == (40 if r["status"] == "completed" else int(r["summary"]["steps_done"]))
         assert r["status"] == "completed" or 10 <= n[tid] < 40
     # measurement off still records the shard norms every step
-    assert duckdb.sql("SELECT count(*) FROM rows WHERE grad_norm IS NULL OR param_norm IS NULL").fetchall()[0][0] == 0
+    assert rows.query("rows", "SELECT count(*) FROM rows WHERE grad_norm IS NULL OR param_norm IS NULL").fetchall() \
+        == [(0,)]
     # running the same study again finds nothing left to do and writes nothing new
     before = sorted(p.name for p in spec.study_dir.rglob("*.parquet"))
     out = io.StringIO()

@@ -15,9 +15,9 @@ from pathlib import Path
 import duckdb
 import psutil
 import pytest
-import yaml
+import specs
 
-from opt_study.validate import load_study, parse_study
+from opt_study.validate import load_study
 from opt_study.results.parquet import read_steps
 from opt_study.results.trials import read_trial_records
 from opt_study.study.run import run_study
@@ -72,15 +72,14 @@ class RowsAtLeast:
         return self.rows >= self.n
 
 
-def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, tmp_path):
-    spec = parse_study({
-        "study": {"name": "killworker", "storage": str(tmp_path)},
-        "workload": {"type": "tiny_lm", "layers": 2, "heads": 2, "width": 64, "context": 32},
-        "scale": {"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 1, "micro_batch_size": 8},
-        "training": {"steps": 160, "eval_every": 40, "checkpoint_every": 20, "max_failures": 2},
-        "optimizers": [{"name": "adamw", "params": {"lr": 0.003}}],
-        "measure": {"every": 10},
-    }, "killworker.yaml")
+def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_factory):
+    spec = spec_factory(
+        file="killworker.yaml", study={"name": "killworker"},
+        workload={"type": "tiny_lm", "layers": 2, "heads": 2, "width": 64, "context": 32},
+        scale={"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 1, "micro_batch_size": 8},
+        training={"steps": 160, "eval_every": 40, "checkpoint_every": 20, "max_failures": 2},
+        optimizers=[{"name": "adamw", "params": {"lr": 0.003}}],
+        measure={"every": 10})
     killer = _kill_one_train_worker_when(RowsAtLeast(spec.study_dir, 50))
     run_study(spec, out=io.StringIO())
     killer["thread"].join(timeout=1)
@@ -91,7 +90,8 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, tmp_path):
     rows = read_steps(spec.study_dir).to_pylist()
     assert [r["step"] for r in rows] == list(range(160))  # every step exactly once
     raw = _raw_rows(spec.study_dir)
-    attempts = duckdb.sql("SELECT attempt, min(step), max(step), count(*) FROM raw GROUP BY 1 ORDER BY 1").fetchall()
+    attempts = raw.query("raw", "SELECT attempt, min(step), max(step), count(*) FROM raw GROUP BY 1 ORDER BY 1") \
+        .fetchall()
     assert len(attempts) >= 2, attempts
     # the restarted attempt began at a checkpoint (a multiple of 20) at or before the kill
     start = attempts[1][1]
@@ -108,17 +108,13 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, tmp_path):
 
 
 def _write_study(tmp_path: Path) -> Path:
-    doc = {
-        "study": {"name": "killdriver", "storage": str(tmp_path / "store")},
-        "workload": {"type": "quadratic", "dim": 32, "cols": 8},
-        "scale": {"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 8},
-        "training": {"steps": 400, "eval_every": 50},
-        "optimizers": [{"name": "sgd", "params": {"lr": {"grid": [0.001, 0.002, 0.003, 0.004]}}}],
-        "search": {"max_concurrent_trials": 1},
-    }
-    f = tmp_path / "killdriver.yaml"
-    f.write_text(yaml.safe_dump(doc))
-    return f
+    return specs.write_spec(
+        tmp_path / "killdriver.yaml", tmp_path / "store", study={"name": "killdriver"},
+        workload={"dim": 32, "cols": 8},
+        scale={"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 8},
+        training={"steps": 400, "eval_every": 50},
+        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.001, 0.002, 0.003, 0.004]}}}],
+        search={"max_concurrent_trials": 1})
 
 
 def _cli(args, **kw):
@@ -158,8 +154,8 @@ def test_driver_killed_then_resume_finishes_without_rerunning(tmp_path):
     assert len(recs) == 4 and all(r["status"] == "completed" for r in recs.values())
     for tid in finished:  # finished trials were not rerun: not one new chunk
         assert sorted(p.name for p in (spec.study_dir / "steps" / f"trial_id={tid}").rglob("*.parquet")) == chunks_before[tid]
-    rows = read_steps(spec.study_dir)
-    per = duckdb.sql("SELECT trial_id, count(*), count(DISTINCT step) FROM rows GROUP BY 1").fetchall()
+    rows = duckdb.from_arrow(read_steps(spec.study_dir))
+    per = rows.query("rows", "SELECT trial_id, count(*), count(DISTINCT step) FROM rows GROUP BY 1").fetchall()
     assert sorted(per) == sorted((tid, 400, 400) for tid in recs)
     runs = _runs(spec)  # MLflow agrees with Parquet: one parent, one finished child per trial
     assert (runs["tags.opt_study.role"] == "parent").sum() == 1

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+import specs
 
 from opt_study.storage import objectstore
 from opt_study.storage import layout
@@ -190,20 +190,16 @@ def test_a_local_root_never_touches_a_store(tmp_path):
 
 # --------------------------------------------------------------- a study, killed and resumed
 def _write_study(tmp_path: Path, endpoint: str) -> Path:
-    doc = {
-        "study": {"name": "s3study", "storage": _uri(endpoint, "studies"),
-                  "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "workload": {"type": "quadratic", "dim": 32, "cols": 8},
+    return specs.write_spec(
+        tmp_path / "s3study.yaml", _uri(endpoint, "studies"),
+        study={"name": "s3study", "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        workload={"dim": 32, "cols": 8},
         # two ranks in a Ray Train worker group: each rank uploads its own ZeRO partition files
-        "scale": {"workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "micro_batch_size": 8},
-        "training": {"steps": 600, "eval_every": 100},
-        "measure": {"every": 50},
-        "optimizers": [{"name": "sgd", "params": {"lr": {"grid": [0.002, 0.004]}}}],
-        "search": {"max_concurrent_trials": 1},
-    }
-    f = tmp_path / "s3study.yaml"
-    f.write_text(yaml.safe_dump(doc))
-    return f
+        scale={"workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "micro_batch_size": 8},
+        training={"steps": 600, "eval_every": 100},
+        measure={"every": 50},
+        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.002, 0.004]}}}],
+        search={"max_concurrent_trials": 1})
 
 
 def _cli(args, cache: Path, ray_tmp: Path) -> subprocess.Popen:

@@ -8,10 +8,9 @@ import json
 import math
 
 import pytest
+import specs
 
 from opt_study.config import ConfigError
-
-from opt_study.validate import parse_study
 from opt_study.results.trials import read_trial_records, write_trial_record
 from opt_study.config.space import Domain, parse_domain, seed_of
 from opt_study.plan.planners import pending_plans, plan_trials
@@ -24,19 +23,12 @@ LR = (1e-3, 1.0)
 
 
 def make_spec(tmp_path, search=None, optimizers=None, seeds=(0,), **over):
-    doc = {
-        "study": {"name": "t", "seeds": list(seeds), "storage": str(tmp_path)},
-        "workload": {"type": "quadratic", "dim": 4, "cols": 2},
-        "training": {"steps": 4, "eval_every": 2},
-        "optimizers": optimizers or [
-            {"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}},
-            {"name": "lookahead_momentum", "params": {"lr": {"loguniform": list(LR)}, "k": {"int": [2, 6]},
-                                                      "alpha": {"choice": [0.3, 0.5, 0.8]}, "momentum": 0.9}},
-        ],
-        "search": {"method": "tpe", "samples": 6, "tpe_startup_trials": 2, "seed": 3, **(search or {})},
-        **over,
-    }
-    return parse_study(doc, "t.yaml")
+    """A TPE study (spec "t"); `over` replaces or deep-merges top-level slices (tests/specs.py)."""
+    return specs.make_spec(tmp_path, file="t.yaml", study={"name": "t", "seeds": list(seeds)}, optimizers=optimizers or [
+        {"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}},
+        {"name": "lookahead_momentum", "params": {"lr": {"loguniform": list(LR)}, "k": {"int": [2, 6]},
+                                                  "alpha": {"choice": [0.3, 0.5, 0.8]}, "momentum": 0.9}},
+    ], search={"method": "tpe", "samples": 6, "tpe_startup_trials": 2, "seed": 3, **(search or {})}, **over)
 
 
 def drive(searcher: StudyTPE, objective, status=lambda plan: "completed") -> list[dict]:

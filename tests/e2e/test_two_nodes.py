@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-import yaml
+import specs
 
 from opt_study.validate import load_study
 from opt_study.distributed import free_port
@@ -63,16 +63,13 @@ def _stop_cluster_under(tmpdir: str) -> None:
 
 def test_trial_workers_spread_over_two_nodes(two_nodes, tmp_path):
     address, env = two_nodes
-    doc = {
-        "study": {"name": "twonodes", "storage": str(tmp_path / "store")},
-        "workload": {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16},
-        "scale": {"workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "micro_batch_size": 4},
-        "training": {"steps": 10, "eval_every": 5},
-        "optimizers": [{"name": "adamw", "params": {"lr": 0.003}}],
-        "measure": {"every": 5},
-    }
-    f = tmp_path / "twonodes.yaml"
-    f.write_text(yaml.safe_dump(doc))
+    f = specs.write_spec(
+        tmp_path / "twonodes.yaml", tmp_path / "store", study={"name": "twonodes"},
+        workload={"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16},
+        scale={"workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "micro_batch_size": 4},
+        training={"steps": 10, "eval_every": 5},
+        optimizers=[{"name": "adamw", "params": {"lr": 0.003}}],
+        measure={"every": 5})
     proc = subprocess.run([sys.executable, "-m", "opt_study.cli", "run", str(f)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**env, "RAY_ADDRESS": address})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -80,8 +77,9 @@ def test_trial_workers_spread_over_two_nodes(two_nodes, tmp_path):
     (rec,) = read_trial_records(spec.study_dir)
     assert rec["status"] == "completed"
     assert len(rec["nodes"].split(",")) == 2, rec["nodes"]  # one rank on each node
-    rows = read_steps(spec.study_dir)
-    per = duckdb.sql("SELECT count(*), count(DISTINCT step), sum(measured::INT) FROM rows").fetchall()
+    rows = duckdb.from_arrow(read_steps(spec.study_dir))
+    per = rows.query("rows", "SELECT count(*), count(DISTINCT step), sum(measured::INT) FROM rows").fetchall()
     assert per == [(10, 10, 2)]
-    worst = duckdb.sql("SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) FROM rows").fetchall()[0][0]
+    worst = rows.query("rows", "SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) "
+                               "FROM rows").fetchall()[0][0]
     assert worst < 1e-5

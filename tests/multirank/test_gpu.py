@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TOL = 1e-6  # METRICS.md's scale-aware tolerance, as in tests/multirank/test_multirank.py
+TOL = 1e-6  # docs/METRICS.md's scale-aware tolerance, as in tests/multirank/test_multirank.py
 # What the checker must have compared at least once (a missing key would be a silent skip).
 MUST = {"grad_norm", "update_norm", "param_norm", "sq_grad", "sq_grad_probe", "sq_update", "sq_param",
         "sq_dist_init", "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_update_prev",

@@ -1,11 +1,11 @@
 """Real DeepSpeed on CPU (gloo) at world sizes 1, 2 and 4, ZeRO 0-3: every sharded number equals
-the teacher-forced float64 reference at every step (METRICS.md's correctness contract).
+the teacher-forced float64 reference at every step (docs/METRICS.md §Correctness contract).
 
 One torchrun job per world size loops over its cases (tests/dist/harness.py), so the whole
-matrix costs three process-group start-ups. Cases also cover METRICS.md's probe points
+matrix costs three process-group start-ups. Cases also cover docs/METRICS.md's probe points
 x_t + sΔ_t with s ~ U[0, 1] and Exp(1), and bf16 at ZeRO 1-3 (sums from the fp32 masters, ℓ and ℓ⁺
 re-evaluated in fp32, checked against fp32 forwards of a plain model at the same points with the
-same dropout masks). Tolerances are METRICS.md's scale-aware ones: the
+same dropout masks). Tolerances are docs/METRICS.md's scale-aware ones: the
 harness already divides each error by its scale (‖a‖‖b‖ for an inner product, the sum itself for
 a sum of squares, |ℓ| + ‖g‖‖Δ‖ for anything derived from δ), so 1e-6 applies to every column.
 """

@@ -1,11 +1,11 @@
-"""Checkpoint replay (METRICS.md, "Reference-point metrics"): snapshots, the replay job, its
+"""Checkpoint replay (docs/METRICS.md §Reference-point metrics): snapshots, the replay job, its
 Parquet rows, the Hessian estimates and the CLI.
 
 The multi-rank part is ONE torchrun job at world 2 (tests/dist/replay_harness.py) looping over
 ZeRO stages 0-3 and two workloads: a real trial saves snapshots, `replay_rank` replays it, and
 rank 0 checks every stored value against a float64 single-process oracle computed from the same
-snapshots (reassembled from the rank files in the test only). Tolerances (METRICS.md):
-teacher-forced sums (the engine's own reduced gradient, gathered through DeepSpeed's
+snapshots (reassembled from the rank files in the test only). Tolerances (docs/METRICS.md
+§Correctness contract): teacher-forced sums (the engine's own reduced gradient, gathered through DeepSpeed's
 safe_get_full_grad) to 1e-6 of their scale; values that include the fp32 forward/backward
 against the float64 model to 1e-5 (as tests/multirank/test_multirank.py's *_vs_fp64).
 """

@@ -138,7 +138,7 @@ def test_scalar_coercions():
 
 @pytest.mark.parametrize("probe_s", ["1", "uniform", "exponential"])
 def test_probe_s_choices_are_accepted(probe_s):
-    """METRICS.md's three probe points: s = 1, s ~ U[0, 1], s ~ Exp(1)."""
+    """docs/METRICS.md's three probe points (§Notation): s = 1, s ~ U[0, 1], s ~ Exp(1)."""
     assert spec(measure={"every": 1, "probe_s": probe_s}).measure.probe_s == probe_s
     # a label may be numeric in YAML; it becomes the string folder name
     assert spec(optimizers=[{"name": "sgd", "label": 7}]).optimizers[0].label == "7"

@@ -1,8 +1,8 @@
-"""The metric math of opt_study.measure against the float64 oracle and METRICS.md's closed forms.
+"""The metric math of opt_study.measure against the float64 oracle and docs/METRICS.md's closed forms.
 
 Sharding is simulated: each parameter's flat vector is cut into contiguous pieces, one per
 "rank"; each rank packs its local sums and the packed vectors are added, exactly what
-all_reduce(SUM) does. Tolerances are METRICS.md's scale-aware ones.
+all_reduce(SUM) does. Tolerances are docs/METRICS.md's scale-aware ones (§Correctness contract).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from opt_study.measure.sums import (CHUNK, LOSS_NAMES, SUM_NAMES, Fragment, flat
                                     flat_sums_torch, group_runs, local_sums, pack, totals, unpack)
 
 FIELDS = ("x", "g", "delta", "g_plus", "x0", "delta_prev", "g_prev")
-# The sums of squares whose roots scale each sum's error (METRICS.md: 1e-6·‖a‖‖b‖).
+# The sums of squares whose roots scale each sum's error (docs/METRICS.md §Correctness contract:
+# 1e-6·‖a‖‖b‖).
 SCALE = {"ip_grad_update": ("sq_grad", "sq_update"), "ip_probe_update": ("sq_grad_probe", "sq_update"),
          "ip_param_update": ("sq_param", "sq_update"), "ip_param_grad": ("sq_param", "sq_grad"),
          "ip_update_prev": ("sq_update", "sq_update_prev"), "ip_grad_prev": ("sq_grad", "sq_grad_prev")}

@@ -10,7 +10,6 @@ import torch
 
 from opt_study import optim
 from opt_study.config import ConfigError
-from opt_study.validate import parse_study
 from opt_study.config.space import parse_domain
 from opt_study.workloads import QuadraticConfig, make_workload
 
@@ -55,7 +54,7 @@ def test_defaults_reduce_the_quadratic(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_default_space_validates(name, tmp_path):
+def test_default_space_validates(name, spec_factory):
     entry = optim.OPTIMIZERS[name]
     assert entry.space and set(entry.space) <= set(entry.defaults), name
     for k, raw in entry.space.items():
@@ -64,9 +63,8 @@ def test_default_space_validates(name, tmp_path):
         assert d.values[0] <= entry.defaults[k] <= d.values[1], f"{name}.{k}: the default lies outside its space"
     # a declared combination a CPU runs: the whole study validates
     stage, precision = min(c for c in entry.combos if c[1] in optim.CPU_PRECISIONS)
-    spec = parse_study({"study": {"name": "s", "storage": str(tmp_path)}, "workload": {"type": "quadratic"},
-                        "scale": {"zero_stage": stage, "precision": precision},
-                        "optimizers": [{"name": name, "params": dict(entry.space)}]})
+    spec = spec_factory(scale={"zero_stage": stage, "precision": precision},
+                        optimizers=[{"name": name, "params": dict(entry.space)}])
     assert set(spec.optimizers[0].space) == set(entry.space)
 
 
@@ -93,44 +91,44 @@ def test_combination_errors_say_what_to_change():
     assert "evaluation would see y instead of x" in msg and "scale.zero_stage to 0" in msg
 
 
-def _study(opt: str, stage: int, precision: str, tmp_path) -> dict:
-    return {"study": {"name": "s", "storage": str(tmp_path)}, "workload": {"type": "quadratic"},
-            "scale": {"zero_stage": stage, "precision": precision},
-            "optimizers": [{"name": "adam"}, {"name": opt}]}
+def _study(spec_factory, stage: int, precision: str, *optimizers: str):
+    """A quadratic study at (stage, precision) listing `optimizers` with their defaults."""
+    return spec_factory(scale={"zero_stage": stage, "precision": precision},
+                        optimizers=[{"name": o} for o in optimizers])
 
 
-def test_validate_rejects_lamb_at_zero2(tmp_path):
+def test_validate_rejects_lamb_at_zero2(spec_factory):
     with pytest.raises(ConfigError) as e:
-        parse_study(_study("lamb", 2, "fp32", tmp_path))
+        _study(spec_factory, 2, "fp32", "adam", "lamb")
     assert e.value.field == "optimizers[1].name"
     assert "zero_stage" in e.value.message and "0" in e.value.message
     assert e.value.message == optim.combination_error("lamb", 2, "fp32")
 
 
-def test_validate_rejects_lamb_under_bf16(tmp_path):
+def test_validate_rejects_lamb_under_bf16(spec_factory):
     """bf16 hands the optimizer DeepSpeed's flat fp32 partitions at any stage (and adam, listed
     first, is rejected at ZeRO-0 bf16 too: no engine runs it), so LAMB's message gives its reason."""
     with pytest.raises(ConfigError) as e:
-        parse_study({**_study("lamb", 1, "bf16", tmp_path), "optimizers": [{"name": "adam"}, {"name": "lamb"}]})
+        _study(spec_factory, 1, "bf16", "adam", "lamb")
     assert e.value.field == "optimizers[1].name"
     assert e.value.message == optim.combination_error("lamb", 1, "bf16")
     assert "real shape" in e.value.message
     with pytest.raises(ConfigError) as e:
-        parse_study({**_study("lamb", 0, "bf16", tmp_path), "optimizers": [{"name": "lamb"}]})
+        _study(spec_factory, 0, "bf16", "lamb")
     assert e.value.message == optim.combination_error("lamb", 0, "bf16") and "real shape" in e.value.message
 
 
-def test_validate_rejects_bf16_without_zero_for_every_optimizer(tmp_path):
+def test_validate_rejects_bf16_without_zero_for_every_optimizer(spec_factory):
     """DeepSpeed 0.19.8 cannot run bf16 at ZeRO-0 with the engine's fp32 gradient accumulation
     (measured: "unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype=torch.float32"),
     so no entry declares it, and the message says to raise the stage or change the precision."""
     assert all((0, "bf16") not in e.combos for e in optim.OPTIMIZERS.values())
     with pytest.raises(ConfigError) as e:
-        parse_study({**_study("adam", 0, "bf16", tmp_path), "optimizers": [{"name": "adam"}]})
+        _study(spec_factory, 0, "bf16", "adam")
     assert e.value.field == "optimizers[0].name"
     assert "no bf16 mode without ZeRO" in e.value.message
     assert "set scale.zero_stage to 1 or 2 or 3 to keep bf16, or scale.precision to fp32 or fp16" in e.value.message
-    parse_study({**_study("adam", 1, "bf16", tmp_path), "optimizers": [{"name": "adam"}]})  # ZeRO-1: fine
+    assert _study(spec_factory, 1, "bf16", "adam").scale.zero_stage == 1  # ZeRO-1 bf16: fine
 
 
 # ---------------------------------------------------------------------------- the interface

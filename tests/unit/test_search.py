@@ -6,10 +6,10 @@ import math
 import random
 
 import pytest
+import specs
 
 from opt_study import optim
 from opt_study.config import ConfigError
-from opt_study.validate import parse_study
 from opt_study.results.trials import write_trial_record
 from opt_study.config.space import expand, expand_quasirandom, map_unit, parse_domain, quasirandom_points
 from opt_study.plan.planners import plan_trials
@@ -18,16 +18,10 @@ from opt_study.plan import TrialPlan
 
 
 def make_spec(tmp_path, search: dict, optimizers=None, seeds=(0,)):
-    return parse_study({
-        "study": {"name": "s", "seeds": list(seeds), "storage": str(tmp_path)},
-        "workload": {"type": "quadratic", "dim": 4, "cols": 2},
-        "training": {"steps": 4, "eval_every": 2},
-        "optimizers": optimizers or [
-            {"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 1.0]}}},
-            {"name": "adamw", "params": {"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": 0.1}},
-        ],
-        "search": search,
-    })
+    return specs.make_spec(tmp_path, study={"name": "s", "seeds": list(seeds)}, search=search, optimizers=optimizers or [
+        {"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 1.0]}}},
+        {"name": "adamw", "params": {"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": 0.1}},
+    ])
 
 
 def bins_hit(values, lo, hi, n):

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 from ray.tune.schedulers import TrialScheduler
 
-from opt_study.validate import parse_study
 from opt_study.results.parquet import read_steps
 from opt_study.study.asha import per_optimizer_asha
 from opt_study.plan import TrialPlan
@@ -16,24 +15,20 @@ from opt_study.storage.layout import stop_path
 from opt_study.trial.loop import run_trial
 
 
-def _spec(tmp_path, **search):
-    return parse_study({
-        "study": {"name": "stop", "storage": str(tmp_path)},
-        "workload": {"type": "quadratic", "dim": 8, "cols": 2},
-        "scale": {"workers": 1, "micro_batch_size": 4},
-        "training": {"steps": 40, "eval_every": 10},
-        "optimizers": [{"name": "sgd", "params": {"lr": {"grid": [0.01, 0.1]}}},
-                       {"name": "adam", "params": {"lr": 0.01}}],
-        "search": search,
-    })
+def _spec(spec_factory, **search):
+    return spec_factory(study={"name": "stop"}, workload={"dim": 8}, scale={"workers": 1, "micro_batch_size": 4},
+                        training={"steps": 40, "eval_every": 10},
+                        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.01, 0.1]}}},
+                                    {"name": "adam", "params": {"lr": 0.01}}],
+                        search=search)
 
 
 def _trial(tid, label):
     return SimpleNamespace(trial_id=tid, config={"trial": {"trial_id": tid, "label": label}})
 
 
-def test_asha_stop_becomes_a_stop_file_and_continue(tmp_path):
-    spec = _spec(tmp_path, asha={"grace_period": 1, "reduction_factor": 2})
+def test_asha_stop_becomes_a_stop_file_and_continue(spec_factory):
+    spec = _spec(spec_factory, asha={"grace_period": 1, "reduction_factor": 2})
     sched = per_optimizer_asha(spec)
     good, bad, other = _trial("sgd-000-s0", "sgd"), _trial("sgd-001-s0", "sgd"), _trial("adam-000-s0", "adam")
     for t in (good, bad, other):
@@ -49,8 +44,8 @@ def test_asha_stop_becomes_a_stop_file_and_continue(tmp_path):
     assert not stop_path(spec.study_dir, "adam-000-s0").exists()
 
 
-def test_trial_ends_itself_as_stopped_when_asked(tmp_path):
-    spec = _spec(tmp_path)
+def test_trial_ends_itself_as_stopped_when_asked(spec_factory):
+    spec = _spec(spec_factory)
     plan = TrialPlan("sgd-001-s0", "sgd", "sgd", {"lr": 0.01}, seed=0, index=1)
     f = stop_path(spec.study_dir, plan.trial_id)
     f.parent.mkdir(parents=True)

@@ -1,4 +1,4 @@
-// One pass over a rank's flat shard buffers computing every raw sum of METRICS.md ("Raw sums")
+// One pass over a rank's flat shard buffers computing every raw sum of docs/METRICS.md §Raw sums
 // per parameter group: the fused CPU kernel behind opt_study/measure/fused_sums.py.
 //
 // Contract (fused_sums.py checks the inputs; this file trusts them):
@@ -20,7 +20,7 @@
 // Error per block ≤ γ_33·Σ|a_i b_i| (32 additions plus the product's rounding; γ_k =
 // k·u/(1 − k·u), u = 2^-24; Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed.,
 // §3.1), nothing of that order is added in float64, so the total's error has the scale-aware
-// form of METRICS.md's tolerances (γ_33 ≈ 2e-6 worst case, ~√32·u typical) and does not grow
+// form of docs/METRICS.md's tolerances (γ_33 ≈ 2e-6 worst case, ~√32·u typical) and does not grow
 // with the shard size.
 // The generic vector types are lowered to whatever SIMD the running CPU has (target_clones picks
 // AVX2 or the x86-64 baseline at load time), and each lane's sequence of operations is the same

@@ -1,0 +1,111 @@
+"""Every name the measurement produces, in ONE place (docs/METRICS.md §Raw sums and §Derived metrics).
+
+Pure Python, no torch: ``opt_study.results.schema`` builds its columns from these tuples, the
+fused kernel's layout check (fused_sums.py vs ``N_SUMS`` / ``enum Sum`` in csrc/fused_sums.cpp)
+and the sums (sums.py) index by them, and tests/unit/test_names.py proves that the lists cannot
+drift: every derived name has a formula in ``metrics.derive``, a line in
+``reference.reference_metrics`` and a schema column; every raw sum has operands here, a column in
+the kernel and the schema, and a line in ``reference.reference_sums``.
+
+Adding a derived metric: its name in DERIVED_NAMES and its formula in ``metrics.derive`` (one
+edit in measure), its line in ``reference.reference_metrics``, and a test. The Parquet schema, the
+SQL views (``results.query``, through ``schema``) and the multi-rank harness pick it up.
+
+Adding a raw sum: its name in SUM_NAMES and its operands in SUM_TERMS, the same column in
+csrc/fused_sums.cpp (``N_SUMS``, ``enum Sum``, ``has()``, the update), its line in
+``reference.reference_sums`` and in the harness's SUM_OPERANDS.
+"""
+from __future__ import annotations
+
+# --------------------------------------------------------------------------------- raw sums
+# The vectors a sum reads, in sums.Fragment's field order; the fused kernel takes 7 pointers in
+# this order (csrc/fused_sums.cpp, N_VECS).
+VECTOR_NAMES: tuple[str, ...] = ("x", "g", "delta", "g_plus", "x0", "delta_prev", "g_prev")
+
+# Differences formed per chunk in fp32 before a dot (never as ‖a‖² − 2⟨a,b⟩ + ‖b‖², which
+# cancels catastrophically when g⁺ ≈ g): name -> (minuend, subtrahend).
+SUM_DIFFS: dict[str, tuple[str, str]] = {"x_minus_x0": ("x", "x0"), "gp_minus_g": ("g_plus", "g")}
+
+# Every raw sum of docs/METRICS.md is one dot product over parameter elements: name -> its operands
+# (vectors, or differences of SUM_DIFFS). The order is the row order of sums.local_sums /
+# flat_sums and the column order of the fused kernel's `enum Sum`.
+SUM_TERMS: dict[str, tuple[str, str]] = {
+    "sq_grad": ("g", "g"),                              # ‖g_t‖²
+    "sq_grad_probe": ("g_plus", "g_plus"),              # ‖g⁺_t‖²
+    "sq_update": ("delta", "delta"),                    # ‖Δ_t‖²
+    "sq_param": ("x", "x"),                             # ‖x_t‖²
+    "sq_dist_init": ("x_minus_x0", "x_minus_x0"),       # ‖x_t − x_0‖²
+    "ip_grad_update": ("g", "delta"),                   # ⟨g_t, Δ_t⟩
+    "ip_probe_update": ("g_plus", "delta"),             # ⟨g⁺_t, Δ_t⟩
+    "sq_grad_diff": ("gp_minus_g", "gp_minus_g"),       # ‖g⁺_t − g_t‖²
+    "ip_param_update": ("x", "delta"),                  # ⟨x_t, Δ_t⟩
+    "ip_param_grad": ("x", "g"),                        # ⟨x_t, g_t⟩
+    "ip_update_prev": ("delta", "delta_prev"),          # ⟨Δ_t, Δ_{t−1}⟩
+    "ip_grad_prev": ("g", "g_prev"),                    # ⟨g_t, g_{t−1}⟩
+    # ‖Δ_{t−1}‖², ‖g_{t−1}‖²: the denominators of cos_update_prev and cos_grad_prev. The step
+    # before a measured step is usually not measured, so they must travel with this step's sums.
+    "sq_update_prev": ("delta_prev", "delta_prev"),
+    "sq_grad_prev": ("g_prev", "g_prev"),
+}
+SUM_NAMES: tuple[str, ...] = tuple(SUM_TERMS)
+
+# The scalars packed after the sums into the step's ONE all-reduce (sums.pack). Each rank
+# contributes its share of the global mean loss (ℓ_r / N for N equal ranks), so the SUM
+# all-reduce yields the global mean directly. `stop_votes` rides the same reduction: rank 0 puts 1
+# when the study asked the trial to stop (opt_study.trial), so every rank learns it on the same
+# step without a collective of its own. `sq_grad_small` is the mean over all N·A micro-batches of
+# ‖g_{r,m}‖², each micro-batch's gradient read before DeepSpeed reduces it (the small-batch term
+# of the gradient noise scale; NaN when off).
+LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes", "sq_grad_small")
+
+# Every step (unless measure.norms is off): the three norms, square roots of these sums.
+NORM_OF: dict[str, str] = {"grad_norm": "sq_grad", "update_norm": "sq_update", "param_norm": "sq_param"}
+NORM_NAMES: tuple[str, ...] = tuple(NORM_OF)
+NORM_SUMS: tuple[str, ...] = tuple(NORM_OF.values())
+
+# ‖Δ_{t−1}‖² and ‖g_{t−1}‖² are step t−1's own sq_update and sq_grad, over the very buffers kept
+# as Δ_{t−1} and g_{t−1}: a rank keeps its partial values from step t−1's sums (hook.py).
+PREV_OF: dict[str, str] = {"sq_update_prev": "sq_update", "sq_grad_prev": "sq_grad"}
+
+# The probe's scalars on a measured row: ℓ⁺_t and the segment factor s (p = x_t + sΔ_t).
+PROBE_NAMES: tuple[str, ...] = ("loss_probe", "probe_s")
+# The gradient noise scale (measure.noise_scale): its raw term and B_simple (hook.py).
+NOISE_RAW = "sq_grad_small"
+NOISE_DERIVED = "noise_scale_simple"
+
+# The raw columns of a measured row (schema order): the probe's scalars, the totals over groups
+# of every sum, the noise scale's raw term.
+RAW_NAMES: tuple[str, ...] = PROBE_NAMES + SUM_NAMES + (NOISE_RAW,)
+# The sums stored per parameter group on measured rows (the row's `groups` cell).
+GROUP_SUM_NAMES: tuple[str, ...] = SUM_NAMES
+
+# ------------------------------------------------------------------------------ derived metrics
+# metrics.derive's float columns; their formulas are metrics.derive / metrics.group_metrics.
+DERIVED_NAMES: tuple[str, ...] = (
+    "loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",
+    "smoothness_local", "smoothness_descent", "curvature_secant", "step_alpha",
+    "cos_grad_update", "cos_update_prev", "cos_grad_prev", "grad_norm", "update_norm",
+    "param_norm", "update_to_param", "noise_floor",
+)
+# The inequality classes (metrics.classify) and their columns.
+CLASSES: tuple[str, ...] = ("holds", "violated", "indeterminate")
+CLASS_NAMES: tuple[str, ...] = ("cls_convexity_fwd", "cls_convexity_bwd")
+FLAG = "flag"
+# Everything metrics.derive returns, in its order.
+OUTPUT_NAMES: tuple[str, ...] = DERIVED_NAMES + CLASS_NAMES + (FLAG,)
+# The derived float columns of a measured row (schema order): derive's, minus the norms (every-step
+# columns of their own), plus the noise scale.
+ROW_DERIVED_NAMES: tuple[str, ...] = tuple(n for n in DERIVED_NAMES if n not in NORM_NAMES) + (NOISE_DERIVED,)
+
+# The other fields of every step's row from StepMeasurer.end.
+MEASURED = "measured"
+LOSS_PRECISION = "loss_precision"
+GROUPS = "groups"
+
+# ------------------------------------------------------------------------------- per trial
+# metrics.summarize's statistics (docs/METRICS.md §Aggregates).
+SUMMARY_NAMES: tuple[str, ...] = (
+    "n_measured", "n_flagged",
+    *(f"frac_convexity_{side}_{c}" for side in ("fwd", "bwd") for c in CLASSES),
+    "smoothness_local_median", "smoothness_local_max", "smoothness_ratio",
+)

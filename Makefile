@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -29,8 +29,16 @@ quickstart: install
 	$(BIN)/opt-study run configs/quickstart.yaml
 	$(BIN)/opt-study report results/quickstart
 
+# Everything (what CI runs): tests/unit, tests/multirank (torchrun), tests/e2e (Ray, real studies).
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The unit tests only (no Ray cluster, no torchrun): about 70 s on 2 cores.
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: install
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

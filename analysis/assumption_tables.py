@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from opt_study.report import figures, tables
-from opt_study.report.text import format_table
 from opt_study.report.data import load
+from opt_study.report.text import format_table
 
 SHOWN = ("label", "workload", "config", "seeds", "n_measured",
          "frac_convexity_fwd_holds", "frac_convexity_fwd_violated",

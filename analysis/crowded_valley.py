@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from opt_study.report import figures, tables
-from opt_study.report.text import format_table
 from opt_study.report.data import load
+from opt_study.report.text import format_table
 
 
 def main(argv=None) -> int:

@@ -105,10 +105,10 @@ def build(study: Path, every: int, chunk: int) -> None:
     """Write the synthetic study (skipped if a complete one with these parameters exists)."""
     import pyarrow.parquet as pq
 
-    from opt_study.storage import layout
     from opt_study.results.parquet import CHUNK_WRITE_OPTIONS
     from opt_study.results.schema import STEP_SCHEMA
     from opt_study.results.trials import write_trial_record
+    from opt_study.storage import layout
 
     marker = study / "_COMPLETE"
     params = {"every": every, "chunk": chunk, "steps": STEPS, "trials": len(LABELS) * CONFIGS * SEEDS,
@@ -202,10 +202,9 @@ def time_layout(study: Path, label: str, threads: int) -> dict:
 def mlflow_sample(study: Path, root: Path, n_trials: int, n_rows: int):
     """Log ``n_rows`` measured rows of each of ``n_trials`` trials (the HISTORY_KEYS) into a
     SQLite MLflow store; return (client, run ids, rows logged)."""
+    import pyarrow.compute as pc
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
-
-    import pyarrow.compute as pc
 
     from opt_study.results.parquet import read_steps
 

@@ -89,6 +89,7 @@ def counting_measurer(dist_counter: DistCounter, log: list):
 
 def main() -> None:
     import loops
+
     from opt_study import distributed
 
     loops.init()

@@ -62,10 +62,10 @@ def run_stage(stage: int) -> list[dict]:
     import torch
 
     from opt_study import distributed
-    from opt_study.trial import engine as engine_mod
     from opt_study.config import ScaleConfig
     from opt_study.measure.hook import group_names
     from opt_study.measure.shards import ShardView
+    from opt_study.trial import engine as engine_mod
     from opt_study.workloads import TinyLMConfig, make_workload
 
     world, rank = distributed.world_size(), distributed.rank()
@@ -110,6 +110,7 @@ def main() -> None:
     import gc
 
     import loops
+
     from opt_study import distributed
 
     loops.init()

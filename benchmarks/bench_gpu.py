@@ -9,7 +9,8 @@ small on a GPU and with a tiny GPT-2 on the CPU, through the same functions).
   of measured steps are re-evaluated in fp32) whose measurer also gathers the full fp32 tensors
   and checks every raw sum, derived metric and the fp32 losses against the float64 reference at
   every step (tests/dist/streaming.py's StreamingChecker, teacher forced as docs/METRICS.md
-  §Correctness contract says). It records tokens/s and MFU too, but the gathering slows it: `bench` is the speed measurement.
+  §Correctness contract says). It records tokens/s and MFU too, but the gathering slows it: `bench`
+  is the speed measurement.
 - `bench`: the same trial with `measure: {every: 0, norms: false}` ("off") and `{every: 10}`,
   interleaved over repeats; steps/s over the steps after a warm-up, their ratio, tokens/s, MFU.
 
@@ -100,11 +101,11 @@ def peak_flops(device: str, given_tflops: float | None) -> float | None:
 def run_one(doc: dict, trial_id: str, warmup: int, peak: float | None, measurer_cls=None) -> dict:
     """Train one trial through run_trial; steps/s over steps warmup..N-1 from the rows' end times
     (every step counts, measured ones included), tokens/s and MFU."""
-    from opt_study.validate import parse_study
     from opt_study.measure.hook import StepMeasurer
-    from opt_study.results.parquet import read_steps
     from opt_study.plan import TrialPlan
+    from opt_study.results.parquet import read_steps
     from opt_study.trial.loop import run_trial
+    from opt_study.validate import parse_study
 
     spec = parse_study(doc)
     opt = doc["optimizers"][0]
@@ -130,10 +131,10 @@ def check(args, storage: str, data_dir: Path, peak: float | None) -> dict:
     """The `check` mode of the module docstring: errors (maxima over steps, relative to the
     scale-aware scales of tests/dist/harness.py) and the speed of the checked run."""
     sys.path.insert(0, str(REPO / "tests" / "dist"))
+    from opt_study.validate import parse_study
+
     import harness
     from streaming import StreamingChecker
-
-    from opt_study.validate import parse_study
 
     doc = gpt2_doc("gpu_check", storage, data_dir, args.size, args.device, args.check_steps,
                    {"every": 10}, args.micro_batch)

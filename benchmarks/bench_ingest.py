@@ -77,8 +77,8 @@ def time_write_only(tables: list, root: Path) -> float:
     rows: the ceiling of a writer that took columnar batches instead of row dicts."""
     import pyarrow.parquet as pq
 
-    from opt_study.storage import layout
     from opt_study.results.parquet import CHUNK_WRITE_OPTIONS
+    from opt_study.storage import layout
 
     root.mkdir(parents=True)
     t0 = time.perf_counter()

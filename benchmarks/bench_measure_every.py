@@ -18,8 +18,7 @@ intervals, off / ((9 · unmeasured + measured) / 10).
 """
 from __future__ import annotations
 
-from common import (MIN_STEP_S, Section, fmt, median, out_path, paired_ratios, study_dict,
-                    write_json)
+from common import MIN_STEP_S, Section, fmt, median, out_path, paired_ratios, study_dict, write_json
 
 WARMUP, STEPS, REPEATS = 10, 40, 4
 MEASURE = {"off": {"every": 0, "norms": False}, "every10": {"every": 10}}
@@ -28,6 +27,7 @@ TARGET = 0.85
 
 def main() -> None:
     import loops
+
     from opt_study import distributed
 
     loops.init()

@@ -16,8 +16,7 @@ mean; the ratio of the median step intervals is shown as a check that is robust 
 """
 from __future__ import annotations
 
-from common import (MIN_STEP_S, Section, fmt, median, out_path, paired_ratios, study_dict,
-                    write_json)
+from common import MIN_STEP_S, Section, fmt, median, out_path, paired_ratios, study_dict, write_json
 
 WARMUP, TIMED, REPEATS = 3, 20, 4
 STEPS = WARMUP + TIMED
@@ -28,6 +27,7 @@ TARGET = 0.95
 
 def main() -> None:
     import loops
+
     from opt_study import distributed
 
     loops.init()

@@ -20,10 +20,10 @@ import time
 import torch
 
 from opt_study import distributed
-from opt_study.validate import parse_study
 from opt_study.measure.hook import StepMeasurer
 from opt_study.plan import TrialPlan
 from opt_study.trial.loop import run_trial
+from opt_study.validate import parse_study
 
 
 def init() -> None:

@@ -108,7 +108,7 @@ def render(info: dict, done: list[tuple[str, Section, dict]], total_s: float) ->
                         "waited for quiet s"]] +
                       [[s.title, s.target, s.headline, f"**{s.verdict}**", f"{m['seconds']:.0f}",
                         fmt(m["load1_before"]), f"{m['waited_s']:.0f}"] for _, s, m in done]), ""]
-    for _, s, m in done:
+    for _, s, _m in done:
         lines += [f"## {s.title}", "", f"Target: {s.target}. Result: {s.headline}. **{s.verdict}**", ""]
         if s.table:
             lines += [md_table(s.table), ""]

@@ -90,8 +90,8 @@ def lanczos(hvp: Callable[[Vec], Vec], v0: Vec, steps: int, reduce: Reduce) -> t
 
 def hutchinson(hvp: Callable[[Vec], Vec], probes: list[Vec], reduce: Reduce) -> tuple[float, float]:
     """(mean, standard error) of zᵀHz over the Rademacher probes z (local parts); two
-    all-reduces for all probes (‖z‖², then zᵀHz). Hz is evaluated as ‖z‖·H(z/‖z‖) so the difference step is ε along a unit
-    vector whatever the dimension."""
+    all-reduces for all probes (‖z‖², then zᵀHz). Hz is evaluated as ‖z‖·H(z/‖z‖) so the
+    difference step is ε along a unit vector whatever the dimension."""
     if not probes:
         return math.nan, math.nan
     sq = torch.stack([torch.dot(z, z) for z in probes]).double()

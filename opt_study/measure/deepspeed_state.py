@@ -1,10 +1,10 @@
 """The ONE module that reads or writes private DeepSpeed or torch state.
 
-Everything here was measured on DeepSpeed 0.19.8 (pinned in pyproject.toml; docs/STACK.md §Reading a rank's shard) and torch's
-``nn.Module`` hook dictionaries. None of it is public API: a DeepSpeed or torch upgrade re-checks
-this file only (tests/multirank/test_multirank.py compares every stage against gathered
-references; tests/unit/test_deepspeed_state.py fails if another opt_study module names one of these
-attributes). Each function says what it reads and why the measurement needs it.
+Everything here was measured on DeepSpeed 0.19.8 (pinned in pyproject.toml; docs/STACK.md §Reading
+a rank's shard) and torch's ``nn.Module`` hook dictionaries. None of it is public API: a DeepSpeed
+or torch upgrade re-checks this file only (tests/multirank/test_multirank.py compares every stage
+against gathered references; tests/unit/test_deepspeed_state.py fails if another opt_study module
+names one of these attributes). Each function says what it reads and why the measurement needs it.
 
 Where this rank's fp32 shard lives, by ZeRO stage (shards.ShardView picks the mode):
 
@@ -141,7 +141,8 @@ def set_accumulation_boundary(engine, value: bool | None) -> None:
 
 def restore_after_probe(engine, zero_stage: int) -> None:
     """Put the engine's gradient state back exactly as step() left it (buffers, counters,
-    boundary) after the probe's extra forward/backward (docs/STACK.md §The same-batch probe, ablations; DeepSpeed 0.19.8).
+    boundary) after the probe's extra forward/backward (docs/STACK.md §The same-batch probe,
+    ablations; DeepSpeed 0.19.8).
 
     Dispatches on the stage DeepSpeed really runs. ZeRO-0/3: without zero_grad the probe's
     gradient leaks into the next step. ZeRO-1/2: the ZeRO optimizer's ``averaged_gradients`` and

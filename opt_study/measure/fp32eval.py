@@ -22,7 +22,8 @@ trainable parameter is, while its module runs, an fp32 tensor holding the point:
   so nothing of the engine is written.
 - DeepSpeed's own module hooks (ZeRO-3's gather/release, which would overwrite ``p.data`` with
   the bf16 gather) are detached for the forward and re-attached after, in their order; hooks of
-  other origin stay (deepspeed_state.without_deepspeed_forward_hooks). All ranks run the same modules in the same order, so the all-reduces match.
+  other origin stay (deepspeed_state.without_deepspeed_forward_hooks). All ranks run the same
+  modules in the same order, so the all-reduces match.
 - Dropout masks: each micro-batch's forward replays the RNG state step t's forward used (the
   masks of a bf16 and an fp32 dropout from one state are equal on CPU: tested); afterwards the
   RNG state and the module buffers (BatchNorm statistics) are put back.
@@ -38,7 +39,8 @@ from contextlib import contextmanager
 import torch
 
 from opt_study import distributed
-from opt_study.measure import deepspeed_state as ds, probe as probe_mod
+from opt_study.measure import deepspeed_state as ds
+from opt_study.measure import probe as probe_mod
 
 
 class _Fp32Point:

@@ -23,10 +23,22 @@ import random
 import torch
 
 from opt_study import distributed
-from opt_study.measure import fp32eval, metrics, probe as probe_mod
+from opt_study.measure import fp32eval, metrics
+from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
-from opt_study.measure.names import (GROUPS, LOSS_NAMES, LOSS_PRECISION, MEASURED, NOISE_DERIVED,
-                                     NOISE_RAW, NORM_NAMES, NORM_OF, NORM_SUMS, PREV_OF, SUM_NAMES)
+from opt_study.measure.names import (
+    GROUPS,
+    LOSS_NAMES,
+    LOSS_PRECISION,
+    MEASURED,
+    NOISE_DERIVED,
+    NOISE_RAW,
+    NORM_NAMES,
+    NORM_OF,
+    NORM_SUMS,
+    PREV_OF,
+    SUM_NAMES,
+)
 from opt_study.measure.shards import FlatShard, ShardView, flatten
 from opt_study.measure.sums import flat_sums, group_runs, pack, unpack
 

@@ -31,11 +31,11 @@ r = 0 when both points are exact master values read exactly by the loss's forwar
 losses and s = 1: p = x_{t+1}), otherwise r = 1: with s ≠ 1 the point x_t + sΔ is rounded, and a
 bf16/fp16 loss forward reads bf16/fp16 weights, so the segment really travelled differs from sΔ
 elementwise by up to u(|x_t| + |p|), moving δ by up to u·‖g‖(2‖x‖ + ‖sΔ‖) to first order. With
-loss_precision = precision this is the single-precision formula above. c = FLOOR_C = 4 covers the roundings the first-order count
-leaves out (the subtraction ℓ⁺ − ℓ and the final roundings of each loss and dot: 1u each; the
-measured chunked-dot error of sums.py: up to 3u). The floor is a scale, deliberately
-conservative (Cauchy–Schwarz, not the much smaller typical size of random rounding errors):
-"indeterminate" is the honest reading inside it. An inequality "gap ≤ 0" is classified
+loss_precision = precision this is the single-precision formula above. c = FLOOR_C = 4 covers the
+roundings the first-order count leaves out (the subtraction ℓ⁺ − ℓ and the final roundings of each
+loss and dot: 1u each; the measured chunked-dot error of sums.py: up to 3u). The floor is a scale,
+deliberately conservative (Cauchy–Schwarz, not the much smaller typical size of random rounding
+errors): "indeterminate" is the honest reading inside it. An inequality "gap ≤ 0" is classified
 ``holds`` if gap < −floor, ``violated`` if gap > floor, ``indeterminate`` otherwise.
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 # The names of every column below (a new metric: its name there, its formula here).
-from opt_study.measure.names import CLASSES as CLASSES, DERIVED_NAMES as DERIVED_NAMES
+from opt_study.measure.names import CLASSES as CLASSES
+from opt_study.measure.names import DERIVED_NAMES as DERIVED_NAMES
 from opt_study.measure.names import OUTPUT_NAMES as OUTPUT_NAMES
 
 UNIT_ROUNDOFF: dict[str, float] = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8,

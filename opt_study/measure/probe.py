@@ -3,7 +3,8 @@
 docs/METRICS.md §Probe contract: ℓ⁺_t = f(p; B_t), g⁺_t = ∇f(p; B_t) with the same micro-batches
 and the same dropout masks as step t's forward; the weights already hold p = x_t + sΔ_t when this
 runs (the hook sets and restores p for s ≠ 1). docs/STACK.md §The same-batch probe: measured on
-DeepSpeed 0.19.8 (2 CPU ranks, ZeRO 0-3, GAS 1 and 2, dropout) that this sequence leaves a run bit-for-bit identical to one that never probes;
+DeepSpeed 0.19.8 (2 CPU ranks, ZeRO 0-3, GAS 1 and 2, dropout) that this sequence leaves a run
+bit-for-bit identical to one that never probes;
 tests/multirank/test_multirank.py re-checks it (s = 1, s ~ U[0, 1], fp32 and bf16), and snapshots the
 engine around a probe. What each restore step prevents (docs/STACK.md ablations): without zero_grad
 at ZeRO-0/3 the probe's gradient leaks into the next step; without resetting the boundary

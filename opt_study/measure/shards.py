@@ -2,8 +2,9 @@
 
 No full-size parameter or gradient vector is materialized: each view is a slice of a tensor the
 engine already holds. Which tensor depends on the stage (docs/STACK.md §Reading a rank's shard,
-measured on DeepSpeed 0.19.8; the private DeepSpeed state is read through opt_study.measure.deepspeed_state only, pyproject pins
-DeepSpeed and tests/multirank/test_multirank.py checks every stage against a gathered reference):
+measured on DeepSpeed 0.19.8; the private DeepSpeed state is read through
+opt_study.measure.deepspeed_state only, pyproject pins DeepSpeed and
+tests/multirank/test_multirank.py checks every stage against a gathered reference):
 
 - ZeRO-0, fp32: every rank holds the whole (all-reduced) gradient, so work is split by taking rank
   r's contiguous slice [n*r//W, n*(r+1)//W) of each flattened parameter.

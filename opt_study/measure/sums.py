@@ -41,12 +41,17 @@ import torch
 from torch import Tensor
 
 from opt_study.measure import fused_sums as _fused
+
 # The names live in names.py (the schema and the fused kernel's layout check read them there);
 # the checks and the row plan shared with fused_sums.py in sum_layout.py. Re-exported here.
-from opt_study.measure.names import LOSS_NAMES as LOSS_NAMES, SUM_NAMES as SUM_NAMES
-from opt_study.measure.names import SUM_DIFFS as _DIFFS, VECTOR_NAMES as VECTOR_NAMES
-from opt_study.measure.sum_layout import CHUNK as CHUNK, check_flat as check_flat
-from opt_study.measure.sum_layout import empty_out as _empty_out, plan as _plan
+from opt_study.measure.names import LOSS_NAMES as LOSS_NAMES
+from opt_study.measure.names import SUM_DIFFS as _DIFFS
+from opt_study.measure.names import SUM_NAMES as SUM_NAMES
+from opt_study.measure.names import VECTOR_NAMES as VECTOR_NAMES
+from opt_study.measure.sum_layout import CHUNK as CHUNK
+from opt_study.measure.sum_layout import check_flat as check_flat
+from opt_study.measure.sum_layout import empty_out as _empty_out
+from opt_study.measure.sum_layout import plan as _plan
 from opt_study.measure.sum_layout import wanted_sums as _wanted
 
 

@@ -61,10 +61,10 @@ class EvalObjective:
         Each loss is divided by the batch count K (scale_wrt_gas off) and the boundary is forced
         at the last batch, so the engine's reduction (a mean over ranks) yields
         (1/W) Σ_r (1/K) Σ_k ∇ℓ_{r,k} = ∇F. The engine's gradient state is then cleared as after
-        the probe (opt_study.measure.probe). ``on_grad(view)`` is a test seam, called while
-        the reduced gradient is readable.
+        the probe (opt_study.measure.deepspeed_state.restore_after_probe). ``on_grad(view)`` is
+        a test seam, called while the reduced gradient is readable.
         """
-        from opt_study.measure.probe import _restore
+        from opt_study.measure.deepspeed_state import restore_after_probe
 
         k = len(self.batches)
         total = 0.0
@@ -78,7 +78,7 @@ class EvalObjective:
                 grads = [g[:n].clone() for g, n in zip(self.view.clone_grads(), self.sizes)]
                 if on_grad is not None:
                     on_grad(self.view)
-        _restore(self.engine, self.stage)
+        restore_after_probe(self.engine, self.stage)
         return total / k, grads
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:

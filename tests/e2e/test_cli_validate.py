@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_config import CORPUS, ROOT, expected_field, generated_bad_files
+from corpus import CORPUS, ROOT, expected_field, generated_bad_files
 
 HELPER = r"""
 import contextlib, io, json, sys, traceback

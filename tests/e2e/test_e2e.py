@@ -7,10 +7,11 @@ import io
 
 import duckdb
 import pytest
-import specs
 
 from opt_study.plan.planners import plan_trials
 from opt_study.study.run import run_study
+
+import specs
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import duckdb
 import psutil
 import pytest
-import specs
 
-from opt_study.validate import load_study
 from opt_study.results.parquet import read_steps
 from opt_study.results.trials import read_trial_records
 from opt_study.study.run import run_study
+from opt_study.validate import load_study
+
+import specs
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +154,8 @@ def test_driver_killed_then_resume_finishes_without_rerunning(tmp_path):
     recs = {r["trial_id"]: r for r in read_trial_records(spec.study_dir)}
     assert len(recs) == 4 and all(r["status"] == "completed" for r in recs.values())
     for tid in finished:  # finished trials were not rerun: not one new chunk
-        assert sorted(p.name for p in (spec.study_dir / "steps" / f"trial_id={tid}").rglob("*.parquet")) == chunks_before[tid]
+        chunks = sorted(p.name for p in (spec.study_dir / "steps" / f"trial_id={tid}").rglob("*.parquet"))
+        assert chunks == chunks_before[tid], tid
     rows = duckdb.from_arrow(read_steps(spec.study_dir))
     per = rows.query("rows", "SELECT trial_id, count(*), count(DISTINCT step) FROM rows GROUP BY 1").fetchall()
     assert sorted(per) == sorted((tid, 400, 400) for tid in recs)

@@ -21,8 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from mlflow.tracking import MlflowClient
 
-from opt_study.results import mlflow_queue
 from opt_study.cli.main import main as cli_main
+from opt_study.results import mlflow_queue
 from opt_study.results.mlflow_queue import QueuedSink
 from opt_study.results.query import experiment_name
 
@@ -297,9 +297,9 @@ def test_lost_responses_are_redelivered_without_duplicates(server, tmp_path):
 def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_path):
     """`run_study` with the tracking server down from the start: the trials train and finish,
     the MLflow writes wait in the queue, and `opt-study sync-mlflow` (the real CLI) delivers them."""
-    from opt_study.validate import load_study
     from opt_study.plan.planners import plan_trials
     from opt_study.study.run import run_study
+    from opt_study.validate import load_study
 
     if server.proc.poll() is None:
         server.stop()

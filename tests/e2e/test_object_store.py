@@ -18,10 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import specs
 
-from opt_study.storage import objectstore
-from opt_study.storage import layout
+from opt_study.storage import layout, objectstore
+
+import specs
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +109,8 @@ def test_writes_and_deletes_reach_the_store_and_pull_restores(s3_endpoint, tmp_p
     big = root / "s" / "steps" / "y" / "part.parquet"
     layout.atomic_write_bytes(big, b"Q" * 5000)
     n = objectstore.pull(root_b / "s")
-    assert n == 2, (n, _objects(s3_endpoint, "unit"), sorted(str(p) for p in (root_b / "s").rglob("*")))  # the new chunk, and the small record (always)
+    # the new chunk, and the small record (always)
+    assert n == 2, (n, _objects(s3_endpoint, "unit"), sorted(str(p) for p in (root_b / "s").rglob("*")))
     assert objectstore.pull(root_b / "s") == 1  # an unchanged chunk is not fetched again
     assert big.stat().st_mtime_ns == (root_b / "s" / "steps" / "y" / "part.parquet").stat().st_mtime_ns
     # a newer version of the same size is fetched (compared by time too)

@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from opt_study.config import ConfigError
-
-from opt_study.validate import load_study
 from opt_study.storage import layout
+from opt_study.validate import load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "bad_configs"
@@ -209,8 +208,9 @@ def test_source_has_no_eval_exec_or_unpickling():
                     bad.append(f"{at} with Loader={ast.unparse(loader) if loader else None}")
     assert bad == []
     assert seen["yaml.load"] >= 1  # the scan does see the loader call (and would judge it)
-    from opt_study.config.load import _CappedLoader
     import yaml
+
+    from opt_study.config.load import _CappedLoader
     assert issubclass(_CappedLoader, yaml.SafeLoader)
 
 

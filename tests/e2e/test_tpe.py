@@ -8,27 +8,31 @@ import json
 import math
 
 import pytest
-import specs
 
 from opt_study.config import ConfigError
-from opt_study.results.trials import read_trial_records, write_trial_record
 from opt_study.config.space import Domain, parse_domain, seed_of
 from opt_study.plan.planners import pending_plans, plan_trials
 from opt_study.plan.protocols import planned_trial_count
-from opt_study.study.run import describe
 from opt_study.plan.tpe import trial_id, trial_value
+from opt_study.results.trials import read_trial_records, write_trial_record
+from opt_study.study.run import describe
 from opt_study.study.tpe_search import StudyTPE, optuna_distribution
+
+import specs
 
 LR = (1e-3, 1.0)
 
 
 def make_spec(tmp_path, search=None, optimizers=None, seeds=(0,), **over):
     """A TPE study (spec "t"); `over` replaces or deep-merges top-level slices (tests/specs.py)."""
-    return specs.make_spec(tmp_path, file="t.yaml", study={"name": "t", "seeds": list(seeds)}, optimizers=optimizers or [
+    optimizers = optimizers or [
         {"name": "sgd", "params": {"lr": {"loguniform": list(LR)}}},
         {"name": "lookahead_momentum", "params": {"lr": {"loguniform": list(LR)}, "k": {"int": [2, 6]},
                                                   "alpha": {"choice": [0.3, 0.5, 0.8]}, "momentum": 0.9}},
-    ], search={"method": "tpe", "samples": 6, "tpe_startup_trials": 2, "seed": 3, **(search or {})}, **over)
+    ]
+    return specs.make_spec(tmp_path, file="t.yaml", study={"name": "t", "seeds": list(seeds)}, optimizers=optimizers,
+                           search={"method": "tpe", "samples": 6, "tpe_startup_trials": 2, "seed": 3, **(search or {})},
+                           **over)
 
 
 def drive(searcher: StudyTPE, objective, status=lambda plan: "completed") -> list[dict]:
@@ -147,7 +151,8 @@ def test_resume_feeds_finished_configurations_back_and_reruns_only_unfinished_se
     assert describe(spec)["trials"] == planned_trial_count(spec) == 12
     s = StudyTPE(spec, records)
     mean = lambda i: (f(first[2 * i]) + f(first[2 * i + 1])) / 2  # noqa: E731
-    assert s.told["sgd"] == [({"lr": first[0]["hparams"]["lr"]}, mean(0)), ({"lr": first[2]["hparams"]["lr"]}, math.inf),
+    assert s.told["sgd"] == [({"lr": first[0]["hparams"]["lr"]}, mean(0)),
+                             ({"lr": first[2]["hparams"]["lr"]}, math.inf),
                              ({"lr": first[4]["hparams"]["lr"]}, mean(2))]
     rest = drive(s, f)
     assert [p["trial_id"] for p in rest] == ["sgd-tpe-003-s1", "sgd-tpe-004-s0", "sgd-tpe-004-s1",
@@ -217,7 +222,7 @@ def test_tiny_tpe_study_end_to_end(ray_cluster, tmp_path):
         space = next(o.space for o in spec.optimizers if o.label == label)
         dists = {k: optuna_distribution(space[k]) for k in keys}
 
-        def propose(vals):
+        def propose(vals, label=label, hps=hps, dists=dists):  # called in this iteration only
             study = optuna.create_study(sampler=optuna.samplers.TPESampler(
                 seed=seed_of(0, label, "tpe") % 2**32, n_startup_trials=2))
             for h, v in zip(hps[:2], vals):

@@ -6,18 +6,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import duckdb
 import pytest
-import specs
 
-from opt_study.validate import load_study
 from opt_study.distributed import free_port
 from opt_study.results.parquet import read_steps
 from opt_study.results.trials import read_trial_records
+from opt_study.validate import load_study
+
+import specs
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,9 +25,9 @@ import torch
 
 from opt_study.config import FieldError, MeasureConfig
 from opt_study.measure import curvature
-from opt_study.trial import snapshots
 from opt_study.replay.job import HessianOptions
 from opt_study.results import replay_store
+from opt_study.trial import snapshots
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-6

@@ -2,6 +2,8 @@
 checkpointed steps, shared by the step hook and the trial loop; and the hook's call protocol."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_due_and_validation():
         Cadence(steps=5, eval_every=0)
     with pytest.raises(ValueError):
         Cadence(steps=5, eval_every=5, measure_every=-1)
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Cadence(steps=5, eval_every=5).steps = 6
 
 
@@ -52,7 +54,11 @@ def test_measured_rows_are_logged_whatever_log_every(spec_factory):
 
     spec = spec_factory(training={"steps": 8, "eval_every": 8, "log_every": 4, "checkpoint_every": 0},
                         measure={"every": 3})
-    run_trial(spec, TrialPlan("t", "sgd", "sgd", {"lr": 0.1}, seed=0, index=0), report=lambda m: None)
+    threads = torch.get_num_threads()  # run_trial sets scale.torch_threads for the process
+    try:
+        run_trial(spec, TrialPlan("t", "sgd", "sgd", {"lr": 0.1}, seed=0, index=0), report=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)  # later tests' BLAS sums depend on the thread count
     rows = read_steps(spec.study_dir).to_pylist()
     assert [(r["step"], r["measured"]) for r in rows] == [
         (0, False), (2, True), (4, False), (5, True), (7, True)]
@@ -61,8 +67,9 @@ def test_measured_rows_are_logged_whatever_log_every(spec_factory):
 
 # ----------------------------------------------------------------------------- the hook protocol
 def test_hook_protocol_is_enforced():
-    from test_names import _Engine  # tests/unit is on sys.path (rootdir conftest)
     from types import SimpleNamespace
+
+    from test_names import _Engine  # tests/unit is on sys.path (rootdir conftest)
 
     from opt_study.config import MeasureConfig
     from opt_study.measure.hook import StepMeasurer

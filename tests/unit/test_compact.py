@@ -10,12 +10,19 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from opt_study.storage import layout
 from opt_study.results.compact import compact_study, compact_trial, compaction_steps
-from opt_study.results.parquet import (StepWriter, check_chunks, list_chunks, next_attempt,
-                                       read_steps, steps_sql, trial_chunks)
+from opt_study.results.parquet import (
+    StepWriter,
+    check_chunks,
+    list_chunks,
+    next_attempt,
+    read_steps,
+    steps_sql,
+    trial_chunks,
+)
 from opt_study.results.query import query
 from opt_study.results.schema import STEP_SCHEMA, STEP_SCHEMA_VERSION, schema_version
+from opt_study.storage import layout
 
 
 def _write(study, trial, attempt, start, stop, tag=0.0, rows_per_chunk=3):

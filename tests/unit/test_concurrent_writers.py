@@ -17,9 +17,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from opt_study.storage import layout
 from opt_study.results.parquet import StepWriter, check_chunks, read_steps
 from opt_study.results.schema import METRIC_COLUMNS
+from opt_study.storage import layout
 
 pytestmark = pytest.mark.slow
 

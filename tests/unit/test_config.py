@@ -5,30 +5,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 from pathlib import Path
 
 import pytest
 
-from opt_study.config import (MAX_CONFIG_BYTES, ConfigError, FieldError, ScaleConfig, Spec, StudyConfig,
-                              TrainingConfig)
-from opt_study.validate import load_study, parse_study
+from opt_study.config import MAX_CONFIG_BYTES, ConfigError, FieldError, ScaleConfig, Spec, StudyConfig, TrainingConfig
 from opt_study.config.space import Domain
+from opt_study.validate import load_study, parse_study
 from opt_study.workloads import MLPClassifyConfig, QuadraticConfig, TinyLMConfig
 
+from corpus import CORPUS, expected_field, generated_bad_files
+
 ROOT = Path(__file__).resolve().parents[2]
-CORPUS = sorted((ROOT / "tests" / "bad_configs").glob("*.yaml"))
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 GOOD = {"study": {"name": "t"}, "workload": {"type": "quadratic"},
         "optimizers": [{"name": "sgd", "params": {"lr": 0.1}}]}
-
-
-def expected_field(path: Path) -> str:
-    """The field named by the corpus file's first line; "" (ConfigError's `<top>`) for the file."""
-    first = path.read_bytes().split(b"\n", 1)[0].decode("ascii")
-    assert first.startswith("# expect: "), f"{path.name}: first line must be '# expect: <field>'"
-    field = first.removeprefix("# expect: ").strip()
-    return "" if field == "<top>" else field
 
 
 def spec(**patch) -> Spec:
@@ -267,7 +258,8 @@ RULES = [
     ("optimizers[0].params.lr.choice", {"optimizers": [{"name": "sgd", "params": {"lr": {"choice": []}}}]}),
     ("optimizers[0].params.eps", {"optimizers": [{"name": "adam", "params": {"eps": -1e-8}}]}),
     ("optimizers[0].params.beta1", {"optimizers": [{"name": "adam", "params": {"beta1": {"choice": [0.9, 1.0]}}}]}),
-    ("optimizers[0].params.weight_decay", {"optimizers": [{"name": "adamw", "params": {"weight_decay": {"uniform": [-1, 1]}}}]}),
+    ("optimizers[0].params.weight_decay",
+     {"optimizers": [{"name": "adamw", "params": {"weight_decay": {"uniform": [-1, 1]}}}]}),
     ("optimizers[0].params.centered", {"optimizers": [{"name": "rmsprop", "params": {"centered": "yes"}}]}),
     ("optimizers[0].label", {"optimizers": [{"name": "sgd", "label": "a b"}]}),
     ("optimizers[0].label", {"optimizers": [{"name": "sgd", "label": ".."}]}),
@@ -276,9 +268,10 @@ RULES = [
     ("optimizers[1].label", {"optimizers": [{"name": "sgd", "label": "x"}, {"name": "adam", "label": "x"}]}),
     ("optimizers[0].params", {"optimizers": [{"name": "adam", "params": {
         k: {"grid": [round(lo + i * d, 6) for i in range(20)]}
-        for k, lo, d in (("lr", 1e-3, 1e-3), ("beta1", 0.5, 0.01), ("beta2", 0.9, 0.001), ("weight_decay", 0.0, 0.001))}}]}),
+        for k, lo, d in (("lr", 1e-3, 1e-3), ("beta1", 0.5, 0.01), ("beta2", 0.9, 0.001),
+                         ("weight_decay", 0.0, 0.001))}}]}),
     # whole document
-    ("", {"workload": {"type": "quadratic", "dim": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}),
+    ("", {"workload": {"type": "quadratic", "dim": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}),  # noqa: E501 - the nesting is the point
     ("trainer", {"trainer": {}}),
 ]
 
@@ -301,7 +294,8 @@ def test_missing_required_slices_and_non_mapping_documents():
 
 
 def test_messages_say_what_is_allowed():
-    assert "allowed: measure, optimizers, scale, search, study, training, workload" in rejects("trainer", trainer=1).message
+    allowed = "allowed: measure, optimizers, scale, search, study, training, workload"
+    assert allowed in rejects("trainer", trainer=1).message
     assert "mlp_classify, quadratic, resnet_cifar, tiny_lm" in rejects("workload.type", workload={"type": "x"}).message
     assert "adadelta, adagrad, adam, adamw" in rejects("optimizers[0].name", optimizers=[{"name": "x"}]).message
     msg = rejects("optimizers[0].params.momentm", optimizers=[{"name": "momentum", "params": {"momentm": 1}}]).message
@@ -358,21 +352,6 @@ def test_corpus_file_fails_naming_its_field(path):
     e = ei.value
     assert (e.field, e.file) == (expected_field(path), str(path)), str(e)
     assert "\n" not in str(e) and len(str(e)) < 1000
-
-
-def generated_bad_files(d: Path) -> dict[str, Path]:
-    """Bad inputs not worth committing: empty, binary, over the size cap, a directory, missing."""
-    files = {"empty": d / "empty.yaml", "binary": d / "binary.yaml", "huge": d / "huge.yaml",
-             "directory": d / "adir.yaml", "missing": d / "missing.yaml",
-             "binary_utf8": d / "binary_utf8.yaml"}
-    files["empty"].write_bytes(b"")
-    files["binary"].write_bytes(random.Random(1234).randbytes(4096))
-    # valid UTF-8, but control characters YAML refuses
-    files["binary_utf8"].write_bytes(bytes(random.Random(99).randrange(0, 32) for _ in range(512)))
-    line = b"# " + b"x" * 1021 + b"\n"
-    files["huge"].write_bytes(b"study: {name: big}\n" + line * (MAX_CONFIG_BYTES // len(line) + 1))
-    files["directory"].mkdir()
-    return files
 
 
 def test_generated_bad_files_fail_as_whole_file_problems(tmp_path):

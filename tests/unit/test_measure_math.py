@@ -16,8 +16,19 @@ import torch
 from opt_study.measure import fused_sums, metrics
 from opt_study.measure.reference import reference_metrics, reference_sums
 from opt_study.measure.shards import FlatShard, flatten
-from opt_study.measure.sums import (CHUNK, LOSS_NAMES, SUM_NAMES, Fragment, flat_sums,
-                                    flat_sums_torch, group_runs, local_sums, pack, totals, unpack)
+from opt_study.measure.sums import (
+    CHUNK,
+    LOSS_NAMES,
+    SUM_NAMES,
+    Fragment,
+    flat_sums,
+    flat_sums_torch,
+    group_runs,
+    local_sums,
+    pack,
+    totals,
+    unpack,
+)
 
 FIELDS = ("x", "g", "delta", "g_plus", "x0", "delta_prev", "g_prev")
 # The sums of squares whose roots scale each sum's error (docs/METRICS.md §Correctness contract:
@@ -30,7 +41,7 @@ SCALE = {"ip_grad_update": ("sq_grad", "sq_update"), "ip_probe_update": ("sq_gra
 def _random_params(gen: torch.Generator, sizes, dtype=torch.float32) -> list[dict]:
     params = []
     for n in sizes:
-        r = lambda scale=1.0: scale * torch.randn(n, generator=gen, dtype=torch.float64)  # noqa: E731
+        r = lambda scale=1.0, n=n: scale * torch.randn(n, generator=gen, dtype=torch.float64)  # noqa: E731
         x0 = r()
         x = x0 + r(0.1)
         g = r(0.01) + 0.003
@@ -83,8 +94,8 @@ def test_sharded_sums_equal_reference(ranks, chunk):
         full = {k: torch.cat([p[k] for p, grp in zip(params, groups) if grp == j]) for k in FIELDS}
         ref = reference_sums(**full)
         _assert_sums_close({k: float(v[j]) for k, v in per_group.items()}, ref)
-    assert scalars["loss"] == pytest.approx(np.mean([l[0] for l in losses]), rel=1e-12)
-    assert scalars["loss_probe"] == pytest.approx(np.mean([l[1] for l in losses]), rel=1e-12)
+    assert scalars["loss"] == pytest.approx(np.mean([ls[0] for ls in losses]), rel=1e-12)
+    assert scalars["loss_probe"] == pytest.approx(np.mean([ls[1] for ls in losses]), rel=1e-12)
     assert scalars["stop_votes"] == 1.0 / ranks  # each rank's share, like the losses
     assert scalars["sq_grad_small"] == pytest.approx(np.mean([0.5 * r for r in range(ranks)]), rel=1e-12)
 

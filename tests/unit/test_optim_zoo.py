@@ -40,7 +40,7 @@ def train_quadratic(name: str, steps: int, hparams=None):
         batch = w.train_batch(step, 0, MBS)
         w.loss(model, batch).backward()
         if optim.needs_hessian(opt):
-            optim.estimate_hessian(opt, lambda: w.loss(model, batch), seed=step)
+            optim.estimate_hessian(opt, lambda batch=batch: w.loss(model, batch), seed=step)
         opt.step()
     optim.eval_mode(opt)
     return w, model, opt

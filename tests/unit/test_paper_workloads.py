@@ -18,9 +18,19 @@ from opt_study.validate import load_study
 from opt_study.workloads import make_workload
 from opt_study.workloads.base import STREAM_TRAIN, generator
 from opt_study.workloads.gpt2 import GPT2, GPT2Config, flops_per_token, n_params
-from opt_study.workloads.prepare import main as prepare_main, prepare_token_files
-from opt_study.workloads.resnet_cifar import (PAD, RECORD_BYTES, TEST_FILE, TRAIN_FILES, ResNet,
-                                              ResNetCifarConfig, augment, channel_stats, read_cifar_binary)
+from opt_study.workloads.prepare import main as prepare_main
+from opt_study.workloads.prepare import prepare_token_files
+from opt_study.workloads.resnet_cifar import (
+    PAD,
+    RECORD_BYTES,
+    TEST_FILE,
+    TRAIN_FILES,
+    ResNet,
+    ResNetCifarConfig,
+    augment,
+    channel_stats,
+    read_cifar_binary,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "opt_study" / "workloads" / "data" / "corpus.txt"

@@ -15,13 +15,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from opt_study.cli.main import main as cli_main
-from opt_study.storage import layout
 from opt_study.results.mlflow_sink import MlflowSink
 from opt_study.results.parquet import StepWriter, read_steps
-from opt_study.results.query import (QueryError, best_per_optimizer, find_trials, open_study,
-                                     parent_run_id, query, trial_rows)
+from opt_study.results.query import (
+    QueryError,
+    best_per_optimizer,
+    find_trials,
+    open_study,
+    parent_run_id,
+    query,
+    trial_rows,
+)
 from opt_study.results.schema import STEP_SCHEMA
 from opt_study.results.trials import write_trial_record
+from opt_study.storage import layout
 
 
 def _groups(step: int) -> dict:

@@ -1,5 +1,5 @@
-"""The report library on a synthetic study whose every number is known by construction, and on
-a copy of the real quickstart study.
+"""The report library on a synthetic study whose every number is known by construction (the
+report of a real, freshly run quickstart study is tests/e2e/test_quickstart_report.py).
 
 The synthetic study (``synth``, workload ``quadratic``): labels sgd and adam, two
 configurations (index 0, 1) x seeds 0, 1 each, and lion (one failed trial without rows, one
@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import math
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,13 +30,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from opt_study.measure.metrics import classify, derive, summarize
-from opt_study.report import build, data as rdata, figures, stats, tables
+from opt_study.report import build, figures, stats, tables
+from opt_study.report import data as rdata
 from opt_study.results import trials as trials_tbl
 from opt_study.results.mlflow_sink import MlflowSink
 from opt_study.results.parquet import StepWriter, read_steps
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "results" / "quickstart"
 T975_1 = 12.706204736174707  # Student t quantile 0.975 with 1 degree of freedom (tables)
 
 GAP_FWD = [-1 / 8] * 3 + [-1 / 16] * 3 + [1 / 16] * 2 + [0.0]
@@ -352,7 +351,7 @@ def test_replay_table_and_figure(study, tmp_path):
 
 
 def _sections_present(text: str) -> None:
-    for sid, title in build.SECTIONS:
+    for sid, _title in build.SECTIONS:
         assert f'<section id="{sid}">' in text, sid
 
 
@@ -375,29 +374,6 @@ def test_write_report_logs_to_mlflow(study):
     assert parent.info.run_id in text
     logged = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"index.html", "trajectories.png", "profiles.png"} <= logged
-
-
-@pytest.mark.skipif(not (QUICKSTART / "steps").is_dir(), reason="no quickstart study in results/")
-def test_report_of_the_quickstart_study(tmp_path):
-    shutil.copytree(QUICKSTART, tmp_path / "quickstart", ignore=shutil.ignore_patterns("ray", "report"))
-    shutil.copy(QUICKSTART.parent / "mlflow.db", tmp_path / "mlflow.db")
-    with sqlite3.connect(tmp_path / "mlflow.db") as con:  # artifacts of the copy go to tmp_path
-        con.execute("UPDATE experiments SET artifact_location = ?", (str(tmp_path / "art"),))
-        con.execute("UPDATE runs SET artifact_uri = ? || '/' || run_uuid", (str(tmp_path / "art"),))
-    study = tmp_path / "quickstart"
-    text = build.write_report(study).read_text()
-    _sections_present(text)
-    assert "Logged as artifacts report/" in text
-    d = rdata.load(study)
-    try:
-        rows = tables.assumption_table(d)
-        assert {r["label"] for r in rows} == {t["label"] for t in d.trials.values()}
-        for tid, t in d.trials.items():  # the recorder's summaries, recomputed in SQL
-            for k in ("frac_convexity_fwd_holds", "smoothness_ratio", "smoothness_local_median"):
-                assert t[k] == pytest.approx(t[f"summary.{k}"], rel=1e-12), (tid, k)
-        assert sum(r["trials"] for r in tables.status_table(d)[:-1]) == len(d.trials)
-    finally:
-        d.db.close()
 
 
 def test_report_command(study, capsys):

@@ -12,7 +12,6 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from opt_study.storage import layout
 from opt_study.results.parquet import (
     StepWriter,
     check_chunks,
@@ -28,6 +27,7 @@ from opt_study.results.schema import (
     schema_version,
 )
 from opt_study.results.trials import read_trial_records, write_trial_record, write_trials_table
+from opt_study.storage import layout
 
 
 def _write(study, trial, attempt, start, stop, tag=0.0, rows_per_chunk=4):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from opt_study.trial import checkpoint
-from opt_study.results.parquet import read_steps
 from opt_study.plan import TrialPlan
+from opt_study.results.parquet import read_steps
+from opt_study.trial import checkpoint
 from opt_study.trial.loop import run_trial
 
 

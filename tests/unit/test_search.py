@@ -6,22 +6,24 @@ import math
 import random
 
 import pytest
-import specs
 
 from opt_study import optim
 from opt_study.config import ConfigError
-from opt_study.results.trials import write_trial_record
 from opt_study.config.space import expand, expand_quasirandom, map_unit, parse_domain, quasirandom_points
+from opt_study.plan import TrialPlan
 from opt_study.plan.planners import plan_trials
 from opt_study.plan.protocols import planned_trial_count
-from opt_study.plan import TrialPlan
+from opt_study.results.trials import write_trial_record
+
+import specs
 
 
 def make_spec(tmp_path, search: dict, optimizers=None, seeds=(0,)):
-    return specs.make_spec(tmp_path, study={"name": "s", "seeds": list(seeds)}, search=search, optimizers=optimizers or [
+    optimizers = optimizers or [
         {"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 1.0]}}},
         {"name": "adamw", "params": {"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": 0.1}},
-    ])
+    ]
+    return specs.make_spec(tmp_path, study={"name": "s", "seeds": list(seeds)}, search=search, optimizers=optimizers)
 
 
 def bins_hit(values, lo, hi, n):

@@ -8,7 +8,16 @@ import statistics
 
 import pytest
 
-from opt_study.config.space import MAX_VALUES, Domain, budget, dedupe, expand, expand_quasirandom, map_unit, parse_domain
+from opt_study.config.space import (
+    MAX_VALUES,
+    Domain,
+    budget,
+    dedupe,
+    expand,
+    expand_quasirandom,
+    map_unit,
+    parse_domain,
+)
 
 
 # ------------------------------------------------------------------------------ parse_domain

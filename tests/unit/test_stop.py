@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 from ray.tune.schedulers import TrialScheduler
 
-from opt_study.results.parquet import read_steps
-from opt_study.study.asha import per_optimizer_asha
 from opt_study.plan import TrialPlan
+from opt_study.results.parquet import read_steps
 from opt_study.storage.layout import stop_path
+from opt_study.study.asha import per_optimizer_asha
 from opt_study.trial.loop import run_trial
 
 

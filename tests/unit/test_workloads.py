@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from opt_study.config import FieldError
-from opt_study.workloads import (WORKLOADS, MLPClassifyConfig, QuadraticConfig, TinyLMConfig,
-                                 make_workload, workload_config_class)
+from opt_study.workloads import (
+    WORKLOADS,
+    MLPClassifyConfig,
+    QuadraticConfig,
+    TinyLMConfig,
+    make_workload,
+    workload_config_class,
+)
 from opt_study.workloads.base import derived_seed, eval_slices
 
 # Small but default-shaped configs keep the file fast.

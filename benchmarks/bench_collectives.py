@@ -88,9 +88,9 @@ def counting_measurer(dist_counter: DistCounter, log: list):
 
 
 def main() -> None:
-    import loops
-
     from opt_study import distributed
+
+    import loops
 
     loops.init()
     tmp, storage = loops.shared_tempdir()

@@ -109,9 +109,9 @@ def run_stage(stage: int) -> list[dict]:
 def main() -> None:
     import gc
 
-    import loops
-
     from opt_study import distributed
+
+    import loops
 
     loops.init()
     rows = []

@@ -26,9 +26,9 @@ TARGET = 0.95
 
 
 def main() -> None:
-    import loops
-
     from opt_study import distributed
+
+    import loops
 
     loops.init()
     tmp, storage = loops.shared_tempdir()

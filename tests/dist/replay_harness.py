@@ -18,18 +18,19 @@ import time
 import torch
 import yaml
 
-from harness import full_grads, full_params, run_cases, zero_config  # tests/dist/harness.py (the script's directory)
 from opt_study import distributed
-from opt_study.trial import loop as trial_mod
-from opt_study.validate import parse_study
-from opt_study.trial import snapshots
-from opt_study.replay.job import HessianOptions
 from opt_study.measure.hook import StepMeasurer
+from opt_study.plan import TrialPlan
+from opt_study.replay.job import HessianOptions
 from opt_study.replay.worker import replay_rank
 from opt_study.results.replay_store import read_replay
-from opt_study.plan import TrialPlan
+from opt_study.trial import loop as trial_mod
+from opt_study.trial import snapshots
 from opt_study.trial.loop import run_trial
+from opt_study.validate import parse_study
 from opt_study.workloads import make_workload
+
+from harness import full_grads, full_params, run_cases, zero_config  # tests/dist/harness.py (the script's directory)
 
 # Once opt_study.trial saves snapshots itself, the measurer below only records; before that it
 # also drives the saver through the measurer seam. Saving twice would be harmless anyway (the

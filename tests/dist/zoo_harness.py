@@ -27,10 +27,10 @@ import torch
 
 from opt_study import distributed, optim
 from opt_study.config import ScaleConfig
-from opt_study.validate import parse_study
 from opt_study.measure.hook import StepMeasurer
 from opt_study.plan import TrialPlan
 from opt_study.trial.loop import run_trial
+from opt_study.validate import parse_study
 from opt_study.workloads import make_workload
 
 WORLD_MBS = 4
@@ -188,9 +188,10 @@ def checks(storage: str) -> dict:
     t0 = time.time()
     r = run_case("lamb", 0, storage, "lamb5", steps=5)
     ref = lamb_reference(5)
+    x0 = make_workload("quadratic", None, 0).X0.double().reshape(-1)
     out["lamb_equivalence"] = {"max_abs_diff": float((r["x_train"] - ref).abs().max()),
                                "max_abs": float(ref.abs().max()),
-                               "moved": float((ref - make_workload("quadratic", None, 0).X0.double().reshape(-1)).abs().max())}
+                               "moved": float((ref - x0).abs().max())}
     out["lamb_zero2_guard"] = lamb_zero2_guard()
     r = run_case("schedulefree_adamw", 0, storage, "sfx", steps=3)
     wl = make_workload("quadratic", None, 0)

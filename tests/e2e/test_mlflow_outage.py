@@ -292,8 +292,8 @@ def test_lost_responses_are_redelivered_without_duplicates(server, tmp_path):
     finally:
         proxy.shutdown()
         proxy.server_close()
-# Append to tests/e2e/test_mlflow_outage.py once QueuedSink is wired into run_study and sync-mlflow
-# into opt_study.cli (it uses that module's `server` fixture and helpers). ~40-60 s on a loaded CPU.
+
+
 def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_path):
     """`run_study` with the tracking server down from the start: the trials train and finish,
     the MLflow writes wait in the queue, and `opt-study sync-mlflow` (the real CLI) delivers them."""

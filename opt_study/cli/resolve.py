@@ -8,13 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from opt_study.config import ConfigError, Spec
-from opt_study.storage import objectstore
+from opt_study.storage import layout, objectstore
 from opt_study.validate import load_study, resolve_study
 
-META = ("spec.yaml", "plan.json", "trials", "trials.parquet")
-READS = {"status": META, "query": META + ("steps", "replay"), "report": META + ("steps", "replay"),
-         "replay": META + ("snapshots", "replay"), "sync-mlflow": ("spec.yaml", "mlflow_queue"),
-         "compact": META + ("steps",)}
+L = layout
+META = (L.SPEC_FILE, L.PLAN_FILE, L.TRIALS_DIR, L.TRIALS_TABLE)
+READS = {"status": META, "query": META + (L.STEPS_DIR, L.REPLAY_DIR), "report": META + (L.STEPS_DIR, L.REPLAY_DIR),
+         "replay": META + (L.SNAPSHOTS_DIR, L.REPLAY_DIR), "sync-mlflow": (L.SPEC_FILE, L.MLFLOW_QUEUE_DIR),
+         "compact": META + (L.STEPS_DIR,)}
 
 
 def study_spec(target: str, command: str | None = None) -> Spec:
@@ -35,6 +36,6 @@ def study_folder(target: str, command: str) -> Path:
         p = load_study(p).study_dir
     p = p.resolve()
     objectstore.refresh_study(p, READS[command])
-    if not p.is_dir() or not any((p / n).exists() for n in ("steps", "trials", "spec.yaml")):
+    if not p.is_dir() or not any((p / n).exists() for n in (L.STEPS_DIR, L.TRIALS_DIR, L.SPEC_FILE)):
         raise ConfigError(str(target), "", "not a study folder (no steps/, trials/ or spec.yaml)")
     return p

@@ -51,7 +51,7 @@ def cmd_report(args) -> int:
 def cmd_replay(a) -> int:
     """Exit 0: all replayed; 1: a replay job failed; 2: bad input (nothing started)."""
     from opt_study.replay.job import run_replay
-    from opt_study.results.replay_store import check_reference
+    from opt_study.storage.layout import check_reference
     from opt_study.trial import snapshots
 
     study_dir = study_spec(a.study, "replay").study_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from opt_study.cli.resolve import study_spec
 from opt_study.config import Spec
+from opt_study.storage import layout
 from opt_study.validate import load_study
 
 
@@ -44,8 +45,8 @@ def _finish(spec: Spec) -> int:
     rc = status_table(spec)
     remote = f" (working copy of {spec.study.storage})" if "://" in spec.study.storage else ""
     print(f"\nresults: {spec.study_dir}{remote}\n"
-          f"  steps (Parquet): {spec.study_dir / 'steps'}\n"
-          f"  trials table:    {spec.study_dir / 'trials.parquet'}\n"
+          f"  steps (Parquet): {layout.steps_dir(spec.study_dir)}\n"
+          f"  trials table:    {layout.trials_table_path(spec.study_dir)}\n"
           f"  MLflow:          {spec.tracking_uri}\n"
           f"open the MLflow UI: opt-study ui {spec.study_dir}\n"
           # the `steps` view keeps the last attempt of each step (a raw read_parquet does not)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from opt_study.config import spec as C
+from opt_study.storage import layout
 from opt_study.storage.objectstore import is_uri
 from opt_study.config.space import SAMPLED, budget, parse_domain
 
@@ -381,10 +382,10 @@ def study_folder_spec(folder: str | Path) -> C.Spec:
     """The spec a study folder was started from (its ``spec.yaml``), structure only. A folder
     that was moved keeps working where it is now: its storage root becomes the folder's parent."""
     folder = Path(folder).resolve()
-    if not (folder / "spec.yaml").is_file():
+    if not layout.spec_path(folder).is_file():
         raise C.ConfigError(str(folder), "", "not a study directory (no spec.yaml); give the study's folder "
                                              "under the storage root, or its YAML file")
-    spec = load_spec(folder / "spec.yaml")
+    spec = load_spec(layout.spec_path(folder))
     if spec.study_dir != folder:
         spec = dataclasses.replace(spec, study=dataclasses.replace(spec.study, storage=str(folder.parent)))
     return spec

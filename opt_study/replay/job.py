@@ -22,6 +22,7 @@ from pathlib import Path
 
 from opt_study.config import FieldError
 from opt_study.plan import TrialPlan
+from opt_study.storage import layout
 from opt_study.validate import resolve_study
 
 
@@ -52,9 +53,10 @@ def load_trial(study_dir, trial_id: str):
     """(spec, plan) of a trial from the study dir's spec.yaml and plan.json."""
     study_dir = Path(study_dir).resolve()
     spec = resolve_study(study_dir)
-    plans = [p for p in json.loads((study_dir / "plan.json").read_text()) if p["trial_id"] == trial_id]
+    plan_file = layout.plan_path(study_dir)
+    plans = [p for p in json.loads(plan_file.read_text()) if p["trial_id"] == trial_id]
     if not plans:
-        raise ValueError(f"trial {trial_id!r} is not in {study_dir / 'plan.json'}")
+        raise ValueError(f"trial {trial_id!r} is not in {plan_file}")
     return spec, TrialPlan(**plans[0])
 
 
@@ -67,10 +69,9 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     """
     from opt_study.distributed import free_port
     from opt_study.trial import snapshots
-    from opt_study.results.replay_store import check_reference, replay_path
 
     study_dir = Path(study_dir).resolve()
-    check_reference(reference)
+    layout.check_reference(reference)
     ref_step = snapshots.resolve_reference(study_dir, trial_id, reference)
     world = snapshots.read_meta(study_dir, trial_id, ref_step)["world"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
@@ -86,7 +87,7 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     if proc.returncode != 0:
         tail = (proc.stderr or "")[-4000:] if capture else ""
         raise RuntimeError(f"replay of {trial_id} failed (exit {proc.returncode}) {tail}")
-    return replay_path(study_dir, trial_id, reference)
+    return layout.replay_path(study_dir, trial_id, reference)
 
 
 def add_hessian_args(p: argparse.ArgumentParser) -> None:

@@ -115,7 +115,8 @@ def replay_rank(spec, plan, study_dir, reference: str = "final", hessian: Hessia
     """
     from opt_study.measure.hook import StepMeasurer
     from opt_study.measure.sums import SUM_NAMES, Fragment, local_sums
-    from opt_study.results.replay_store import check_reference, write_replay
+    from opt_study.results.replay_store import write_replay
+    from opt_study.storage.layout import check_reference
     from opt_study.trial.loop import build
 
     check_reference(reference)

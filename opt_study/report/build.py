@@ -138,7 +138,7 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
     """Write ``<out>/index.html`` (default ``out = <study_dir>/report``) and its PNG figures;
     log the folder as artifacts of the study's MLflow parent run (``mlflow=False``: don't);
     return the page's path. ``q``: quantile of the (L0, L1) envelope; ``threads``: DuckDB's."""
-    out = Path(out) if out is not None else Path(study_dir) / "report"
+    out = Path(out) if out is not None else layout.report_dir(study_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:  # a figure not produced this time must not linger from an old report
         layout.remove_tree(out / f"{name}.png")

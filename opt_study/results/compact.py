@@ -7,7 +7,7 @@ setup), about 1.5x the time for the same rows in 10x the files (benchmarks/RESUL
 existing study.
 
 For each attempt of the trial, in ascending order, the rows that survive the reading rules of
-``parquet`` (steps below the start of every later attempt; the last chunk by name wins a
+``scan`` (steps below the start of every later attempt; the last chunk by name wins a
 step) are written as one zstd chunk ``part-<first>-<last>.parquet`` in the same attempt
 directory; then the attempt's other chunks are removed; last, the attempts left without a
 surviving row (wholly replaced by a later restart) are removed, except the last attempt.
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from opt_study.results import parquet
+from opt_study.results import parquet, scan
 from opt_study.storage import layout
 
 # zstd: the compacted file is written once and read by every query; string columns only get
@@ -54,9 +54,9 @@ def compaction_steps(study_dir, trial_id: str) -> Iterator[tuple[str, Path]]:
     unreadable or misplaced (``parquet.check_chunks``); nothing is changed then.
     """
     study_dir = Path(study_dir)
-    attempts = parquet._scan_trial(layout.trial_steps_dir(study_dir, trial_id))
+    attempts = scan.scan_trial(study_dir, trial_id).attempts
     # Read (and check) every attempt first, so a bad chunk stops the compaction before a change.
-    plans = {a: _plan_attempt(trial_id, a, attempts) for a in sorted(attempts)}
+    plans = {att.number: _plan_attempt(att) for att in attempts}
     written = {}
     for a, (rows, _) in plans.items():
         if rows is not None:
@@ -72,7 +72,7 @@ def compaction_steps(study_dir, trial_id: str) -> Iterator[tuple[str, Path]]:
                 layout.remove_tree(old)
                 yield "remove", old
     for a, (rows, old) in plans.items():  # every earlier attempt is already cut below its start
-        if rows is None and old is not None and a != max(attempts):
+        if rows is None and old is not None and a != attempts[-1].number:
             adir = layout.attempt_dir(study_dir, trial_id, a)
             layout.remove_tree(adir)
             yield "remove", adir
@@ -104,15 +104,14 @@ def _encoder(table):
     return lambda f: pq.write_table(table, f, **COMPACT_WRITE_OPTIONS)
 
 
-def _plan_attempt(trial_id: str, a: int, attempts: dict) -> tuple:
+def _plan_attempt(att: scan.Attempt) -> tuple:
     """(rows to write as the attempt's one chunk, chunks to remove once written), or
     (None, None) for an attempt that is compact already (one chunk, none of its rows
     replaced), or (None, its chunks) for one without a surviving row."""
-    att, cutoff = attempts[a], parquet._cutoff(attempts, a)
-    if len(att.chunks) == 1 and (cutoff is None or att.chunks[0][1] < cutoff):
+    if len(att.chunks) == 1 and not att.chunks[0].cut:
         return None, None
-    rows = parquet._attempt_rows(trial_id, a, att, cutoff, strict=True)
-    old = [path for _, _, path in att.chunks]
+    rows = parquet.attempt_rows(att, strict=True)
+    old = [c.path for c in att.chunks]
     if rows is None or rows.num_rows == 0:
         return None, old
     return rows.sort_by("step"), old

@@ -51,10 +51,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from opt_study.storage import layout
 from opt_study.results.mlflow_sink import MlflowSink, check_trial_args, flatten_params
+from opt_study.storage import layout
 
-QUEUE_DIR = "mlflow_queue"
 FAILED_DIR = "failed"
 LOCK_FILE = ".lock"
 ENTRY_FORMAT = 1
@@ -63,13 +62,9 @@ _ENTRY_RE = re.compile(r"^(\d{12})-(" + "|".join(KINDS) + r")-([A-Za-z0-9_.-]+)\
 _USERINFO_RE = re.compile(r"://[^/@\s]+@")  # credentials in a URL, redacted from stored errors
 
 
-def queue_dir(study_dir) -> Path:
-    return Path(study_dir) / QUEUE_DIR
-
-
 def pending_entries(study_dir) -> list[Path]:
     """Entries not yet delivered, in delivery (seq) order."""
-    return _entries(queue_dir(study_dir))
+    return _entries(layout.mlflow_queue_dir(study_dir))
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -115,7 +110,8 @@ class ParentNotFound(RuntimeError):
 
 
 class QueuedSink:
-    """``MlflowSink``'s write methods, made durable by the queue (see the module docstring).
+    """``MlflowSink``'s write methods, made durable by the queue (see the module docstring);
+    a ``sink.Sink``.
 
     ``study`` (or a first ``parent_run`` call) names the study whose parent run receives the
     writes given no run id. Nothing here contacts MLflow at construction. Invalid input (unsafe
@@ -126,7 +122,7 @@ class QueuedSink:
     def __init__(self, study_dir, tracking_uri: str, experiment_name: str, *,
                  study: str | None = None, request_timeout_s: int = 10,
                  retry_interval_s: float = 30.0, max_curve_points: int = 200):
-        self.dir = queue_dir(study_dir)
+        self.dir = layout.mlflow_queue_dir(study_dir)
         self.tracking_uri, self.experiment = tracking_uri, experiment_name
         self.request_timeout_s, self.retry_interval_s = request_timeout_s, retry_interval_s
         self.max_curve_points = max_curve_points

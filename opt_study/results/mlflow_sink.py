@@ -26,8 +26,8 @@ import math
 import time
 from pathlib import Path
 
-from opt_study.storage import layout
 from opt_study.results.trials import TERMINAL_STATUSES, TRIAL_STATUSES, flatten
+from opt_study.storage import layout
 
 # MLflow's limits (mlflow.utils.validation): values longer than these are refused.
 _MAX_PARAM_VALUE = 6000
@@ -53,13 +53,6 @@ def downsample(points: list[tuple[int, float]], max_points: int) -> list[tuple[i
     # Spacing (n-1)/(max_points-1) > 1, so the rounded indices are distinct and increasing.
     idx = [round(i * (n - 1) / (max_points - 1)) for i in range(max_points)]
     return [points[i] for i in idx]
-
-
-def default_tracking_uri(study_dir_parent: Path) -> str:
-    """``sqlite:///<abs storage root>/mlflow.db``; creates the storage root if needed."""
-    root = Path(study_dir_parent).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def flatten_params(params: dict) -> dict[str, str]:
@@ -94,7 +87,7 @@ def check_trial_args(trial_id: str, status: str, summary: dict, curves: dict) ->
 
 
 class MlflowSink:
-    """Parent/child runs of a study in one experiment of one tracking store.
+    """Parent/child runs of a study in one experiment of one tracking store (a ``sink.Sink``).
 
     Uses its own ``MlflowClient`` (no global ``mlflow.set_tracking_uri`` state), so several
     sinks, or a sink and user code, do not interfere.
@@ -203,6 +196,10 @@ class MlflowSink:
         if not folder.is_dir():
             raise NotADirectoryError(f"not a folder: {folder}")
         self.client.log_artifacts(run_id, str(folder), artifact_path=folder.name)
+
+    def drain(self, force: bool = True) -> int:
+        """Nothing waits: every write is made when it is called (``Sink``'s contract)."""
+        return 0
 
     def _log_params(self, run, params: dict) -> None:
         from mlflow.entities import Param

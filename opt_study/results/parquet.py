@@ -7,23 +7,20 @@ chunk is either wholly visible or absent. A restarted trial never edits old file
 a new attempt (``next_attempt``) that records its ``start_step`` (the checkpoint it resumed
 from) in ``_START`` before its first row.
 
-Reading (``read_steps``), valid even where rename is not atomic (object stores), because it
-only needs committed names and the ``_START`` markers:
-
-1. hidden and temporary files are ignored;
-2. the rows of attempt ``a`` are kept only for steps below the ``start_step`` of every later
-   attempt of the same trial (so a restart from step s replaces steps >= s);
-3. within one attempt, a step present twice keeps the row of the last chunk (by name);
-4. a corrupt or truncated chunk is skipped with a warning (``check_chunks`` lists them).
+Reading (``read_steps``) applies the "last attempt wins" rules of ``opt_study.results.scan``
+(the one place they are decided, shared with the DuckDB views and compaction): a restart from
+step s replaces steps >= s of every earlier attempt (``_START`` marks where it began), within
+an attempt the last chunk by name wins a step, and a corrupt or misplaced chunk is skipped with
+a warning (``check_chunks`` lists them). They need only committed names and the ``_START``
+markers, so they hold even where rename is not atomic (object stores).
 
 So every (trial, step) appears exactly once, whatever was lost or replayed around a crash,
 provided the trial loop calls ``flush()`` whenever it saves a checkpoint (rows buffered
 after the last flush are lost with the process, and the resumed attempt rewrites them).
 
 The files are plain Parquet: ``pyarrow.dataset`` and DuckDB read them directly;
-``steps_sql`` gives a DuckDB query that applies rules 2 and 3 (see its docstring for the
-nuance). ``compact`` merges a finished trial's chunks, relying on rules 2 and 3 to keep every
-intermediate state equivalent.
+``steps_sql`` gives the DuckDB query of ``read_steps``'s rows. ``compact`` merges a finished
+trial's chunks, relying on the same rules to keep every intermediate state equivalent.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import json
 import operator
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from opt_study.storage import layout
+from opt_study.results import scan
 from opt_study.results.schema import STEP_SCHEMA
 from opt_study.results.step_cells import rows_table
+from opt_study.storage import layout
 
 
 class StepWriter:
@@ -163,91 +160,31 @@ CHUNK_WRITE_OPTIONS = {"compression": "snappy", "use_dictionary": STRING_COLUMNS
 # ---------------------------------------------------------------------------------- reading
 
 
-@dataclass
-class _Attempt:
-    start_step: int | None
-    chunks: list[tuple[int, int, Path]] = field(default_factory=list)  # sorted by name
-
-
-def _scan(study_dir) -> dict[str, dict[int, _Attempt]]:
-    """trial id -> attempt -> committed chunks and start step, from directory names only."""
-    trials: dict[str, dict[int, _Attempt]] = {}
-    root = layout.steps_dir(Path(study_dir))
-    if not root.is_dir():
-        return trials
-    for tdir in sorted(root.iterdir()):
-        if not tdir.is_dir() or not tdir.name.startswith("trial_id="):
-            continue
-        trial_id = tdir.name[len("trial_id="):]
-        try:
-            layout.check_name(trial_id, "trial id")
-        except ValueError:
-            continue
-        trials[trial_id] = _scan_trial(tdir)
-    return trials
-
-
-def _scan_trial(tdir: Path) -> dict[int, _Attempt]:
-    """attempt -> committed chunks and start step of one ``trial_id=<id>`` directory."""
-    attempts = {}
-    for adir in tdir.iterdir() if tdir.is_dir() else ():
-        a = layout.parse_attempt_dir(adir.name)
-        if a is None or not adir.is_dir():
-            continue
-        chunks = []
-        for f in adir.iterdir():
-            parsed = layout.parse_chunk_name(f.name)
-            if parsed is not None and f.is_file():
-                chunks.append((*parsed, f))
-        chunks.sort()
-        attempts[a] = _Attempt(_read_start(adir, chunks), chunks)
-    return attempts
-
-
-def _cutoff(attempts: dict[int, _Attempt], a: int) -> int | None:
-    """Rule 2: the first step of attempt ``a`` replaced by a later attempt (None: none is)."""
-    later = [b.start_step for n, b in attempts.items() if n > a and b.start_step is not None]
-    return min(later) if later else None
-
-
-def _read_start(adir: Path, chunks) -> int | None:
-    """The attempt's start step: ``_START``, else (marker lost) its first committed step."""
-    try:
-        return int(json.loads((adir / layout.START_FILE).read_text())["start_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return chunks[0][0] if chunks else None
-
-
 def next_attempt(study_dir, trial_id: str) -> int:
     """1 + the highest attempt number of ``trial_id`` on disk, 0 if it has none."""
-    tdir = layout.trial_steps_dir(Path(study_dir), trial_id)
-    if not tdir.is_dir():
-        return 0
-    nums = [layout.parse_attempt_dir(p.name) for p in tdir.iterdir() if p.is_dir()]
-    nums = [n for n in nums if n is not None]
-    return max(nums) + 1 if nums else 0
+    attempts = scan.scan_trial(study_dir, trial_id).attempts
+    return attempts[-1].number + 1 if attempts else 0
 
 
 def list_chunks(study_dir) -> list[Path]:
     """Every committed chunk of the study, ordered by (trial, attempt, first step)."""
-    return [path for trial_id in trial_ids(study_dir) for path in trial_chunks(study_dir, trial_id)]
+    return [c.path for trial in scan.scan_study(study_dir) for c in trial.chunks]
 
 
 def trial_ids(study_dir) -> list[str]:
     """The trials that have a step directory (``steps/trial_id=<id>``), sorted."""
-    return sorted(_scan(study_dir))
+    return [trial.trial_id for trial in scan.scan_study(study_dir)]
 
 
 def trial_chunks(study_dir, trial_id: str) -> list[Path]:
     """The committed chunks of one trial, ordered by (attempt, first step)."""
-    attempts = _scan_trial(layout.trial_steps_dir(Path(study_dir), trial_id))
-    return [path for _, att in sorted(attempts.items()) for _, _, path in att.chunks]
+    return [c.path for c in scan.scan_trial(study_dir, trial_id).chunks]
 
 
-def _read_chunk(path: Path, trial_id: str, attempt: int, first: int, last: int) -> pa.Table:
+def read_chunk(chunk: scan.Chunk) -> pa.Table:
     """Read one chunk and check it belongs where it lies; raise ValueError saying why not."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(chunk.path)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"unreadable: {type(e).__name__}: {e}") from e
     missing = {"trial_id", "attempt", "step"} - set(table.column_names)
@@ -255,49 +192,46 @@ def _read_chunk(path: Path, trial_id: str, attempt: int, first: int, last: int) 
         raise ValueError(f"missing columns {sorted(missing)}")
     if table.num_rows == 0:
         return table
-    if not pc.all(pc.equal(table["trial_id"], trial_id)).as_py():
-        raise ValueError(f"rows of another trial than {trial_id!r}")
-    if not pc.all(pc.equal(table["attempt"], attempt)).as_py():
-        raise ValueError(f"rows of another attempt than {attempt}")
+    if not pc.all(pc.equal(table["trial_id"], chunk.trial_id)).as_py():
+        raise ValueError(f"rows of another trial than {chunk.trial_id!r}")
+    if not pc.all(pc.equal(table["attempt"], chunk.attempt)).as_py():
+        raise ValueError(f"rows of another attempt than {chunk.attempt}")
     bounds = pc.min_max(table["step"])
     lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
-    if lo < first or hi > last:
-        raise ValueError(f"steps {lo}..{hi} outside the name's range {first}..{last}")
+    if lo < chunk.first or hi > chunk.last:
+        raise ValueError(f"steps {lo}..{hi} outside the name's range {chunk.first}..{chunk.last}")
     return table
 
 
 def check_chunks(study_dir) -> list[tuple[Path, str]]:
     """The committed chunks that cannot be read or do not belong where they lie, with why."""
     bad = []
-    for trial_id, attempts in sorted(_scan(study_dir).items()):
-        for a, att in sorted(attempts.items()):
-            for first, last, path in att.chunks:
-                try:
-                    _read_chunk(path, trial_id, a, first, last)
-                except ValueError as e:
-                    bad.append((path, str(e)))
+    for trial in scan.scan_study(study_dir):
+        for chunk in trial.chunks:
+            try:
+                read_chunk(chunk)
+            except ValueError as e:
+                bad.append((chunk.path, str(e)))
     return bad
 
 
-def _attempt_rows(trial_id: str, a: int, att: _Attempt, cutoff: int | None,
-                  strict: bool = False) -> pa.Table | None:
-    """The surviving rows of one attempt: steps < cutoff, last chunk wins per step.
-    A bad chunk is skipped with a warning, or (``strict``) raises ValueError naming it."""
+def attempt_rows(attempt: scan.Attempt, strict: bool = False) -> pa.Table | None:
+    """The surviving rows of one attempt (``scan`` rules 2-4): its live chunks, steps below
+    its cutoff, the last chunk by name per step. A bad chunk is skipped with a warning, or
+    (``strict``) raises ValueError naming it. None if no live chunk could be read."""
     tables = []
-    for first, last, path in att.chunks:
-        if cutoff is not None and first >= cutoff:
-            continue  # wholly replaced by a later attempt: not even read
+    for chunk in attempt.live:
         try:
-            tables.append(_read_chunk(path, trial_id, a, first, last))
+            tables.append(read_chunk(chunk))
         except ValueError as e:
             if strict:
-                raise ValueError(f"bad step chunk {path}: {e}") from None
-            warnings.warn(f"skipping bad step chunk {path}: {e}", stacklevel=3)
+                raise ValueError(f"bad step chunk {chunk.path}: {e}") from None
+            warnings.warn(f"skipping bad step chunk {chunk.path}: {e}", stacklevel=3)
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="default")
-    if cutoff is not None:
-        table = table.filter(pc.less(table["step"], cutoff))
+    if attempt.cutoff is not None:
+        table = table.filter(pc.less(table["step"], attempt.cutoff))
     steps = table["step"].to_numpy()
     # Keep the last occurrence of each step: unique over the reversed order.
     _, first_in_reversed = np.unique(steps[::-1], return_index=True)
@@ -307,18 +241,15 @@ def _attempt_rows(trial_id: str, a: int, att: _Attempt, cutoff: int | None,
 
 
 def read_steps(study_dir, trial_ids=None) -> pa.Table:
-    """All surviving step rows (rules in the module docstring), sorted by (trial_id, step).
+    """All surviving step rows (``scan``'s rules), sorted by (trial_id, step).
 
     ``trial_ids`` restricts the read to those trials. Bad chunks are skipped with a
     ``warnings.warn`` naming the file. Always has at least the columns of ``STEP_SCHEMA``.
     """
-    wanted = None if trial_ids is None else {layout.check_name(t, "trial id") for t in trial_ids}
     tables = [STEP_SCHEMA.empty_table()]
-    for trial_id, attempts in sorted(_scan(study_dir).items()):
-        if wanted is not None and trial_id not in wanted:
-            continue
-        for a, att in attempts.items():
-            table = _attempt_rows(trial_id, a, att, _cutoff(attempts, a))
+    for trial in scan.scan_study(study_dir, trial_ids):
+        for attempt in trial.attempts:
+            table = attempt_rows(attempt)
             if table is not None:
                 tables.append(table)
     out = pa.concat_tables(tables, promote_options="default")
@@ -326,22 +257,10 @@ def read_steps(study_dir, trial_ids=None) -> pa.Table:
 
 
 def steps_sql(study_dir) -> str:
-    """A DuckDB query over the raw files that applies rules 2 ("last attempt wins") and 3
-    (within an attempt, the last chunk by name wins: a compaction in progress, ``compact``).
-
-    It takes each later attempt's first committed step as its start (``_START`` is not
-    Parquet), so it equals ``read_steps`` except while a restarted attempt has not committed
-    its first chunk: then the older rows it will replace are still visible. The file's own
-    ``trial_id`` and ``attempt`` columns win over the Hive partition values.
-    """
-    glob = str(layout.steps_dir(Path(study_dir)) / "**" / "*.parquet").replace("'", "''")
-    return (
-        f"WITH rows AS (SELECT * FROM read_parquet('{glob}', hive_partitioning = true, "
-        "union_by_name = true, filename = '_chunk_file')), "
-        "starts AS (SELECT trial_id, attempt, min(step) AS start_step FROM rows GROUP BY ALL) "
-        "SELECT r.* EXCLUDE (_chunk_file) FROM rows r WHERE NOT EXISTS (SELECT 1 FROM starts s "
-        "WHERE s.trial_id = r.trial_id AND s.attempt > r.attempt AND r.step >= s.start_step) "
-        "QUALIFY row_number() OVER (PARTITION BY r.trial_id, r.step "
-        "ORDER BY r._chunk_file DESC) = 1 "
-        "ORDER BY r.trial_id, r.step"
-    )
+    """A DuckDB query of ``read_steps``'s rows for use outside ``query.StudyDB``: the study's
+    live chunks read within ``scan``'s bounds (``scan.select_sql``), sorted by (trial_id, step).
+    The chunk list is fixed when it is called. It trusts the files' contents: a corrupt chunk
+    makes DuckDB fail, and a misplaced one is read (``check_chunks`` finds both). Raises
+    ValueError for a study without a chunk."""
+    chunks = [c for trial in scan.scan_study(study_dir) for c in trial.live]
+    return f"SELECT * FROM ({scan.select_sql(chunks)}) ORDER BY trial_id, step"

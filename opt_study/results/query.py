@@ -4,9 +4,9 @@
 views are registered (read-only; nothing in the study folder is written):
 
 ``steps``     one row per (trial, step), "last attempt wins" exactly as ``parquet.read_steps``:
-              the rows of attempt a are kept only below the start step (``_START``) of every
-              later attempt of the trial, and within an attempt a step written twice keeps the
-              row of the last chunk by name. Columns: ``schema.STEP_SCHEMA``.
+              the live chunks of ``scan``, each read within its bounds (``scan.select_sql``);
+              a chunk DuckDB fails on that pyarrow cannot read either is skipped with
+              ``read_steps``'s warning. Columns: ``schema.STEP_SCHEMA``.
 ``trials``    one row per planned trial: the trial records (``trials/<id>.json``, the latest
               state, not the ``trials.parquet`` snapshot) flattened as in ``trials.parquet``
               (``"hp.<name>"``, ``"summary.<name>"``, ``"resources.<name>"``: quote them, they
@@ -27,20 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-from opt_study.storage import layout
+from opt_study.results import parquet, scan
 from opt_study.results.schema import GROUP_SUM_COLUMNS, STEP_SCHEMA
 from opt_study.results.trials import read_trial_records, trials_table
+from opt_study.storage import layout
 
-VIEWS: tuple[str, ...] = ("steps", "trials", "steps_hp", "groups", "replay")
-REPLAY_DIR = "replay"
 # Trial columns that steps_hp carries next to the hyperparameters.
 _TRIAL_KEYS = ("label", "optimizer", "workload", "seed", "status", "index")
 
@@ -60,74 +58,18 @@ def _ident(name: str) -> str:
 # ------------------------------------------------------------------------------ step files
 
 
-@dataclass(frozen=True)
-class _StepFiles:
-    files: list[str]                      # committed chunks that may hold surviving rows
-    cutoffs: list[tuple[str, int, int]]   # (trial_id, attempt, first replaced step)
-    overlaps: bool                        # some attempt has two chunks covering one step
+def _step_chunks(study_dir: Path) -> list[scan.Chunk]:
+    """The live chunks of ``scan``'s rules, newest first: the fast path takes the first file's
+    columns, and the schema only grows (see ``StudyDB._define_steps``)."""
+    chunks = [c for trial in scan.scan_study(study_dir) for c in trial.live]
+    return sorted(chunks, key=lambda c: _mtime(c.path), reverse=True)
 
 
-def _step_files(study_dir: Path) -> _StepFiles:
-    """The chunks and attempt cutoffs of ``parquet``'s reading rules, from names only."""
-    files, cutoffs, overlaps = [], [], False
-    root = layout.steps_dir(study_dir)
-    tdirs = sorted(root.glob("trial_id=*")) if root.is_dir() else []
-    for tdir in tdirs:
-        trial_id = tdir.name[len("trial_id="):]
-        try:  # as read_steps: a directory whose name is not a safe trial id is not data
-            layout.check_name(trial_id, "trial id")
-        except ValueError:
-            continue
-        attempts = {}
-        for adir in tdir.iterdir():
-            a = layout.parse_attempt_dir(adir.name)
-            if a is None or not adir.is_dir():
-                continue
-            chunks = sorted((*p, f) for f in adir.iterdir()
-                            if (p := layout.parse_chunk_name(f.name)) is not None)
-            attempts[a] = (_start_step(adir, chunks), chunks)
-        for a, (_, chunks) in attempts.items():
-            later = [s for b, (s, _) in attempts.items() if b > a and s is not None]
-            cutoff = min(later) if later else None
-            if cutoff is not None:
-                cutoffs.append((trial_id, a, cutoff))
-            kept = [c for c in chunks if cutoff is None or c[0] < cutoff]
-            overlaps |= any(nxt[0] <= cur[1] for cur, nxt in zip(kept, kept[1:]))
-            files.extend(str(f) for _, _, f in kept)
-    # Newest first: its columns are the view's on the fast path (see _steps_sql).
-    files.sort(key=lambda f: os.stat(f).st_mtime_ns, reverse=True)
-    return _StepFiles(files, cutoffs, overlaps)
-
-
-def _start_step(adir: Path, chunks) -> int | None:
-    """``_START``'s start step, else (marker lost) the first committed step (as read_steps)."""
+def _mtime(path: Path) -> int:
     try:
-        return int(json.loads((adir / layout.START_FILE).read_text())["start_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return chunks[0][0] if chunks else None
-
-
-def _steps_sql(sf: _StepFiles, union_by_name: bool) -> str:
-    """The ``steps`` view over the chosen files. Without restarts and duplicate chunks it is a
-    plain scan, so DuckDB pushes filters and projections into the Parquet reader.
-
-    ``union_by_name`` false (the fast path): DuckDB takes the columns of the first file (the
-    newest: the schema only grows) and matches the others by name, without reading every
-    footer at each query (~0.2-0.7 ms per file). A file that lacks a column makes the query
-    fail with a schema mismatch; ``StudyDB`` then rebuilds the view with ``union_by_name``.
-    """
-    files = "[" + ", ".join(_sql_str(f) for f in sf.files) + "]"
-    # hive_partitioning off: the files carry trial_id and attempt themselves, and a partition
-    # value like "trial_id=007" must not be re-typed as an integer.
-    sql = (f"SELECT * EXCLUDE (filename) FROM read_parquet({files}, hive_partitioning = false, "
-           f"union_by_name = {str(union_by_name).lower()}, filename = true) r")
-    if sf.cutoffs:  # rule 2: rows at or after a later attempt's start step are replaced
-        sql += (" WHERE NOT EXISTS (SELECT 1 FROM _cutoffs c WHERE c.trial_id = r.trial_id "
-                "AND c.attempt = r.attempt AND r.step >= c.cutoff)")
-    if sf.overlaps:  # rule 3: the last chunk by name wins (names are zero-padded)
-        sql += (" QUALIFY row_number() OVER (PARTITION BY r.trial_id, r.step "
-                "ORDER BY r.filename DESC) = 1")
-    return sql
+        return path.stat().st_mtime_ns
+    except OSError:  # removed since the listing (a compaction): see StudyDB._skip_bad_chunk
+        return 0
 
 
 # ------------------------------------------------------------------------------ trials
@@ -157,7 +99,7 @@ def trial_rows(study_dir) -> pa.Table:
 
 def _read_plan(study_dir: Path) -> list[dict]:
     try:
-        plan = json.loads((study_dir / "plan.json").read_text())
+        plan = json.loads(layout.plan_path(study_dir).read_text())
     except (OSError, ValueError):
         return []
     return [p for p in plan if isinstance(p, dict) and "trial_id" in p] if isinstance(plan, list) else []
@@ -189,22 +131,13 @@ class StudyDB:
         self._register()
 
     def _register(self) -> None:
-        con, self._files = self.con, _step_files(self.study_dir)
+        con, self._chunks = self.con, _step_chunks(self.study_dir)
         # Footers are read once per connection, not at every query of the view.
         con.execute("SET parquet_metadata_cache = true")
         con.register("_trials", self.trials)
         con.execute("CREATE VIEW trials AS SELECT * FROM _trials")
-        sf = self._files
-        if sf.files:
-            con.register("_cutoffs", pa.table({
-                "trial_id": pa.array([c[0] for c in sf.cutoffs], pa.string()),
-                "attempt": pa.array([c[1] for c in sf.cutoffs], pa.int32()),
-                "cutoff": pa.array([c[2] for c in sf.cutoffs], pa.int64())}))
-            self._define_steps(union_by_name=False)
-        else:  # a study that has not written a row yet: the right columns, no rows
-            con.register("_no_steps", STEP_SCHEMA.empty_table())
-            con.execute("CREATE VIEW steps AS SELECT * FROM _no_steps")
-            self._union = True
+        con.register("_no_steps", STEP_SCHEMA.empty_table())
+        self._define_steps(union_by_name=False)
         hp = [n for n in self.trials.column_names if n.startswith("hp.")]
         keep = ", ".join(f"t.{_ident(n)}" for n in (*_TRIAL_KEYS, *hp) if n in self.trials.column_names)
         con.execute(f"CREATE VIEW steps_hp AS SELECT s.*, {keep} FROM steps s "
@@ -213,7 +146,7 @@ class StudyDB:
         con.execute("CREATE VIEW groups AS SELECT trial_id, step, g.name AS group_name, "
                     f"{sums} FROM (SELECT trial_id, step, UNNEST(groups) AS g FROM steps "
                     "WHERE groups IS NOT NULL)")
-        replay = self.study_dir / REPLAY_DIR
+        replay = layout.replay_dir(self.study_dir)
         self.has_replay = replay.is_dir() and any(replay.rglob("*.parquet"))
         if self.has_replay:
             glob = _sql_str(str(replay / "**" / "*.parquet"))
@@ -221,14 +154,28 @@ class StudyDB:
                         "hive_partitioning = false, union_by_name = true)")
 
     def _define_steps(self, union_by_name: bool) -> None:
-        """(Re)define ``steps``: the scan of ``_steps_sql``; where its files lack columns of
-        this code's schema (older files), those columns are added as typed NULLs (UNION ALL BY
-        NAME with an empty STEP_SCHEMA table). The fast path is widened at once if the first
-        file lacks a column. Dependent views bind by name at each query, so they follow."""
-        con = self.con
-        con.execute(f"CREATE OR REPLACE VIEW _steps_scan AS {_steps_sql(self._files, union_by_name)}")
-        self._union = union_by_name
-        have = [d[0] for d in con.execute("DESCRIBE _steps_scan").fetchall()]
+        """(Re)define ``steps``: ``scan.select_sql`` over the live chunks; where they lack
+        columns of this code's schema (older files), those columns are added as typed NULLs
+        (UNION ALL BY NAME with an empty STEP_SCHEMA table). Dependent views bind by name at
+        each query, so they follow. No chunk yet: the right columns, no rows.
+
+        ``union_by_name`` false (the fast path): DuckDB takes the columns of the first file
+        (the newest, ``_step_chunks``) and matches the others by name, without reading every
+        footer at each query (~0.2-0.7 ms per file). It is widened at once if the first file
+        lacks a column; a later file that lacks one makes a query fail with a schema mismatch,
+        and ``table`` widens then."""
+        con, self._union = self.con, union_by_name
+        if not self._chunks:
+            con.execute("CREATE OR REPLACE VIEW steps AS SELECT * FROM _no_steps")
+            return
+        try:  # binding the view reads the first file's footer
+            con.execute("CREATE OR REPLACE VIEW _steps_scan AS "
+                        f"{scan.select_sql(self._chunks, union_by_name)}")
+            have = [d[0] for d in con.execute("DESCRIBE _steps_scan").fetchall()]
+        except duckdb.Error as e:
+            if self._skip_bad_chunk(e):
+                return self._define_steps(union_by_name)
+            raise
         # Schema order first, then any column newer than this code's schema.
         cols = ", ".join(_ident(n) for n in (*STEP_SCHEMA.names,
                                              *(n for n in have if n not in STEP_SCHEMA.names)))
@@ -237,17 +184,34 @@ class StudyDB:
         elif not union_by_name:
             self._define_steps(union_by_name=True)
         else:
-            con.register("_no_steps", STEP_SCHEMA.empty_table())
             con.execute(f"CREATE OR REPLACE VIEW steps AS SELECT {cols} FROM (SELECT * FROM _steps_scan "
                         "UNION ALL BY NAME SELECT * FROM _no_steps)")
 
     def _widen(self) -> bool:
         """Rebuild ``steps`` with union_by_name (files of different schemas); False if it
         already was."""
-        if self._union or not self._files.files:
+        if self._union or not self._chunks:
             return False
         self._define_steps(union_by_name=True)
         return True
+
+    def _skip_bad_chunk(self, error: duckdb.Error) -> bool:
+        """Rule 4 of ``scan``, found when DuckDB fails on a chunk its message names: a chunk
+        pyarrow cannot use either (``parquet.read_chunk``) leaves the view's chunks with the
+        warning of ``read_steps``; a chunk removed since the scan (a compaction) makes the view
+        scan the study again. True if the chunks changed: redefine ``steps`` and retry.
+        (The message may quote the view's SQL, which names other files: each is checked.)"""
+        for chunk in [c for c in self._chunks if str(c.path) in str(error)]:
+            if not chunk.path.exists():
+                self._chunks = _step_chunks(self.study_dir)
+                return True
+            try:
+                parquet.read_chunk(chunk)
+            except ValueError as e:
+                warnings.warn(f"skipping bad step chunk {chunk.path}: {e}", stacklevel=4)
+                self._chunks = [c for c in self._chunks if c is not chunk]
+                return True
+        return False  # every file it names is fine: the error is the statement's
 
     def table(self, sql: str, params=None) -> pa.Table:
         """The result of one SQL statement as a ``pyarrow.Table``; ``QueryError`` if DuckDB
@@ -256,6 +220,9 @@ class StudyDB:
             return self._fetch(sql, params)
         except duckdb.Error as e:
             if "schema mismatch" in str(e) and self._widen():
+                return self.table(sql, params)
+            if self._skip_bad_chunk(e):
+                self._define_steps(self._union)
                 return self.table(sql, params)
             raise QueryError(str(e)) from e
 

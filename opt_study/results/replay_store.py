@@ -28,8 +28,6 @@ import pyarrow.parquet as pq
 
 from opt_study.storage import layout
 
-REPLAY_DIR = "replay"
-
 REPLAY_SCHEMA = pa.schema([
     pa.field("trial_id", pa.string(), nullable=False),
     pa.field("step", pa.int64(), nullable=False),
@@ -53,23 +51,11 @@ REPLAY_SCHEMA = pa.schema([
 COLUMNS: tuple[str, ...] = tuple(REPLAY_SCHEMA.names)
 
 
-def check_reference(reference: str) -> str:
-    """"final", "init" or a non-negative step number, as a string."""
-    if reference in ("final", "init") or (isinstance(reference, str) and reference.isdigit()):
-        return reference
-    raise ValueError(f"reference must be final, init or a snapshot step, got {reference!r}")
-
-
-def replay_path(study_dir, trial_id: str, reference: str) -> Path:
-    return (Path(study_dir) / REPLAY_DIR / f"trial_id={layout.check_name(trial_id, 'trial id')}"
-            / f"reference={check_reference(reference)}.parquet")
-
-
 def write_replay(study_dir, trial_id: str, reference: str, rows: list[dict]) -> Path:
     """Replace the replay file of (trial, reference) with ``rows`` (dicts keyed by COLUMNS;
     nullable columns may be omitted). Raises ValueError on an unknown column or a row of
     another trial or reference."""
-    path = replay_path(study_dir, trial_id, reference)
+    path = layout.replay_path(Path(study_dir), trial_id, reference)
     for r in rows:
         unknown = set(r) - set(COLUMNS)
         if unknown:
@@ -87,10 +73,10 @@ def write_replay(study_dir, trial_id: str, reference: str, rows: list[dict]) -> 
 def read_replay(study_dir, trial_id: str | None = None, reference: str | None = None) -> pa.Table:
     """The replay rows of a study (optionally one trial and/or one reference), sorted by
     (trial_id, reference, step); an empty table with REPLAY_SCHEMA if there are none."""
-    root = Path(study_dir) / REPLAY_DIR
-    tdirs = [root / f"trial_id={layout.check_name(trial_id, 'trial id')}"] if trial_id else (
+    root = layout.replay_dir(Path(study_dir))
+    tdirs = [layout.replay_trial_dir(Path(study_dir), trial_id)] if trial_id else (
         sorted(root.glob("trial_id=*")) if root.is_dir() else [])
-    pattern = f"reference={check_reference(reference)}.parquet" if reference else "reference=*.parquet"
+    pattern = f"reference={layout.check_reference(reference)}.parquet" if reference else "reference=*.parquet"
     files = [f for d in tdirs if d.is_dir() for f in sorted(d.glob(pattern))
              if not f.name.startswith((".", "_"))]
     if not files:

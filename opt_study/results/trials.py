@@ -70,7 +70,7 @@ def write_trial_record(study_dir, record: dict) -> None:
 def read_trial_records(study_dir) -> list[dict]:
     """All trial records, sorted by trial_id. An unreadable file is skipped with a warning
     (records are written atomically, so that only happens when something else wrote it)."""
-    tdir = Path(study_dir) / layout.TRIALS_DIR
+    tdir = layout.trials_dir(Path(study_dir))
     if not tdir.is_dir():
         return []
     records = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from opt_study.storage import objectstore
+from opt_study.storage import layout, objectstore
 from opt_study.config import Spec
 from opt_study.plan import TrialPlan
 
@@ -62,7 +62,7 @@ def worker_group_trainable(config: dict, spec: Spec) -> None:
         torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=bool(s.gpus_per_worker),
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(name=plan["trial_id"], **objectstore.ray_storage(spec.study_dir / "ray" / "train"),
+        run_config=RunConfig(name=plan["trial_id"], **objectstore.ray_storage(layout.ray_train_dir(spec.study_dir)),
                              callbacks=[TuneReportCallback()],
                              # a dead worker: Ray Train restarts the group, and run_trial resumes
                              # from the trial's last checkpoint (opt_study.trial.checkpoint)

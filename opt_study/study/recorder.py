@@ -20,7 +20,7 @@ from opt_study.measure.metrics import summarize
 from opt_study.results import compact, parquet, trials as trials_tbl
 from opt_study.results.trials import DONE_STATUSES
 from opt_study.storage import layout
-from opt_study.results.mlflow_queue import QueuedSink
+from opt_study.results.sink import Sink
 from opt_study.plan import TrialPlan
 
 CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
@@ -50,7 +50,7 @@ def trial_summary(rows: list[dict], target: dict | None = None) -> dict[str, flo
 
 
 class StudyRecorder(Callback):
-    def __init__(self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: QueuedSink | None,
+    def __init__(self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: Sink,
                  parent_run_id: str | None, out=sys.stdout):
         self.spec, self.resources, self.sink, self.parent = spec, resources, sink, parent_run_id
         self.plans = {p.trial_id: p for p in plans}
@@ -113,20 +113,23 @@ class StudyRecorder(Callback):
                     ended=time.time(), error=error,
                     nodes=(trial.last_result or {}).get("nodes", ""))
         trials_tbl.write_trials_table(self.spec.study_dir)
-        if self.sink is not None:
-            curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in CURVES}
-            params = {"optimizer": plan.optimizer, **{f"hp.{k}": v for k, v in plan.hparams.items()},
-                      "seed": plan.seed, "zero_stage": self.spec.scale.zero_stage,
-                      "workers": self.spec.scale.workers, "precision": self.spec.scale.precision,
-                      "micro_batch_size": self.spec.scale.micro_batch_size,
-                      "grad_accum": self.spec.scale.grad_accum, "steps": self.spec.training.steps}
-            tags = {"opt_study.workload": self.spec.workload.type, "opt_study.optimizer": plan.optimizer,
-                    "opt_study.label": plan.label, "opt_study.seed": str(plan.seed)}
-            self.sink.log_trial(self.parent, plan.trial_id, params, tags, summary, curves, status)
+        self._log_trial(plan, status, summary, rows)
         self.n_done += 1
         self._line(plan.trial_id, status.upper(),
                    f"loss {summary['final_loss']:.4f}  eval {summary['best_eval_loss']:.4f}"
                    f"  [{self.n_done}/{len(self.plans)} done]")
+
+    def _log_trial(self, plan: TrialPlan, status: str, summary: dict, rows: list[dict]) -> None:
+        """The trial's child run: its params, tags, summary and curves (the sink downsamples)."""
+        curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in CURVES}
+        params = {"optimizer": plan.optimizer, **{f"hp.{k}": v for k, v in plan.hparams.items()},
+                  "seed": plan.seed, "zero_stage": self.spec.scale.zero_stage,
+                  "workers": self.spec.scale.workers, "precision": self.spec.scale.precision,
+                  "micro_batch_size": self.spec.scale.micro_batch_size,
+                  "grad_accum": self.spec.scale.grad_accum, "steps": self.spec.training.steps}
+        tags = {"opt_study.workload": self.spec.workload.type, "opt_study.optimizer": plan.optimizer,
+                "opt_study.label": plan.label, "opt_study.seed": str(plan.seed)}
+        self.sink.log_trial(self.parent, plan.trial_id, params, tags, summary, curves, status)
 
     def _compact(self, trial_id: str) -> None:
         """A finished trial's chunks become one file per attempt (opt_study.results.compact), so

@@ -17,8 +17,9 @@ from pathlib import Path
 from opt_study.config import Spec
 from opt_study.plan import TrialPlan
 from opt_study.plan.planners import pending_plans, plan_trials, planner_for
+from opt_study.results.sink import Sink
 from opt_study.results.trials import read_trial_records
-from opt_study.storage import objectstore
+from opt_study.storage import layout, objectstore
 from opt_study.study.asha import PerLabelASHA
 
 
@@ -55,14 +56,12 @@ def describe(spec: Spec) -> dict:
 
 def write_spec(spec: Spec, source_text: str | None) -> None:
     """Keep the exact YAML the study was started from next to its results (provenance)."""
-    from opt_study.storage import layout
-
     d = spec.study_dir
     d.mkdir(parents=True, exist_ok=True)
     if source_text is not None:
-        layout.atomic_write_bytes(d / "spec.yaml", source_text.encode())
+        layout.atomic_write_bytes(layout.spec_path(d), source_text.encode())
     plan = json.dumps([p.as_dict() for p in plan_trials(spec)], indent=1)
-    layout.atomic_write_bytes(d / "plan.json", plan.encode())
+    layout.atomic_write_bytes(layout.plan_path(d), plan.encode())
 
 
 # ------------------------------------------------------------------------------- running a study
@@ -108,7 +107,7 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
 
     out = out or sys.stdout
     objectstore.pull_study(spec.study_dir)  # an object-store root: start from what the store holds
-    sink = QueuedSink(spec.study_dir, spec.tracking_uri, experiment_name(spec.study.name))
+    sink: Sink = QueuedSink(spec.study_dir, spec.tracking_uri, experiment_name(spec.study.name))
     parent = sink.parent_run(spec.study.name, params=_study_params(spec),
                              tags={"opt_study.workload": spec.workload.type})
     attempted: set[str] = set()
@@ -129,15 +128,15 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     return {"ran": ran, "parent_run_id": parent}
 
 
-def flush_mlflow(sink, spec: Spec, out) -> None:
+def flush_mlflow(sink: Sink, spec: Spec, out) -> None:
     """Deliver what the MLflow queue still holds; if the server is unreachable, say how to finish."""
     left = sink.drain()
     if left:
-        print(f"MLflow: {left} write(s) not delivered yet, kept in {spec.study_dir / 'mlflow_queue'}; "
+        print(f"MLflow: {left} write(s) not delivered yet, kept in {layout.mlflow_queue_dir(spec.study_dir)}; "
               f"deliver them with: opt-study sync-mlflow {spec.study_dir}", file=out)
 
 
-def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out) -> None:
+def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None, out) -> None:
     """One Tune run over `todo`: record them pending, then run them with the study's scheduler.
     Under tpe, `todo` are trial ids and StudyTPE proposes the hyperparameters: a trial is
     recorded when it starts (with them), and Tune asks the searcher `len(todo)` times."""
@@ -165,14 +164,14 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink, parent: str | None, out)
     concurrent = max_concurrent(spec, ray.cluster_resources())
     print(f"study {spec.study.name}: {len(todo)} trials to run, {concurrent} at a time "
           f"({resources['launcher']}, {resources['workers']} worker(s) x {resources['per_worker']})", file=out)
-    run_idx = _next_run_index(spec.study_dir / "ray")
+    run_idx = _next_run_index(layout.ray_dir(spec.study_dir))
     tuner = tune.Tuner(
         trainable_for(spec),
         param_space={} if searcher else {"trial": tune.grid_search([p.as_dict() for p in todo])},
         tune_config=tune.TuneConfig(num_samples=len(todo) if searcher else 1, search_alg=searcher,
                                     max_concurrent_trials=concurrent,
                                     scheduler=PerLabelASHA(spec) if spec.search.asha else None),
-        run_config=tune.RunConfig(name=f"run-{run_idx}", **objectstore.ray_storage(spec.study_dir / "ray"),
+        run_config=tune.RunConfig(name=f"run-{run_idx}", **objectstore.ray_storage(layout.ray_dir(spec.study_dir)),
                                   callbacks=[recorder], verbose=0,
                                   # in-process trials are retried by Tune; worker groups by Ray Train
                                   failure_config=tune.FailureConfig(

@@ -16,13 +16,9 @@ from opt_study.storage import objectstore
 from opt_study.storage import layout
 
 
-def ckpt_dir(study_dir: Path, trial_id: str) -> Path:
-    return Path(study_dir) / "checkpoints" / trial_id
-
-
 def latest_step(study_dir: Path, trial_id: str) -> int | None:
     """The step recorded by DeepSpeed's `latest` file (written after a complete save), or None."""
-    f = ckpt_dir(study_dir, trial_id) / "latest"
+    f = layout.checkpoint_dir(study_dir, trial_id) / "latest"
     if not f.is_file():
         return None
     tag = f.read_text().strip()
@@ -32,7 +28,7 @@ def latest_step(study_dir: Path, trial_id: str) -> int | None:
 def save(engine, study_dir: Path, trial_id: str, next_step: int, state: dict, keep: int = 2) -> None:
     """All ranks: save the engine at the boundary before `next_step` (rows up to it are flushed
     first by the caller, so a restart's rows start exactly where the checkpoint does)."""
-    d = ckpt_dir(study_dir, trial_id)
+    d = layout.checkpoint_dir(study_dir, trial_id)
     tag = f"step-{next_step}"
     engine.save_checkpoint(str(d), tag=tag, client_state={"next_step": next_step, **state})
     _push_own_files(d / tag, distributed.rank())
@@ -59,7 +55,7 @@ def owner(name: str) -> int:
 def pull(study_dir: Path, trial_id: str, rank: int) -> None:
     """On an object-store root, fetch what this rank loads: `latest`, the shared model states
     and its own partition files, not the other ranks' (no-op on a local root)."""
-    objectstore.pull(ckpt_dir(study_dir, trial_id),
+    objectstore.pull(layout.checkpoint_dir(study_dir, trial_id),
                  select=lambda rel: _RANK_RE.search(rel) is None or owner(rel.rsplit("/", 1)[-1]) == rank)
 
 
@@ -80,10 +76,11 @@ def load(engine, study_dir: Path, trial_id: str) -> dict | None:
     step = distributed.broadcast_object(latest_step(study_dir, trial_id) if distributed.rank() == 0 else None)
     if step is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir(study_dir, trial_id)), tag=f"step-{step}")
+    d = layout.checkpoint_dir(study_dir, trial_id)
+    path, client_state = engine.load_checkpoint(str(d), tag=f"step-{step}")
     if path is None:
         raise RuntimeError(f"trial {trial_id}: checkpoint step-{step} could not be loaded on rank "
-                           f"{distributed.rank()} from {ckpt_dir(study_dir, trial_id)}")
+                           f"{distributed.rank()} from {d}")
     return client_state
 
 
@@ -99,5 +96,5 @@ def _prune(d: Path, keep: int, store: bool) -> None:
 def remove(study_dir: Path, trial_id: str, store: bool = True) -> None:
     """A finished trial's checkpoints are no longer needed (snapshots for replay are separate).
     Every rank removes its machine's copy; `store`: rank 0 also removes them from the store."""
-    d = ckpt_dir(study_dir, trial_id)
+    d = layout.checkpoint_dir(study_dir, trial_id)
     layout.remove_tree(d) if store else shutil.rmtree(d, ignore_errors=True)

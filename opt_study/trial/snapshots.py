@@ -3,7 +3,7 @@
 A trial with ``measure.snapshot_every: k > 0`` saves x_0 before its first step, x_s after every
 step where s % k == 0 (s = the number of updates applied) and its last iterate. Each rank saves
 only its own fp32 master fragments (``ShardView.params()``, trimmed to ``ShardView.bounds()``):
-no rank gathers a full vector. Layout under the study dir::
+no rank gathers a full vector. Layout under the study dir (paths from ``storage.layout``)::
 
     snapshots/<trial_id>/step-<s>/
         rank-<r>-of-<W>.pt   torch.save({"bounds": int64 [P, 2], "fragments": {name: fp32 1-D}})
@@ -23,7 +23,6 @@ and ints, so a tampered file cannot run code.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -34,23 +33,9 @@ from opt_study.measure.cadence import due
 from opt_study.storage import objectstore
 from opt_study.storage import layout
 
-SNAPSHOTS_DIR = "snapshots"
 COMMITTED = "COMMITTED"
 META = "meta.json"
 FORMAT = 1
-_STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def trial_dir(study_dir, trial_id: str) -> Path:
-    return Path(study_dir) / SNAPSHOTS_DIR / layout.check_name(trial_id, "trial id")
-
-
-def step_dir(study_dir, trial_id: str, step: int) -> Path:
-    return trial_dir(study_dir, trial_id) / f"step-{int(step)}"
-
-
-def rank_file(study_dir, trial_id: str, step: int, rank: int, world: int) -> Path:
-    return step_dir(study_dir, trial_id, step) / f"rank-{rank}-of-{world}.pt"
 
 
 class SnapshotSaver:
@@ -99,7 +84,7 @@ class SnapshotSaver:
         return True
 
     def _save(self, s: int) -> None:
-        d = step_dir(self.study_dir, self.trial_id, s)
+        d = layout.snapshot_step_dir(self.study_dir, self.trial_id, s)
         if self.rank == 0:
             layout.remove_tree(d / COMMITTED)
         distributed.barrier()
@@ -107,13 +92,14 @@ class SnapshotSaver:
         frags = {name: t[:hi - lo].detach().to("cpu", torch.float32, copy=True)
                  for name, t, (lo, hi) in zip(self.view.names, self.view.params(), self.view.bounds())}
         bounds = torch.tensor(self.view.bounds(), dtype=torch.int64).reshape(-1, 2)
-        layout.atomic_write(rank_file(self.study_dir, self.trial_id, s, self.rank, self.world),
+        layout.atomic_write(layout.snapshot_rank_file(self.study_dir, self.trial_id, s, self.rank, self.world),
                             lambda f: torch.save({"bounds": bounds, "fragments": frags}, f))
         distributed.barrier()
         if self.rank == 0:
             missing = [r for r in range(self.world)
-                       if not objectstore.exists(rank_file(self.study_dir, self.trial_id, s, r, self.world),
-                                             poll=False)]
+                       if not objectstore.exists(
+                           layout.snapshot_rank_file(self.study_dir, self.trial_id, s, r, self.world),
+                           poll=False)]
             if missing:  # the study dir is not shared by the ranks: say so instead of committing
                 raise RuntimeError(f"snapshot step-{s}: rank files {missing} not visible from rank 0; "
                                    "snapshots need a study dir shared by all ranks or an object store")
@@ -124,27 +110,23 @@ class SnapshotSaver:
 # ----------------------------------------------------------------------------------- reading
 def committed_steps(study_dir, trial_id: str) -> list[int]:
     """The committed snapshot steps of a trial, ascending (empty if it saved none)."""
-    root = trial_dir(study_dir, trial_id)
+    root = layout.snapshot_trial_dir(study_dir, trial_id)
     if not root.is_dir():
         return []
-    out = []
-    for d in root.iterdir():
-        m = _STEP_RE.match(d.name)
-        if m and (d / COMMITTED).is_file():
-            out.append(int(m.group(1)))
-    return sorted(out)
+    steps = ((layout.parse_snapshot_step_dir(d.name), d) for d in root.iterdir())
+    return sorted(s for s, d in steps if s is not None and (d / COMMITTED).is_file())
 
 
 def snapshot_trials(study_dir) -> list[str]:
     """Trial ids that have at least one committed snapshot."""
-    root = Path(study_dir) / SNAPSHOTS_DIR
+    root = layout.snapshots_dir(study_dir)
     if not root.is_dir():
         return []
     return sorted(d.name for d in root.iterdir() if d.is_dir() and committed_steps(study_dir, d.name))
 
 
 def read_meta(study_dir, trial_id: str, step: int) -> dict:
-    d = step_dir(study_dir, trial_id, step)
+    d = layout.snapshot_step_dir(study_dir, trial_id, step)
     if not (d / COMMITTED).is_file():
         raise FileNotFoundError(f"no committed snapshot at {d}")
     meta = json.loads((d / META).read_text())
@@ -155,7 +137,7 @@ def read_meta(study_dir, trial_id: str, step: int) -> dict:
 
 def load_fragments(study_dir, trial_id: str, step: int, rank: int, world: int) -> dict:
     """One rank's file of a committed snapshot: {"bounds": int64 [P, 2], "fragments": {name: t}}."""
-    path = rank_file(study_dir, trial_id, step, rank, world)
+    path = layout.snapshot_rank_file(study_dir, trial_id, step, rank, world)
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or set(data) != {"bounds", "fragments"}:
         raise ValueError(f"{path}: not a snapshot rank file")
@@ -167,7 +149,7 @@ def resolve_reference(study_dir, trial_id: str, reference: str) -> int:
     steps = committed_steps(study_dir, trial_id)
     if not steps:
         raise FileNotFoundError(f"trial {trial_id} has no committed snapshots under "
-                                f"{trial_dir(study_dir, trial_id)} (set measure.snapshot_every)")
+                                f"{layout.snapshot_trial_dir(study_dir, trial_id)} (set measure.snapshot_every)")
     if reference == "final":
         return steps[-1]
     step = 0 if reference == "init" else _parse_step(reference)

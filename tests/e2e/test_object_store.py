@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from opt_study.cli.resolve import READS
 from opt_study.storage import layout, objectstore
 
 import specs
@@ -175,10 +176,10 @@ def test_a_reading_command_pulls_only_what_it_reads(s3_endpoint, tmp_path, monke
         layout.atomic_write_bytes(root / rel, b"z" * 300)
     monkeypatch.setenv(objectstore.CACHE_ENV, str(tmp_path / "reader"))
     reader = objectstore.attach(uri)
-    assert objectstore.refresh_study(reader / "s", "status") == 1
+    assert objectstore.refresh_study(reader / "s", READS["status"]) == 1
     assert [p.relative_to(reader).as_posix() for p in reader.rglob("*") if p.is_file()
             and not p.name.startswith(".")] == ["s/trials/t.json"]
-    assert objectstore.refresh_study(reader / "s", "query") == 1  # now the steps, not the snapshots
+    assert objectstore.refresh_study(reader / "s", READS["query"]) == 1  # now the steps, not the snapshots
     assert not (reader / "s" / "snapshots").exists()
 
 

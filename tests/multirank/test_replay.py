@@ -27,6 +27,7 @@ from opt_study.config import FieldError, MeasureConfig
 from opt_study.measure import curvature
 from opt_study.replay.job import HessianOptions
 from opt_study.results import replay_store
+from opt_study.storage import layout
 from opt_study.trial import snapshots
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +122,7 @@ def test_cli_replay_launches_torchrun_and_reproduces_the_rows(replayed):
 
     data, storage = replayed
     study = storage / "r0"
-    path = replay_store.replay_path(study, "t0", "final")
+    path = layout.replay_path(study, "t0", "final")
     path.unlink()
     assert main(["replay", str(study), "--trial", "t0"]) == 0
     rows = replay_store.read_replay(study, "t0", "final").to_pylist()
@@ -149,14 +150,14 @@ def test_uncommitted_snapshots_are_ignored_and_files_load_weights_only(replayed,
     study = tmp_path / "r2"
     shutil.copytree(storage / "r2", study)
     assert snapshots.committed_steps(study, "t2") == [0, 2, 4]
-    (snapshots.step_dir(study, "t2", 4) / snapshots.COMMITTED).unlink()  # a save cut short
+    (layout.snapshot_step_dir(study, "t2", 4) / snapshots.COMMITTED).unlink()  # a save cut short
     assert snapshots.committed_steps(study, "t2") == [0, 2]
     assert snapshots.resolve_reference(study, "t2", "final") == 2
     assert snapshots.snapshot_trials(study) == ["t2"]
     meta = snapshots.read_meta(study, "t2", 2)
     assert meta["world"] == 2 and meta["zero_stage"] == 2 and len(meta["bounds"]) == 2
     # a rank file that would run code on load is refused (torch.load weights_only=True)
-    evil = snapshots.rank_file(study, "t2", 2, 0, 2)
+    evil = layout.snapshot_rank_file(study, "t2", 2, 0, 2)
     torch.save({"bounds": torch.zeros(1), "fragments": _Evil()}, evil)
     with pytest.raises(Exception, match="[Ww]eights only"):
         snapshots.load_fragments(study, "t2", 2, 0, 2)
@@ -236,6 +237,6 @@ def test_replay_store_roundtrip_and_refusals(tmp_path):
         replay_store.write_replay(tmp_path, "a-1", "final", [{"step": 0, "ref_step": 0, "bogus": 1}])
     for bad in ("best", "-1", "../x"):
         with pytest.raises(ValueError):
-            replay_store.replay_path(tmp_path, "a-1", bad)
+            layout.replay_path(tmp_path, "a-1", bad)
     with pytest.raises(ValueError):
-        replay_store.replay_path(tmp_path, "../a", "final")
+        layout.replay_path(tmp_path, "../a", "final")

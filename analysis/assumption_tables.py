@@ -10,6 +10,7 @@ mean over seeds ± the 95% Student-t half-width; the (L0, L1) envelope; the chec
 convexity ratios where the study has them. Writes the table as CSV and the figures (trajectories,
 (L0, L1) scatter, replay) as PNG into DIR (default STUDY_DIR/analysis).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,22 @@ from opt_study.report import figures, tables
 from opt_study.report.data import load
 from opt_study.report.text import format_table
 
-SHOWN = ("label", "workload", "config", "seeds", "n_measured",
-         "frac_convexity_fwd_holds", "frac_convexity_fwd_violated",
-         "frac_convexity_bwd_holds", "frac_convexity_bwd_violated",
-         "smoothness_ratio", "smoothness_local_median", "smoothness_local_max",
-         "frac_descent_holds", "frac_progress_predicted")
+SHOWN = (
+    "label",
+    "workload",
+    "config",
+    "seeds",
+    "n_measured",
+    "frac_convexity_fwd_holds",
+    "frac_convexity_fwd_violated",
+    "frac_convexity_bwd_holds",
+    "frac_convexity_bwd_violated",
+    "smoothness_ratio",
+    "smoothness_local_median",
+    "smoothness_local_max",
+    "frac_descent_holds",
+    "frac_progress_predicted",
+)
 
 
 def _with_ci(rows: list[dict]) -> list[dict]:
@@ -55,8 +67,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", type=Path)
-    ap.add_argument("--select", choices=("best", "all"), default="best",
-                    help="best: each optimizer's best configuration (default); all: every trial")
+    ap.add_argument(
+        "--select",
+        choices=("best", "all"),
+        default="best",
+        help="best: each optimizer's best configuration (default); all: every trial",
+    )
     ap.add_argument("--q", type=float, default=0.95, help="quantile of the (L0, L1) envelope")
     ap.add_argument("--out", type=Path, help="output folder (default STUDY/analysis)")
     a = ap.parse_args(argv)

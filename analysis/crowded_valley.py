@@ -10,6 +10,7 @@ failed, pending). Across the studies (one workload each): steps to reach each wo
 and the performance profiles with their scores. Figures go to DIR (default: the first study's
 analysis/ folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,10 @@ def main(argv=None) -> int:
         prof = tables.profile_table(datas)
         print("Steps until every seed of the best configuration reached the workload's target")
         print(format_table(["problem", "label", "target", "steps"], prof["rows"], len(prof["rows"])))
-        print("Performance-profile scores (area under ρ(τ), τ in [1, 4]; 1 = fastest everywhere): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in prof["scores"].items()))
+        print(
+            "Performance-profile scores (area under ρ(τ), τ in [1, 4]; 1 = fastest everywhere): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in prof["scores"].items())
+        )
         figures.profile_figure(prof).savefig(out / "profiles.png", dpi=100)
     finally:
         for d in datas:

@@ -25,6 +25,7 @@ the output as ``mlflow_extrapolated``).
 
     .venv/bin/python benchmarks/bench_assumption_table.py [OUT.json] [--every 10] [--chunks 10000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,17 @@ TARGET_S = 1.0
 REPEATS = 3
 LABELS = ("adamw", "sgd", "lion", "radam")
 CONFIGS, SEEDS, STEPS, EVAL_EVERY = 5, 5, 100_000, 1000
-HISTORY_KEYS = ("loss", "loss_probe", "probe_s", "ip_grad_update", "sq_update", "smoothness_local",
-                "convexity_gap_fwd", "convexity_gap_bwd", "noise_floor")
+HISTORY_KEYS = (
+    "loss",
+    "loss_probe",
+    "probe_s",
+    "ip_grad_update",
+    "sq_update",
+    "smoothness_local",
+    "convexity_gap_fwd",
+    "convexity_gap_bwd",
+    "noise_floor",
+)
 
 
 def _classes(gap: np.ndarray, floor: np.ndarray) -> np.ndarray:
@@ -68,27 +78,43 @@ def trial_table(trial_id: str, rng: np.random.Generator, every: int):
     meas = step % every == every - 1
     m = int(meas.sum())
     loss = 3.0 * np.exp(-step / 40_000) + rng.normal(0, 0.01, n)
-    cols = {"trial_id": pa.array([trial_id] * n), "attempt": pa.array(np.zeros(n, np.int32)),
-            "step": pa.array(step), "time_unix": pa.array(1.7e9 + 0.2 * step), "loss": pa.array(loss),
-            "lr": pa.array(np.full(n, 1e-3)), "grad_norm": pa.array(rng.uniform(0.5, 2, n)),
-            "update_norm": pa.array(rng.uniform(1e-3, 1e-2, n)), "param_norm": pa.array(np.full(n, 50.0)),
-            "step_time_s": pa.array(rng.uniform(0.1, 0.2, n)), "units_per_s": pa.array(np.full(n, 8e3)),
-            "measured": pa.array(meas)}
+    cols = {
+        "trial_id": pa.array([trial_id] * n),
+        "attempt": pa.array(np.zeros(n, np.int32)),
+        "step": pa.array(step),
+        "time_unix": pa.array(1.7e9 + 0.2 * step),
+        "loss": pa.array(loss),
+        "lr": pa.array(np.full(n, 1e-3)),
+        "grad_norm": pa.array(rng.uniform(0.5, 2, n)),
+        "update_norm": pa.array(rng.uniform(1e-3, 1e-2, n)),
+        "param_norm": pa.array(np.full(n, 50.0)),
+        "step_time_s": pa.array(rng.uniform(0.1, 0.2, n)),
+        "units_per_s": pa.array(np.full(n, 8e3)),
+        "measured": pa.array(meas),
+    }
     ev = step % EVAL_EVERY == EVAL_EVERY - 1
     cols["eval_loss"] = pa.array(np.where(ev, loss + 0.1, np.nan), mask=~ev)
     lm = loss[meas]
-    s = {"loss_probe": lm - rng.uniform(-1e-3, 3e-3, m), "probe_s": np.ones(m),
-         "sq_update": rng.uniform(1e-6, 1e-4, m), "sq_grad": rng.uniform(0.25, 4, m),
-         "sq_grad_probe": rng.uniform(0.25, 4, m), "sq_param": np.full(m, 2500.0)}
+    s = {
+        "loss_probe": lm - rng.uniform(-1e-3, 3e-3, m),
+        "probe_s": np.ones(m),
+        "sq_update": rng.uniform(1e-6, 1e-4, m),
+        "sq_grad": rng.uniform(0.25, 4, m),
+        "sq_grad_probe": rng.uniform(0.25, 4, m),
+        "sq_param": np.full(m, 2500.0),
+    }
     s["ip_grad_update"] = -rng.uniform(0, 1, m) * np.sqrt(s["sq_update"] * s["sq_grad"])
     s["ip_probe_update"] = s["ip_grad_update"] * rng.uniform(-0.5, 1.2, m)
     s["sq_grad_diff"] = s["sq_update"] * rng.uniform(0.1, 50, m) ** 2
     delta = s["loss_probe"] - lm
-    d = {"loss_change": delta, "convexity_gap_fwd": s["ip_grad_update"] - delta,
-         "convexity_gap_bwd": delta - s["ip_probe_update"],
-         "smoothness_local": np.sqrt(s["sq_grad_diff"] / s["sq_update"]),
-         "smoothness_descent": 2 * (delta - s["ip_grad_update"]) / s["sq_update"],
-         "noise_floor": 4 * 2.0**-24 * (np.abs(lm) + np.abs(s["loss_probe"]))}
+    d = {
+        "loss_change": delta,
+        "convexity_gap_fwd": s["ip_grad_update"] - delta,
+        "convexity_gap_bwd": delta - s["ip_probe_update"],
+        "smoothness_local": np.sqrt(s["sq_grad_diff"] / s["sq_update"]),
+        "smoothness_descent": 2 * (delta - s["ip_grad_update"]) / s["sq_update"],
+        "noise_floor": 4 * 2.0**-24 * (np.abs(lm) + np.abs(s["loss_probe"])),
+    }
     for k, v in {**s, **d}.items():
         full = np.zeros(n)
         full[meas] = v
@@ -111,12 +137,19 @@ def build(study: Path, every: int, chunk: int) -> None:
     from opt_study.storage import layout
 
     marker = study / "_COMPLETE"
-    params = {"every": every, "chunk": chunk, "steps": STEPS, "trials": len(LABELS) * CONFIGS * SEEDS,
-              "write": CHUNK_WRITE_OPTIONS, "schema": STEP_SCHEMA.names}
+    params = {
+        "every": every,
+        "chunk": chunk,
+        "steps": STEPS,
+        "trials": len(LABELS) * CONFIGS * SEEDS,
+        "write": CHUNK_WRITE_OPTIONS,
+        "schema": STEP_SCHEMA.names,
+    }
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return
     if study.exists():
         import shutil
+
         shutil.rmtree(study)
     rng = np.random.default_rng(0)
     plan = []
@@ -127,19 +160,32 @@ def build(study: Path, every: int, chunk: int) -> None:
             for seed in range(SEEDS):
                 tid = f"{label}-{i:03d}-s{seed}"
                 hp = {"lr": 10.0 ** (-4 + i / 2)}
-                plan.append({"trial_id": tid, "label": label, "optimizer": label, "hparams": hp,
-                             "seed": seed, "index": i})
+                plan.append(
+                    {"trial_id": tid, "label": label, "optimizer": label, "hparams": hp, "seed": seed, "index": i}
+                )
                 table = trial_table(tid, rng, every)
                 adir = layout.attempt_dir(study, tid, 0)
                 adir.mkdir(parents=True)
                 (adir / layout.START_FILE).write_text('{"start_step": 0}')
                 for first in range(0, STEPS, chunk):
                     last = min(first + chunk, STEPS) - 1
-                    pq.write_table(table.slice(first, last - first + 1),
-                                   adir / layout.chunk_name(first, last), **CHUNK_WRITE_OPTIONS)
-                write_trial_record(study, {"trial_id": tid, "status": "completed", "label": label,
-                                           "optimizer": label, "seed": seed, "workload": "synthetic",
-                                           "hparams": hp})
+                    pq.write_table(
+                        table.slice(first, last - first + 1),
+                        adir / layout.chunk_name(first, last),
+                        **CHUNK_WRITE_OPTIONS,
+                    )
+                write_trial_record(
+                    study,
+                    {
+                        "trial_id": tid,
+                        "status": "completed",
+                        "label": label,
+                        "optimizer": label,
+                        "seed": seed,
+                        "workload": "synthetic",
+                        "hparams": hp,
+                    },
+                )
     (study / "plan.json").write_text(json.dumps(plan))
     marker.write_text(json.dumps(params))
 
@@ -190,13 +236,22 @@ def time_layout(study: Path, label: str, threads: int) -> dict:
     runs = [time_table(study, threads)[:2] for _ in range(REPEATS)]
     wall = statistics.median(r[0] for r in runs)
     cpu = statistics.median(r[1] for r in runs)
-    return {"layout": label, "files": len(list_chunks(study)),
-            "rows": n_rows, "measured_rows": n_measured, "load1": round(load, 2),
-            "table_s": wall, "table_cpu_s": cpu, "table_cold_s": cold, "table_cold_cpu_s": cold_cpu,
-            "table_runs_s": [r[0] for r in runs],
-            # With `threads` dedicated cores the wall time is at least cpu / threads; under
-            # foreign load the wall time is inflated, the CPU time much less.
-            "dedicated_cores_estimate_s": max(cpu / threads, 0.0), "pass": wall < TARGET_S}
+    return {
+        "layout": label,
+        "files": len(list_chunks(study)),
+        "rows": n_rows,
+        "measured_rows": n_measured,
+        "load1": round(load, 2),
+        "table_s": wall,
+        "table_cpu_s": cpu,
+        "table_cold_s": cold,
+        "table_cold_cpu_s": cold_cpu,
+        "table_runs_s": [r[0] for r in runs],
+        # With `threads` dedicated cores the wall time is at least cpu / threads; under
+        # foreign load the wall time is inflated, the CPU time much less.
+        "dedicated_cores_estimate_s": max(cpu / threads, 0.0),
+        "pass": wall < TARGET_S,
+    }
 
 
 def mlflow_sample(study: Path, root: Path, n_trials: int, n_rows: int):
@@ -217,10 +272,9 @@ def mlflow_sample(study: Path, root: Path, n_trials: int, n_rows: int):
         run_id = client.create_run(exp, run_name=tid).info.run_id
         cols = {k: t[k].to_pylist() for k in HISTORY_KEYS}
         steps = t["step"].to_pylist()
-        metrics = [Metric(k, float(cols[k][i]), 0, steps[i]) for i in range(t.num_rows)
-                   for k in HISTORY_KEYS]
+        metrics = [Metric(k, float(cols[k][i]), 0, steps[i]) for i in range(t.num_rows) for k in HISTORY_KEYS]
         for j in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[j:j + 1000])
+            client.log_batch(run_id, metrics=metrics[j : j + 1000])
         runs.append(run_id)
         total += t.num_rows
     return client, runs, total
@@ -240,9 +294,14 @@ def mlflow_answer(client, runs: list[str]) -> list[dict]:
             r["cls_convexity_bwd"] = classify(r["convexity_gap_bwd"], r["noise_floor"])
         stats = summarize(rows)
         l_hat = stats["smoothness_local_max"]
-        dl = [classify((r["loss_probe"] - r["loss"]) - (r["probe_s"] * r["ip_grad_update"]
-                       + l_hat * 0.5 * r["probe_s"] ** 2 * r["sq_update"]), r["noise_floor"])
-              for r in rows]
+        dl = [
+            classify(
+                (r["loss_probe"] - r["loss"])
+                - (r["probe_s"] * r["ip_grad_update"] + l_hat * 0.5 * r["probe_s"] ** 2 * r["sq_update"]),
+                r["noise_floor"],
+            )
+            for r in rows
+        ]
         stats["frac_descent_holds"] = dl.count("holds") / len(dl)
         out.append(stats)
     return out
@@ -252,9 +311,12 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--every", type=int, default=10, help="measurement cadence (default 10)")
-    ap.add_argument("--chunks", default="10000",
-                    help="rows per Parquet chunk, one layout each, timed as written and after "
-                         "compaction (default 10000: 10 chunks per trial)")
+    ap.add_argument(
+        "--chunks",
+        default="10000",
+        help="rows per Parquet chunk, one layout each, timed as written and after "
+        "compaction (default 10000: 10 chunks per trial)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=os.environ.get("OPT_STUDY_BENCH_CACHE", "/tmp/opt_study_bench"))
     ap.add_argument("--mlflow-trials", type=int, default=2)
@@ -279,14 +341,26 @@ def main(argv=None) -> dict:
     n_measured = layouts[0]["measured_rows"]
     mlflow_s = per_row * n_measured
     best = layouts[1]  # the first chunk size, compacted: a finished study
-    result = {"benchmark": "assumption_table", "rows": best["rows"], "measured_rows": n_measured,
-              "trials": len(LABELS) * CONFIGS * SEEDS, "every": a.every, "threads": a.threads,
-              "table_s": best["table_s"], "target_s": TARGET_S, "pass": best["pass"],
-              "layouts": layouts, "compact_study_s": compact_s,
-              "mlflow_sample_rows": logged, "mlflow_sample_s": statistics.median(times),
-              "mlflow_s_per_measured_row": per_row, "mlflow_extrapolated": True,
-              "mlflow_s": mlflow_s, "ratio": mlflow_s / best["table_s"],
-              "ratio_per_layout": [mlflow_s / lay["table_s"] for lay in layouts]}
+    result = {
+        "benchmark": "assumption_table",
+        "rows": best["rows"],
+        "measured_rows": n_measured,
+        "trials": len(LABELS) * CONFIGS * SEEDS,
+        "every": a.every,
+        "threads": a.threads,
+        "table_s": best["table_s"],
+        "target_s": TARGET_S,
+        "pass": best["pass"],
+        "layouts": layouts,
+        "compact_study_s": compact_s,
+        "mlflow_sample_rows": logged,
+        "mlflow_sample_s": statistics.median(times),
+        "mlflow_s_per_measured_row": per_row,
+        "mlflow_extrapolated": True,
+        "mlflow_s": mlflow_s,
+        "ratio": mlflow_s / best["table_s"],
+        "ratio_per_layout": [mlflow_s / lay["table_s"] for lay in layouts],
+    }
     if a.out:
         Path(a.out).write_text(json.dumps(result, default=float))
     return result
@@ -296,28 +370,60 @@ def summarize(res: dict):
     """The RESULTS.md section (for run_all.py)."""
     from common import Section, fmt
 
-    table = [["layout", "files", "rows", "measured rows", "table s (median)", "runs s", "CPU s",
-              "cold s", "MLflow s (extrapolated)", "ratio", "load1"]]
+    table = [
+        [
+            "layout",
+            "files",
+            "rows",
+            "measured rows",
+            "table s (median)",
+            "runs s",
+            "CPU s",
+            "cold s",
+            "MLflow s (extrapolated)",
+            "ratio",
+            "load1",
+        ]
+    ]
     for lay, ratio in zip(res["layouts"], res["ratio_per_layout"]):
-        table.append([lay["layout"], f"{lay['files']:,}", f"{lay['rows']:,}", f"{lay['measured_rows']:,}",
-                      fmt(lay["table_s"]), ", ".join(fmt(x) for x in lay["table_runs_s"]),
-                      fmt(lay["table_cpu_s"]), fmt(lay["table_cold_s"]), fmt(res["mlflow_s"]),
-                      fmt(ratio), fmt(lay["load1"])])
-    compact = [f"{fmt(s)} s for the {int(k):,}-row chunks of {res['trials']} trials "
-               f"({fmt(s / res['trials'])} s per trial of {STEPS:,} rows)"
-               for k, s in res["compact_study_s"].items() if s is not None]
+        table.append(
+            [
+                lay["layout"],
+                f"{lay['files']:,}",
+                f"{lay['rows']:,}",
+                f"{lay['measured_rows']:,}",
+                fmt(lay["table_s"]),
+                ", ".join(fmt(x) for x in lay["table_runs_s"]),
+                fmt(lay["table_cpu_s"]),
+                fmt(lay["table_cold_s"]),
+                fmt(res["mlflow_s"]),
+                fmt(ratio),
+                fmt(lay["load1"]),
+            ]
+        )
+    compact = [
+        f"{fmt(s)} s for the {int(k):,}-row chunks of {res['trials']} trials "
+        f"({fmt(s / res['trials'])} s per trial of {STEPS:,} rows)"
+        for k, s in res["compact_study_s"].items()
+        if s is not None
+    ]
     best = res["layouts"][1]
-    return Section("Assumption table over 10M step rows: DuckDB on Parquet vs MLflow history",
-                   f"< {TARGET_S:g} s on {res['threads']} cores", "PASS" if res["pass"] else "MISS",
-                   f"{fmt(res['table_s'])} s ({best['files']} files, compacted); MLflow "
-                   f"~{fmt(res['ratio'])}x slower", table,
-                   [f"{res['trials']} trials; DuckDB threads {res['threads']}; median of the warm runs "
-                    "(the first, cold run apart). CPU s: this process, all threads.",
-                    f"MLflow time extrapolated linearly from {res['mlflow_sample_rows']} measured rows "
-                    f"({fmt(res['mlflow_sample_s'])} s) to {res['measured_rows']:,}.",
-                    "Per-file cost dominates small chunks; compaction (one zstd file per trial, "
-                    "opt_study.results.compact) removes it"
-                    + (f": compact_study took {'; '.join(compact)}." if compact else " (cached).")])
+    return Section(
+        "Assumption table over 10M step rows: DuckDB on Parquet vs MLflow history",
+        f"< {TARGET_S:g} s on {res['threads']} cores",
+        "PASS" if res["pass"] else "MISS",
+        f"{fmt(res['table_s'])} s ({best['files']} files, compacted); MLflow ~{fmt(res['ratio'])}x slower",
+        table,
+        [
+            f"{res['trials']} trials; DuckDB threads {res['threads']}; median of the warm runs "
+            "(the first, cold run apart). CPU s: this process, all threads.",
+            f"MLflow time extrapolated linearly from {res['mlflow_sample_rows']} measured rows "
+            f"({fmt(res['mlflow_sample_s'])} s) to {res['measured_rows']:,}.",
+            "Per-file cost dominates small chunks; compaction (one zstd file per trial, "
+            "opt_study.results.compact) removes it"
+            + (f": compact_study took {'; '.join(compact)}." if compact else " (cached)."),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ step's backward and, on measured steps, of the probe's backward), which opt_stud
 issue and which COUNTERS does not count. Evaluation (once, after the last step) is outside the
 hooks. Target: exactly one opt_study all-reduce per measured step, at every ZeRO stage.
 """
+
 from __future__ import annotations
 
 from common import Section, out_path, study_dict, write_json
@@ -20,9 +21,20 @@ CASES = [{"stage": s, "measure": {"every": 2}} for s in (0, 1, 2, 3)] + [
     {"stage": 2, "measure": {"every": 2, "norms": False}},
     {"stage": 2, "measure": {"every": 0, "norms": False}},
 ]
-DIST_FUNCS = ("all_reduce", "all_reduce_coalesced", "reduce_scatter_tensor", "reduce_scatter", "all_gather",
-              "all_gather_into_tensor", "broadcast", "reduce", "all_to_all_single", "barrier",
-              "all_gather_object", "broadcast_object_list")
+DIST_FUNCS = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "all_to_all_single",
+    "barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+)
 
 
 class DistCounter:
@@ -43,6 +55,7 @@ class DistCounter:
             if self.active:
                 self.counts[name] = self.counts.get(name, 0) + 1
             return fn(*a, **kw)
+
         return wrapped
 
     def take(self) -> dict[str, int]:
@@ -80,8 +93,15 @@ def counting_measurer(dist_counter: DistCounter, log: list):
             dist_counter.active = False
             in_end = dist_counter.take()
             total = {k: in_step.get(k, 0) + in_end.get(k, 0) for k in set(in_step) | set(in_end)}
-            log.append({"step": step, "measured": bool(self.measured), "opt_study": dict(self.ours),
-                        "torch_dist_in_end": in_end, "torch_dist_in_step": total})
+            log.append(
+                {
+                    "step": step,
+                    "measured": bool(self.measured),
+                    "opt_study": dict(self.ours),
+                    "torch_dist_in_end": in_end,
+                    "torch_dist_in_step": total,
+                }
+            )
             return row
 
     return Counting
@@ -98,14 +118,25 @@ def main() -> None:
     results = []
     for i, case in enumerate(CASES):
         log: list[dict] = []
-        doc = study_dict(f"coll{i}", storage, workers=distributed.world_size(), stage=case["stage"],
-                         steps=STEPS, measure=case["measure"], model=SMALL_MODEL, micro_batch=4,
-                         launcher="worker_group")
+        doc = study_dict(
+            f"coll{i}",
+            storage,
+            workers=distributed.world_size(),
+            stage=case["stage"],
+            steps=STEPS,
+            measure=case["measure"],
+            model=SMALL_MODEL,
+            micro_batch=4,
+            launcher="worker_group",
+        )
         loops.opt_study_trial(doc, f"c{i}", measurer_cls=counting_measurer(counter, log))
         results.append({"case": case, "steps": log})
         if distributed.rank() == 0:
-            print(f"collectives case {case}: opt_study all-reduces per step "
-                  f"{[(s['step'], s['measured'], sum(s['opt_study'].values())) for s in log]}", flush=True)
+            print(
+                f"collectives case {case}: opt_study all-reduces per step "
+                f"{[(s['step'], s['measured'], sum(s['opt_study'].values())) for s in log]}",
+                flush=True,
+            )
     if distributed.rank() == 0:
         write_json(out_path(), {"results": results, "world": distributed.world_size(), "steps": STEPS})
         tmp.cleanup()
@@ -124,9 +155,16 @@ def _fmt_calls(calls: set) -> str:
 
 
 def summarize(res: dict) -> Section:
-    table = [["ZeRO", "measure", "opt_study all-reduces / measured step",
-              "/ unmeasured step", "torch.distributed calls in end(), measured step",
-              "torch.distributed calls in the whole step, measured"]]
+    table = [
+        [
+            "ZeRO",
+            "measure",
+            "opt_study all-reduces / measured step",
+            "/ unmeasured step",
+            "torch.distributed calls in end(), measured step",
+            "torch.distributed calls in the whole step, measured",
+        ]
+    ]
     ok = True
     for r in res["results"]:
         m_ours, m_end, m_step = _per_step(r["steps"], True)
@@ -134,22 +172,35 @@ def summarize(res: dict) -> Section:
         if m_ours:
             ok = ok and m_ours == {1}
         ok = ok and u_ours <= {1}
-        table.append([str(r["case"]["stage"]), str(r["case"]["measure"]),
-                      "/".join(map(str, sorted(m_ours))) or "-", "/".join(map(str, sorted(u_ours))) or "-",
-                      _fmt_calls(m_end), _fmt_calls(m_step)])
-    notes = [f"{res['world']} ranks, {res['steps']} steps per case, tiny_lm (1 layer, width 32). "
-             "Counts from `opt_study.distributed.COUNTERS[\"all_reduce\"]` deltas around every "
-             "StepMeasurer hook (begin, before_micro, at_boundary, end).",
-             "The torch.distributed columns count every collective call in the process while the hook "
-             "window is open, so they include DeepSpeed's own gradient reductions (of the step's "
-             "backward, and on measured steps the probe's backward); those are not opt_study's and "
-             "are listed only to make the separation visible. The loss-only step (every 0, "
-             "norms off) still issues one all-reduce: the global mean loss.",
-             "Evaluation (one all-reduce at each eval boundary) runs outside the measurer."]
-    return Section("6. Collectives per measured step (METRICS 7d)",
-                   "exactly one opt_study all-reduce per measured step",
-                   "PASS" if ok else "MISS",
-                   "1 all-reduce per measured step at ZeRO 0-3" if ok else "see table", table, notes)
+        table.append(
+            [
+                str(r["case"]["stage"]),
+                str(r["case"]["measure"]),
+                "/".join(map(str, sorted(m_ours))) or "-",
+                "/".join(map(str, sorted(u_ours))) or "-",
+                _fmt_calls(m_end),
+                _fmt_calls(m_step),
+            ]
+        )
+    notes = [
+        f"{res['world']} ranks, {res['steps']} steps per case, tiny_lm (1 layer, width 32). "
+        'Counts from `opt_study.distributed.COUNTERS["all_reduce"]` deltas around every '
+        "StepMeasurer hook (begin, before_micro, at_boundary, end).",
+        "The torch.distributed columns count every collective call in the process while the hook "
+        "window is open, so they include DeepSpeed's own gradient reductions (of the step's "
+        "backward, and on measured steps the probe's backward); those are not opt_study's and "
+        "are listed only to make the separation visible. The loss-only step (every 0, "
+        "norms off) still issues one all-reduce: the global mean loss.",
+        "Evaluation (one all-reduce at each eval boundary) runs outside the measurer.",
+    ]
+    return Section(
+        "6. Collectives per measured step (METRICS 7d)",
+        "exactly one opt_study all-reduce per measured step",
+        "PASS" if ok else "MISS",
+        "1 all-reduce per measured step at ZeRO 0-3" if ok else "see table",
+        table,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ opt_study.trial.engine.build_engine (the trials' own DeepSpeed config). Each of 
 ways (order alternated) after a barrier; the results must agree to 1e-6 relative. Target:
 time(full) / time(shard) >= 10, median over steps.
 """
+
 from __future__ import annotations
 
 from common import Section, fmt, load1, median, out_path, write_json
@@ -85,21 +86,38 @@ def run_stage(stage: int) -> list[dict]:
         times, values = {}, {}
         load = load1()
         ways = ("full", "shard", "shard_cloned")
-        for way in ways[step % 3:] + ways[:step % 3]:
+        for way in ways[step % 3 :] + ways[: step % 3]:
             distributed.barrier()
             t0 = time.perf_counter()
-            values[way] = (full_way(params) if way == "full" else
-                           shard_way(view, group_of, len(groups), clone=way == "shard_cloned"))
+            values[way] = (
+                full_way(params)
+                if way == "full"
+                else shard_way(view, group_of, len(groups), clone=way == "shard_cloned")
+            )
             times[way] = time.perf_counter() - t0
         eng.step()
-        rel = max(abs(a - b) / max(abs(a), abs(b), 1e-300)
-                  for w in ("shard", "shard_cloned") for a, b in zip(values["full"], values[w]))
-        out.append({"stage": stage, "step": step, "load1": load, "full_s": times["full"],
-                    "shard_s": times["shard"], "shard_cloned_s": times["shard_cloned"],
-                    "ratio": times["full"] / times["shard"],
-                    "ratio_cloned": times["full"] / times["shard_cloned"], "max_rel_diff": rel,
-                    "params": n_params, "local_elements": view.local_numel(), "tensors": len(params),
-                    "values": values["shard"]})
+        rel = max(
+            abs(a - b) / max(abs(a), abs(b), 1e-300)
+            for w in ("shard", "shard_cloned")
+            for a, b in zip(values["full"], values[w])
+        )
+        out.append(
+            {
+                "stage": stage,
+                "step": step,
+                "load1": load,
+                "full_s": times["full"],
+                "shard_s": times["shard"],
+                "shard_cloned_s": times["shard_cloned"],
+                "ratio": times["full"] / times["shard"],
+                "ratio_cloned": times["full"] / times["shard_cloned"],
+                "max_rel_diff": rel,
+                "params": n_params,
+                "local_elements": view.local_numel(),
+                "tensors": len(params),
+                "values": values["shard"],
+            }
+        )
         if rank == 0:
             print(f"fullgrad {out[-1]}", flush=True)
     del eng, view, params
@@ -123,33 +141,57 @@ def main() -> None:
 
 
 def summarize(res: dict) -> Section:
-    table = [["ZeRO", "parameters (tensors)", "elements on rank 0", "safe_get_full_* ms", "shard path ms",
-              "speed-up per step", "speed-up (median)", "shard path with clones ms (speed-up)",
-              "max rel. diff", "load1"]]
+    table = [
+        [
+            "ZeRO",
+            "parameters (tensors)",
+            "elements on rank 0",
+            "safe_get_full_* ms",
+            "shard path ms",
+            "speed-up per step",
+            "speed-up (median)",
+            "shard path with clones ms (speed-up)",
+            "max rel. diff",
+            "load1",
+        ]
+    ]
     verdict_ratios = []
     for stage in sorted({r["stage"] for r in res["rows"]}):
         rs = [r for r in res["rows"] if r["stage"] == stage]
         ratio = median(r["ratio"] for r in rs)
         verdict_ratios.append(ratio)
-        table.append([str(stage), f"{rs[0]['params']:,} ({rs[0]['tensors']})", f"{rs[0]['local_elements']:,}",
-                      fmt(1000 * median(r["full_s"] for r in rs)), fmt(1000 * median(r["shard_s"] for r in rs)),
-                      ", ".join(fmt(r["ratio"]) for r in rs), fmt(ratio),
-                      f"{fmt(1000 * median(r['shard_cloned_s'] for r in rs))} "
-                      f"({fmt(median(r['ratio_cloned'] for r in rs))})",
-                      fmt(max(r["max_rel_diff"] for r in rs), 2), ", ".join(fmt(r["load1"]) for r in rs)])
+        table.append(
+            [
+                str(stage),
+                f"{rs[0]['params']:,} ({rs[0]['tensors']})",
+                f"{rs[0]['local_elements']:,}",
+                fmt(1000 * median(r["full_s"] for r in rs)),
+                fmt(1000 * median(r["shard_s"] for r in rs)),
+                ", ".join(fmt(r["ratio"]) for r in rs),
+                fmt(ratio),
+                f"{fmt(1000 * median(r['shard_cloned_s'] for r in rs))} ({fmt(median(r['ratio_cloned'] for r in rs))})",
+                fmt(max(r["max_rel_diff"] for r in rs), 2),
+                ", ".join(fmt(r["load1"]) for r in rs),
+            ]
+        )
     worst = min(verdict_ratios)
-    notes = [f"{res['world']} ranks; ‖g‖², ⟨g, x⟩, ‖x‖² after the boundary backward of each of "
-             f"{res['steps']} steps, both ways timed on rank 0 after a barrier (order alternated).",
-             "safe_get_full_*: one full-size collective per call, two calls per parameter tensor. The "
-             "shard path reads this rank's fragments through ShardView (no copy), runs local_sums and "
-             "one all-reduce of a small float64 vector; 'with clones' first copies the fragments, as "
-             "StepMeasurer does to keep x_t and g_t across engine.step().",
-             "max rel. diff: the largest relative difference between the two ways' results."]
-    return Section("4. Shard view + local_sums + one all-reduce vs safe_get_full_* (METRICS 7b)",
-                   f"time(safe_get_full_*) / time(shard path) >= {TARGET:g} at 10M parameters",
-                   "PASS" if worst >= TARGET else "MISS",
-                   f"speed-up {' / '.join(fmt(x) for x in verdict_ratios)} (ZeRO {'/'.join(map(str, STAGES))})",
-                   table, notes)
+    notes = [
+        f"{res['world']} ranks; ‖g‖², ⟨g, x⟩, ‖x‖² after the boundary backward of each of "
+        f"{res['steps']} steps, both ways timed on rank 0 after a barrier (order alternated).",
+        "safe_get_full_*: one full-size collective per call, two calls per parameter tensor. The "
+        "shard path reads this rank's fragments through ShardView (no copy), runs local_sums and "
+        "one all-reduce of a small float64 vector; 'with clones' first copies the fragments, as "
+        "StepMeasurer does to keep x_t and g_t across engine.step().",
+        "max rel. diff: the largest relative difference between the two ways' results.",
+    ]
+    return Section(
+        "4. Shard view + local_sums + one all-reduce vs safe_get_full_* (METRICS 7b)",
+        f"time(safe_get_full_*) / time(shard path) >= {TARGET:g} at 10M parameters",
+        "PASS" if worst >= TARGET else "MISS",
+        f"speed-up {' / '.join(fmt(x) for x in verdict_ratios)} (ZeRO {'/'.join(map(str, STAGES))})",
+        table,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ are counted, never the probe's (one more forward + backward) or the fp32 loss re
 is the useful-work MFU. Also reported: the PaLM count 6N' + 12·L·d·T per token
 (opt_study.workloads.gpt2.flops_per_token), which adds attention's FLOPs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,20 +58,37 @@ def make_token_files(out_dir: Path, block_size: int) -> Path:
     return out_dir
 
 
-def gpt2_doc(name: str, storage: str, data_dir: Path, size: str, device: str, steps: int,
-             measure: dict, micro_batch: int, stage: int = 2) -> dict:
+def gpt2_doc(
+    name: str,
+    storage: str,
+    data_dir: Path,
+    size: str,
+    device: str,
+    steps: int,
+    measure: dict,
+    micro_batch: int,
+    stage: int = 2,
+) -> dict:
     """One trial of GPT-2 `size` in bf16 on one rank (a GPU when device is cuda)."""
     return {
         "study": {"name": name, "storage": storage},
-        "workload": {"type": "gpt2", **SIZES[size], "dropout": 0.0, "data_dir": str(data_dir),
-                     "eval_windows": 8},
-        "scale": {"workers": 1, "gpus_per_worker": 1 if device == "cuda" else 0,
-                  "zero_stage": stage, "precision": "bf16", "micro_batch_size": micro_batch,
-                  "launcher": "in_process", "torch_threads": 1 if device == "cpu" else 4},
-        "training": {"steps": steps, "eval_every": steps, "grad_clip": 1.0,
-                     "schedule": {"type": "cosine", "warmup_steps": 2, "min_ratio": 0.1}},
-        "optimizers": [{"name": "adamw", "params": {"lr": 6e-4, "beta1": 0.9, "beta2": 0.95,
-                                                    "weight_decay": 0.1}}],
+        "workload": {"type": "gpt2", **SIZES[size], "dropout": 0.0, "data_dir": str(data_dir), "eval_windows": 8},
+        "scale": {
+            "workers": 1,
+            "gpus_per_worker": 1 if device == "cuda" else 0,
+            "zero_stage": stage,
+            "precision": "bf16",
+            "micro_batch_size": micro_batch,
+            "launcher": "in_process",
+            "torch_threads": 1 if device == "cpu" else 4,
+        },
+        "training": {
+            "steps": steps,
+            "eval_every": steps,
+            "grad_clip": 1.0,
+            "schedule": {"type": "cosine", "warmup_steps": 2, "min_ratio": 0.1},
+        },
+        "optimizers": [{"name": "adamw", "params": {"lr": 6e-4, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1}}],
         "measure": measure,
     }
 
@@ -81,9 +99,12 @@ def flops(spec) -> dict:
 
     cfg, scale = spec.workload.params, spec.scale
     tokens = scale.micro_batch_size * cfg.block_size * scale.grad_accum * scale.workers
-    return {"n_params": n_params(cfg), "tokens_per_step": tokens,
-            "flops_per_step": 6.0 * n_params(cfg) * tokens,
-            "flops_per_step_palm": flops_per_token(cfg) * tokens}
+    return {
+        "n_params": n_params(cfg),
+        "tokens_per_step": tokens,
+        "flops_per_step": 6.0 * n_params(cfg) * tokens,
+        "flops_per_step_palm": flops_per_token(cfg) * tokens,
+    }
 
 
 def peak_flops(device: str, given_tflops: float | None) -> float | None:
@@ -109,8 +130,9 @@ def run_one(doc: dict, trial_id: str, warmup: int, peak: float | None, measurer_
 
     spec = parse_study(doc)
     opt = doc["optimizers"][0]
-    plan = TrialPlan(trial_id=trial_id, label=opt["name"], optimizer=opt["name"],
-                     hparams=dict(opt["params"]), seed=0, index=0)
+    plan = TrialPlan(
+        trial_id=trial_id, label=opt["name"], optimizer=opt["name"], hparams=dict(opt["params"]), seed=0, index=0
+    )
     t0 = time.time()
     run_trial(spec, plan, report=lambda m: None, measurer_cls=measurer_cls or StepMeasurer)
     wall = time.time() - t0
@@ -118,10 +140,18 @@ def run_one(doc: dict, trial_id: str, warmup: int, peak: float | None, measurer_
     ends, measured = t.column("time_unix").to_pylist(), t.column("measured").to_pylist()
     steps_per_s = (len(ends) - warmup) / (ends[-1] - ends[warmup - 1])
     f = flops(spec)
-    out = {"trial": trial_id, "wall_s": wall, "steps": len(ends), "warmup": warmup,
-           "measured_in_window": sum(measured[warmup:]), "steps_per_s": steps_per_s,
-           "tokens_per_s": steps_per_s * f["tokens_per_step"], **f,
-           "loss_first": t.column("loss")[0].as_py(), "loss_last": t.column("loss")[-1].as_py()}
+    out = {
+        "trial": trial_id,
+        "wall_s": wall,
+        "steps": len(ends),
+        "warmup": warmup,
+        "measured_in_window": sum(measured[warmup:]),
+        "steps_per_s": steps_per_s,
+        "tokens_per_s": steps_per_s * f["tokens_per_step"],
+        **f,
+        "loss_first": t.column("loss")[0].as_py(),
+        "loss_last": t.column("loss")[-1].as_py(),
+    }
     out["mfu"] = steps_per_s * f["flops_per_step"] / peak if peak else None
     out["mfu_palm"] = steps_per_s * f["flops_per_step_palm"] / peak if peak else None
     return out
@@ -136,8 +166,9 @@ def check(args, storage: str, data_dir: Path, peak: float | None) -> dict:
     import harness
     from streaming import StreamingChecker
 
-    doc = gpt2_doc("gpu_check", storage, data_dir, args.size, args.device, args.check_steps,
-                   {"every": 10}, args.micro_batch)
+    doc = gpt2_doc(
+        "gpu_check", storage, data_dir, args.size, args.device, args.check_steps, {"every": 10}, args.micro_batch
+    )
     spec = parse_study(doc)
     StreamingChecker.case = {"workload": "gpt2", "stage": spec.scale.zero_stage}
     StreamingChecker.spec = spec
@@ -145,13 +176,16 @@ def check(args, storage: str, data_dir: Path, peak: float | None) -> dict:
     speed = run_one(doc, "check", args.warmup, peak, StreamingChecker)
     m = harness.RecordingMeasurer.last
     rows = [r["row"] for r in m.log]
-    return {"errors": m.errors, "speed": speed,
-            "measured_steps": [i for i, r in enumerate(rows) if r.get("measured")],
-            "loss_precision": sorted({r.get("loss_precision") for r in rows if r.get("measured")}),
-            "train_loss_gap": max(abs(r["row"]["loss"] - r["train_loss"]) / abs(r["train_loss"])
-                                  for r in m.log if r["row"].get("measured")),
-            "classes": [(r.get("cls_convexity_fwd"), r.get("cls_convexity_bwd")) for r in rows
-                        if r.get("measured")]}
+    return {
+        "errors": m.errors,
+        "speed": speed,
+        "measured_steps": [i for i, r in enumerate(rows) if r.get("measured")],
+        "loss_precision": sorted({r.get("loss_precision") for r in rows if r.get("measured")}),
+        "train_loss_gap": max(
+            abs(r["row"]["loss"] - r["train_loss"]) / abs(r["train_loss"]) for r in m.log if r["row"].get("measured")
+        ),
+        "classes": [(r.get("cls_convexity_fwd"), r.get("cls_convexity_bwd")) for r in rows if r.get("measured")],
+    }
 
 
 def bench(args, storage: str, data_dir: Path, peak: float | None) -> dict:
@@ -159,9 +193,17 @@ def bench(args, storage: str, data_dir: Path, peak: float | None) -> dict:
     runs = []
     names = list(MEASURE)
     for rep in range(args.repeats):
-        for v in names[rep % 2:] + names[:rep % 2]:
-            doc = gpt2_doc(f"gpu_bench_{rep}_{v}", storage, data_dir, args.size, args.device,
-                           args.steps, MEASURE[v], args.micro_batch)
+        for v in names[rep % 2 :] + names[: rep % 2]:
+            doc = gpt2_doc(
+                f"gpu_bench_{rep}_{v}",
+                storage,
+                data_dir,
+                args.size,
+                args.device,
+                args.steps,
+                MEASURE[v],
+                args.micro_batch,
+            )
             runs.append({"rep": rep, "variant": v, **run_one(doc, f"b{rep}{v}", args.warmup, peak)})
             print(json.dumps(runs[-1]), flush=True)
     by = {(r["rep"], r["variant"]): r for r in runs}
@@ -185,8 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=60, help="steps of each bench run")
     p.add_argument("--warmup", type=int, default=10, help="steps left out of steps/s")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak of the device (default: 989 on an H100, else no MFU)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak of the device (default: 989 on an H100, else no MFU)",
+    )
     args = p.parse_args(argv)
     peak = peak_flops(args.device, args.peak_tflops)
     result = {"args": vars(args), "peak_flops": peak}

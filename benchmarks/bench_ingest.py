@@ -13,6 +13,7 @@ ratios (adjacent timings, so a burst of foreign load hits both alike).
 
     .venv/bin/python benchmarks/bench_ingest.py [OUT.json]     # prints one JSON line
 """
+
 from __future__ import annotations
 
 import json
@@ -43,18 +44,49 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for step in range(n):
-        sums = {k: rng.uniform(0.1, 2.0) for k in (
-            "sq_grad", "sq_grad_probe", "sq_update", "sq_param", "sq_dist_init", "sq_grad_diff",
-            "sq_update_prev", "sq_grad_prev")}
-        sums.update({k: rng.uniform(-1.0, 1.0) for k in (
-            "ip_grad_update", "ip_probe_update", "ip_param_update", "ip_param_grad",
-            "ip_update_prev", "ip_grad_prev")})
+        sums = {
+            k: rng.uniform(0.1, 2.0)
+            for k in (
+                "sq_grad",
+                "sq_grad_probe",
+                "sq_update",
+                "sq_param",
+                "sq_dist_init",
+                "sq_grad_diff",
+                "sq_update_prev",
+                "sq_grad_prev",
+            )
+        }
+        sums.update(
+            {
+                k: rng.uniform(-1.0, 1.0)
+                for k in (
+                    "ip_grad_update",
+                    "ip_probe_update",
+                    "ip_param_update",
+                    "ip_param_grad",
+                    "ip_update_prev",
+                    "ip_grad_prev",
+                )
+            }
+        )
         loss = 3.0 - step * 1e-5
         d = derive(sums, loss, loss - 1e-3, 1.0)
-        row = {"step": step, "measured": True, "time_unix": 1e9 + step, "loss": loss,
-               "lr": 1e-3, "engine_grad_norm": d["grad_norm"], "step_time_s": 0.2,
-               "units_per_s": 5000.0, "eval_loss": loss, "loss_probe": loss - 1e-3,
-               "probe_s": 1.0, **sums, **{k: v for k, v in d.items() if v is not None}}
+        row = {
+            "step": step,
+            "measured": True,
+            "time_unix": 1e9 + step,
+            "loss": loss,
+            "lr": 1e-3,
+            "engine_grad_norm": d["grad_norm"],
+            "step_time_s": 0.2,
+            "units_per_s": 5000.0,
+            "eval_loss": loss,
+            "loss_probe": loss - 1e-3,
+            "probe_s": 1.0,
+            **sums,
+            **{k: v for k, v in d.items() if v is not None},
+        }
         # Columns added to the schema later (e.g. the noise-scale ones) are filled too.
         row.update({k: rng.uniform(0.1, 2.0) for k in METRIC_COLUMNS if row.get(k) is None})
         rows.append(row)
@@ -83,8 +115,7 @@ def time_write_only(tables: list, root: Path) -> float:
     root.mkdir(parents=True)
     t0 = time.perf_counter()
     for i, table in enumerate(tables):
-        layout.atomic_write(root / f"part-{i}.parquet",
-                            lambda f, t=table: pq.write_table(t, f, **CHUNK_WRITE_OPTIONS))
+        layout.atomic_write(root / f"part-{i}.parquet", lambda f, t=table: pq.write_table(t, f, **CHUNK_WRITE_OPTIONS))
     return time.perf_counter() - t0
 
 
@@ -132,40 +163,79 @@ def main() -> dict:
                     t[side] = time_mlflow(rows[:MLFLOW_ROWS], client, exp)
             pq_rps, ml_rps = PARQUET_ROWS / t["parquet"], MLFLOW_ROWS / t["mlflow"]
             wo_rps = PARQUET_ROWS / time_write_only(chunks, root / f"wo{rep}")
-            rounds.append({"rep": rep, "load1": round(load, 2), "parquet_rows_per_s": pq_rps,
-                           "mlflow_rows_per_s": ml_rps, "ratio": pq_rps / ml_rps,
-                           "write_only_rows_per_s": wo_rps, "write_only_ratio": wo_rps / ml_rps})
+            rounds.append(
+                {
+                    "rep": rep,
+                    "load1": round(load, 2),
+                    "parquet_rows_per_s": pq_rps,
+                    "mlflow_rows_per_s": ml_rps,
+                    "ratio": pq_rps / ml_rps,
+                    "write_only_rows_per_s": wo_rps,
+                    "write_only_ratio": wo_rps / ml_rps,
+                }
+            )
     med = lambda k: statistics.median(r[k] for r in rounds)  # noqa: E731
-    return {"benchmark": "ingest", "metrics_per_row": N_METRICS, "parquet_rows": PARQUET_ROWS,
-            "mlflow_rows": MLFLOW_ROWS, "rows_per_chunk": ROWS_PER_CHUNK,
-            "parquet_rows_per_s": med("parquet_rows_per_s"),
-            "mlflow_rows_per_s": med("mlflow_rows_per_s"),
-            "mlflow_metrics_per_s": med("mlflow_rows_per_s") * N_METRICS,
-            "ratio": med("ratio"), "target_ratio": TARGET, "pass": med("ratio") >= TARGET,
-            "write_only_rows_per_s": med("write_only_rows_per_s"),
-            "write_only_ratio": med("write_only_ratio"),
-            "rounds": rounds}
+    return {
+        "benchmark": "ingest",
+        "metrics_per_row": N_METRICS,
+        "parquet_rows": PARQUET_ROWS,
+        "mlflow_rows": MLFLOW_ROWS,
+        "rows_per_chunk": ROWS_PER_CHUNK,
+        "parquet_rows_per_s": med("parquet_rows_per_s"),
+        "mlflow_rows_per_s": med("mlflow_rows_per_s"),
+        "mlflow_metrics_per_s": med("mlflow_rows_per_s") * N_METRICS,
+        "ratio": med("ratio"),
+        "target_ratio": TARGET,
+        "pass": med("ratio") >= TARGET,
+        "write_only_rows_per_s": med("write_only_rows_per_s"),
+        "write_only_ratio": med("write_only_ratio"),
+        "rounds": rounds,
+    }
 
 
 def summarize(res: dict):
     """The RESULTS.md section (for run_all.py)."""
     from common import Section, fmt
 
-    table = [["round", "StepWriter rows/s", "MLflow rows/s", "ratio",
-              "write-only rows/s (diagnostic)", "write-only ratio", "load1"]]
-    table += [[str(r["rep"]), fmt(r["parquet_rows_per_s"]), fmt(r["mlflow_rows_per_s"]),
-               fmt(r["ratio"]), fmt(r["write_only_rows_per_s"]), fmt(r["write_only_ratio"]),
-               fmt(r["load1"])] for r in res["rounds"]]
-    return Section("Ingest: StepWriter (Parquet) vs MLflow log_batch",
-                   f"rows/s ratio >= {TARGET:g}", "PASS" if res["pass"] else "MISS",
-                   f"median ratio {fmt(res['ratio'])}", table,
-                   [f"{res['metrics_per_row']} float metrics per row; MLflow SQLite store, "
-                    f"log_batch of 1000 metrics ({fmt(res['mlflow_metrics_per_s'])} metrics/s); "
-                    f"Parquet chunks of {res['rows_per_chunk']} rows (snappy), fsynced; "
-                    f"{res['parquet_rows']:,} Parquet rows and {res['mlflow_rows']} MLflow rows per "
-                    "round, the two sides alternated; the ratio is the median of the per-round ratios.",
-                    "Write-only (diagnostic): the same chunks already built as Arrow tables, only "
-                    "written and committed: the ceiling for the row path."])
+    table = [
+        [
+            "round",
+            "StepWriter rows/s",
+            "MLflow rows/s",
+            "ratio",
+            "write-only rows/s (diagnostic)",
+            "write-only ratio",
+            "load1",
+        ]
+    ]
+    table += [
+        [
+            str(r["rep"]),
+            fmt(r["parquet_rows_per_s"]),
+            fmt(r["mlflow_rows_per_s"]),
+            fmt(r["ratio"]),
+            fmt(r["write_only_rows_per_s"]),
+            fmt(r["write_only_ratio"]),
+            fmt(r["load1"]),
+        ]
+        for r in res["rounds"]
+    ]
+    return Section(
+        "Ingest: StepWriter (Parquet) vs MLflow log_batch",
+        f"rows/s ratio >= {TARGET:g}",
+        "PASS" if res["pass"] else "MISS",
+        f"median ratio {fmt(res['ratio'])}",
+        table,
+        [
+            f"{res['metrics_per_row']} float metrics per row; MLflow SQLite store, "
+            f"log_batch of 1000 metrics ({fmt(res['mlflow_metrics_per_s'])} metrics/s); "
+            f"Parquet chunks of {res['rows_per_chunk']} rows (snappy), fsynced; "
+            f"{res['parquet_rows']:,} Parquet rows and {res['mlflow_rows']} MLflow rows per "
+            "round, the two sides alternated; the ratio is the median of the per-round ratios.",
+            "Write-only (diagnostic): the same chunks already built as Arrow tables, only "
+            "written and committed: the ceiling for the row path.",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ and `worker_group` with workers: 2 (a TorchTrainer worker group per trial, cpus_
 Trials run as many at a time as the 2 CPUs allow (the default), which is what a user gets. No
 target: the numbers say what a trial's start-up costs with each launcher.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ from pathlib import Path
 from common import VENV_BIN, Section, child_env, fmt, load1, median, out_path, write_json
 
 TRIALS = 2
-LAUNCHERS = {"in_process": {"workers": 1, "cpus_per_worker": 1.0},
-             "worker_group": {"workers": 2, "cpus_per_worker": 0.5}}
+LAUNCHERS = {
+    "in_process": {"workers": 1, "cpus_per_worker": 1.0},
+    "worker_group": {"workers": 2, "cpus_per_worker": 0.5},
+}
 TIMEOUT_S = 300
 
 
@@ -39,7 +42,7 @@ def study_yaml(name: str, storage: Path, launcher: str) -> str:
     return f"""\
 study: {{name: {name}, storage: {storage}}}
 workload: {{type: tiny_lm, layers: 1, heads: 2, width: 32, context: 16, dropout: 0.0}}
-scale: {{workers: {scale['workers']}, cpus_per_worker: {scale['cpus_per_worker']}, zero_stage: 2,
+scale: {{workers: {scale["workers"]}, cpus_per_worker: {scale["cpus_per_worker"]}, zero_stage: 2,
         micro_batch_size: 4, launcher: {launcher}}}
 training: {{steps: 1, eval_every: 1}}
 optimizers:
@@ -63,8 +66,9 @@ def run_launcher(launcher: str, tmp: Path) -> dict:
     load = load1()
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(VENV_BIN / "opt-study"), "run", str(cfg)], env=env, cwd=tmp,
-                                stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "opt-study"), "run", str(cfg)], env=env, cwd=tmp, stdout=f, stderr=subprocess.STDOUT
+        )
         started = watch_started(proc, study_dir, t0 + TIMEOUT_S)
     wall = time.time() - t0
     if proc.returncode != 0:
@@ -74,10 +78,16 @@ def run_launcher(launcher: str, tmp: Path) -> dict:
         rows = read_steps(study_dir, trial_ids=[rec["trial_id"]]).to_pylist()
         first = next(r for r in rows if r["step"] == 0)
         start = rec.get("started", started.get(rec["trial_id"]))
-        trials.append({"trial_id": rec["trial_id"], "status": rec["status"],
-                       "started_kept_in_final_record": "started" in rec,
-                       "startup_s": first["time_unix"] - start,
-                       "trial_s": rec["ended"] - start, "start_offset_s": start - t0})
+        trials.append(
+            {
+                "trial_id": rec["trial_id"],
+                "status": rec["status"],
+                "started_kept_in_final_record": "started" in rec,
+                "startup_s": first["time_unix"] - start,
+                "trial_s": rec["ended"] - start,
+                "start_offset_s": start - t0,
+            }
+        )
     return {"launcher": launcher, **LAUNCHERS[launcher], "load1": load, "wall_s": wall, "trials": trials}
 
 
@@ -111,26 +121,52 @@ def main() -> None:
 
 
 def summarize(res: dict) -> Section:
-    table = [["launcher", "workers", "trials", "start-up per trial s (trial start -> step 0 row)",
-              "median start-up s", "trial duration s (start -> end)", "study wall time s", "load1"]]
+    table = [
+        [
+            "launcher",
+            "workers",
+            "trials",
+            "start-up per trial s (trial start -> step 0 row)",
+            "median start-up s",
+            "trial duration s (start -> end)",
+            "study wall time s",
+            "load1",
+        ]
+    ]
     med = {}
     for r in res["results"]:
         ts = r["trials"]
         med[r["launcher"]] = median(t["startup_s"] for t in ts)
-        table.append([r["launcher"], str(r["workers"]),
-                      f"{len(ts)} ({', '.join(sorted({t['status'] for t in ts}))})",
-                      ", ".join(fmt(t["startup_s"]) for t in ts), fmt(med[r["launcher"]]),
-                      ", ".join(fmt(t["trial_s"]) for t in ts), fmt(r["wall_s"]), fmt(r["load1"])])
+        table.append(
+            [
+                r["launcher"],
+                str(r["workers"]),
+                f"{len(ts)} ({', '.join(sorted({t['status'] for t in ts}))})",
+                ", ".join(fmt(t["startup_s"]) for t in ts),
+                fmt(med[r["launcher"]]),
+                ", ".join(fmt(t["trial_s"]) for t in ts),
+                fmt(r["wall_s"]),
+                fmt(r["load1"]),
+            ]
+        )
     ok = all(t["status"] == "completed" for r in res["results"] for t in r["trials"])
-    notes = [f"`opt-study run` of a study with {res['trials_per_study']} one-step trials (tiny_lm, 1 layer, "
-             "width 32, ZeRO-2), configs and storage in a temp dir; trials run as many at a time as "
-             "the 2 CPUs allow (both at once for either launcher).",
-             "Start-up = `time_unix` of the step-0 Parquet row minus `started` in trials/<id>.json; it "
-             "includes the first (tiny) step. Study wall time includes Ray's start and shutdown, "
-             "MLflow logging and evaluation."]
+    notes = [
+        f"`opt-study run` of a study with {res['trials_per_study']} one-step trials (tiny_lm, 1 layer, "
+        "width 32, ZeRO-2), configs and storage in a temp dir; trials run as many at a time as "
+        "the 2 CPUs allow (both at once for either launcher).",
+        "Start-up = `time_unix` of the step-0 Parquet row minus `started` in trials/<id>.json; it "
+        "includes the first (tiny) step. Study wall time includes Ray's start and shutdown, "
+        "MLflow logging and evaluation.",
+    ]
     head = ", ".join(f"{k} {fmt(v)} s" for k, v in med.items())
-    return Section("2. Launcher start-up: in_process vs worker_group", "none (reported)",
-                   "INFO" if ok else "MISS", f"median start-up: {head}", table, notes)
+    return Section(
+        "2. Launcher start-up: in_process vs worker_group",
+        "none (reported)",
+        "INFO" if ok else "MISS",
+        f"median start-up: {head}",
+        table,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ ratio. Target: every10 / off >= 0.85, the median over repeats of the ratio withi
 Also shown, as a check that is robust to bursts of foreign load: the ratio modelled from median
 intervals, off / ((9 · unmeasured + measured) / 10).
 """
+
 from __future__ import annotations
 
 from common import MIN_STEP_S, Section, fmt, median, out_path, paired_ratios, study_dict, write_json
@@ -36,8 +37,9 @@ def main() -> None:
     measured = {}
 
     def run(rep, v):
-        doc = study_dict(f"every{rep}{v}", storage, workers=world, stage=2, steps=STEPS,
-                         measure=MEASURE[v], launcher="worker_group")
+        doc = study_dict(
+            f"every{rep}{v}", storage, workers=world, stage=2, steps=STEPS, measure=MEASURE[v], launcher="worker_group"
+        )
         cols = loops.opt_study_trial(doc, f"t{rep}{v}")
         if cols is not None:
             measured[v] = [s for s, m in zip(cols["step"], cols["measured"]) if m and s >= WARMUP]
@@ -46,8 +48,18 @@ def main() -> None:
     variants = {v: (lambda rep, v=v: run(rep, v)) for v in MEASURE}
     runs = loops.interleaved(variants, REPEATS, WARMUP, "every")
     if distributed.rank() == 0:
-        write_json(out_path(), {"runs": runs, "warmup": WARMUP, "steps": STEPS, "repeats": REPEATS,
-                                "measured_steps_in_window": measured, "world": world, "zero_stage": 2})
+        write_json(
+            out_path(),
+            {
+                "runs": runs,
+                "warmup": WARMUP,
+                "steps": STEPS,
+                "repeats": REPEATS,
+                "measured_steps_in_window": measured,
+                "world": world,
+                "zero_stage": 2,
+            },
+        )
         tmp.cleanup()
 
 
@@ -65,32 +77,52 @@ def modelled_ratios(runs: list[dict]) -> list[float]:
 
 def summarize(res: dict) -> Section:
     runs = res["runs"]
-    table = [["variant", "steps/s (window mean)", "step ms (median)", "ratio to off, per repeat",
-              "measured steps in window", "load1 before each run"]]
+    table = [
+        [
+            "variant",
+            "steps/s (window mean)",
+            "step ms (median)",
+            "ratio to off, per repeat",
+            "measured steps in window",
+            "load1 before each run",
+        ]
+    ]
     for v in MEASURE:
         rs = [r for r in runs if r["variant"] == v]
-        table.append([v, fmt(median(r["steps_per_s"] for r in rs)),
-                      fmt(1000 * median(r["median_step_s"] for r in rs)),
-                      ", ".join(fmt(x) for x in paired_ratios(runs, v, "off")),
-                      str(res["measured_steps_in_window"].get(v, [])),
-                      ", ".join(fmt(r["load1"]) for r in rs)])
+        table.append(
+            [
+                v,
+                fmt(median(r["steps_per_s"] for r in rs)),
+                fmt(1000 * median(r["median_step_s"] for r in rs)),
+                ", ".join(fmt(x) for x in paired_ratios(runs, v, "off")),
+                str(res["measured_steps_in_window"].get(v, [])),
+                ", ".join(fmt(r["load1"]) for r in rs),
+            ]
+        )
     ratio = median(paired_ratios(runs, "every10", "off"))
     robust = median(modelled_ratios(runs))
     on = [r for r in runs if r["variant"] == "every10"]
     gap_m = median(r["median_gap_measured_s"] for r in on)
     gap_u = median(r["median_gap_unmeasured_s"] for r in on)
     step_s = median(r["median_step_s"] for r in runs if r["variant"] == "off")
-    notes = [f"2 ranks, ZeRO-2, AdamW; {res['repeats']} repeats (order rotated); window = steps "
-             f"{res['warmup']}..{res['steps'] - 1}; steps/s = window mean from Parquet `time_unix`.",
-             f"Robust check from median intervals: off / ((9 · unmeasured + measured) / 10) = "
-             f"{fmt(robust)} (per repeat {', '.join(fmt(x) for x in modelled_ratios(runs))}); median "
-             f"interval of measured steps {fmt(1000 * gap_m)} ms, unmeasured {fmt(1000 * gap_u)} ms.",
-             "Ceiling: a probe costs about one step, so 10 steps take about 11 step-times (≈ 0.91).",
-             f"Step time with measurement off {fmt(1000 * step_s)} ms "
-             f"({'>=' if step_s >= MIN_STEP_S else 'BELOW'} the 100 ms the target assumes)."]
-    return Section("5. Measured every 10 steps vs measurement off (METRICS 7c)",
-                   f"steps/s(every: 10) / steps/s(off) >= {TARGET}",
-                   "PASS" if ratio >= TARGET else "MISS", f"ratio {fmt(ratio)}", table, notes)
+    notes = [
+        f"2 ranks, ZeRO-2, AdamW; {res['repeats']} repeats (order rotated); window = steps "
+        f"{res['warmup']}..{res['steps'] - 1}; steps/s = window mean from Parquet `time_unix`.",
+        f"Robust check from median intervals: off / ((9 · unmeasured + measured) / 10) = "
+        f"{fmt(robust)} (per repeat {', '.join(fmt(x) for x in modelled_ratios(runs))}); median "
+        f"interval of measured steps {fmt(1000 * gap_m)} ms, unmeasured {fmt(1000 * gap_u)} ms.",
+        "Ceiling: a probe costs about one step, so 10 steps take about 11 step-times (≈ 0.91).",
+        f"Step time with measurement off {fmt(1000 * step_s)} ms "
+        f"({'>=' if step_s >= MIN_STEP_S else 'BELOW'} the 100 ms the target assumes).",
+    ]
+    return Section(
+        "5. Measured every 10 steps vs measurement off (METRICS 7c)",
+        f"steps/s(every: 10) / steps/s(off) >= {TARGET}",
+        "PASS" if ratio >= TARGET else "MISS",
+        f"ratio {fmt(ratio)}",
+        table,
+        notes,
+    )
 
 
 if __name__ == "__main__":

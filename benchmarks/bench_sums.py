@@ -31,6 +31,7 @@ minima (the quiet-machine cost: other tenants of the shared last-level cache and
 add time, and at 1.6M they decide whether the baseline's 40 MB are still cached) and the ratio of
 medians are reported; the verdict takes the worse of the two.
 """
+
 from __future__ import annotations
 
 from common import Section, fmt, load1, median, out_path, write_json
@@ -76,9 +77,11 @@ def variants(kept: dict, group_of, n_groups: int, only) -> dict:
         only = [n for n in sums.SUM_NAMES if n not in PREV_OF]
     flat = {k: v.flat for k, v in kept.items()}
     runs = sums.group_runs(next(iter(kept.values())).sizes, group_of)
-    return {"one_pass": lambda: [t.sum() for t in flat.values()],
-            "flat_sums": lambda: sums.flat_sums(flat, runs, n_groups, only=only),
-            "previous": lambda: sums.flat_sums_torch(flat, runs, n_groups, only=only)}
+    return {
+        "one_pass": lambda: [t.sum() for t in flat.values()],
+        "flat_sums": lambda: sums.flat_sums(flat, runs, n_groups, only=only),
+        "previous": lambda: sums.flat_sums_torch(flat, runs, n_groups, only=only),
+    }
 
 
 def time_it(fn, repeats: int) -> list[float]:
@@ -130,71 +133,99 @@ def main() -> None:
                 raise SystemExit("flat_sums did not run the fused kernel on every call")
             med = {v: median(times[v]) for v in VARIANTS}
             low = {v: min(times[v]) for v in VARIANTS}
-            results.append({"size": label, "elements": sum(sizes), "fragments": len(sizes),
-                            "groups": n_groups, "runs": len(group_runs(sizes, group_of)),
-                            "workload": wname, "vectors": len(fields), "load1": load,
-                            **{f"{v}_s": med[v] for v in VARIANTS},
-                            **{f"{v}_min_s": low[v] for v in VARIANTS},
-                            "ratio": med["flat_sums"] / med["one_pass"],
-                            "ratio_min": low["flat_sums"] / low["one_pass"],
-                            "previous_ratio": med["previous"] / med["one_pass"],
-                            "previous_ratio_min": low["previous"] / low["one_pass"]})
+            results.append(
+                {
+                    "size": label,
+                    "elements": sum(sizes),
+                    "fragments": len(sizes),
+                    "groups": n_groups,
+                    "runs": len(group_runs(sizes, group_of)),
+                    "workload": wname,
+                    "vectors": len(fields),
+                    "load1": load,
+                    **{f"{v}_s": med[v] for v in VARIANTS},
+                    **{f"{v}_min_s": low[v] for v in VARIANTS},
+                    "ratio": med["flat_sums"] / med["one_pass"],
+                    "ratio_min": low["flat_sums"] / low["one_pass"],
+                    "previous_ratio": med["previous"] / med["one_pass"],
+                    "previous_ratio_min": low["previous"] / low["one_pass"],
+                }
+            )
             print(f"sums {results[-1]}", flush=True)
-    write_json(out_path(), {"results": results, "repeats": REPEATS, "threads": 1,
-                            "kernel_load_s": load_s})
+    write_json(out_path(), {"results": results, "repeats": REPEATS, "threads": 1, "kernel_load_s": load_s})
 
 
 def summarize(res: dict) -> Section:
-    table = [["shard", "workload", "vectors", "one pass ms (min / median)",
-              "flat_sums (fused) ms (min / median)", "ratio of minima", "ratio of medians",
-              "previous (torch path) ms (min / median)", "previous ratio (minima / medians)",
-              "load1"]]
+    table = [
+        [
+            "shard",
+            "workload",
+            "vectors",
+            "one pass ms (min / median)",
+            "flat_sums (fused) ms (min / median)",
+            "ratio of minima",
+            "ratio of medians",
+            "previous (torch path) ms (min / median)",
+            "previous ratio (minima / medians)",
+            "load1",
+        ]
+    ]
     worst = {}
     for r in res["results"]:
-        table.append([f"{r['size']} ({r['elements']:,} el., {r['fragments']} fragments, "
-                      f"{r['groups']} groups, {r['runs']} runs)", r["workload"], str(r["vectors"]),
-                      f"{fmt(1000 * r['one_pass_min_s'])} / {fmt(1000 * r['one_pass_s'])}",
-                      f"{fmt(1000 * r['flat_sums_min_s'])} / {fmt(1000 * r['flat_sums_s'])}",
-                      fmt(r["ratio_min"]), fmt(r["ratio"]),
-                      f"{fmt(1000 * r['previous_min_s'])} / {fmt(1000 * r['previous_s'])}",
-                      f"{fmt(r['previous_ratio_min'])} / {fmt(r['previous_ratio'])}",
-                      fmt(r["load1"])])
+        table.append(
+            [
+                f"{r['size']} ({r['elements']:,} el., {r['fragments']} fragments, "
+                f"{r['groups']} groups, {r['runs']} runs)",
+                r["workload"],
+                str(r["vectors"]),
+                f"{fmt(1000 * r['one_pass_min_s'])} / {fmt(1000 * r['one_pass_s'])}",
+                f"{fmt(1000 * r['flat_sums_min_s'])} / {fmt(1000 * r['flat_sums_s'])}",
+                fmt(r["ratio_min"]),
+                fmt(r["ratio"]),
+                f"{fmt(1000 * r['previous_min_s'])} / {fmt(1000 * r['previous_s'])}",
+                f"{fmt(r['previous_ratio_min'])} / {fmt(r['previous_ratio'])}",
+                fmt(r["load1"]),
+            ]
+        )
         if r["workload"] == "no_probe":
             worst[r["size"]] = max(r["ratio_min"], r["ratio"])
-    notes = ["One process, 1 torch thread (a rank's share of this 2-core machine). "
-             f"{res['repeats']} timings per variant (thread CPU time, so time the core spent on "
-             "other jobs is not counted), the variants alternated in 3 blocks after a warm-up call. "
-             "Minima estimate the quiet-machine cost (other tenants of the shared cache and memory "
-             "bus only add time); the verdict takes the worse of the two ratios.",
-             "Layout as StepMeasurer keeps it: one flat fp32 buffer per kept vector, the "
-             "fragments back to back, summed per group over its runs of consecutive fragments.",
-             "flat_sums (fused) = the fused C++ kernel (opt_study/measure/csrc/fused_sums.cpp, "
-             "built by `make install`; loading it took "
-             f"{fmt(res.get('kernel_load_s', float('nan')))} s): one pass over the vectors per run, "
-             "every sum updated from registers, fp32 products summed in 8 fp32 lanes per block of "
-             "256 elements and the blocks in float64; the benchmark checks that every timed call "
-             "ran the kernel. Portable build (-O3, -ffp-contract=off, gcc target_clones picks AVX2 "
-             "or the x86-64 baseline, bit-identical results).",
-             "Previous (torch path) = `sums.flat_sums_torch`, what flat_sums ran before the kernel "
-             "and still runs on GPU, for float64 and for strided inputs: one fp32 torch.dot per "
-             "sum and chunk of <= 64k elements, each dot re-reading its chunk from L2.",
-             "One pass = `torch.sum` of each flat buffer the workload reads (no_probe: x, g, Δ, x₀, "
-             "Δ_{t−1}, g_{t−1}, 6·4·n bytes), one call per buffer: each byte the sums read, read "
-             "once.",
-             "`no_probe` is the target workload (11 sums over x, g, Δ, x₀, Δ_{t−1}, g_{t−1}, of which "
-             "9 are computed: ‖Δ_{t−1}‖² and ‖g_{t−1}‖² are step t−1's own sq_update and sq_grad over "
-             "the same buffers, kept from its sums); `norms` is what every unmeasured step computes; "
-             "`with_probe` adds g⁺ (14 sums, 12 computed).",
-             "At 1.6M elements the 6 vectors (40 MB) can stay in this VM's shared last-level cache "
-             "between repeats, which favours the baseline unless another job evicts them; at "
-             "10M (240 MB) both sides stream from memory."]
-    return Section("3. Measurement math: flat_sums (fused kernel) vs one pass over the shard "
-                   "(METRICS 7a)",
-                   f"time(flat_sums) / time(one pass) <= {TARGET} at 1.6M and 10M elements",
-                   "PASS" if max(worst.values()) <= TARGET else "MISS",
-                   "ratio " + ", ".join(f"{fmt(v)} at {k}" for k, v in worst.items())
-                   + " (no_probe, worse of minima and medians)",
-                   table, notes)
+    notes = [
+        "One process, 1 torch thread (a rank's share of this 2-core machine). "
+        f"{res['repeats']} timings per variant (thread CPU time, so time the core spent on "
+        "other jobs is not counted), the variants alternated in 3 blocks after a warm-up call. "
+        "Minima estimate the quiet-machine cost (other tenants of the shared cache and memory "
+        "bus only add time); the verdict takes the worse of the two ratios.",
+        "Layout as StepMeasurer keeps it: one flat fp32 buffer per kept vector, the "
+        "fragments back to back, summed per group over its runs of consecutive fragments.",
+        "flat_sums (fused) = the fused C++ kernel (opt_study/measure/csrc/fused_sums.cpp, "
+        "built by `make install`; loading it took "
+        f"{fmt(res.get('kernel_load_s', float('nan')))} s): one pass over the vectors per run, "
+        "every sum updated from registers, fp32 products summed in 8 fp32 lanes per block of "
+        "256 elements and the blocks in float64; the benchmark checks that every timed call "
+        "ran the kernel. Portable build (-O3, -ffp-contract=off, gcc target_clones picks AVX2 "
+        "or the x86-64 baseline, bit-identical results).",
+        "Previous (torch path) = `sums.flat_sums_torch`, what flat_sums ran before the kernel "
+        "and still runs on GPU, for float64 and for strided inputs: one fp32 torch.dot per "
+        "sum and chunk of <= 64k elements, each dot re-reading its chunk from L2.",
+        "One pass = `torch.sum` of each flat buffer the workload reads (no_probe: x, g, Δ, x₀, "
+        "Δ_{t−1}, g_{t−1}, 6·4·n bytes), one call per buffer: each byte the sums read, read "
+        "once.",
+        "`no_probe` is the target workload (11 sums over x, g, Δ, x₀, Δ_{t−1}, g_{t−1}, of which "
+        "9 are computed: ‖Δ_{t−1}‖² and ‖g_{t−1}‖² are step t−1's own sq_update and sq_grad over "
+        "the same buffers, kept from its sums); `norms` is what every unmeasured step computes; "
+        "`with_probe` adds g⁺ (14 sums, 12 computed).",
+        "At 1.6M elements the 6 vectors (40 MB) can stay in this VM's shared last-level cache "
+        "between repeats, which favours the baseline unless another job evicts them; at "
+        "10M (240 MB) both sides stream from memory.",
+    ]
+    return Section(
+        "3. Measurement math: flat_sums (fused kernel) vs one pass over the shard (METRICS 7a)",
+        f"time(flat_sums) / time(one pass) <= {TARGET} at 1.6M and 10M elements",
+        "PASS" if max(worst.values()) <= TARGET else "MISS",
+        "ratio " + ", ".join(f"{fmt(v)} at {k}" for k, v in worst.items()) + " (no_probe, worse of minima and medians)",
+        table,
+        notes,
+    )
 
 
 if __name__ == "__main__":

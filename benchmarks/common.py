@@ -9,6 +9,7 @@ Timing policy (this machine has 2 cores and other people run tests on it): every
 records `os.getloadavg()[0]` before it starts, variants are interleaved (rotated per repeat) so a
 burst of foreign load hits each variant alike, and results are medians over repeats.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,17 +39,19 @@ def child_env() -> dict[str, str]:
     Ray without auth tokens or telemetry, one OpenMP thread per rank (2 ranks on 2 cores), and
     the repository on the import path."""
     env = dict(os.environ)
-    env.update({
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"),
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_ENABLE_TELEMETRY": "false",
-        "DO_NOT_TRACK": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
-    })
+    env.update(
+        {
+            "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"),
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_ENABLE_TELEMETRY": "false",
+            "DO_NOT_TRACK": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+        }
+    )
     return env
 
 
@@ -83,15 +86,26 @@ def machine() -> dict:
     """The facts RESULTS.md opens with (no heavy imports: versions come from package metadata)."""
     mem = ""
     try:
-        kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal")).split()[1])
+        kb = int(
+            next(
+                line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+            ).split()[1]
+        )
         mem = f"{kb / 2**20:.1f} GiB"
     except (OSError, StopIteration, ValueError):
         pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count(), "cpu": cpu_model(),
-            "memory": mem, "os": platform.platform(), "python": platform.python_version(),
-            "torch": _version("torch"), "deepspeed": _version("deepspeed"), "ray": _version("ray"),
-            "load1_at_start": load1()}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "memory": mem,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "deepspeed": _version("deepspeed"),
+        "ray": _version("ray"),
+        "load1_at_start": load1(),
+    }
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -105,17 +119,33 @@ def out_path() -> str:
     return sys.argv[1]
 
 
-def study_dict(name: str, storage: str, *, workers: int, stage: int, steps: int,
-               measure: dict, model: dict | None = None, micro_batch: int = STEP_MICRO_BATCH,
-               launcher: str = "auto", opt: str = "adamw", lr: float = 1e-3) -> dict:
+def study_dict(
+    name: str,
+    storage: str,
+    *,
+    workers: int,
+    stage: int,
+    steps: int,
+    measure: dict,
+    model: dict | None = None,
+    micro_batch: int = STEP_MICRO_BATCH,
+    launcher: str = "auto",
+    opt: str = "adamw",
+    lr: float = 1e-3,
+) -> dict:
     """A study document (what a YAML file holds) for one trial of `model` at this scale.
 
     eval_every = steps, so evaluation runs once, after the last timed step."""
     return {
         "study": {"name": name, "storage": storage},
         "workload": dict(model or STEP_MODEL),
-        "scale": {"workers": workers, "zero_stage": stage, "micro_batch_size": micro_batch,
-                  "launcher": launcher, "cpus_per_worker": 0.5 if workers > 1 else 1.0},
+        "scale": {
+            "workers": workers,
+            "zero_stage": stage,
+            "micro_batch_size": micro_batch,
+            "launcher": launcher,
+            "cpus_per_worker": 0.5 if workers > 1 else 1.0,
+        },
         "training": {"steps": steps, "eval_every": steps},
         "optimizers": [{"name": opt, "params": {"lr": lr}}],
         "measure": measure,

@@ -10,6 +10,7 @@
 Both take the per-step end times, so steps/s over a window that skips the warm-up steps is
 measured identically for both (`interleaved`, `common.window_rate`).
 """
+
 from __future__ import annotations
 
 import gc
@@ -44,8 +45,9 @@ def opt_study_trial(doc: dict, trial_id: str, measurer_cls=StepMeasurer) -> dict
     """Run one trial through run_trial; on rank 0 return its step rows as columns, else None."""
     spec = parse_study(doc)
     opt = doc["optimizers"][0]
-    plan = TrialPlan(trial_id=trial_id, label=opt["name"], optimizer=opt["name"],
-                     hparams=dict(opt["params"]), seed=0, index=0)
+    plan = TrialPlan(
+        trial_id=trial_id, label=opt["name"], optimizer=opt["name"], hparams=dict(opt["params"]), seed=0, index=0
+    )
     gc.collect()
     distributed.barrier()  # start together: a rank still tearing down would count as step time
     run_trial(spec, plan, report=lambda m: None, measurer_cls=measurer_cls)
@@ -78,16 +80,23 @@ def plain_deepspeed(doc: dict) -> dict:
     opt = doc["optimizers"][0]
     hp = optim.resolve_hparams(opt["name"], opt["params"])
     assert opt["name"] == "adamw", "the plain loop builds AdamW itself"
-    client = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]),
-                               eps=hp["eps"], weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"])
-    config = {"train_micro_batch_size_per_gpu": scale.micro_batch_size,
-              "gradient_accumulation_steps": 1,
-              "train_batch_size": scale.micro_batch_size * world,
-              "zero_optimization": {"stage": scale.zero_stage},
-              "zero_allow_untested_optimizer": True,
-              "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config,
-                                           dist_init_required=False)
+    client = torch.optim.AdamW(
+        model.parameters(),
+        lr=hp["lr"],
+        betas=(hp["beta1"], hp["beta2"]),
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+        amsgrad=hp["amsgrad"],
+    )
+    config = {
+        "train_micro_batch_size_per_gpu": scale.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": scale.micro_batch_size * world,
+        "zero_optimization": {"stage": scale.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config, dist_init_required=False)
     gc.collect()
     distributed.barrier()
     ends, durations = [], []
@@ -125,13 +134,19 @@ def interleaved(variants: dict, repeats: int, warmup: int, label: str) -> list[d
             if distributed.rank() != 0:
                 continue
             t = cols["time_unix"]
-            gaps = [b - a for a, b in zip(t[warmup - 1:-1], t[warmup:])]
+            gaps = [b - a for a, b in zip(t[warmup - 1 : -1], t[warmup:])]
             flags = (cols.get("measured") or [False] * len(t))[warmup:]
-            runs.append({"rep": rep, "variant": name, "load1": load,
-                         "steps_per_s": window_rate(t, warmup), "steps_per_s_median": 1 / median(gaps),
-                         "median_step_s": median(cols["step_time_s"][warmup:]),
-                         "median_gap_unmeasured_s": median(g for g, m in zip(gaps, flags) if not m),
-                         "median_gap_measured_s": median(g for g, m in zip(gaps, flags) if m)})
+            runs.append(
+                {
+                    "rep": rep,
+                    "variant": name,
+                    "load1": load,
+                    "steps_per_s": window_rate(t, warmup),
+                    "steps_per_s_median": 1 / median(gaps),
+                    "median_step_s": median(cols["step_time_s"][warmup:]),
+                    "median_gap_unmeasured_s": median(g for g, m in zip(gaps, flags) if not m),
+                    "median_gap_measured_s": median(g for g, m in zip(gaps, flags) if m),
+                }
+            )
             print(f"{label} {runs[-1]}", flush=True)
     return runs
-

@@ -13,6 +13,7 @@ the tail of its log, and the suite goes on.
 
 Timings are never assertions in tests; this suite only reports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,12 +67,20 @@ def run_one(key: str, module: str, runner: str, work: Path, quiet_s: float) -> t
     out_json, log = work / f"{key}.json", work / f"{key}.log"
     waited = wait_quiet(quiet_s)
     load, t0 = load1(), time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {key}: running ({runner}, load1 {load}, "
-          f"waited {waited:.0f} s for quiet)", flush=True)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {key}: running ({runner}, load1 {load}, waited {waited:.0f} s for quiet)",
+        flush=True,
+    )
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(command(module, runner, out_json), env=child_env(), cwd=REPO,
-                                stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT_S).returncode
+            rc = subprocess.run(
+                command(module, runner, out_json),
+                env=child_env(),
+                cwd=REPO,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=TIMEOUT_S,
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     secs = time.time() - t0
@@ -80,34 +89,62 @@ def run_one(key: str, module: str, runner: str, work: Path, quiet_s: float) -> t
     if rc != 0 or not out_json.exists():
         tail = log.read_text(errors="replace")[-2500:]
         title = (mod.__doc__ or key).strip().splitlines()[0]
-        return Section(title, "-", "ERROR", f"exit {rc} after {secs:.0f} s", [],
-                       ["```\n" + tail + "\n```"]), meta
+        return Section(title, "-", "ERROR", f"exit {rc} after {secs:.0f} s", [], ["```\n" + tail + "\n```"]), meta
     section = mod.summarize(json.loads(out_json.read_text()))
-    print(f"[{time.strftime('%H:%M:%S')}] {key}: {section.verdict} {section.headline} ({secs:.0f} s)",
-          flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {key}: {section.verdict} {section.headline} ({secs:.0f} s)", flush=True)
     return section, meta
 
 
 def render(info: dict, done: list[tuple[str, Section, dict]], total_s: float) -> str:
-    lines = ["# Benchmark results", "",
-             "Written by `make bench` (`.venv/bin/python benchmarks/run_all.py`); do not edit by hand. "
-             "What each benchmark does and how to read it: benchmarks/README.md.", "",
-             "## Machine", "",
-             md_table([["", ""], ["date", info["date"]], ["CPU", f"{info['cpu']} ({info['cores']} cores)"],
-                       ["memory", info["memory"]], ["OS", info["os"]], ["Python", info["python"]],
-                       ["torch", info["torch"]], ["deepspeed", info["deepspeed"]], ["ray", info["ray"]],
-                       ["load1 at start", fmt(info["load1_at_start"])],
-                       ["suite wall time", f"{total_s:.0f} s"]]), "",
-             "The machine is shared: the 1-minute load average is recorded before every timed section "
-             "(our own 2 ranks add up to 2 to it); before each benchmark the suite waits up to "
-             f"{QUIET_WAIT_S} s for it to fall below {QUIET_LOAD}; variants are interleaved and results "
-             "are medians over repeats. A load well above 2 during a benchmark means other jobs "
-             "shared the 2 cores, and its throughput ratios are then noise-dominated.", "",
-             "## Summary", "",
-             md_table([["benchmark", "target", "result", "verdict", "run time s", "load1 before",
-                        "waited for quiet s"]] +
-                      [[s.title, s.target, s.headline, f"**{s.verdict}**", f"{m['seconds']:.0f}",
-                        fmt(m["load1_before"]), f"{m['waited_s']:.0f}"] for _, s, m in done]), ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`.venv/bin/python benchmarks/run_all.py`); do not edit by hand. "
+        "What each benchmark does and how to read it: benchmarks/README.md.",
+        "",
+        "## Machine",
+        "",
+        md_table(
+            [
+                ["", ""],
+                ["date", info["date"]],
+                ["CPU", f"{info['cpu']} ({info['cores']} cores)"],
+                ["memory", info["memory"]],
+                ["OS", info["os"]],
+                ["Python", info["python"]],
+                ["torch", info["torch"]],
+                ["deepspeed", info["deepspeed"]],
+                ["ray", info["ray"]],
+                ["load1 at start", fmt(info["load1_at_start"])],
+                ["suite wall time", f"{total_s:.0f} s"],
+            ]
+        ),
+        "",
+        "The machine is shared: the 1-minute load average is recorded before every timed section "
+        "(our own 2 ranks add up to 2 to it); before each benchmark the suite waits up to "
+        f"{QUIET_WAIT_S} s for it to fall below {QUIET_LOAD}; variants are interleaved and results "
+        "are medians over repeats. A load well above 2 during a benchmark means other jobs "
+        "shared the 2 cores, and its throughput ratios are then noise-dominated.",
+        "",
+        "## Summary",
+        "",
+        md_table(
+            [["benchmark", "target", "result", "verdict", "run time s", "load1 before", "waited for quiet s"]]
+            + [
+                [
+                    s.title,
+                    s.target,
+                    s.headline,
+                    f"**{s.verdict}**",
+                    f"{m['seconds']:.0f}",
+                    fmt(m["load1_before"]),
+                    f"{m['waited_s']:.0f}",
+                ]
+                for _, s, m in done
+            ]
+        ),
+        "",
+    ]
     for _, s, _m in done:
         lines += [f"## {s.title}", "", f"Target: {s.target}. Result: {s.headline}. **{s.verdict}**", ""]
         if s.table:
@@ -119,11 +156,16 @@ def render(info: dict, done: list[tuple[str, Section, dict]], total_s: float) ->
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated keys: " + ", ".join(k for k, _, _ in BENCHMARKS))
-    ap.add_argument("--output", help="markdown file to write (default: benchmarks/RESULTS.md; with "
-                                     "--only, nothing unless given)")
+    ap.add_argument(
+        "--output", help="markdown file to write (default: benchmarks/RESULTS.md; with --only, nothing unless given)"
+    )
     ap.add_argument("--keep", help="directory to keep the raw JSON and logs in")
-    ap.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S,
-                    help=f"max seconds to wait for load1 < {QUIET_LOAD} before each benchmark (0: never)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=QUIET_WAIT_S,
+        help=f"max seconds to wait for load1 < {QUIET_LOAD} before each benchmark (0: never)",
+    )
     a = ap.parse_args(argv)
     keys = [k for k, _, _ in BENCHMARKS]
     only = a.only.split(",") if a.only else keys

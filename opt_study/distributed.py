@@ -3,6 +3,7 @@
 Only this module touches `torch.distributed` (project rule): measurement code builds local sums
 and calls `all_reduce_sum` once; everything else here is process-group bookkeeping.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,8 +90,16 @@ def init_process_group(backend: str = "gloo", single: bool = False) -> None:
     if not single and all(k in os.environ for k in ("WORLD_SIZE", "MASTER_ADDR", "RANK", "MASTER_PORT")):
         dist.init_process_group(backend=backend)
         return
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+    )
     dist.init_process_group(backend=backend, rank=0, world_size=1)
 
 

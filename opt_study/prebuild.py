@@ -9,6 +9,7 @@ The fused measurement-sums kernel (opt_study/measure/fused_sums.py, a few second
 first, the same way into the same directory. If that build fails (no compiler, an unsupported
 platform), this prints why and goes on: sums.flat_sums then keeps its torch path.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,7 @@ def build_fused_sums() -> bool:
     if ok:
         print(f"{fused_sums.NAME}: ready ({time.perf_counter() - t0:.1f} s)")
     else:
-        print(f"{fused_sums.NAME}: build failed, measurement sums use the torch path: "
-              f"{fused_sums.error()}")
+        print(f"{fused_sums.NAME}: build failed, measurement sums use the torch path: {fused_sums.error()}")
     return ok
 
 

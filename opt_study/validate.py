@@ -6,6 +6,7 @@ hyperparameter value a trial can draw (by building the optimizer), ZeRO stage x 
 combinations, and the symlink-safe study folder. Each problem is one `ConfigError` naming the
 file and the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,14 +54,16 @@ def _workload(w: WorkloadConfig, file: str) -> WorkloadConfig:
         raise ConfigError(file, "workload.type", f"unknown workload {w.type!r:.60} (allowed: {allowed})")
     if not isinstance(w.params, Mapping):  # already typed (a spec checked twice)
         return w
-    return WorkloadConfig(type=w.type, params=build(workloads.workload_config_class(w.type), w.params, file,
-                                                    "workload"))
+    return WorkloadConfig(
+        type=w.type, params=build(workloads.workload_config_class(w.type), w.params, file, "workload")
+    )
 
 
 def _check_optimizer(o: OptimizerSpec, file: str, where: str) -> None:
     if o.name not in optim.OPTIMIZERS:
-        raise ConfigError(file, f"{where}.name",
-                          f"unknown optimizer {o.name!r:.60} (allowed: {', '.join(sorted(optim.OPTIMIZERS))})")
+        raise ConfigError(
+            file, f"{where}.name", f"unknown optimizer {o.name!r:.60} (allowed: {', '.join(sorted(optim.OPTIMIZERS))})"
+        )
     _check_hparams(o.name, o.space, file, f"{where}.params")
 
 
@@ -82,14 +85,18 @@ def _check_hparams(name: str, space: Mapping, file: str, where: str) -> None:
     defaults = optim.optimizer_entry(name).defaults
     for k in space:
         if k not in defaults:  # `betas` too: a pair cannot be a domain, so it is beta1/beta2 here
-            raise ConfigError(file, f"{where}.{k}", f"unknown hyperparameter of {name} "
-                                                    f"(allowed: {', '.join(sorted(defaults))})")
+            raise ConfigError(
+                file, f"{where}.{k}", f"unknown hyperparameter of {name} (allowed: {', '.join(sorted(defaults))})"
+            )
     for k, d in space.items():
         default = defaults[k]
         if isinstance(default, int) and not isinstance(default, bool) and d.kind in ("uniform", "loguniform"):
             # its ends may be integers, but a draw between them would not be
-            raise ConfigError(file, f"{where}.{k}", f"{k} of {name} is an integer; "
-                                                    "search it with {int: [lo, hi]} or {choice: [...]}")
+            raise ConfigError(
+                file,
+                f"{where}.{k}",
+                f"{k} of {name} is an integer; search it with {{int: [lo, hi]}} or {{choice: [...]}}",
+            )
     first = {k: d.values[0] for k, d in space.items()}
     param = torch.nn.Parameter(torch.zeros(1))
     for k, d in space.items():
@@ -110,10 +117,13 @@ def _cross_checks(spec: Spec) -> None:
             raise ConfigError(file, f"optimizers[{i}].name", msg)
     supported = workloads.WORKLOADS[spec.workload.type][0].precisions
     if spec.scale.precision not in supported:
-        raise ConfigError(file, "scale.precision",
-                          f"workload {spec.workload.type} supports {', '.join(supported)} only "
-                          f"(it feeds float32 inputs to the model); set scale.precision: fp32")
+        raise ConfigError(
+            file,
+            "scale.precision",
+            f"workload {spec.workload.type} supports {', '.join(supported)} only "
+            f"(it feeds float32 inputs to the model); set scale.precision: fp32",
+        )
     try:
-        spec.study_dir  # the symlink-safe folder (opt_study.storage.layout.study_dir)
+        _ = spec.study_dir  # the symlink-safe folder (opt_study.storage.layout.study_dir) raises
     except ValueError as e:
         raise ConfigError(file, "study.name", str(e)) from None

@@ -1,5 +1,6 @@
 """Shared test set-up: CPU DeepSpeed environment, one local Ray cluster per test session, and the
 `gpu` marker (GPU tests skip on a machine without one and run where there is one)."""
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
+
         has_gpu = torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         has_gpu = False
@@ -38,8 +40,13 @@ def ray_cluster():
 
     for k, v in ray_env().items():
         os.environ.setdefault(k, v)
-    ray.init(num_cpus=2, runtime_env={"env_vars": ray_env()}, log_to_driver=False,
-             include_dashboard=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        runtime_env={"env_vars": ray_env()},
+        log_to_driver=False,
+        include_dashboard=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 

@@ -1,6 +1,7 @@
 """The hostile YAML corpus (tests/bad_configs/) and the bad inputs generated at test time, shared by
 tests/unit/test_config.py (the loader) and tests/e2e/test_cli_validate.py (the CLI). Each corpus
 file's first line names the field its error must name: `# expect: <field>` (`<top>`: the file)."""
+
 from __future__ import annotations
 
 import random
@@ -22,9 +23,14 @@ def expected_field(path: Path) -> str:
 
 def generated_bad_files(d: Path) -> dict[str, Path]:
     """Bad inputs not worth committing: empty, binary, over the size cap, a directory, missing."""
-    files = {"empty": d / "empty.yaml", "binary": d / "binary.yaml", "huge": d / "huge.yaml",
-             "directory": d / "adir.yaml", "missing": d / "missing.yaml",
-             "binary_utf8": d / "binary_utf8.yaml"}
+    files = {
+        "empty": d / "empty.yaml",
+        "binary": d / "binary.yaml",
+        "huge": d / "huge.yaml",
+        "directory": d / "adir.yaml",
+        "missing": d / "missing.yaml",
+        "binary_utf8": d / "binary_utf8.yaml",
+    }
     files["empty"].write_bytes(b"")
     files["binary"].write_bytes(random.Random(1234).randbytes(4096))
     # valid UTF-8, but control characters YAML refuses

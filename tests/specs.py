@@ -17,6 +17,7 @@ Tests get it as the ``spec_factory`` fixture (tests/conftest.py), bound to their
 a torchrun harness under tests/dist/ can import it after putting tests/ on ``sys.path``. It needs
 no pytest.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,8 +54,12 @@ def spec_doc(storage: str | Path, *, base: dict | None = None, **slices: Any) ->
     doc = merged(DEFAULT if base is None else base, {"study": {"storage": str(storage)}})
     for key, over in slices.items():
         cur = doc.get(key)
-        if key == "workload" and isinstance(over, dict) and isinstance(cur, dict) \
-                and over.get("type", cur.get("type")) != cur.get("type"):
+        if (
+            key == "workload"
+            and isinstance(over, dict)
+            and isinstance(cur, dict)
+            and over.get("type", cur.get("type")) != cur.get("type")
+        ):
             doc[key] = copy.deepcopy(over)  # another workload: the default's parameters do not apply
         else:
             doc[key] = merged(cur, over) if key in doc else copy.deepcopy(over)

@@ -5,6 +5,7 @@ something failed; 2 bad input (the error names the file and the field; nothing i
 written). Heavy imports (torch, Ray, DuckDB, MLflow) happen inside the command functions, so
 `opt-study --help` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,12 @@ EXIT_BAD_INPUT = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opt-study", description="Run, query and report optimizer studies "
-                                "(Ray Tune trials of DeepSpeed training with sharded measurements).",
-                                epilog="exit codes: 0 success, 1 some trials (or deliveries) failed, 2 bad input")
+    p = argparse.ArgumentParser(
+        prog="opt-study",
+        description="Run, query and report optimizer studies "
+        "(Ray Tune trials of DeepSpeed training with sharded measurements).",
+        epilog="exit codes: 0 success, 1 some trials (or deliveries) failed, 2 bad input",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("validate", help="check a study YAML without starting anything")
     r.add_argument("file")
@@ -35,22 +39,30 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("status", help="one line per trial: status, losses, hyperparameters")
     r.add_argument("study")
     r.set_defaults(fn=study_cmd.cmd_status)
-    q = sub.add_parser("query", help="run SQL over a study's Parquet record and trials",
-                       description=results_cmd.QUERY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = sub.add_parser(
+        "query",
+        help="run SQL over a study's Parquet record and trials",
+        description=results_cmd.QUERY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("study", help="the study folder (<storage>/<study>) or its YAML file")
     q.add_argument("sql", help="one SQL statement over the views above")
     q.add_argument("--csv", metavar="PATH", help="also save the result as CSV")
     q.add_argument("--parquet", metavar="PATH", help="also save the result as Parquet")
     q.add_argument("--max-rows", type=int, default=50, help="rows to print (default 50)")
     q.set_defaults(fn=results_cmd.cmd_query)
-    r = sub.add_parser("report", help="write the study's HTML report (tables, figures) "
-                                      "and log it to the study's MLflow parent run")
+    r = sub.add_parser(
+        "report", help="write the study's HTML report (tables, figures) and log it to the study's MLflow parent run"
+    )
     r.add_argument("study", help="the study folder (<storage>/<study>) or its YAML file")
     r.add_argument("--out", metavar="DIR", help="where to write it (default STUDY/report)")
     r.add_argument("--no-mlflow", action="store_true", help="do not log it to MLflow")
     r.set_defaults(fn=results_cmd.cmd_report)
-    r = sub.add_parser("replay", help="checkpoint replay: ⟨∇F(x_e), x_e − y⟩ and F(x_e) − F(y) "
-                                      "for every saved snapshot x_e against a reference y")
+    r = sub.add_parser(
+        "replay",
+        help="checkpoint replay: ⟨∇F(x_e), x_e − y⟩ and F(x_e) − F(y) "
+        "for every saved snapshot x_e against a reference y",
+    )
     r.add_argument("study", help="the study folder (with spec.yaml), or the study's YAML file")
     r.add_argument("--trial", action="append", help="trial id (repeatable; default: every trial with snapshots)")
     r.add_argument("--reference", default="final", help="final (default), init, or a snapshot step")
@@ -59,11 +71,15 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("compact", help="merge each trial's Parquet chunks into one file per attempt")
     r.add_argument("study")
     r.set_defaults(fn=study_cmd.cmd_compact)
-    r = sub.add_parser("sync-mlflow", help="deliver a study's queued MLflow writes "
-                                           "(after the tracking server was unreachable)")
+    r = sub.add_parser(
+        "sync-mlflow", help="deliver a study's queued MLflow writes (after the tracking server was unreachable)"
+    )
     r.add_argument("study", help="the study's folder under the storage root, or its YAML file")
-    r.add_argument("--retry-failed", action="store_true",
-                   help="also retry the writes the server refused before (mlflow_queue/failed)")
+    r.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also retry the writes the server refused before (mlflow_queue/failed)",
+    )
     r.set_defaults(fn=results_cmd.cmd_sync_mlflow)
     r = sub.add_parser("ui", help="the MLflow UI on the study's tracking store")
     r.add_argument("study")
@@ -80,5 +96,3 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-

@@ -3,6 +3,7 @@
 What each reading command needs of a study folder (top-level names), so that on an object-store
 root it pulls only those parts (opt_study.storage.objectstore.refresh_study).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +14,14 @@ from opt_study.validate import load_study, resolve_study
 
 L = layout
 META = (L.SPEC_FILE, L.PLAN_FILE, L.TRIALS_DIR, L.TRIALS_TABLE)
-READS = {"status": META, "query": META + (L.STEPS_DIR, L.REPLAY_DIR), "report": META + (L.STEPS_DIR, L.REPLAY_DIR),
-         "replay": META + (L.SNAPSHOTS_DIR, L.REPLAY_DIR), "sync-mlflow": (L.SPEC_FILE, L.MLFLOW_QUEUE_DIR),
-         "compact": META + (L.STEPS_DIR,)}
+READS = {
+    "status": META,
+    "query": META + (L.STEPS_DIR, L.REPLAY_DIR),
+    "report": META + (L.STEPS_DIR, L.REPLAY_DIR),
+    "replay": META + (L.SNAPSHOTS_DIR, L.REPLAY_DIR),
+    "sync-mlflow": (L.SPEC_FILE, L.MLFLOW_QUEUE_DIR),
+    "compact": META + (L.STEPS_DIR,),
+}
 
 
 def study_spec(target: str, command: str | None = None) -> Spec:

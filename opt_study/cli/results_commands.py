@@ -1,4 +1,5 @@
 """`opt-study query / report / replay / sync-mlflow`: commands that read a study's results."""
+
 from __future__ import annotations
 
 import sys
@@ -89,8 +90,10 @@ def cmd_sync_mlflow(a) -> int:
     if a.retry_failed:
         before += sink.requeue_failed()
     left = sink.drain(force=True)
-    print(f"{folder.name}: delivered {before - len(sink.pending())} of {before} queued MLflow "
-          f"write(s) to {redact(spec.tracking_uri)}")
+    print(
+        f"{folder.name}: delivered {before - len(sink.pending())} of {before} queued MLflow "
+        f"write(s) to {redact(spec.tracking_uri)}"
+    )
     for path in sink.pending():
         print(f"  pending  {path.name}")
     if sink.pending():

@@ -1,4 +1,5 @@
 """`opt-study validate / run / resume / status / compact / ui`: short entry points over opt_study.study."""
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,15 @@ def cmd_resume(a) -> int:
 def _finish(spec: Spec) -> int:
     rc = status_table(spec)
     remote = f" (working copy of {spec.study.storage})" if "://" in spec.study.storage else ""
-    print(f"\nresults: {spec.study_dir}{remote}\n"
-          f"  steps (Parquet): {layout.steps_dir(spec.study_dir)}\n"
-          f"  trials table:    {layout.trials_table_path(spec.study_dir)}\n"
-          f"  MLflow:          {spec.tracking_uri}\n"
-          f"open the MLflow UI: opt-study ui {spec.study_dir}\n"
-          # the `steps` view keeps the last attempt of each step (a raw read_parquet does not)
-          f"query with SQL:     opt-study query {spec.study_dir} \"SELECT * FROM steps LIMIT 5\"")
+    print(
+        f"\nresults: {spec.study_dir}{remote}\n"
+        f"  steps (Parquet): {layout.steps_dir(spec.study_dir)}\n"
+        f"  trials table:    {layout.trials_table_path(spec.study_dir)}\n"
+        f"  MLflow:          {spec.tracking_uri}\n"
+        f"open the MLflow UI: opt-study ui {spec.study_dir}\n"
+        # the `steps` view keeps the last attempt of each step (a raw read_parquet does not)
+        f'query with SQL:     opt-study query {spec.study_dir} "SELECT * FROM steps LIMIT 5"'
+    )
     return rc
 
 
@@ -67,14 +70,18 @@ def status_table(spec: Spec) -> int:
     # The paper's per-trial summary (arXiv:2407.01825): how often each convexity inequality
     # holds / is violated / is indeterminate (within the noise floor) on measured steps, and the
     # median local smoothness ‖g⁺−g‖/‖Δ‖.
-    print(f"{'trial':<20}{'status':<10}{'final loss':>11}{'best eval':>10}"
-          f"{'fwd h/v/i':>16}{'bwd h/v/i':>16}{'L med':>9}  hyperparameters")
+    print(
+        f"{'trial':<20}{'status':<10}{'final loss':>11}{'best eval':>10}"
+        f"{'fwd h/v/i':>16}{'bwd h/v/i':>16}{'L med':>9}  hyperparameters"
+    )
     for r in recs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
         s = r.get("summary") or {}
         hp = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("hparams", {}).items()))
-        print(f"{r['trial_id']:<20}{r['status']:<10}{_fmt(s.get('final_loss')):>11}{_fmt(s.get('best_eval_loss')):>10}"
-              f"{_fracs(s, 'fwd'):>16}{_fracs(s, 'bwd'):>16}{_fmt(s.get('smoothness_local_median')):>9}  {hp}")
+        print(
+            f"{r['trial_id']:<20}{r['status']:<10}{_fmt(s.get('final_loss')):>11}{_fmt(s.get('best_eval_loss')):>10}"
+            f"{_fracs(s, 'fwd'):>16}{_fracs(s, 'bwd'):>16}{_fmt(s.get('smoothness_local_median')):>9}  {hp}"
+        )
     print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no trials yet")
     return 1 if counts.get("failed") else 0
 
@@ -99,15 +106,27 @@ def cmd_compact(a) -> int:
 
     spec = study_spec(a.study, "compact")
     done = compact_study(spec.study_dir)
-    print(f"{spec.study.name}: {len(done)} trial(s), "
-          f"{sum(len(files) for files in done.values())} file(s) after compaction")
+    print(
+        f"{spec.study.name}: {len(done)} trial(s), "
+        f"{sum(len(files) for files in done.values())} file(s) after compaction"
+    )
     return 0
 
 
 def cmd_ui(a) -> int:
     spec = study_spec(a.study)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", spec.tracking_uri,
-           "--host", a.host, "--port", str(a.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        spec.tracking_uri,
+        "--host",
+        a.host,
+        "--port",
+        str(a.port),
+    ]
     print("starting:", " ".join(cmd), flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.call(cmd, env=env)

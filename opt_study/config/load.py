@@ -7,6 +7,7 @@ document would only explode when the config is walked: capping aliases stops the
 parse, and the walk itself counts every value it visits (MAX_NODES), so 63 nested aliases cannot
 expand to 7**9 values either. Every failure, whatever the library raised, becomes one ConfigError.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,9 @@ from typing import Any, Mapping
 import yaml
 
 from opt_study.config import spec as C
+from opt_study.config.space import SAMPLED, budget, parse_domain
 from opt_study.storage import layout
 from opt_study.storage.objectstore import is_uri
-from opt_study.config.space import SAMPLED, budget, parse_domain
 
 MAX_ALIASES = 64
 MAX_DEPTH = 32  # levels of nesting below the top mapping
@@ -74,7 +75,8 @@ class _CappedLoader(yaml.SafeLoader):
         value = super().construct_yaml_int(node)
         if value.bit_length() > MAX_INT_BITS:
             raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {value.bit_length()} bits (at most {MAX_INT_BITS})", node.start_mark)
+                None, None, f"an integer of {value.bit_length()} bits (at most {MAX_INT_BITS})", node.start_mark
+            )
         return value
 
 
@@ -85,8 +87,10 @@ _CappedLoader.add_constructor("tag:yaml.org,2002:int", _CappedLoader.construct_y
 # exponent. YAML 1.2 and every user mean a number; resolve it as one (on this loader only).
 _CappedLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _CappedLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _check_duplicate_keys(root: yaml.Node) -> None:
@@ -337,13 +341,17 @@ def _cross_checks(spec: C.Spec) -> None:
     """Rules that span slices and need no registry."""
     file = spec.source
     if spec.measure.noise_scale and spec.scale.workers * spec.scale.grad_accum < 2:
-        raise C.ConfigError(file, "measure.noise_scale",
-                            "needs two batch sizes: set scale.workers x scale.grad_accum >= 2")
+        raise C.ConfigError(
+            file, "measure.noise_scale", "needs two batch sizes: set scale.workers x scale.grad_accum >= 2"
+        )
     t = spec.training
     evals = -(-t.steps // t.eval_every)  # at every eval_every-th step and at the last step
     if spec.search.asha and evals < spec.search.asha.grace_period:
-        raise C.ConfigError(file, "search.asha.grace_period",
-                            f"exceeds the {evals} evaluations of a trial (training.steps / training.eval_every)")
+        raise C.ConfigError(
+            file,
+            "search.asha.grace_period",
+            f"exceeds the {evals} evaluations of a trial (training.steps / training.eval_every)",
+        )
     _check_tpe_spaces(spec)
     _check_trial_count(spec)
 
@@ -356,12 +364,18 @@ def _check_tpe_spaces(spec: C.Spec) -> None:
     for i, o in enumerate(spec.optimizers):
         grid = sorted(k for k, d in o.space.items() if d.kind == "grid")
         if grid:
-            raise C.ConfigError(spec.source, f"optimizers[{i}].params.{grid[0]}",
-                                "search.method tpe cannot search a grid; use {choice: [...]} instead")
+            raise C.ConfigError(
+                spec.source,
+                f"optimizers[{i}].params.{grid[0]}",
+                "search.method tpe cannot search a grid; use {choice: [...]} instead",
+            )
         if not any(d.kind in SAMPLED for d in o.space.values()):
-            raise C.ConfigError(spec.source, f"optimizers[{i}].params",
-                                "search.method tpe needs at least one sampled hyperparameter "
-                                "({loguniform: [lo, hi]}, {uniform: ..}, {int: ..} or {choice: ..})")
+            raise C.ConfigError(
+                spec.source,
+                f"optimizers[{i}].params",
+                "search.method tpe needs at least one sampled hyperparameter "
+                "({loguniform: [lo, hi]}, {uniform: ..}, {int: ..} or {choice: ..})",
+            )
 
 
 def _check_trial_count(spec: C.Spec) -> None:
@@ -370,12 +384,14 @@ def _check_trial_count(spec: C.Spec) -> None:
     seeds, samples, total = len(spec.study.seeds), spec.search.samples, 0
     for i, o in enumerate(spec.optimizers):
         if budget(o.space, 1) * seeds > C.MAX_TRIALS:
-            raise C.ConfigError(spec.source, f"optimizers[{i}].params",
-                                f"its grid times {seeds} seed(s) is over {C.MAX_TRIALS} trials")
+            raise C.ConfigError(
+                spec.source, f"optimizers[{i}].params", f"its grid times {seeds} seed(s) is over {C.MAX_TRIALS} trials"
+            )
         total += budget(o.space, samples) * seeds
     if total > C.MAX_TRIALS:
-        raise C.ConfigError(spec.source, "search.samples",
-                            f"the study would plan {total} trials; at most {C.MAX_TRIALS}")
+        raise C.ConfigError(
+            spec.source, "search.samples", f"the study would plan {total} trials; at most {C.MAX_TRIALS}"
+        )
 
 
 def study_folder_spec(folder: str | Path) -> C.Spec:
@@ -383,8 +399,11 @@ def study_folder_spec(folder: str | Path) -> C.Spec:
     that was moved keeps working where it is now: its storage root becomes the folder's parent."""
     folder = Path(folder).resolve()
     if not layout.spec_path(folder).is_file():
-        raise C.ConfigError(str(folder), "", "not a study directory (no spec.yaml); give the study's folder "
-                                             "under the storage root, or its YAML file")
+        raise C.ConfigError(
+            str(folder),
+            "",
+            "not a study directory (no spec.yaml); give the study's folder under the storage root, or its YAML file",
+        )
     spec = load_spec(layout.spec_path(folder))
     if spec.study_dir != folder:
         spec = dataclasses.replace(spec, study=dataclasses.replace(spec.study, storage=str(folder.parent)))

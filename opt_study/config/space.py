@@ -7,6 +7,7 @@ expands every optimizer's space itself, seeded by `search.seed`, so that trial i
 hyperparameters are known (and stored) before anything runs and a resumed study reuses them;
 TPE (opt_study.plan.tpe) proposes them online instead.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,9 +53,11 @@ def parse_domain(raw: Any, field: str) -> Domain:
         _check_scalar(raw, field)
         return Domain("fixed", (raw,))
     if not isinstance(raw, Mapping) or len(raw) != 1:
-        raise ValueError(f"{field}: a hyperparameter is a scalar or one of {{choice: [..]}}, {{grid: [..]}}, "
-                         "{uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]}")
-    (kind, vals), = raw.items()
+        raise ValueError(
+            f"{field}: a hyperparameter is a scalar or one of {{choice: [..]}}, {{grid: [..]}}, "
+            "{uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]}"
+        )
+    ((kind, vals),) = raw.items()
     where = f"{field}.{kind}"
     if kind in ("choice", "grid"):
         if not isinstance(vals, list) or not vals or not all(isinstance(v, SCALAR) for v in vals):

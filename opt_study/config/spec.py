@@ -6,6 +6,7 @@ with a safe loader, builds the dataclasses field by field and reports the first 
 Ray, DeepSpeed or MLflow, and nothing here imports torch: a workload's typed parameters and the
 optimizer registry checks are applied by `opt_study.validate`, a layer above.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from opt_study.storage import layout, names, objectstore
 from opt_study.config.space import Domain
+from opt_study.storage import layout, names, objectstore
 
 MAX_CONFIG_BYTES = 1 << 20  # a study spec is a page of YAML; refuse anything absurd
 MAX_TRIALS = 100_000  # planned trials per study; the plan is materialised before anything runs
@@ -69,9 +70,12 @@ class StudyConfig:
                 raise FieldError("storage", f"{self.storage[:80]!r} {problem}")
             if self.mlflow_uri is None:
                 # the default SQLite file would live only in this machine's working copy
-                raise FieldError("mlflow_uri", "is required when storage is an object-store URI: "
-                                 "give a tracking server (http://host:5000, see cluster/README.md) "
-                                 "or a local sqlite:////abs/path/mlflow.db")
+                raise FieldError(
+                    "mlflow_uri",
+                    "is required when storage is an object-store URI: "
+                    "give a tracking server (http://host:5000, see cluster/README.md) "
+                    "or a local sqlite:////abs/path/mlflow.db",
+                )
 
 
 @dataclass(frozen=True)
@@ -308,15 +312,20 @@ class SearchConfig:
         if self.protocol != "none" and self.asha is not None:
             # per-label ASHA would race one-shot, search and rerun trials (or studies) together
             raise FieldError("asha", f"protocol {self.protocol} trains every trial to the end; remove asha")
-        if not self.rerun_seeds or len(set(self.rerun_seeds)) != len(self.rerun_seeds) \
-                or any(not 0 <= s < 2**31 for s in self.rerun_seeds):
+        if (
+            not self.rerun_seeds
+            or len(set(self.rerun_seeds)) != len(self.rerun_seeds)
+            or any(not 0 <= s < 2**31 for s in self.rerun_seeds)
+        ):
             raise FieldError("rerun_seeds", "must be a non-empty list of distinct seeds in [0, 2**31)")
         if not 1 <= self.studies <= 1000 or self.studies * self.samples > 100_000:
             raise FieldError("studies", "must be in [1, 1000] with studies x samples <= 100000")
         if self.protocol == "algoperf_external":
             if self.method == "random":
-                raise FieldError("method", "algoperf_external searches quasi-randomly (Dahl et al. 2023); "
-                                           "set quasirandom or leave it out")
+                raise FieldError(
+                    "method",
+                    "algoperf_external searches quasi-randomly (Dahl et al. 2023); set quasirandom or leave it out",
+                )
             if self.target is None:
                 raise FieldError("target", "algoperf_external needs target: {metric: eval_loss, value: X}")
         elif self.studies != 1:
@@ -328,13 +337,17 @@ class SearchConfig:
         if self.method != "tpe":
             return
         if self.protocol != "none":
-            raise FieldError("method", f"tpe is for protocol none; {self.protocol} fixes its own search "
-                                       "(remove method or set protocol: none)")
+            raise FieldError(
+                "method",
+                f"tpe is for protocol none; {self.protocol} fixes its own search (remove method or set protocol: none)",
+            )
         if self.tpe_startup_trials >= self.samples:
-            raise FieldError("tpe_startup_trials",
-                             f"must be below samples={self.samples}: TPE draws its first "
-                             f"{self.tpe_startup_trials} configurations at random, so with these numbers it "
-                             "never uses its model (lower tpe_startup_trials or raise samples)")
+            raise FieldError(
+                "tpe_startup_trials",
+                f"must be below samples={self.samples}: TPE draws its first "
+                f"{self.tpe_startup_trials} configurations at random, so with these numbers it "
+                "never uses its model (lower tpe_startup_trials or raise samples)",
+            )
 
     @property
     def resolved_method(self) -> str:
@@ -360,12 +373,16 @@ class MeasureConfig:
     def __post_init__(self):
         if self.every < 0:
             raise FieldError("every", "must be >= 0 (0 turns measurement off)")
-        if isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) \
-                or not 0 <= self.snapshot_every <= 10**9:
+        if (
+            isinstance(self.snapshot_every, bool)
+            or not isinstance(self.snapshot_every, int)
+            or not 0 <= self.snapshot_every <= 10**9
+        ):
             raise FieldError("snapshot_every", "must be an integer in [0, 1e9] (0 saves no snapshots)")
         if self.probe_s not in self.PROBE_S:
-            raise FieldError("probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} "
-                                        "(the probe point x_t + s*Δ_t)")
+            raise FieldError(
+                "probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} (the probe point x_t + s*Δ_t)"
+            )
 
 
 @dataclass(frozen=True)

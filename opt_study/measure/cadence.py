@@ -20,6 +20,7 @@ been applied, so "every k" means (t + 1) % k == 0 (``due``).
 measure.snapshot_every stays with its saver (opt_study.trial.snapshots.SnapshotSaver.is_due: ``due``
 and the trial's last step, a runtime event), which asks ``due`` too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,11 +33,11 @@ def due(step: int, every: int) -> bool:
 
 @dataclass(frozen=True)
 class Cadence:
-    steps: int                  # training.steps
-    eval_every: int             # training.eval_every (resolved: never null here)
-    measure_every: int = 0      # measure.every; 0 = never measured
-    log_every: int = 1          # training.log_every
-    checkpoint_every: int = 0   # training.checkpoint_every resolved (null -> eval_every); 0 = never
+    steps: int  # training.steps
+    eval_every: int  # training.eval_every (resolved: never null here)
+    measure_every: int = 0  # measure.every; 0 = never measured
+    log_every: int = 1  # training.log_every
+    checkpoint_every: int = 0  # training.checkpoint_every resolved (null -> eval_every); 0 = never
 
     def __post_init__(self):
         if self.steps < 1 or self.eval_every < 1 or self.log_every < 1:
@@ -48,9 +49,13 @@ class Cadence:
     def from_spec(cls, spec) -> Cadence:
         """The cadence of a study's trials (``spec``: an opt_study.config.Spec)."""
         t, m = spec.training, spec.measure
-        return cls(steps=t.steps, eval_every=t.eval_every, measure_every=m.every,
-                   log_every=t.log_every,
-                   checkpoint_every=t.eval_every if t.checkpoint_every is None else t.checkpoint_every)
+        return cls(
+            steps=t.steps,
+            eval_every=t.eval_every,
+            measure_every=m.every,
+            log_every=t.log_every,
+            checkpoint_every=t.eval_every if t.checkpoint_every is None else t.checkpoint_every,
+        )
 
     def last(self, step: int) -> bool:
         return step + 1 == self.steps

@@ -24,6 +24,7 @@ from gradients; the options and their defaults are opt_study.replay.HessianOptio
 - ``hutchinson``: tr(H) ≈ mean of zᵀHz over Rademacher z (Hutchinson 1990,
   https://doi.org/10.1080/03610919008812866), with the standard error of the mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,10 +41,12 @@ def fd_hvp(grad_at: Callable[[Vec], Vec], x: Vec, eps: float) -> Callable[[Vec],
     """v -> Hv ≈ (∇F(x + εv) − ∇F(x − εv)) / (2ε); ``grad_at`` maps a local point to the local
     gradient (a collective: every rank calls it together). Leaves the model at x − εv; callers
     put x back when done."""
+
     def hvp(v: Vec) -> Vec:
         g_plus = grad_at((x + eps * v).float())
         g_minus = grad_at((x - eps * v).float())
         return (g_plus.double() - g_minus.double()) / (2.0 * eps)
+
     return hvp
 
 
@@ -67,19 +70,19 @@ def lanczos(hvp: Callable[[Vec], Vec], v0: Vec, steps: int, reduce: Reduce) -> t
     betas: list[float] = []
     for j in range(steps):
         w = hvp(basis[j])
-        stack = basis[:j + 1]
+        stack = basis[: j + 1]
         alpha = 0.0
         for rep in range(2):
             c = stack @ w
             if rep == 1:
                 c = torch.cat([c, torch.dot(w, w).reshape(1)])  # ‖w‖² before the 2nd pass
             reduce(c)
-            coef = c[:j + 1]
+            coef = c[: j + 1]
             w = w - coef @ stack
             alpha += float(coef[-1])
         alphas.append(alpha)
         # ‖w‖² after the second pass = before − Σc² (the pass removes an orthogonal component)
-        beta = math.sqrt(max(float(c[-1]) - float((coef ** 2).sum()), 0.0))
+        beta = math.sqrt(max(float(c[-1]) - float((coef**2).sum()), 0.0))
         if j == steps - 1 or beta <= 1e-12 * max(abs(a) for a in alphas):
             break
         betas.append(beta)

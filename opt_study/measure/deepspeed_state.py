@@ -15,6 +15,7 @@ Where this rank's fp32 shard lives, by ZeRO stage (shards.ShardView picks the mo
   ``p.ds_numel`` / ``p.ds_shape`` (``p.numel()`` is 0 while the parameter is released), and the
   fp32 partition through ``deepspeed.utils.safe_get_local_*``.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -27,8 +28,13 @@ DEEPSPEED_VERSION = "0.19.8"  # the version every function below was checked aga
 EMPTY = torch.empty(0)
 
 # torch.nn.Module's forward-hook dictionaries (torch >= 2.0 names; the last three may be absent).
-HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-              "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 # ------------------------------------------------------------------ ZeRO-1/2 and BF16_Optimizer
@@ -111,7 +117,7 @@ def z3_partition_numel(p) -> int:
 def z3_write_partition(p, frag: torch.Tensor) -> None:
     """Write ``frag`` into the first elements of this rank's lp partition ``p.ds_tensor``: the
     weights ZeRO-3's forward all-gathers (the probe point and its restore)."""
-    p.ds_tensor.data.view(-1)[:frag.numel()].copy_(frag)
+    p.ds_tensor.data.view(-1)[: frag.numel()].copy_(frag)
 
 
 def z3_is_gathered(p) -> bool:

@@ -32,6 +32,7 @@ A parameter used outside the forward of a module that owns it (e.g. ``x @ emb.we
 parent's forward) would still be bf16 there, and the forward fails on the dtype (or, at ZeRO-3,
 on the empty tensor) instead of returning a wrong value. Frozen parameters are not converted.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -57,7 +58,7 @@ class _Fp32Point:
                 raise ValueError(f"fragment of {name} has {f.numel()} elements, needs {hi - lo}")
             shape = ds.z3_shape(p) if z3 else p.shape
             numel = ds.z3_numel(p) if z3 else p.numel()
-            self.where[id(p)] = (f.reshape(-1)[:hi - lo], lo, hi, numel, shape)
+            self.where[id(p)] = (f.reshape(-1)[: hi - lo], lo, hi, numel, shape)
         self.saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor, int]] = {}
 
     def _own(self, module) -> list:
@@ -92,8 +93,9 @@ class _Fp32Point:
         self.saved.clear()
 
 
-def evaluate_losses(engine, view, frags: list[torch.Tensor], batches: list, rng_states: list,
-                    model_loss_fn) -> torch.Tensor:
+def evaluate_losses(
+    engine, view, frags: list[torch.Tensor], batches: list, rng_states: list, model_loss_fn
+) -> torch.Tensor:
     """This rank's mean fp32 loss over ``batches`` at the point whose fragments are ``frags``, as
     a float64 0-dim tensor on the engine's device (summed there: no host sync per micro-batch).
 

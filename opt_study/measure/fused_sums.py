@@ -16,6 +16,7 @@ once and returns False, and flat_sums keeps its torch path. Portable flags only:
 at load time (gcc target_clones) with bit-identical results. One thread, no OpenMP: the ranks
 already use the cores.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -41,8 +42,8 @@ ENV = "OPT_STUDY_FUSED_SUMS"  # "0" forces sums.flat_sums onto its torch path
 _BITS = {"g": 1, "delta": 2, "g_plus": 4, "x0": 8, "delta_prev": 16, "g_prev": 32}
 
 _lock = threading.Lock()
-_state: dict = {}   # "kernel" (the C entry point or None), "error", "load_s"
-calls = 0           # kernel calls in this process (tests assert that dispatch reaches the kernel)
+_state: dict = {}  # "kernel" (the C entry point or None), "error", "load_s"
+calls = 0  # kernel calls in this process (tests assert that dispatch reaches the kernel)
 
 
 def enabled() -> bool:
@@ -63,9 +64,12 @@ def load(verbose: bool = False):
                 _state["kernel"], _state["error"] = None, f"{type(e).__name__}: {e}"
                 lines = [ln.strip() for ln in _state["error"].splitlines() if ln.strip()]
                 why = lines[0][:160] + (f" ... {lines[-2][:160]}" if len(lines) > 2 else "")
-                warnings.warn(f"opt_study: fused measurement sums unavailable, using the torch "
-                              f"path ({why}; fused_sums.error() has the full message)",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"opt_study: fused measurement sums unavailable, using the torch "
+                    f"path ({why}; fused_sums.error() has the full message)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             _state["load_s"] = time.perf_counter() - t0
         return _state["kernel"]
 
@@ -77,18 +81,26 @@ def _build_and_open(verbose: bool):
 
     # is_python_module=False: a plain shared library with a C entry point (no pybind, no torch
     # headers to compile), opened with ctypes, which releases the GIL during the call.
-    path = load_ext(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                    is_python_module=False, verbose=verbose)
+    path = load_ext(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False, verbose=verbose)
     lib = ctypes.CDLL(path)
     layout = lib.opt_study_fused_sums_layout
     layout.restype, layout.argtypes = ctypes.c_int64, [ctypes.c_int64]
     if (layout(0), layout(1)) != (len(SUM_NAMES), len(VECTOR_NAMES)):
-        raise RuntimeError(f"{path} computes {layout(0)} sums of {layout(1)} vectors; expected "
-                           f"{len(SUM_NAMES)} of {len(VECTOR_NAMES)} (stale build?)")
+        raise RuntimeError(
+            f"{path} computes {layout(0)} sums of {layout(1)} vectors; expected "
+            f"{len(SUM_NAMES)} of {len(VECTOR_NAMES)} (stale build?)"
+        )
     fn = lib.opt_study_fused_sums
     fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return fn
 
 
@@ -104,26 +116,30 @@ def error() -> str | None:
 
 def supports(present: Mapping[str, Tensor]) -> bool:
     """Whether the kernel takes these vectors: all fp32, contiguous and on the CPU."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in present.values())
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in present.values())
 
 
-def fused_sums(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
-               n_groups: int, chunk: int | None = None,
-               only: Collection[str] | None = None) -> Tensor:
+def fused_sums(
+    vectors: Mapping[str, Tensor | None],
+    runs: Sequence[tuple[int, int, int]],
+    n_groups: int,
+    chunk: int | None = None,
+    only: Collection[str] | None = None,
+) -> Tensor:
     """``sums.flat_sums`` computed by the fused kernel: the same float64 [len(SUM_NAMES),
     n_groups] result (a sum whose vectors are missing, or not in ``only``, is NaN; a group no run
     covers sums to 0), the same validation errors. ``chunk`` is accepted for the signature and
     validated, but the kernel's blocking is fixed. Requires ``available()`` and CPU fp32
     contiguous vectors (``supports``); raises RuntimeError otherwise."""
-    present, n, wanted = check_flat(vectors, runs, n_groups, CHUNK if chunk is None else chunk,
-                                    only)
+    present, n, wanted = check_flat(vectors, runs, n_groups, CHUNK if chunk is None else chunk, only)
     kernel = load()
     if kernel is None:
         raise RuntimeError(f"fused sums unavailable: {error()}")
     if not supports(present):
-        raise RuntimeError("fused sums need fp32 contiguous CPU vectors; got "
-                           + ", ".join(f"{k}: {t.dtype} on {t.device}" for k, t in present.items()))
+        raise RuntimeError(
+            "fused sums need fp32 contiguous CPU vectors; got "
+            + ", ".join(f"{k}: {t.dtype} on {t.device}" for k, t in present.items())
+        )
     out = empty_out(wanted, n_groups, torch.device("cpu"))
     computable, missing, terms = plan(wanted, tuple(k for k in VECTOR_NAMES if k in present))
     held = sorted({g for g, _, _ in runs})
@@ -134,8 +150,9 @@ def fused_sums(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, i
     # read only the vectors the wanted sums need (x always: the kernel's sq_param is free)
     needed = {k for a, b in terms for name in (a, b) for k in SUM_DIFFS.get(name, (name,))}
     mask = sum(bit for k, bit in _BITS.items() if k in needed)
-    ptrs = (ctypes.c_void_p * 7)(present["x"].data_ptr(),
-                                 *(present[k].data_ptr() if k in needed else None for k in _BITS))
+    ptrs = (ctypes.c_void_p * 7)(
+        present["x"].data_ptr(), *(present[k].data_ptr() if k in needed else None for k in _BITS)
+    )
     table = torch.tensor(runs, dtype=torch.int64).reshape(-1, 3)
     per_group = torch.zeros(n_groups, len(SUM_NAMES), dtype=torch.float64)
     global calls

@@ -15,6 +15,7 @@ Host syncs (``# host sync:`` comments): one per step, reading the reduced vector
 row (sums.unpack, or ``tolist`` when only the loss is reduced). The losses, the stop vote and the
 noise scale's micro-batch norms stay on the device until then.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,17 @@ class StepMeasurer:
     ``cfg`` is the study's MeasureConfig (probe_s, noise_scale).
     """
 
-    def __init__(self, engine, info, cfg, precision: str, cadence: Cadence, seed: int = 0,
-                 norms: bool = True, small_batch: int = 1):
+    def __init__(
+        self,
+        engine,
+        info,
+        cfg,
+        precision: str,
+        cadence: Cadence,
+        seed: int = 0,
+        norms: bool = True,
+        small_batch: int = 1,
+    ):
         self.engine, self.info, self.cfg, self.precision = engine, info, cfg, precision
         self.cadence, self.norms = cadence, norms
         self.total = cadence.steps
@@ -117,8 +127,10 @@ class StepMeasurer:
         """The protocol check of every hook call (see the class docstring)."""
         if self._last_call not in _PROTOCOL[call]:
             after = "construction" if self._last_call is None else f"{self._last_call}()"
-            raise RuntimeError(f"StepMeasurer.{call}() called after {after}; each step calls "
-                               "begin, before_micro (per micro-batch), at_boundary, end")
+            raise RuntimeError(
+                f"StepMeasurer.{call}() called after {after}; each step calls "
+                "begin, before_micro (per micro-batch), at_boundary, end"
+            )
         if call == "end" and step != self.step:
             raise RuntimeError(f"StepMeasurer.end({step}) but begin({self.step})")
         self._last_call = call
@@ -161,8 +173,7 @@ class StepMeasurer:
         if self.x_t is not None:
             self.g_t = self.view.clone_grads()
 
-    def end(self, step: int, loss_local, loss_fn, stop_vote: bool = False,
-            model_loss_fn=None) -> dict:
+    def end(self, step: int, loss_local, loss_fn, stop_vote: bool = False, model_loss_fn=None) -> dict:
         """Called after engine.step(); returns this step's row fields (same on every rank).
 
         ``loss_local`` is this rank's mean training loss over its micro-batches (a tensor, best
@@ -221,9 +232,15 @@ class StepMeasurer:
     def _kept(self, delta: FlatShard, g_plus: FlatShard | None) -> dict:
         """The vectors this step's sums read (sums.VECTOR_NAMES); unmeasured steps: x, g, Δ."""
         m = self.measured
-        return {"x": self.x_t, "g": self.g_t, "delta": delta, "g_plus": g_plus,
-                "x0": self.x0 if m else None, "delta_prev": self.prev_delta if m else None,
-                "g_prev": self.prev_g if m else None}
+        return {
+            "x": self.x_t,
+            "g": self.g_t,
+            "delta": delta,
+            "g_plus": g_plus,
+            "x0": self.x0 if m else None,
+            "delta_prev": self.prev_delta if m else None,
+            "g_prev": self.prev_g if m else None,
+        }
 
     def _reduce(self, local: torch.Tensor, losses: torch.Tensor) -> tuple[dict, dict]:
         """The ONE collective of the step's measurements: this rank's sums and loss terms packed
@@ -248,21 +265,20 @@ class StepMeasurer:
         row.update({MEASURED: self.measured, LOSS_PRECISION: loss_precision})
         return row
 
-    def _measured_fields(self, per_group: dict, totals: dict, scalars: dict, s: float,
-                         loss_precision: str) -> dict:
+    def _measured_fields(self, per_group: dict, totals: dict, scalars: dict, s: float, loss_precision: str) -> dict:
         """A measured step's fields: the total and per-group sums, the probe's scalars, the noise
         scale and every derived metric (metrics.derive)."""
         world = self.info.world_size
         out = dict(totals)
-        out.update({"loss_probe": scalars["loss_probe"], "probe_s": s,
-                    NOISE_RAW: _finite(scalars[NOISE_RAW])})
-        out[NOISE_DERIVED] = noise_scale_simple(out[NOISE_RAW], totals["sq_grad"], self.small_batch,
-                                                self.small_batch * world * self.accum)
-        derived = metrics.derive(totals, scalars["loss"], scalars["loss_probe"], s, self.precision,
-                                 loss_precision=loss_precision)
+        out.update({"loss_probe": scalars["loss_probe"], "probe_s": s, NOISE_RAW: _finite(scalars[NOISE_RAW])})
+        out[NOISE_DERIVED] = noise_scale_simple(
+            out[NOISE_RAW], totals["sq_grad"], self.small_batch, self.small_batch * world * self.accum
+        )
+        derived = metrics.derive(
+            totals, scalars["loss"], scalars["loss_probe"], s, self.precision, loss_precision=loss_precision
+        )
         out.update({k: v for k, v in derived.items() if k not in NORM_NAMES})
-        out[GROUPS] = {name: {k: float(v[j]) for k, v in per_group.items()}
-                       for j, name in enumerate(self.groups)}
+        out[GROUPS] = {name: {k: float(v[j]) for k, v in per_group.items()} for j, name in enumerate(self.groups)}
         return out
 
     def _local_sums(self, kept: dict, only) -> torch.Tensor:
@@ -275,8 +291,12 @@ class StepMeasurer:
         reuse = kept["delta_prev"] is not None and self.prev_sq is not None
         if reuse:
             only = [n for n in (only or SUM_NAMES) if n not in PREV_OF]
-        out = flat_sums({k: v.flat for k, v in kept.items() if v is not None},
-                        group_runs(sizes, self.group_of), len(self.groups), only=only)
+        out = flat_sums(
+            {k: v.flat for k, v in kept.items() if v is not None},
+            group_runs(sizes, self.group_of),
+            len(self.groups),
+            only=only,
+        )
         if reuse:
             out[[SUM_NAMES.index(n) for n in PREV_OF]] = self.prev_sq
         return out
@@ -298,15 +318,21 @@ class StepMeasurer:
             point = FlatShard(torch.add(self.x_t.flat, delta.flat, alpha=s), self.x_t.sizes)
             self.view.write_params(point)
         try:
-            loss_probe, g_plus = probe_mod.run_probe(self.engine, self.view, self.batches,
-                                                     self.rng_states, loss_fn, self.info.zero_stage)
+            loss_probe, g_plus = probe_mod.run_probe(
+                self.engine, self.view, self.batches, self.rng_states, loss_fn, self.info.zero_stage
+            )
             precision = self.precision
             if self.refit_fp32 and model_loss_fn is not None:
                 at = point if point is not None else self.view.params()  # p = x_{t+1}: the masters
-                loss_probe = fp32eval.evaluate_losses(self.engine, self.view, at, self.batches,
-                                                      self.rng_states, model_loss_fn)
-                losses[_LOSS["loss"]] = fp32eval.evaluate_losses(
-                    self.engine, self.view, self.x_t, self.batches, self.rng_states, model_loss_fn) / world
+                loss_probe = fp32eval.evaluate_losses(
+                    self.engine, self.view, at, self.batches, self.rng_states, model_loss_fn
+                )
+                losses[_LOSS["loss"]] = (
+                    fp32eval.evaluate_losses(
+                        self.engine, self.view, self.x_t, self.batches, self.rng_states, model_loss_fn
+                    )
+                    / world
+                )
                 precision = "fp32"
         finally:
             if x_next is not None:

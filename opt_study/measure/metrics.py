@@ -38,6 +38,7 @@ deliberately conservative (Cauchy–Schwarz, not the much smaller typical size o
 errors): "indeterminate" is the honest reading inside it. An inequality "gap ≤ 0" is classified
 ``holds`` if gap < −floor, ``violated`` if gap > floor, ``indeterminate`` otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,7 @@ from opt_study.measure.names import CLASSES as CLASSES
 from opt_study.measure.names import DERIVED_NAMES as DERIVED_NAMES
 from opt_study.measure.names import OUTPUT_NAMES as OUTPUT_NAMES
 
-UNIT_ROUNDOFF: dict[str, float] = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8,
-                                   "fp16": 2.0**-11}
+UNIT_ROUNDOFF: dict[str, float] = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 FLOOR_C = 4.0
 
 
@@ -86,23 +86,34 @@ def classify(gap: float | None, floor: float | None) -> str | None:
 def group_metrics(sums: Mapping[str, float]) -> dict[str, float | None]:
     """The loss-free metrics (norms, ‖Δ‖/‖x‖, cosines): valid for one group's sums or totals."""
     s = {k: _f(v) for k, v in sums.items()}
-    gn, un, pn = _root(s.get("sq_grad", math.nan)), _root(s.get("sq_update", math.nan)), \
-        _root(s.get("sq_param", math.nan))
+    gn, un, pn = (
+        _root(s.get("sq_grad", math.nan)),
+        _root(s.get("sq_update", math.nan)),
+        _root(s.get("sq_param", math.nan)),
+    )
     un_prev = _root(s.get("sq_update_prev", math.nan))
     gn_prev = _root(s.get("sq_grad_prev", math.nan))
     vals = {
         "cos_grad_update": _div(s.get("ip_grad_update", math.nan), gn * un),
         "cos_update_prev": _div(s.get("ip_update_prev", math.nan), un * un_prev),
         "cos_grad_prev": _div(s.get("ip_grad_prev", math.nan), gn * gn_prev),
-        "grad_norm": gn, "update_norm": un, "param_norm": pn,
+        "grad_norm": gn,
+        "update_norm": un,
+        "param_norm": pn,
         "update_to_param": _div(un, pn),
     }
     return {k: _out(v) for k, v in vals.items()}
 
 
-def noise_floor(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: float,
-                precision: str = "fp32", floor_c: float = FLOOR_C,
-                loss_precision: str | None = None) -> float:
+def noise_floor(
+    sums: Mapping[str, float],
+    loss: float,
+    loss_probe: float,
+    probe_s: float,
+    precision: str = "fp32",
+    floor_c: float = FLOOR_C,
+    loss_precision: str | None = None,
+) -> float:
     """The floor of the module docstring; NaN where an input is missing.
 
     ``precision``: the gradients' arithmetic (u_G); ``loss_precision``: the losses' (u_L),
@@ -133,9 +144,16 @@ def _flag(sq_update: float, loss_probe: float, probe_s: float) -> str | None:
     return ",".join(reasons) or None
 
 
-def derive(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: float,
-           precision: str = "fp32", *, floor_c: float = FLOOR_C,
-           loss_precision: str | None = None) -> dict[str, float | str | None]:
+def derive(
+    sums: Mapping[str, float],
+    loss: float,
+    loss_probe: float,
+    probe_s: float,
+    precision: str = "fp32",
+    *,
+    floor_c: float = FLOOR_C,
+    loss_precision: str | None = None,
+) -> dict[str, float | str | None]:
     """Every derived column of docs/METRICS.md (OUTPUT_NAMES) from the global sums of one step.
 
     ``precision`` is the arithmetic of the gradients, ``loss_precision`` that of ℓ and ℓ⁺
@@ -150,10 +168,10 @@ def derive(sums: Mapping[str, float], loss: float, loss_probe: float, probe_s: f
     S = {k: _f(v) for k, v in sums.items()}
     get = lambda k: S.get(k, math.nan)  # noqa: E731
     ell, ell_p, s = _f(loss), _f(loss_probe), _f(probe_s)
-    delta = ell_p - ell                                 # δ_t
-    ip_g = s * get("ip_grad_update")                    # ⟨g, sΔ⟩
-    ip_gp = s * get("ip_probe_update")                  # ⟨g⁺, sΔ⟩
-    sq_seg = s * s * get("sq_update")                   # ‖sΔ‖²
+    delta = ell_p - ell  # δ_t
+    ip_g = s * get("ip_grad_update")  # ⟨g, sΔ⟩
+    ip_gp = s * get("ip_probe_update")  # ⟨g⁺, sΔ⟩
+    sq_seg = s * s * get("sq_update")  # ‖sΔ‖²
     gap_fwd = ip_g - delta
     gap_bwd = delta - ip_gp
     floor = noise_floor(S, ell, ell_p, s, precision, floor_c, loss_precision)

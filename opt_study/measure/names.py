@@ -15,6 +15,7 @@ Adding a raw sum: its name in SUM_NAMES and its operands in SUM_TERMS, the same 
 csrc/fused_sums.cpp (``N_SUMS``, ``enum Sum``, ``has()``, the update), its line in
 ``reference.reference_sums`` and in the harness's SUM_OPERANDS.
 """
+
 from __future__ import annotations
 
 # --------------------------------------------------------------------------------- raw sums
@@ -30,18 +31,18 @@ SUM_DIFFS: dict[str, tuple[str, str]] = {"x_minus_x0": ("x", "x0"), "gp_minus_g"
 # (vectors, or differences of SUM_DIFFS). The order is the row order of sums.local_sums /
 # flat_sums and the column order of the fused kernel's `enum Sum`.
 SUM_TERMS: dict[str, tuple[str, str]] = {
-    "sq_grad": ("g", "g"),                              # ‖g_t‖²
-    "sq_grad_probe": ("g_plus", "g_plus"),              # ‖g⁺_t‖²
-    "sq_update": ("delta", "delta"),                    # ‖Δ_t‖²
-    "sq_param": ("x", "x"),                             # ‖x_t‖²
-    "sq_dist_init": ("x_minus_x0", "x_minus_x0"),       # ‖x_t − x_0‖²
-    "ip_grad_update": ("g", "delta"),                   # ⟨g_t, Δ_t⟩
-    "ip_probe_update": ("g_plus", "delta"),             # ⟨g⁺_t, Δ_t⟩
-    "sq_grad_diff": ("gp_minus_g", "gp_minus_g"),       # ‖g⁺_t − g_t‖²
-    "ip_param_update": ("x", "delta"),                  # ⟨x_t, Δ_t⟩
-    "ip_param_grad": ("x", "g"),                        # ⟨x_t, g_t⟩
-    "ip_update_prev": ("delta", "delta_prev"),          # ⟨Δ_t, Δ_{t−1}⟩
-    "ip_grad_prev": ("g", "g_prev"),                    # ⟨g_t, g_{t−1}⟩
+    "sq_grad": ("g", "g"),  # ‖g_t‖²
+    "sq_grad_probe": ("g_plus", "g_plus"),  # ‖g⁺_t‖²
+    "sq_update": ("delta", "delta"),  # ‖Δ_t‖²
+    "sq_param": ("x", "x"),  # ‖x_t‖²
+    "sq_dist_init": ("x_minus_x0", "x_minus_x0"),  # ‖x_t − x_0‖²
+    "ip_grad_update": ("g", "delta"),  # ⟨g_t, Δ_t⟩
+    "ip_probe_update": ("g_plus", "delta"),  # ⟨g⁺_t, Δ_t⟩
+    "sq_grad_diff": ("gp_minus_g", "gp_minus_g"),  # ‖g⁺_t − g_t‖²
+    "ip_param_update": ("x", "delta"),  # ⟨x_t, Δ_t⟩
+    "ip_param_grad": ("x", "g"),  # ⟨x_t, g_t⟩
+    "ip_update_prev": ("delta", "delta_prev"),  # ⟨Δ_t, Δ_{t−1}⟩
+    "ip_grad_prev": ("g", "g_prev"),  # ⟨g_t, g_{t−1}⟩
     # ‖Δ_{t−1}‖², ‖g_{t−1}‖²: the denominators of cos_update_prev and cos_grad_prev. The step
     # before a measured step is usually not measured, so they must travel with this step's sums.
     "sq_update_prev": ("delta_prev", "delta_prev"),
@@ -82,10 +83,22 @@ GROUP_SUM_NAMES: tuple[str, ...] = SUM_NAMES
 # ------------------------------------------------------------------------------ derived metrics
 # metrics.derive's float columns; their formulas are metrics.derive / metrics.group_metrics.
 DERIVED_NAMES: tuple[str, ...] = (
-    "loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",
-    "smoothness_local", "smoothness_descent", "curvature_secant", "step_alpha",
-    "cos_grad_update", "cos_update_prev", "cos_grad_prev", "grad_norm", "update_norm",
-    "param_norm", "update_to_param", "noise_floor",
+    "loss_change",
+    "convexity_gap_fwd",
+    "convexity_gap_bwd",
+    "trapezoid_residual",
+    "smoothness_local",
+    "smoothness_descent",
+    "curvature_secant",
+    "step_alpha",
+    "cos_grad_update",
+    "cos_update_prev",
+    "cos_grad_prev",
+    "grad_norm",
+    "update_norm",
+    "param_norm",
+    "update_to_param",
+    "noise_floor",
 )
 # The inequality classes (metrics.classify) and their columns.
 CLASSES: tuple[str, ...] = ("holds", "violated", "indeterminate")
@@ -105,7 +118,10 @@ GROUPS = "groups"
 # ------------------------------------------------------------------------------- per trial
 # metrics.summarize's statistics (docs/METRICS.md §Aggregates).
 SUMMARY_NAMES: tuple[str, ...] = (
-    "n_measured", "n_flagged",
+    "n_measured",
+    "n_flagged",
     *(f"frac_convexity_{side}_{c}" for side in ("fwd", "bwd") for c in CLASSES),
-    "smoothness_local_median", "smoothness_local_max", "smoothness_ratio",
+    "smoothness_local_median",
+    "smoothness_local_max",
+    "smoothness_ratio",
 )

@@ -11,6 +11,7 @@ at ZeRO-0/3 the probe's gradient leaks into the next step; without resetting the
 override every micro-batch becomes a step; without replaying RNG states the probe sees other
 dropout masks. The engine internals the restore touches are deepspeed_state.restore_after_probe.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ vectors, not from sq_grad_diff). Any tensor argument may be None; what needs it 
 (sums) or None (metrics). The noise-floor formula is restated from metrics.py's docstring on
 purpose, so that a change to one without the other fails the tests.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,20 +38,20 @@ def reference_sums(x, g, delta, g_plus, x0, delta_prev, g_prev) -> dict[str, flo
     """The raw sums of docs/METRICS.md §Raw sums over full 1-D tensors, in float64."""
     x, g, d, gp, x0, dp, gq = (_v(t) for t in (x, g, delta, g_plus, x0, delta_prev, g_prev))
     return {
-        "sq_grad": _dot(g, g),                              # ‖g_t‖²
-        "sq_grad_probe": _dot(gp, gp),                      # ‖g⁺_t‖²
-        "sq_update": _dot(d, d),                            # ‖Δ_t‖²
-        "sq_param": _dot(x, x),                             # ‖x_t‖²
-        "sq_dist_init": _dot(_sub(x, x0), _sub(x, x0)),     # ‖x_t − x_0‖²
-        "ip_grad_update": _dot(g, d),                       # ⟨g_t, Δ_t⟩
-        "ip_probe_update": _dot(gp, d),                     # ⟨g⁺_t, Δ_t⟩
-        "sq_grad_diff": _dot(_sub(gp, g), _sub(gp, g)),     # ‖g⁺_t − g_t‖²
-        "ip_param_update": _dot(x, d),                      # ⟨x_t, Δ_t⟩
-        "ip_param_grad": _dot(x, g),                        # ⟨x_t, g_t⟩
-        "ip_update_prev": _dot(d, dp),                      # ⟨Δ_t, Δ_{t−1}⟩
-        "ip_grad_prev": _dot(g, gq),                        # ⟨g_t, g_{t−1}⟩
-        "sq_update_prev": _dot(dp, dp),                     # ‖Δ_{t−1}‖²
-        "sq_grad_prev": _dot(gq, gq),                       # ‖g_{t−1}‖²
+        "sq_grad": _dot(g, g),  # ‖g_t‖²
+        "sq_grad_probe": _dot(gp, gp),  # ‖g⁺_t‖²
+        "sq_update": _dot(d, d),  # ‖Δ_t‖²
+        "sq_param": _dot(x, x),  # ‖x_t‖²
+        "sq_dist_init": _dot(_sub(x, x0), _sub(x, x0)),  # ‖x_t − x_0‖²
+        "ip_grad_update": _dot(g, d),  # ⟨g_t, Δ_t⟩
+        "ip_probe_update": _dot(gp, d),  # ⟨g⁺_t, Δ_t⟩
+        "sq_grad_diff": _dot(_sub(gp, g), _sub(gp, g)),  # ‖g⁺_t − g_t‖²
+        "ip_param_update": _dot(x, d),  # ⟨x_t, Δ_t⟩
+        "ip_param_grad": _dot(x, g),  # ⟨x_t, g_t⟩
+        "ip_update_prev": _dot(d, dp),  # ⟨Δ_t, Δ_{t−1}⟩
+        "ip_grad_prev": _dot(g, gq),  # ⟨g_t, g_{t−1}⟩
+        "sq_update_prev": _dot(dp, dp),  # ‖Δ_{t−1}‖²
+        "sq_grad_prev": _dot(gq, gq),  # ‖g_{t−1}‖²
     }
 
 
@@ -68,9 +69,21 @@ def _cls(gap: float, floor: float) -> str | None:
     return "holds" if gap < -floor else "violated" if gap > floor else "indeterminate"
 
 
-def reference_metrics(x, g, delta, g_plus, loss: float, loss_probe: float, probe_s: float = 1.0,
-                      *, delta_prev=None, g_prev=None, precision: str = "fp32",
-                      floor_c: float = 4.0, loss_precision: str | None = None) -> dict:
+def reference_metrics(
+    x,
+    g,
+    delta,
+    g_plus,
+    loss: float,
+    loss_probe: float,
+    probe_s: float = 1.0,
+    *,
+    delta_prev=None,
+    g_prev=None,
+    precision: str = "fp32",
+    floor_c: float = 4.0,
+    loss_precision: str | None = None,
+) -> dict:
     """The derived metrics of docs/METRICS.md §Derived metrics from the definitions, segment sΔ.
 
     ``precision``: the gradients' arithmetic; ``loss_precision``: the losses' (default the same).
@@ -79,17 +92,17 @@ def reference_metrics(x, g, delta, g_plus, loss: float, loss_probe: float, probe
     ell = math.nan if loss is None else float(loss)
     ell_p = math.nan if loss_probe is None else float(loss_probe)
     s = math.nan if probe_s is None else float(probe_s)
-    seg = None if d is None else s * d                     # the probe segment p − x_t = sΔ_t
-    dl = ell_p - ell                                       # δ_t = ℓ⁺_t − ℓ_t
+    seg = None if d is None else s * d  # the probe segment p − x_t = sΔ_t
+    dl = ell_p - ell  # δ_t = ℓ⁺_t − ℓ_t
     sq_seg = _dot(seg, seg)
-    gap_fwd = _dot(g, seg) - dl                            # ⟨g_t, sΔ_t⟩ − δ_t
-    gap_bwd = dl - _dot(gp, seg)                           # δ_t − ⟨g⁺_t, sΔ_t⟩
+    gap_fwd = _dot(g, seg) - dl  # ⟨g_t, sΔ_t⟩ − δ_t
+    gap_bwd = dl - _dot(gp, seg)  # δ_t − ⟨g⁺_t, sΔ_t⟩
     g_sum = None if g is None or gp is None else g + gp
     gsum = _norm(g) + _norm(gp)
     u_l = _U[precision if loss_precision is None else loss_precision]  # ℓ, ℓ⁺ and the points
-    u_g = _U[precision]                                    # g, g⁺
+    u_g = _U[precision]  # g, g⁺
     scale = u_l * (abs(ell) + abs(ell_p)) + u_g * gsum * _norm(seg)
-    if u_l > _U["fp32"] or s != 1.0:                       # bf16/fp16 losses, or a rounded p
+    if u_l > _U["fp32"] or s != 1.0:  # bf16/fp16 losses, or a rounded p
         scale += u_l * gsum * (2.0 * _norm(x) + _norm(seg))
     floor = floor_c * scale
     out = {

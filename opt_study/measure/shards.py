@@ -14,6 +14,7 @@ tests/multirank/test_multirank.py checks every stage against a gathered referenc
 - ZeRO-3: `safe_get_local_fp32_param` / `safe_get_local_grad` (the gradient is a live buffer that
   step() changes, so callers clone what they keep).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,8 +44,9 @@ class FlatShard:
     def __init__(self, flat: torch.Tensor, sizes: Sequence[int]):
         self.sizes = tuple(int(n) for n in sizes)
         if flat.dim() != 1 or flat.numel() != sum(self.sizes):
-            raise ValueError(f"flat buffer of shape {tuple(flat.shape)} does not hold fragments "
-                             f"of {sum(self.sizes)} elements")
+            raise ValueError(
+                f"flat buffer of shape {tuple(flat.shape)} does not hold fragments of {sum(self.sizes)} elements"
+            )
         self.flat = flat
         self.parts = list(flat.split(self.sizes))
 
@@ -170,14 +172,15 @@ class ShardView:
         for (name, _), (lo, hi), f in zip(self.named, bounds, frags):
             if f.numel() < hi - lo:
                 raise ValueError(f"fragment of {name} has {f.numel()} elements, needs {hi - lo}")
-        frags = [f.reshape(-1)[:hi - lo] for f, (lo, hi) in zip(frags, bounds)]
+        frags = [f.reshape(-1)[: hi - lo] for f, (lo, hi) in zip(frags, bounds)]
         with torch.no_grad():
             if self.mode == "z3":
                 for (_, p), f, master in zip(self.named, frags, self.params()):
                     ds.z3_write_partition(p, f)
-                    master[:f.numel()].copy_(f)
-                held = torch.tensor([float(ds.z3_is_gathered(p)) for _, p in self.named],
-                                    dtype=torch.float64, device=self.engine.device)
+                    master[: f.numel()].copy_(f)
+                held = torch.tensor(
+                    [float(ds.z3_is_gathered(p)) for _, p in self.named], dtype=torch.float64, device=self.engine.device
+                )
                 distributed.all_reduce_max(held)  # every rank must join the same all-reduces
                 # host sync: which parameters to write is a Python decision (probe with s != 1 only)
                 full = [i for i, h in enumerate(held.tolist()) if h > 0]
@@ -208,9 +211,9 @@ class ShardView:
             buf = torch.zeros(sum(sizes), dtype=torch.float32, device=self.engine.device)
             for j, o in zip(bucket, offsets):
                 lo, hi = bounds[j]
-                buf[o + lo:o + hi].copy_(frags[j])
+                buf[o + lo : o + hi].copy_(frags[j])
             distributed.all_reduce_sum(buf)
             for j, o, n in zip(bucket, offsets, sizes):
                 p = self.named[j][1]
                 if p.data.numel() == n:  # ZeRO-3: only where this rank holds the whole
-                    p.data.view(-1).copy_(buf[o:o + n])
+                    p.data.view(-1).copy_(buf[o : o + n])

@@ -6,6 +6,7 @@ checks of ``flat_sums``, the rows a set of present vectors can compute, and the 
 It sits below both sums.py and fused_sums.py so that the import graph is one way:
 names <- sum_layout <- fused_sums <- sums.
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
@@ -20,27 +21,31 @@ from opt_study.measure.names import SUM_DIFFS, SUM_NAMES, SUM_TERMS, VECTOR_NAME
 CHUNK = 1 << 16
 
 
-def check_flat(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
-               n_groups: int, chunk: int, only: Collection[str] | None
-               ) -> tuple[dict[str, Tensor], int, set[str]]:
+def check_flat(
+    vectors: Mapping[str, Tensor | None],
+    runs: Sequence[tuple[int, int, int]],
+    n_groups: int,
+    chunk: int,
+    only: Collection[str] | None,
+) -> tuple[dict[str, Tensor], int, set[str]]:
     """``flat_sums``' argument checks (ValueError on a violation): the vectors that are present,
     their common length and the set of wanted sums."""
     wanted = wanted_sums(only, chunk)
     present = {k: v for k, v in vectors.items() if v is not None}
     if set(present) - set(VECTOR_NAMES):
-        raise ValueError(f"unknown vectors {sorted(set(present) - set(VECTOR_NAMES))}; "
-                         f"known: {VECTOR_NAMES}")
+        raise ValueError(f"unknown vectors {sorted(set(present) - set(VECTOR_NAMES))}; known: {VECTOR_NAMES}")
     if "x" not in present:
         raise ValueError("flat_sums needs the vector 'x'")
     n = present["x"].numel()
     for name, t in present.items():
         if t.dim() != 1 or t.numel() != n or not t.is_floating_point():
-            raise ValueError(f"vector {name!r} must be a 1-D floating-point tensor of {n} elements "
-                             f"(like x), got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"vector {name!r} must be a 1-D floating-point tensor of {n} elements "
+                f"(like x), got {t.dtype} {tuple(t.shape)}"
+            )
     for group, start, stop in runs:
         if not (0 <= group < n_groups and 0 <= start <= stop <= n):
-            raise ValueError(f"run {(group, start, stop)} out of range (n_groups={n_groups}, "
-                             f"{n} elements)")
+            raise ValueError(f"run {(group, start, stop)} out of range (n_groups={n_groups}, {n} elements)")
     return present, n, wanted
 
 

@@ -31,6 +31,7 @@ and runs ~12 calls per chunk on plain slices: the bytes are read from memory onc
 dots of a chunk, and the other dots re-read the chunk from L2 (1.7-2.8x one pass on CPU).
 float64 arithmetic (chunks upcast) costs 2-3x more.
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -62,14 +63,15 @@ class Fragment:
     ``x`` is required; any other field may be None (its sums are then NaN). Values are fp32
     master values; float64 inputs are summed in float64, lower precisions are upcast to fp32.
     """
-    group: int                      # parameter-group index in [0, n_groups)
-    x: Tensor                       # x_t
-    g: Tensor | None = None         # g_t
-    delta: Tensor | None = None     # Δ_t = x_{t+1} − x_t
-    g_plus: Tensor | None = None    # g⁺_t, the probe gradient
-    x0: Tensor | None = None        # x_0
+
+    group: int  # parameter-group index in [0, n_groups)
+    x: Tensor  # x_t
+    g: Tensor | None = None  # g_t
+    delta: Tensor | None = None  # Δ_t = x_{t+1} − x_t
+    g_plus: Tensor | None = None  # g⁺_t, the probe gradient
+    x0: Tensor | None = None  # x_0
     delta_prev: Tensor | None = None  # Δ_{t−1}
-    g_prev: Tensor | None = None      # g_{t−1}
+    g_prev: Tensor | None = None  # g_{t−1}
 
     def __post_init__(self) -> None:
         if self.group < 0:
@@ -77,23 +79,26 @@ class Fragment:
         n = self.x.numel()
         for name, t in self.tensors().items():
             if t.dim() != 1 or t.numel() != n:
-                raise ValueError(f"Fragment.{name} must be 1-D with {n} elements (like x), "
-                                 f"got shape {tuple(t.shape)}")
+                raise ValueError(f"Fragment.{name} must be 1-D with {n} elements (like x), got shape {tuple(t.shape)}")
             if not t.is_floating_point():
                 raise ValueError(f"Fragment.{name} must be a floating-point tensor, got {t.dtype}")
 
     def tensors(self) -> dict[str, Tensor]:
         """The fields that are present, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "group" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "group" and getattr(self, f.name) is not None
+        }
 
 
 # The vectors a sum can read (names.VECTOR_NAMES) are Fragment's fields, in its order.
 assert VECTOR_NAMES == tuple(f.name for f in fields(Fragment) if f.name != "group")
 
 
-def local_sums(frags: Sequence[Fragment], n_groups: int, chunk: int = CHUNK,
-               only: Collection[str] | None = None) -> Tensor:
+def local_sums(
+    frags: Sequence[Fragment], n_groups: int, chunk: int = CHUNK, only: Collection[str] | None = None
+) -> Tensor:
     """This rank's partial sums: float64 [len(SUM_NAMES), n_groups], on the fragments' device.
 
     Entry [i, j] is SUM_NAMES[i] summed over the fragments of group j (0 if this rank holds none
@@ -122,8 +127,13 @@ def local_sums(frags: Sequence[Fragment], n_groups: int, chunk: int = CHUNK,
     return out
 
 
-def flat_sums(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
-              n_groups: int, chunk: int = CHUNK, only: Collection[str] | None = None) -> Tensor:
+def flat_sums(
+    vectors: Mapping[str, Tensor | None],
+    runs: Sequence[tuple[int, int, int]],
+    n_groups: int,
+    chunk: int = CHUNK,
+    only: Collection[str] | None = None,
+) -> Tensor:
     """``local_sums`` over flat buffers: the same float64 [len(SUM_NAMES), n_groups] result.
 
     ``vectors`` maps Fragment field names (x, g, delta, g_plus, x0, delta_prev, g_prev) to 1-D
@@ -143,9 +153,13 @@ def flat_sums(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, in
     return flat_sums_torch(present, runs, n_groups, chunk, only)
 
 
-def flat_sums_torch(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[int, int, int]],
-                    n_groups: int, chunk: int = CHUNK, only: Collection[str] | None = None
-                    ) -> Tensor:
+def flat_sums_torch(
+    vectors: Mapping[str, Tensor | None],
+    runs: Sequence[tuple[int, int, int]],
+    n_groups: int,
+    chunk: int = CHUNK,
+    only: Collection[str] | None = None,
+) -> Tensor:
     """``flat_sums`` on its torch path (any device and float dtype): per chunk, one torch.dot
     per sum in the working precision, the chunks' results summed in float64."""
     present, _, wanted = check_flat(vectors, runs, n_groups, chunk, only)
@@ -160,8 +174,11 @@ def flat_sums_torch(vectors: Mapping[str, Tensor | None], runs: Sequence[tuple[i
         out[torch.tensor(missing)[:, None], torch.tensor(held)[None, :]] = float("nan")
     lens = [chunk_lengths(stop - start, chunk) for _, start, stop in runs]
     if computable and any(lens):
-        blocks = (dict(zip(names, ops)) for (_, start, stop), ls in zip(runs, lens)
-                  for ops in zip(*(present[k][start:stop].split(ls) for k in names)))
+        blocks = (
+            dict(zip(names, ops))
+            for (_, start, stop), ls in zip(runs, lens)
+            for ops in zip(*(present[k][start:stop].split(ls) for k in names))
+        )
         per_chunk = _accumulate(blocks, terms, device, work)  # [chunks, terms]
         per_group = torch.zeros(n_groups, len(terms), dtype=torch.float64, device=device)
         group_of_chunk = [g for (g, _, _), ls in zip(runs, lens) for _ in ls]
@@ -201,8 +218,7 @@ def group_runs(sizes: Sequence[int], group_of: Sequence[int]) -> list[tuple[int,
     return [tuple(r) for r in runs]
 
 
-def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int
-            ) -> Iterator[dict[str, Tensor]]:
+def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int) -> Iterator[dict[str, Tensor]]:
     """Operand dicts of <= ~chunk elements: big fragments sliced, small ones concatenated."""
     pending: list[Fragment] = []
     size = 0
@@ -210,7 +226,7 @@ def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int
         n = f.x.numel()
         if n >= chunk:
             for lo in range(0, n, chunk):
-                yield {k: getattr(f, k)[lo:lo + chunk] for k in present}
+                yield {k: getattr(f, k)[lo : lo + chunk] for k in present}
             continue
         pending.append(f)
         size += n
@@ -221,8 +237,12 @@ def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int
         yield {k: torch.cat([getattr(p, k) for p in pending]) for k in present}
 
 
-def _accumulate(blocks: Iterator[dict[str, Tensor]], terms: list[tuple[str, str]],
-                device: torch.device, work: torch.dtype | None = None) -> Tensor:
+def _accumulate(
+    blocks: Iterator[dict[str, Tensor]],
+    terms: list[tuple[str, str]],
+    device: torch.device,
+    work: torch.dtype | None = None,
+) -> Tensor:
     """Each term's dot product on every block: float64 [blocks, terms] (one zero row if there
     are no blocks). The dots run in the working precision (float64 if any operand is float64,
     else fp32; ``work`` fixes it for every block); their sums over blocks, taken by the caller
@@ -231,8 +251,7 @@ def _accumulate(blocks: Iterator[dict[str, Tensor]], terms: list[tuple[str, str]
     scratch: dict[str, Tensor] = {}  # one chunk-sized buffer per difference, reused every block
     dots: list[Tensor] = []
     for ops in blocks:
-        w = work or (torch.float64 if any(t.dtype == torch.float64 for t in ops.values())
-                     else torch.float32)
+        w = work or (torch.float64 if any(t.dtype == torch.float64 for t in ops.values()) else torch.float32)
         ops = {k: t if t.dtype == w else t.to(w) for k, t in ops.items()}
         for name, (a, b) in diffs.items():
             n = ops[a].numel()
@@ -256,8 +275,7 @@ def pack(sums: Tensor, losses: Tensor) -> Tensor:
         raise ValueError(f"sums must be [{len(SUM_NAMES)}, n_groups], got {tuple(sums.shape)}")
     losses = torch.as_tensor(losses, dtype=torch.float64).reshape(-1).to(sums.device)
     if losses.numel() != len(LOSS_NAMES):
-        raise ValueError(f"losses must hold {len(LOSS_NAMES)} values {LOSS_NAMES}, "
-                         f"got {losses.numel()}")
+        raise ValueError(f"losses must hold {len(LOSS_NAMES)} values {LOSS_NAMES}, got {losses.numel()}")
     return torch.cat([sums.to(torch.float64).reshape(-1), losses])
 
 
@@ -268,10 +286,10 @@ def unpack(packed: Tensor, n_groups: int) -> tuple[dict[str, np.ndarray], dict[s
     arr = packed.detach().to("cpu", torch.float64).numpy()
     n_sums = len(SUM_NAMES) * n_groups
     if arr.shape != (n_sums + len(LOSS_NAMES),):
-        raise ValueError(f"packed vector has {arr.size} values; expected "
-                         f"{n_sums + len(LOSS_NAMES)} for n_groups={n_groups}")
-    per_group = {name: arr[i * n_groups:(i + 1) * n_groups].copy()
-                 for i, name in enumerate(SUM_NAMES)}
+        raise ValueError(
+            f"packed vector has {arr.size} values; expected {n_sums + len(LOSS_NAMES)} for n_groups={n_groups}"
+        )
+    per_group = {name: arr[i * n_groups : (i + 1) * n_groups].copy() for i, name in enumerate(SUM_NAMES)}
     losses = {name: float(v) for name, v in zip(LOSS_NAMES, arr[n_sums:])}
     return per_group, losses
 

@@ -7,17 +7,41 @@ combinations under which the update rule is correct. The training loop builds op
 `build_optimizer` and talks to them only through interface.py, never branching on a name.
 `lr_factor` / `schedule_factor` (schedules.py) are the schedules.
 """
-from opt_study.optim.entry import (CPU_PRECISIONS, ELEMENTWISE, MODEL_TENSORS, PRECISIONS, STAGES,
-                                   OptimizerEntry)
-from opt_study.optim.interface import (apply_lr_factor, check_model_shapes, estimate_hessian,
-                                       eval_mode, is_sync_step, needs_hessian, train_mode)
+
+from opt_study.optim.entry import CPU_PRECISIONS, ELEMENTWISE, MODEL_TENSORS, PRECISIONS, STAGES, OptimizerEntry
+from opt_study.optim.interface import (
+    apply_lr_factor,
+    check_model_shapes,
+    estimate_hessian,
+    eval_mode,
+    is_sync_step,
+    needs_hessian,
+    train_mode,
+)
 from opt_study.optim.registry import build_optimizer, combination_error, optimizer_entry, resolve_hparams
 from opt_study.optim.schedules import SCHEDULES, lr_factor, schedule_factor
 from opt_study.optim.zoo import OPTIMIZERS
 
-__all__ = ["OptimizerEntry", "OPTIMIZERS", "STAGES", "PRECISIONS", "CPU_PRECISIONS", "ELEMENTWISE",
-           "MODEL_TENSORS",
-           "optimizer_entry", "resolve_hparams", "build_optimizer", "combination_error",
-           "lr_factor", "schedule_factor", "SCHEDULES",
-           "apply_lr_factor", "train_mode", "eval_mode", "is_sync_step", "needs_hessian",
-           "estimate_hessian", "check_model_shapes"]
+__all__ = [
+    "OptimizerEntry",
+    "OPTIMIZERS",
+    "STAGES",
+    "PRECISIONS",
+    "CPU_PRECISIONS",
+    "ELEMENTWISE",
+    "MODEL_TENSORS",
+    "optimizer_entry",
+    "resolve_hparams",
+    "build_optimizer",
+    "combination_error",
+    "lr_factor",
+    "schedule_factor",
+    "SCHEDULES",
+    "apply_lr_factor",
+    "train_mode",
+    "eval_mode",
+    "is_sync_step",
+    "needs_hessian",
+    "estimate_hessian",
+    "check_model_shapes",
+]

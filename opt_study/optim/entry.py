@@ -18,6 +18,7 @@ Tested: every declared fp32 and bf16 combination runs under DeepSpeed on 2 CPU r
 (tests/multirank/test_optim_multirank.py). fp16 needs a GPU (ScaleConfig refuses it on CPU); its
 combinations are declared by the same element-wise argument and are untested on CPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,15 +33,19 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # declared by the same element-wise argument but exercised only on a GPU.
 CPU_PRECISIONS = ("fp32", "bf16")
 # Combinations the engine cannot run for any optimizer, and why (for validate's message).
-UNSUPPORTED = {(0, "bf16"): "DeepSpeed 0.19.8 has no bf16 mode without ZeRO when gradients accumulate "
-                            "in fp32, which opt_study.trial.engine sets so measured gradients are not bf16-rounded"}
+UNSUPPORTED = {
+    (0, "bf16"): "DeepSpeed 0.19.8 has no bf16 mode without ZeRO when gradients accumulate "
+    "in fp32, which opt_study.trial.engine sets so measured gradients are not bf16-rounded"
+}
 # Every combination the engine runs: for rules that act element by element (or on scalars such
 # as the step count).
 ELEMENTWISE = frozenset((s, p) for s in STAGES for p in PRECISIONS) - frozenset(UNSUPPORTED)
 # The one combination in which the client optimizer holds the model's real tensors.
 MODEL_TENSORS = frozenset({(0, "fp32")})
-SHAPES_WHY = ("its update needs each parameter's real shape, and ZeRO 1-3 and DeepSpeed's "
-              "bf16/fp16 optimizer wrappers hand the optimizer flat partitions")
+SHAPES_WHY = (
+    "its update needs each parameter's real shape, and ZeRO 1-3 and DeepSpeed's "
+    "bf16/fp16 optimizer wrappers hand the optimizer flat partitions"
+)
 
 
 @dataclass(frozen=True)
@@ -85,23 +90,30 @@ class OptimizerEntry:
         to change in the study file (for `opt-study validate`)."""
         if (zero_stage, precision) in self.combos:
             return None
-        why = self.why_restricted or (SHAPES_WHY if self.needs_model_shapes else
-                                      UNSUPPORTED.get((zero_stage, precision), "not declared correct"))
+        why = self.why_restricted or (
+            SHAPES_WHY if self.needs_model_shapes else UNSUPPORTED.get((zero_stage, precision), "not declared correct")
+        )
         ok = self.precisions_at(zero_stage)
         keep = [s for s in STAGES if (s, precision) in self.combos]  # stages that run this precision
         if ok and keep:
-            fix = (f"set scale.zero_stage to {' or '.join(map(str, keep))} to keep {precision}, "
-                   f"or scale.precision to {' or '.join(ok)}")
+            fix = (
+                f"set scale.zero_stage to {' or '.join(map(str, keep))} to keep {precision}, "
+                f"or scale.precision to {' or '.join(ok)}"
+            )
         elif ok:
             fix = f"set scale.precision to {' or '.join(ok)} (or change scale.zero_stage)"
         else:
             stages = sorted(self.zero_stages)
             precs = sorted({p for _, p in self.combos}, key=PRECISIONS.index)
-            fix = (f"set scale.zero_stage to {' or '.join(map(str, stages))}"
-                   f"{'' if precs == list(PRECISIONS) else ' with scale.precision ' + ' or '.join(precs)}")
+            fix = (
+                f"set scale.zero_stage to {' or '.join(map(str, stages))}"
+                f"{'' if precs == list(PRECISIONS) else ' with scale.precision ' + ' or '.join(precs)}"
+            )
         allowed = ", ".join(f"zero_stage {s}/{p}" for s, p in sorted(self.combos, key=_combo_key))
-        return (f"{self.name} is not correct under zero_stage {zero_stage} with precision {precision} "
-                f"({why}); {fix}. Correct combinations: {allowed}")
+        return (
+            f"{self.name} is not correct under zero_stage {zero_stage} with precision {precision} "
+            f"({why}); {fix}. Correct combinations: {allowed}"
+        )
 
 
 def _combo_key(c: tuple[int, str]) -> tuple[int, int]:

@@ -6,6 +6,7 @@ WHEN state is created or WHERE a Hessian estimate comes from.
 A factory is `factory(params, **hparams)` where `params` is an iterable of tensors (the model's
 parameters, or flat partitions at ZeRO 1-3) and `hparams` are exactly the entry's default names.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -22,22 +23,27 @@ def sgd(nesterov: bool, with_momentum: bool) -> Factory:
     def factory(params, lr, weight_decay, momentum=0.0, dampening=0.0):
         if not with_momentum:
             momentum = 0.0
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening,
-                               weight_decay=weight_decay, nesterov=nesterov)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
+        )
+
     return factory
 
 
 def with_betas(cls: type, **fixed) -> Factory:
     """Adam-family factory: flat beta1/beta2 -> the library's `betas` tuple; `fixed` arguments are
     part of the rule's definition (AMSGrad's amsgrad=True), not searchable knobs."""
+
     def factory(params, beta1, beta2, **rest):
         return cls(params, betas=(beta1, beta2), **fixed, **rest)
+
     return factory
 
 
 def plain(cls: type, **fixed) -> Factory:
     def factory(params, **hparams):
         return cls(params, **fixed, **hparams)
+
     return factory
 
 
@@ -82,8 +88,10 @@ class Lookahead(po.Lookahead):
 def lookahead(inner: Factory) -> Factory:
     """Lookahead over any registered inner factory: `k`, `alpha` are Lookahead's, the rest the
     inner optimizer's."""
+
     def factory(params, k, alpha, **inner_hparams):
         return Lookahead(inner(params, **inner_hparams), k=k, alpha=alpha)
+
     return factory
 
 
@@ -96,11 +104,24 @@ def muon(params, lr, momentum, weight_decay, nesterov, ns_steps, adamw_lr, adamw
     Jordan et al.'s recipe gives those to AdamW. Say so when comparing against the reference.
     """
     params = list(params)
-    groups = [{"params": [p for p in params if p.ndim >= 2], "use_muon": True, "lr": lr},
-              {"params": [p for p in params if p.ndim < 2], "use_muon": False, "lr": adamw_lr,
-               "betas": (beta1, beta2), "weight_decay": adamw_wd}]
-    return po.Muon([g for g in groups if g["params"]], momentum=momentum, weight_decay=weight_decay,
-                   nesterov=nesterov, ns_steps=ns_steps, adamw_lr=adamw_lr)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "use_muon": True, "lr": lr},
+        {
+            "params": [p for p in params if p.ndim < 2],
+            "use_muon": False,
+            "lr": adamw_lr,
+            "betas": (beta1, beta2),
+            "weight_decay": adamw_wd,
+        },
+    ]
+    return po.Muon(
+        [g for g in groups if g["params"]],
+        momentum=momentum,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        ns_steps=ns_steps,
+        adamw_lr=adamw_lr,
+    )
 
 
 # --------------------------------------------------------------------------------------- Sophia
@@ -136,24 +157,47 @@ class SideHessianSophiaH(po.SophiaH):
                 raise RuntimeError(
                     "sophia: this step needs a Hessian estimate; call "
                     "opt_study.optim.estimate_hessian(optimizer, loss_fn, seed) after the "
-                    "boundary backward and before engine.step() whenever optim.needs_hessian(optimizer)")
+                    "boundary backward and before engine.step() whenever optim.needs_hessian(optimizer)"
+                )
             hessian = self._side_hessian
         self._side_hessian = None
         return super().step(closure, hessian=hessian)
 
 
 def sophia(params, lr, beta1, beta2, weight_decay, p, update_period, eps):
-    return SideHessianSophiaH(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, p=p,
-                              update_period=update_period, eps=eps, hessian_distribution="gaussian")
+    return SideHessianSophiaH(
+        params,
+        lr=lr,
+        betas=(beta1, beta2),
+        weight_decay=weight_decay,
+        p=p,
+        update_period=update_period,
+        eps=eps,
+        hessian_distribution="gaussian",
+    )
 
 
 # -------------------------------------------------------------------------------- Schedule-Free
 def schedulefree_adamw(params, lr, beta1, beta2, eps, weight_decay, warmup_steps, r, weight_lr_power):
-    return schedulefree.AdamWScheduleFree(params, lr=lr, betas=(beta1, beta2), eps=eps,
-                                          weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                          r=r, weight_lr_power=weight_lr_power)
+    return schedulefree.AdamWScheduleFree(
+        params,
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+    )
 
 
 def schedulefree_sgd(params, lr, momentum, weight_decay, warmup_steps, r, weight_lr_power):
-    return schedulefree.SGDScheduleFree(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                        warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+    return schedulefree.SGDScheduleFree(
+        params,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+    )

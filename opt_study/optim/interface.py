@@ -12,6 +12,7 @@
 `opt` may be the client optimizer or a wrapper exposing it as `.optimizer` (DeepSpeed's ZeRO
 optimizers, Lookahead): the functions look through that chain.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterator
@@ -106,14 +107,14 @@ def estimate_hessian(opt, loss_fn: Callable[[], torch.Tensor], seed: int) -> Non
         raise TypeError("estimate_hessian: this optimizer takes no Hessian estimate")
     params = held_params(o)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    zs = [torch.randn(p.shape, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
-          for p in params]
+    zs = [torch.randn(p.shape, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype) for p in params]
     with torch.enable_grad():
         loss = loss_fn()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(grads) if g is not None]
-        hz_used = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
-                                      grad_outputs=[zs[i] for i in used], allow_unused=True)
+        hz_used = torch.autograd.grad(
+            [grads[i] for i in used], [params[i] for i in used], grad_outputs=[zs[i] for i in used], allow_unused=True
+        )
     hz = [torch.zeros_like(p) for p in params]
     for i, h in zip(used, hz_used):
         if h is not None:
@@ -124,7 +125,7 @@ def estimate_hessian(opt, loss_fn: Callable[[], torch.Tensor], seed: int) -> Non
     out, at = [], 0
     for p, z in zip(params, zs):
         n = p.numel()
-        out.append((z * flat[at:at + n].view_as(p).to(p.dtype)).detach())
+        out.append((z * flat[at : at + n].view_as(p).to(p.dtype)).detach())
         at += n
     o.set_side_hessian(out)
 
@@ -148,9 +149,13 @@ def check_model_shapes(opt, model: torch.nn.Module) -> None:
     fix = f"{entry.name} is correct only at zero_stage 0 with precision fp32"
     for p in held_params(tagged):
         if id(p) not in model_params:
-            raise RuntimeError(f"{entry.name}: the optimizer holds a tensor of shape {tuple(p.shape)} that is "
-                               f"not a model parameter (a flat ZeRO/mixed-precision partition?); {fix}")
+            raise RuntimeError(
+                f"{entry.name}: the optimizer holds a tensor of shape {tuple(p.shape)} that is "
+                f"not a model parameter (a flat ZeRO/mixed-precision partition?); {fix}"
+            )
         real = tuple(getattr(p, "ds_shape", p.shape))
         if tuple(p.shape) != real or p.numel() == 0:
-            raise RuntimeError(f"{entry.name}: a parameter of real shape {real} is held as "
-                               f"{tuple(p.shape)} (ZeRO-3 partitioning?); {fix}")
+            raise RuntimeError(
+                f"{entry.name}: a parameter of real shape {real} is held as "
+                f"{tuple(p.shape)} (ZeRO-3 partitioning?); {fix}"
+            )

@@ -4,6 +4,7 @@ Hyperparameters are FLAT scalars, one name per searchable value (Adam's `betas` 
 and `beta2`), typed by their default: a bool stays a bool, an int an int (Lookahead's k,
 Sophia's update_period), a float a float, a string a string.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ def resolve_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
         given["beta1"], given["beta2"] = betas
     unknown = sorted(set(given) - set(entry.defaults))
     if unknown:
-        raise ValueError(f"{name}: unknown hyperparameter(s) {', '.join(unknown)} "
-                         f"(allowed: {', '.join(sorted(entry.defaults))})")
+        raise ValueError(
+            f"{name}: unknown hyperparameter(s) {', '.join(unknown)} (allowed: {', '.join(sorted(entry.defaults))})"
+        )
     out = dict(entry.defaults)
     for key, value in given.items():
         out[key] = _check_value(name, key, entry.defaults[key], value)

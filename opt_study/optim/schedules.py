@@ -5,6 +5,7 @@ Conventions shared by every kind: `step` is the 0-based optimizer step; warm-up 
 so step 0 already moves and the last warm-up step reaches 1; a decay reaches min_ratio at
 step == total_steps (one past the last step of the run) and stays there.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,17 @@ from opt_study.config import ScheduleConfig
 SCHEDULES = ScheduleConfig.TYPES  # one list of names: the config slice owns it
 
 
-def lr_factor(step: int, total_steps: int, kind: str, warmup_steps: int, min_ratio: float, *,
-              period: int | None = None, mult: float = 1.0, decay_fraction: float = 0.2) -> float:
+def lr_factor(
+    step: int,
+    total_steps: int,
+    kind: str,
+    warmup_steps: int,
+    min_ratio: float,
+    *,
+    period: int | None = None,
+    mult: float = 1.0,
+    decay_fraction: float = 0.2,
+) -> float:
     """The multiplier of the base lr at `step`. After warm-up, with progress
     p = (step − warmup_steps) / (total_steps − warmup_steps) clipped to [0, 1]:
 
@@ -54,9 +64,16 @@ def lr_factor(step: int, total_steps: int, kind: str, warmup_steps: int, min_rat
 
 def schedule_factor(step: int, total_steps: int, schedule) -> float:
     """lr_factor with the fields of an `opt_study.config.ScheduleConfig` (what the loop calls)."""
-    return lr_factor(step, total_steps, schedule.type, schedule.warmup_steps, schedule.min_ratio,
-                     period=getattr(schedule, "period", None), mult=getattr(schedule, "mult", 1.0),
-                     decay_fraction=getattr(schedule, "decay_fraction", 0.2))
+    return lr_factor(
+        step,
+        total_steps,
+        schedule.type,
+        schedule.warmup_steps,
+        schedule.min_ratio,
+        period=getattr(schedule, "period", None),
+        mult=getattr(schedule, "mult", 1.0),
+        decay_fraction=getattr(schedule, "decay_fraction", 0.2),
+    )
 
 
 def _cosine(p: float, min_ratio: float) -> float:
@@ -88,8 +105,10 @@ def _check(step, total_steps, kind, warmup_steps, min_ratio, period, mult, decay
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r} (known: {', '.join(SCHEDULES)})")
     if step < 0 or total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need step >= 0, total_steps >= 1 and 0 <= warmup_steps <= total_steps; "
-                         f"got step={step}, total_steps={total_steps}, warmup_steps={warmup_steps}")
+        raise ValueError(
+            f"need step >= 0, total_steps >= 1 and 0 <= warmup_steps <= total_steps; "
+            f"got step={step}, total_steps={total_steps}, warmup_steps={warmup_steps}"
+        )
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
     if kind == "cosine_restarts":

@@ -10,6 +10,7 @@ log-uniform over four decades around the default (the lr is the one knob every p
 plus the one or two constants each rule is most sensitive to. A study that writes its own
 `params` replaces them.
 """
+
 from __future__ import annotations
 
 from importlib.metadata import version
@@ -49,9 +50,11 @@ SCHEDULE_FREE_NOTES = (
     "the model must hold y while training (optim.train_mode before each step) and x when "
     "evaluated or saved (optim.eval_mode). Declared ZeRO-0 fp32 only: at ZeRO 1-3 and under the "
     "bf16/fp16 wrappers the switch moves the optimizer's fp32 partitions, and the engine does "
-    "not yet copy them into the model's weights before evaluation.")
-SCHEDULE_FREE_WHY = ("its train/eval switch would move only the optimizer's fp32 partitions, so "
-                     "evaluation would see y instead of x")
+    "not yet copy them into the model's weights before evaluation."
+)
+SCHEDULE_FREE_WHY = (
+    "its train/eval switch would move only the optimizer's fp32 partitions, so evaluation would see y instead of x"
+)
 
 
 def _ew(name, factory, defaults, paper, space, source, notes="") -> OptimizerEntry:
@@ -61,8 +64,18 @@ def _ew(name, factory, defaults, paper, space, source, notes="") -> OptimizerEnt
 
 def _shaped(name, factory, defaults, paper, space, source, notes="", why="") -> OptimizerEntry:
     """A rule that needs the model's own tensors: ZeRO-0 fp32 only, guarded at run time."""
-    return OptimizerEntry(name, factory, dict(defaults), paper, dict(space), MODEL_TENSORS, source,
-                          needs_model_shapes=True, notes=notes, why_restricted=why)
+    return OptimizerEntry(
+        name,
+        factory,
+        dict(defaults),
+        paper,
+        dict(space),
+        MODEL_TENSORS,
+        source,
+        needs_model_shapes=True,
+        notes=notes,
+        why_restricted=why,
+    )
 
 
 _SGD_MOM = {"lr": 0.01, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0}
@@ -71,120 +84,256 @@ _LA = {"k": 5, "alpha": 0.5}
 
 CROWDED_VALLEY = (
     # Robbins & Monro 1951, "A Stochastic Approximation Method".
-    _ew("sgd", F.sgd(nesterov=False, with_momentum=False), {"lr": 0.01, "weight_decay": 0.0},
-        "https://doi.org/10.1214/aoms/1177729586", {"lr": LR_SGD}, TORCH),
+    _ew(
+        "sgd",
+        F.sgd(nesterov=False, with_momentum=False),
+        {"lr": 0.01, "weight_decay": 0.0},
+        "https://doi.org/10.1214/aoms/1177729586",
+        {"lr": LR_SGD},
+        TORCH,
+    ),
     # Heavy-ball momentum as used for deep nets: Sutskever, Martens, Dahl & Hinton 2013.
-    _ew("momentum", F.sgd(nesterov=False, with_momentum=True), _SGD_MOM, SUTSKEVER_2013,
-        {"lr": LR_SGD, "momentum": _u(0.5, 0.99)}, TORCH),
+    _ew(
+        "momentum",
+        F.sgd(nesterov=False, with_momentum=True),
+        _SGD_MOM,
+        SUTSKEVER_2013,
+        {"lr": LR_SGD, "momentum": _u(0.5, 0.99)},
+        TORCH,
+    ),
     # Nesterov's accelerated gradient in the momentum form of Sutskever et al. 2013 (torch's
     # nesterov=True needs dampening = 0, so dampening is not a knob here).
-    _ew("nesterov", F.sgd(nesterov=True, with_momentum=True),
-        {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}, SUTSKEVER_2013,
-        {"lr": LR_SGD, "momentum": _u(0.5, 0.99)}, TORCH),
-    _ew("adam", F.with_betas(torch.optim.Adam), {"lr": 1e-3, **_ADAM, "weight_decay": 0.0, "amsgrad": False},
-        "https://arxiv.org/abs/1412.6980", {"lr": LR_ADAM, "beta1": BETA1}, TORCH),
-    _ew("adamw", F.with_betas(torch.optim.AdamW), {"lr": 1e-3, **_ADAM, "weight_decay": 0.01, "amsgrad": False},
-        "https://arxiv.org/abs/1711.05101", {"lr": LR_ADAM, "weight_decay": _lu(1e-4, 1.0)}, TORCH),
+    _ew(
+        "nesterov",
+        F.sgd(nesterov=True, with_momentum=True),
+        {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
+        SUTSKEVER_2013,
+        {"lr": LR_SGD, "momentum": _u(0.5, 0.99)},
+        TORCH,
+    ),
+    _ew(
+        "adam",
+        F.with_betas(torch.optim.Adam),
+        {"lr": 1e-3, **_ADAM, "weight_decay": 0.0, "amsgrad": False},
+        "https://arxiv.org/abs/1412.6980",
+        {"lr": LR_ADAM, "beta1": BETA1},
+        TORCH,
+    ),
+    _ew(
+        "adamw",
+        F.with_betas(torch.optim.AdamW),
+        {"lr": 1e-3, **_ADAM, "weight_decay": 0.01, "amsgrad": False},
+        "https://arxiv.org/abs/1711.05101",
+        {"lr": LR_ADAM, "weight_decay": _lu(1e-4, 1.0)},
+        TORCH,
+    ),
     # Reddi, Kale & Kumar 2018, "On the Convergence of Adam and Beyond" (ICLR).
-    _ew("amsgrad", F.with_betas(torch.optim.Adam, amsgrad=True), {"lr": 1e-3, **_ADAM, "weight_decay": 0.0},
-        "https://openreview.net/forum?id=ryQu7f-RZ", {"lr": LR_ADAM, "beta1": BETA1}, TORCH),
-    _ew("radam", F.with_betas(torch.optim.RAdam), _RADAM, "https://arxiv.org/abs/1908.03265",
-        {"lr": LR_ADAM, "beta1": BETA1}, TORCH),
+    _ew(
+        "amsgrad",
+        F.with_betas(torch.optim.Adam, amsgrad=True),
+        {"lr": 1e-3, **_ADAM, "weight_decay": 0.0},
+        "https://openreview.net/forum?id=ryQu7f-RZ",
+        {"lr": LR_ADAM, "beta1": BETA1},
+        TORCH,
+    ),
+    _ew(
+        "radam",
+        F.with_betas(torch.optim.RAdam),
+        _RADAM,
+        "https://arxiv.org/abs/1908.03265",
+        {"lr": LR_ADAM, "beta1": BETA1},
+        TORCH,
+    ),
     # Dozat 2016, "Incorporating Nesterov Momentum into Adam" (ICLR workshop).
-    _ew("nadam", F.with_betas(torch.optim.NAdam),
+    _ew(
+        "nadam",
+        F.with_betas(torch.optim.NAdam),
         {"lr": 2e-3, **_ADAM, "weight_decay": 0.0, "momentum_decay": 4e-3, "decoupled_weight_decay": False},
-        "https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ", {"lr": LR_ADAM, "beta1": BETA1}, TORCH),
+        "https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ",
+        {"lr": LR_ADAM, "beta1": BETA1},
+        TORCH,
+    ),
     # Zhuang et al. 2020. Decoupled weight decay and no rectification: the paper's main variant.
-    _ew("adabelief", F.with_betas(po.AdaBelief, weight_decouple=True, rectify=False),
+    _ew(
+        "adabelief",
+        F.with_betas(po.AdaBelief, weight_decouple=True, rectify=False),
         {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-16, "weight_decay": 0.0},
-        "https://arxiv.org/abs/2010.07468", {"lr": LR_ADAM, "beta1": BETA1}, f"{PO} AdaBelief"),
+        "https://arxiv.org/abs/2010.07468",
+        {"lr": LR_ADAM, "beta1": BETA1},
+        f"{PO} AdaBelief",
+    ),
     # AdaBound/AMSBound clip Adam's per-coordinate step into bounds converging to final_lr (scaled
     # with the scheduled lr); the paper's weight decay is L2 (coupled), fixed here.
-    _ew("adabound", F.with_betas(po.AdaBound, ams_bound=False, weight_decouple=False),
-        {"lr": 1e-3, **_ADAM, "final_lr": 0.1, "gamma": 1e-3, "weight_decay": 0.0}, ADABOUND,
-        {"lr": LR_ADAM, "final_lr": _lu(1e-3, 1.0)}, f"{PO} AdaBound"),
-    _ew("amsbound", F.with_betas(po.AdaBound, ams_bound=True, weight_decouple=False),
-        {"lr": 1e-3, **_ADAM, "final_lr": 0.1, "gamma": 1e-3, "weight_decay": 0.0}, ADABOUND,
-        {"lr": LR_ADAM, "final_lr": _lu(1e-3, 1.0)}, f"{PO} AdaBound(ams_bound=True)"),
-    _ew("adadelta", F.plain(torch.optim.Adadelta), {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
-        "https://arxiv.org/abs/1212.5701", {"lr": _lu(1e-2, 10.0), "rho": _u(0.8, 0.99)}, TORCH),
+    _ew(
+        "adabound",
+        F.with_betas(po.AdaBound, ams_bound=False, weight_decouple=False),
+        {"lr": 1e-3, **_ADAM, "final_lr": 0.1, "gamma": 1e-3, "weight_decay": 0.0},
+        ADABOUND,
+        {"lr": LR_ADAM, "final_lr": _lu(1e-3, 1.0)},
+        f"{PO} AdaBound",
+    ),
+    _ew(
+        "amsbound",
+        F.with_betas(po.AdaBound, ams_bound=True, weight_decouple=False),
+        {"lr": 1e-3, **_ADAM, "final_lr": 0.1, "gamma": 1e-3, "weight_decay": 0.0},
+        ADABOUND,
+        {"lr": LR_ADAM, "final_lr": _lu(1e-3, 1.0)},
+        f"{PO} AdaBound(ams_bound=True)",
+    ),
+    _ew(
+        "adadelta",
+        F.plain(torch.optim.Adadelta),
+        {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
+        "https://arxiv.org/abs/1212.5701",
+        {"lr": _lu(1e-2, 10.0), "rho": _u(0.8, 0.99)},
+        TORCH,
+    ),
     # Duchi, Hazan & Singer 2011, JMLR 12.
-    _ew("adagrad", F.plain(torch.optim.Adagrad),
+    _ew(
+        "adagrad",
+        F.plain(torch.optim.Adagrad),
         {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10},
-        "https://jmlr.org/papers/v12/duchi11a.html", {"lr": _lu(1e-4, 1.0)}, TORCH),
+        "https://jmlr.org/papers/v12/duchi11a.html",
+        {"lr": _lu(1e-4, 1.0)},
+        TORCH,
+    ),
     # Tieleman & Hinton 2012, Coursera "Neural Networks for Machine Learning", lecture 6e.
-    _ew("rmsprop", F.plain(torch.optim.RMSprop),
+    _ew(
+        "rmsprop",
+        F.plain(torch.optim.RMSprop),
         {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0, "centered": False},
         "https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf",
-        {"lr": _lu(1e-5, 1e-1), "alpha": _u(0.9, 0.999)}, TORCH),
+        {"lr": _lu(1e-5, 1e-1), "alpha": _u(0.9, 0.999)},
+        TORCH,
+    ),
     # Lookahead: every k steps the slow weights move alpha of the way to the fast ones and the
     # fast weights restart there (optim.is_sync_step flags those steps).
-    _ew("lookahead_momentum", F.lookahead(F.sgd(nesterov=False, with_momentum=True)), {**_SGD_MOM, **_LA},
-        LOOKAHEAD, {"lr": LR_SGD, "alpha": _u(0.3, 0.9)}, f"{PO} Lookahead over {TORCH} SGD",
-        notes="Slow-weight sync after steps k-1, 2k-1, ...: flag them with optim.is_sync_step."),
-    _ew("lookahead_radam", F.lookahead(F.with_betas(torch.optim.RAdam)), {**_RADAM, **_LA},
-        LOOKAHEAD, {"lr": LR_ADAM, "alpha": _u(0.3, 0.9)}, f"{PO} Lookahead over {TORCH} RAdam",
-        notes="Slow-weight sync after steps k-1, 2k-1, ...: flag them with optim.is_sync_step."),
+    _ew(
+        "lookahead_momentum",
+        F.lookahead(F.sgd(nesterov=False, with_momentum=True)),
+        {**_SGD_MOM, **_LA},
+        LOOKAHEAD,
+        {"lr": LR_SGD, "alpha": _u(0.3, 0.9)},
+        f"{PO} Lookahead over {TORCH} SGD",
+        notes="Slow-weight sync after steps k-1, 2k-1, ...: flag them with optim.is_sync_step.",
+    ),
+    _ew(
+        "lookahead_radam",
+        F.lookahead(F.with_betas(torch.optim.RAdam)),
+        {**_RADAM, **_LA},
+        LOOKAHEAD,
+        {"lr": LR_ADAM, "alpha": _u(0.3, 0.9)},
+        f"{PO} Lookahead over {TORCH} RAdam",
+        notes="Slow-weight sync after steps k-1, 2k-1, ...: flag them with optim.is_sync_step.",
+    ),
 )
 
 CONTENDERS = (
     # You et al. 2019 (LAMB): Adam direction rescaled per tensor by the trust ratio ‖x‖/‖update‖.
-    _shaped("lamb", F.with_betas(po.Lamb, weight_decouple=True),
-            {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.01},
-            "https://arxiv.org/abs/1904.00962", {"lr": _lu(1e-4, 1e-1), "weight_decay": _lu(1e-4, 1.0)},
-            f"{PO} Lamb"),
+    _shaped(
+        "lamb",
+        F.with_betas(po.Lamb, weight_decouple=True),
+        {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.01},
+        "https://arxiv.org/abs/1904.00962",
+        {"lr": _lu(1e-4, 1e-1), "weight_decay": _lu(1e-4, 1.0)},
+        f"{PO} Lamb",
+    ),
     # Ginsburg et al. 2019 (NovoGrad): second moment of each layer's gradient NORM.
-    _shaped("novograd", F.with_betas(po.NovoGrad),
-            {"lr": 1e-2, "beta1": 0.95, "beta2": 0.98, "eps": 1e-8, "weight_decay": 0.0},
-            "https://arxiv.org/abs/1905.11286", {"lr": _lu(1e-4, 1.0), "beta1": BETA1}, f"{PO} NovoGrad"),
+    _shaped(
+        "novograd",
+        F.with_betas(po.NovoGrad),
+        {"lr": 1e-2, "beta1": 0.95, "beta2": 0.98, "eps": 1e-8, "weight_decay": 0.0},
+        "https://arxiv.org/abs/1905.11286",
+        {"lr": _lu(1e-4, 1.0), "beta1": BETA1},
+        f"{PO} NovoGrad",
+    ),
     # Chen et al. 2023 (Lion): sign of an interpolated momentum; lr 3-10x below AdamW's.
-    _ew("lion", F.with_betas(po.Lion, weight_decouple=True),
+    _ew(
+        "lion",
+        F.with_betas(po.Lion, weight_decouple=True),
         {"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0},
-        "https://arxiv.org/abs/2302.06675", {"lr": _lu(1e-6, 1e-2), "beta1": BETA1},
-        f"{PO} Lion"),
-    OptimizerEntry("schedulefree_adamw", F.schedulefree_adamw,
-                   {"lr": 2.5e-3, **_ADAM, "weight_decay": 0.0, "warmup_steps": 0, "r": 0.0,
-                    "weight_lr_power": 2.0},
-                   SCHEDULE_FREE, {"lr": LR_ADAM, "beta1": BETA1}, MODEL_TENSORS,
-                   f"{SF} AdamWScheduleFree", notes=SCHEDULE_FREE_NOTES, why_restricted=SCHEDULE_FREE_WHY),
-    OptimizerEntry("schedulefree_sgd", F.schedulefree_sgd,
-                   {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "warmup_steps": 0, "r": 0.0,
-                    "weight_lr_power": 2.0},
-                   SCHEDULE_FREE, {"lr": _lu(1e-3, 10.0), "momentum": _u(0.5, 0.99)}, MODEL_TENSORS,
-                   f"{SF} SGDScheduleFree", notes=SCHEDULE_FREE_NOTES, why_restricted=SCHEDULE_FREE_WHY),
+        "https://arxiv.org/abs/2302.06675",
+        {"lr": _lu(1e-6, 1e-2), "beta1": BETA1},
+        f"{PO} Lion",
+    ),
+    OptimizerEntry(
+        "schedulefree_adamw",
+        F.schedulefree_adamw,
+        {"lr": 2.5e-3, **_ADAM, "weight_decay": 0.0, "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0},
+        SCHEDULE_FREE,
+        {"lr": LR_ADAM, "beta1": BETA1},
+        MODEL_TENSORS,
+        f"{SF} AdamWScheduleFree",
+        notes=SCHEDULE_FREE_NOTES,
+        why_restricted=SCHEDULE_FREE_WHY,
+    ),
+    OptimizerEntry(
+        "schedulefree_sgd",
+        F.schedulefree_sgd,
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0},
+        SCHEDULE_FREE,
+        {"lr": _lu(1e-3, 10.0), "momentum": _u(0.5, 0.99)},
+        MODEL_TENSORS,
+        f"{SF} SGDScheduleFree",
+        notes=SCHEDULE_FREE_NOTES,
+        why_restricted=SCHEDULE_FREE_WHY,
+    ),
     # Jordan et al. 2024 (Muon): momentum orthogonalised by Newton-Schulz, matrices only.
-    _shaped("muon", F.muon,
-            {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.0, "nesterov": True, "ns_steps": 5,
-             "adamw_lr": 3e-4, "adamw_wd": 0.0, "beta1": 0.9, "beta2": 0.95},
-            "https://kellerjordan.github.io/posts/muon/", {"lr": _lu(1e-4, 1e-1), "momentum": _u(0.8, 0.99)},
-            f"{PO} Muon",
-            notes="Client Muon. DeepSpeed's native Muon (ZeRO 1-3) is not offered: it writes the "
-                  "update into the partitioned gradient buffer, which the measurement reads as the "
-                  "gradient, and an extra backward at a boundary would advance its momentum."),
+    _shaped(
+        "muon",
+        F.muon,
+        {
+            "lr": 0.02,
+            "momentum": 0.95,
+            "weight_decay": 0.0,
+            "nesterov": True,
+            "ns_steps": 5,
+            "adamw_lr": 3e-4,
+            "adamw_wd": 0.0,
+            "beta1": 0.9,
+            "beta2": 0.95,
+        },
+        "https://kellerjordan.github.io/posts/muon/",
+        {"lr": _lu(1e-4, 1e-1), "momentum": _u(0.8, 0.99)},
+        f"{PO} Muon",
+        notes="Client Muon. DeepSpeed's native Muon (ZeRO 1-3) is not offered: it writes the "
+        "update into the partitioned gradient buffer, which the measurement reads as the "
+        "gradient, and an extra backward at a boundary would advance its momentum.",
+    ),
     # Vyas et al. 2024 (SOAP): Adam in the eigenbasis of Shampoo's Kronecker factors.
-    _shaped("soap", F.with_betas(po.SOAP),
-            {"lr": 3e-3, "beta1": 0.95, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01,
-             "precondition_frequency": 10},
-            "https://arxiv.org/abs/2409.11321", {"lr": _lu(1e-4, 1e-1), "beta2": _u(0.9, 0.999)}, f"{PO} SOAP"),
+    _shaped(
+        "soap",
+        F.with_betas(po.SOAP),
+        {"lr": 3e-3, "beta1": 0.95, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01, "precondition_frequency": 10},
+        "https://arxiv.org/abs/2409.11321",
+        {"lr": _lu(1e-4, 1e-1), "beta2": _u(0.9, 0.999)},
+        f"{PO} SOAP",
+    ),
     # Gupta, Koren & Singer 2018 (Shampoo): per-dimension Kronecker-factored preconditioners. The
     # update is scale-free like Adagrad's, whose default lr (1e-2) we take (the library's is 1e-3).
-    _shaped("shampoo", F.plain(po.Shampoo),
-            {"lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "preconditioning_compute_steps": 1,
-             "matrix_eps": 1e-6},
-            "https://arxiv.org/abs/1802.09568", {"lr": _lu(1e-5, 1e-1), "momentum": _u(0.0, 0.95)},
-            f"{PO} Shampoo"),
+    _shaped(
+        "shampoo",
+        F.plain(po.Shampoo),
+        {"lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "preconditioning_compute_steps": 1, "matrix_eps": 1e-6},
+        "https://arxiv.org/abs/1802.09568",
+        {"lr": _lu(1e-5, 1e-1), "momentum": _u(0.0, 0.95)},
+        f"{PO} Shampoo",
+    ),
     # Liu et al. 2023 (Sophia; the Hutchinson estimator variant): clipped m / max(h, eps).
-    _shaped("sophia", F.sophia,
-            {"lr": 0.06, "beta1": 0.96, "beta2": 0.99, "weight_decay": 0.0, "p": 0.01, "update_period": 10,
-             "eps": 1e-12},
-            "https://arxiv.org/abs/2305.14342", {"lr": _lu(1e-3, 1.0), "p": _lu(1e-3, 1e-1)},
-            f"{PO} SophiaH (Hessian via optim.estimate_hessian)",
-            notes="Every update_period steps (the first included) the step needs a Hutchinson "
-                  "estimate of diag(H) from a SIDE backward: when optim.needs_hessian(opt), call "
-                  "optim.estimate_hessian(opt, loss_fn, seed) after the boundary backward and "
-                  "before engine.step(); the step raises otherwise.",
-            why="its Hessian estimate differentiates the loss with respect to the tensors the "
-                "optimizer holds, which are the model's own only at ZeRO-0 fp32"),
+    _shaped(
+        "sophia",
+        F.sophia,
+        {"lr": 0.06, "beta1": 0.96, "beta2": 0.99, "weight_decay": 0.0, "p": 0.01, "update_period": 10, "eps": 1e-12},
+        "https://arxiv.org/abs/2305.14342",
+        {"lr": _lu(1e-3, 1.0), "p": _lu(1e-3, 1e-1)},
+        f"{PO} SophiaH (Hessian via optim.estimate_hessian)",
+        notes="Every update_period steps (the first included) the step needs a Hutchinson "
+        "estimate of diag(H) from a SIDE backward: when optim.needs_hessian(opt), call "
+        "optim.estimate_hessian(opt, loss_fn, seed) after the boundary backward and "
+        "before engine.step(); the step raises otherwise.",
+        why="its Hessian estimate differentiates the loss with respect to the tensors the "
+        "optimizer holds, which are the model's own only at ZeRO-0 fp32",
+    ),
 )
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {e.name: e for e in CROWDED_VALLEY + CONTENDERS}

@@ -12,6 +12,7 @@ study's protocol (or, under protocol none, its search method) to one entry of PL
 
 Every planner is a pure function of (spec, records): a resumed study plans the same trials.
 """
+
 from __future__ import annotations
 
 import random
@@ -23,6 +24,7 @@ from opt_study.config.space import expand, expand_quasirandom, seed_of
 from opt_study.plan import protocols, tpe
 from opt_study.plan.trial_plan import TrialPlan
 from opt_study.results.trials import DONE_STATUSES, read_trial_records
+
 
 class Planner(Protocol):
     def plan(self, spec: Spec, records: list[dict]) -> list[TrialPlan]:
@@ -48,8 +50,16 @@ class GridPlanner:
                 configs = expand(opt.space, spec.search.samples, random.Random(f"{spec.search.seed}:{opt.label}"))
             for i, hp in enumerate(configs):
                 for seed in spec.study.seeds:
-                    plans.append(TrialPlan(trial_id=f"{opt.label}-{i:03d}-s{seed}", label=opt.label,
-                                           optimizer=opt.name, hparams=hp, seed=seed, index=i))
+                    plans.append(
+                        TrialPlan(
+                            trial_id=f"{opt.label}-{i:03d}-s{seed}",
+                            label=opt.label,
+                            optimizer=opt.name,
+                            hparams=hp,
+                            seed=seed,
+                            index=i,
+                        )
+                    )
         return plans
 
     def slots(self, spec: Spec, records: list[dict]) -> list[TrialPlan]:
@@ -81,8 +91,11 @@ class AlgoPerfPlanner:
 
 
 PLANNERS: dict[str, Planner] = {
-    "random": GridPlanner(quasirandom=False), "quasirandom": GridPlanner(quasirandom=True),
-    "tpe": TPEPlanner(), "crowded_valley": CrowdedValleyPlanner(), "algoperf_external": AlgoPerfPlanner(),
+    "random": GridPlanner(quasirandom=False),
+    "quasirandom": GridPlanner(quasirandom=True),
+    "tpe": TPEPlanner(),
+    "crowded_valley": CrowdedValleyPlanner(),
+    "algoperf_external": AlgoPerfPlanner(),
 }
 
 

@@ -6,6 +6,7 @@ Schmidt, Schneider, Hennig, "Descending through a Crowded Valley", https://arxiv
 Dahl et al., "Benchmarking Neural Network Training Algorithms" (AlgoPerf),
 https://arxiv.org/abs/2306.07179. Each planner is a pure function of (spec, records).
 """
+
 from __future__ import annotations
 
 import random
@@ -26,8 +27,7 @@ def protocol_space(opt: OptimizerSpec) -> dict[str, Domain]:
     return dict(opt.default_space)
 
 
-def nested_draws(spec: Spec, opt: OptimizerSpec, space: dict[str, Domain], n: int,
-                 key: str) -> list[tuple[int, dict]]:
+def nested_draws(spec: Spec, opt: OptimizerSpec, space: dict[str, Domain], n: int, key: str) -> list[tuple[int, dict]]:
     """(j, config) for every grid point x n draws of the sampled keys; j is the draw's position.
 
     Prefix-stable: the first k draws of each grid point are the same for any n >= k (each grid
@@ -65,15 +65,46 @@ def plan_crowded_valley(spec: Spec, records: list[dict]) -> list[TrialPlan]:
         defaults = opt.defaults or {}
         oneshot = {k: d.values[0] if d.kind == "fixed" else defaults[k] for k, d in sorted(space.items())}
         for seed in spec.study.seeds:
-            plans.append(TrialPlan(f"{opt.label}-oneshot-s{seed}", opt.label, opt.name, oneshot, seed, 0,
-                                   phase="oneshot", budget="oneshot"))
-        oneshot_reruns += [TrialPlan(f"{opt.label}-oneshot-rerun-s{seed}", opt.label, opt.name, oneshot, seed, 0,
-                                     phase="oneshot_rerun", budget="oneshot") for seed in spec.search.rerun_seeds]
+            plans.append(
+                TrialPlan(
+                    f"{opt.label}-oneshot-s{seed}",
+                    opt.label,
+                    opt.name,
+                    oneshot,
+                    seed,
+                    0,
+                    phase="oneshot",
+                    budget="oneshot",
+                )
+            )
+        oneshot_reruns += [
+            TrialPlan(
+                f"{opt.label}-oneshot-rerun-s{seed}",
+                opt.label,
+                opt.name,
+                oneshot,
+                seed,
+                0,
+                phase="oneshot_rerun",
+                budget="oneshot",
+            )
+            for seed in spec.search.rerun_seeds
+        ]
         for i, (j, hp) in enumerate(nested_draws(spec, opt, space, n, "search")):
             level = next(name for name, k in levels if j < k)
             for seed in spec.study.seeds:
-                search.append(TrialPlan(f"{opt.label}-search-{level}-{i:03d}-s{seed}", opt.label, opt.name,
-                                        hp, seed, i, phase="search", budget=level))
+                search.append(
+                    TrialPlan(
+                        f"{opt.label}-search-{level}-{i:03d}-s{seed}",
+                        opt.label,
+                        opt.name,
+                        hp,
+                        seed,
+                        i,
+                        phase="search",
+                        budget=level,
+                    )
+                )
     return plans + search + oneshot_reruns + plan_reruns(spec, search, records)
 
 
@@ -99,8 +130,18 @@ def plan_reruns(spec: Spec, search: list[TrialPlan], records: list[dict]) -> lis
         for i, names in sorted(best.items()):
             hp = next(p.hparams for p in mine if p.index == i)
             for seed in spec.search.rerun_seeds:
-                plans.append(TrialPlan(f"{opt.label}-rerun-{i:03d}-s{seed}", opt.label, opt.name, hp, seed, i,
-                                       phase="rerun", budget=",".join(names)))
+                plans.append(
+                    TrialPlan(
+                        f"{opt.label}-rerun-{i:03d}-s{seed}",
+                        opt.label,
+                        opt.name,
+                        hp,
+                        seed,
+                        i,
+                        phase="rerun",
+                        budget=",".join(names),
+                    )
+                )
     return plans
 
 
@@ -131,8 +172,19 @@ def plan_algoperf_external(spec: Spec) -> list[TrialPlan]:
             configs = expand_quasirandom(space, spec.search.samples, seed_of(spec.search.seed, opt.label, "study", k))
             for i, hp in enumerate(configs):
                 for seed in spec.study.seeds:
-                    plans.append(TrialPlan(f"{opt.label}-external-study{k}-{i:03d}-s{seed}", opt.label, opt.name,
-                                           hp, seed, i, phase="external", budget=f"study{k}", target=target))
+                    plans.append(
+                        TrialPlan(
+                            f"{opt.label}-external-study{k}-{i:03d}-s{seed}",
+                            opt.label,
+                            opt.name,
+                            hp,
+                            seed,
+                            i,
+                            phase="external",
+                            budget=f"study{k}",
+                            target=target,
+                        )
+                    )
     return plans
 
 

@@ -31,6 +31,7 @@ the trial IDS are fixed in advance and the hyperparameters are proposed online:
   asynchronous model-based search). Suggestions wait for nothing: a proposal uses the results
   finished so far.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,13 @@ def slots(spec: Spec, records: list[dict]) -> list[tuple[TrialPlan, bool]]:
     for opt in spec.optimizers:
         for i in range(spec.search.samples):
             hp = recorded(spec, opt, i, by_id)
-            out += [(TrialPlan(trial_id(opt.label, i, s), opt.label, opt.name, dict(hp or {}), s, i, phase=PHASE),
-                     hp is not None) for s in spec.study.seeds]
+            out += [
+                (
+                    TrialPlan(trial_id(opt.label, i, s), opt.label, opt.name, dict(hp or {}), s, i, phase=PHASE),
+                    hp is not None,
+                )
+                for s in spec.study.seeds
+            ]
     return out
 
 

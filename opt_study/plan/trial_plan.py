@@ -1,4 +1,5 @@
 """One planned trial: what the driver schedules and the trial loop runs (no torch here)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ class TrialPlan:
     target: dict | None = None  # algoperf_external: {"metric": ..., "value": ...}
 
     def as_dict(self) -> dict:
-        return {"trial_id": self.trial_id, "label": self.label, "optimizer": self.optimizer,
-                "hparams": dict(self.hparams), "seed": self.seed, "index": self.index,
-                "phase": self.phase, "budget": self.budget,
-                "target": dict(self.target) if self.target else None}
+        return {
+            "trial_id": self.trial_id,
+            "label": self.label,
+            "optimizer": self.optimizer,
+            "hparams": dict(self.hparams),
+            "seed": self.seed,
+            "index": self.index,
+            "phase": self.phase,
+            "budget": self.budget,
+            "target": dict(self.target) if self.target else None,
+        }

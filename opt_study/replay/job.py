@@ -10,6 +10,7 @@ Hessian eigenvalues and a Hutchinson trace (opt_study.results.replay_store).
 
 This module stays import-light (the CLI imports it): torch is imported by the job's ranks only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,14 @@ def load_trial(study_dir, trial_id: str):
     return spec, TrialPlan(**plans[0])
 
 
-def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: HessianOptions | None = None,
-               capture: bool = False, timeout: float | None = None) -> Path:
+def run_replay(
+    study_dir,
+    trial_id: str,
+    reference: str = "final",
+    hessian: HessianOptions | None = None,
+    capture: bool = False,
+    timeout: float | None = None,
+) -> Path:
     """Replay one trial in a torchrun job at its own world size; returns the Parquet file.
 
     Raises ValueError / FileNotFoundError for a bad reference or a trial without snapshots
@@ -74,13 +81,36 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
     layout.check_reference(reference)
     ref_step = snapshots.resolve_reference(study_dir, trial_id, reference)
     world = snapshots.read_meta(study_dir, trial_id, ref_step)["world"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
-           "--master_port", str(free_port()), "-m", "opt_study.replay.worker",
-           str(study_dir), trial_id, reference]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(world),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "opt_study.replay.worker",
+        str(study_dir),
+        trial_id,
+        reference,
+    ]
     if hessian is not None:
-        cmd += ["--hessian", "--lanczos-steps", str(hessian.lanczos_steps), "--top", str(hessian.top),
-                "--hutchinson", str(hessian.hutchinson_samples), "--fd-eps", repr(hessian.fd_eps),
-                "--seed", str(hessian.seed)]
+        cmd += [
+            "--hessian",
+            "--lanczos-steps",
+            str(hessian.lanczos_steps),
+            "--top",
+            str(hessian.top),
+            "--hutchinson",
+            str(hessian.hutchinson_samples),
+            "--fd-eps",
+            repr(hessian.fd_eps),
+            "--seed",
+            str(hessian.seed),
+        ]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, env=env, capture_output=capture, text=True, timeout=timeout)
@@ -92,8 +122,12 @@ def run_replay(study_dir, trial_id: str, reference: str = "final", hessian: Hess
 
 def add_hessian_args(p: argparse.ArgumentParser) -> None:
     d = HessianOptions()
-    p.add_argument("--hessian", action="store_true", help="also the top Hessian eigenvalues (Lanczos) "
-                   "and a Hutchinson trace at every snapshot (2 gradients per Hessian-vector product)")
+    p.add_argument(
+        "--hessian",
+        action="store_true",
+        help="also the top Hessian eigenvalues (Lanczos) "
+        "and a Hutchinson trace at every snapshot (2 gradients per Hessian-vector product)",
+    )
     p.add_argument("--lanczos-steps", type=int, default=d.lanczos_steps)
     p.add_argument("--top", type=int, default=d.top, help="how many of the largest Ritz values to store")
     p.add_argument("--hutchinson", type=int, default=d.hutchinson_samples, help="trace probes (0: none)")
@@ -104,5 +138,6 @@ def add_hessian_args(p: argparse.ArgumentParser) -> None:
 def hessian_options(a) -> HessianOptions | None:
     if not a.hessian:
         return None
-    return HessianOptions(lanczos_steps=a.lanczos_steps, top=a.top, hutchinson_samples=a.hutchinson,
-                          fd_eps=a.fd_eps, seed=a.seed)
+    return HessianOptions(
+        lanczos_steps=a.lanczos_steps, top=a.top, hutchinson_samples=a.hutchinson, fd_eps=a.fd_eps, seed=a.seed
+    )

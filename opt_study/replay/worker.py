@@ -19,6 +19,7 @@ F is the mean loss over the workload's fixed evaluation sample set (the set
 opt_study.results.replay_store. Weights are what the forward sees: with bf16 training the
 snapshot's fp32 masters are rounded to bf16 on load, as in training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ import torch
 
 from opt_study import distributed
 from opt_study.measure import curvature
-from opt_study.trial import snapshots
 from opt_study.replay.job import HessianOptions, add_hessian_args, hessian_options, load_trial
+from opt_study.trial import snapshots
 
 SUMS = ("sq_param", "sq_grad", "ip_param_grad")  # of Fragment(x = x_e − y, g = ∇F(x_e))
 STREAM_CURVATURE = 101  # random-stream id of the Lanczos start vector and Hutchinson probes
@@ -97,17 +98,22 @@ def _own_fragments(study_dir, trial_id: str, step: int, view, device) -> list[to
     """This rank's fragments of snapshot ``step``, checked against the engine's layout."""
     meta = snapshots.read_meta(study_dir, trial_id, step)
     if meta["world"] != view.world or meta["names"] != view.names:
-        raise ValueError(f"snapshot step-{step} of {trial_id} was saved by world {meta['world']} with "
-                         f"other parameters; replay needs the trial's own world size and model")
+        raise ValueError(
+            f"snapshot step-{step} of {trial_id} was saved by world {meta['world']} with "
+            f"other parameters; replay needs the trial's own world size and model"
+        )
     if [tuple(b) for b in meta["bounds"][view.rank]] != [tuple(b) for b in view.bounds()]:
-        raise ValueError(f"snapshot step-{step}: the engine partitions the parameters differently "
-                         "from the trial (ZeRO stage, optimizer groups or DeepSpeed version changed)")
+        raise ValueError(
+            f"snapshot step-{step}: the engine partitions the parameters differently "
+            "from the trial (ZeRO stage, optimizer groups or DeepSpeed version changed)"
+        )
     data = snapshots.load_fragments(study_dir, trial_id, step, view.rank, view.world)
     return [data["fragments"][n].to(device) for n in view.names]
 
 
-def replay_rank(spec, plan, study_dir, reference: str = "final", hessian: HessianOptions | None = None,
-                on_grad=None) -> list[dict]:
+def replay_rank(
+    spec, plan, study_dir, reference: str = "final", hessian: HessianOptions | None = None, on_grad=None
+) -> list[dict]:
     """One rank's part of the replay of trial ``plan`` (every rank calls it; a collective).
 
     Returns the rows on every rank; rank 0 also writes them. ``on_grad(step, view)`` is a test
@@ -126,11 +132,13 @@ def replay_rank(spec, plan, study_dir, reference: str = "final", hessian: Hessia
     view, stage, world = c.measurer.view, spec.scale.zero_stage, c.world
     meta = snapshots.read_meta(study_dir, plan.trial_id, ref_step)
     if meta["zero_stage"] != stage:
-        raise ValueError(f"trial {plan.trial_id} saved its snapshots at ZeRO-{meta['zero_stage']}, "
-                         f"the spec now says ZeRO-{stage}")
+        raise ValueError(
+            f"trial {plan.trial_id} saved its snapshots at ZeRO-{meta['zero_stage']}, the spec now says ZeRO-{stage}"
+        )
     c.eng.eval()  # F is the evaluation loss: no dropout
-    batches = [tuple(t.to(c.device) for t in b)
-               for b in c.workload.eval_batches(spec.scale.micro_batch_size, c.rank, world)]
+    batches = [
+        tuple(t.to(c.device) for t in b) for b in c.workload.eval_batches(spec.scale.micro_batch_size, c.rank, world)
+    ]
     obj = EvalObjective(c.eng, view, c.workload, batches, stage)
     y = _own_fragments(study_dir, plan.trial_id, ref_step, view, c.device)
     obj.write(y)
@@ -143,15 +151,24 @@ def replay_rank(spec, plan, study_dir, reference: str = "final", hessian: Hessia
         loss_x_local, g = obj.loss_and_grad(seam)
         frags = [Fragment(group=0, x=xi.double() - yi.double(), g=gi) for xi, yi, gi in zip(x, y, g)]
         sums = local_sums(frags, 1, only=SUMS)[:, 0]
-        packed = torch.cat([sums, torch.tensor([loss_x_local / world, loss_y_local / world],
-                                               dtype=torch.float64, device=sums.device)])
+        packed = torch.cat(
+            [sums, torch.tensor([loss_x_local / world, loss_y_local / world], dtype=torch.float64, device=sums.device)]
+        )
         distributed.all_reduce_sum(packed)  # the ONE collective of this snapshot
         val = {n: float(packed[SUM_NAMES.index(n)]) for n in SUMS}
         loss_x, loss_y = float(packed[-2]), float(packed[-1])
-        row = {"step": e, "ref_step": ref_step, "loss_x": loss_x, "loss_y": loss_y,
-               "ip_grad_dist": val["ip_param_grad"], "loss_gap": loss_x - loss_y,
-               "sq_dist": val["sq_param"], "sq_grad": val["sq_grad"], "world": world,
-               "zero_stage": stage}
+        row = {
+            "step": e,
+            "ref_step": ref_step,
+            "loss_x": loss_x,
+            "loss_y": loss_y,
+            "ip_grad_dist": val["ip_param_grad"],
+            "loss_gap": loss_x - loss_y,
+            "sq_dist": val["sq_param"],
+            "sq_grad": val["sq_grad"],
+            "world": world,
+            "zero_stage": stage,
+        }
         if hessian is not None:
             row.update(_curvature(obj, x, hessian, e, c.rank))
         row["time_unix"] = time.time()
@@ -161,8 +178,7 @@ def replay_rank(spec, plan, study_dir, reference: str = "final", hessian: Hessia
     return rows
 
 
-def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, step: int,
-               rank: int) -> dict:
+def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, step: int, rank: int) -> dict:
     """Top Ritz values and Hutchinson trace of F's Hessian at x (the model is left at x)."""
     from opt_study.workloads.base import generator
 
@@ -176,14 +192,19 @@ def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, 
     n = xf.numel()
     v0 = torch.randn(n, generator=gen, dtype=torch.float64).to(xf.device)
     ritz, k = curvature.lanczos(hvp, v0, opts.lanczos_steps, reduce)
-    probes = [(torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1).to(xf.device)
-              for _ in range(opts.hutchinson_samples)]
+    probes = [
+        (torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1).to(xf.device)
+        for _ in range(opts.hutchinson_samples)
+    ]
     trace, stderr = curvature.hutchinson(hvp, probes, reduce)
     obj.write(x)
-    return {"hessian_top": [float(v) for v in ritz[:opts.top]], "lanczos_steps": k,
-            "hutchinson_trace": None if math.isnan(trace) else trace,
-            "hutchinson_stderr": None if math.isnan(stderr) else stderr,
-            "hutchinson_samples": opts.hutchinson_samples}
+    return {
+        "hessian_top": [float(v) for v in ritz[: opts.top]],
+        "lanczos_steps": k,
+        "hutchinson_trace": None if math.isnan(trace) else trace,
+        "hutchinson_stderr": None if math.isnan(stderr) else stderr,
+        "hutchinson_samples": opts.hutchinson_samples,
+    }
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -14,6 +14,7 @@ aggregate rules (docs/METRICS.md §Aggregates). Modules, one concern each:
 
 ``from opt_study.report import write_report`` works; the heavy modules load on first use.
 """
+
 from __future__ import annotations
 
 

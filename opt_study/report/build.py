@@ -5,16 +5,16 @@ links: the folder can be copied or served as is). It reads a snapshot of the stu
 while trials are still running, and it counts every trial by status: diverged, failed, stopped,
 running and pending trials are listed, never silently dropped.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
 import warnings
 from pathlib import Path
 
-from opt_study.storage import objectstore
 from opt_study.report import figures, render, tables
-from opt_study.storage import layout
 from opt_study.report.data import StudyData, load
+from opt_study.storage import layout, objectstore
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("overview", "Overview"),
@@ -28,19 +28,26 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("loss-curves", "Loss curves"),
     ("query", "Query the data"),
 )
-FIGURES: tuple[str, ...] = ("trajectories", "smoothness", "replay", "crowded_valley",
-                            "profiles", "loss_curves")
+FIGURES: tuple[str, ...] = ("trajectories", "smoothness", "replay", "crowded_valley", "profiles", "loss_curves")
 
 _ASSUMPTION_COLUMNS = [
-    ("label", "optimizer"), ("workload", "workload"), ("config", "best configuration"),
-    ("seeds", "seeds"), ("statuses", "status"), ("n_measured", "measured steps"),
+    ("label", "optimizer"),
+    ("workload", "workload"),
+    ("config", "best configuration"),
+    ("seeds", "seeds"),
+    ("statuses", "status"),
+    ("n_measured", "measured steps"),
     ("n_flagged", "flagged"),
-    ("frac_convexity_fwd_holds", "fwd holds"), ("frac_convexity_fwd_violated", "fwd violated"),
+    ("frac_convexity_fwd_holds", "fwd holds"),
+    ("frac_convexity_fwd_violated", "fwd violated"),
     ("frac_convexity_fwd_indeterminate", "fwd indet."),
-    ("frac_convexity_bwd_holds", "bwd holds"), ("frac_convexity_bwd_violated", "bwd violated"),
+    ("frac_convexity_bwd_holds", "bwd holds"),
+    ("frac_convexity_bwd_violated", "bwd violated"),
     ("frac_convexity_bwd_indeterminate", "bwd indet."),
-    ("smoothness_ratio", "eff. smoothness ratio"), ("smoothness_local_median", "median L_t"),
-    ("smoothness_local_max", "max L_t (L̂)"), ("frac_descent_holds", "descent lemma holds (L̂)"),
+    ("smoothness_ratio", "eff. smoothness ratio"),
+    ("smoothness_local_median", "median L_t"),
+    ("smoothness_local_max", "max L_t (L̂)"),
+    ("frac_descent_holds", "descent lemma holds (L̂)"),
     ("frac_progress_predicted", "progress predicted"),
 ]
 
@@ -52,16 +59,29 @@ def _save(fig, path: Path) -> Path:
 
 def _overview(data: StudyData, counts: dict) -> list[str]:
     open_ = counts.get("running", 0) + counts.get("pending", 0)
-    parts = [render.note(f"Study folder {data.db.study_dir.resolve()}; workload {data.workload}; "
-                         f"{len(data.trials)} trials: " +
-                         ", ".join(f"{k} {v}" for k, v in counts.items() if v) + ".")]
+    parts = [
+        render.note(
+            f"Study folder {data.db.study_dir.resolve()}; workload {data.workload}; "
+            f"{len(data.trials)} trials: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + "."
+        )
+    ]
     if open_:
-        parts.append(render.note(f"The study is still running ({open_} trials pending or running): "
-                                 "this page is a snapshot; their steps so far are included.", warn=True))
+        parts.append(
+            render.note(
+                f"The study is still running ({open_} trials pending or running): "
+                "this page is a snapshot; their steps so far are included.",
+                warn=True,
+            )
+        )
     bad = sum(counts.get(k, 0) for k in ("diverged", "failed", "stopped", "unknown"))
     if bad:
-        parts.append(render.note(f"{bad} trials diverged, failed, were stopped or lack a record: "
-                                 "they are listed under Status and counted in every table.", warn=True))
+        parts.append(
+            render.note(
+                f"{bad} trials diverged, failed, were stopped or lack a record: "
+                "they are listed under Status and counted in every table.",
+                warn=True,
+            )
+        )
     return parts
 
 
@@ -70,51 +90,87 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
     counts = {k: v for k, v in status[-1].items() if k not in ("label", "trials")}
     s: dict[str, list[str]] = {"overview": _overview(data, counts)}
     cols = [(k, k) for k in status[0]]
-    s["status"] = [render.table(status, cols),
-                   render.table(tables.problem_trials(data),
-                                [(k, k) for k in ("trial_id", "label", "status", "steps",
-                                                  "last_step", "final_loss", "error")])]
+    s["status"] = [
+        render.table(status, cols),
+        render.table(
+            tables.problem_trials(data),
+            [(k, k) for k in ("trial_id", "label", "status", "steps", "last_step", "final_loss", "error")],
+        ),
+    ]
     s["assumptions"] = [
-        render.note("Per optimizer, its best configuration (lowest mean best validation loss over "
-                    "seeds); each cell is the mean over seeds ± the half-width of the 95% Student-t "
-                    "interval (no interval from one seed). Fractions are over measured, unflagged "
-                    "steps, classified against the noise floor (arXiv:2407.01825; "
-                    "docs/METRICS.md §Noise floor)."),
-        render.table(tables.assumption_table(data), _ASSUMPTION_COLUMNS, ci=True)]
-    s["trajectories"] = [render.image(_save(figures.trajectory_figure(data),
-                                            out / "trajectories.png"), "trajectories")]
+        render.note(
+            "Per optimizer, its best configuration (lowest mean best validation loss over "
+            "seeds); each cell is the mean over seeds ± the half-width of the 95% Student-t "
+            "interval (no interval from one seed). Fractions are over measured, unflagged "
+            "steps, classified against the noise floor (arXiv:2407.01825; "
+            "docs/METRICS.md §Noise floor)."
+        ),
+        render.table(tables.assumption_table(data), _ASSUMPTION_COLUMNS, ci=True),
+    ]
+    s["trajectories"] = [render.image(_save(figures.trajectory_figure(data), out / "trajectories.png"), "trajectories")]
     env = tables.envelope_table(data, q=q)
-    s["smoothness"] = [render.image(_save(figures.smoothness_figure(data, q=q),
-                                          out / "smoothness.png"), "(L0, L1)-smoothness"),
-                       render.table(env, [(k, k) for k in ("label", "L0", "L1", "q", "n", "frac_below")])]
+    s["smoothness"] = [
+        render.image(_save(figures.smoothness_figure(data, q=q), out / "smoothness.png"), "(L0, L1)-smoothness"),
+        render.table(env, [(k, k) for k in ("label", "L0", "L1", "q", "n", "frac_below")]),
+    ]
     rep = figures.replay_figure(data)
-    s["replay"] = ([render.image(_save(rep, out / "replay.png"), "replay"),
-                    render.table(tables.replay_table(data), [(k, k) for k in (
-                        "label", "reference", "snapshots", "sum_num", "sum_den", "excess",
-                        "ratio", "predicted", "consistent")])]
-                   if rep is not None else
-                   [render.note("No replay/ dataset in this study: checkpoint-replay results appear "
-                                "here once a replay job has written replay/*.parquet.")])
+    s["replay"] = (
+        [
+            render.image(_save(rep, out / "replay.png"), "replay"),
+            render.table(
+                tables.replay_table(data),
+                [
+                    (k, k)
+                    for k in (
+                        "label",
+                        "reference",
+                        "snapshots",
+                        "sum_num",
+                        "sum_den",
+                        "excess",
+                        "ratio",
+                        "predicted",
+                        "consistent",
+                    )
+                ],
+            ),
+        ]
+        if rep is not None
+        else [
+            render.note(
+                "No replay/ dataset in this study: checkpoint-replay results appear "
+                "here once a replay job has written replay/*.parquet."
+            )
+        ]
+    )
     s["crowded-valley"] = [
-        render.image(_save(figures.crowded_valley_figure(data), out / "crowded_valley.png"),
-                     "Crowded Valley"),
-        render.table(tables.crowded_valley_table(data), [(k, k) for k in (
-            "label", "budget", "seeds", "median", "min", "max", "no_result", "trials_without_loss")])]
+        render.image(_save(figures.crowded_valley_figure(data), out / "crowded_valley.png"), "Crowded Valley"),
+        render.table(
+            tables.crowded_valley_table(data),
+            [(k, k) for k in ("label", "budget", "seeds", "median", "min", "max", "no_result", "trials_without_loss")],
+        ),
+    ]
     prof = tables.profile_table([data])
     s["profiles"] = [
-        render.note("One workload per study: pass several studies to analysis/crowded_valley.py for "
-                    "profiles across workloads. Cost = steps until every seed of the best "
-                    "configuration reached the target (the lowest loss all seeds of some optimizer "
-                    "reached)."),
+        render.note(
+            "One workload per study: pass several studies to analysis/crowded_valley.py for "
+            "profiles across workloads. Cost = steps until every seed of the best "
+            "configuration reached the target (the lowest loss all seeds of some optimizer "
+            "reached)."
+        ),
         render.image(_save(figures.profile_figure(prof), out / "profiles.png"), "profiles"),
-        render.table(prof["rows"], [(k, k) for k in ("problem", "label", "target", "steps")])]
-    s["loss-curves"] = [render.image(_save(figures.loss_curves_figure(data),
-                                           out / "loss_curves.png"), "loss curves")]
-    s["query"] = [render.note("Every number here comes from SQL over the study's Parquet record; "
-                              "views: steps, trials, steps_hp, groups, replay."),
-                  f"<pre>opt-study query {data.db.study_dir} \"SELECT optimizer, count(*) FROM "
-                  "steps_hp WHERE measured GROUP BY optimizer\"\n"
-                  f"opt-study ui {data.db.study_dir}</pre>"]
+        render.table(prof["rows"], [(k, k) for k in ("problem", "label", "target", "steps")]),
+    ]
+    s["loss-curves"] = [render.image(_save(figures.loss_curves_figure(data), out / "loss_curves.png"), "loss curves")]
+    s["query"] = [
+        render.note(
+            "Every number here comes from SQL over the study's Parquet record; "
+            "views: steps, trials, steps_hp, groups, replay."
+        ),
+        f'<pre>opt-study query {data.db.study_dir} "SELECT optimizer, count(*) FROM '
+        'steps_hp WHERE measured GROUP BY optimizer"\n'
+        f"opt-study ui {data.db.study_dir}</pre>",
+    ]
     return s
 
 
@@ -133,8 +189,7 @@ def _mlflow_parent(data: StudyData, out: Path) -> tuple[str | None, str]:
     return run_id, f"Logged as artifacts {out.name}/ of the study's MLflow parent run {run_id}."
 
 
-def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | None = None,
-                 q: float = 0.95) -> Path:
+def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | None = None, q: float = 0.95) -> Path:
     """Write ``<out>/index.html`` (default ``out = <study_dir>/report``) and its PNG figures;
     log the folder as artifacts of the study's MLflow parent run (``mlflow=False``: don't);
     return the page's path. ``q``: quantile of the (L0, L1) envelope; ``threads``: DuckDB's."""
@@ -150,8 +205,7 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
             parts = _sections(data, out, q)
         body = "\n".join(render.section(sid, title, parts[sid]) for sid, title in SECTIONS)
         now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-        page = render.page(f"opt_study report: {data.name}", f"Generated {now}. {where}",
-                           list(SECTIONS), body)
+        page = render.page(f"opt_study report: {data.name}", f"Generated {now}. {where}", list(SECTIONS), body)
         path = out / "index.html"
         # a browser reloading the page never sees half of it; the figures and the page reach
         # the object store when the study's root is one (atomic_write uploads the page)

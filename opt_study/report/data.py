@@ -15,6 +15,7 @@ same numbers as ``opt_study.measure.metrics.summarize`` (the tests check it row 
   is classified against the stored noise floor with ``classify``'s rule (holds if gap < −floor,
   violated if gap > floor); "progress predicted" counts steps whose bound is below −floor.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,17 @@ from opt_study.results.query import StudyDB, open_study
 
 STATUSES = ("pending", "running", "completed", "stopped", "diverged", "failed")
 
-_CLS = ", ".join(f"count(*) FILTER (ok AND {c} = '{k}') AS {side}_{k}"
-                 for side, c in (("fwd", "cf"), ("bwd", "cb")) for k in CLASSES)
-_DL = ", ".join(f"count(*) FILTER (ok AND {cond}) AS dl_{k}" for k, cond in (
-    ("holds", "dl_gap < -nf"), ("violated", "dl_gap > nf"),
-    ("indeterminate", "dl_gap BETWEEN -nf AND nf")))
+_CLS = ", ".join(
+    f"count(*) FILTER (ok AND {c} = '{k}') AS {side}_{k}" for side, c in (("fwd", "cf"), ("bwd", "cb")) for k in CLASSES
+)
+_DL = ", ".join(
+    f"count(*) FILTER (ok AND {cond}) AS dl_{k}"
+    for k, cond in (
+        ("holds", "dl_gap < -nf"),
+        ("violated", "dl_gap > nf"),
+        ("indeterminate", "dl_gap BETWEEN -nf AND nf"),
+    )
+)
 
 # Training outcome per trial: a full scan, used by the status listing only (``outcomes``).
 OUTCOME_SQL = """
@@ -113,8 +120,11 @@ def config_key(trial: dict) -> str:
 
 def hp_text(trial: dict) -> str:
     """``lr=0.001, momentum=0.9``: the hyperparameters of a trial, for tables and legends."""
-    return ", ".join(f"{k[3:]}={v:.4g}" if isinstance(v, float) else f"{k[3:]}={v}"
-                     for k, v in sorted(trial.items()) if k.startswith("hp.") and v is not None)
+    return ", ".join(
+        f"{k[3:]}={v:.4g}" if isinstance(v, float) else f"{k[3:]}={v}"
+        for k, v in sorted(trial.items())
+        if k.startswith("hp.") and v is not None
+    )
 
 
 @dataclass
@@ -141,8 +151,10 @@ class StudyData:
         return sorted({t["label"] for t in self.trials.values()})
 
     def of_label(self, label: str) -> list[dict]:
-        return sorted((t for t in self.trials.values() if t["label"] == label),
-                      key=lambda t: (t.get("index") or 0, t.get("seed") or 0, t["trial_id"]))
+        return sorted(
+            (t for t in self.trials.values() if t["label"] == label),
+            key=lambda t: (t.get("index") or 0, t.get("seed") or 0, t["trial_id"]),
+        )
 
 
 def best_configs(trials: dict[str, dict]) -> dict[str, list[str]]:
@@ -196,8 +208,13 @@ def load(study_dir, threads: int | None = None) -> StudyData:
         trials[t["trial_id"]] = {**t, **stats.get(t["trial_id"], {})}
     for tid, s in stats.items():  # rows of a trial without a record: keep them, say so
         if tid not in trials:
-            trials[tid] = {"trial_id": tid, "label": "?", "optimizer": "?", "status": "unknown",
-                           "workload": workload, **s}
+            trials[tid] = {
+                "trial_id": tid,
+                "label": "?",
+                "optimizer": "?",
+                "status": "unknown",
+                "workload": workload,
+                **s,
+            }
     name = spec.study.name if spec is not None else study_dir.resolve().name
-    return StudyData(db, name, workload, tracking_uri_for(study_dir, spec), trials,
-                     best_configs(trials))
+    return StudyData(db, name, workload, tracking_uri_for(study_dir, spec), trials, best_configs(trials))

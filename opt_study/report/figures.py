@@ -5,6 +5,7 @@ backend or figure registry is touched, so the library is safe inside other progr
 threads. Every axis is labelled; a figure without data says so in its axes instead of failing
 (a study that is still running may have no measured step yet).
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,7 @@ def smoothness_figure(data: StudyData, q: float = 0.95) -> Figure:
     (``stats.quantile_envelope``, Zhang et al. 2020, https://arxiv.org/abs/1905.11881)."""
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
-    ax.set(xlabel="gradient norm ‖g_t‖", ylabel="local smoothness L_t",
-           title=f"(L0, L1)-smoothness, {q:.0%} envelope")
+    ax.set(xlabel="gradient norm ‖g_t‖", ylabel="local smoothness L_t", title=f"(L0, L1)-smoothness, {q:.0%} envelope")
     col, any_points = colors(data.labels()), False
     for label, (g, L) in series.smoothness_points(data).items():
         if g.size == 0:
@@ -88,8 +88,12 @@ def smoothness_figure(data: StudyData, q: float = 0.95) -> Figure:
         ax.scatter(g, L, s=9, alpha=0.5, color=col[label])
         if math.isfinite(fit["L0"]):
             xs = np.linspace(float(g.min()), float(g.max()), 100)
-            ax.plot(xs, fit["L0"] + fit["L1"] * xs, color=col[label],
-                    label=f"{label}: L0={fit['L0']:.3g}, L1={fit['L1']:.3g}")
+            ax.plot(
+                xs,
+                fit["L0"] + fit["L1"] * xs,
+                color=col[label],
+                label=f"{label}: L0={fit['L0']:.3g}, L1={fit['L1']:.3g}",
+            )
     if not any_points:
         _empty(ax)
     else:
@@ -106,17 +110,21 @@ def replay_figure(data: StudyData) -> Figure | None:
         return None
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
-    ax.set(xlabel="step of the snapshot x_e", ylabel="Σ⟨∇F(x_e), x_e − y⟩ / Σ(F(x_e) − F(y))",
-           title="convexity ratio against the reference y (cumulative)")
+    ax.set(
+        xlabel="step of the snapshot x_e",
+        ylabel="Σ⟨∇F(x_e), x_e − y⟩ / Σ(F(x_e) − F(y))",
+        title="convexity ratio against the reference y (cumulative)",
+    )
     col = colors({r["label"] for r in rows})
     styles = ["-", "--", ":", "-."]
     refs = sorted({r["reference"] for r in rows})
-    for (label, ref) in sorted({(r["label"], r["reference"]) for r in rows}):
+    for label, ref in sorted({(r["label"], r["reference"]) for r in rows}):
         rs = [r for r in rows if r["label"] == label and r["reference"] == ref]
         num, den = np.cumsum([r["num"] for r in rs]), np.cumsum([r["den"] for r in rs])
         ratio = np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
-        ax.plot([r["step"] for r in rs], ratio, styles[refs.index(ref) % 4], color=col[label],
-                label=f"{label} vs {ref}")
+        ax.plot(
+            [r["step"] for r in rs], ratio, styles[refs.index(ref) % 4], color=col[label], label=f"{label} vs {ref}"
+        )
     ax.axhline(1.0, color="0.3", lw=0.7)
     ax.legend(fontsize=8)
     return fig
@@ -128,8 +136,11 @@ def crowded_valley_figure(data: StudyData) -> Figure:
     loss at a budget cannot be drawn: the legend counts them."""
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    ax.set(xlabel="tuning budget (configurations tried per seed)",
-           ylabel="best validation loss (per seed)", title="best validation loss vs tuning budget")
+    ax.set(
+        xlabel="tuning budget (configurations tried per seed)",
+        ylabel="best validation loss (per seed)",
+        title="best validation loss vs tuning budget",
+    )
     values = tables.budget_values(data)
     col = colors(values)
     budgets = sorted({b for v in values.values() for b in v})
@@ -144,8 +155,14 @@ def crowded_valley_figure(data: StudyData) -> Figure:
                 pos.append(i + (j - (len(values) - 1) / 2) * width)
                 boxes.append(v[np.isfinite(v)])
         if boxes:
-            bp = ax.boxplot(boxes, positions=pos, widths=width * 0.9, patch_artist=True,
-                            manage_ticks=False, medianprops={"color": "black"})
+            bp = ax.boxplot(
+                boxes,
+                positions=pos,
+                widths=width * 0.9,
+                patch_artist=True,
+                manage_ticks=False,
+                medianprops={"color": "black"},
+            )
             for patch in bp["boxes"]:
                 patch.set(facecolor=col[label], alpha=0.6)
         note = f" ({missing} seed(s) without a finite loss)" if missing else ""
@@ -164,13 +181,21 @@ def profile_figure(profile: dict) -> Figure:
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     n = len({r["problem"] for r in profile["rows"]})
-    ax.set(xlabel="τ (steps relative to the fastest optimizer)",
-           ylabel="fraction of workloads within τ", title=f"performance profiles ({n} workload(s))",
-           ylim=(-0.02, 1.02))
+    ax.set(
+        xlabel="τ (steps relative to the fastest optimizer)",
+        ylabel="fraction of workloads within τ",
+        title=f"performance profiles ({n} workload(s))",
+        ylim=(-0.02, 1.02),
+    )
     col = colors(profile["curves"])
     for label, rho in profile["curves"].items():
-        ax.step(profile["taus"], rho, where="post", color=col[label],
-                label=f"{label} (score {profile['scores'][label]:.3f})")
+        ax.step(
+            profile["taus"],
+            rho,
+            where="post",
+            color=col[label],
+            label=f"{label} (score {profile['scores'][label]:.3f})",
+        )
     if profile["curves"]:
         ax.legend(fontsize=8)
     else:

@@ -1,4 +1,5 @@
 """HTML pieces of the report: number formats, tables, figure tags and the page template."""
+
 from __future__ import annotations
 
 import html

@@ -4,6 +4,7 @@ Every series is about each label's best configuration (``StudyData.best``) and i
 its seeds at each step (seeds share their measured steps: the cadence depends on the step only).
 Flagged measured rows (zero update, no probe) and non-finite values are left out of the means.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,12 @@ import numpy as np
 from opt_study.report.data import StudyData
 
 TRAJECTORY_COLUMNS: tuple[str, ...] = (
-    "convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local", "smoothness_descent",
-    "cos_update_prev", "cos_grad_update",
+    "convexity_gap_fwd",
+    "convexity_gap_bwd",
+    "smoothness_local",
+    "smoothness_descent",
+    "cos_update_prev",
+    "cos_grad_update",
 )
 
 
@@ -42,12 +47,15 @@ def trajectories(data: StudyData, columns=TRAJECTORY_COLUMNS) -> dict:
     if not label_of:
         return {}
     means = ", ".join(f"avg({c}) FILTER (isfinite({c})) AS {c}" for c in columns)
-    cases = " ".join(f"WHEN '{t}' THEN '{lab}'" for t, lab in
-                     ((t.replace("'", "''"), lab.replace("'", "''")) for t, lab in label_of.items()))
+    cases = " ".join(
+        f"WHEN '{t}' THEN '{lab}'"
+        for t, lab in ((t.replace("'", "''"), lab.replace("'", "''")) for t, lab in label_of.items())
+    )
     cols = data.db.columns(
         f"SELECT CASE trial_id {cases} END AS label, step, {means} FROM steps "
         f"WHERE measured AND coalesce(flag, '') = '' AND trial_id IN {ids_sql(label_of)} "
-        "GROUP BY ALL ORDER BY label, step")
+        "GROUP BY ALL ORDER BY label, step"
+    )
     return _split(cols, columns)
 
 
@@ -58,7 +66,8 @@ def smoothness_points(data: StudyData) -> dict[str, tuple[np.ndarray, np.ndarray
         cols = data.db.columns(
             "SELECT grad_norm, smoothness_local FROM steps WHERE measured "
             f"AND coalesce(flag, '') = '' AND trial_id IN {ids_sql(ids)} "
-            "AND isfinite(grad_norm) AND isfinite(smoothness_local) ORDER BY trial_id, step")
+            "AND isfinite(grad_norm) AND isfinite(smoothness_local) ORDER BY trial_id, step"
+        )
         out[label] = (cols["grad_norm"], cols["smoothness_local"])
     return out
 
@@ -70,9 +79,11 @@ def loss_curves(data: StudyData) -> dict[str, dict[str, tuple[np.ndarray, np.nda
     for label, ids in data.best.items():
         curves = {}
         for col in ("loss", "eval_loss"):
-            c = data.db.columns(f"SELECT step, avg({col}) AS v FROM steps WHERE "
-                                f"trial_id IN {ids_sql(ids)} AND isfinite({col}) "
-                                "GROUP BY step ORDER BY step")
+            c = data.db.columns(
+                f"SELECT step, avg({col}) AS v FROM steps WHERE "
+                f"trial_id IN {ids_sql(ids)} AND isfinite({col}) "
+                "GROUP BY step ORDER BY step"
+            )
             curves[col] = (c["step"], c["v"])
         out[label] = curves
     return out
@@ -96,14 +107,15 @@ def time_to_target(data: StudyData) -> tuple[float, dict[str, float]]:
         return target, {label: math.inf for label in data.best}
     costs = {}
     for label, ids in data.best.items():
-        rows = data.db.rows(f"SELECT trial_id, min(step) FILTER (eval_loss <= ?) AS first "
-                            f"FROM steps WHERE trial_id IN {ids_sql(ids)} GROUP BY trial_id",
-                            [target])
+        rows = data.db.rows(
+            f"SELECT trial_id, min(step) FILTER (eval_loss <= ?) AS first "
+            f"FROM steps WHERE trial_id IN {ids_sql(ids)} GROUP BY trial_id",
+            [target],
+        )
         firsts = {r["trial_id"]: r["first"] for r in rows}
         reached = [firsts.get(t) for t in ids]
         # A step number counts steps done: the row of step k is written after k + 1 steps.
-        costs[label] = (math.inf if any(v is None for v in reached)
-                        else float(max(reached) + 1))
+        costs[label] = math.inf if any(v is None for v in reached) else float(max(reached) + 1)
     return target, costs
 
 
@@ -114,9 +126,11 @@ def replay_sums(data: StudyData) -> list[dict]:
     if not data.db.has_replay:
         return []
     labels = {tid: t["label"] for tid, t in data.trials.items()}
-    rows = data.db.rows("SELECT trial_id, reference, step, ip_grad_dist, loss_gap FROM replay "
-                        "WHERE isfinite(ip_grad_dist) AND isfinite(loss_gap) "
-                        "ORDER BY reference, step, trial_id")
+    rows = data.db.rows(
+        "SELECT trial_id, reference, step, ip_grad_dist, loss_gap FROM replay "
+        "WHERE isfinite(ip_grad_dist) AND isfinite(loss_gap) "
+        "ORDER BY reference, step, trial_id"
+    )
     acc: dict[tuple, list[float]] = {}
     for r in rows:
         key = (labels.get(r["trial_id"], "?"), str(r["reference"]), int(r["step"]))
@@ -124,5 +138,7 @@ def replay_sums(data: StudyData) -> list[dict]:
         s[0] += r["ip_grad_dist"]
         s[1] += r["loss_gap"]
         s[2] += 1
-    return [{"label": k[0], "reference": k[1], "step": k[2], "num": v[0], "den": v[1], "n": v[2]}
-            for k, v in sorted(acc.items())]
+    return [
+        {"label": k[0], "reference": k[1], "step": k[2], "num": v[0], "den": v[1], "n": v[2]}
+        for k, v in sorted(acc.items())
+    ]

@@ -8,6 +8,7 @@
 Non-finite inputs have one meaning everywhere: "no result" (a diverged or failed trial, a target
 never reached). They are never averaged; the callers count them.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ def _pinball_min_l0(y: np.ndarray, g: np.ndarray, l1: float, q: float) -> tuple[
     return l0, float(np.sum(np.where(r > 0, q * r, (q - 1.0) * r)))
 
 
-def quantile_envelope(grad_norm: Sequence[float], smoothness: Sequence[float],
-                      q: float = 0.95, tol: float = 1e-12) -> dict[str, float]:
+def quantile_envelope(
+    grad_norm: Sequence[float], smoothness: Sequence[float], q: float = 0.95, tol: float = 1e-12
+) -> dict[str, float]:
     """The (L0, L1)-smoothness envelope L_t ≤ L0 + L1‖g_t‖ fitted as a q-quantile regression
     with L0, L1 ≥ 0 (docs/METRICS.md §Aggregates: an upper envelope, not least squares).
 
@@ -114,8 +116,7 @@ def budgets(n: int) -> list[int]:
     return out + [n] if n >= 1 else []
 
 
-def performance_profile(times: Mapping[str, Mapping[str, float]],
-                        taus: Sequence[float]) -> dict[str, np.ndarray]:
+def performance_profile(times: Mapping[str, Mapping[str, float]], taus: Sequence[float]) -> dict[str, np.ndarray]:
     """ρ_o(τ): the share of problems on which optimizer o is within a factor τ of the best.
 
     Dolan & Moré 2002, https://doi.org/10.1007/s101070100263; as used by AlgoPerf, Dahl et
@@ -138,8 +139,7 @@ def performance_profile(times: Mapping[str, Mapping[str, float]],
     out = {}
     for o in names:
         r = np.asarray(ratios[o], dtype=float)
-        out[o] = (np.array([np.mean(r <= t) for t in taus]) if r.size
-                  else np.full(taus.shape, math.nan))
+        out[o] = np.array([np.mean(r <= t) for t in taus]) if r.size else np.full(taus.shape, math.nan)
     return out
 
 

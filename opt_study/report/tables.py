@@ -5,6 +5,7 @@ Keys are stable (documented per function) so that recipes and tests can read the
 always counted (``status_table``) and never silently left out of a denominator: where a table
 cannot use such a trial it says how many it could not use.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,11 @@ from opt_study.report.data import STATUSES, StudyData, hp_text
 ASSUMPTION_STATS: tuple[str, ...] = (
     *(f"frac_convexity_fwd_{k}" for k in CLASSES),
     *(f"frac_convexity_bwd_{k}" for k in CLASSES),
-    "smoothness_ratio", "smoothness_local_median", "smoothness_local_max",
-    "frac_descent_holds", "frac_progress_predicted",
+    "smoothness_ratio",
+    "smoothness_local_median",
+    "smoothness_local_max",
+    "frac_descent_holds",
+    "frac_progress_predicted",
 )
 
 
@@ -48,9 +52,17 @@ def problem_trials(data: StudyData) -> list[dict]:
             continue
         err = (t.get("error") or "").strip().splitlines()
         o = outcomes.get(t["trial_id"], {})
-        out.append({"trial_id": t["trial_id"], "label": t["label"], "status": t["status"],
-                    "steps": int(o.get("n_rows") or 0), "last_step": o.get("last_step"),
-                    "final_loss": o.get("final_loss"), "error": err[-1][:200] if err else ""})
+        out.append(
+            {
+                "trial_id": t["trial_id"],
+                "label": t["label"],
+                "status": t["status"],
+                "steps": int(o.get("n_rows") or 0),
+                "last_step": o.get("last_step"),
+                "final_loss": o.get("final_loss"),
+                "error": err[-1][:200] if err else "",
+            }
+        )
     return out
 
 
@@ -81,13 +93,17 @@ def assumption_table(data: StudyData, select: str = "best", level: float = 0.95)
         counts: dict[str, int] = {}
         for t in ts:
             counts[t["status"]] = counts.get(t["status"], 0) + 1
-        row = {"label": label, "optimizer": ts[0].get("optimizer"),
-               "workload": ts[0].get("workload"),
-               "config": hp_text(ts[0]) if select == "best" else "all",
-               "trials": len(ts), "seeds": len({t.get("seed") for t in ts}),
-               "statuses": ", ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
-               "n_measured": int(sum(t.get("n_measured") or 0 for t in ts)),
-               "n_flagged": int(sum(t.get("n_flagged") or 0 for t in ts))}
+        row = {
+            "label": label,
+            "optimizer": ts[0].get("optimizer"),
+            "workload": ts[0].get("workload"),
+            "config": hp_text(ts[0]) if select == "best" else "all",
+            "trials": len(ts),
+            "seeds": len({t.get("seed") for t in ts}),
+            "statuses": ", ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
+            "n_measured": int(sum(t.get("n_measured") or 0 for t in ts)),
+            "n_flagged": int(sum(t.get("n_flagged") or 0 for t in ts)),
+        }
         for s in ASSUMPTION_STATS:
             mean, half, n = stats.mean_ci([t.get(s, math.nan) for t in ts], level)
             row[s], row[f"{s}_ci"], row[f"{s}_n"] = mean, half, n
@@ -98,8 +114,10 @@ def assumption_table(data: StudyData, select: str = "best", level: float = 0.95)
 def envelope_table(data: StudyData, q: float = 0.95) -> list[dict]:
     """The (L0, L1) envelope per label (best configuration, all its seeds' measured steps):
     ``label, L0, L1, q, n, frac_below`` (``stats.quantile_envelope``)."""
-    return [{"label": label, **stats.quantile_envelope(g, L, q=q)}
-            for label, (g, L) in series.smoothness_points(data).items()]
+    return [
+        {"label": label, **stats.quantile_envelope(g, L, q=q)}
+        for label, (g, L) in series.smoothness_points(data).items()
+    ]
 
 
 def replay_table(data: StudyData) -> list[dict]:
@@ -120,9 +138,19 @@ def replay_table(data: StudyData) -> list[dict]:
         ratio = num / den if den != 0 else math.nan
         predicted = ">= 1" if den > 0 else ("<= 1" if den < 0 else "")
         consistent = (ratio >= 1) if den > 0 else ((ratio <= 1) if den < 0 else None)
-        rows.append({"label": label, "reference": ref, "snapshots": n, "sum_num": num,
-                     "sum_den": den, "excess": num - den, "ratio": ratio,
-                     "predicted": predicted, "consistent": consistent})
+        rows.append(
+            {
+                "label": label,
+                "reference": ref,
+                "snapshots": n,
+                "sum_num": num,
+                "sum_den": den,
+                "excess": num - den,
+                "ratio": ratio,
+                "predicted": predicted,
+                "consistent": consistent,
+            }
+        )
     return rows
 
 
@@ -154,12 +182,18 @@ def crowded_valley_table(data: StudyData) -> list[dict]:
         vals = np.asarray(by_budget[b], dtype=float)
         fin = vals[np.isfinite(vals)]
         ts = data.of_label(label)
-        rows.append({"label": label, "budget": b, "seeds": int(vals.size),
-                     "median": float(np.median(fin)) if fin.size else math.nan,
-                     "min": float(fin.min()) if fin.size else math.nan,
-                     "max": float(fin.max()) if fin.size else math.nan,
-                     "no_result": int(vals.size - fin.size),
-                     "trials_without_loss": sum(1 for t in ts if not _finite(t.get("best_eval_loss")))})
+        rows.append(
+            {
+                "label": label,
+                "budget": b,
+                "seeds": int(vals.size),
+                "median": float(np.median(fin)) if fin.size else math.nan,
+                "min": float(fin.min()) if fin.size else math.nan,
+                "max": float(fin.max()) if fin.size else math.nan,
+                "no_result": int(vals.size - fin.size),
+                "trials_without_loss": sum(1 for t in ts if not _finite(t.get("best_eval_loss"))),
+            }
+        )
     return rows
 
 
@@ -183,8 +217,7 @@ def profile_table(studies: list[StudyData], taus=PROFILE_TAUS) -> dict:
         target, costs = series.time_to_target(d)
         problem = f"{d.name}/{d.workload}"
         times[problem] = costs
-        rows += [{"problem": problem, "label": k, "target": target, "steps": v}
-                 for k, v in sorted(costs.items())]
+        rows += [{"problem": problem, "label": k, "target": target, "steps": v} for k, v in sorted(costs.items())]
     curves = stats.performance_profile(times, taus)
     scores = {k: stats.profile_score(rho, taus) for k, rho in sorted(curves.items())}
     return {"rows": rows, "scores": scores, "taus": np.asarray(taus), "curves": curves}

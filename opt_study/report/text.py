@@ -1,4 +1,5 @@
 """Plain-text tables for terminals and logs (`opt-study query`, the analysis recipes)."""
+
 from __future__ import annotations
 
 import math

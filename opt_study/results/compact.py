@@ -30,6 +30,7 @@ Safe at every instant, for ``read_steps``, the ``steps`` view of ``query`` and
 
 Files are written through ``layout.atomic_write`` and removed through ``layout.remove_tree``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -61,8 +62,7 @@ def compaction_steps(study_dir, trial_id: str) -> Iterator[tuple[str, Path]]:
     for a, (rows, _) in plans.items():
         if rows is not None:
             steps = rows["step"]
-            path = layout.attempt_dir(study_dir, trial_id, a) / layout.chunk_name(
-                steps[0].as_py(), steps[-1].as_py())
+            path = layout.attempt_dir(study_dir, trial_id, a) / layout.chunk_name(steps[0].as_py(), steps[-1].as_py())
             layout.atomic_write(path, _encoder(rows))
             written[a] = path
             yield "write", path

@@ -101,8 +101,7 @@ def is_transient(exc: BaseException) -> bool:
     # Anything unknown is taken as transient: it keeps the queue's order (a later write of the
     # same run never overtakes it), and sync-mlflow shows it; refusing it would let it be
     # retried later, out of order.
-    return not isinstance(exc, (ValueError, TypeError, KeyError, FileNotFoundError,
-                                NotADirectoryError))
+    return not isinstance(exc, (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError))
 
 
 class ParentNotFound(RuntimeError):
@@ -119,9 +118,17 @@ class QueuedSink:
     once, before anything is queued; delivery failures never raise.
     """
 
-    def __init__(self, study_dir, tracking_uri: str, experiment_name: str, *,
-                 study: str | None = None, request_timeout_s: int = 10,
-                 retry_interval_s: float = 30.0, max_curve_points: int = 200):
+    def __init__(
+        self,
+        study_dir,
+        tracking_uri: str,
+        experiment_name: str,
+        *,
+        study: str | None = None,
+        request_timeout_s: int = 10,
+        retry_interval_s: float = 30.0,
+        max_curve_points: int = 200,
+    ):
         self.dir = layout.mlflow_queue_dir(study_dir)
         self.tracking_uri, self.experiment = tracking_uri, experiment_name
         self.request_timeout_s, self.retry_interval_s = request_timeout_s, retry_interval_s
@@ -149,22 +156,32 @@ class QueuedSink:
     def parent_run(self, study: str, params: dict, tags: dict) -> str | None:
         """Queue the study's parent run and deliver; its id, or None if not delivered yet."""
         self.study = layout.check_name(study, "study name")
-        name = self._enqueue("parent_run", study, {"params": flatten_params(params),
-                                                   "tags": _str_dict(tags)})
+        name = self._enqueue("parent_run", study, {"params": flatten_params(params), "tags": _str_dict(tags)})
         return self._results.get(name)
 
-    def log_trial(self, parent_run_id: str | None, trial_id: str, params: dict, tags: dict,
-                  summary: dict[str, float], curves: dict[str, list[tuple[int, float]]],
-                  status: str) -> str | None:
+    def log_trial(
+        self,
+        parent_run_id: str | None,
+        trial_id: str,
+        params: dict,
+        tags: dict,
+        summary: dict[str, float],
+        curves: dict[str, list[tuple[int, float]]],
+        status: str,
+    ) -> str | None:
         """Queue a trial's child-run write and deliver; the child's id, or None if queued.
         ``parent_run_id`` None: the parent is resolved by study name at delivery."""
         check_trial_args(trial_id, status, summary, curves)
         self._need_parent(parent_run_id)
-        args = {"parent_run_id": parent_run_id, "trial_id": trial_id,
-                "params": flatten_params(params), "tags": _str_dict(tags),
-                "summary": {str(k): float(v) for k, v in summary.items()},
-                "curves": {str(k): [[int(s), float(v)] for s, v in pts] for k, pts in curves.items()},
-                "status": status}
+        args = {
+            "parent_run_id": parent_run_id,
+            "trial_id": trial_id,
+            "params": flatten_params(params),
+            "tags": _str_dict(tags),
+            "summary": {str(k): float(v) for k, v in summary.items()},
+            "curves": {str(k): [[int(s), float(v)] for s, v in pts] for k, pts in curves.items()},
+            "status": status,
+        }
         return self._results.get(self._enqueue("log_trial", trial_id, args))
 
     def end_parent(self, parent_run_id: str | None, status: str = "FINISHED") -> None:
@@ -172,8 +189,7 @@ class QueuedSink:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status {status!r} not in ['FAILED', 'FINISHED', 'KILLED']")
         self._need_parent(parent_run_id)
-        self._enqueue("end_parent", self.study or "parent",
-                      {"parent_run_id": parent_run_id, "status": status})
+        self._enqueue("end_parent", self.study or "parent", {"parent_run_id": parent_run_id, "status": status})
 
     def log_artifacts(self, run_id: str | None, folder) -> None:
         """Queue uploading every file under ``folder`` to run ``run_id`` (None: the study's
@@ -196,8 +212,7 @@ class QueuedSink:
         """Deliver queued entries in order until one fails transiently; return how many are
         left (pending + failed). ``force=False`` (the automatic attempt before each write)
         respects ``retry_interval_s`` and skips if another process is delivering."""
-        if not force and self._failed_at is not None \
-                and time.monotonic() - self._failed_at < self.retry_interval_s:
+        if not force and self._failed_at is not None and time.monotonic() - self._failed_at < self.retry_interval_s:
             return len(self.pending()) + len(self.failed())
         with self._lock, self._flock(blocking=force) as held:
             if held:
@@ -214,11 +229,18 @@ class QueuedSink:
         return len(moved)
 
     def _enqueue(self, kind: str, key: str, args: dict) -> str:
-        entry = {"format": ENTRY_FORMAT, "kind": kind, "experiment": self.experiment,
-                 "study": self.study, "created": time.time(), "args": args}
+        entry = {
+            "format": ENTRY_FORMAT,
+            "kind": kind,
+            "experiment": self.experiment,
+            "study": self.study,
+            "created": time.time(),
+            "args": args,
+        }
         with self._lock:
-            seq = max([self._next_seq] + [int(_ENTRY_RE.match(p.name).group(1)) + 1
-                                          for p in self.pending() + self.failed()])
+            seq = max(
+                [self._next_seq] + [int(_ENTRY_RE.match(p.name).group(1)) + 1 for p in self.pending() + self.failed()]
+            )
             self._next_seq = seq + 1
             name = f"{seq:012d}-{kind}-{key}.json"
             # allow_nan: summaries of diverged trials are NaN; Python's json reads them back.
@@ -228,8 +250,9 @@ class QueuedSink:
 
     def _need_parent(self, parent_run_id: str | None) -> None:
         if parent_run_id is None and self.study is None:
-            raise ValueError("no run id and no study (give study= or call parent_run first): "
-                             "the parent run cannot be resolved")
+            raise ValueError(
+                "no run id and no study (give study= or call parent_run first): the parent run cannot be resolved"
+            )
 
     @contextmanager
     def _flock(self, blocking: bool):
@@ -275,14 +298,12 @@ class QueuedSink:
         layout.atomic_write_bytes(failed / (path.name + ".error.txt"), msg.encode())
         _move(path, failed / path.name)
         layout.fsync_dir(self.dir)
-        warnings.warn(f"MLflow refused queued write {path.name} (kept in {failed}): {msg}",
-                      stacklevel=4)
+        warnings.warn(f"MLflow refused queued write {path.name} (kept in {failed}): {msg}", stacklevel=4)
 
     # ----------------------------------------------------------------------------- delivery
     def _sink(self, experiment: str) -> MlflowSink:
         if experiment not in self._sinks:  # creating one contacts the server: only when delivering
-            self._sinks[experiment] = MlflowSink(self.tracking_uri, experiment,
-                                                 max_curve_points=self.max_curve_points)
+            self._sinks[experiment] = MlflowSink(self.tracking_uri, experiment, max_curve_points=self.max_curve_points)
         return self._sinks[experiment]
 
     def _deliver(self, entry: dict) -> str | None:
@@ -300,16 +321,18 @@ class QueuedSink:
             sink.end_parent(parent, status=args["status"])
             return parent
         curves = {k: [(s, v) for s, v in pts] for k, pts in args["curves"].items()}
-        return sink.log_trial(parent, args["trial_id"], args["params"], args["tags"],
-                              args["summary"], curves, args["status"])
+        return sink.log_trial(
+            parent, args["trial_id"], args["params"], args["tags"], args["summary"], curves, args["status"]
+        )
 
     def _resolve_parent(self, sink: MlflowSink, entry: dict) -> str:
         key = (entry["experiment"], entry["study"])
         if key not in self._parents:
             found = sink.find_parent_run(entry["study"]) if entry["study"] else None
             if found is None:
-                raise ParentNotFound(f"no parent run for study {entry['study']!r} in "
-                                     f"experiment {entry['experiment']!r}")
+                raise ParentNotFound(
+                    f"no parent run for study {entry['study']!r} in experiment {entry['experiment']!r}"
+                )
             self._parents[key] = found
         return self._parents[key]
 

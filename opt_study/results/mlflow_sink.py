@@ -72,7 +72,7 @@ def _same(a: float, b: float) -> bool:
 
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def check_trial_args(trial_id: str, status: str, summary: dict, curves: dict) -> None:
@@ -121,13 +121,14 @@ class MlflowSink:
         server decides for itself (None)."""
         uri = self.client.tracking_uri
         if uri.startswith("sqlite:///"):
-            return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
         return None
 
     def _find(self, experiment_id: str, filter_string: str):
         # Oldest first: if two processes raced to create the same run, all agree on one.
-        runs = self.client.search_runs([experiment_id], filter_string=filter_string,
-                                       order_by=["attributes.start_time ASC"], max_results=1)
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"], max_results=1
+        )
         return runs[0] if runs else None
 
     def parent_run(self, study: str, params: dict, tags: dict) -> str:
@@ -135,11 +136,9 @@ class MlflowSink:
         sets ``tags`` (ours, ``opt_study.study`` and ``opt_study.role``, take precedence)."""
         layout.check_name(study, "study name")
         ours = {TAG_STUDY: study, TAG_ROLE: "parent"}
-        run = self._find(self.experiment_id,
-                         f"tags.`{TAG_STUDY}` = '{study}' AND tags.`{TAG_ROLE}` = 'parent'")
+        run = self._find(self.experiment_id, f"tags.`{TAG_STUDY}` = '{study}' AND tags.`{TAG_ROLE}` = 'parent'")
         if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=study,
-                                         tags={**_str_tags(tags), **ours})
+            run = self.client.create_run(self.experiment_id, run_name=study, tags={**_str_tags(tags), **ours})
         self._log_params(run, params)
         self._set_tags(run.info.run_id, {**tags, **ours})
         return run.info.run_id
@@ -148,17 +147,23 @@ class MlflowSink:
         """The id of the study's parent run if it exists (the oldest one), else None.
         Creates nothing: a delivery that only knows the study name resolves its parent here."""
         layout.check_name(study, "study name")
-        run = self._find(self.experiment_id,
-                         f"tags.`{TAG_STUDY}` = '{study}' AND tags.`{TAG_ROLE}` = 'parent'")
+        run = self._find(self.experiment_id, f"tags.`{TAG_STUDY}` = '{study}' AND tags.`{TAG_ROLE}` = 'parent'")
         return None if run is None else run.info.run_id
 
     def end_parent(self, parent_run_id: str, status: str = "FINISHED") -> None:
         """Mark the parent run terminated (``FINISHED``, ``FAILED`` or ``KILLED``)."""
         self.client.set_terminated(parent_run_id, status=status)
 
-    def log_trial(self, parent_run_id: str, trial_id: str, params: dict, tags: dict,
-                  summary: dict[str, float], curves: dict[str, list[tuple[int, float]]],
-                  status: str) -> str:
+    def log_trial(
+        self,
+        parent_run_id: str,
+        trial_id: str,
+        params: dict,
+        tags: dict,
+        summary: dict[str, float],
+        curves: dict[str, list[tuple[int, float]]],
+        status: str,
+    ) -> str:
         """Create or reuse the trial's child run and log what it lacks; return its id.
 
         ``curves`` map a metric name to ``(step, value)`` points in step order; each is
@@ -170,11 +175,11 @@ class MlflowSink:
         check_trial_args(trial_id, status, summary, curves)
         experiment_id = self.client.get_run(parent_run_id).info.experiment_id
         ours = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_STATUS: status}
-        run = self._find(experiment_id, f"tags.`{TAG_PARENT}` = '{parent_run_id}' "
-                                        f"AND tags.`{TAG_TRIAL}` = '{trial_id}'")
+        run = self._find(
+            experiment_id, f"tags.`{TAG_PARENT}` = '{parent_run_id}' AND tags.`{TAG_TRIAL}` = '{trial_id}'"
+        )
         if run is None:
-            run = self.client.create_run(experiment_id, run_name=trial_id,
-                                         tags={**_str_tags(tags), **ours})
+            run = self.client.create_run(experiment_id, run_name=trial_id, tags={**_str_tags(tags), **ours})
         run_id = run.info.run_id
         self._log_params(run, params)
         self._set_tags(run_id, {**tags, **ours})
@@ -208,8 +213,10 @@ class MlflowSink:
         have = run.data.params
         conflicts = sorted(k for k, v in flat.items() if k in have and have[k] != v)
         if conflicts:
-            raise ValueError(f"run {run.info.run_id} already has different values for params "
-                             f"{conflicts} (MLflow params are immutable)")
+            raise ValueError(
+                f"run {run.info.run_id} already has different values for params "
+                f"{conflicts} (MLflow params are immutable)"
+            )
         new = [Param(k, v) for k, v in flat.items() if k not in have]
         for batch in _chunks(new, _MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run.info.run_id, params=batch)

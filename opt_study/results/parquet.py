@@ -63,8 +63,7 @@ class StepWriter:
     ``next_attempt``) and commits ``_START``.
     """
 
-    def __init__(self, study_dir, trial_id: str, attempt: int, start_step: int,
-                 rows_per_chunk: int = 1000):
+    def __init__(self, study_dir, trial_id: str, attempt: int, start_step: int, rows_per_chunk: int = 1000):
         start_step = operator.index(start_step)
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
@@ -98,8 +97,9 @@ class StepWriter:
                 raise TypeError(f"column 'step' takes an integer, got {step!r}") from None
         floor = self.start_step if self._last_step is None else self._last_step + 1
         if step < floor:
-            raise ValueError(f"step {step} out of order: expected >= {floor} "
-                             "(steps are strictly increasing from start_step)")
+            raise ValueError(
+                f"step {step} out of order: expected >= {floor} (steps are strictly increasing from start_step)"
+            )
         if row.get("trial_id", self.trial_id) != self.trial_id:
             raise ValueError(f"row trial_id {row['trial_id']!r} != writer's {self.trial_id!r}")
         if row.get("attempt", self.attempt) != self.attempt:
@@ -153,8 +153,11 @@ def _commit(table: pa.Table, path: Path) -> None:
 # pages only for the string columns (on float columns they cost time and rarely pay); min/max
 # statistics only for the identity columns (what queries filter on; the compacted file has all).
 STRING_COLUMNS = [f.name for f in STEP_SCHEMA if pa.types.is_string(f.type)]
-CHUNK_WRITE_OPTIONS = {"compression": "snappy", "use_dictionary": STRING_COLUMNS,
-                       "write_statistics": ["trial_id", "attempt", "step", "time_unix", "measured"]}
+CHUNK_WRITE_OPTIONS = {
+    "compression": "snappy",
+    "use_dictionary": STRING_COLUMNS,
+    "write_statistics": ["trial_id", "attempt", "step", "time_unix", "measured"],
+}
 
 
 # ---------------------------------------------------------------------------------- reading

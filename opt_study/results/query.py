@@ -23,6 +23,7 @@ views are registered (read-only; nothing in the study folder is written):
 and ``best_per_optimizer`` select trials through ``mlflow.search_runs`` on the study's
 experiment ``opt_study/<study>`` (the index: params, tags and summary metrics of each trial).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -140,18 +141,23 @@ class StudyDB:
         self._define_steps(union_by_name=False)
         hp = [n for n in self.trials.column_names if n.startswith("hp.")]
         keep = ", ".join(f"t.{_ident(n)}" for n in (*_TRIAL_KEYS, *hp) if n in self.trials.column_names)
-        con.execute(f"CREATE VIEW steps_hp AS SELECT s.*, {keep} FROM steps s "
-                    "LEFT JOIN trials t ON s.trial_id = t.trial_id")
+        con.execute(
+            f"CREATE VIEW steps_hp AS SELECT s.*, {keep} FROM steps s LEFT JOIN trials t ON s.trial_id = t.trial_id"
+        )
         sums = ", ".join(f"g.{_ident(c)}" for c in GROUP_SUM_COLUMNS)
-        con.execute("CREATE VIEW groups AS SELECT trial_id, step, g.name AS group_name, "
-                    f"{sums} FROM (SELECT trial_id, step, UNNEST(groups) AS g FROM steps "
-                    "WHERE groups IS NOT NULL)")
+        con.execute(
+            "CREATE VIEW groups AS SELECT trial_id, step, g.name AS group_name, "
+            f"{sums} FROM (SELECT trial_id, step, UNNEST(groups) AS g FROM steps "
+            "WHERE groups IS NOT NULL)"
+        )
         replay = layout.replay_dir(self.study_dir)
         self.has_replay = replay.is_dir() and any(replay.rglob("*.parquet"))
         if self.has_replay:
             glob = _sql_str(str(replay / "**" / "*.parquet"))
-            con.execute(f"CREATE VIEW replay AS SELECT * FROM read_parquet({glob}, "
-                        "hive_partitioning = false, union_by_name = true)")
+            con.execute(
+                f"CREATE VIEW replay AS SELECT * FROM read_parquet({glob}, "
+                "hive_partitioning = false, union_by_name = true)"
+            )
 
     def _define_steps(self, union_by_name: bool) -> None:
         """(Re)define ``steps``: ``scan.select_sql`` over the live chunks; where they lack
@@ -169,23 +175,23 @@ class StudyDB:
             con.execute("CREATE OR REPLACE VIEW steps AS SELECT * FROM _no_steps")
             return
         try:  # binding the view reads the first file's footer
-            con.execute("CREATE OR REPLACE VIEW _steps_scan AS "
-                        f"{scan.select_sql(self._chunks, union_by_name)}")
+            con.execute(f"CREATE OR REPLACE VIEW _steps_scan AS {scan.select_sql(self._chunks, union_by_name)}")
             have = [d[0] for d in con.execute("DESCRIBE _steps_scan").fetchall()]
         except duckdb.Error as e:
             if self._skip_bad_chunk(e):
                 return self._define_steps(union_by_name)
             raise
         # Schema order first, then any column newer than this code's schema.
-        cols = ", ".join(_ident(n) for n in (*STEP_SCHEMA.names,
-                                             *(n for n in have if n not in STEP_SCHEMA.names)))
+        cols = ", ".join(_ident(n) for n in (*STEP_SCHEMA.names, *(n for n in have if n not in STEP_SCHEMA.names)))
         if set(STEP_SCHEMA.names) <= set(have):
             con.execute(f"CREATE OR REPLACE VIEW steps AS SELECT {cols} FROM _steps_scan")
         elif not union_by_name:
             self._define_steps(union_by_name=True)
         else:
-            con.execute(f"CREATE OR REPLACE VIEW steps AS SELECT {cols} FROM (SELECT * FROM _steps_scan "
-                        "UNION ALL BY NAME SELECT * FROM _no_steps)")
+            con.execute(
+                f"CREATE OR REPLACE VIEW steps AS SELECT {cols} FROM (SELECT * FROM _steps_scan "
+                "UNION ALL BY NAME SELECT * FROM _no_steps)"
+            )
 
     def _widen(self) -> bool:
         """Rebuild ``steps`` with union_by_name (files of different schemas); False if it
@@ -314,16 +320,17 @@ def experiment_name(study: str) -> str:
 def parent_run_id(tracking_uri: str, study: str) -> str | None:
     """The id of the study's parent run (tag ``opt_study.role=parent``), None if absent."""
     with _tracking(tracking_uri) as mlflow:
-        runs = mlflow.search_runs(experiment_names=[experiment_name(study)],
-                                  filter_string=f"tags.`opt_study.study` = {_sql_str(study)} "
-                                                "AND tags.`opt_study.role` = 'parent'",
-                                  order_by=["attributes.start_time ASC"], max_results=1,
-                                  output_format="list")
+        runs = mlflow.search_runs(
+            experiment_names=[experiment_name(study)],
+            filter_string=f"tags.`opt_study.study` = {_sql_str(study)} AND tags.`opt_study.role` = 'parent'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+            output_format="list",
+        )
     return runs[0].info.run_id if runs else None
 
 
-def find_trials(tracking_uri: str, study: str, optimizer: str | None = None,
-                filter_string: str | None = None):
+def find_trials(tracking_uri: str, study: str, optimizer: str | None = None, filter_string: str | None = None):
     """The trial (child) runs of ``study`` as the pandas DataFrame of ``mlflow.search_runs``
     (columns ``run_id``, ``params.*``, ``metrics.*``, ``tags.*``), optionally only those of
     ``optimizer`` (tag ``opt_study.optimizer``) and matching an MLflow ``filter_string``
@@ -335,8 +342,9 @@ def find_trials(tracking_uri: str, study: str, optimizer: str | None = None,
     if filter_string:
         clauses.append(f"{filter_string}")
     with _tracking(tracking_uri) as mlflow:
-        return mlflow.search_runs(experiment_names=[experiment_name(study)],
-                                  filter_string=" AND ".join(clauses), max_results=100_000)
+        return mlflow.search_runs(
+            experiment_names=[experiment_name(study)], filter_string=" AND ".join(clauses), max_results=100_000
+        )
 
 
 def best_per_optimizer(tracking_uri: str, study: str, metric: str = "best_eval_loss"):

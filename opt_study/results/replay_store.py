@@ -19,6 +19,7 @@ One row per snapshot x_e of the trial (opt_study.trial.snapshots), against the r
 ``trial_id`` and ``reference`` are stored in the file (``opt_study.results.query`` reads the
 dataset with hive_partitioning off). Written to a hidden temporary file, fsynced and renamed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,26 +29,28 @@ import pyarrow.parquet as pq
 
 from opt_study.storage import layout
 
-REPLAY_SCHEMA = pa.schema([
-    pa.field("trial_id", pa.string(), nullable=False),
-    pa.field("step", pa.int64(), nullable=False),
-    pa.field("reference", pa.string(), nullable=False),
-    pa.field("ref_step", pa.int64(), nullable=False),
-    pa.field("loss_x", pa.float64()),
-    pa.field("loss_y", pa.float64()),
-    pa.field("ip_grad_dist", pa.float64()),
-    pa.field("loss_gap", pa.float64()),
-    pa.field("sq_dist", pa.float64()),
-    pa.field("sq_grad", pa.float64()),
-    pa.field("hessian_top", pa.list_(pa.float64())),
-    pa.field("lanczos_steps", pa.int32()),
-    pa.field("hutchinson_trace", pa.float64()),
-    pa.field("hutchinson_stderr", pa.float64()),
-    pa.field("hutchinson_samples", pa.int32()),
-    pa.field("world", pa.int32()),
-    pa.field("zero_stage", pa.int32()),
-    pa.field("time_unix", pa.float64()),
-])
+REPLAY_SCHEMA = pa.schema(
+    [
+        pa.field("trial_id", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("reference", pa.string(), nullable=False),
+        pa.field("ref_step", pa.int64(), nullable=False),
+        pa.field("loss_x", pa.float64()),
+        pa.field("loss_y", pa.float64()),
+        pa.field("ip_grad_dist", pa.float64()),
+        pa.field("loss_gap", pa.float64()),
+        pa.field("sq_dist", pa.float64()),
+        pa.field("sq_grad", pa.float64()),
+        pa.field("hessian_top", pa.list_(pa.float64())),
+        pa.field("lanczos_steps", pa.int32()),
+        pa.field("hutchinson_trace", pa.float64()),
+        pa.field("hutchinson_stderr", pa.float64()),
+        pa.field("hutchinson_samples", pa.int32()),
+        pa.field("world", pa.int32()),
+        pa.field("zero_stage", pa.int32()),
+        pa.field("time_unix", pa.float64()),
+    ]
+)
 COLUMNS: tuple[str, ...] = tuple(REPLAY_SCHEMA.names)
 
 
@@ -61,10 +64,8 @@ def write_replay(study_dir, trial_id: str, reference: str, rows: list[dict]) -> 
         if unknown:
             raise ValueError(f"unknown replay columns {sorted(unknown)}")
         if r.get("trial_id", trial_id) != trial_id or r.get("reference", reference) != reference:
-            raise ValueError(f"row of {r.get('trial_id')}/{r.get('reference')} in the file of "
-                             f"{trial_id}/{reference}")
-    full = [{**{c: None for c in COLUMNS}, **r, "trial_id": trial_id, "reference": reference}
-            for r in rows]
+            raise ValueError(f"row of {r.get('trial_id')}/{r.get('reference')} in the file of {trial_id}/{reference}")
+    full = [{**{c: None for c in COLUMNS}, **r, "trial_id": trial_id, "reference": reference} for r in rows]
     table = pa.Table.from_pylist(full, schema=REPLAY_SCHEMA)
     layout.atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
     return path
@@ -74,11 +75,13 @@ def read_replay(study_dir, trial_id: str | None = None, reference: str | None = 
     """The replay rows of a study (optionally one trial and/or one reference), sorted by
     (trial_id, reference, step); an empty table with REPLAY_SCHEMA if there are none."""
     root = layout.replay_dir(Path(study_dir))
-    tdirs = [layout.replay_trial_dir(Path(study_dir), trial_id)] if trial_id else (
-        sorted(root.glob("trial_id=*")) if root.is_dir() else [])
+    tdirs = (
+        [layout.replay_trial_dir(Path(study_dir), trial_id)]
+        if trial_id
+        else (sorted(root.glob("trial_id=*")) if root.is_dir() else [])
+    )
     pattern = f"reference={layout.check_reference(reference)}.parquet" if reference else "reference=*.parquet"
-    files = [f for d in tdirs if d.is_dir() for f in sorted(d.glob(pattern))
-             if not f.name.startswith((".", "_"))]
+    files = [f for d in tdirs if d.is_dir() for f in sorted(d.glob(pattern)) if not f.name.startswith((".", "_"))]
     if not files:
         return REPLAY_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(f, schema=REPLAY_SCHEMA) for f in files])

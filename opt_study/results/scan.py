@@ -20,6 +20,7 @@ needed). ``list_trial`` reads one trial's directory; ``resolve`` (pure) turns th
 each attempt's chunks and cutoff; ``select_sql`` (pure) writes the DuckDB query that reads
 exactly the live chunks, each within its bounds.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ class Chunk:
     """A committed chunk of attempt ``attempt`` of ``trial_id`` holding steps ``first..last``
     (by its name). Its rows at step ``cutoff`` and later are replaced by a later attempt
     (None: none are)."""
+
     path: Path
     trial_id: str
     attempt: int
@@ -60,7 +62,7 @@ class Chunk:
 class Attempt:
     number: int
     start_step: int | None  # None: neither a _START nor a committed chunk
-    cutoff: int | None      # the first step a later attempt replaces; None: none
+    cutoff: int | None  # the first step a later attempt replaces; None: none
     chunks: tuple[Chunk, ...]  # every committed chunk, sorted by name
 
     @property
@@ -95,8 +97,11 @@ def list_trial(tdir: Path) -> Listing:
         a = layout.parse_attempt_dir(adir.name)
         if a is None or not adir.is_dir():
             continue
-        chunks = [(*parsed, f) for f in adir.iterdir()
-                  if (parsed := layout.parse_chunk_name(f.name)) is not None and f.is_file()]
+        chunks = [
+            (*parsed, f)
+            for f in adir.iterdir()
+            if (parsed := layout.parse_chunk_name(f.name)) is not None and f.is_file()
+        ]
         listing[a] = (_read_start(adir), chunks)
     return listing
 
@@ -122,8 +127,7 @@ def scan_study(study_dir, trial_ids: Iterable[str] | None = None) -> list[Trial]
     root = layout.steps_dir(Path(study_dir))
     if not root.is_dir():
         return []
-    found = {t: d for d in root.iterdir() if (t := layout.parse_trial_dir(d.name)) is not None
-             and d.is_dir()}
+    found = {t: d for d in root.iterdir() if (t := layout.parse_trial_dir(d.name)) is not None and d.is_dir()}
     return [resolve(t, list_trial(found[t])) for t in sorted(found)]
 
 
@@ -135,14 +139,15 @@ def resolve(trial_id: str, listing: Listing) -> Trial:
     its first committed step), its cutoff (the lowest start of a later attempt) and its chunks
     sorted by name. Pure: no I/O."""
     sorted_chunks = {a: sorted(chunks) for a, (_, chunks) in listing.items()}
-    starts = {a: start if start is not None else (sorted_chunks[a][0][0] if sorted_chunks[a] else None)
-              for a, (start, _) in listing.items()}
+    starts = {
+        a: start if start is not None else (sorted_chunks[a][0][0] if sorted_chunks[a] else None)
+        for a, (start, _) in listing.items()
+    }
     attempts = []
     for a in sorted(listing):
         later = [s for b, s in starts.items() if b > a and s is not None]
         cutoff = min(later) if later else None
-        chunks = tuple(Chunk(path, trial_id, a, first, last, cutoff)
-                       for first, last, path in sorted_chunks[a])
+        chunks = tuple(Chunk(path, trial_id, a, first, last, cutoff) for first, last, path in sorted_chunks[a])
         attempts.append(Attempt(a, starts[a], cutoff, chunks))
     return Trial(trial_id, tuple(attempts))
 
@@ -150,8 +155,10 @@ def resolve(trial_id: str, listing: Listing) -> Trial:
 def overlapping(chunks: Iterable[Chunk]) -> bool:
     """Rule 3 has work to do: two of these chunks of one attempt share a step (by name)."""
     ordered = sorted(chunks, key=lambda c: (c.trial_id, c.attempt, c.first, c.last))
-    return any((cur.trial_id, cur.attempt) == (nxt.trial_id, nxt.attempt) and nxt.first <= cur.last
-               for cur, nxt in zip(ordered, ordered[1:]))
+    return any(
+        (cur.trial_id, cur.attempt) == (nxt.trial_id, nxt.attempt) and nxt.first <= cur.last
+        for cur, nxt in zip(ordered, ordered[1:])
+    )
 
 
 def select_sql(chunks: Sequence[Chunk], union_by_name: bool = True) -> str:
@@ -169,16 +176,19 @@ def select_sql(chunks: Sequence[Chunk], union_by_name: bool = True) -> str:
     if not chunks:
         raise ValueError("no step chunk to read")
     files = "[" + ", ".join(_sql_str(str(c.path)) for c in chunks) + "]"
-    sql = (f"SELECT * EXCLUDE (filename) FROM read_parquet({files}, hive_partitioning = false, "
-           f"union_by_name = {str(union_by_name).lower()}, filename = true) r")
+    sql = (
+        f"SELECT * EXCLUDE (filename) FROM read_parquet({files}, hive_partitioning = false, "
+        f"union_by_name = {str(union_by_name).lower()}, filename = true) r"
+    )
     cut = [c for c in chunks if c.cut]
     if cut:
         bounds = ", ".join(f"({_sql_str(str(c.path))}, {int(c.cutoff)})" for c in cut)
-        sql += (f" WHERE NOT EXISTS (SELECT 1 FROM (VALUES {bounds}) AS b(filename, cutoff) "
-                "WHERE b.filename = r.filename AND r.step >= b.cutoff)")
+        sql += (
+            f" WHERE NOT EXISTS (SELECT 1 FROM (VALUES {bounds}) AS b(filename, cutoff) "
+            "WHERE b.filename = r.filename AND r.step >= b.cutoff)"
+        )
     if overlapping(chunks):
-        sql += (" QUALIFY row_number() OVER (PARTITION BY r.trial_id, r.step "
-                "ORDER BY r.filename DESC) = 1")
+        sql += " QUALIFY row_number() OVER (PARTITION BY r.trial_id, r.step ORDER BY r.filename DESC) = 1"
     return sql
 
 

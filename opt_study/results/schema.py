@@ -47,8 +47,13 @@ IDENTITY_COLUMNS: tuple[str, ...] = ("trial_id", "attempt", "step", "time_unix",
 # The measurement's columns come from opt_study.measure.names (a new metric there becomes a
 # column here; tests/unit/test_names.py checks both sides).
 TRAINING_COLUMNS: tuple[str, ...] = (
-    "loss", "lr", *names.NORM_NAMES, "engine_grad_norm",
-    "step_time_s", "units_per_s", "eval_loss",
+    "loss",
+    "lr",
+    *names.NORM_NAMES,
+    "engine_grad_norm",
+    "step_time_s",
+    "units_per_s",
+    "eval_loss",
 )
 
 RAW_SUM_COLUMNS: tuple[str, ...] = names.RAW_NAMES
@@ -57,8 +62,9 @@ RAW_SUM_COLUMNS: tuple[str, ...] = names.RAW_NAMES
 # one list<struct> cell per row, e.g. [{name: "blocks.0", sq_grad: ..., ...}, ...]; DuckDB reads
 # it with UNNEST(groups). Totals over groups are the top-level columns.
 GROUP_SUM_COLUMNS: tuple[str, ...] = names.GROUP_SUM_NAMES
-GROUPS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string())]
-                                 + [pa.field(c, pa.float64()) for c in GROUP_SUM_COLUMNS]))
+GROUPS_TYPE = pa.list_(
+    pa.struct([pa.field("name", pa.string())] + [pa.field(c, pa.float64()) for c in GROUP_SUM_COLUMNS])
+)
 
 DERIVED_COLUMNS: tuple[str, ...] = names.ROW_DERIVED_NAMES
 

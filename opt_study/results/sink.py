@@ -9,6 +9,7 @@ A run id may be None where a sink has not created the run yet (a ``QueuedSink`` 
 is unreachable, or ``NullSink``): the same sink resolves it later, so a caller passes back
 whatever ``parent_run`` returned.
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
@@ -19,9 +20,16 @@ class Sink(Protocol):
     def parent_run(self, study: str, params: dict, tags: dict) -> str | None:
         """The study's parent run, created on first use, with missing params and ``tags``."""
 
-    def log_trial(self, parent_run_id: str | None, trial_id: str, params: dict, tags: dict,
-                  summary: dict[str, float], curves: dict[str, list[tuple[int, float]]],
-                  status: str) -> str | None:
+    def log_trial(
+        self,
+        parent_run_id: str | None,
+        trial_id: str,
+        params: dict,
+        tags: dict,
+        summary: dict[str, float],
+        curves: dict[str, list[tuple[int, float]]],
+        status: str,
+    ) -> str | None:
         """The trial's child run under the parent, with what it lacks (idempotent)."""
 
     def end_parent(self, parent_run_id: str | None, status: str = "FINISHED") -> None:
@@ -40,9 +48,16 @@ class NullSink:
     def parent_run(self, study: str, params: dict, tags: dict) -> str | None:
         return None
 
-    def log_trial(self, parent_run_id: str | None, trial_id: str, params: dict, tags: dict,
-                  summary: dict[str, float], curves: dict[str, list[tuple[int, float]]],
-                  status: str) -> str | None:
+    def log_trial(
+        self,
+        parent_run_id: str | None,
+        trial_id: str,
+        params: dict,
+        tags: dict,
+        summary: dict[str, float],
+        curves: dict[str, list[tuple[int, float]]],
+        status: str,
+    ) -> str | None:
         return None
 
     def end_parent(self, parent_run_id: str | None, status: str = "FINISHED") -> None:

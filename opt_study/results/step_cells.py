@@ -9,6 +9,7 @@ column with ``convert``, the reference of what each column takes: it either conv
 (pyarrow refuses some numbers ``float()`` takes, e.g. a Decimal or an int above 2**53) or
 raises TypeError / ValueError naming the column, and ``rows_table`` adds the step of the row.
 """
+
 from __future__ import annotations
 
 import operator
@@ -46,11 +47,12 @@ def convert(name: str, value):
         return None
     if name == "groups":  # {group name: {sum name: value}} -> list of structs
         try:
-            return [{"name": str(g), **{c: None if v.get(c) is None else float(v[c])
-                                        for c in GROUP_SUM_COLUMNS}} for g, v in value.items()]
+            return [
+                {"name": str(g), **{c: None if v.get(c) is None else float(v[c]) for c in GROUP_SUM_COLUMNS}}
+                for g, v in value.items()
+            ]
         except (AttributeError, TypeError, ValueError) as e:
-            raise TypeError("column 'groups' takes {group: {sum name: number}}, "
-                            f"got {value!r} ({e})") from None
+            raise TypeError(f"column 'groups' takes {{group: {{sum name: number}}}}, got {value!r} ({e})") from None
     if name in FLOAT_COLUMNS:
         if not isinstance(value, (str, bytes)):
             try:
@@ -109,8 +111,7 @@ def rows_table(rows: list[dict], trial_id: str, attempt: int) -> pa.Table:
             _convert_at(rows, i, name, rows[i][name])  # raises, naming the column and the step
     groups = [r.get("groups") for r in rows]
     if any(g is not None for g in groups):
-        cols["groups"] = pa.array([_convert_at(rows, i, "groups", g) for i, g in enumerate(groups)],
-                                  type=GROUPS_TYPE)
+        cols["groups"] = pa.array([_convert_at(rows, i, "groups", g) for i, g in enumerate(groups)], type=GROUPS_TYPE)
     else:
         cols["groups"] = pa.nulls(n, GROUPS_TYPE)
     return pa.Table.from_arrays([cols[name] for name in STEP_SCHEMA.names], schema=STEP_SCHEMA)
@@ -122,8 +123,7 @@ def _column(rows: list[dict], field: pa.Field) -> pa.Array:
     try:
         return pa.array(values, type=field.type)
     except _ARROW_ERRORS:
-        return pa.array([_convert_at(rows, i, field.name, v) for i, v in enumerate(values)],
-                        type=field.type)
+        return pa.array([_convert_at(rows, i, field.name, v) for i, v in enumerate(values)], type=field.type)
 
 
 def _convert_at(rows: list[dict], i: int, name: str, value):

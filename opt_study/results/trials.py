@@ -35,9 +35,15 @@ DONE_STATUSES = frozenset({"completed", "stopped", "diverged"})
 # Top-level fields with a fixed column type, so that the table's schema does not depend on
 # which values happen to be present (an all-null column would otherwise be typed null).
 _FIXED = {
-    "trial_id": pa.string(), "study": pa.string(), "optimizer": pa.string(),
-    "workload": pa.string(), "seed": pa.int64(), "status": pa.string(),
-    "attempt": pa.int64(), "started": pa.float64(), "ended": pa.float64(),
+    "trial_id": pa.string(),
+    "study": pa.string(),
+    "optimizer": pa.string(),
+    "workload": pa.string(),
+    "seed": pa.int64(),
+    "status": pa.string(),
+    "attempt": pa.int64(),
+    "started": pa.float64(),
+    "ended": pa.float64(),
     "error": pa.string(),
 }
 # Dict-valued fields and the prefix of their flattened columns.
@@ -63,8 +69,7 @@ def write_trial_record(study_dir, record: dict) -> None:
     if record["status"] not in TRIAL_STATUSES:
         raise ValueError(f"status {record['status']!r} not in {sorted(TRIAL_STATUSES)}")
     data = json.dumps(record, sort_keys=True, indent=1, default=_json_default)
-    layout.atomic_write_bytes(layout.trial_record_path(Path(study_dir), trial_id),
-                              data.encode())
+    layout.atomic_write_bytes(layout.trial_record_path(Path(study_dir), trial_id), data.encode())
 
 
 def read_trial_records(study_dir) -> list[dict]:
@@ -124,8 +129,9 @@ def _column(name: str, values: list) -> pa.Array:
             return arr
     except (pa.ArrowException, TypeError, ValueError):
         pass
-    return pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v))
-                     for v in values], type=pa.string())
+    return pa.array(
+        [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values], type=pa.string()
+    )
 
 
 def _column_order(names: set[str]) -> list[str]:

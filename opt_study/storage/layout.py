@@ -113,7 +113,7 @@ def parse_trial_dir(name: str) -> str | None:
     an id that is not a safe name (such a directory is not data)."""
     if not name.startswith(_TRIAL_PREFIX):
         return None
-    trial_id = name[len(_TRIAL_PREFIX):]
+    trial_id = name[len(_TRIAL_PREFIX) :]
     return trial_id if is_safe_name(trial_id) else None
 
 
@@ -269,10 +269,9 @@ def replay_path(study: Path, trial_id: str, reference: str) -> Path:
 
 
 def check_reference(reference: str) -> str:
-    """"final", "init" or a non-negative step number, as a string (a replay reference, which
+    """ "final", "init" or a non-negative step number, as a string (a replay reference, which
     becomes part of a file name)."""
-    if reference in ("final", "init") or (isinstance(reference, str) and reference.isdigit()
-                                          and reference.isascii()):
+    if reference in ("final", "init") or (isinstance(reference, str) and reference.isdigit() and reference.isascii()):
         return reference
     raise ValueError(f"reference must be final, init or a snapshot step, got {reference!r}")
 

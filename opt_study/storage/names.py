@@ -4,6 +4,7 @@ A hostile study file must not escape the storage root or collide with the Hive p
 syntax (``trial_id=...``), so a name is 1-128 characters from ``[A-Za-z0-9_.-]``, starts with a
 letter or digit and holds no ``..``. ``fullmatch``: ``$`` would accept a trailing newline.
 """
+
 from __future__ import annotations
 
 import re

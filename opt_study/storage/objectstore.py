@@ -20,6 +20,7 @@ without extra wiring. Credentials come from the environment (``AWS_ACCESS_KEY_ID
 from the study file; an endpoint goes in the URI's query, e.g.
 ``s3://bucket/studies?endpoint_override=10.0.0.5:9000&scheme=http`` (pyarrow's URI options).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,14 +52,17 @@ def check_uri(storage: str) -> str | None:
     """None if ``storage`` is a usable object-store root, else what is wrong with it."""
     parts = urlsplit(storage)
     if parts.scheme not in SCHEMES:
-        return f"scheme {parts.scheme!r} is not supported; use a path or one of " + \
-            ", ".join(f"{s}://bucket/prefix" for s in SCHEMES)
+        return f"scheme {parts.scheme!r} is not supported; use a path or one of " + ", ".join(
+            f"{s}://bucket/prefix" for s in SCHEMES
+        )
     if not parts.netloc:
         return "names no bucket (write s3://bucket/prefix)"
     if "@" in parts.netloc:
         # the storage string is stored in spec.yaml, MLflow params and logs
-        return "must not carry credentials (user:secret@); set them in the environment " \
+        return (
+            "must not carry credentials (user:secret@); set them in the environment "
             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role)"
+        )
     if ".." in parts.path.split("/"):
         return "must not contain '..'"
     return None
@@ -189,7 +193,7 @@ class Mirror:
             return {}
         out = {}
         for info in self.fs.get_file_info(pafs.FileSelector(rp, recursive=True)):
-            rel = info.path[len(rp) + 1:]
+            rel = info.path[len(rp) + 1 :]
             if info.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
                 mtime = info.mtime_ns if info.mtime_ns is not None else 0
                 out[rel] = (info.size, mtime)
@@ -245,7 +249,7 @@ class Mirror:
                     out.write(chunk)
             os.utime(tmp, ns=(mtime_ns, mtime_ns))
             os.replace(tmp, dst)  # several ranks of one node may pull the same file: each
-        finally:                  # writes its own temp, and the renames agree
+        finally:  # writes its own temp, and the renames agree
             tmp.unlink(missing_ok=True)
 
 
@@ -317,5 +321,9 @@ def refresh_study(study_dir, parts: tuple[str, ...] | None = None) -> int:
     fetch what is new in the store, delete nothing (a file a trial on this machine has just
     committed may not be uploaded yet). ``parts``: only these top-level names of the study
     folder (what the reading command needs); None: all of it."""
-    return pull(study_dir, exact=False, exclude=STUDY_EXCLUDE,
-                select=None if parts is None else (lambda rel: rel.split("/", 1)[0] in parts))
+    return pull(
+        study_dir,
+        exact=False,
+        exclude=STUDY_EXCLUDE,
+        select=None if parts is None else (lambda rel: rel.split("/", 1)[0] in parts),
+    )

@@ -8,6 +8,7 @@ trial's results to its label's ASHA. A STOP decision is delivered cooperatively:
 (opt_study.trial.control) that the trial's rank 0 sees on its next step, so the trial ends on
 its own and Ray Train releases its workers; Tune is told to CONTINUE.
 """
+
 from __future__ import annotations
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
@@ -22,11 +23,18 @@ class PerLabelASHA(FIFOScheduler):
         a, t = spec.search.asha, spec.training
         evals = -(-t.steps // t.eval_every)  # at every eval_every-th step and at the last step
         self.study_dir = spec.study_dir
-        self._by_label = {o.label: AsyncHyperBandScheduler(
-            time_attr="training_iteration", metric=a.metric, mode="min", max_t=evals,
-            grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-            stop_last_trials=False)  # a trial that reaches max_t ends by itself
-            for o in spec.optimizers}
+        self._by_label = {
+            o.label: AsyncHyperBandScheduler(
+                time_attr="training_iteration",
+                metric=a.metric,
+                mode="min",
+                max_t=evals,
+                grace_period=a.grace_period,
+                reduction_factor=a.reduction_factor,
+                stop_last_trials=False,
+            )  # a trial that reaches max_t ends by itself
+            for o in spec.optimizers
+        }
 
     def _asha(self, trial):
         return self._by_label[trial.config["trial"]["label"]]

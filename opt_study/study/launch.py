@@ -1,19 +1,19 @@
 """The two trial launchers, as Ray Tune function trainables.
 
 - worker_group: the Ray Train V2 pattern that works under Tune (docs/STACK.md §Ray Tune and
-  Train): the trainable builds and fits a TorchTrainer whose workers run `run_trial`; TuneReportCallback forwards rank 0's
-  reports to Tune. (`Tuner(trainer)` fails in Ray 2.60.)
+  Train): the trainable builds and fits a TorchTrainer whose workers run `run_trial`;
+  TuneReportCallback forwards rank 0's reports to Tune. (`Tuner(trainer)` fails in Ray 2.60.)
 - in_process: one worker, the DeepSpeed engine in the Tune trial's own process (a process group
   of one), so small studies do not pay a worker group's start-up for each trial.
 """
+
 from __future__ import annotations
 
 import logging
 
-from opt_study.storage import layout, objectstore
 from opt_study.config import Spec
 from opt_study.plan import TrialPlan
-
+from opt_study.storage import layout, objectstore
 
 DRIVER_MEMORY = 256 * 2**20  # bytes reserved for a worker-group trial's driver process
 
@@ -60,13 +60,17 @@ def worker_group_trainable(config: dict, spec: Spec) -> None:
         _worker_loop,
         train_loop_config={"spec": spec, "trial": plan},
         torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=bool(s.gpus_per_worker),
-                                     resources_per_worker=per_worker),
-        run_config=RunConfig(name=plan["trial_id"], **objectstore.ray_storage(layout.ray_train_dir(spec.study_dir)),
-                             callbacks=[TuneReportCallback()],
-                             # a dead worker: Ray Train restarts the group, and run_trial resumes
-                             # from the trial's last checkpoint (opt_study.trial.checkpoint)
-                             failure_config=FailureConfig(max_failures=spec.training.max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=s.workers, use_gpu=bool(s.gpus_per_worker), resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=plan["trial_id"],
+            **objectstore.ray_storage(layout.ray_train_dir(spec.study_dir)),
+            callbacks=[TuneReportCallback()],
+            # a dead worker: Ray Train restarts the group, and run_trial resumes
+            # from the trial's last checkpoint (opt_study.trial.checkpoint)
+            failure_config=FailureConfig(max_failures=spec.training.max_failures),
+        ),
     )
     trainer.fit()
 
@@ -81,5 +85,6 @@ def trainable_for(spec: Spec):
         return tune.with_resources(tune.with_parameters(in_process_trainable, spec=spec), res)
     # The trainable only drives the worker group, which reserves its own CPUs/GPUs; it asks for
     # memory alone (Tune refuses an all-zero request) so it never takes a CPU from the workers.
-    return tune.with_resources(tune.with_parameters(worker_group_trainable, spec=spec),
-                               {"CPU": 0, "memory": DRIVER_MEMORY})
+    return tune.with_resources(
+        tune.with_parameters(worker_group_trainable, spec=spec), {"CPU": 0, "memory": DRIVER_MEMORY}
+    )

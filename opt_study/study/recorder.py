@@ -5,6 +5,7 @@ and MLflow: no SQLite write contention between trials, and MLflow never sits on 
 path. Per-trial summaries are computed from the trial's Parquet rows (the source of truth), not
 from Tune's result objects.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,14 +15,14 @@ import warnings
 
 from ray.tune import Callback
 
-from opt_study.storage import objectstore
 from opt_study.config import Spec
 from opt_study.measure.metrics import summarize
-from opt_study.results import compact, parquet, trials as trials_tbl
-from opt_study.results.trials import DONE_STATUSES
-from opt_study.storage import layout
-from opt_study.results.sink import Sink
 from opt_study.plan import TrialPlan
+from opt_study.results import compact, parquet
+from opt_study.results import trials as trials_tbl
+from opt_study.results.sink import Sink
+from opt_study.results.trials import DONE_STATUSES
+from opt_study.storage import layout, objectstore
 
 CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
 
@@ -30,17 +31,20 @@ def trial_summary(rows: list[dict], target: dict | None = None) -> dict[str, flo
     """Final/best losses, time-to-target (AlgoPerf) and the measurement summary of a trial's rows."""
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
-    out = {"steps_done": float(len(rows)),
-           "final_loss": losses[-1] if losses else math.nan,
-           "best_loss": min((x for x in losses if math.isfinite(x)), default=math.nan),
-           "final_eval_loss": evals[-1] if evals else math.nan,
-           "best_eval_loss": min(evals, default=math.nan)}
+    out = {
+        "steps_done": float(len(rows)),
+        "final_loss": losses[-1] if losses else math.nan,
+        "best_loss": min((x for x in losses if math.isfinite(x)), default=math.nan),
+        "final_eval_loss": evals[-1] if evals else math.nan,
+        "best_eval_loss": min(evals, default=math.nan),
+    }
     times = [r["step_time_s"] for r in rows if r.get("step_time_s") is not None]
     if times:
         out["mean_step_time_s"] = sum(times) / len(times)
     if target:  # AlgoPerf's time-to-target: the first row reaching the target value
-        hit = next((r for r in rows if r.get(target["metric"]) is not None
-                    and r[target["metric"]] <= target["value"]), None)
+        hit = next(
+            (r for r in rows if r.get(target["metric"]) is not None and r[target["metric"]] <= target["value"]), None
+        )
         out["steps_to_target"] = float(hit["step"] + 1) if hit else math.nan
         out["time_to_target_s"] = hit["time_unix"] - rows[0]["time_unix"] if hit else math.nan
     measured = [r for r in rows if r.get("measured")]
@@ -50,8 +54,9 @@ def trial_summary(rows: list[dict], target: dict | None = None) -> dict[str, flo
 
 
 class StudyRecorder(Callback):
-    def __init__(self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: Sink,
-                 parent_run_id: str | None, out=sys.stdout):
+    def __init__(
+        self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: Sink, parent_run_id: str | None, out=sys.stdout
+    ):
         self.spec, self.resources, self.sink, self.parent = spec, resources, sink, parent_run_id
         self.plans = {p.trial_id: p for p in plans}
         self.out, self.t0 = out, time.time()
@@ -61,10 +66,20 @@ class StudyRecorder(Callback):
 
     # ------------------------------------------------------------------------ trials table rows
     def record(self, plan: TrialPlan, status: str, **extra) -> dict:
-        rec = {"trial_id": plan.trial_id, "study": self.spec.study.name, "optimizer": plan.optimizer,
-               "label": plan.label, "workload": self.spec.workload.type, "seed": plan.seed,
-               "hparams": dict(plan.hparams), "status": status, "resources": self.resources,
-               "phase": plan.phase, "budget": plan.budget, **extra}
+        rec = {
+            "trial_id": plan.trial_id,
+            "study": self.spec.study.name,
+            "optimizer": plan.optimizer,
+            "label": plan.label,
+            "workload": self.spec.workload.type,
+            "seed": plan.seed,
+            "hparams": dict(plan.hparams),
+            "status": status,
+            "resources": self.resources,
+            "phase": plan.phase,
+            "budget": plan.budget,
+            **extra,
+        }
         trials_tbl.write_trial_record(self.spec.study_dir, rec)
         return rec
 
@@ -87,9 +102,12 @@ class StudyRecorder(Callback):
         ev = result.get("eval_loss", math.nan)
         if isinstance(ev, float) and math.isfinite(ev) and (self.best is None or ev < self.best[0]):
             self.best = (ev, plan.trial_id)
-        self._line(plan.trial_id, "RUNNING",
-                   f"step {result.get('step', 0):>5}/{self.spec.training.steps}  loss {result.get('loss', math.nan):.4f}"
-                   f"  eval {ev:.4f}")
+        self._line(
+            plan.trial_id,
+            "RUNNING",
+            f"step {result.get('step', 0):>5}/{self.spec.training.steps}  loss {result.get('loss', math.nan):.4f}"
+            f"  eval {ev:.4f}",
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
@@ -109,26 +127,45 @@ class StudyRecorder(Callback):
             self._compact(plan.trial_id)
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
         summary = trial_summary(rows, getattr(plan, "target", None))
-        self.record(plan, status, summary=summary, started=self.started.get(plan.trial_id),
-                    ended=time.time(), error=error,
-                    nodes=(trial.last_result or {}).get("nodes", ""))
+        self.record(
+            plan,
+            status,
+            summary=summary,
+            started=self.started.get(plan.trial_id),
+            ended=time.time(),
+            error=error,
+            nodes=(trial.last_result or {}).get("nodes", ""),
+        )
         trials_tbl.write_trials_table(self.spec.study_dir)
         self._log_trial(plan, status, summary, rows)
         self.n_done += 1
-        self._line(plan.trial_id, status.upper(),
-                   f"loss {summary['final_loss']:.4f}  eval {summary['best_eval_loss']:.4f}"
-                   f"  [{self.n_done}/{len(self.plans)} done]")
+        self._line(
+            plan.trial_id,
+            status.upper(),
+            f"loss {summary['final_loss']:.4f}  eval {summary['best_eval_loss']:.4f}"
+            f"  [{self.n_done}/{len(self.plans)} done]",
+        )
 
     def _log_trial(self, plan: TrialPlan, status: str, summary: dict, rows: list[dict]) -> None:
         """The trial's child run: its params, tags, summary and curves (the sink downsamples)."""
         curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in CURVES}
-        params = {"optimizer": plan.optimizer, **{f"hp.{k}": v for k, v in plan.hparams.items()},
-                  "seed": plan.seed, "zero_stage": self.spec.scale.zero_stage,
-                  "workers": self.spec.scale.workers, "precision": self.spec.scale.precision,
-                  "micro_batch_size": self.spec.scale.micro_batch_size,
-                  "grad_accum": self.spec.scale.grad_accum, "steps": self.spec.training.steps}
-        tags = {"opt_study.workload": self.spec.workload.type, "opt_study.optimizer": plan.optimizer,
-                "opt_study.label": plan.label, "opt_study.seed": str(plan.seed)}
+        params = {
+            "optimizer": plan.optimizer,
+            **{f"hp.{k}": v for k, v in plan.hparams.items()},
+            "seed": plan.seed,
+            "zero_stage": self.spec.scale.zero_stage,
+            "workers": self.spec.scale.workers,
+            "precision": self.spec.scale.precision,
+            "micro_batch_size": self.spec.scale.micro_batch_size,
+            "grad_accum": self.spec.scale.grad_accum,
+            "steps": self.spec.training.steps,
+        }
+        tags = {
+            "opt_study.workload": self.spec.workload.type,
+            "opt_study.optimizer": plan.optimizer,
+            "opt_study.label": plan.label,
+            "opt_study.seed": str(plan.seed),
+        }
         self.sink.log_trial(self.parent, plan.trial_id, params, tags, summary, curves, status)
 
     def _compact(self, trial_id: str) -> None:
@@ -142,5 +179,4 @@ class StudyRecorder(Callback):
 
     def _line(self, tid: str, state: str, text: str) -> None:
         best = f"best {self.best[1]} {self.best[0]:.4f}" if self.best else ""
-        print(f"[{time.time() - self.t0:6.0f}s] {tid:<24} {state:<9} {text:<44} {best}",
-              file=self.out, flush=True)
+        print(f"[{time.time() - self.t0:6.0f}s] {tid:<24} {state:<9} {text:<44} {best}", file=self.out, flush=True)

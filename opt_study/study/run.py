@@ -1,12 +1,14 @@
 """Spec -> a Ray Tune study: resources, per-optimizer ASHA, storage, resume.
 
 The plan (every trial's id, optimizer, hyperparameters and seed) is expanded by
-`opt_study.plan.planners`, seeded by `search.seed`, before Tune starts: it is stored in the trials table, so a resumed study reuses it
-and a study's provenance never depends on Ray's result objects. Tune then runs that list: a grid
+`opt_study.plan.planners`, seeded by `search.seed`, before Tune starts: it is stored in the
+trials table, so a resumed study reuses it and a study's provenance never depends on Ray's
+result objects. Tune then runs that list: a grid
 over the planned trials, each launched as a TorchTrainer worker group or, for one-worker trials,
 in the Tune trial's own process. Under `search.method: tpe` only the trial ids are fixed in
 advance; opt_study.study.tpe_search.StudyTPE proposes the hyperparameters as results come in.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,9 +30,15 @@ def trial_resources(spec: Spec) -> dict:
     """What one trial holds while it runs (also recorded per trial as the compute it used)."""
     s = spec.scale
     per_worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
-    return {"launcher": s.resolved_launcher, "workers": s.workers, "per_worker": per_worker,
-            "total_cpu": s.cpus_per_worker * s.workers, "total_gpu": s.gpus_per_worker * s.workers,
-            "zero_stage": s.zero_stage, "precision": s.precision}
+    return {
+        "launcher": s.resolved_launcher,
+        "workers": s.workers,
+        "per_worker": per_worker,
+        "total_cpu": s.cpus_per_worker * s.workers,
+        "total_gpu": s.gpus_per_worker * s.workers,
+        "zero_stage": s.zero_stage,
+        "precision": s.precision,
+    }
 
 
 def max_concurrent(spec: Spec, cluster: dict) -> int:
@@ -48,10 +56,14 @@ def describe(spec: Spec) -> dict:
     """A dry-run summary: trials, budgets, resources and where results go (under tpe every
     trial, proposed or not)."""
     plans = planner_for(spec).slots(spec, read_trial_records(spec.study_dir))
-    return {"study": spec.study.name, "trials": len(plans),
-            "per_optimizer": dict(collections.Counter(p.label for p in plans)),
-            "resources_per_trial": trial_resources(spec), "study_dir": str(spec.study_dir),
-            "mlflow": spec.tracking_uri}
+    return {
+        "study": spec.study.name,
+        "trials": len(plans),
+        "per_optimizer": dict(collections.Counter(p.label for p in plans)),
+        "resources_per_trial": trial_resources(spec),
+        "study_dir": str(spec.study_dir),
+        "mlflow": spec.tracking_uri,
+    }
 
 
 def write_spec(spec: Spec, source_text: str | None) -> None:
@@ -72,9 +84,17 @@ def ray_env() -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opt_study" / "torch_extensions"))
     # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine several groups
     # starting at once need longer.
-    env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"))
-    env.update({"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1",
-                "MLFLOW_ENABLE_TELEMETRY": "false", "TOKENIZERS_PARALLELISM": "false"})
+    env.setdefault(
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    )
+    env.update(
+        {
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+            "PYTHONUNBUFFERED": "1",
+            "MLFLOW_ENABLE_TELEMETRY": "false",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     return env
 
 
@@ -85,8 +105,9 @@ def ensure_ray(spec: Spec) -> None:
         return
     for k, v in ray_env().items():
         os.environ.setdefault(k, v)  # set before ray.init: workers inherit the raylet's env
-    kw = dict(runtime_env={"env_vars": ray_env()}, log_to_driver=False, include_dashboard=False,
-              configure_logging=False)
+    kw = dict(
+        runtime_env={"env_vars": ray_env()}, log_to_driver=False, include_dashboard=False, configure_logging=False
+    )
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kw)
     else:
@@ -108,8 +129,9 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     out = out or sys.stdout
     objectstore.pull_study(spec.study_dir)  # an object-store root: start from what the store holds
     sink: Sink = QueuedSink(spec.study_dir, spec.tracking_uri, experiment_name(spec.study.name))
-    parent = sink.parent_run(spec.study.name, params=_study_params(spec),
-                             tags={"opt_study.workload": spec.workload.type})
+    parent = sink.parent_run(
+        spec.study.name, params=_study_params(spec), tags={"opt_study.workload": spec.workload.type}
+    )
     attempted: set[str] = set()
     ran = 0
     while True:
@@ -132,8 +154,11 @@ def flush_mlflow(sink: Sink, spec: Spec, out) -> None:
     """Deliver what the MLflow queue still holds; if the server is unreachable, say how to finish."""
     left = sink.drain()
     if left:
-        print(f"MLflow: {left} write(s) not delivered yet, kept in {layout.mlflow_queue_dir(spec.study_dir)}; "
-              f"deliver them with: opt-study sync-mlflow {spec.study_dir}", file=out)
+        print(
+            f"MLflow: {left} write(s) not delivered yet, kept in {layout.mlflow_queue_dir(spec.study_dir)}; "
+            f"deliver them with: opt-study sync-mlflow {spec.study_dir}",
+            file=out,
+        )
 
 
 def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None, out) -> None:
@@ -143,9 +168,9 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     import ray
     from ray import tune
 
+    from opt_study.results.trials import read_trial_records, write_trials_table
     from opt_study.study.launch import trainable_for
     from opt_study.study.recorder import StudyRecorder
-    from opt_study.results.trials import read_trial_records, write_trials_table
 
     resources = trial_resources(spec)
     recorder = StudyRecorder(spec, todo, resources, sink, parent, out=out)
@@ -162,21 +187,31 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     write_trials_table(spec.study_dir)
     ensure_ray(spec)
     concurrent = max_concurrent(spec, ray.cluster_resources())
-    print(f"study {spec.study.name}: {len(todo)} trials to run, {concurrent} at a time "
-          f"({resources['launcher']}, {resources['workers']} worker(s) x {resources['per_worker']})", file=out)
+    print(
+        f"study {spec.study.name}: {len(todo)} trials to run, {concurrent} at a time "
+        f"({resources['launcher']}, {resources['workers']} worker(s) x {resources['per_worker']})",
+        file=out,
+    )
     run_idx = _next_run_index(layout.ray_dir(spec.study_dir))
     tuner = tune.Tuner(
         trainable_for(spec),
         param_space={} if searcher else {"trial": tune.grid_search([p.as_dict() for p in todo])},
-        tune_config=tune.TuneConfig(num_samples=len(todo) if searcher else 1, search_alg=searcher,
-                                    max_concurrent_trials=concurrent,
-                                    scheduler=PerLabelASHA(spec) if spec.search.asha else None),
-        run_config=tune.RunConfig(name=f"run-{run_idx}", **objectstore.ray_storage(layout.ray_dir(spec.study_dir)),
-                                  callbacks=[recorder], verbose=0,
-                                  # in-process trials are retried by Tune; worker groups by Ray Train
-                                  failure_config=tune.FailureConfig(
-                                      max_failures=spec.training.max_failures
-                                      if spec.scale.resolved_launcher == "in_process" else 0)),
+        tune_config=tune.TuneConfig(
+            num_samples=len(todo) if searcher else 1,
+            search_alg=searcher,
+            max_concurrent_trials=concurrent,
+            scheduler=PerLabelASHA(spec) if spec.search.asha else None,
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{run_idx}",
+            **objectstore.ray_storage(layout.ray_dir(spec.study_dir)),
+            callbacks=[recorder],
+            verbose=0,
+            # in-process trials are retried by Tune; worker groups by Ray Train
+            failure_config=tune.FailureConfig(
+                max_failures=spec.training.max_failures if spec.scale.resolved_launcher == "in_process" else 0
+            ),
+        ),
     )
     tuner.fit()
     write_trials_table(spec.study_dir)
@@ -194,7 +229,13 @@ def _next_run_index(ray_dir: Path) -> int:
 
 
 def _study_params(spec: Spec) -> dict:
-    return {"workload": spec.workload.type, "optimizers": ",".join(o.label for o in spec.optimizers),
-            "seeds": ",".join(map(str, spec.study.seeds)), "samples": spec.search.samples,
-            "zero_stage": spec.scale.zero_stage, "workers": spec.scale.workers,
-            "steps": spec.training.steps, "measure_every": spec.measure.every}
+    return {
+        "workload": spec.workload.type,
+        "optimizers": ",".join(o.label for o in spec.optimizers),
+        "seeds": ",".join(map(str, spec.study.seeds)),
+        "samples": spec.search.samples,
+        "zero_stage": spec.scale.zero_stage,
+        "workers": spec.scale.workers,
+        "steps": spec.training.steps,
+        "measure_every": spec.measure.every,
+    }

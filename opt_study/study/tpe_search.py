@@ -3,6 +3,7 @@
 The trial ids, records and objective it works with are planned in `opt_study.plan.tpe` (see its
 module doc for the whole scheme); this module only proposes hyperparameters as results come in.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,7 +41,6 @@ def optuna_distribution(domain: Domain):
 def optuna_space(space: Mapping[str, Domain]) -> dict:
     """The sampled keys of `space`, in sorted order, as Optuna distributions."""
     return {k: optuna_distribution(d) for k, d in sorted(space.items()) if d.kind in SAMPLED}
-
 
 
 class StudyTPE(Searcher):
@@ -92,10 +92,17 @@ class StudyTPE(Searcher):
                     vals[s] = trial_value(r["status"], (r.get("summary") or {}).get("best_eval_loss"))
             self._values[(opt.label, i)] = vals
             (history if len(vals) == len(self.seeds) else partial).append((i, hp))
-        sampler = TPESampler(seed=seed_of(self.spec.search.seed, opt.label, PHASE) % 2**32,
-                             n_startup_trials=self.spec.search.tpe_startup_trials)
-        tpe = OptunaSearch(space=space, metric=METRIC, mode="min", sampler=sampler,
-                           points_to_evaluate=[{k: hp[k] for k in space} for _, hp in partial] or None)
+        sampler = TPESampler(
+            seed=seed_of(self.spec.search.seed, opt.label, PHASE) % 2**32,
+            n_startup_trials=self.spec.search.tpe_startup_trials,
+        )
+        tpe = OptunaSearch(
+            space=space,
+            metric=METRIC,
+            mode="min",
+            sampler=sampler,
+            points_to_evaluate=[{k: hp[k] for k in space} for _, hp in partial] or None,
+        )
         for i, hp in history:  # finished configurations: TPE's history, in proposal order
             tpe.add_evaluated_point({k: hp[k] for k in space}, self._objective(opt.label, i))
             self.told[opt.label].append(({k: hp[k] for k in space}, self._objective(opt.label, i)))
@@ -103,8 +110,7 @@ class StudyTPE(Searcher):
             got = tpe.suggest(self._key(opt.label, i))
             if got != {k: hp[k] for k in space}:
                 raise RuntimeError(f"{opt.label}: resumed configuration {i} came back as {got}, recorded {hp}")
-            self._queue.extend(self._plan(opt, i, s, hp) for s in self.seeds
-                               if s not in self._values[(opt.label, i)])
+            self._queue.extend(self._plan(opt, i, s, hp) for s in self.seeds if s not in self._values[(opt.label, i)])
         self._tpe[opt.label], self._fresh[opt.label] = tpe, fresh
 
     def _key(self, label: str, index: int) -> str:

@@ -5,6 +5,7 @@ Ray Train restarting a worker group after a worker died, Tune retrying an in-pro
 
 The storage root is trusted: DeepSpeed checkpoints are pickles (SECURITY.md).
 """
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,7 @@ import shutil
 from pathlib import Path
 
 from opt_study import distributed
-from opt_study.storage import objectstore
-from opt_study.storage import layout
+from opt_study.storage import layout, objectstore
 
 
 def latest_step(study_dir: Path, trial_id: str) -> int | None:
@@ -55,8 +55,10 @@ def owner(name: str) -> int:
 def pull(study_dir: Path, trial_id: str, rank: int) -> None:
     """On an object-store root, fetch what this rank loads: `latest`, the shared model states
     and its own partition files, not the other ranks' (no-op on a local root)."""
-    objectstore.pull(layout.checkpoint_dir(study_dir, trial_id),
-                 select=lambda rel: _RANK_RE.search(rel) is None or owner(rel.rsplit("/", 1)[-1]) == rank)
+    objectstore.pull(
+        layout.checkpoint_dir(study_dir, trial_id),
+        select=lambda rel: _RANK_RE.search(rel) is None or owner(rel.rsplit("/", 1)[-1]) == rank,
+    )
 
 
 def _push_own_files(tag_dir: Path, rank: int) -> None:
@@ -79,16 +81,20 @@ def load(engine, study_dir: Path, trial_id: str) -> dict | None:
     d = layout.checkpoint_dir(study_dir, trial_id)
     path, client_state = engine.load_checkpoint(str(d), tag=f"step-{step}")
     if path is None:
-        raise RuntimeError(f"trial {trial_id}: checkpoint step-{step} could not be loaded on rank "
-                           f"{distributed.rank()} from {d}")
+        raise RuntimeError(
+            f"trial {trial_id}: checkpoint step-{step} could not be loaded on rank {distributed.rank()} from {d}"
+        )
     return client_state
 
 
 def _prune(d: Path, keep: int, store: bool) -> None:
     """Remove all but the `keep` newest tags that hold files (an emptied folder is no tag);
     `store`: from the object store too."""
-    tags = sorted((int(p.name.split("-", 1)[1]), p) for p in d.glob("step-*")
-                  if p.is_dir() and any(f.is_file() for f in p.iterdir()))
+    tags = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in d.glob("step-*")
+        if p.is_dir() and any(f.is_file() for f in p.iterdir())
+    )
     for _, p in tags[:-keep]:
         layout.remove_tree(p) if store else shutil.rmtree(p, ignore_errors=True)
 

@@ -5,6 +5,7 @@ placement group (ray-project/ray#54305), which then starves every later trial. S
 writes a stop file and the trial's rank 0 polls for it once a step; its vote is carried to every
 rank in the step's packed all-reduce (opt_study.measure.hook). No torch here: the driver imports it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

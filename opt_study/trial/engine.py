@@ -4,6 +4,7 @@ The client optimizer comes from `opt_study.optim` (a plain torch.optim object), 
 JIT-compiles fused_adam. The learning rate is driven by the loop each step (no DeepSpeed
 scheduler), which keeps the schedule a pure function of the step (opt_study.optim.lr_factor).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,9 @@ def setup_process(scale: ScaleConfig) -> torch.device:
     # The trial's own scale decides the accelerator, whatever the launching shell exported
     # (the Makefile exports cpu for the quickstart and tests).
     os.environ["DS_ACCELERATOR"] = "cuda" if scale.gpus_per_worker else "cpu"
-    distributed.init_process_group("gloo" if scale.gpus_per_worker == 0 else "nccl",
-                                   single=scale.resolved_launcher == "in_process")
+    distributed.init_process_group(
+        "gloo" if scale.gpus_per_worker == 0 else "nccl", single=scale.resolved_launcher == "in_process"
+    )
     if scale.gpus_per_worker:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -64,8 +66,7 @@ def setup_process(scale: ScaleConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: ScaleConfig,
-                 grad_clip: float | None):
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: ScaleConfig, grad_clip: float | None):
     """Wrap `model` and its client optimizer in a DeepSpeed engine on the current process group.
 
     Returns (engine, EngineInfo). The DeepSpeed config is ``ds_config(scale, world, grad_clip)``."""
@@ -73,8 +74,12 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
 
     world = distributed.world_size()
     config = ds_config(scale, world, grad_clip)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                           dist_init_required=False)
-    info = EngineInfo(device=engine.device, world_size=world, rank=distributed.rank(),
-                      zero_stage=scale.zero_stage, precision=scale.precision)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    info = EngineInfo(
+        device=engine.device,
+        world_size=world,
+        rank=distributed.rank(),
+        zero_stage=scale.zero_stage,
+        precision=scale.precision,
+    )
     return engine, info

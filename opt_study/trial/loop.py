@@ -4,6 +4,7 @@ Every rank runs `run_trial`; rank 0 also writes the trial's Parquet rows. The da
 a pure function of (seed, step, micro-batch index), so a restart at any step, or the measurement
 probe re-reading a batch, needs no iterator state.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,10 +91,29 @@ def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
     # Built before any checkpoint is loaded, so x_0 is the deterministic initial point even
     # after a restart (build_model is a pure function of the seed).
     cadence = Cadence.from_spec(spec)  # the one rule for measured / evaluated / logged steps
-    measurer = measurer_cls(eng, info, spec.measure, precision=scale.precision, cadence=cadence,
-                            seed=plan.seed, norms=spec.measure.norms, small_batch=scale.micro_batch_size)
-    return Ctx(spec, plan, eng, client_opt, workload, measurer, device, distributed.rank(),
-               distributed.world_size(), float(hparams["lr"]), cadence=cadence)
+    measurer = measurer_cls(
+        eng,
+        info,
+        spec.measure,
+        precision=scale.precision,
+        cadence=cadence,
+        seed=plan.seed,
+        norms=spec.measure.norms,
+        small_batch=scale.micro_batch_size,
+    )
+    return Ctx(
+        spec,
+        plan,
+        eng,
+        client_opt,
+        workload,
+        measurer,
+        device,
+        distributed.rank(),
+        distributed.world_size(),
+        float(hparams["lr"]),
+        cadence=cadence,
+    )
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -129,12 +149,20 @@ def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
         c.eng.step()
         loss_sum += loss.detach().double()
         units += c.workload.units_per_batch(batch)
-    fields = c.measurer.end(step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote,
-                            model_loss_fn=c.workload.loss)
+    fields = c.measurer.end(
+        step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote, model_loss_fn=c.workload.loss
+    )
     dt = time.perf_counter() - t0
     # host sync: _engine_norm reads DeepSpeed's norm as a Python float (after end()'s own sync)
-    row = {"step": step, "lr": lr, "step_time_s": dt, "units_per_s": units * c.world / dt,
-           "engine_grad_norm": _engine_norm(c.eng), "time_unix": time.time(), **fields}
+    row = {
+        "step": step,
+        "lr": lr,
+        "step_time_s": dt,
+        "units_per_s": units * c.world / dt,
+        "engine_grad_norm": _engine_norm(c.eng),
+        "time_unix": time.time(),
+        **fields,
+    }
     if optim.is_sync_step(c.client_opt, step):
         # Lookahead pulled the fast weights to the slow ones: Δ is not an optimizer step of the
         # inner rule, so the row is flagged and left out of the inequality fractions
@@ -149,9 +177,11 @@ def side_backward(c: Ctx, step: int, batches: list) -> None:
     if not optim.needs_hessian(c.client_opt):
         return
     state = rng_state()
-    optim.estimate_hessian(c.client_opt,
-                           lambda: sum(c.workload.loss(c.eng.module, mb) for mb in batches) / len(batches),
-                           seed=c.plan.seed * 1_000_003 + step)
+    optim.estimate_hessian(
+        c.client_opt,
+        lambda: sum(c.workload.loss(c.eng.module, mb) for mb in batches) / len(batches),
+        seed=c.plan.seed * 1_000_003 + step,
+    )
     set_rng_state(state)
 
 
@@ -161,7 +191,9 @@ def resume(c: Ctx, state: TrialState) -> int:
     Returns the first step to run. The attempt number is chosen by rank 0 and broadcast, so a
     worker group restarted by Ray Train never reuses one.
     """
-    client = checkpoint.load(c.eng, c.spec.study_dir, c.plan.trial_id) if c.spec.training.checkpoint_every != 0 else None
+    client = (
+        checkpoint.load(c.eng, c.spec.study_dir, c.plan.trial_id) if c.spec.training.checkpoint_every != 0 else None
+    )
     start = int(client["next_step"]) if client else 0
     if client:
         state.best_eval, state.initial_loss = client.get("best_eval", math.inf), client.get("initial_loss")
@@ -182,8 +214,7 @@ def _pull_trial(study_dir, trial_id: str) -> None:
     distributed.barrier()
 
 
-def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeasurer,
-              node: str = "") -> dict:
+def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeasurer, node: str = "") -> dict:
     """Train one trial to the end (or divergence, or a stop request); every rank runs this.
 
     Returns the final report metrics. `measurer_cls` is a test seam: the multi-rank tests pass a
@@ -197,8 +228,14 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     _pull_trial(spec.study_dir, plan.trial_id)
     start = resume(c, state)
     # fp32 parameter snapshots for checkpoint replay (docs/METRICS.md §Reference-point metrics)
-    saver = snapshots.SnapshotSaver(spec.study_dir, plan.trial_id, c.measurer.view, spec.scale.zero_stage,
-                                    spec.scale.precision, spec.measure.snapshot_every)
+    saver = snapshots.SnapshotSaver(
+        spec.study_dir,
+        plan.trial_id,
+        c.measurer.view,
+        spec.scale.zero_stage,
+        spec.scale.precision,
+        spec.measure.snapshot_every,
+    )
     if start == 0:
         saver.save_initial()
     cadence = c.cadence
@@ -222,8 +259,13 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
         if boundary and c.writer is not None:
             c.writer.flush()  # rows are durable before a checkpoint, a report or a stop
         if cadence.checkpointed(step) and status == "running":
-            checkpoint.save(c.eng, spec.study_dir, plan.trial_id, step + 1,
-                            {"best_eval": state.best_eval, "initial_loss": state.initial_loss})
+            checkpoint.save(
+                c.eng,
+                spec.study_dir,
+                plan.trial_id,
+                step + 1,
+                {"best_eval": state.best_eval, "initial_loss": state.initial_loss},
+            )
         if boundary:
             report(_report_metrics(state, row))
         if status != "running":
@@ -240,8 +282,11 @@ def _status(state: TrialState, row: dict, training, stop_requested: bool, step: 
     """Divergence is data: a NaN/inf loss or one above `divergence_factor` x the first loss ends the
     trial as `diverged` at that step (the study goes on)."""
     loss = row["loss"]
-    if not math.isfinite(loss) or (training.divergence_factor and state.initial_loss is not None
-                                   and loss > training.divergence_factor * abs(state.initial_loss)):
+    if not math.isfinite(loss) or (
+        training.divergence_factor
+        and state.initial_loss is not None
+        and loss > training.divergence_factor * abs(state.initial_loss)
+    ):
         return "diverged"
     if step + 1 == training.steps:
         return "completed"
@@ -258,9 +303,15 @@ def _engine_norm(eng) -> float | None:
 
 
 def _report_metrics(state: TrialState, row: dict) -> dict:
-    out = {"step": state.step, "loss": float(row.get("loss", math.nan)),
-           "eval_loss": state.last_eval, "best_eval_loss": state.best_eval,
-           "status": state.status, "finished": state.status != "running", "nodes": state.nodes}
+    out = {
+        "step": state.step,
+        "loss": float(row.get("loss", math.nan)),
+        "eval_loss": state.last_eval,
+        "best_eval_loss": state.best_eval,
+        "status": state.status,
+        "finished": state.status != "running",
+        "nodes": state.nodes,
+    }
     for k in ("lr", "grad_norm", "units_per_s"):
         if k in row and row[k] is not None:
             out[k] = float(row[k])

@@ -20,6 +20,7 @@ The study dir must be shared by all ranks (one node, or a network file system).
 Rank files are read with ``torch.load(weights_only=True)`` only: they hold tensors, strings
 and ints, so a tampered file cannot run code.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,7 @@ import torch
 from opt_study import distributed
 from opt_study.measure import deepspeed_state
 from opt_study.measure.cadence import due
-from opt_study.storage import objectstore
-from opt_study.storage import layout
+from opt_study.storage import layout, objectstore
 
 COMMITTED = "COMMITTED"
 META = "meta.json"
@@ -58,8 +58,12 @@ class SnapshotSaver:
         table = table.cpu()
         params = [p for _, p in view.named]
         self.meta = {
-            "format": FORMAT, "trial_id": trial_id, "world": self.world, "zero_stage": zero_stage,
-            "precision": precision, "names": view.names,
+            "format": FORMAT,
+            "trial_id": trial_id,
+            "world": self.world,
+            "zero_stage": zero_stage,
+            "precision": precision,
+            "names": view.names,
             "shapes": [deepspeed_state.full_shape(p) for p in params],
             "numels": [deepspeed_state.full_numel(p) for p in params],
             "bounds": table.long().tolist(),
@@ -89,20 +93,29 @@ class SnapshotSaver:
             layout.remove_tree(d / COMMITTED)
         distributed.barrier()
         # copy=True: torch.save of a view would write the view's whole storage
-        frags = {name: t[:hi - lo].detach().to("cpu", torch.float32, copy=True)
-                 for name, t, (lo, hi) in zip(self.view.names, self.view.params(), self.view.bounds())}
+        frags = {
+            name: t[: hi - lo].detach().to("cpu", torch.float32, copy=True)
+            for name, t, (lo, hi) in zip(self.view.names, self.view.params(), self.view.bounds())
+        }
         bounds = torch.tensor(self.view.bounds(), dtype=torch.int64).reshape(-1, 2)
-        layout.atomic_write(layout.snapshot_rank_file(self.study_dir, self.trial_id, s, self.rank, self.world),
-                            lambda f: torch.save({"bounds": bounds, "fragments": frags}, f))
+        layout.atomic_write(
+            layout.snapshot_rank_file(self.study_dir, self.trial_id, s, self.rank, self.world),
+            lambda f: torch.save({"bounds": bounds, "fragments": frags}, f),
+        )
         distributed.barrier()
         if self.rank == 0:
-            missing = [r for r in range(self.world)
-                       if not objectstore.exists(
-                           layout.snapshot_rank_file(self.study_dir, self.trial_id, s, r, self.world),
-                           poll=False)]
+            missing = [
+                r
+                for r in range(self.world)
+                if not objectstore.exists(
+                    layout.snapshot_rank_file(self.study_dir, self.trial_id, s, r, self.world), poll=False
+                )
+            ]
             if missing:  # the study dir is not shared by the ranks: say so instead of committing
-                raise RuntimeError(f"snapshot step-{s}: rank files {missing} not visible from rank 0; "
-                                   "snapshots need a study dir shared by all ranks or an object store")
+                raise RuntimeError(
+                    f"snapshot step-{s}: rank files {missing} not visible from rank 0; "
+                    "snapshots need a study dir shared by all ranks or an object store"
+                )
             layout.atomic_write_bytes(d / META, json.dumps({**self.meta, "step": s}).encode())
             layout.atomic_write_bytes(d / COMMITTED, b"")
 
@@ -148,8 +161,10 @@ def resolve_reference(study_dir, trial_id: str, reference: str) -> int:
     """The snapshot step of a reference: "final" (the last committed), "init" (0) or a step."""
     steps = committed_steps(study_dir, trial_id)
     if not steps:
-        raise FileNotFoundError(f"trial {trial_id} has no committed snapshots under "
-                                f"{layout.snapshot_trial_dir(study_dir, trial_id)} (set measure.snapshot_every)")
+        raise FileNotFoundError(
+            f"trial {trial_id} has no committed snapshots under "
+            f"{layout.snapshot_trial_dir(study_dir, trial_id)} (set measure.snapshot_every)"
+        )
     if reference == "final":
         return steps[-1]
     step = 0 if reference == "init" else _parse_step(reference)

@@ -2,6 +2,7 @@
 
 The interface every workload implements is `opt_study.workloads.base.Workload`.
 """
+
 from __future__ import annotations
 
 from opt_study.workloads.base import Batch, Workload
@@ -42,5 +43,13 @@ def make_workload(type_name: str, cfg, seed: int) -> Workload:
     return cls(cfg, seed)
 
 
-__all__ = ["Batch", "Workload", "WORKLOADS", "make_workload", "workload_config_class",
-           "TinyLMConfig", "QuadraticConfig", "MLPClassifyConfig"]
+__all__ = [
+    "Batch",
+    "Workload",
+    "WORKLOADS",
+    "make_workload",
+    "workload_config_class",
+    "TinyLMConfig",
+    "QuadraticConfig",
+    "MLPClassifyConfig",
+]

@@ -7,6 +7,7 @@ a data loader. Model initialisation is a pure function of (config, seed) and lea
 torch RNG untouched; the global RNG is left to dropout, whose masks the probe replays by
 saving and restoring that state (docs/STACK.md §The same-batch probe).
 """
+
 from __future__ import annotations
 
 import abc
@@ -68,14 +69,18 @@ def eval_slices(n_items: int, micro_batch_size: int, rank: int, world: int) -> l
     every call, and the mean of all batch losses is the mean loss over that prefix.
     """
     if micro_batch_size < 1 or world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need micro_batch_size >= 1, world >= 1 and 0 <= rank < world; "
-                         f"got {micro_batch_size}, {world}, {rank}")
+        raise ValueError(
+            f"need micro_batch_size >= 1, world >= 1 and 0 <= rank < world; got {micro_batch_size}, {world}, {rank}"
+        )
     rounds = n_items // (micro_batch_size * world)
     if rounds == 0:
-        raise ValueError(f"the evaluation set has {n_items} items, fewer than one batch per rank "
-                         f"(micro_batch_size {micro_batch_size} x world {world}); use smaller batches")
-    return [slice((r * world + rank) * micro_batch_size, (r * world + rank + 1) * micro_batch_size)
-            for r in range(rounds)]
+        raise ValueError(
+            f"the evaluation set has {n_items} items, fewer than one batch per rank "
+            f"(micro_batch_size {micro_batch_size} x world {world}); use smaller batches"
+        )
+    return [
+        slice((r * world + rank) * micro_batch_size, (r * world + rank + 1) * micro_batch_size) for r in range(rounds)
+    ]
 
 
 class Workload(abc.ABC):

@@ -16,6 +16,7 @@ against `vocab_size`. A training micro-batch is `micro_batch_size` windows of bl
 at starts drawn uniformly from train.bin by a local generator; the evaluation set is up to
 `eval_windows` non-overlapping windows spread evenly over val.bin, fixed by the file alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,14 @@ class GPT2Config:
     eval_windows: int = 1024  # held-out windows of block_size + 1 tokens (fewer if val.bin is short)
 
     def __post_init__(self):
-        for name, lo, hi in (("n_layer", 1, 1024), ("n_head", 1, 1024), ("n_embd", 1, 1 << 16),
-                             ("block_size", 1, 1 << 20), ("vocab_size", 2, 1 << 16),
-                             ("eval_windows", 1, 1 << 24)):
+        for name, lo, hi in (
+            ("n_layer", 1, 1024),
+            ("n_head", 1, 1024),
+            ("n_embd", 1, 1 << 16),
+            ("block_size", 1, 1 << 20),
+            ("vocab_size", 2, 1 << 16),
+            ("eval_windows", 1, 1 << 24),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise FieldError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
@@ -98,8 +104,7 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.c_attn(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -134,13 +139,15 @@ class GPT2(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.block_size = cfg.block_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd),
+            )
+        )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # Weight tying (GPT-2; Press & Wolf 2017, https://arxiv.org/abs/1608.05859): one Parameter
         # owned by both modules, the way ZeRO-3 expects a shared weight.
@@ -175,14 +182,18 @@ def _token_file(data_dir: str, name: str, min_tokens: int) -> Path:
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise FieldError("data_dir", f"cannot read {str(path)!r}: {e.strerror or e}; make it with "
-                                     f"`python -m opt_study.workloads.prepare`") from None
+        raise FieldError(
+            "data_dir",
+            f"cannot read {str(path)!r}: {e.strerror or e}; make it with `python -m opt_study.workloads.prepare`",
+        ) from None
     itemsize = np.dtype(TOKEN_DTYPE).itemsize
     if size % itemsize:
         raise FieldError("data_dir", f"{str(path)!r} has {size} bytes, not a whole number of uint16 tokens")
     if size // itemsize < min_tokens:
-        raise FieldError("data_dir", f"{str(path)!r} has {size // itemsize} tokens, fewer than one window "
-                                     f"of block_size + 1 = {min_tokens}")
+        raise FieldError(
+            "data_dir",
+            f"{str(path)!r} has {size // itemsize} tokens, fewer than one window of block_size + 1 = {min_tokens}",
+        )
     return path
 
 
@@ -200,21 +211,26 @@ class GPT2Workload(Workload):
         if meta.is_file():
             vocab = int(json.loads(meta.read_text()).get("vocab_size", 0))
             if vocab > cfg.vocab_size:
-                raise FieldError("vocab_size", f"the token files use a vocabulary of {vocab} "
-                                               f"({meta}); set vocab_size >= {vocab}, got {cfg.vocab_size}")
+                raise FieldError(
+                    "vocab_size",
+                    f"the token files use a vocabulary of {vocab} "
+                    f"({meta}); set vocab_size >= {vocab}, got {cfg.vocab_size}",
+                )
         self.n_train = self.train_path.stat().st_size // np.dtype(TOKEN_DTYPE).itemsize
         val = np.memmap(val_path, dtype=TOKEN_DTYPE, mode="r")
         n_win = min(cfg.eval_windows, len(val) // window)
         stride = len(val) // n_win  # >= window: evenly spread, non-overlapping
         starts = np.arange(n_win, dtype=np.int64) * stride
-        self.val_windows = self._checked(np.stack([val[s:s + window] for s in starts]))
+        self.val_windows = self._checked(np.stack([val[s : s + window] for s in starts]))
         del val
 
     def _checked(self, windows: np.ndarray) -> torch.Tensor:
         w = torch.from_numpy(windows.astype(np.int64))
         if int(w.max()) >= self.cfg.vocab_size:  # an embedding lookup would fail far less clearly
-            raise FieldError("vocab_size", f"token id {int(w.max())} in {self.cfg.data_dir} is outside "
-                                           f"the vocabulary of {self.cfg.vocab_size}")
+            raise FieldError(
+                "vocab_size",
+                f"token id {int(w.max())} in {self.cfg.data_dir} is outside the vocabulary of {self.cfg.vocab_size}",
+            )
         return w
 
     def build_model(self) -> nn.Module:
@@ -227,7 +243,7 @@ class GPT2Workload(Workload):
         # A fresh memmap per batch, as nanoGPT does: one long-lived map keeps every page it ever
         # touched counted in the worker's resident memory.
         data = np.memmap(self.train_path, dtype=TOKEN_DTYPE, mode="r")
-        w = self._checked(np.stack([data[s:s + window] for s in starts]))
+        w = self._checked(np.stack([data[s : s + window] for s in starts]))
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

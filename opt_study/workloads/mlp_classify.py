@@ -9,6 +9,7 @@ so every seed and every optimizer of a study is evaluated on the same held-out s
 seed drives the initialisation, the batch sampling and dropout. Features are standardised
 with the training split's mean and standard deviation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,15 +47,16 @@ class MLPClassifyConfig:
             raise FieldError("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise FieldError("val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
-        for name, lo, hi in (("n_classes", 2, 1 << 16), ("n_features", 1, 1 << 16),
-                             ("n_samples", 2, 1 << 24)):
+        for name, lo, hi in (("n_classes", 2, 1 << 16), ("n_features", 1, 1 << 16), ("n_samples", 2, 1 << 24)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise FieldError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
         if self.dataset == "digits" and (self.n_classes, self.n_features) != (10, 64):
-            raise FieldError("n_classes" if self.n_classes != 10 else "n_features",
-                             "digits has 10 classes and 64 features; leave n_classes and n_features "
-                             "at their defaults or use dataset: synthetic")
+            raise FieldError(
+                "n_classes" if self.n_classes != 10 else "n_features",
+                "digits has 10 classes and 64 features; leave n_classes and n_features "
+                "at their defaults or use dataset: synthetic",
+            )
         if self.dataset == "synthetic" and self.n_samples < self.n_classes:
             raise FieldError("n_samples", f"must be >= n_classes={self.n_classes}")
 
@@ -67,7 +69,7 @@ def load_dataset(cfg: MLPClassifyConfig) -> tuple[torch.Tensor, torch.Tensor]:
         d = load_digits()
         return torch.as_tensor(d.data, dtype=torch.float32), torch.as_tensor(d.target, dtype=torch.int64)
     g = generator(STREAM_DATA, DATA_SEED)
-    means = torch.randn(cfg.n_classes, cfg.n_features, generator=g) * (MEAN_SPREAD / cfg.n_features ** 0.5)
+    means = torch.randn(cfg.n_classes, cfg.n_features, generator=g) * (MEAN_SPREAD / cfg.n_features**0.5)
     y = torch.arange(cfg.n_samples) % cfg.n_classes  # balanced classes
     x = means[y] + torch.randn(cfg.n_samples, cfg.n_features, generator=g)
     return x, y
@@ -118,8 +120,7 @@ class MLPClassifyWorkload(Workload):
         return F.cross_entropy(model(x), y)
 
     def eval_batches(self, micro_batch_size: int, rank: int, world: int) -> list[Batch]:
-        return [(self.val_x[s], self.val_y[s])
-                for s in eval_slices(len(self.val_y), micro_batch_size, rank, world)]
+        return [(self.val_x[s], self.val_y[s]) for s in eval_slices(len(self.val_y), micro_batch_size, rank, world)]
 
     def units_per_batch(self, batch: Batch) -> int:
         return batch[0].shape[0]

@@ -18,6 +18,7 @@ Tokenizers:
   its vocabulary file on first use (or reads it from TIKTOKEN_CACHE_DIR), so it needs the network
   once; it is not a dependency of opt_study (`pip install tiktoken`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,15 +53,20 @@ def gpt2_tokenizer() -> Tokenizer:
     try:
         import tiktoken
     except ImportError:
-        raise SystemExit("the gpt2 tokenizer needs tiktoken (`pip install tiktoken`; it downloads GPT-2's "
-                         "vocabulary once, or reads TIKTOKEN_CACHE_DIR); or use --tokenizer bytes") from None
+        raise SystemExit(
+            "the gpt2 tokenizer needs tiktoken (`pip install tiktoken`; it downloads GPT-2's "
+            "vocabulary once, or reads TIKTOKEN_CACHE_DIR); or use --tokenizer bytes"
+        ) from None
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # noqa: BLE001 - offline, tiktoken raises requests/urllib errors
-        raise SystemExit(f"tiktoken could not load the gpt2 vocabulary ({type(e).__name__}: {e}); "
-                         f"it needs the network once or a filled TIKTOKEN_CACHE_DIR") from None
-    return Tokenizer("gpt2", enc.n_vocab, enc.eot_token,
-                     lambda text: np.asarray(enc.encode_ordinary(text), dtype=TOKEN_DTYPE))
+        raise SystemExit(
+            f"tiktoken could not load the gpt2 vocabulary ({type(e).__name__}: {e}); "
+            f"it needs the network once or a filled TIKTOKEN_CACHE_DIR"
+        ) from None
+    return Tokenizer(
+        "gpt2", enc.n_vocab, enc.eot_token, lambda text: np.asarray(enc.encode_ordinary(text), dtype=TOKEN_DTYPE)
+    )
 
 
 TOKENIZERS = {"bytes": byte_tokenizer, "gpt2": gpt2_tokenizer}
@@ -109,8 +115,13 @@ def hf_documents(name: str, config: str | None, split: str, field: str, limit: i
         yield record[field]
 
 
-def prepare_token_files(documents: Iterable[str], out_dir: str | Path, tokenizer: str = "bytes",
-                        val_fraction: float = 0.0005, sources: list[str] | None = None) -> dict:
+def prepare_token_files(
+    documents: Iterable[str],
+    out_dir: str | Path,
+    tokenizer: str = "bytes",
+    val_fraction: float = 0.0005,
+    sources: list[str] | None = None,
+) -> dict:
     """Tokenize `documents` into out_dir/{train,val}.bin and meta.json; returns the meta dict.
 
     Streams: at most CHUNK_TOKENS tokens are held in memory, and the split moves only the
@@ -136,9 +147,17 @@ def prepare_token_files(documents: Iterable[str], out_dir: str | Path, tokenizer
     os.truncate(tmp_train, (total - n_val) * np.dtype(TOKEN_DTYPE).itemsize)
     os.replace(tmp_train, out / "train.bin")
     os.replace(tmp_val, out / "val.bin")
-    meta = {"format": "uint16 token ids (nanoGPT)", "tokenizer": tok.name, "vocab_size": tok.vocab_size,
-            "eot_token": tok.eot, "documents": n_docs, "train_tokens": total - n_val, "val_tokens": n_val,
-            "val_fraction": val_fraction, "sources": sources or []}
+    meta = {
+        "format": "uint16 token ids (nanoGPT)",
+        "tokenizer": tok.name,
+        "vocab_size": tok.vocab_size,
+        "eot_token": tok.eot,
+        "documents": n_docs,
+        "train_tokens": total - n_val,
+        "val_tokens": n_val,
+        "val_fraction": val_fraction,
+        "sources": sources or [],
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -192,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(meta, indent=1))
-    print(f"use in a study: workload: {{type: gpt2, data_dir: {Path(a.out).resolve()}, "
-          f"vocab_size: {meta['vocab_size']}}}")
+    print(
+        f"use in a study: workload: {{type: gpt2, data_dir: {Path(a.out).resolve()}, vocab_size: {meta['vocab_size']}}}"
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ float64 copy of that same float32 matrix and `spectrum` its float64 eigenvalues,
 forms built from `A` describe the trained function up to float32 rounding of the arithmetic
 only; `spectrum` equals the nominal log-spaced λ to float32 rounding of A's entries.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ class QuadraticConfig:
         if not 0.0 < self.lambda_min < math.inf:
             raise FieldError("lambda_min", f"must be a positive finite number, got {self.lambda_min!r}")
         if not self.lambda_min <= self.lambda_max < math.inf:
-            raise FieldError("lambda_max", f"must be finite and >= lambda_min={self.lambda_min}, "
-                                           f"got {self.lambda_max!r}")
+            raise FieldError(
+                "lambda_max", f"must be finite and >= lambda_min={self.lambda_min}, got {self.lambda_max!r}"
+            )
         if not 0.0 <= self.noise < math.inf:
             raise FieldError("noise", f"must be a finite number >= 0, got {self.noise!r}")
         if not 0.0 <= self.init_scale < math.inf:
@@ -80,8 +82,7 @@ class QuadraticWorkload(Workload):
         # (Mezzadri 2007, https://arxiv.org/abs/math-ph/0609050).
         q, r = torch.linalg.qr(torch.randn(cfg.dim, cfg.dim, generator=g, dtype=torch.float64))
         q = q * torch.sign(torch.diagonal(r))
-        lam = torch.logspace(math.log10(cfg.lambda_min), math.log10(cfg.lambda_max), cfg.dim,
-                             dtype=torch.float64)
+        lam = torch.logspace(math.log10(cfg.lambda_min), math.log10(cfg.lambda_max), cfg.dim, dtype=torch.float64)
         a = (q * lam) @ q.T
         self.A32 = ((a + a.T) / 2).to(torch.float32)  # exactly symmetric after element-wise rounding
         self.A = self.A32.to(torch.float64)

@@ -17,6 +17,7 @@ pixels, take a random 32×32 crop, flip horizontally with probability 1/2. All r
 from the batch's local generator. Pixels are normalised per channel by the training set's
 mean and standard deviation, computed exactly from pixel-value histograms.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,11 @@ class ResNetCifarConfig:
 
     def __post_init__(self):
         blocks = tuple(self.blocks)
-        if not blocks or len(blocks) > 8 or any(
-                isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 64 for b in blocks):
+        if (
+            not blocks
+            or len(blocks) > 8
+            or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 64 for b in blocks)
+        ):
             raise FieldError("blocks", f"must be 1 to 8 integers in [1, 64], got {self.blocks!r}")
         object.__setattr__(self, "blocks", blocks)
         for name, lo, hi in (("width", 1, 4096), ("num_classes", 2, 256), ("eval_samples", 1, 1 << 24)):
@@ -70,8 +74,10 @@ def read_cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except OSError as e:
         raise FieldError("data_dir", f"cannot read {str(path)!r}: {e.strerror or e}") from None
     if raw.size == 0 or raw.size % RECORD_BYTES:
-        raise FieldError("data_dir", f"{str(path)!r} has {raw.size} bytes, not a whole number of "
-                                     f"{RECORD_BYTES}-byte CIFAR-10 records")
+        raise FieldError(
+            "data_dir",
+            f"{str(path)!r} has {raw.size} bytes, not a whole number of {RECORD_BYTES}-byte CIFAR-10 records",
+        )
     records = raw.reshape(-1, RECORD_BYTES)
     return records[:, 1:].reshape(-1, CHANNELS, SIDE, SIDE), records[:, 0].astype(np.int64)
 
@@ -89,8 +95,7 @@ def channel_stats(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         mean.append(m)
         std.append(max(np.sqrt(counts @ (values - m) ** 2 / counts.sum()), 1e-3))
     shape = (1, images.shape[1], 1, 1)
-    return (torch.tensor(mean, dtype=torch.float32).view(shape),
-            torch.tensor(std, dtype=torch.float32).view(shape))
+    return (torch.tensor(mean, dtype=torch.float32).view(shape), torch.tensor(std, dtype=torch.float32).view(shape))
 
 
 def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -103,8 +108,7 @@ def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     rows = (offsets[:, 0:1] + ar)[:, None, :, None]  # [b, 1, 32, 1]
     cols = offsets[:, 1:2] + ar
     cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, None, :]  # [b, 1, 1, 32]
-    return padded[torch.arange(b)[:, None, None, None], torch.arange(CHANNELS)[None, :, None, None],
-                  rows, cols]
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(CHANNELS)[None, :, None, None], rows, cols]
 
 
 class BasicBlock(nn.Module):
@@ -118,8 +122,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -136,7 +139,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(w)
         stages, c_in = [], w
         for s, n in enumerate(cfg.blocks):
-            c_out = w * 2 ** s
+            c_out = w * 2**s
             for i in range(n):
                 stages.append(BasicBlock(c_in, c_out, stride=2 if s > 0 and i == 0 else 1))
                 c_in = c_out
@@ -174,8 +177,11 @@ class ResNetCifarWorkload(Workload):
         test_x, test_y = read_cifar_binary(d / TEST_FILE)
         for name, y in (("training", train_y), ("test", test_y)):
             if int(y.max()) >= cfg.num_classes:
-                raise FieldError("num_classes", f"the {name} labels in {cfg.data_dir} go up to {int(y.max())}; "
-                                                f"num_classes must be > {int(y.max())}, got {cfg.num_classes}")
+                raise FieldError(
+                    "num_classes",
+                    f"the {name} labels in {cfg.data_dir} go up to {int(y.max())}; "
+                    f"num_classes must be > {int(y.max())}, got {cfg.num_classes}",
+                )
         self.mean, self.std = channel_stats(train_x)
         self.train_x, self.train_y = torch.from_numpy(train_x), torch.from_numpy(train_y)
         n_eval = min(cfg.eval_samples, len(test_y))
@@ -200,8 +206,10 @@ class ResNetCifarWorkload(Workload):
         return F.cross_entropy(model(images).float(), labels)
 
     def eval_batches(self, micro_batch_size: int, rank: int, world: int) -> list[Batch]:
-        return [(self._normalise(self.test_x[s]), self.test_y[s])
-                for s in eval_slices(len(self.test_y), micro_batch_size, rank, world)]
+        return [
+            (self._normalise(self.test_x[s]), self.test_y[s])
+            for s in eval_slices(len(self.test_y), micro_batch_size, rank, world)
+        ]
 
     def units_per_batch(self, batch: Batch) -> int:
         return batch[0].shape[0]

@@ -11,6 +11,7 @@ Tokens are raw bytes (vocabulary 256) of `corpus`: "builtin" is the frozen file
 `opt_study/workloads/data/corpus.txt` shipped in the package, anything else a path to a UTF-8
 text file. The last `val_fraction` of the bytes is held out for evaluation.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,7 @@ class TinyLMConfig:
     val_fraction: float = 0.1  # the last fraction of the corpus, held out
 
     def __post_init__(self):
-        for name, lo, hi in (("layers", 1, 256), ("heads", 1, 1024), ("width", 1, 65536),
-                             ("context", 1, 1 << 20)):
+        for name, lo, hi in (("layers", 1, 256), ("heads", 1, 1024), ("width", 1, 65536), ("context", 1, 1 << 20)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise FieldError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
@@ -99,8 +99,9 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
         self.attn = CausalSelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
-                                 nn.Linear(4 * cfg.width, cfg.width), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(), nn.Linear(4 * cfg.width, cfg.width), nn.Dropout(cfg.dropout)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -148,12 +149,14 @@ class TinyLMWorkload(Workload):
         super().__init__(cfg, seed)
         data = torch.frombuffer(bytearray(load_corpus(cfg.corpus)), dtype=torch.uint8)
         n_val = int(len(data) * cfg.val_fraction)
-        self.train_data, self.val_data = data[: len(data) - n_val], data[len(data) - n_val:]
+        self.train_data, self.val_data = data[: len(data) - n_val], data[len(data) - n_val :]
         window = cfg.context + 1
         for part, tensor in (("training", self.train_data), ("validation", self.val_data)):
             if len(tensor) < window:
-                raise FieldError("corpus", f"its {part} part has {len(tensor)} bytes, fewer than one "
-                                           f"window of context + 1 = {window}")
+                raise FieldError(
+                    "corpus",
+                    f"its {part} part has {len(tensor)} bytes, fewer than one window of context + 1 = {window}",
+                )
         # Evaluation windows: consecutive, non-overlapping spans of context + 1 bytes of the
         # validation part, in order; fixed by the corpus alone.
         n_win = len(self.val_data) // window

@@ -8,6 +8,7 @@ every raw sum, loss and derived metric against `opt_study.measure.reference` at 
 (teacher forcing, docs/METRICS.md §Correctness contract). Rank 0 writes the findings as JSON;
 pytest asserts on them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,12 +21,12 @@ import time
 import torch
 
 from opt_study import distributed
-from opt_study.validate import parse_study
 from opt_study.measure import names, reference
 from opt_study.measure.hook import StepMeasurer
 from opt_study.measure.shards import ShardView
 from opt_study.plan import TrialPlan
 from opt_study.trial.loop import run_trial
+from opt_study.validate import parse_study
 
 
 def full_params(engine, stage: int, precision: str = "fp32") -> torch.Tensor:
@@ -53,19 +54,31 @@ def engine_snapshot(engine, stage: int, precision: str = "fp32") -> dict:
     gradient bookkeeping. Deep copies, compared exactly."""
     opt = engine.optimizer
     client = getattr(opt, "optimizer", opt)
-    state = {f"{i}.{k}": v.detach().clone() if torch.is_tensor(v) else v
-             for i, st in enumerate(client.state.values()) for k, v in st.items()}
-    snap = {"state": state, "rng": torch.get_rng_state().clone(),
-            "counters": (engine.global_steps, engine.micro_steps, engine.global_samples,
-                         engine.is_gradient_accumulation_boundary(), getattr(opt, "micro_step_id", None)),
-            "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()},
-            "params": full_params(engine, stage, precision),
-            # the weights the forward reads (bf16 copies under bf16), not only the masters
-            "weights": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
-            "lr": [g["lr"] for g in client.param_groups]}
+    state = {
+        f"{i}.{k}": v.detach().clone() if torch.is_tensor(v) else v
+        for i, st in enumerate(client.state.values())
+        for k, v in st.items()
+    }
+    snap = {
+        "state": state,
+        "rng": torch.get_rng_state().clone(),
+        "counters": (
+            engine.global_steps,
+            engine.micro_steps,
+            engine.global_samples,
+            engine.is_gradient_accumulation_boundary(),
+            getattr(opt, "micro_step_id", None),
+        ),
+        "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()},
+        "params": full_params(engine, stage, precision),
+        # the weights the forward reads (bf16 copies under bf16), not only the masters
+        "weights": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+        "lr": [g["lr"] for g in client.param_groups],
+    }
     if stage in (1, 2, 3):
-        snap["avg_grads"] = sorted(k for k, v in (getattr(opt, "averaged_gradients", {}) or {}).items()
-                                   if v is not None)
+        snap["avg_grads"] = sorted(
+            k for k, v in (getattr(opt, "averaged_gradients", {}) or {}).items() if v is not None
+        )
     if stage == 0:
         snap["grads"] = [p.grad is None for p in engine.module.parameters()]
     return snap
@@ -125,8 +138,7 @@ class RecordingMeasurer(StepMeasurer):
         row = super().end(step, loss_local, loss_fn, **kw)
         if before is not None:  # the probe ran inside end(): nothing of the engine may differ
             self.rec["probe_state_diff"] = diff_snapshots(before, engine_snapshot(self.engine, stage, precision))
-        train = torch.tensor([float(loss_local) / self.info.world_size], dtype=torch.float64,
-                             device=self.engine.device)
+        train = torch.tensor([float(loss_local) / self.info.world_size], dtype=torch.float64, device=self.engine.device)
         distributed.all_reduce_sum(train)  # the training forward's own loss (bf16 under bf16)
         self.rec["train_loss"] = float(train[0])
         kept = [self.x_t, self.g_t, self.x0, self.prev_delta, self.prev_g]
@@ -148,20 +160,36 @@ class RecordingMeasurer(StepMeasurer):
 
 # ------------------------------------------------------------------------------------- checks
 def spec_for(case: dict, storage: str):
-    wl = {"tiny_lm": {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16, "dropout": 0.1},
-          "mlp_classify": {"type": "mlp_classify", "dataset": "digits", "hidden": [32], "dropout": 0.0}}[case["workload"]]
-    return parse_study({
-        "study": {"name": f"h{case['id']}", "storage": storage},
-        "workload": wl,
-        "scale": {"workers": distributed.world_size(), "zero_stage": case["stage"], "micro_batch_size": 4,
-                  "precision": case.get("precision", "fp32"),
-                  "grad_accum": case["gas"], "launcher": "worker_group" if distributed.world_size() > 1 else "auto"},
-        "training": {"steps": case.get("steps", 5), "eval_every": case.get("steps", 5),
-                     "grad_clip": case.get("clip")},
-        "optimizers": [{"name": case.get("opt", "adamw"), "params": {"lr": 0.01}}],
-        "measure": {"every": case.get("every", 1), "norms": True, "noise_scale": True,
-                    "probe_s": case.get("probe_s", "1")},
-    })
+    wl = {
+        "tiny_lm": {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16, "dropout": 0.1},
+        "mlp_classify": {"type": "mlp_classify", "dataset": "digits", "hidden": [32], "dropout": 0.0},
+    }[case["workload"]]
+    return parse_study(
+        {
+            "study": {"name": f"h{case['id']}", "storage": storage},
+            "workload": wl,
+            "scale": {
+                "workers": distributed.world_size(),
+                "zero_stage": case["stage"],
+                "micro_batch_size": 4,
+                "precision": case.get("precision", "fp32"),
+                "grad_accum": case["gas"],
+                "launcher": "worker_group" if distributed.world_size() > 1 else "auto",
+            },
+            "training": {
+                "steps": case.get("steps", 5),
+                "eval_every": case.get("steps", 5),
+                "grad_clip": case.get("clip"),
+            },
+            "optimizers": [{"name": case.get("opt", "adamw"), "params": {"lr": 0.01}}],
+            "measure": {
+                "every": case.get("every", 1),
+                "norms": True,
+                "noise_scale": True,
+                "probe_s": case.get("probe_s", "1"),
+            },
+        }
+    )
 
 
 def reference_loss_grad(spec, x: torch.Tensor, step: int, world: int):
@@ -175,8 +203,9 @@ def reference_loss_grad(spec, x: torch.Tensor, step: int, world: int):
     params = [p for p in model.parameters() if p.requires_grad]
     total, g, small = 0.0, None, 0.0
     for idx in range(n):
-        batch = tuple(t.double() if t.is_floating_point() else t
-                      for t in wl.train_batch(step, idx, spec.scale.micro_batch_size))
+        batch = tuple(
+            t.double() if t.is_floating_point() else t for t in wl.train_batch(step, idx, spec.scale.micro_batch_size)
+        )
         loss = wl.loss(model, batch)
         gi = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
         total, g, small = total + float(loss) / n, gi / n if g is None else g + gi / n, small + float(gi @ gi) / n
@@ -266,32 +295,56 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         put("loss_probe_vs_fp64", rel(row["loss_probe"], lref_p, abs(lref_p)))
         put("grad_probe_vs_fp64", float((r["g_plus"] - gref_p).norm() / gref_p.norm()))
     d_prev = (prev["x_next"] - prev["x"]) if prev else None
-    ref = reference.reference_sums(x=x, g=g, delta=delta, g_plus=r["g_plus"], x0=x0,
-                                   delta_prev=d_prev, g_prev=prev["g"] if prev else None)
-    norms = {"g": g.norm(), "delta": delta.norm(), "x": x.norm(), "g_plus": r["g_plus"].norm(),
-             "x_minus_x0": (x - x0).norm(), "gp_minus_g": (r["g_plus"] - g).norm(),
-             "delta_prev": d_prev.norm() if d_prev is not None else None,
-             "g_prev": prev["g"].norm() if prev else None}
+    ref = reference.reference_sums(
+        x=x, g=g, delta=delta, g_plus=r["g_plus"], x0=x0, delta_prev=d_prev, g_prev=prev["g"] if prev else None
+    )
+    norms = {
+        "g": g.norm(),
+        "delta": delta.norm(),
+        "x": x.norm(),
+        "g_plus": r["g_plus"].norm(),
+        "x_minus_x0": (x - x0).norm(),
+        "gp_minus_g": (r["g_plus"] - g).norm(),
+        "delta_prev": d_prev.norm() if d_prev is not None else None,
+        "g_prev": prev["g"].norm() if prev else None,
+    }
     for name in names.SUM_NAMES:  # every raw sum (a new one without operands below: KeyError)
         a, b = SUM_OPERANDS[name]
         if name not in ref or (norms[a] is None or norms[b] is None):
             continue
         put(name, rel(row[name], ref[name], float(norms[a] * norms[b])))
-    mref = reference.reference_metrics(x=x, g=g, delta=delta, g_plus=r["g_plus"],
-                                       delta_prev=d_prev, g_prev=prev["g"] if prev else None,
-                                       loss=row["loss"], loss_probe=row["loss_probe"], probe_s=s,
-                                       precision=spec.scale.precision,
-                                       loss_precision=row["loss_precision"])
+    mref = reference.reference_metrics(
+        x=x,
+        g=g,
+        delta=delta,
+        g_plus=r["g_plus"],
+        delta_prev=d_prev,
+        g_prev=prev["g"] if prev else None,
+        loss=row["loss"],
+        loss_probe=row["loss_probe"],
+        probe_s=s,
+        precision=spec.scale.precision,
+        loss_precision=row["loss_precision"],
+    )
     for k in ("cls_convexity_fwd", "cls_convexity_bwd", "flag"):
         put(f"{k}_mismatch", float(row.get(k) != mref.get(k)))
     ell = abs(row["loss"])
     gd = float(g.norm() * delta.norm()) + float(r["g_plus"].norm() * delta.norm())
     dd = float(delta.norm()) ** 2
-    scales = {"loss_change": ell, "convexity_gap_fwd": ell + gd, "convexity_gap_bwd": ell + gd,
-              "trapezoid_residual": ell + gd, "smoothness_local": abs(mref["smoothness_local"] or 1),
-              "smoothness_descent": 2 * gd / dd if dd else 1, "curvature_secant": 2 * gd / dd if dd else 1,
-              "step_alpha": 1.0, "cos_grad_update": 1.0, "cos_update_prev": 1.0, "cos_grad_prev": 1.0,
-              "noise_floor": abs(mref["noise_floor"] or 1)}
+    scales = {
+        "loss_change": ell,
+        "convexity_gap_fwd": ell + gd,
+        "convexity_gap_bwd": ell + gd,
+        "trapezoid_residual": ell + gd,
+        "smoothness_local": abs(mref["smoothness_local"] or 1),
+        "smoothness_descent": 2 * gd / dd if dd else 1,
+        "curvature_secant": 2 * gd / dd if dd else 1,
+        "step_alpha": 1.0,
+        "cos_grad_update": 1.0,
+        "cos_update_prev": 1.0,
+        "cos_grad_prev": 1.0,
+        "noise_floor": abs(mref["noise_floor"] or 1),
+    }
     for k in names.DERIVED_NAMES:  # every derived metric; the norms are checked above
         if k in names.NORM_NAMES:
             continue
@@ -302,37 +355,54 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         put(k, rel(a, b, scales.get(k, abs(b) if b else 1.0)))
 
 
-SUM_OPERANDS = {"sq_grad": ("g", "g"), "sq_grad_probe": ("g_plus", "g_plus"), "sq_update": ("delta", "delta"),
-                "sq_param": ("x", "x"), "sq_dist_init": ("x_minus_x0", "x_minus_x0"),
-                "ip_grad_update": ("g", "delta"), "ip_probe_update": ("g_plus", "delta"),
-                "sq_grad_diff": ("gp_minus_g", "gp_minus_g"), "ip_param_update": ("x", "delta"),
-                "ip_param_grad": ("x", "g"), "ip_update_prev": ("delta", "delta_prev"),
-                "ip_grad_prev": ("g", "g_prev"), "sq_update_prev": ("delta_prev", "delta_prev"),
-                "sq_grad_prev": ("g_prev", "g_prev")}
+SUM_OPERANDS = {
+    "sq_grad": ("g", "g"),
+    "sq_grad_probe": ("g_plus", "g_plus"),
+    "sq_update": ("delta", "delta"),
+    "sq_param": ("x", "x"),
+    "sq_dist_init": ("x_minus_x0", "x_minus_x0"),
+    "ip_grad_update": ("g", "delta"),
+    "ip_probe_update": ("g_plus", "delta"),
+    "sq_grad_diff": ("gp_minus_g", "gp_minus_g"),
+    "ip_param_update": ("x", "delta"),
+    "ip_param_grad": ("x", "g"),
+    "ip_update_prev": ("delta", "delta_prev"),
+    "ip_grad_prev": ("g", "g_prev"),
+    "sq_update_prev": ("delta_prev", "delta_prev"),
+    "sq_grad_prev": ("g_prev", "g_prev"),
+}
 
 
 def run_case(case: dict, storage: str) -> dict:
     spec = spec_for(case, storage)
-    plan = TrialPlan(trial_id=f"c{case['id']}", label="x", optimizer=case.get("opt", "adamw"),
-                     hparams={"lr": 0.01}, seed=0, index=0)
+    plan = TrialPlan(
+        trial_id=f"c{case['id']}", label="x", optimizer=case.get("opt", "adamw"), hparams={"lr": 0.01}, seed=0, index=0
+    )
     t0 = time.time()
     RecordingMeasurer.reference_fn = reference_losses_fn(spec)
     with zero_config(case.get("zero")):
         run_trial(spec, plan, report=lambda m: None, measurer_cls=RecordingMeasurer)
     m = RecordingMeasurer.last
-    out = {"case": case, "seconds": time.time() - t0, "steps": len(m.log),
-           "measured": sum(1 for r in m.log if r["row"].get("measured")),
-           "errors": check_case(case, m.log, spec),
-           "final_x": m.log[-1]["x_next"].tolist() if case.get("keep_final") else None,
-           "losses": [r["row"]["loss"] for r in m.log],
-           "train_losses": [r["train_loss"] for r in m.log],
-           # how far the stored (fp32 re-evaluated) loss is from the training forward's own
-           "train_loss_gap": max(abs(r["row"]["loss"] - r["train_loss"]) / abs(r["train_loss"])
-                                 for r in m.log if r["row"].get("measured")) if m.log[-1]["row"].get("measured") else None,
-           "probe_s": [r["row"].get("probe_s") for r in m.log],
-           "probe_state_diff": sorted({d for r in m.log for d in r.get("probe_state_diff", [])})[:10],
-           "kept_ratio": max(r["kept_numel"] / max(r["local_numel"], 1) for r in m.log),
-           "local_fraction": m.log[0]["local_numel"] / m.log[0]["x"].numel()}
+    out = {
+        "case": case,
+        "seconds": time.time() - t0,
+        "steps": len(m.log),
+        "measured": sum(1 for r in m.log if r["row"].get("measured")),
+        "errors": check_case(case, m.log, spec),
+        "final_x": m.log[-1]["x_next"].tolist() if case.get("keep_final") else None,
+        "losses": [r["row"]["loss"] for r in m.log],
+        "train_losses": [r["train_loss"] for r in m.log],
+        # how far the stored (fp32 re-evaluated) loss is from the training forward's own
+        "train_loss_gap": max(
+            abs(r["row"]["loss"] - r["train_loss"]) / abs(r["train_loss"]) for r in m.log if r["row"].get("measured")
+        )
+        if m.log[-1]["row"].get("measured")
+        else None,
+        "probe_s": [r["row"].get("probe_s") for r in m.log],
+        "probe_state_diff": sorted({d for r in m.log for d in r.get("probe_state_diff", [])})[:10],
+        "kept_ratio": max(r["kept_numel"] / max(r["local_numel"], 1) for r in m.log),
+        "local_fraction": m.log[0]["local_numel"] / m.log[0]["x"].numel(),
+    }
     return out
 
 
@@ -349,6 +419,7 @@ def zero_config(extra: dict | None):
         cfg = orig(*a, **kw)
         cfg["zero_optimization"].update(extra or {})
         return cfg
+
     engine_mod.ds_config = patched
     try:
         yield
@@ -366,6 +437,7 @@ def run_cases(out_path: str, cases: list[dict], storage: str, run) -> None:
             results.append(run(case, storage))
         except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest
             import traceback
+
             results.append({"case": case, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
     if distributed.rank() == 0:
         with open(out_path, "w") as f:

@@ -8,6 +8,7 @@ process (the oracle); the engine's reduced gradient is also gathered (DeepSpeed'
 `safe_get_full_grad`, an independent path) for teacher-forced checks of the sums. Rank 0 writes
 scale-aware errors as JSON; tests/multirank/test_replay.py asserts on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ class SnapshotMeasurer(StepMeasurer):
         self.full = {0: full_params(engine, self.stage)}
         self.saver = None
         if not TRIAL_SAVES:
-            self.saver = snapshots.SnapshotSaver(self.study_dir, self.trial_id, self.view, info.zero_stage,
-                                                 info.precision, cfg.snapshot_every)
+            self.saver = snapshots.SnapshotSaver(
+                self.study_dir, self.trial_id, self.view, info.zero_stage, info.precision, cfg.snapshot_every
+            )
             self.saver.save_initial()
         SnapshotMeasurer.last = self
 
@@ -75,16 +77,27 @@ def spec_for(case: dict, storage: str):
 
 
 def spec_doc(case: dict, storage: str) -> dict:
-    wl = {"mlp": {"type": "mlp_classify", "dataset": "digits", "hidden": [15], "dropout": 0.1,
-                  "val_fraction": case.get("val_fraction", 0.1)},
-          "quadratic": {"type": "quadratic", "dim": 16, "cols": 4, "noise": 0.3}}[case["workload"]]
+    wl = {
+        "mlp": {
+            "type": "mlp_classify",
+            "dataset": "digits",
+            "hidden": [15],
+            "dropout": 0.1,
+            "val_fraction": case.get("val_fraction", 0.1),
+        },
+        "quadratic": {"type": "quadratic", "dim": 16, "cols": 4, "noise": 0.3},
+    }[case["workload"]]
     steps = case["steps"]
     return {
         "study": {"name": f"r{case['id']}", "storage": storage},
         "workload": wl,
-        "scale": {"workers": distributed.world_size(), "zero_stage": case["stage"],
-                  "micro_batch_size": case.get("mbs", 8), "grad_accum": 1,
-                  "launcher": "worker_group" if distributed.world_size() > 1 else "auto"},
+        "scale": {
+            "workers": distributed.world_size(),
+            "zero_stage": case["stage"],
+            "micro_batch_size": case.get("mbs", 8),
+            "grad_accum": 1,
+            "launcher": "worker_group" if distributed.world_size() > 1 else "auto",
+        },
         "training": {"steps": steps, "eval_every": steps},
         "optimizers": [{"name": "adamw", "params": {"lr": case.get("lr", 0.05)}}],
         "measure": {"every": 0, "snapshot_every": case["every"]},
@@ -118,8 +131,9 @@ def oracle(spec, x: torch.Tensor, world: int):
     params = [p for p in model.parameters() if p.requires_grad]
     torch.nn.utils.vector_to_parameters(x.clone(), params)
     batches = [b for r in range(world) for b in wl.eval_batches(spec.scale.micro_batch_size, r, world)]
-    loss = sum(wl.loss(model, tuple(t.double() if t.is_floating_point() else t for t in b))
-               for b in batches) / len(batches)
+    loss = sum(wl.loss(model, tuple(t.double() if t.is_floating_point() else t for t in b)) for b in batches) / len(
+        batches
+    )
     grads = torch.autograd.grad(loss, params)
     return float(loss), torch.cat([g.reshape(-1) for g in grads]), wl
 
@@ -187,17 +201,22 @@ def exact_hessian(spec, x, world) -> torch.Tensor:
     model = wl.build_model().double().eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
-    batches = [tuple(t.double() if t.is_floating_point() else t for t in b)
-               for r in range(world) for b in wl.eval_batches(spec.scale.micro_batch_size, r, world)]
+    batches = [
+        tuple(t.double() if t.is_floating_point() else t for t in b)
+        for r in range(world)
+        for b in wl.eval_batches(spec.scale.micro_batch_size, r, world)
+    ]
 
     def f(flat):
         ps, off = {}, 0
         for n, s in zip(names, shapes):
             k = math.prod(s)
-            ps[n] = flat[off:off + k].reshape(s)
+            ps[n] = flat[off : off + k].reshape(s)
             off += k
-        return sum(wl.loss(lambda inp: torch.func.functional_call(model, ps, (inp,)), b)
-                   for b in batches) / len(batches)
+        return sum(wl.loss(lambda inp: torch.func.functional_call(model, ps, (inp,)), b) for b in batches) / len(
+            batches
+        )
+
     return torch.autograd.functional.hessian(f, x.clone())
 
 
@@ -205,8 +224,7 @@ def exact_hessian(spec, x, world) -> torch.Tensor:
 def run_case(case: dict, storage: str) -> dict:
     spec = spec_for(case, storage)
     tid = f"t{case['id']}"
-    plan = TrialPlan(trial_id=tid, label="x", optimizer="adamw", hparams={"lr": case.get("lr", 0.05)},
-                     seed=0, index=0)
+    plan = TrialPlan(trial_id=tid, label="x", optimizer="adamw", hparams={"lr": case.get("lr", 0.05)}, seed=0, index=0)
     SnapshotMeasurer.study_dir, SnapshotMeasurer.trial_id = spec.study_dir, tid
     if distributed.rank() == 0:
         (spec.study_dir / "plan.json").write_text(json.dumps([plan.as_dict()]))
@@ -225,8 +243,13 @@ def run_case(case: dict, storage: str) -> dict:
         t1 = time.time()
         rows = replay_rank(spec, plan, spec.study_dir, case.get("reference", "final"), hess, on_grad=on_grad)
         t2 = time.time()
-    out = {"case": case, "train_s": t1 - t0, "replay_s": t2 - t1,
-           "steps": snapshots.committed_steps(spec.study_dir, tid), "n_rows": len(rows)}
+    out = {
+        "case": case,
+        "train_s": t1 - t0,
+        "replay_s": t2 - t1,
+        "steps": snapshots.committed_steps(spec.study_dir, tid),
+        "n_rows": len(rows),
+    }
     if distributed.rank() == 0:
         stored = read_replay(spec.study_dir, tid, case.get("reference", "final")).to_pylist()
         out["stored_equals_returned"] = [{k: s[k] for k in r} for s, r in zip(stored, rows)] == rows

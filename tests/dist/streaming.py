@@ -1,5 +1,6 @@
 """A RecordingMeasurer (tests/dist/harness.py) that checks each step as it ends, for models too big
 to keep every step's gathered tensors: benchmarks/bench_gpu.py's `check` mode (GPT-2 small)."""
+
 from __future__ import annotations
 
 from harness import RecordingMeasurer, check_step
@@ -33,4 +34,3 @@ class StreamingChecker(RecordingMeasurer):
         if prev is not None:
             self.log[-2] = {"row": prev["row"], "train_loss": prev["train_loss"]}
         return row
-

@@ -15,6 +15,7 @@ evaluation. Besides the sweep, three checks of the declarations:
   float64 loss at the averaged iterate x (and differs from the loss at y).
 Rank 0 writes the findings as JSON; tests/multirank/test_optim_multirank.py asserts on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ def cases(names: list[str] | None = None) -> list[dict]:
     out = []
     for name, e in optim.OPTIMIZERS.items():
         if names is None or name in names:
-            out += [{"opt": name, "stage": s, "prec": p} for s, p in sorted(e.combos, key=_combo_order)
-                    if p in optim.CPU_PRECISIONS]
+            out += [
+                {"opt": name, "stage": s, "prec": p}
+                for s, p in sorted(e.combos, key=_combo_order)
+                if p in optim.CPU_PRECISIONS
+            ]
     return out
 
 
@@ -52,15 +56,22 @@ def _combo_order(c: tuple[int, str]) -> tuple[int, int]:
 
 
 def spec_for(opt: str, stage: int, steps: int, storage: str, tag: str, precision: str = "fp32"):
-    return parse_study({
-        "study": {"name": f"zoo-{tag}", "storage": storage},
-        "workload": {"type": "quadratic"},
-        "scale": {"workers": distributed.world_size(), "zero_stage": stage, "micro_batch_size": WORLD_MBS,
-                  "launcher": "worker_group", "precision": precision},
-        "training": {"steps": steps, "eval_every": steps},
-        "optimizers": [{"name": opt}],
-        "measure": {"every": 0},
-    })
+    return parse_study(
+        {
+            "study": {"name": f"zoo-{tag}", "storage": storage},
+            "workload": {"type": "quadratic"},
+            "scale": {
+                "workers": distributed.world_size(),
+                "zero_stage": stage,
+                "micro_batch_size": WORLD_MBS,
+                "launcher": "worker_group",
+                "precision": precision,
+            },
+            "training": {"steps": steps, "eval_every": steps},
+            "optimizers": [{"name": opt}],
+            "measure": {"every": 0},
+        }
+    )
 
 
 class ZooMeasurer(StepMeasurer):
@@ -120,9 +131,17 @@ def run_case(opt: str, stage: int, storage: str, tag: str, steps: int = 3, preci
     t0 = time.time()
     summary = run_trial(spec, plan, report=reports.append, measurer_cls=ZooMeasurer)
     m = ZooMeasurer.last
-    return {"opt": opt, "stage": stage, "prec": precision, "seconds": time.time() - t0, "losses": m.losses,
-            "eval_loss": reports[-1]["eval_loss"] if reports else math.nan, "status": summary["status"],
-            "x_train": m.x_train, "x_eval": m.x_eval}
+    return {
+        "opt": opt,
+        "stage": stage,
+        "prec": precision,
+        "seconds": time.time() - t0,
+        "losses": m.losses,
+        "eval_loss": reports[-1]["eval_loss"] if reports else math.nan,
+        "status": summary["status"],
+        "x_train": m.x_train,
+        "x_eval": m.x_eval,
+    }
 
 
 def quadratic_loss_at(x: torch.Tensor, centres: torch.Tensor, a: torch.Tensor) -> float:
@@ -151,8 +170,9 @@ def lamb_zero2_guard() -> str:
 
     model = make_workload("quadratic", None, 0).build_model()
     client = optim.build_optimizer("lamb", model.parameters(), {})
-    scale = ScaleConfig(workers=distributed.world_size(), zero_stage=2, micro_batch_size=WORLD_MBS,
-                        launcher="worker_group")
+    scale = ScaleConfig(
+        workers=distributed.world_size(), zero_stage=2, micro_batch_size=WORLD_MBS, launcher="worker_group"
+    )
     eng, _ = engine_mod.build_engine(model, client, scale, None)
     try:
         optim.check_model_shapes(client, eng.module)
@@ -175,6 +195,7 @@ def main() -> None:
                 results.append(r)
             except Exception as e:  # noqa: BLE001 - recorded and asserted on by pytest
                 import traceback
+
                 results.append({**c, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
         if names is None:
             extra = checks(storage)
@@ -189,16 +210,19 @@ def checks(storage: str) -> dict:
     r = run_case("lamb", 0, storage, "lamb5", steps=5)
     ref = lamb_reference(5)
     x0 = make_workload("quadratic", None, 0).X0.double().reshape(-1)
-    out["lamb_equivalence"] = {"max_abs_diff": float((r["x_train"] - ref).abs().max()),
-                               "max_abs": float(ref.abs().max()),
-                               "moved": float((ref - x0).abs().max())}
+    out["lamb_equivalence"] = {
+        "max_abs_diff": float((r["x_train"] - ref).abs().max()),
+        "max_abs": float(ref.abs().max()),
+        "moved": float((ref - x0).abs().max()),
+    }
     out["lamb_zero2_guard"] = lamb_zero2_guard()
     r = run_case("schedulefree_adamw", 0, storage, "sfx", steps=3)
     wl = make_workload("quadratic", None, 0)
     out["schedulefree_eval_at_x"] = {
         "reported": r["eval_loss"],
         "at_x": quadratic_loss_at(r["x_eval"], wl.eval_centres, wl.A),
-        "at_y": quadratic_loss_at(r["x_train"], wl.eval_centres, wl.A)}
+        "at_y": quadratic_loss_at(r["x_train"], wl.eval_centres, wl.A),
+    }
     out["checks_seconds"] = time.time() - t0
     return out
 

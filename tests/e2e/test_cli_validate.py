@@ -9,6 +9,7 @@ Ray sessions are detected by pointing TMPDIR and RAY_TMPDIR at a private folder 
 empty but for torch's cache folder (comparing /tmp/ray before and after would race with other
 test runs on the machine), and by asking the helper process whether Ray is initialised.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,12 @@ def sandbox(tmp_path):
     cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
     cwd.mkdir()
     tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp), "RAY_TMPDIR": str(tmp),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "RAY_TMPDIR": str(tmp),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     yield cwd, env
     assert sorted(p.name for p in cwd.iterdir()) == [], "validate must not write anything"
     # Building a torch optimizer (the hyperparameter range check) imports torch._dynamo, which
@@ -75,8 +80,9 @@ def test_every_bad_file_is_one_error_line_and_exit_2(sandbox, tmp_path):
     (tmp_path / "generated").mkdir()
     generated = generated_bad_files(tmp_path / "generated")
     files = [str(p) for p in CORPUS] + [str(p) for p in generated.values()]
-    proc = subprocess.run([sys.executable, "-c", HELPER, *files], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", HELPER, *files], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert not report["ray_started"]

@@ -2,6 +2,7 @@
 cluster-config schema and install torch before opt_study; the KubeRay manifests mount the study
 and run `opt-study run` on it; the SLURM scripts are valid bash using the two Ray start patterns;
 the MLflow server uses PostgreSQL and binds loopback; the README walks through every file."""
+
 from __future__ import annotations
 
 import re
@@ -41,10 +42,20 @@ def walk(node):
 
 def test_the_folder_has_every_kind_of_file():
     names = {p.relative_to(CLUSTER).as_posix() for p in FILES}
-    assert {"README.md", "aws.yaml", "gcp.yaml", "docker/Dockerfile", "kuberay/raycluster.yaml",
-            "kuberay/rayjob.yaml", "kuberay/study-configmap.yaml", "kuberay/storage.yaml",
-            "slurm/symmetric_run.sbatch", "slurm/ray_cluster.sbatch", "mlflow/docker-compose.yaml",
-            "mlflow/run_server.sh"} <= names
+    assert {
+        "README.md",
+        "aws.yaml",
+        "gcp.yaml",
+        "docker/Dockerfile",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/study-configmap.yaml",
+        "kuberay/storage.yaml",
+        "slurm/symmetric_run.sbatch",
+        "slurm/ray_cluster.sbatch",
+        "mlflow/docker-compose.yaml",
+        "mlflow/run_server.sh",
+    } <= names
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(CLUSTER).as_posix())
@@ -82,14 +93,18 @@ def test_launcher_config_passes_rays_schema_and_installs_torch_first(name, provi
 # -------------------------------------------------------------------------------------- KubeRay
 def pod_specs(cluster_spec: dict) -> list[dict]:
     return [cluster_spec["headGroupSpec"]["template"]["spec"]] + [
-        g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
+        g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]
+    ]
 
 
 def check_ray_cluster_spec(spec: dict) -> None:
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["headGroupSpec"].get("serviceType") == "ClusterIP"
-    gpus = [c["resources"]["limits"].get("nvidia.com/gpu", 0)
-            for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    gpus = [
+        c["resources"]["limits"].get("nvidia.com/gpu", 0)
+        for g in spec["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+    ]
     assert gpus and max(gpus) == 8
     for pod in pod_specs(spec):
         claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
@@ -133,8 +148,11 @@ def test_image_installs_torch_before_opt_study():
     torch_at = next(i for i, line in enumerate(lines) if 'pip install --no-cache-dir "torch==' in line)
     pkg_at = next(i for i, line in enumerate(lines) if "pip install --no-cache-dir -e ." in line)
     assert torch_at < pkg_at
-    rules = [r for r in (CLUSTER / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
-             if r and not r.startswith("#")]
+    rules = [
+        r
+        for r in (CLUSTER / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+        if r and not r.startswith("#")
+    ]
     assert rules[0] == "*" and {"!pyproject.toml", "!README.md", "!opt_study/"} <= set(rules)
 
 
@@ -159,9 +177,19 @@ def test_symmetric_run_script():
 def test_classic_script_uses_per_job_port_ranges():
     text = (CLUSTER / "slurm" / "ray_cluster.sbatch").read_text()
     assert "ray start --head" in text and 'ray start --address="$RAY_ADDRESS"' in text
-    for flag in ("--min-worker-port", "--max-worker-port", "--node-manager-port", "--object-manager-port",
-                 "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--metrics-export-port",
-                 "--runtime-env-agent-port", "--ray-client-server-port", "--dashboard-port", "--temp-dir"):
+    for flag in (
+        "--min-worker-port",
+        "--max-worker-port",
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-grpc-port",
+        "--dashboard-agent-listen-port",
+        "--metrics-export-port",
+        "--runtime-env-agent-port",
+        "--ray-client-server-port",
+        "--dashboard-port",
+        "--temp-dir",
+    ):
         assert flag in text, flag
     assert "SLURM_JOB_ID % 220) * 100" in text and 'opt-study run "$STUDY"' in text
     # The block arithmetic stays below the ephemeral range for every job id.
@@ -183,7 +211,7 @@ def ray_flags(text: str) -> set[str]:
         while depth:
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        flags |= set(re.findall(r"(--[a-z][a-z-]+)", text[m.end():i]))
+        flags |= set(re.findall(r"(--[a-z][a-z-]+)", text[m.end() : i]))
     return flags
 
 
@@ -226,20 +254,41 @@ def test_plain_mlflow_script():
 
 
 # ------------------------------------------------------------------------------------------ README
-@pytest.mark.parametrize("path", [p for p in FILES if p.name != "README.md"],
-                         ids=lambda p: p.relative_to(CLUSTER).as_posix())
+@pytest.mark.parametrize(
+    "path", [p for p in FILES if p.name != "README.md"], ids=lambda p: p.relative_to(CLUSTER).as_posix()
+)
 def test_readme_names_every_file(path):
     assert f"`{path.relative_to(CLUSTER).as_posix()}`" in README
 
 
 def test_readme_walks_through_every_command():
-    for command in ("make install", "opt-study validate", "opt-study run", "--dry-run", "opt-study status",
-                    "python -m opt_study.workloads.prepare", "docker compose up", "run_server.sh",
-                    "ray up cluster/aws.yaml", "ray exec", "ray dashboard", "ray attach", "ray rsync-down",
-                    "ray down", "aws efs create-file-system", "aws ssm get-parameter", "gcloud filestore",
-                    "helm install kuberay-operator", "docker build", "kubectl apply -f cluster/kuberay/rayjob.yaml",
-                    "kubectl port-forward", "sbatch cluster/slurm/symmetric_run.sbatch",
-                    "sbatch cluster/slurm/ray_cluster.sbatch", "ssh -L", "mlflow_uri"):
+    for command in (
+        "make install",
+        "opt-study validate",
+        "opt-study run",
+        "--dry-run",
+        "opt-study status",
+        "python -m opt_study.workloads.prepare",
+        "docker compose up",
+        "run_server.sh",
+        "ray up cluster/aws.yaml",
+        "ray exec",
+        "ray dashboard",
+        "ray attach",
+        "ray rsync-down",
+        "ray down",
+        "aws efs create-file-system",
+        "aws ssm get-parameter",
+        "gcloud filestore",
+        "helm install kuberay-operator",
+        "docker build",
+        "kubectl apply -f cluster/kuberay/rayjob.yaml",
+        "kubectl port-forward",
+        "sbatch cluster/slurm/symmetric_run.sbatch",
+        "sbatch cluster/slurm/ray_cluster.sbatch",
+        "ssh -L",
+        "mlflow_uri",
+    ):
         assert command in README, command
 
 

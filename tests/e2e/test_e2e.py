@@ -1,6 +1,7 @@
 """End to end: a real local Ray, real DeepSpeed trials, a real MLflow store (SQLite) and a real
 Parquet dataset; the assertions read what a user reads (Parquet via DuckDB/pyarrow, MLflow runs
 via mlflow.search_runs, the trials table)."""
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,10 @@ WORKER_GROUP = {  # 2 ranks at ZeRO-2 on tiny_lm, measured every 3 steps
     "workload": {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16},
     "scale": {"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "micro_batch_size": 4},
     "training": {"steps": 12, "eval_every": 6},
-    "optimizers": [{"name": "adamw", "params": {"lr": 0.003}},
-                   {"name": "momentum", "params": {"lr": {"loguniform": [0.01, 0.1]}}}],
+    "optimizers": [
+        {"name": "adamw", "params": {"lr": 0.003}},
+        {"name": "momentum", "params": {"lr": {"loguniform": [0.01, 0.1]}}},
+    ],
     "measure": {"every": 3},
 }
 
@@ -50,13 +53,17 @@ def test_worker_group_study_stores_every_step_once(ray_cluster, tmp_path):
     plans = plan_trials(spec)
     assert len(plans) == 2
     rows = _steps(spec)
-    per = rows.query("rows", "SELECT trial_id, count(*) n, count(DISTINCT step) d, min(step) lo, max(step) hi, "
-                     "sum(measured::INT) m, count(eval_loss) e FROM rows GROUP BY 1 ORDER BY 1").fetchall()
+    per = rows.query(
+        "rows",
+        "SELECT trial_id, count(*) n, count(DISTINCT step) d, min(step) lo, max(step) hi, "
+        "sum(measured::INT) m, count(eval_loss) e FROM rows GROUP BY 1 ORDER BY 1",
+    ).fetchall()
     # 12 steps each, exactly once; measured every 3 steps plus eval boundaries (5,11) -> 2,5,8,11
     assert per == [(p.trial_id, 12, 12, 0, 11, 4, 2) for p in sorted(plans, key=lambda p: p.trial_id)]
     # the sharded gradient norm agrees with DeepSpeed's own at ZeRO-2 on every step
-    worst = rows.query("rows", "SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) "
-                               "FROM rows").fetchall()[0][0]
+    worst = rows.query("rows", "SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) FROM rows").fetchall()[
+        0
+    ][0]
     assert worst < 1e-5
     runs = _runs(spec)
     parent = runs[runs["tags.opt_study.role"] == "parent"]
@@ -72,13 +79,16 @@ def test_worker_group_study_stores_every_step_once(ray_cluster, tmp_path):
 
 
 def test_in_process_study_with_asha_and_rerun(ray_cluster, tmp_path):
-    spec = _spec(tmp_path, "inproc",
-                 workload={"type": "quadratic", "dim": 8, "cols": 4, "noise": 0.1},
-                 scale={"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 4},
-                 training={"steps": 40, "eval_every": 10},
-                 optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.001, 0.01, 0.03, 0.1]}}}],
-                 search={"asha": {"grace_period": 1, "reduction_factor": 2}},
-                 measure={"every": 0})
+    spec = _spec(
+        tmp_path,
+        "inproc",
+        workload={"type": "quadratic", "dim": 8, "cols": 4, "noise": 0.1},
+        scale={"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 4},
+        training={"steps": 40, "eval_every": 10},
+        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.001, 0.01, 0.03, 0.1]}}}],
+        search={"asha": {"grace_period": 1, "reduction_factor": 2}},
+        measure={"every": 0},
+    )
     assert spec.scale.resolved_launcher == "in_process"
     run_study(spec, out=io.StringIO())
     from opt_study.results.trials import read_trial_records
@@ -95,8 +105,9 @@ def test_in_process_study_with_asha_and_rerun(ray_cluster, tmp_path):
         assert n[tid] == distinct[tid] == (40 if r["status"] == "completed" else int(r["summary"]["steps_done"]))
         assert r["status"] == "completed" or 10 <= n[tid] < 40
     # measurement off still records the shard norms every step
-    assert rows.query("rows", "SELECT count(*) FROM rows WHERE grad_norm IS NULL OR param_norm IS NULL").fetchall() \
-        == [(0,)]
+    assert rows.query("rows", "SELECT count(*) FROM rows WHERE grad_norm IS NULL OR param_norm IS NULL").fetchall() == [
+        (0,)
+    ]
     # running the same study again finds nothing left to do and writes nothing new
     before = sorted(p.name for p in spec.study_dir.rglob("*.parquet"))
     out = io.StringIO()

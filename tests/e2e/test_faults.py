@@ -1,6 +1,7 @@
 """Faults injected for real: a Ray Train worker process SIGKILLed mid-trial, and the `opt-study run`
 driver SIGKILLed mid-study then `opt-study resume`. Assertions read the stored data: Parquet rows
 per step, attempts, trial records, MLflow runs."""
+
 from __future__ import annotations
 
 import io
@@ -46,8 +47,11 @@ def _kill_one_train_worker_when(cond, timeout=300) -> dict:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if cond():
-                procs = [p for p in psutil.process_iter(["pid", "cmdline"])
-                         if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                procs = [
+                    p
+                    for p in psutil.process_iter(["pid", "cmdline"])
+                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+                ]
                 if procs:
                     out["pid"] = procs[0].pid
                     out["rows_at_kill"] = cond.rows
@@ -75,12 +79,14 @@ class RowsAtLeast:
 
 def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_factory):
     spec = spec_factory(
-        file="killworker.yaml", study={"name": "killworker"},
+        file="killworker.yaml",
+        study={"name": "killworker"},
         workload={"type": "tiny_lm", "layers": 2, "heads": 2, "width": 64, "context": 32},
         scale={"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 1, "micro_batch_size": 8},
         training={"steps": 160, "eval_every": 40, "checkpoint_every": 20, "max_failures": 2},
         optimizers=[{"name": "adamw", "params": {"lr": 0.003}}],
-        measure={"every": 10})
+        measure={"every": 10},
+    )
     killer = _kill_one_train_worker_when(RowsAtLeast(spec.study_dir, 50))
     run_study(spec, out=io.StringIO())
     killer["thread"].join(timeout=1)
@@ -91,8 +97,9 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_facto
     rows = read_steps(spec.study_dir).to_pylist()
     assert [r["step"] for r in rows] == list(range(160))  # every step exactly once
     raw = _raw_rows(spec.study_dir)
-    attempts = raw.query("raw", "SELECT attempt, min(step), max(step), count(*) FROM raw GROUP BY 1 ORDER BY 1") \
-        .fetchall()
+    attempts = raw.query(
+        "raw", "SELECT attempt, min(step), max(step), count(*) FROM raw GROUP BY 1 ORDER BY 1"
+    ).fetchall()
     assert len(attempts) >= 2, attempts
     # the restarted attempt began at a checkpoint (a multiple of 20) at or before the kill
     start = attempts[1][1]
@@ -110,20 +117,30 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_facto
 
 def _write_study(tmp_path: Path) -> Path:
     return specs.write_spec(
-        tmp_path / "killdriver.yaml", tmp_path / "store", study={"name": "killdriver"},
+        tmp_path / "killdriver.yaml",
+        tmp_path / "store",
+        study={"name": "killdriver"},
         workload={"dim": 32, "cols": 8},
         scale={"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 8},
         training={"steps": 400, "eval_every": 50},
         optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.001, 0.002, 0.003, 0.004]}}}],
-        search={"max_concurrent_trials": 1})
+        search={"max_concurrent_trials": 1},
+    )
 
 
 def _cli(args, **kw):
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    return subprocess.Popen([sys.executable, "-m", "opt_study.cli", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "opt_study.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def test_driver_killed_then_resume_finishes_without_rerunning(tmp_path):
@@ -132,10 +149,16 @@ def test_driver_killed_then_resume_finishes_without_rerunning(tmp_path):
     proc = _cli(["run", str(f)])
     t0 = time.time()
     while time.time() - t0 < 300:  # kill once one trial is finished and another is under way
-        done = [r for r in read_trial_records(spec.study_dir) if r["status"] == "completed"] \
-            if (spec.study_dir / "trials").exists() else []
-        running = [r for r in read_trial_records(spec.study_dir) if r["status"] == "running"] \
-            if (spec.study_dir / "trials").exists() else []
+        done = (
+            [r for r in read_trial_records(spec.study_dir) if r["status"] == "completed"]
+            if (spec.study_dir / "trials").exists()
+            else []
+        )
+        running = (
+            [r for r in read_trial_records(spec.study_dir) if r["status"] == "running"]
+            if (spec.study_dir / "trials").exists()
+            else []
+        )
         if done and running:
             break
         time.sleep(0.2)
@@ -145,8 +168,10 @@ def test_driver_killed_then_resume_finishes_without_rerunning(tmp_path):
     proc.wait()
     os.killpg(proc.pid, signal.SIGKILL)  # then what it left behind (its local Ray)
     finished = {r["trial_id"] for r in read_trial_records(spec.study_dir) if r["status"] == "completed"}
-    chunks_before = {tid: sorted(p.name for p in (spec.study_dir / "steps" / f"trial_id={tid}").rglob("*.parquet"))
-                     for tid in finished}
+    chunks_before = {
+        tid: sorted(p.name for p in (spec.study_dir / "steps" / f"trial_id={tid}").rglob("*.parquet"))
+        for tid in finished
+    }
 
     res = _cli(["resume", str(spec.study_dir)])
     out, _ = res.communicate(timeout=600)

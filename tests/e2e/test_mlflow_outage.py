@@ -3,6 +3,7 @@ while a study logs, restarted on the same port and store, and the durable queue 
 (`sync-mlflow`, and the drain before the next write). A loopback proxy that forwards a request to
 the server but drops the response checks that a write which reached the server is re-delivered
 without duplicating runs, params or metric points."""
+
 from __future__ import annotations
 
 import http.client
@@ -43,14 +44,30 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self, timeout_s: float = 120) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "MLFLOW_ENABLE_TELEMETRY": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_ENABLE_TELEMETRY": "false"}
         self.log = open(self.store / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
-             "--artifacts-destination", str(self.store / "artifacts"), "--workers", "1"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.store / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.store / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.store / "server.log").read_text()[-3000:]
@@ -102,9 +119,15 @@ def _runs(server, study):
 
 def _log(sink, parent, tid, i):
     t0 = time.monotonic()
-    out = sink.log_trial(parent, tid, params={"optimizer": "sgd", "hp": {"lr": 10.0 ** -i}, "seed": i},
-                         tags={"opt_study.optimizer": "sgd"}, summary={"final_loss": 1.0 / (i + 1)},
-                         curves={"loss": [(s, 2.0 - s / 10) for s in range(7)]}, status="completed")
+    out = sink.log_trial(
+        parent,
+        tid,
+        params={"optimizer": "sgd", "hp": {"lr": 10.0**-i}, "seed": i},
+        tags={"opt_study.optimizer": "sgd"},
+        summary={"final_loss": 1.0 / (i + 1)},
+        curves={"loss": [(s, 2.0 - s / 10) for s in range(7)]},
+        status="completed",
+    )
     return out, time.monotonic() - t0
 
 
@@ -118,7 +141,7 @@ def _check_study(server, study, n_trials):
     for i in range(n_trials):
         [run] = children[f"t{i}"]  # one run per trial, not two
         assert run.data.tags["mlflow.parentRunId"] == pid and run.info.status == "FINISHED"
-        assert run.data.params == {"optimizer": "sgd", "hp.lr": str(10.0 ** -i), "seed": str(i)}
+        assert run.data.params == {"optimizer": "sgd", "hp.lr": str(10.0**-i), "seed": str(i)}
         loss = c.get_metric_history(run.info.run_id, "loss")
         assert sorted((m.step, m.value) for m in loss) == [(s, 2.0 - s / 10) for s in range(7)]
         assert [m.value for m in c.get_metric_history(run.info.run_id, "final_loss")] == [1.0 / (i + 1)]
@@ -130,7 +153,8 @@ def _write_spec(study_dir, server):
     (study_dir / "spec.yaml").write_text(
         f"study: {{name: {study_dir.name}, storage: {study_dir.parent}, mlflow_uri: '{server.uri}'}}\n"
         "workload: {type: quadratic, dim: 4, cols: 2}\n"
-        "optimizers: [{name: sgd, params: {lr: 0.1}}]\n")
+        "optimizers: [{name: sgd, params: {lr: 0.1}}]\n"
+    )
 
 
 def _sync_cli(study_dir, *flags) -> tuple[int, str]:
@@ -161,9 +185,13 @@ def test_outage_mid_study_and_at_study_start(server, tmp_path):
     (report / "index.html").write_text("<p>study report</p>")
     a.log_artifacts(None, report)  # None: the study's parent run
     a.end_parent(parent)
-    assert [p.name.split("-", 1)[1] for p in a.pending()] == \
-        ["log_trial-t2.json", "log_trial-t3.json", "log_trial-t4.json", "log_artifacts-outA.json",
-         "end_parent-outA.json"]
+    assert [p.name.split("-", 1)[1] for p in a.pending()] == [
+        "log_trial-t2.json",
+        "log_trial-t3.json",
+        "log_trial-t4.json",
+        "log_artifacts-outA.json",
+        "end_parent-outA.json",
+    ]
     assert "Connection refused" in a.last_error
     rc, out = _sync_cli(a_dir)  # still down: nothing delivered, exit 1, what is left is listed
     assert rc == 1 and out.count("pending  ") == 5
@@ -268,8 +296,9 @@ def test_lost_responses_are_redelivered_without_duplicates(server, tmp_path):
     proxy = _LossyProxy(server.port)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
-        sink = QueuedSink(tmp_path / "lost", proxy.uri, experiment_name("lost"),
-                          request_timeout_s=3, retry_interval_s=0)
+        sink = QueuedSink(
+            tmp_path / "lost", proxy.uri, experiment_name("lost"), request_timeout_s=3, retry_interval_s=0
+        )
         proxy.armed.append(("/runs/create", b"opt_study.role"))  # the parent's creation
         assert sink.parent_run("lost", params={"workload": "quadratic"}, tags={}) is None
         assert len(_runs(server, "lost")[0]) == 1 and len(sink.pending()) == 1  # created, unanswered
@@ -309,7 +338,8 @@ def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_pat
         "workload: {type: quadratic, dim: 8, cols: 4, noise: 0.1}\n"
         "scale: {workers: 1, cpus_per_worker: 1, zero_stage: 0, micro_batch_size: 4}\n"
         "training: {steps: 5, eval_every: 5}\n"
-        "optimizers: [{name: sgd, params: {lr: {grid: [0.01, 0.1]}}}]\n")
+        "optimizers: [{name: sgd, params: {lr: {grid: [0.01, 0.1]}}}]\n"
+    )
     spec = load_study(spec_file)
     out = io.StringIO()
     res = run_study(spec, source_text=spec_file.read_text(), out=out)
@@ -317,12 +347,15 @@ def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_pat
     assert out.getvalue().count("COMPLETED") == 2 and "opt-study sync-mlflow" in out.getvalue()
     queued = sorted(p.name.split("-", 1)[1] for p in mlflow_queue.pending_entries(spec.study_dir))
     tids = sorted(p.trial_id for p in plan_trials(spec))
-    assert queued == sorted(["parent_run-down.json", "end_parent-down.json"]
-                            + [f"log_trial-{t}.json" for t in tids])
+    assert queued == sorted(["parent_run-down.json", "end_parent-down.json"] + [f"log_trial-{t}.json" for t in tids])
 
     server.start()
-    cli = subprocess.run([sys.executable, "-m", "opt_study.cli", "sync-mlflow", str(spec.study_dir)],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "opt_study.cli", "sync-mlflow", str(spec.study_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert mlflow_queue.pending_entries(spec.study_dir) == []
     parents, children = _runs(server, "down")

@@ -4,6 +4,7 @@ whose local working copy is then deleted (a fresh machine), and which `opt-study
 finishes from what the store holds: Parquet rows exactly once, the interrupted trial restarted
 from its checkpoint in the store, Ray's experiment state in the store, checkpoints cleaned up.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,7 @@ import specs
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-         "AWS_DEFAULT_REGION": "us-east-1"}
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,12 @@ def s3_endpoint(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CREDS})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **CREDS},
+    )
     deadline = time.time() + 60
     while True:
         try:
@@ -53,8 +57,9 @@ def s3_endpoint(tmp_path_factory):
     os.environ.update(CREDS)
     from pyarrow import fs as pafs
 
-    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                      allow_bucket_creation=True).create_dir("bkt")
+    pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
+    ).create_dir("bkt")
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
@@ -76,8 +81,11 @@ def _objects(endpoint: str, prefix: str) -> dict[str, int]:
     fs, base = objectstore.filesystem(_uri(endpoint, prefix))
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return {}
-    return {i.path[len(base) + 1:]: i.size
-            for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File}
+    return {
+        i.path[len(base) + 1 :]: i.size
+        for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        if i.type == pafs.FileType.File
+    }
 
 
 def _read(endpoint: str, key: str) -> bytes:
@@ -177,8 +185,9 @@ def test_a_reading_command_pulls_only_what_it_reads(s3_endpoint, tmp_path, monke
     monkeypatch.setenv(objectstore.CACHE_ENV, str(tmp_path / "reader"))
     reader = objectstore.attach(uri)
     assert objectstore.refresh_study(reader / "s", READS["status"]) == 1
-    assert [p.relative_to(reader).as_posix() for p in reader.rglob("*") if p.is_file()
-            and not p.name.startswith(".")] == ["s/trials/t.json"]
+    assert [
+        p.relative_to(reader).as_posix() for p in reader.rglob("*") if p.is_file() and not p.name.startswith(".")
+    ] == ["s/trials/t.json"]
     assert objectstore.refresh_study(reader / "s", READS["query"]) == 1  # now the steps, not the snapshots
     assert not (reader / "s" / "snapshots").exists()
 
@@ -193,7 +202,8 @@ def test_a_local_root_never_touches_a_store(tmp_path):
 # --------------------------------------------------------------- a study, killed and resumed
 def _write_study(tmp_path: Path, endpoint: str) -> Path:
     return specs.write_spec(
-        tmp_path / "s3study.yaml", _uri(endpoint, "studies"),
+        tmp_path / "s3study.yaml",
+        _uri(endpoint, "studies"),
         study={"name": "s3study", "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         workload={"dim": 32, "cols": 8},
         # two ranks in a Ray Train worker group: each rank uploads its own ZeRO partition files
@@ -201,15 +211,22 @@ def _write_study(tmp_path: Path, endpoint: str) -> Path:
         training={"steps": 600, "eval_every": 100},
         measure={"every": 50},
         optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.002, 0.004]}}}],
-        search={"max_concurrent_trials": 1})
+        search={"max_concurrent_trials": 1},
+    )
 
 
 def _cli(args, cache: Path, ray_tmp: Path) -> subprocess.Popen:
     env = {**os.environ, **CREDS, objectstore.CACHE_ENV: str(cache), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "opt_study.cli", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "opt_study.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_study_on_s3_survives_driver_kill_and_a_fresh_machine(s3_endpoint, tmp_path):
@@ -219,8 +236,14 @@ def test_study_on_s3_survives_driver_kill_and_a_fresh_machine(s3_endpoint, tmp_p
     t0 = time.time()
     ckpt = None
     while time.time() - t0 < 300:  # kill once a trial has a checkpoint in the store
-        ckpt = next((k for k in _objects(s3_endpoint, "studies")
-                     if k.startswith("s3study/checkpoints/") and k.endswith("/latest")), None)
+        ckpt = next(
+            (
+                k
+                for k in _objects(s3_endpoint, "studies")
+                if k.startswith("s3study/checkpoints/") and k.endswith("/latest")
+            ),
+            None,
+        )
         if ckpt or proc.poll() is not None:
             break
         time.sleep(0.2)
@@ -244,17 +267,26 @@ def test_study_on_s3_survives_driver_kill_and_a_fresh_machine(s3_endpoint, tmp_p
 
     keys = _objects(s3_endpoint, "studies")
     # every trial's rows are in the store: read them through a third, empty working copy
-    q = _cli(["query", str(f), "SELECT trial_id, count(*) AS n, count(DISTINCT step) AS d, "
-              "min(step) AS lo, max(step) AS hi FROM steps GROUP BY 1 ORDER BY 1"],
-             tmp_path / "cache-c", ray_tmp)
+    q = _cli(
+        [
+            "query",
+            str(f),
+            "SELECT trial_id, count(*) AS n, count(DISTINCT step) AS d, "
+            "min(step) AS lo, max(step) AS hi FROM steps GROUP BY 1 ORDER BY 1",
+        ],
+        tmp_path / "cache-c",
+        ray_tmp,
+    )
     qout, _ = q.communicate(timeout=300)
     assert q.returncode == 0, qout
     lines = [ln.split() for ln in qout.splitlines() if ln.startswith("sgd-")]
-    assert lines == [["sgd-000-s0", "600", "600", "0", "599"],
-                     ["sgd-001-s0", "600", "600", "0", "599"]], qout
+    assert lines == [["sgd-000-s0", "600", "600", "0", "599"], ["sgd-001-s0", "600", "600", "0", "599"]], qout
     # the interrupted trial restarted from the checkpoint the store held, as a new attempt
-    starts = {k: json.loads(_read(s3_endpoint, f"studies/{k}"))["start_step"]
-              for k in keys if k.startswith(f"s3study/steps/trial_id={tid}/") and k.endswith("_START")}
+    starts = {
+        k: json.loads(_read(s3_endpoint, f"studies/{k}"))["start_step"]
+        for k in keys
+        if k.startswith(f"s3study/steps/trial_id={tid}/") and k.endswith("_START")
+    }
     assert sorted(starts.values()) == [0, ckpt_step], starts
     recs = [json.loads(_read(s3_endpoint, f"studies/{k}")) for k in keys if k.startswith("s3study/trials/")]
     assert sorted(r["status"] for r in recs) == ["completed", "completed"]

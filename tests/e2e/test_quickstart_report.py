@@ -6,6 +6,7 @@ recomputes the recorder's per-trial summaries.
 
 One rank per trial (the in-process launcher): a 2-rank worker group costs ~20-35 s of start-up per
 trial on CI's 2 cores and the report reads the same rows; worker groups are test_e2e.py's."""
+
 from __future__ import annotations
 
 import io
@@ -31,13 +32,17 @@ SUMMARIES = ("frac_convexity_fwd_holds", "smoothness_ratio", "smoothness_local_m
 def test_report_of_the_quickstart_study(ray_cluster, tmp_path, capsys):
     # the shipped study with one rank, a smaller model, fewer steps and each grid's first learning rate
     f = specs.write_spec(
-        tmp_path / "quickstart.yaml", tmp_path / "results", base=QUICKSTART,
+        tmp_path / "quickstart.yaml",
+        tmp_path / "results",
+        base=QUICKSTART,
         scale={"workers": 1, "cpus_per_worker": 1},
         workload={"layers": 1, "width": 32, "context": 16},
         training={"steps": 10, "eval_every": 5, "schedule": {"warmup_steps": 2}},
-        optimizers=[{**o, "params": {**o["params"], "lr": o["params"]["lr"]["grid"][0]}}
-                    for o in QUICKSTART["optimizers"]],
-        measure={"every": 2})
+        optimizers=[
+            {**o, "params": {**o["params"], "lr": o["params"]["lr"]["grid"][0]}} for o in QUICKSTART["optimizers"]
+        ],
+        measure={"every": 2},
+    )
     spec = load_study(f)
     assert (spec.scale.zero_stage, spec.scale.resolved_launcher) == (2, "in_process")
     out = io.StringIO()  # not the CLI's sys.stdout: Tune pickles the stream, and pytest's capture cannot be

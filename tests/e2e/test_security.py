@@ -1,6 +1,7 @@
 """Security basics (SECURITY.md): a planted secret never reaches anything a study writes, YAML
 goes only through the safe capped loader, services bind to loopback, names cannot leave the
 storage root, and the package's source has no eval/exec/unpickling of user input."""
+
 from __future__ import annotations
 
 import ast
@@ -26,8 +27,7 @@ from opt_study.validate import load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "bad_configs"
-SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "OPT_STUDY_TEST_SECRET",
-               "HF_TOKEN")
+SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "OPT_STUDY_TEST_SECRET", "HF_TOKEN")
 
 # ------------------------------------------------------------------ a planted secret, everywhere
 
@@ -77,8 +77,9 @@ def _files_with(root: Path, needle: str) -> tuple[list[str], int]:
 def test_the_scan_finds_a_secret_in_compressed_files(tmp_path):
     """The scanner itself can fail: a secret inside compressed Parquet, gzip and zip is found."""
     needle = f"planted-{secrets.token_hex(8)}"
-    pq.write_table(pa.table({"x": [f"..{needle}.."]}), tmp_path / "a.parquet", compression="gzip",
-                   write_statistics=False)  # min/max statistics would hold it uncompressed
+    pq.write_table(
+        pa.table({"x": [f"..{needle}.."]}), tmp_path / "a.parquet", compression="gzip", write_statistics=False
+    )  # min/max statistics would hold it uncompressed
     (tmp_path / "b.gz").write_bytes(gzip.compress(f"x{needle}x".encode()))
     with zipfile.ZipFile(tmp_path / "c.pt", "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("data.pkl", f"..{needle}..")
@@ -105,15 +106,26 @@ def test_planted_secrets_are_not_written_anywhere(tmp_path):
         "workload: {type: quadratic, dim: 8, cols: 4, noise: 0.1}\n"
         "scale: {workers: 1, cpus_per_worker: 1, zero_stage: 0, micro_batch_size: 4}\n"
         "training: {steps: 5, eval_every: 5}\n"
-        "optimizers: [{name: sgd, params: {lr: {grid: [0.01, 0.1]}}}]\n")
+        "optimizers: [{name: sgd, params: {lr: {grid: [0.01, 0.1]}}}]\n"
+    )
     assert load_study(spec_file).scale.resolved_launcher == "in_process"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
-    env = {**os.environ, **planted, "RAY_TMPDIR": str(ray_tmp),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        **planted,
+        "RAY_TMPDIR": str(ray_tmp),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     env.pop("RAY_ADDRESS", None)
     try:
-        proc = subprocess.run([sys.executable, "-c", DRIVER, str(spec_file)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(spec_file)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         _check_no_leak(store, ray_tmp, planted, proc)
     finally:
@@ -147,8 +159,9 @@ def _check_no_leak(store: Path, ray_tmp: Path, planted: dict[str, str], proc) ->
 
 
 # ------------------------------------------------------------------------------------- YAML
-@pytest.mark.parametrize("name", ["tag_python_object_apply", "tag_python_object_new",
-                                  "tag_python_name", "tag_custom_include"])
+@pytest.mark.parametrize(
+    "name", ["tag_python_object_apply", "tag_python_object_new", "tag_python_name", "tag_custom_include"]
+)
 def test_yaml_tags_that_construct_objects_are_refused(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the apply/new payloads would create ./pwned
     with pytest.raises(ConfigError) as e:
@@ -168,8 +181,11 @@ def _calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             f = node.func
-            name = f.id if isinstance(f, ast.Name) else (
-                f"{getattr(f.value, 'id', '?')}.{f.attr}" if isinstance(f, ast.Attribute) else "?")
+            name = (
+                f.id
+                if isinstance(f, ast.Name)
+                else (f"{getattr(f.value, 'id', '?')}.{f.attr}" if isinstance(f, ast.Attribute) else "?")
+            )
             yield name, node
 
 
@@ -190,9 +206,11 @@ def test_source_has_no_eval_exec_or_unpickling():
         where = path.relative_to(ROOT)
         for name, node in _calls(ast.parse(path.read_text(), str(path))):
             at = f"{where}:{node.lineno} {name}"
-            if name in ("eval", "exec", "os.system", "os.popen", "yaml.unsafe_load", "yaml.full_load") \
-                    or name.split(".")[-1] in ("loads", "load") and name.split(".")[0] in (
-                        "pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"):
+            if (
+                name in ("eval", "exec", "os.system", "os.popen", "yaml.unsafe_load", "yaml.full_load")
+                or name.split(".")[-1] in ("loads", "load")
+                and name.split(".")[0] in ("pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib")
+            ):
                 bad.append(at)
             if isinstance(_kw(node, "shell"), ast.Constant) and _kw(node, "shell").value is True:
                 bad.append(f"{at} shell=True")
@@ -211,6 +229,7 @@ def test_source_has_no_eval_exec_or_unpickling():
     import yaml
 
     from opt_study.config.load import _CappedLoader
+
     assert issubclass(_CappedLoader, yaml.SafeLoader)
 
 
@@ -237,8 +256,26 @@ def test_ray_is_started_without_its_dashboard():
 
 
 # ----------------------------------------------------------------------------- path escapes
-@pytest.mark.parametrize("name", ["..", ".", "../x", "a/../../b", "/etc", "a/b", "a\\b", "a..b",
-                                  ".hidden", "", "a\x00b", "x" * 129, "ü", " a", "a\nb"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        ".",
+        "../x",
+        "a/../../b",
+        "/etc",
+        "a/b",
+        "a\\b",
+        "a..b",
+        ".hidden",
+        "",
+        "a\x00b",
+        "x" * 129,
+        "ü",
+        " a",
+        "a\nb",
+    ],
+)
 def test_unsafe_names_are_refused(name, tmp_path):
     with pytest.raises(ValueError, match="study name"):
         layout.check_name(name, "study name")
@@ -258,10 +295,15 @@ def test_a_symlink_cannot_lead_a_study_out_of_the_root(tmp_path):
     assert layout.study_dir(root, "good") == root.resolve() / "good"
 
 
-@pytest.mark.parametrize("name,field", [("name_with_dotdot", "study.name"),
-                                        ("name_with_slash", "study.name"),
-                                        ("name_parent_dir", "study.name"),
-                                        ("label_with_slash", "optimizers[0].label")])
+@pytest.mark.parametrize(
+    "name,field",
+    [
+        ("name_with_dotdot", "study.name"),
+        ("name_with_slash", "study.name"),
+        ("name_parent_dir", "study.name"),
+        ("label_with_slash", "optimizers[0].label"),
+    ],
+)
 def test_configs_with_escaping_names_are_refused(name, field):
     with pytest.raises(ConfigError) as e:
         load_study(CORPUS / f"{name}.yaml")

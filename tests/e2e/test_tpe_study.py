@@ -1,5 +1,6 @@
 """One tiny real TPE study end to end through Ray Tune (the searcher, its rules and its resume
 logic, driven directly, are tests/unit/test_tpe.py)."""
+
 from __future__ import annotations
 
 import io
@@ -26,14 +27,18 @@ def test_tiny_tpe_study_end_to_end(ray_cluster, tmp_path):
     import pyarrow.parquet as pq
 
     spec = specs.make_spec(
-        tmp_path, file="t.yaml",
+        tmp_path,
+        file="t.yaml",
         search={"method": "tpe", "samples": 3, "tpe_startup_trials": 2, "seed": 0, "max_concurrent_trials": 1},
-        optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 0.3]}}},
-                    {"name": "momentum", "params": {"lr": {"loguniform": [1e-3, 0.3]},
-                                                    "momentum": {"uniform": [0.5, 0.95]}}}],
+        optimizers=[
+            {"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 0.3]}}},
+            {"name": "momentum", "params": {"lr": {"loguniform": [1e-3, 0.3]}, "momentum": {"uniform": [0.5, 0.95]}}},
+        ],
         workload={"type": "quadratic", "dim": 8, "cols": 4, "noise": 0.1},
         scale={"workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "micro_batch_size": 4},
-        training={"steps": 20, "eval_every": 10, "checkpoint_every": 0}, measure={"every": 0})
+        training={"steps": 20, "eval_every": 10, "checkpoint_every": 0},
+        measure={"every": 0},
+    )
     from opt_study.study.run import run_study
 
     assert run_study(spec, out=io.StringIO())["ran"] == 6
@@ -52,8 +57,9 @@ def test_tiny_tpe_study_end_to_end(ray_cluster, tmp_path):
         dists = {k: optuna_distribution(space[k]) for k in keys}
 
         def propose(vals, label=label, hps=hps, dists=dists):  # called in this iteration only
-            study = optuna.create_study(sampler=optuna.samplers.TPESampler(
-                seed=seed_of(0, label, "tpe") % 2**32, n_startup_trials=2))
+            study = optuna.create_study(
+                sampler=optuna.samplers.TPESampler(seed=seed_of(0, label, "tpe") % 2**32, n_startup_trials=2)
+            )
             for h, v in zip(hps[:2], vals):
                 study.add_trial(optuna.trial.create_trial(params=h, distributions=dists, value=v))
             return study.ask(dists).params

@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on loopback: `ray start --head` and `ray start --address` as separate
 processes with one CPU each, so a trial of two workers (one CPU each) must put one rank on each node.
 `opt-study run` connects through RAY_ADDRESS; results are checked as in the end-to-end tests."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,18 @@ def two_nodes(tmp_path):
     env.update(ray_env())  # what the nodes' workers need (CPU DeepSpeed, op cache)
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     try:
-        _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--include-dashboard", "false", *common, env=env)
+        _ray(
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            *common,
+            env=env,
+        )
         _ray("start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *common, env=env)
         yield f"127.0.0.1:{port}", env
     finally:
@@ -65,14 +76,23 @@ def _stop_cluster_under(tmpdir: str) -> None:
 def test_trial_workers_spread_over_two_nodes(two_nodes, tmp_path):
     address, env = two_nodes
     f = specs.write_spec(
-        tmp_path / "twonodes.yaml", tmp_path / "store", study={"name": "twonodes"},
+        tmp_path / "twonodes.yaml",
+        tmp_path / "store",
+        study={"name": "twonodes"},
         workload={"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16},
         scale={"workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "micro_batch_size": 4},
         training={"steps": 10, "eval_every": 5},
         optimizers=[{"name": "adamw", "params": {"lr": 0.003}}],
-        measure={"every": 5})
-    proc = subprocess.run([sys.executable, "-m", "opt_study.cli", "run", str(f)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**env, "RAY_ADDRESS": address})
+        measure={"every": 5},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "opt_study.cli", "run", str(f)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "RAY_ADDRESS": address},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     spec = load_study(f)
     (rec,) = read_trial_records(spec.study_dir)
@@ -81,6 +101,7 @@ def test_trial_workers_spread_over_two_nodes(two_nodes, tmp_path):
     rows = duckdb.from_arrow(read_steps(spec.study_dir))
     per = rows.query("rows", "SELECT count(*), count(DISTINCT step), sum(measured::INT) FROM rows").fetchall()
     assert per == [(10, 10, 2)]
-    worst = rows.query("rows", "SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) "
-                               "FROM rows").fetchall()[0][0]
+    worst = rows.query("rows", "SELECT max(abs(grad_norm - engine_grad_norm) / engine_grad_norm) FROM rows").fetchall()[
+        0
+    ][0]
     assert worst < 1e-5

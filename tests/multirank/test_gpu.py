@@ -7,6 +7,7 @@ the sharded paths are tests/multirank/test_multirank.py's). `test_gpt2_tiny_bf16
 script and functions with a tiny GPT-2 on the CPU, so no line of the GPU path is untried here.
 Speed is recorded (`record_property`, printed), never asserted: targets live in benchmarks/.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-6  # docs/METRICS.md's scale-aware tolerance, as in tests/multirank/test_multirank.py
 # What the checker must have compared at least once (a missing key would be a silent skip).
-MUST = {"grad_norm", "update_norm", "param_norm", "sq_grad", "sq_grad_probe", "sq_update", "sq_param",
-        "sq_dist_init", "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_update_prev",
-        "ip_grad_prev", "loss_vs_fp32_ref", "loss_probe_vs_fp32_ref", "loss_precision_mismatch",
-        "convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local", "smoothness_descent",
-        "cls_convexity_fwd_mismatch", "cls_convexity_bwd_mismatch", "probe_state_diffs"}
+MUST = {
+    "grad_norm",
+    "update_norm",
+    "param_norm",
+    "sq_grad",
+    "sq_grad_probe",
+    "sq_update",
+    "sq_param",
+    "sq_dist_init",
+    "ip_grad_update",
+    "ip_probe_update",
+    "sq_grad_diff",
+    "ip_update_prev",
+    "ip_grad_prev",
+    "loss_vs_fp32_ref",
+    "loss_probe_vs_fp32_ref",
+    "loss_precision_mismatch",
+    "convexity_gap_fwd",
+    "convexity_gap_bwd",
+    "smoothness_local",
+    "smoothness_descent",
+    "cls_convexity_fwd_mismatch",
+    "cls_convexity_bwd_mismatch",
+    "probe_state_diffs",
+}
 
 
 def run_bench(tmp_path: Path, *args: str, timeout: int) -> dict:
@@ -50,13 +71,17 @@ def check_result(r: dict, record) -> None:
     assert s["mfu"] == pytest.approx(s["steps_per_s"] * s["flops_per_step"] / r["peak_flops"])
     b, steps, warmup = r["bench"], r["args"]["steps"], r["args"]["warmup"]
     probed = sum(1 for t in range(warmup, steps) if (t + 1) % 10 == 0 or t + 1 == steps)
-    assert [run["measured_in_window"] for run in b["runs"]] == \
-        [0 if run["variant"] == "off" else probed for run in b["runs"]]
+    assert [run["measured_in_window"] for run in b["runs"]] == [
+        0 if run["variant"] == "off" else probed for run in b["runs"]
+    ]
     assert b["off"]["tokens_per_s"] > 0 and b["every10"]["tokens_per_s"] > 0
-    for key, value in (("tokens_per_s_off", b["off"]["tokens_per_s"]),
-                       ("tokens_per_s_every10", b["every10"]["tokens_per_s"]),
-                       ("mfu_off", b["off"]["mfu"]), ("mfu_every10_probe_excluded", b["every10"]["mfu"]),
-                       ("steps_per_s_ratio_every10_over_off", b["ratio_every10_over_off"])):
+    for key, value in (
+        ("tokens_per_s_off", b["off"]["tokens_per_s"]),
+        ("tokens_per_s_every10", b["every10"]["tokens_per_s"]),
+        ("mfu_off", b["off"]["mfu"]),
+        ("mfu_every10_probe_excluded", b["every10"]["mfu"]),
+        ("steps_per_s_ratio_every10_over_off", b["ratio_every10_over_off"]),
+    ):
         record(key, value)
         print(f"{key}: {value}")
 
@@ -66,9 +91,26 @@ def test_gpt2_tiny_bf16_on_cpu(tmp_path, record_property):
     """The GPU test's code path on the CPU: a 2-layer GPT-2, bf16 under DeepSpeed ZeRO-2, measured
     every 10 steps, every number against the reference; then the off / every-10 speed runs.
     The peak is nominal (0.1 TFLOP/s) so the MFU arithmetic runs too."""
-    r = run_bench(tmp_path, "--size", "tiny", "--device", "cpu", "--micro-batch", "4",
-                  "--check-steps", "20", "--steps", "20", "--warmup", "5", "--repeats", "1",
-                  "--peak-tflops", "0.1", timeout=600)
+    r = run_bench(
+        tmp_path,
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--micro-batch",
+        "4",
+        "--check-steps",
+        "20",
+        "--steps",
+        "20",
+        "--warmup",
+        "5",
+        "--repeats",
+        "1",
+        "--peak-tflops",
+        "0.1",
+        timeout=600,
+    )
     check_result(r, record_property)
     # the tiny model, tied head counted once: embeddings, 2 blocks of 12d² + 13d, final LayerNorm
     assert r["check"]["speed"]["n_params"] == 256 * 32 + 32 * 32 + 2 * 12_704 + 2 * 32

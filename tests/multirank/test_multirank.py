@@ -9,6 +9,7 @@ same dropout masks). Tolerances are docs/METRICS.md's scale-aware ones: the
 harness already divides each error by its scale (‖a‖‖b‖ for an inner product, the sum itself for
 a sum of squares, |ℓ| + ‖g‖‖Δ‖ for anything derived from δ), so 1e-6 applies to every column.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,22 +50,44 @@ CASES = {
     + [c for s in STAGES for c in _pair(f"u{s}", stage=s, workload="tiny_lm", gas=2, probe_s="uniform")]
     # bf16: sums from the fp32 masters, ℓ and ℓ⁺ re-evaluated in fp32 (at ZeRO-3 with really
     # partitioned weights and s ~ U[0, 1]: the point set in bf16 partitions and fp32 masters)
-    + [c for s in BF16_STAGES for c in _pair(f"b{s}", stage=s, workload="tiny_lm", gas=2, precision="bf16",
-                                              **({"zero": PARTITIONED, "probe_s": "uniform"} if s == 3 else {}))]
+    + [
+        c
+        for s in BF16_STAGES
+        for c in _pair(
+            f"b{s}",
+            stage=s,
+            workload="tiny_lm",
+            gas=2,
+            precision="bf16",
+            **({"zero": PARTITIONED, "probe_s": "uniform"} if s == 3 else {}),
+        )
+    ]
     # the probe point against an independent float64 oracle (dropout-free workload)
     + [{"stage": s, "workload": "mlp_classify", "gas": 2, "probe_s": "uniform"} for s in (0, 3)]
     + [{"stage": 3, "workload": "tiny_lm", "gas": 2, "zero": PARTITIONED, "probe_s": "exponential"}],
     4: [{"stage": s, "workload": "tiny_lm", "gas": 1} for s in STAGES]
-    + [{"stage": 3, "workload": "mlp_classify", "gas": 2},
-       {"stage": 2, "workload": "tiny_lm", "gas": 1, "precision": "bf16", "probe_s": "uniform"}],
+    + [
+        {"stage": 3, "workload": "mlp_classify", "gas": 2},
+        {"stage": 2, "workload": "tiny_lm", "gas": 1, "precision": "bf16", "probe_s": "uniform"},
+    ],
 }
 
 
 def torchrun(world: int, cases: list[dict], out: Path, timeout: int = 900) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(_port()), str(ROOT / "tests" / "dist" / "harness.py"), str(out), json.dumps(cases)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--master_port",
+        str(_port()),
+        str(ROOT / "tests" / "dist" / "harness.py"),
+        str(out),
+        json.dumps(cases),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -101,15 +124,37 @@ def test_every_number_matches_reference(world_results):
             continue
         errs = r["errors"]
         # the columns each case must have checked (a missing key would be a silent skip)
-        must = {"grad_norm", "update_norm", "param_norm", "sq_grad", "sq_grad_probe", "sq_update",
-                "ip_grad_update", "ip_probe_update", "sq_grad_diff", "ip_update_prev", "ip_grad_prev",
-                "convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local", "smoothness_descent",
-                "cls_convexity_fwd_mismatch", "cls_convexity_bwd_mismatch",
-                "loss_vs_fp32_ref", "loss_probe_vs_fp32_ref", "loss_precision_mismatch"}
+        must = {
+            "grad_norm",
+            "update_norm",
+            "param_norm",
+            "sq_grad",
+            "sq_grad_probe",
+            "sq_update",
+            "ip_grad_update",
+            "ip_probe_update",
+            "sq_grad_diff",
+            "ip_update_prev",
+            "ip_grad_prev",
+            "convexity_gap_fwd",
+            "convexity_gap_bwd",
+            "smoothness_local",
+            "smoothness_descent",
+            "cls_convexity_fwd_mismatch",
+            "cls_convexity_bwd_mismatch",
+            "loss_vs_fp32_ref",
+            "loss_probe_vs_fp32_ref",
+            "loss_precision_mismatch",
+        }
         assert must <= set(errs), f"{r['case']}: unchecked {sorted(must - set(errs))}"
         if r["case"]["workload"] == "mlp_classify":  # dropout-free: independent float64 oracle
-            assert {"loss_vs_fp64", "grad_vs_fp64", "sq_grad_small_vs_fp64", "loss_probe_vs_fp64",
-                    "grad_probe_vs_fp64"} <= set(errs), r["case"]
+            assert {
+                "loss_vs_fp64",
+                "grad_vs_fp64",
+                "sq_grad_small_vs_fp64",
+                "loss_probe_vs_fp64",
+                "grad_probe_vs_fp64",
+            } <= set(errs), r["case"]
         if r["case"]["stage"] > 0 and not r["case"].get("clip"):
             assert "engine_grad_norm" in errs  # DeepSpeed reports its own norm at ZeRO 1-3
         for k, e in errs.items():

@@ -4,6 +4,7 @@ precision) it declares that a CPU runs (fp32 and bf16; fp16 needs a GPU), throug
 LAMB inside a ZeRO-2 engine is caught at run time; Schedule-Free's reported eval loss is the
 loss at x). One torchrun job: tests/dist/zoo_harness.py (127 cases, about 50 s on 2 cores).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,17 @@ def zoo(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("zoo") / "out.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-           "--master_port", str(free_port()), str(ROOT / "tests" / "dist" / "zoo_harness.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests" / "dist" / "zoo_harness.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -71,8 +81,9 @@ def test_elementwise_rules_are_stage_invariant(zoo):
             for s in stages[1:]:
                 a, b = by[(name, stages[0], prec)], by[(name, s, prec)]
                 for x, y in zip(a["losses"] + [a["eval_loss"]], b["losses"] + [b["eval_loss"]]):
-                    assert abs(x - y) <= 1e-5 * abs(x), \
+                    assert abs(x - y) <= 1e-5 * abs(x), (
                         f"{name} {prec}: ZeRO-{s} {b['losses']} vs ZeRO-{stages[0]} {a['losses']}"
+                    )
                 checked += 1
     assert checked == (3 + 2) * sum(1 for e in optim.OPTIMIZERS.values() if e.elementwise)
 

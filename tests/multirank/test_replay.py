@@ -9,6 +9,7 @@ snapshots (reassembled from the rank files in the test only). Tolerances (docs/M
 safe_get_full_grad) to 1e-6 of their scale; values that include the fp32 forward/backward
 against the float64 model to 1e-5 (as tests/multirank/test_multirank.py's *_vs_fp64).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,13 +40,27 @@ MAX_SIGMAS = 5.0  # Hutchinson is random: |estimate − trace| in units of its e
 NO_PERSIST = {"stage3_param_persistence_threshold": 0}  # ZeRO-3 really partitions the tiny model
 CASES = [
     {"stage": 0, "workload": "mlp", "steps": 4, "every": 3, "reference": "final"},
-    {"stage": 1, "workload": "mlp", "steps": 2, "every": 2, "reference": "init", "val_fraction": 0.05,
-     "hessian": {"lanczos_steps": 16, "hutchinson_samples": 6}},
+    {
+        "stage": 1,
+        "workload": "mlp",
+        "steps": 2,
+        "every": 2,
+        "reference": "init",
+        "val_fraction": 0.05,
+        "hessian": {"lanczos_steps": 16, "hutchinson_samples": 6},
+    },
     {"stage": 2, "workload": "mlp", "steps": 4, "every": 2, "reference": "2"},
     {"stage": 3, "workload": "mlp", "steps": 2, "every": 1, "reference": "final"},
     {"stage": 3, "workload": "mlp", "steps": 2, "every": 2, "reference": "final", "ds_extra": NO_PERSIST},
-    {"stage": 2, "workload": "quadratic", "steps": 2, "every": 2, "reference": "init", "mbs": 64,
-     "hessian": {"lanczos_steps": 18, "hutchinson_samples": 6}},
+    {
+        "stage": 2,
+        "workload": "quadratic",
+        "steps": 2,
+        "every": 2,
+        "reference": "init",
+        "mbs": 64,
+        "hessian": {"lanczos_steps": 18, "hutchinson_samples": 6},
+    },
 ]
 EXPECTED_STEPS = [[0, 3, 4], [0, 2], [0, 2, 4], [0, 1, 2], [0, 2], [0, 2]]
 
@@ -63,9 +78,19 @@ def replayed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replay")
     out, storage = tmp / "out.json", tmp / "studies"
     storage.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(ROOT / "tests" / "dist" / "replay_harness.py"), str(out),
-           json.dumps(CASES), str(storage)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests" / "dist" / "replay_harness.py"),
+        str(out),
+        json.dumps(CASES),
+        str(storage),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(out.read_text())
@@ -83,17 +108,27 @@ def test_replay_matches_float64_oracle_at_every_stage(replayed):
         assert r["steps"] == steps, case  # x_0, every k-th iterate and the last one
         assert r["n_rows"] == len(steps) and r["stored_equals_returned"], case
         errs = r["errors"]
-        must = {"snapshot_vs_trained_params", "tf_ip_grad_dist", "tf_sq_grad", "tf_sq_dist",
-                "fp64_loss_x", "fp64_loss_y", "fp64_loss_gap", "fp64_ip_grad_dist", "fp64_grad",
-                "final_eval_loss"}
+        must = {
+            "snapshot_vs_trained_params",
+            "tf_ip_grad_dist",
+            "tf_sq_grad",
+            "tf_sq_dist",
+            "fp64_loss_x",
+            "fp64_loss_y",
+            "fp64_loss_gap",
+            "fp64_ip_grad_dist",
+            "fp64_grad",
+            "final_eval_loss",
+        }
         if case.get("hessian"):
             must |= {"hessian_lambda_max", "hutchinson_sigmas"}
         assert must <= set(errs), f"{case}: unchecked {sorted(must - set(errs))}"
         assert errs["snapshot_vs_trained_params"] == 0.0, case  # snapshots are the fp32 masters, exactly
         assert errs["final_eval_loss"] <= 1e-12, case  # F(x_final) is the trial's own last eval_loss
         for k, e in errs.items():
-            limit = {"hessian_lambda_max": TOL_LAMBDA, "hutchinson_sigmas": MAX_SIGMAS,
-                     "final_eval_loss": 1e-12}.get(k, TOL_FP64 if k.startswith("fp64_") else TOL)
+            limit = {"hessian_lambda_max": TOL_LAMBDA, "hutchinson_sigmas": MAX_SIGMAS, "final_eval_loss": 1e-12}.get(
+                k, TOL_FP64 if k.startswith("fp64_") else TOL
+            )
             assert e <= limit, f"{case}: {k} error {e:.2e} > {limit:.0e}"
 
 
@@ -127,8 +162,9 @@ def test_cli_replay_launches_torchrun_and_reproduces_the_rows(replayed):
     assert main(["replay", str(study), "--trial", "t0"]) == 0
     rows = replay_store.read_replay(study, "t0", "final").to_pylist()
     want = data["results"][0]["rows"]
-    assert [{k: v for k, v in r.items() if k != "time_unix" and k in w} for r, w in zip(rows, want)] == \
-        [{k: v for k, v in w.items() if k != "time_unix"} for w in want]
+    assert [{k: v for k, v in r.items() if k != "time_unix" and k in w} for r, w in zip(rows, want)] == [
+        {k: v for k, v in w.items() if k != "time_unix"} for w in want
+    ]
 
 
 @pytest.mark.slow
@@ -136,10 +172,12 @@ def test_cli_bad_input_exits_2_without_starting(replayed, capsys):
     from opt_study.cli.main import main
 
     _, storage = replayed
-    for args, msg in ((["--reference", "7"], "no snapshot at step 7"),
-                      (["--reference", "best"], "reference must be"),
-                      (["--trial", "nope"], "no committed snapshots"),
-                      (["--hessian", "--top", "99"], "top")):
+    for args, msg in (
+        (["--reference", "7"], "no snapshot at step 7"),
+        (["--reference", "best"], "reference must be"),
+        (["--trial", "nope"], "no committed snapshots"),
+        (["--hessian", "--top", "99"], "top"),
+    ):
         assert main(["replay", str(storage / "r0"), *args]) == 2, args
         assert msg in capsys.readouterr().err, args
 
@@ -207,9 +245,13 @@ def test_fd_hvp_is_exact_on_a_quadratic_and_hutchinson_is_unbiased():
 
 
 def test_options_validate_with_field_errors():
-    for kw, field in (({"lanczos_steps": 0}, "lanczos_steps"), ({"top": 30}, "top"),
-                      ({"hutchinson_samples": -1}, "hutchinson_samples"), ({"fd_eps": 0.0}, "fd_eps"),
-                      ({"seed": -1}, "seed")):
+    for kw, field in (
+        ({"lanczos_steps": 0}, "lanczos_steps"),
+        ({"top": 30}, "top"),
+        ({"hutchinson_samples": -1}, "hutchinson_samples"),
+        ({"fd_eps": 0.0}, "fd_eps"),
+        ({"seed": -1}, "seed"),
+    ):
         with pytest.raises(FieldError) as e:
             HessianOptions(**kw)
         assert e.value.field == field
@@ -221,9 +263,22 @@ def test_options_validate_with_field_errors():
 
 
 def test_replay_store_roundtrip_and_refusals(tmp_path):
-    rows = [{"step": s, "ref_step": 4, "loss_x": 1.0 + s, "loss_y": 1.0, "ip_grad_dist": 0.5 * s,
-             "loss_gap": float(s), "sq_dist": 2.0, "sq_grad": 3.0, "world": 2, "zero_stage": 3,
-             "hessian_top": [2.0, 1.0] if s else None} for s in (4, 0, 2)]
+    rows = [
+        {
+            "step": s,
+            "ref_step": 4,
+            "loss_x": 1.0 + s,
+            "loss_y": 1.0,
+            "ip_grad_dist": 0.5 * s,
+            "loss_gap": float(s),
+            "sq_dist": 2.0,
+            "sq_grad": 3.0,
+            "world": 2,
+            "zero_stage": 3,
+            "hessian_top": [2.0, 1.0] if s else None,
+        }
+        for s in (4, 0, 2)
+    ]
     path = replay_store.write_replay(tmp_path, "a-1", "final", rows)
     assert path == tmp_path / "replay" / "trial_id=a-1" / "reference=final.parquet"
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind

@@ -1,6 +1,7 @@
 """Compaction of a trial's chunks: every reader (read_steps, the query ``steps`` view,
 parquet.steps_sql) gives exactly the same table before, at every intermediate state (a
 compaction killed after k changes) and after; a rerun finishes the job and is then a no-op."""
+
 from __future__ import annotations
 
 import itertools
@@ -31,8 +32,12 @@ def _write(study, trial, attempt, start, stop, tag=0.0, rows_per_chunk=3):
         for s in range(start, stop):
             row = {"step": s, "loss": s + tag, "lr": 0.1, "time_unix": 1000.0 + s + tag}
             if s % 4 == 0:
-                row.update(measured=True, sq_grad=2.0 * s, cls_convexity_fwd="holds",
-                           groups={"g0": {"sq_grad": float(s)}, "g1": {"sq_grad": s + tag}})
+                row.update(
+                    measured=True,
+                    sq_grad=2.0 * s,
+                    cls_convexity_fwd="holds",
+                    groups={"g0": {"sq_grad": float(s)}, "g1": {"sq_grad": s + tag}},
+                )
             if s % 5 == 0:
                 row.update(eval_loss=s / 10, flag="zero_update")
             w.append(row)
@@ -125,9 +130,11 @@ def test_compaction_leaves_one_file_per_attempt_with_rows(study, tmp_path):
     out = compact_study(s)
     tdir = layout.trial_steps_dir(s, "b")
     assert out["a"] == [layout.attempt_dir(s, "a", 0) / layout.chunk_name(0, 20)]
-    assert out["b"] == [layout.attempt_dir(s, "b", 0) / layout.chunk_name(0, 7),
-                        layout.attempt_dir(s, "b", 2) / layout.chunk_name(8, 19),
-                        layout.attempt_dir(s, "b", 3) / layout.chunk_name(20, 30)]
+    assert out["b"] == [
+        layout.attempt_dir(s, "b", 0) / layout.chunk_name(0, 7),
+        layout.attempt_dir(s, "b", 2) / layout.chunk_name(8, 19),
+        layout.attempt_dir(s, "b", 3) / layout.chunk_name(20, 30),
+    ]
     assert out["c"] == [c_file] and c_file.stat().st_mtime_ns == c_mtime  # untouched
     assert sorted(p.name for p in tdir.iterdir()) == ["attempt=0", "attempt=2", "attempt=3"]
     assert list_chunks(s) == out["a"] + out["b"] + out["c"]

@@ -3,6 +3,7 @@ study folder at once while a reader process polls `read_steps` and DuckDB the wh
 one more writer is SIGKILLed in the middle of writing a large chunk (while its temporary file
 exists). Readers only ever see whole committed chunks, the interrupted chunk is never visible,
 and at the end every (trial, step) is stored exactly once."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -31,7 +32,7 @@ VICTIM_BIG = 40_000  # wide random rows: ~15 MB of Parquet, so the write takes a
 
 def _loss(tid: str, step: int) -> float:
     """A value only (trial, step) produces: a reader can check every row it sees."""
-    return zlib.crc32(f"{tid}:{step}".encode()) / 2 ** 32
+    return zlib.crc32(f"{tid}:{step}".encode()) / 2**32
 
 
 def _writer(study: str, tid: str, go, pause_s: float) -> None:
@@ -46,7 +47,7 @@ def _writer(study: str, tid: str, go, pause_s: float) -> None:
 def _victim(study: str, tid: str, go, small_done) -> None:
     go.wait(60)
     rng = random.Random(tid)
-    w = StepWriter(study, tid, attempt=0, start_step=0, rows_per_chunk=10 ** 9)
+    w = StepWriter(study, tid, attempt=0, start_step=0, rows_per_chunk=10**9)
     for s in range(2 * VICTIM_SMALL):
         w.append({"step": s, "loss": _loss(tid, s)})
         if (s + 1) % VICTIM_SMALL == 0:
@@ -78,7 +79,8 @@ def _check_view(study: str, chunk_of: dict[str, int]) -> tuple[list[str], dict[s
     if list(Path(study).glob("steps/*/*/*.parquet")):
         counts = duckdb.sql(
             f"SELECT trial_id, count(*), count(DISTINCT step), max(step), count(*) - count(loss) "
-            f"FROM read_parquet('{glob}', hive_partitioning = true) GROUP BY 1").fetchall()
+            f"FROM read_parquet('{glob}', hive_partitioning = true) GROUP BY 1"
+        ).fetchall()
         for tid, n, distinct, hi, nulls in counts:
             if not (n == distinct == hi + 1 and n % chunk_of[tid] == 0 and nulls == 0):
                 bad.append(f"duckdb: {tid}: {n} rows, {distinct} distinct, max {hi}, {nulls} null")
@@ -147,9 +149,11 @@ def test_concurrent_writers_and_a_killed_one(tmp_path):
     last = killed[-1]
     adir = layout.attempt_dir(Path(study), last, 0)
     temps = [n for n in os.listdir(adir) if n.startswith(".part-")]
-    assert len(temps) == 1 and sorted(n for n in os.listdir(adir) if not n.startswith(".")) == \
-        ["_START", layout.chunk_name(0, VICTIM_SMALL - 1),
-         layout.chunk_name(VICTIM_SMALL, 2 * VICTIM_SMALL - 1)]
+    assert len(temps) == 1 and sorted(n for n in os.listdir(adir) if not n.startswith(".")) == [
+        "_START",
+        layout.chunk_name(0, VICTIM_SMALL - 1),
+        layout.chunk_name(VICTIM_SMALL, 2 * VICTIM_SMALL - 1),
+    ]
     # final state: every (trial, step) exactly once; the killed trial keeps its committed chunks
     table = read_steps(study)
     per = {}
@@ -160,6 +164,7 @@ def test_concurrent_writers_and_a_killed_one(tmp_path):
         assert per[t] == list(range(STEPS))
     assert set(per) == set(WRITERS) | set(killed)
     glob = f"{study}/steps/**/*.parquet"
-    assert duckdb.sql(f"SELECT count(*) - count(DISTINCT (trial_id, step)) FROM read_parquet('{glob}', "
-                      "hive_partitioning = true)").fetchall() == [(0,)]
+    assert duckdb.sql(
+        f"SELECT count(*) - count(DISTINCT (trial_id, step)) FROM read_parquet('{glob}', hive_partitioning = true)"
+    ).fetchall() == [(0,)]
     assert check_chunks(study) == []

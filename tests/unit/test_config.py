@@ -1,6 +1,7 @@
 """The study spec: every rule of every slice names its dotted field, good specs build with the
 documented defaults, every shipped config loads, and the hostile corpus in tests/bad_configs/
 fails with the field its first line names (`# expect: <field>`, `<top>` for the whole file)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,11 @@ from corpus import CORPUS, expected_field, generated_bad_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
-GOOD = {"study": {"name": "t"}, "workload": {"type": "quadratic"},
-        "optimizers": [{"name": "sgd", "params": {"lr": 0.1}}]}
+GOOD = {
+    "study": {"name": "t"},
+    "workload": {"type": "quadratic"},
+    "optimizers": [{"name": "sgd", "params": {"lr": 0.1}}],
+}
 
 
 def spec(**patch) -> Spec:
@@ -43,9 +47,16 @@ def test_minimal_spec_defaults(tmp_path, monkeypatch):
     s = spec()
     assert s.study == StudyConfig(name="t", seeds=(0,), storage=str(tmp_path.resolve() / "results"))
     assert s.scale == ScaleConfig() and s.scale.resolved_launcher == "in_process"
-    assert (s.scale.workers, s.scale.gpus_per_worker, s.scale.cpus_per_worker, s.scale.zero_stage,
-            s.scale.precision, s.scale.micro_batch_size, s.scale.grad_accum, s.scale.torch_threads) == \
-        (1, 0, 1.0, 0, "fp32", 8, 1, 1)
+    assert (
+        s.scale.workers,
+        s.scale.gpus_per_worker,
+        s.scale.cpus_per_worker,
+        s.scale.zero_stage,
+        s.scale.precision,
+        s.scale.micro_batch_size,
+        s.scale.grad_accum,
+        s.scale.torch_threads,
+    ) == (1, 0, 1.0, 0, "fp32", 8, 1, 1)
     t = s.training
     assert (t.steps, t.eval_every, t.grad_clip, t.log_every) == (100, 50, None, 1)
     assert (t.schedule.type, t.schedule.warmup_steps, t.schedule.min_ratio) == ("constant", 0, 0.0)
@@ -77,19 +88,47 @@ def test_storage_expands_home_and_explicit_mlflow_uri_is_kept(tmp_path, monkeypa
 
 
 def test_full_spec_builds_every_slice():
-    s = spec(study={"name": "full.v1-a_b", "seeds": [3, 1], "description": "d"},
-             workload={"type": "tiny_lm", "width": 32, "heads": 4, "layers": 1, "context": 16},
-             optimizers=[{"name": "adamw", "label": "aw", "params": {
-                             "lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": {"choice": [0.0, 0.1]},
-                             "amsgrad": True, "beta2": {"uniform": [0.9, 0.999]}}},
-                         {"name": "momentum", "params": {"lr": {"grid": [0.03, 0.1]}, "momentum": 0.9}}],
-             scale={"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 3, "precision": "bf16",
-                    "micro_batch_size": 4, "grad_accum": 2, "launcher": "worker_group", "torch_threads": 2},
-             training={"steps": 40, "eval_every": 10, "grad_clip": 1, "log_every": 2,
-                       "schedule": {"type": "linear", "warmup_steps": 40, "min_ratio": 1}},
-             search={"samples": 3, "seed": 7, "asha": {"grace_period": 4, "reduction_factor": 3},
-                     "max_concurrent_trials": 2},
-             measure={"every": 5, "probe_s": "1", "norms": False})
+    s = spec(
+        study={"name": "full.v1-a_b", "seeds": [3, 1], "description": "d"},
+        workload={"type": "tiny_lm", "width": 32, "heads": 4, "layers": 1, "context": 16},
+        optimizers=[
+            {
+                "name": "adamw",
+                "label": "aw",
+                "params": {
+                    "lr": {"loguniform": [1e-4, 1e-2]},
+                    "weight_decay": {"choice": [0.0, 0.1]},
+                    "amsgrad": True,
+                    "beta2": {"uniform": [0.9, 0.999]},
+                },
+            },
+            {"name": "momentum", "params": {"lr": {"grid": [0.03, 0.1]}, "momentum": 0.9}},
+        ],
+        scale={
+            "workers": 2,
+            "cpus_per_worker": 0.5,
+            "zero_stage": 3,
+            "precision": "bf16",
+            "micro_batch_size": 4,
+            "grad_accum": 2,
+            "launcher": "worker_group",
+            "torch_threads": 2,
+        },
+        training={
+            "steps": 40,
+            "eval_every": 10,
+            "grad_clip": 1,
+            "log_every": 2,
+            "schedule": {"type": "linear", "warmup_steps": 40, "min_ratio": 1},
+        },
+        search={
+            "samples": 3,
+            "seed": 7,
+            "asha": {"grace_period": 4, "reduction_factor": 3},
+            "max_concurrent_trials": 2,
+        },
+        measure={"every": 5, "probe_s": "1", "norms": False},
+    )
     assert s.study.seeds == (3, 1) and s.study.name == "full.v1-a_b"
     assert s.workload.params == TinyLMConfig(layers=1, heads=4, width=32, context=16)
     assert [o.label for o in s.optimizers] == ["aw", "momentum"]
@@ -118,8 +157,7 @@ def test_eval_every_defaults_to_min_50_steps():
 def test_asha_grace_period_counts_the_final_partial_evaluation():
     # steps 10, eval_every 3: evaluations after steps 3, 6, 9 and the last step 10 -> 4
     assert spec(training={"steps": 10, "eval_every": 3}, search={"asha": {"grace_period": 4}}).search.asha
-    rejects("search.asha.grace_period", training={"steps": 10, "eval_every": 3},
-            search={"asha": {"grace_period": 5}})
+    rejects("search.asha.grace_period", training={"steps": 10, "eval_every": 3}, search={"asha": {"grace_period": 5}})
 
 
 def test_scalar_coercions():
@@ -136,10 +174,19 @@ def test_probe_s_choices_are_accepted(probe_s):
 
 
 def test_boundaries_are_accepted():
-    s = spec(scale={"workers": 4096, "micro_batch_size": 1 << 20, "grad_accum": 4096, "zero_stage": 3,
-                    "cpus_per_worker": 256, "torch_threads": 256},
-             training={"steps": 5, "eval_every": 5, "log_every": 5, "schedule": {"warmup_steps": 5}},
-             study={"name": "x" * 128}, search={"samples": 100_000})
+    s = spec(
+        scale={
+            "workers": 4096,
+            "micro_batch_size": 1 << 20,
+            "grad_accum": 4096,
+            "zero_stage": 3,
+            "cpus_per_worker": 256,
+            "torch_threads": 256,
+        },
+        training={"steps": 5, "eval_every": 5, "log_every": 5, "schedule": {"warmup_steps": 5}},
+        study={"name": "x" * 128},
+        search={"samples": 100_000},
+    )
     assert s.scale.workers == 4096 and s.training.schedule.warmup_steps == 5
     assert spec(study={"name": "t", "seeds": [0, 2**31 - 1]}).study.seeds == (0, 2**31 - 1)
     assert spec(scale={"gpus_per_worker": 1, "precision": "fp16", "launcher": "in_process"}).scale.precision == "fp16"
@@ -258,20 +305,45 @@ RULES = [
     ("optimizers[0].params.lr.choice", {"optimizers": [{"name": "sgd", "params": {"lr": {"choice": []}}}]}),
     ("optimizers[0].params.eps", {"optimizers": [{"name": "adam", "params": {"eps": -1e-8}}]}),
     ("optimizers[0].params.beta1", {"optimizers": [{"name": "adam", "params": {"beta1": {"choice": [0.9, 1.0]}}}]}),
-    ("optimizers[0].params.weight_decay",
-     {"optimizers": [{"name": "adamw", "params": {"weight_decay": {"uniform": [-1, 1]}}}]}),
+    (
+        "optimizers[0].params.weight_decay",
+        {"optimizers": [{"name": "adamw", "params": {"weight_decay": {"uniform": [-1, 1]}}}]},
+    ),
     ("optimizers[0].params.centered", {"optimizers": [{"name": "rmsprop", "params": {"centered": "yes"}}]}),
     ("optimizers[0].label", {"optimizers": [{"name": "sgd", "label": "a b"}]}),
     ("optimizers[0].label", {"optimizers": [{"name": "sgd", "label": ".."}]}),
     ("optimizers[0].label", {"optimizers": [{"name": "sgd", "label": ["x"]}]}),
     ("optimizers[2].label", {"optimizers": [{"name": "sgd"}, {"name": "adam"}, {"name": "sgd"}]}),
     ("optimizers[1].label", {"optimizers": [{"name": "sgd", "label": "x"}, {"name": "adam", "label": "x"}]}),
-    ("optimizers[0].params", {"optimizers": [{"name": "adam", "params": {
-        k: {"grid": [round(lo + i * d, 6) for i in range(20)]}
-        for k, lo, d in (("lr", 1e-3, 1e-3), ("beta1", 0.5, 0.01), ("beta2", 0.9, 0.001),
-                         ("weight_decay", 0.0, 0.001))}}]}),
+    (
+        "optimizers[0].params",
+        {
+            "optimizers": [
+                {
+                    "name": "adam",
+                    "params": {
+                        k: {"grid": [round(lo + i * d, 6) for i in range(20)]}
+                        for k, lo, d in (
+                            ("lr", 1e-3, 1e-3),
+                            ("beta1", 0.5, 0.01),
+                            ("beta2", 0.9, 0.001),
+                            ("weight_decay", 0.0, 0.001),
+                        )
+                    },
+                }
+            ]
+        },
+    ),
     # whole document
-    ("", {"workload": {"type": "quadratic", "dim": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}),  # noqa: E501 - the nesting is the point
+    (
+        "",
+        {
+            "workload": {
+                "type": "quadratic",
+                "dim": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+            }
+        },
+    ),  # noqa: E501 - the nesting is the point
     ("trainer", {"trainer": {}}),
 ]
 
@@ -300,8 +372,10 @@ def test_messages_say_what_is_allowed():
     assert "adadelta, adagrad, adam, adamw" in rejects("optimizers[0].name", optimizers=[{"name": "x"}]).message
     msg = rejects("optimizers[0].params.momentm", optimizers=[{"name": "momentum", "params": {"momentm": 1}}]).message
     assert "allowed: dampening, lr, momentum, weight_decay" in msg
-    assert "Invalid learning rate" in rejects("optimizers[0].params.lr",
-                                              optimizers=[{"name": "sgd", "params": {"lr": -1}}]).message
+    assert (
+        "Invalid learning rate"
+        in rejects("optimizers[0].params.lr", optimizers=[{"name": "sgd", "params": {"lr": -1}}]).message
+    )
     assert rejects("scale.zero_stage", scale={"zero_stage": 4}).message == "must be one of 0, 1, 2, 3"
 
 
@@ -313,11 +387,15 @@ def test_every_domain_value_is_checked_not_only_the_first():
 
 
 def test_dataclasses_raise_field_error_on_the_bare_field():
-    for make, field in ((lambda: ScaleConfig(workers=0), "workers"),
-                        (lambda: StudyConfig(name="a/b"), "name"),
-                        (lambda: TrainingConfig(steps=10, eval_every=20), "eval_every"),
-                        (lambda: TrainingConfig(steps=4, schedule=dataclasses.replace(
-                            TrainingConfig().schedule, warmup_steps=5)), "schedule.warmup_steps")):
+    for make, field in (
+        (lambda: ScaleConfig(workers=0), "workers"),
+        (lambda: StudyConfig(name="a/b"), "name"),
+        (lambda: TrainingConfig(steps=10, eval_every=20), "eval_every"),
+        (
+            lambda: TrainingConfig(steps=4, schedule=dataclasses.replace(TrainingConfig().schedule, warmup_steps=5)),
+            "schedule.warmup_steps",
+        ),
+    ):
         with pytest.raises(FieldError) as ei:
             make()
         assert ei.value.field == field and str(ei.value).startswith(f"{field}: ")
@@ -383,20 +461,28 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
-    s = load_study(write(tmp_path, "study: {name: t}\nworkload: {type: quadratic}\noptimizers:\n"
-                                   "  - name: adam\n    params: {lr: {loguniform: [1e-4, 3E-2]}, eps: 1e-8}\n"))
+    s = load_study(
+        write(
+            tmp_path,
+            "study: {name: t}\nworkload: {type: quadratic}\noptimizers:\n"
+            "  - name: adam\n    params: {lr: {loguniform: [1e-4, 3E-2]}, eps: 1e-8}\n",
+        )
+    )
     assert s.optimizers[0].space["lr"].values == (1e-4, 3e-2)
     assert s.optimizers[0].space["eps"] == Domain("fixed", (1e-8,))
 
 
 def test_merge_keys_work_and_duplicates_are_refused(tmp_path):
-    text = ("study: {name: t}\nworkload: {type: quadratic}\n"
-            "optimizers:\n  - &o {name: sgd, params: {lr: 0.1}}\n  - {<<: *o, label: other}\n")
+    text = (
+        "study: {name: t}\nworkload: {type: quadratic}\n"
+        "optimizers:\n  - &o {name: sgd, params: {lr: 0.1}}\n  - {<<: *o, label: other}\n"
+    )
     s = load_study(write(tmp_path, text))
     assert [o.label for o in s.optimizers] == ["sgd", "other"]
     with pytest.raises(ConfigError) as ei:
-        load_study(write(tmp_path, "study: {name: t, name: u}\nworkload: {type: quadratic}\n"
-                                   "optimizers: [{name: sgd}]\n"))
+        load_study(
+            write(tmp_path, "study: {name: t, name: u}\nworkload: {type: quadratic}\noptimizers: [{name: sgd}]\n")
+        )
     assert ei.value.field == "study.name" and "line 1" in ei.value.message
 
 

@@ -5,6 +5,7 @@ Every `import` / `from ... import` in every module counts, at module level or in
 order is the one docs/DESIGN.md draws; a package is one unit, and units on one line may import
 each other.
 """
+
 from __future__ import annotations
 
 import ast
@@ -115,7 +116,7 @@ def test_the_module_graph_has_no_cycle():
     for m in sorted(g):
         if m not in state:
             cycle = visit(m, [])
-            assert cycle is None, "import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]):])
+            assert cycle is None, "import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]) :])
 
 
 def test_the_checker_sees_function_level_and_upward_imports(tmp_path):
@@ -128,12 +129,22 @@ def test_the_checker_sees_function_level_and_upward_imports(tmp_path):
     assert RANK[unit_of(found[0][0])] > RANK["storage"]
 
 
-@pytest.mark.parametrize("module", ["opt_study.plan.planners", "opt_study.config", "opt_study.storage.layout",
-                                    "opt_study.trial.control", "opt_study.results.trials"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "opt_study.plan.planners",
+        "opt_study.config",
+        "opt_study.storage.layout",
+        "opt_study.trial.control",
+        "opt_study.results.trials",
+    ],
+)
 def test_driver_side_modules_import_no_training_stack(module):
     """The driver plans, records and stops trials without importing torch, DeepSpeed or Ray."""
-    code = (f"import sys, {module}\n"
-            "heavy = sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules)\n"
-            "print(','.join(heavy))")
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "", f"{module} pulls in {out.strip()}"

@@ -2,6 +2,7 @@
 (metrics.noise_floor's `loss_precision`), against the formula by hand and the reference; and the
 step-row column that records it. The runs themselves (fp32 re-evaluation through DeepSpeed at
 ZeRO 1-3) are tests/multirank/test_multirank.py's bf16 cases."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,11 @@ def test_floor_splits_loss_and_gradient_precision():
     got = metrics.noise_floor(SUMS, 1.0, -2.0, 0.5, "bf16", loss_precision="fp32")
     assert got == 4 * (U32 * 3.0 + U16 * 5 * 0.25 + U32 * 5 * (20 + 0.25))
     # bf16 losses (no re-evaluation): the single-precision formula, bf16 point term included
-    assert metrics.noise_floor(SUMS, 1.0, -2.0, 1.0, "bf16", loss_precision="bf16") == \
-        metrics.noise_floor(SUMS, 1.0, -2.0, 1.0, "bf16") == 4 * U16 * (3.0 + 2.5 + 102.5)
+    assert (
+        metrics.noise_floor(SUMS, 1.0, -2.0, 1.0, "bf16", loss_precision="bf16")
+        == metrics.noise_floor(SUMS, 1.0, -2.0, 1.0, "bf16")
+        == 4 * U16 * (3.0 + 2.5 + 102.5)
+    )
     with pytest.raises(ValueError):
         metrics.noise_floor(SUMS, 1.0, 1.0, 1.0, "bf16", loss_precision="int8")
 
@@ -35,13 +39,19 @@ def test_floor_splits_loss_and_gradient_precision():
 def test_derive_and_reference_agree_on_mixed_precision(s):
     g = torch.Generator().manual_seed(3)
     t = {k: torch.randn(300, generator=g, dtype=torch.float64) for k in ("x", "g", "delta", "g_plus")}
-    sums = {"sq_grad": float(t["g"] @ t["g"]), "sq_grad_probe": float(t["g_plus"] @ t["g_plus"]),
-            "sq_update": float(t["delta"] @ t["delta"]), "sq_param": float(t["x"] @ t["x"]),
-            "ip_grad_update": float(t["g"] @ t["delta"]), "ip_probe_update": float(t["g_plus"] @ t["delta"]),
-            "sq_grad_diff": float((t["g_plus"] - t["g"]) @ (t["g_plus"] - t["g"]))}
+    sums = {
+        "sq_grad": float(t["g"] @ t["g"]),
+        "sq_grad_probe": float(t["g_plus"] @ t["g_plus"]),
+        "sq_update": float(t["delta"] @ t["delta"]),
+        "sq_param": float(t["x"] @ t["x"]),
+        "ip_grad_update": float(t["g"] @ t["delta"]),
+        "ip_probe_update": float(t["g_plus"] @ t["delta"]),
+        "sq_grad_diff": float((t["g_plus"] - t["g"]) @ (t["g_plus"] - t["g"])),
+    }
     got = metrics.derive(sums, 3.0, 2.9, s, "bf16", loss_precision="fp32")
-    ref = reference_metrics(t["x"], t["g"], t["delta"], t["g_plus"], 3.0, 2.9, s,
-                            precision="bf16", loss_precision="fp32")
+    ref = reference_metrics(
+        t["x"], t["g"], t["delta"], t["g_plus"], 3.0, 2.9, s, precision="bf16", loss_precision="fp32"
+    )
     assert got["noise_floor"] == pytest.approx(ref["noise_floor"], rel=1e-12)
     assert got["cls_convexity_fwd"] == ref["cls_convexity_fwd"]
     # re-evaluating the losses in fp32 is what shrinks the floor (bf16 losses: u = 2^-8 on |ℓ|)

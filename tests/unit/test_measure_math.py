@@ -4,6 +4,7 @@ Sharding is simulated: each parameter's flat vector is cut into contiguous piece
 "rank"; each rank packs its local sums and the packed vectors are added, exactly what
 all_reduce(SUM) does. Tolerances are docs/METRICS.md's scale-aware ones (§Correctness contract).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -33,9 +34,14 @@ from opt_study.measure.sums import (
 FIELDS = ("x", "g", "delta", "g_plus", "x0", "delta_prev", "g_prev")
 # The sums of squares whose roots scale each sum's error (docs/METRICS.md §Correctness contract:
 # 1e-6·‖a‖‖b‖).
-SCALE = {"ip_grad_update": ("sq_grad", "sq_update"), "ip_probe_update": ("sq_grad_probe", "sq_update"),
-         "ip_param_update": ("sq_param", "sq_update"), "ip_param_grad": ("sq_param", "sq_grad"),
-         "ip_update_prev": ("sq_update", "sq_update_prev"), "ip_grad_prev": ("sq_grad", "sq_grad_prev")}
+SCALE = {
+    "ip_grad_update": ("sq_grad", "sq_update"),
+    "ip_probe_update": ("sq_grad_probe", "sq_update"),
+    "ip_param_update": ("sq_param", "sq_update"),
+    "ip_param_grad": ("sq_param", "sq_grad"),
+    "ip_update_prev": ("sq_update", "sq_update_prev"),
+    "ip_grad_prev": ("sq_grad", "sq_grad_prev"),
+}
 
 
 def _random_params(gen: torch.Generator, sizes, dtype=torch.float32) -> list[dict]:
@@ -45,7 +51,7 @@ def _random_params(gen: torch.Generator, sizes, dtype=torch.float32) -> list[dic
         x0 = r()
         x = x0 + r(0.1)
         g = r(0.01) + 0.003
-        gp = g + r(1e-4)      # g⁺ ≈ g: the case where ‖g⁺‖² − 2⟨g⁺,g⟩ + ‖g‖² would cancel
+        gp = g + r(1e-4)  # g⁺ ≈ g: the case where ‖g⁺‖² − 2⟨g⁺,g⟩ + ‖g‖² would cancel
         d = -0.01 * g + r(1e-4)
         g_prev = g + r(0.01)
         d_prev = d + r(1e-4)
@@ -63,9 +69,10 @@ def _sharded_packed(params, groups, n_groups, ranks, gen, losses, chunk=CHUNK, d
     total = None
     cuts = [_cuts(gen, p["x"].numel(), ranks) for p in params]
     for r in range(ranks):
-        frags = [Fragment(group=grp, **{k: (None if k in drop else v[c[r]:c[r + 1]])
-                                        for k, v in p.items()})
-                 for p, grp, c in zip(params, groups, cuts)]
+        frags = [
+            Fragment(group=grp, **{k: (None if k in drop else v[c[r] : c[r + 1]]) for k, v in p.items()})
+            for p, grp, c in zip(params, groups, cuts)
+        ]
         packed = pack(local_sums(frags, n_groups, chunk=chunk), torch.tensor(losses[r], dtype=torch.float64) / ranks)
         total = packed if total is None else total + packed  # what all_reduce(SUM) computes
     return unpack(total, n_groups)
@@ -103,13 +110,17 @@ def test_sharded_sums_equal_reference(ranks, chunk):
 def test_missing_inputs_are_nan_after_reduction():
     gen = torch.Generator().manual_seed(3)
     params = _random_params(gen, [50, 130])
-    per_group, scalars = _sharded_packed(params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, math.nan]] * 2,
-                                         drop=("g_plus", "x0"))
+    per_group, scalars = _sharded_packed(
+        params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, math.nan]] * 2, drop=("g_plus", "x0")
+    )
     full = {k: (None if k in ("g_plus", "x0") else torch.cat([p[k] for p in params])) for k in FIELDS}
     ref = reference_sums(**full)
     got = totals(per_group)
-    assert {k for k, v in got.items() if math.isnan(v)} == {k for k, v in ref.items() if math.isnan(v)} \
+    assert (
+        {k for k, v in got.items() if math.isnan(v)}
+        == {k for k, v in ref.items() if math.isnan(v)}
         == {"sq_grad_probe", "ip_probe_update", "sq_grad_diff", "sq_dist_init"}
+    )
     _assert_sums_close(got, ref)
     assert math.isnan(scalars["loss_probe"]) and scalars["loss"] == 1.0
 
@@ -146,11 +157,10 @@ def _quadratic(dtype, s: float, seed: int = 0):
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     lam = torch.linspace(0.5, 4.0, n, dtype=torch.float64)
     A = q @ torch.diag(lam) @ q.T
-    c = torch.randn(n, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(n, generator=gen,
-                                                                                dtype=torch.float64)
+    c = torch.randn(n, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
     x = torch.randn(12, 20, generator=gen, dtype=torch.float64).reshape(-1).to(dtype).double()
-    d = (-0.1 * A @ (x - c) + 0.05 * torch.randn(n, generator=gen, dtype=torch.float64))
-    d = d.to(dtype).double()                    # Δ arbitrary; x and Δ exact in `dtype`
+    d = -0.1 * A @ (x - c) + 0.05 * torch.randn(n, generator=gen, dtype=torch.float64)
+    d = d.to(dtype).double()  # Δ arbitrary; x and Δ exact in `dtype`
     f = lambda y: float(0.5 * (y - c) @ A @ (y - c))  # noqa: E731
     p = x + s * d
     return dict(A=A, lam=lam, x=x, d=d, g=A @ (x - c), gp=A @ (p - c), loss=f(x), loss_probe=f(p))
@@ -161,16 +171,19 @@ def _quadratic(dtype, s: float, seed: int = 0):
 def test_quadratic_closed_forms(dtype, s):
     q = _quadratic(dtype, s)
     A, x, d, g, gp = q["A"], q["x"], q["d"], q["g"], q["gp"]
-    half = x.numel() // 2                       # two "ranks", two groups
-    frags = [Fragment(group=j, x=x[sl].to(dtype), g=g[sl].to(dtype), delta=d[sl].to(dtype),
-                      g_plus=gp[sl].to(dtype)) for j, sl in enumerate((slice(0, half), slice(half, None)))]
+    half = x.numel() // 2  # two "ranks", two groups
+    frags = [
+        Fragment(group=j, x=x[sl].to(dtype), g=g[sl].to(dtype), delta=d[sl].to(dtype), g_plus=gp[sl].to(dtype))
+        for j, sl in enumerate((slice(0, half), slice(half, None)))
+    ]
     sums = totals(unpack(pack(local_sums(frags, 2), torch.zeros(4)), 2)[0])
     prec = "fp64" if dtype == torch.float64 else "fp32"
     via_sums = metrics.derive(sums, q["loss"], q["loss_probe"], s, prec)
-    via_ref = reference_metrics(x.to(dtype), g.to(dtype), d.to(dtype), gp.to(dtype), q["loss"],
-                                q["loss_probe"], s, precision=prec)
+    via_ref = reference_metrics(
+        x.to(dtype), g.to(dtype), d.to(dtype), gp.to(dtype), q["loss"], q["loss_probe"], s, precision=prec
+    )
     seg = s * d
-    quad = float(seg @ A @ seg)                 # (sΔ)ᵀA(sΔ)
+    quad = float(seg @ A @ seg)  # (sΔ)ᵀA(sΔ)
     curv = quad / float(seg @ seg)
     u = 1e-12 if dtype == torch.float64 else 1e-6
     tol = u * (abs(q["loss"]) + float((g.norm() + gp.norm()) * seg.norm()))  # from δ and ⟨·, sΔ⟩
@@ -199,8 +212,18 @@ def test_derive_matches_reference_metrics(s, precision):
     t = _random_case()
     sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(4)), 1)[0])
     got = metrics.derive(sums, 3.0, 2.5, s, precision)
-    ref = reference_metrics(t["x"], t["g"], t["delta"], t["g_plus"], 3.0, 2.5, s,
-                            delta_prev=t["delta_prev"], g_prev=t["g_prev"], precision=precision)
+    ref = reference_metrics(
+        t["x"],
+        t["g"],
+        t["delta"],
+        t["g_plus"],
+        3.0,
+        2.5,
+        s,
+        delta_prev=t["delta_prev"],
+        g_prev=t["g_prev"],
+        precision=precision,
+    )
     assert set(got) == set(ref) == set(metrics.OUTPUT_NAMES)
     for k, v in ref.items():
         if isinstance(v, float):
@@ -230,12 +253,29 @@ def test_zero_update_flags_and_nulls():
     t = _random_case()
     t["delta"] = torch.zeros_like(t["delta"])
     sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(4)), 1)[0])
-    for m in (metrics.derive(sums, 3.0, 3.0 + 1e-9, 1.0),
-              reference_metrics(t["x"], t["g"], t["delta"], t["g_plus"], 3.0, 3.0 + 1e-9, 1.0,
-                                delta_prev=t["delta_prev"], g_prev=t["g_prev"])):
+    for m in (
+        metrics.derive(sums, 3.0, 3.0 + 1e-9, 1.0),
+        reference_metrics(
+            t["x"],
+            t["g"],
+            t["delta"],
+            t["g_plus"],
+            3.0,
+            3.0 + 1e-9,
+            1.0,
+            delta_prev=t["delta_prev"],
+            g_prev=t["g_prev"],
+        ),
+    ):
         assert m["flag"] == "zero_update"
-        for k in ("smoothness_local", "smoothness_descent", "curvature_secant", "step_alpha",
-                  "cos_grad_update", "cos_update_prev"):
+        for k in (
+            "smoothness_local",
+            "smoothness_descent",
+            "curvature_secant",
+            "step_alpha",
+            "cos_grad_update",
+            "cos_update_prev",
+        ):
             assert m[k] is None, k
         assert m["update_norm"] == 0.0 and m["update_to_param"] == 0.0
         assert m["convexity_gap_fwd"] == pytest.approx(-1e-9, rel=1e-6)  # −δ: a reproducibility check
@@ -245,28 +285,51 @@ def test_zero_update_flags_and_nulls():
 def test_no_probe_flags_and_nulls():
     t = _random_case()
     t["g_plus"] = None
-    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1),
-                              torch.tensor([3.0, math.nan, 0.0, math.nan])), 1)[0])
+    sums = totals(
+        unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.tensor([3.0, math.nan, 0.0, math.nan])), 1)[0]
+    )
     m = metrics.derive(sums, 3.0, math.nan, math.nan)
     assert m["flag"] == "no_probe"
-    for k in ("loss_change", "convexity_gap_fwd", "convexity_gap_bwd", "trapezoid_residual",
-              "smoothness_local", "curvature_secant", "step_alpha", "noise_floor",
-              "cls_convexity_fwd", "cls_convexity_bwd"):
+    for k in (
+        "loss_change",
+        "convexity_gap_fwd",
+        "convexity_gap_bwd",
+        "trapezoid_residual",
+        "smoothness_local",
+        "curvature_secant",
+        "step_alpha",
+        "noise_floor",
+        "cls_convexity_fwd",
+        "cls_convexity_bwd",
+    ):
         assert m[k] is None, k
     assert m["cos_grad_update"] == pytest.approx(
-        float(t["g"] @ t["delta"] / (t["g"].norm() * t["delta"].norm())), rel=1e-12)
+        float(t["g"] @ t["delta"] / (t["g"].norm() * t["delta"].norm())), rel=1e-12
+    )
 
 
 def test_summarize_fractions_and_ratio():
     def row(fwd, bwd, L, loss, lp, ip, sq, s, flag=None):
-        return dict(cls_convexity_fwd=fwd, cls_convexity_bwd=bwd, smoothness_local=L, loss=loss,
-                    loss_probe=lp, ip_grad_update=ip, sq_update=sq, probe_s=s, flag=flag)
-    rows = [row("holds", "holds", 1.0, 2.0, 1.5, -1.0, 0.5, 1.0),
-            row("holds", "violated", 3.0, 1.0, 0.9, -0.4, 0.2, 0.5),
-            row("violated", "violated", 2.0, 1.0, 1.0, -0.1, 0.1, 1.0),
-            row("indeterminate", None, None, 1.0, math.nan, -0.1, 0.1, 1.0),
-            row("holds", "holds", 99.0, 5.0, 0.0, 0.0, 0.0, 1.0, flag="zero_update"),
-            row(None, None, None, 5.0, math.nan, 1.0, 1.0, math.nan, flag="no_probe")]
+        return dict(
+            cls_convexity_fwd=fwd,
+            cls_convexity_bwd=bwd,
+            smoothness_local=L,
+            loss=loss,
+            loss_probe=lp,
+            ip_grad_update=ip,
+            sq_update=sq,
+            probe_s=s,
+            flag=flag,
+        )
+
+    rows = [
+        row("holds", "holds", 1.0, 2.0, 1.5, -1.0, 0.5, 1.0),
+        row("holds", "violated", 3.0, 1.0, 0.9, -0.4, 0.2, 0.5),
+        row("violated", "violated", 2.0, 1.0, 1.0, -0.1, 0.1, 1.0),
+        row("indeterminate", None, None, 1.0, math.nan, -0.1, 0.1, 1.0),
+        row("holds", "holds", 99.0, 5.0, 0.0, 0.0, 0.0, 1.0, flag="zero_update"),
+        row(None, None, None, 5.0, math.nan, 1.0, 1.0, math.nan, flag="no_probe"),
+    ]
     out = metrics.summarize(rows)
     assert out["n_measured"] == 6 and out["n_flagged"] == 2
     assert out["frac_convexity_fwd_holds"] == 2 / 4
@@ -303,7 +366,7 @@ def _flat_packed(params, groups, n_groups, ranks, gen, chunk=CHUNK, drop=()):
     total = None
     cuts = [_cuts(gen, p["x"].numel(), ranks) for p in params]
     for r in range(ranks):
-        kept = {k: flatten([p[k][c[r]:c[r + 1]] for p, c in zip(params, cuts)]) for k in FIELDS}
+        kept = {k: flatten([p[k][c[r] : c[r + 1]] for p, c in zip(params, cuts)]) for k in FIELDS}
         runs = group_runs(kept["x"].sizes, groups)
         vectors = {k: (None if k in drop else v.flat) for k, v in kept.items()}
         part = pack(flat_sums(vectors, runs, n_groups, chunk=chunk), torch.zeros(len(LOSS_NAMES)))
@@ -330,11 +393,15 @@ def test_flat_sums_missing_vectors_are_nan_and_agree_with_local_sums():
     params = _random_params(gen, [50, 130, 3000])
     drop = ("g_plus", "x0")
     flat = totals(_flat_packed(params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1), drop=drop))
-    frag = totals(_sharded_packed(params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1),
-                                  [[0.0] * 4] * 2, drop=drop)[0])
+    frag = totals(
+        _sharded_packed(params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1), [[0.0] * 4] * 2, drop=drop)[0]
+    )
     nan = {k for k, v in flat.items() if math.isnan(v)}
-    assert nan == {k for k, v in frag.items() if math.isnan(v)} \
+    assert (
+        nan
+        == {k for k, v in frag.items() if math.isnan(v)}
         == {"sq_grad_probe", "ip_probe_update", "sq_grad_diff", "sq_dist_init"}
+    )
     ref = reference_sums(**{k: (None if k in drop else torch.cat([p[k] for p in params])) for k in FIELDS})
     _assert_sums_close(flat, ref)
     _assert_sums_close(frag, ref)
@@ -342,8 +409,7 @@ def test_flat_sums_missing_vectors_are_nan_and_agree_with_local_sums():
 
 def test_flat_sums_only_and_groups_without_runs():
     x, g = torch.arange(1.0, 7.0), torch.full((6,), 2.0)
-    out = flat_sums({"x": x, "g": g, "delta": None}, [(1, 0, 2), (2, 2, 6)], 4,
-                    only=("sq_param", "sq_update"))
+    out = flat_sums({"x": x, "g": g, "delta": None}, [(1, 0, 2), (2, 2, 6)], 4, only=("sq_param", "sq_update"))
     rows = {n: out[i] for i, n in enumerate(SUM_NAMES)}
     assert rows["sq_param"].tolist() == [0.0, 1.0 + 4.0, 9.0 + 16.0 + 25.0 + 36.0, 0.0]
     # Δ is missing: NaN in the groups this rank holds, 0 where it holds nothing
@@ -364,8 +430,12 @@ def test_group_runs():
 
 
 def test_flatten_keeps_fragments_in_one_buffer():
-    frags = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.empty(0), torch.tensor([5.0], dtype=torch.bfloat16),
-             torch.tensor([6.0, 7.0], dtype=torch.float64)]
+    frags = [
+        torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        torch.empty(0),
+        torch.tensor([5.0], dtype=torch.bfloat16),
+        torch.tensor([6.0, 7.0], dtype=torch.float64),
+    ]
     fs = flatten(frags)
     assert fs.flat.dtype == torch.float32 and fs.flat.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     assert fs.sizes == (4, 0, 1, 2) and len(fs) == 4 and [t.numel() for t in fs] == [4, 0, 1, 2]
@@ -379,15 +449,15 @@ def test_flatten_keeps_fragments_in_one_buffer():
 def test_flat_sums_validation():
     x = torch.zeros(4)
     with pytest.raises(ValueError):
-        flat_sums({"x": x, "grad": x}, [], 1)          # unknown vector name
+        flat_sums({"x": x, "grad": x}, [], 1)  # unknown vector name
     with pytest.raises(ValueError):
-        flat_sums({"g": x}, [], 1)                     # x is required
+        flat_sums({"g": x}, [], 1)  # x is required
     with pytest.raises(ValueError):
         flat_sums({"x": x, "g": torch.zeros(5)}, [], 1)  # lengths differ
     with pytest.raises(ValueError):
-        flat_sums({"x": x}, [(0, 2, 5)], 1)            # run past the end
+        flat_sums({"x": x}, [(0, 2, 5)], 1)  # run past the end
     with pytest.raises(ValueError):
-        flat_sums({"x": x}, [(1, 0, 4)], 1)            # group out of range
+        flat_sums({"x": x}, [(1, 0, 4)], 1)  # group out of range
     with pytest.raises(ValueError):
         flat_sums({"x": x}, [(0, 0, 4)], 1, chunk=0)
 
@@ -395,8 +465,9 @@ def test_flat_sums_validation():
 # ------------------------------------------------------------------ the fused one-pass kernel
 # Built by `make install` (opt_study.prebuild); without a C++ compiler flat_sums keeps its torch
 # path, and these tests say so instead of passing vacuously.
-needs_fused = pytest.mark.skipif(not fused_sums.available(),
-                                 reason=f"fused sums kernel unavailable: {fused_sums.error()}")
+needs_fused = pytest.mark.skipif(
+    not fused_sums.available(), reason=f"fused sums kernel unavailable: {fused_sums.error()}"
+)
 NORM_ONLY = ("sq_grad", "sq_update", "sq_param")
 
 
@@ -417,12 +488,12 @@ def _assert_paths_close(got, vectors, elem_group, n_groups, only):
     for j in range(n_groups):
         sel = elem_group == j
         if not sel.any():
-            assert [math.isnan(v) for v in got[:, j].tolist()] == \
-                [only is not None and n not in only for n in SUM_NAMES]
+            assert [math.isnan(v) for v in got[:, j].tolist()] == [
+                only is not None and n not in only for n in SUM_NAMES
+            ]
             assert got[:, j].nan_to_num(0.0).abs().sum().item() == 0.0
             continue
-        ref = reference_sums(**{k: (None if vectors.get(k) is None else vectors[k][sel])
-                                for k in FIELDS})
+        ref = reference_sums(**{k: (None if vectors.get(k) is None else vectors[k][sel]) for k in FIELDS})
         for i, name in enumerate(SUM_NAMES):
             value = got[i, j].item()
             if math.isnan(ref[name]) or (only is not None and name not in only):
@@ -435,14 +506,17 @@ def _assert_paths_close(got, vectors, elem_group, n_groups, only):
 
 @needs_fused
 @pytest.mark.parametrize("sizes", [[1, 7], [3, 250, 9, 1000, 17], [300_000, 70_001, 5, 200_003]])
-@pytest.mark.parametrize("drop, only", [
-    ((), None),                              # a measured step with the probe
-    (("g_plus",), None),                     # no probe (the benchmark's target)
-    ((), NORM_ONLY),                         # an unmeasured step
-    (("g", "x0"), None),                     # patterns outside the compiled kernels: zeros read
-    (("delta_prev", "g_plus"), ("ip_grad_prev", "sq_dist_init", "sq_grad_diff", "sq_update_prev")),
-    (("g", "delta", "g_plus", "x0", "delta_prev", "g_prev"), None),  # x alone
-])
+@pytest.mark.parametrize(
+    "drop, only",
+    [
+        ((), None),  # a measured step with the probe
+        (("g_plus",), None),  # no probe (the benchmark's target)
+        ((), NORM_ONLY),  # an unmeasured step
+        (("g", "x0"), None),  # patterns outside the compiled kernels: zeros read
+        (("delta_prev", "g_plus"), ("ip_grad_prev", "sq_dist_init", "sq_grad_diff", "sq_update_prev")),
+        (("g", "delta", "g_plus", "x0", "delta_prev", "g_prev"), None),  # x alone
+    ],
+)
 def test_fused_and_torch_paths_agree_with_reference(sizes, drop, only):
     gen = torch.Generator().manual_seed(len(sizes) * 31 + len(drop))
     vectors, runs, elem_group = _interleaved(gen, sizes, 3)
@@ -504,17 +578,17 @@ def test_fused_kernel_falls_back_without_a_compiler(tmp_path):
     import subprocess
     import sys
 
-    code = ("import warnings, torch\n"
-            "from opt_study.measure import fused_sums, sums\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    ok = (fused_sums.available(), fused_sums.available())\n"
-            "x = torch.arange(4.0)\n"
-            "out = sums.flat_sums({'x': x}, [(0, 0, 4)], 1, only=('sq_param',))\n"
-            "print(ok, len(w), out[sums.SUM_NAMES.index('sq_param'), 0].item(), fused_sums.calls)\n")
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
-           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import warnings, torch\n"
+        "from opt_study.measure import fused_sums, sums\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ok = (fused_sums.available(), fused_sums.available())\n"
+        "x = torch.arange(4.0)\n"
+        "out = sums.flat_sums({'x': x}, [(0, 0, 4)], 1, only=('sq_param',))\n"
+        "print(ok, len(w), out[sums.SUM_NAMES.index('sq_param'), 0].item(), fused_sums.calls)\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["(False,", "False)", "1", "14.0", "0"]

@@ -2,6 +2,7 @@
 them (the sums and their operands, the fused C++ kernel, the derived-metric formulas, the float64
 reference, the Parquet schema, the SQL group view, the step hook's rows, the per-trial summary and
 the multi-rank harness's checks)."""
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,10 @@ def test_the_fused_kernel_computes_the_same_columns():
 
 
 def test_loss_names_are_what_pack_carries():
-    packed = sums.pack(torch.zeros(len(names.SUM_NAMES), 2, dtype=torch.float64),
-                       torch.arange(len(names.LOSS_NAMES), dtype=torch.float64))
+    packed = sums.pack(
+        torch.zeros(len(names.SUM_NAMES), 2, dtype=torch.float64),
+        torch.arange(len(names.LOSS_NAMES), dtype=torch.float64),
+    )
     _, scalars = sums.unpack(packed, 2)
     assert tuple(scalars) == names.LOSS_NAMES
 
@@ -86,8 +89,9 @@ def test_every_derived_name_has_a_formula_a_reference_and_a_value():
     v = _random(seed=1)
     ref_sums = reference_sums(v["x"], v["g"], v["delta"], v["g_plus"], v["x0"], v["delta_prev"], v["g_prev"])
     got = metrics.derive(ref_sums, 1.0, 1.5, 0.7)
-    ref = reference_metrics(v["x"], v["g"], v["delta"], v["g_plus"], 1.0, 1.5, 0.7,
-                            delta_prev=v["delta_prev"], g_prev=v["g_prev"])
+    ref = reference_metrics(
+        v["x"], v["g"], v["delta"], v["g_plus"], 1.0, 1.5, 0.7, delta_prev=v["delta_prev"], g_prev=v["g_prev"]
+    )
     assert tuple(got) == names.OUTPUT_NAMES
     assert set(ref) == set(names.OUTPUT_NAMES)
     for k in names.DERIVED_NAMES:  # a real number on generic inputs: no formula left as a stub
@@ -96,8 +100,10 @@ def test_every_derived_name_has_a_formula_a_reference_and_a_value():
     for k in names.CLASS_NAMES:
         assert got[k] in names.CLASSES
     assert set(metrics.group_metrics(ref_sums)) <= set(names.DERIVED_NAMES)
-    assert tuple(metrics.summarize([{**ref_sums, **got, "loss": 1.0, "loss_probe": 1.5,
-                                     "probe_s": 0.7}])) == names.SUMMARY_NAMES
+    assert (
+        tuple(metrics.summarize([{**ref_sums, **got, "loss": 1.0, "loss_probe": 1.5, "probe_s": 0.7}]))
+        == names.SUMMARY_NAMES
+    )
 
 
 # ------------------------------------------------------------------------------- the schema
@@ -106,8 +112,12 @@ def test_schema_columns_come_from_names():
     assert schema.GROUP_SUM_COLUMNS == names.SUM_NAMES
     assert schema.DERIVED_COLUMNS == names.ROW_DERIVED_NAMES
     assert schema.CLASS_COLUMNS == names.CLASS_NAMES and schema.CLASS_VALUES == set(names.CLASSES)
-    float_names = (*names.NORM_NAMES, *names.RAW_NAMES, *names.ROW_DERIVED_NAMES,
-                   *(n for n in names.DERIVED_NAMES if n not in names.NORM_NAMES))
+    float_names = (
+        *names.NORM_NAMES,
+        *names.RAW_NAMES,
+        *names.ROW_DERIVED_NAMES,
+        *(n for n in names.DERIVED_NAMES if n not in names.NORM_NAMES),
+    )
     for n in float_names:
         assert schema.STEP_SCHEMA.field(n).type == pa.float64(), n
     for n in (*names.CLASS_NAMES, names.FLAG, names.LOSS_PRECISION):
@@ -159,8 +169,13 @@ def measured_rows(steps: int = 3, every: int = 1) -> list[dict]:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     eng = _Engine(model)
     info = SimpleNamespace(zero_stage=0, rank=0, world_size=1)
-    m = StepMeasurer(eng, info, MeasureConfig(every=every, noise_scale=True), "fp32",
-                     Cadence(steps=steps, eval_every=steps, measure_every=every))
+    m = StepMeasurer(
+        eng,
+        info,
+        MeasureConfig(every=every, noise_scale=True),
+        "fp32",
+        Cadence(steps=steps, eval_every=steps, measure_every=every),
+    )
     loss_fn = lambda b: ((eng.module(b[0]) - b[1]) ** 2).mean()  # noqa: E731
     rows = []
     for t in range(steps):
@@ -180,8 +195,17 @@ def test_hook_rows_are_schema_rows():
     assert [r[names.MEASURED] for r in rows] == [True, True, True]
     for r in rows:
         schema.check_keys(r)  # every key is a column
-        want = {"loss", *names.NORM_NAMES, names.MEASURED, names.LOSS_PRECISION, *names.RAW_NAMES,
-                *names.ROW_DERIVED_NAMES, *names.CLASS_NAMES, names.FLAG, names.GROUPS}
+        want = {
+            "loss",
+            *names.NORM_NAMES,
+            names.MEASURED,
+            names.LOSS_PRECISION,
+            *names.RAW_NAMES,
+            *names.ROW_DERIVED_NAMES,
+            *names.CLASS_NAMES,
+            names.FLAG,
+            names.GROUPS,
+        }
         assert set(r) == want
         assert all(set(g) == set(names.SUM_NAMES) for g in r[names.GROUPS].values())
     assert rows[-1]["sq_update_prev"] is not None and math.isfinite(rows[-1]["cos_update_prev"])

@@ -1,5 +1,6 @@
 """Optimizer registry and LR schedules: every entry trains the quadratic from its defaults,
 hyperparameters are checked by name and type, and lr_factor matches closed forms."""
+
 from __future__ import annotations
 
 import math
@@ -14,11 +15,35 @@ ALL = sorted(optim.OPTIMIZERS)
 
 
 def test_registry_contents():
-    crowded_valley = {"sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "radam", "amsgrad",
-                      "adabelief", "adabound", "amsbound", "adadelta", "adagrad", "rmsprop",
-                      "lookahead_momentum", "lookahead_radam"}
-    contenders = {"lamb", "novograd", "lion", "schedulefree_adamw", "schedulefree_sgd", "muon", "soap",
-                  "shampoo", "sophia"}
+    crowded_valley = {
+        "sgd",
+        "momentum",
+        "nesterov",
+        "adam",
+        "adamw",
+        "nadam",
+        "radam",
+        "amsgrad",
+        "adabelief",
+        "adabound",
+        "amsbound",
+        "adadelta",
+        "adagrad",
+        "rmsprop",
+        "lookahead_momentum",
+        "lookahead_radam",
+    }
+    contenders = {
+        "lamb",
+        "novograd",
+        "lion",
+        "schedulefree_adamw",
+        "schedulefree_sgd",
+        "muon",
+        "soap",
+        "shampoo",
+        "sophia",
+    }
     assert set(ALL) == crowded_valley | contenders
     for name, e in optim.OPTIMIZERS.items():
         assert e.name == name and "lr" in e.defaults and e.paper.startswith("https://")
@@ -43,8 +68,7 @@ def test_hyperparameters_reach_torch():
 
 def test_resolve_hparams_overlays_and_rejects():
     r = optim.resolve_hparams("adam", {"lr": 3, "beta2": 0.98})
-    assert r == {"lr": 3.0, "beta1": 0.9, "beta2": 0.98, "eps": 1e-8, "weight_decay": 0.0,
-                 "amsgrad": False}
+    assert r == {"lr": 3.0, "beta1": 0.9, "beta2": 0.98, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
     assert isinstance(r["lr"], float)
     with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) betaa, momentum .*allowed: amsgrad"):
         optim.resolve_hparams("adam", {"betaa": 0.9, "momentum": 0.9})
@@ -76,50 +100,56 @@ def test_hparams_keep_the_defaults_types():
 
 
 # ------------------------------------------------------------------------------------ schedules
-@pytest.mark.parametrize("step, total, kind, warmup, min_ratio, expected", [
-    (0, 100, "constant", 0, 0.0, 1.0),
-    (99, 100, "constant", 0, 0.5, 1.0),
-    (0, 100, "constant", 10, 0.0, 0.1),  # warm-up starts at 1/warmup, not 0
-    (4, 100, "cosine", 10, 0.0, 0.5),
-    (9, 100, "linear", 10, 0.0, 1.0),  # the last warm-up step reaches 1
-    (10, 100, "linear", 10, 0.0, 1.0),  # decay starts at 1
-    (0, 100, "linear", 0, 0.1, 1.0),
-    (50, 100, "linear", 0, 0.1, 0.55),  # 0.1 + 0.9 * (1 - 0.5)
-    (55, 100, "linear", 10, 0.0, 0.5),  # p = 45 / 90
-    (100, 100, "linear", 0, 0.1, 0.1),
-    (250, 100, "linear", 0, 0.1, 0.1),
-    (60, 100, "cosine", 20, 0.0, 0.5),  # p = 1/2: ½(1 + cos(π/2))
-    (40, 100, "cosine", 20, 0.2, 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))),
-    (100, 100, "cosine", 20, 0.2, 0.2),
-    (9, 10, "cosine", 10, 0.3, 1.0),  # all warm-up
-    (10, 10, "cosine", 10, 0.3, 0.3),
-    (0, 100, "wsd", 10, 0.0, 0.1),  # warm-up as for every kind
-    (79, 100, "wsd", 10, 0.0, 1.0),  # stable until the last 20 steps
-    (80, 100, "wsd", 10, 0.0, 1.0),  # decay starts at 1
-    (90, 100, "wsd", 10, 0.0, 0.5),
-    (90, 100, "wsd", 10, 0.1, 0.55),
-    (99, 100, "trapezoidal", 10, 0.0, 0.05),
-    (100, 100, "wsd", 10, 0.1, 0.1),
-])
+@pytest.mark.parametrize(
+    "step, total, kind, warmup, min_ratio, expected",
+    [
+        (0, 100, "constant", 0, 0.0, 1.0),
+        (99, 100, "constant", 0, 0.5, 1.0),
+        (0, 100, "constant", 10, 0.0, 0.1),  # warm-up starts at 1/warmup, not 0
+        (4, 100, "cosine", 10, 0.0, 0.5),
+        (9, 100, "linear", 10, 0.0, 1.0),  # the last warm-up step reaches 1
+        (10, 100, "linear", 10, 0.0, 1.0),  # decay starts at 1
+        (0, 100, "linear", 0, 0.1, 1.0),
+        (50, 100, "linear", 0, 0.1, 0.55),  # 0.1 + 0.9 * (1 - 0.5)
+        (55, 100, "linear", 10, 0.0, 0.5),  # p = 45 / 90
+        (100, 100, "linear", 0, 0.1, 0.1),
+        (250, 100, "linear", 0, 0.1, 0.1),
+        (60, 100, "cosine", 20, 0.0, 0.5),  # p = 1/2: ½(1 + cos(π/2))
+        (40, 100, "cosine", 20, 0.2, 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))),
+        (100, 100, "cosine", 20, 0.2, 0.2),
+        (9, 10, "cosine", 10, 0.3, 1.0),  # all warm-up
+        (10, 10, "cosine", 10, 0.3, 0.3),
+        (0, 100, "wsd", 10, 0.0, 0.1),  # warm-up as for every kind
+        (79, 100, "wsd", 10, 0.0, 1.0),  # stable until the last 20 steps
+        (80, 100, "wsd", 10, 0.0, 1.0),  # decay starts at 1
+        (90, 100, "wsd", 10, 0.0, 0.5),
+        (90, 100, "wsd", 10, 0.1, 0.55),
+        (99, 100, "trapezoidal", 10, 0.0, 0.05),
+        (100, 100, "wsd", 10, 0.1, 0.1),
+    ],
+)
 def test_lr_factor_closed_forms(step, total, kind, warmup, min_ratio, expected):
     assert optim.lr_factor(step, total, kind, warmup, min_ratio) == pytest.approx(expected, abs=1e-12)
 
 
 # SGDR (https://arxiv.org/abs/1608.03983, Eq. 5): cycle i lasts period * mult**i steps.
-@pytest.mark.parametrize("step, warmup, min_ratio, period, mult, expected", [
-    (0, 0, 0.0, 10, 1.0, 1.0),
-    (5, 0, 0.0, 10, 1.0, 0.5),
-    (10, 0, 0.0, 10, 1.0, 1.0),  # restart
-    (25, 0, 0.0, 10, 1.0, 0.5),
-    (20, 0, 0.0, 10, 2.0, 0.5),  # cycles [0, 10), [10, 30), [30, 70)
-    (30, 0, 0.0, 10, 2.0, 1.0),
-    (50, 0, 0.0, 10, 2.0, 0.5),
-    (4, 5, 0.0, 10, 2.0, 1.0),  # last warm-up step
-    (25, 5, 0.0, 10, 2.0, 0.5),  # t = 20: middle of the second cycle
-    (2, 0, 0.2, 8, 1.0, 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))),
-    (13, 0, 0.0, 4, 1.5, 0.75),  # cycles of 4, 6, 9 steps: t_cur = 3 of 9, cos(π/3) = ½
-    (10**6 + 3, 0, 0.0, 4, 1.0, 0.5 * (1 + math.cos(math.pi * 3 / 4))),
-])
+@pytest.mark.parametrize(
+    "step, warmup, min_ratio, period, mult, expected",
+    [
+        (0, 0, 0.0, 10, 1.0, 1.0),
+        (5, 0, 0.0, 10, 1.0, 0.5),
+        (10, 0, 0.0, 10, 1.0, 1.0),  # restart
+        (25, 0, 0.0, 10, 1.0, 0.5),
+        (20, 0, 0.0, 10, 2.0, 0.5),  # cycles [0, 10), [10, 30), [30, 70)
+        (30, 0, 0.0, 10, 2.0, 1.0),
+        (50, 0, 0.0, 10, 2.0, 0.5),
+        (4, 5, 0.0, 10, 2.0, 1.0),  # last warm-up step
+        (25, 5, 0.0, 10, 2.0, 0.5),  # t = 20: middle of the second cycle
+        (2, 0, 0.2, 8, 1.0, 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))),
+        (13, 0, 0.0, 4, 1.5, 0.75),  # cycles of 4, 6, 9 steps: t_cur = 3 of 9, cos(π/3) = ½
+        (10**6 + 3, 0, 0.0, 4, 1.0, 0.5 * (1 + math.cos(math.pi * 3 / 4))),
+    ],
+)
 def test_cosine_restarts_closed_forms(step, warmup, min_ratio, period, mult, expected):
     got = optim.lr_factor(step, 100, "cosine_restarts", warmup, min_ratio, period=period, mult=mult)
     assert got == pytest.approx(expected, abs=1e-12)
@@ -131,7 +161,8 @@ def test_wsd_rounds_and_clips_its_decay():
     # decay_fraction 1 without warm-up is the linear schedule
     for s in range(0, 31):
         assert optim.lr_factor(s, 30, "wsd", 0, 0.2, decay_fraction=1.0) == pytest.approx(
-            optim.lr_factor(s, 30, "linear", 0, 0.2))
+            optim.lr_factor(s, 30, "linear", 0, 0.2)
+        )
     # the decay never eats into warm-up: 9 warm-up steps of 10 leave one decay step
     assert [optim.lr_factor(s, 10, "wsd", 9, 0.0, decay_fraction=0.5) for s in (8, 9, 10)] == [1.0, 1.0, 0.0]
     # a tiny fraction still decays over one step
@@ -146,22 +177,26 @@ def test_schedule_config_fields_reach_lr_factor():
         assert optim.schedule_factor(9, 10, ScheduleConfig(type=kind, **extra)) <= 1.0
     cfg = ScheduleConfig(type="cosine_restarts", warmup_steps=2, min_ratio=0.1, period=6, mult=2.0)
     assert [optim.schedule_factor(s, 50, cfg) for s in range(40)] == [
-        optim.lr_factor(s, 50, "cosine_restarts", 2, 0.1, period=6, mult=2.0) for s in range(40)]
+        optim.lr_factor(s, 50, "cosine_restarts", 2, 0.1, period=6, mult=2.0) for s in range(40)
+    ]
     cfg = ScheduleConfig(type="wsd", decay_fraction=0.5)
     assert optim.schedule_factor(15, 20, cfg) == pytest.approx(0.5)
     assert optim.schedule_factor(7, 20, ScheduleConfig(type="cosine")) == optim.lr_factor(7, 20, "cosine", 0, 0.0)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"type": "cosine_restarts"}, "period"),
-    ({"type": "cosine_restarts", "period": 0}, "period"),
-    ({"type": "cosine", "period": 10}, "period"),
-    ({"type": "cosine_restarts", "period": 5, "mult": 0.5}, "mult"),
-    ({"type": "linear", "mult": 2.0}, "mult"),
-    ({"type": "wsd", "decay_fraction": 0.0}, "decay_fraction"),
-    ({"type": "wsd", "decay_fraction": 1.5}, "decay_fraction"),
-    ({"type": "step"}, "type"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"type": "cosine_restarts"}, "period"),
+        ({"type": "cosine_restarts", "period": 0}, "period"),
+        ({"type": "cosine", "period": 10}, "period"),
+        ({"type": "cosine_restarts", "period": 5, "mult": 0.5}, "mult"),
+        ({"type": "linear", "mult": 2.0}, "mult"),
+        ({"type": "wsd", "decay_fraction": 0.0}, "decay_fraction"),
+        ({"type": "wsd", "decay_fraction": 1.5}, "decay_fraction"),
+        ({"type": "step"}, "type"),
+    ],
+)
 def test_schedule_config_rejects(kwargs, field):
     with pytest.raises(FieldError) as e:
         ScheduleConfig(**kwargs)
@@ -176,12 +211,21 @@ def test_lr_factor_shape(kind):
 
 
 def test_lr_factor_rejects_bad_arguments():
-    for args in [(0, 10, "step", 0, 0.0), (-1, 10, "linear", 0, 0.0), (0, 0, "linear", 0, 0.0),
-                 (0, 10, "linear", 11, 0.0), (0, 10, "linear", 0, 1.5)]:
+    for args in [
+        (0, 10, "step", 0, 0.0),
+        (-1, 10, "linear", 0, 0.0),
+        (0, 0, "linear", 0, 0.0),
+        (0, 10, "linear", 11, 0.0),
+        (0, 10, "linear", 0, 1.5),
+    ]:
         with pytest.raises(ValueError):
             optim.lr_factor(*args)
-    for kwargs, match in [({"period": None}, "period"), ({"period": 2.0}, "period"),
-                          ({"period": 3, "mult": 0.9}, "mult"), ({"period": 3, "mult": math.inf}, "mult")]:
+    for kwargs, match in [
+        ({"period": None}, "period"),
+        ({"period": 2.0}, "period"),
+        ({"period": 3, "mult": 0.9}, "mult"),
+        ({"period": 3, "mult": math.inf}, "mult"),
+    ]:
         with pytest.raises(ValueError, match=match):
             optim.lr_factor(0, 10, "cosine_restarts", 0, 0.0, **kwargs)
     with pytest.raises(ValueError, match="decay_fraction"):

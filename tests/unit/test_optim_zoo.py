@@ -3,6 +3,7 @@ generic interface, its default search space validates, its (ZeRO stage, precisio
 is what its rule allows, and the interface calls (Schedule-Free switch, Lookahead sync flag,
 Sophia's side Hessian, the shape guard, per-group lr) do what they say.
 The multi-rank side (DeepSpeed at every declared stage) is tests/multirank/test_optim_multirank.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,8 +64,9 @@ def test_default_space_validates(name, spec_factory):
         assert d.values[0] <= entry.defaults[k] <= d.values[1], f"{name}.{k}: the default lies outside its space"
     # a declared combination a CPU runs: the whole study validates
     stage, precision = min(c for c in entry.combos if c[1] in optim.CPU_PRECISIONS)
-    spec = spec_factory(scale={"zero_stage": stage, "precision": precision},
-                        optimizers=[{"name": name, "params": dict(entry.space)}])
+    spec = spec_factory(
+        scale={"zero_stage": stage, "precision": precision}, optimizers=[{"name": name, "params": dict(entry.space)}]
+    )
     assert set(spec.optimizers[0].space) == set(entry.space)
 
 
@@ -93,8 +95,9 @@ def test_combination_errors_say_what_to_change():
 
 def _study(spec_factory, stage: int, precision: str, *optimizers: str):
     """A quadratic study at (stage, precision) listing `optimizers` with their defaults."""
-    return spec_factory(scale={"zero_stage": stage, "precision": precision},
-                        optimizers=[{"name": o} for o in optimizers])
+    return spec_factory(
+        scale={"zero_stage": stage, "precision": precision}, optimizers=[{"name": o} for o in optimizers]
+    )
 
 
 def test_validate_rejects_lamb_at_zero2(spec_factory):

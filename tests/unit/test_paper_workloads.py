@@ -1,5 +1,6 @@
 """The paper-scale workloads (gpt2, resnet_cifar) on small files written in the real formats, the
 token-file preparation, and the paper / Crowded-Valley study files (validate + dry run on CPU)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -110,8 +111,7 @@ def byte_data(tmp_path_factory) -> Path:
 
 
 def tiny_gpt2(data_dir, **kw) -> GPT2Config:
-    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, data_dir=str(data_dir),
-                eval_windows=64)
+    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, data_dir=str(data_dir), eval_windows=64)
     return GPT2Config(**{**base, **kw})
 
 
@@ -136,7 +136,7 @@ def test_gpt2_batches_are_windows_of_the_token_file(byte_data):
     train = np.fromfile(byte_data / "train.bin", dtype=np.uint16)
     starts = torch.randint(0, len(train) - 33 + 1, (4,), generator=generator(STREAM_TRAIN, 3, 5, 2))
     for row, s in zip(x, starts.tolist()):
-        assert np.array_equal(row.numpy(), train[s:s + 32])
+        assert np.array_equal(row.numpy(), train[s : s + 32])
     rng = torch.get_rng_state()
     again = w.train_batch(5, 2, 4)
     assert torch.equal(again[0], x) and torch.equal(torch.get_rng_state(), rng)
@@ -149,7 +149,7 @@ def test_gpt2_eval_set_is_fixed_and_split_evenly(byte_data):
     val = np.fromfile(byte_data / "val.bin", dtype=np.uint16)
     stride = len(val) // 12
     assert stride >= 33 and w.val_windows.shape == (12, 33)
-    assert np.array_equal(w.val_windows[7].numpy(), val[7 * stride:7 * stride + 33])
+    assert np.array_equal(w.val_windows[7].numpy(), val[7 * stride : 7 * stride + 33])
     whole = w.eval_batches(2, 0, 1)
     by_rank = [w.eval_batches(2, r, 3) for r in range(3)]
     interleaved = [by_rank[j % 3][j // 3] for j in range(6)]
@@ -255,7 +255,7 @@ def test_augment_is_a_crop_and_flip_drawn_from_the_generator():
     padded = torch.nn.functional.pad(imgs, (PAD,) * 4)
     for i in range(6):
         oy, ox = offsets[i].tolist()
-        crop = padded[i, :, oy:oy + 32, ox:ox + 32]
+        crop = padded[i, :, oy : oy + 32, ox : ox + 32]
         assert torch.equal(out[i], crop.flip(-1) if flips[i] else crop)
 
 
@@ -296,8 +296,10 @@ def test_resnet18_parameter_count_and_buffers():
 def test_resnet_learns_and_accepts_half_precision_weights(cifar):
     w = make_workload("resnet_cifar", tiny_resnet(cifar), seed=0)
     model = w.build_model()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(),
-                                                  make_workload("resnet_cifar", w.cfg, 0).build_model().parameters()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.parameters(), make_workload("resnet_cifar", w.cfg, 0).build_model().parameters())
+    )
     # A few SGD steps on one batch (train mode: BatchNorm uses the batch's statistics) must fit it;
     # 40 steps on fresh batches also lower the eval loss, but too noisily for a 1 s test.
     batch = w.train_batch(0, 0, 32)
@@ -329,8 +331,7 @@ def test_resnet_refuses_bad_data(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- study files
-PAPER = {"paper_gpt2_124m.yaml": "gpt2", "paper_resnet18_cifar10.yaml": "resnet_cifar",
-         "crowded_valley_gpu.yaml": None}
+PAPER = {"paper_gpt2_124m.yaml": "gpt2", "paper_resnet18_cifar10.yaml": "resnet_cifar", "crowded_valley_gpu.yaml": None}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

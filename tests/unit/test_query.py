@@ -1,6 +1,7 @@
 """The query layer: DuckDB views over a study folder equal the exactly-once reader, joins and
 UNNEST give known values, the MLflow helpers select trials, and `opt-study query` prints and
 saves results."""
+
 from __future__ import annotations
 
 import json
@@ -61,15 +62,24 @@ def study(tmp_path):
     new = old.filter(pc.greater_equal(old["step"], 3))
     new = new.set_column(new.column_names.index("loss"), "loss", pa.array([-3.0, -4.0]))
     pq.write_table(new, layout.attempt_dir(s, "0123", 0) / layout.chunk_name(3, 4))
-    for tid, opt, lr, seed, status in (("t1", "adamw", 0.001, 0, "completed"),
-                                       ("0123", "sgd", 0.1, 1, "diverged")):
-        write_trial_record(s, {"trial_id": tid, "status": status, "optimizer": opt, "label": opt,
-                               "seed": seed, "workload": "quadratic", "hparams": {"lr": lr},
-                               "summary": {"best_eval_loss": 1.5}})
-    plan = [{"trial_id": "t1", "label": "adamw", "optimizer": "adamw", "hparams": {"lr": 0.001},
-             "seed": 0, "index": 0},
-            {"trial_id": "t3", "label": "adamw", "optimizer": "adamw", "hparams": {"lr": 0.01},
-             "seed": 0, "index": 1}]
+    for tid, opt, lr, seed, status in (("t1", "adamw", 0.001, 0, "completed"), ("0123", "sgd", 0.1, 1, "diverged")):
+        write_trial_record(
+            s,
+            {
+                "trial_id": tid,
+                "status": status,
+                "optimizer": opt,
+                "label": opt,
+                "seed": seed,
+                "workload": "quadratic",
+                "hparams": {"lr": lr},
+                "summary": {"best_eval_loss": 1.5},
+            },
+        )
+    plan = [
+        {"trial_id": "t1", "label": "adamw", "optimizer": "adamw", "hparams": {"lr": 0.001}, "seed": 0, "index": 0},
+        {"trial_id": "t3", "label": "adamw", "optimizer": "adamw", "hparams": {"lr": 0.01}, "seed": 0, "index": 1},
+    ]
     (s / "plan.json").write_text(json.dumps(plan))
     return s
 
@@ -97,27 +107,50 @@ def test_trials_view_has_plan_and_hyperparameters(study):
 
 
 def test_steps_hp_joins_every_step(study):
-    rows = query(study, 'SELECT optimizer, seed, status, "hp.lr", count(*) AS n, '
-                        "sum(loss) AS s FROM steps_hp GROUP BY ALL ORDER BY optimizer").to_pylist()
+    rows = query(
+        study,
+        'SELECT optimizer, seed, status, "hp.lr", count(*) AS n, '
+        "sum(loss) AS s FROM steps_hp GROUP BY ALL ORDER BY optimizer",
+    ).to_pylist()
     assert rows == [
-        {"optimizer": "adamw", "seed": 0, "status": "completed", "hp.lr": 0.001, "n": 10,
-         "s": pytest.approx(sum(1.0 / (k + 1) for k in range(6)) + 106 + 107 + 108 + 109)},
-        {"optimizer": "sgd", "seed": 1, "status": "diverged", "hp.lr": 0.1, "n": 5,
-         "s": pytest.approx(1.0 + 0.5 + 1 / 3 - 3.0 + 0.2)}]
+        {
+            "optimizer": "adamw",
+            "seed": 0,
+            "status": "completed",
+            "hp.lr": 0.001,
+            "n": 10,
+            "s": pytest.approx(sum(1.0 / (k + 1) for k in range(6)) + 106 + 107 + 108 + 109),
+        },
+        {
+            "optimizer": "sgd",
+            "seed": 1,
+            "status": "diverged",
+            "hp.lr": 0.1,
+            "n": 5,
+            "s": pytest.approx(1.0 + 0.5 + 1 / 3 - 3.0 + 0.2),
+        },
+    ]
 
 
 def test_groups_view_unnests_the_per_group_sums(study):
-    rows = query(study, "SELECT trial_id, step, group_name, sq_grad, sq_update FROM groups "
-                        "ORDER BY trial_id, step, group_name").to_pylist()
+    rows = query(
+        study, "SELECT trial_id, step, group_name, sq_grad, sq_update FROM groups ORDER BY trial_id, step, group_name"
+    ).to_pylist()
     # Measured steps (multiples of 3) that survive: "0123" 0, 3 (the replacing chunk's row);
     # t1 0, 3 (attempt 0), 6, 9 (attempt 1). Two groups each.
-    assert [(r["trial_id"], r["step"]) for r in rows][::2] == [("0123", 0), ("0123", 3), ("t1", 0),
-                                                              ("t1", 3), ("t1", 6), ("t1", 9)]
+    assert [(r["trial_id"], r["step"]) for r in rows][::2] == [
+        ("0123", 0),
+        ("0123", 3),
+        ("t1", 0),
+        ("t1", 3),
+        ("t1", 6),
+        ("t1", 9),
+    ]
     assert [r["group_name"] for r in rows[:2]] == ["blocks.0", "head"]
-    assert rows[-2:] == [{"trial_id": "t1", "step": 9, "group_name": "blocks.0", "sq_grad": 9.0,
-                          "sq_update": 0.5},
-                         {"trial_id": "t1", "step": 9, "group_name": "head", "sq_grad": 18.0,
-                          "sq_update": None}]
+    assert rows[-2:] == [
+        {"trial_id": "t1", "step": 9, "group_name": "blocks.0", "sq_grad": 9.0, "sq_update": 0.5},
+        {"trial_id": "t1", "step": 9, "group_name": "head", "sq_grad": 18.0, "sq_update": None},
+    ]
 
 
 def test_empty_study_and_bad_sql(tmp_path):
@@ -152,11 +185,14 @@ def store(tmp_path_factory):
     MlflowClient(uri).create_experiment("opt_study/st", artifact_location=str(root / "art"))
     sink = MlflowSink(uri, "opt_study/st")
     parent = sink.parent_run("st", {}, {})
-    for tid, opt, best, status in (("a-0", "adamw", 2.0, "completed"), ("a-1", "adamw", 1.5, "completed"),
-                                   ("s-0", "sgd", 1.75, "completed"), ("s-1", "sgd", math.nan, "diverged"),
-                                   ("l-0", "lion", math.nan, "failed")):
-        sink.log_trial(parent, tid, {"hp.lr": 0.1}, {"opt_study.optimizer": opt},
-                       {"best_eval_loss": best}, {}, status)
+    for tid, opt, best, status in (
+        ("a-0", "adamw", 2.0, "completed"),
+        ("a-1", "adamw", 1.5, "completed"),
+        ("s-0", "sgd", 1.75, "completed"),
+        ("s-1", "sgd", math.nan, "diverged"),
+        ("l-0", "lion", math.nan, "failed"),
+    ):
+        sink.log_trial(parent, tid, {"hp.lr": 0.1}, {"opt_study.optimizer": opt}, {"best_eval_loss": best}, {}, status)
     return uri, parent
 
 
@@ -217,7 +253,7 @@ def test_mixed_schema_versions(tmp_path):
     # ... also when the old file is the newest (the fast path takes the first file's columns)
     os.utime(old, ns=(2**62, 2**62))
     with open_study(s) as db:
-        assert db.table("SELECT * FROM steps").column_names[:len(STEP_SCHEMA)] == STEP_SCHEMA.names
+        assert db.table("SELECT * FROM steps").column_names[: len(STEP_SCHEMA)] == STEP_SCHEMA.names
         assert db.rows("SELECT count(noise_floor) AS n, count(*) AS m FROM steps") == [{"n": 0, "m": 5}]
 
 

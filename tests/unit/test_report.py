@@ -18,6 +18,7 @@ unflagged measured steps of every trial (the tenth, step 18, has a zero update):
   (holds, progress predicted) = (6/9, 7/9) for sgd seed 0, (1, 6/9) for sgd seed 1 and adam
   seed 0, (1, 0) for adam seed 1.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,10 +43,14 @@ T975_1 = 12.706204736174707  # Student t quantile 0.975 with 1 degree of freedom
 GAP_FWD = [-1 / 8] * 3 + [-1 / 16] * 3 + [1 / 16] * 2 + [0.0]
 GAP_BWD = [-1 / 16] * 4 + [1 / 16] * 4 + [0.0]
 EVALS = {  # (label, index, seed) -> eval losses at steps 9 and 19 (None: none recorded)
-    ("sgd", 0, 0): (1.25, 1.0), ("sgd", 0, 1): (1.6, 1.25),
-    ("sgd", 1, 0): (1.4, 0.75), ("sgd", 1, 1): (1.7, 1.75),
-    ("adam", 0, 0): (2.0, 1.5), ("adam", 0, 1): (2.0, 1.5),
-    ("adam", 1, 0): (1.0, 0.5), ("adam", 1, 1): None,  # diverges at step 5
+    ("sgd", 0, 0): (1.25, 1.0),
+    ("sgd", 0, 1): (1.6, 1.25),
+    ("sgd", 1, 0): (1.4, 0.75),
+    ("sgd", 1, 1): (1.7, 1.75),
+    ("adam", 0, 0): (2.0, 1.5),
+    ("adam", 0, 1): (2.0, 1.5),
+    ("adam", 1, 0): (1.0, 0.5),
+    ("adam", 1, 1): None,  # diverges at step 5
 }
 LR = {"sgd": (0.1, 0.3), "adam": (0.001, 0.01), "lion": (1e-4, 3e-4)}
 STATUS = {("adam", 1, 1): "diverged", ("sgd", 1, 1): "running", ("lion", 0, 0): "failed"}
@@ -55,13 +60,26 @@ def _measured_row(k: int, seed: int, m: float) -> dict:
     """Measured step k (0..9) of a trial: sums as designed above, derived by ``derive``."""
     loss, delta = 2.0, -1 / 8
     if k == 9:  # a zero update: flagged, excluded from every statistic but n_flagged
-        sums = {"sq_grad": 1.0, "sq_grad_probe": 1.0, "sq_update": 0.0, "sq_param": 100.0,
-                "ip_grad_update": 0.0, "ip_probe_update": 0.0, "sq_grad_diff": 0.0}
+        sums = {
+            "sq_grad": 1.0,
+            "sq_grad_probe": 1.0,
+            "sq_update": 0.0,
+            "sq_param": 100.0,
+            "ip_grad_update": 0.0,
+            "ip_probe_update": 0.0,
+            "sq_grad_diff": 0.0,
+        }
         return {**sums, "loss_probe": loss, "probe_s": 1.0, **derive(sums, loss, loss, 1.0)}
     L, g = (k + 1) / 16 * (1 + seed) * m, (k + 1) / 2
-    sums = {"sq_grad": g * g, "sq_grad_probe": g * g, "sq_update": 0.25, "sq_param": 100.0,
-            "ip_grad_update": delta + GAP_FWD[k], "ip_probe_update": delta - GAP_BWD[k],
-            "sq_grad_diff": (L * 0.5) ** 2}
+    sums = {
+        "sq_grad": g * g,
+        "sq_grad_probe": g * g,
+        "sq_update": 0.25,
+        "sq_param": 100.0,
+        "ip_grad_update": delta + GAP_FWD[k],
+        "ip_probe_update": delta - GAP_BWD[k],
+        "sq_grad_diff": (L * 0.5) ** 2,
+    }
     out = derive(sums, loss, loss + delta, 1.0)
     assert out["smoothness_local"] == L and out["flag"] is None
     return {**sums, "loss_probe": loss + delta, "probe_s": 1.0, **out}
@@ -84,9 +102,16 @@ def _write_trial(study: Path, label: str, index: int, seed: int) -> None:
 
 
 def _record(label: str, index: int, seed: int) -> dict:
-    return {"trial_id": f"{label}-{index:03d}-s{seed}", "study": "synth", "label": label,
-            "optimizer": label, "workload": "quadratic", "seed": seed,
-            "hparams": {"lr": LR[label][index]}, "status": STATUS.get((label, index, seed), "completed")}
+    return {
+        "trial_id": f"{label}-{index:03d}-s{seed}",
+        "study": "synth",
+        "label": label,
+        "optimizer": label,
+        "workload": "quadratic",
+        "seed": seed,
+        "hparams": {"lr": LR[label][index]},
+        "status": STATUS.get((label, index, seed), "completed"),
+    }
 
 
 def build_study(root: Path) -> Path:
@@ -98,9 +123,16 @@ def build_study(root: Path) -> Path:
     for label, n_idx, seeds in (("sgd", 2, (0, 1)), ("adam", 2, (0, 1)), ("lion", 2, (0,))):
         for index in range(n_idx):
             for seed in seeds:
-                plan.append({"trial_id": f"{label}-{index:03d}-s{seed}", "label": label,
-                             "optimizer": label, "hparams": {"lr": LR[label][index]},
-                             "seed": seed, "index": index})
+                plan.append(
+                    {
+                        "trial_id": f"{label}-{index:03d}-s{seed}",
+                        "label": label,
+                        "optimizer": label,
+                        "hparams": {"lr": LR[label][index]},
+                        "seed": seed,
+                        "index": index,
+                    }
+                )
                 if label == "lion" and index == 1:
                     continue  # pending: in the plan only
                 if label != "lion":
@@ -110,6 +142,7 @@ def build_study(root: Path) -> Path:
                     rec["error"] = "Traceback ...\nRuntimeError: out of memory"
                 trials_tbl.write_trial_record(study, rec)
     import json
+
     (study / "plan.json").write_text(json.dumps(plan))
     _log_mlflow(root, study)
     return study
@@ -143,8 +176,16 @@ def sd(study):
 
 def test_status_counts_every_trial(sd):
     rows = {r["label"]: r for r in tables.status_table(sd)}
-    assert rows["sgd"] == {"label": "sgd", "trials": 4, "pending": 0, "running": 1,
-                           "completed": 3, "stopped": 0, "diverged": 0, "failed": 0}
+    assert rows["sgd"] == {
+        "label": "sgd",
+        "trials": 4,
+        "pending": 0,
+        "running": 1,
+        "completed": 3,
+        "stopped": 0,
+        "diverged": 0,
+        "failed": 0,
+    }
     assert rows["adam"]["completed"] == 3 and rows["adam"]["diverged"] == 1
     assert (rows["lion"]["failed"], rows["lion"]["pending"], rows["lion"]["trials"]) == (1, 1, 2)
     assert rows["all"]["trials"] == 10 and sum(rows["all"][s] for s in rdata.STATUSES) == 10
@@ -158,8 +199,11 @@ def test_status_counts_every_trial(sd):
 def test_best_configuration_per_label(sd):
     # sgd: lr 0.1 has mean best eval (1.0 + 1.25)/2 < lr 0.3's (0.75 + 1.7)/2; adam's lr 0.01
     # has a diverged seed (+inf); lion has no finite loss at all: the first in budget order.
-    assert sd.best == {"sgd": ["sgd-000-s0", "sgd-000-s1"], "adam": ["adam-000-s0", "adam-000-s1"],
-                       "lion": ["lion-000-s0"]}
+    assert sd.best == {
+        "sgd": ["sgd-000-s0", "sgd-000-s1"],
+        "adam": ["adam-000-s0", "adam-000-s1"],
+        "lion": ["lion-000-s0"],
+    }
 
 
 def test_trial_stats_equal_summarize(study, sd):
@@ -172,9 +216,14 @@ def test_trial_stats_equal_summarize(study, sd):
             assert got[k] == pytest.approx(v, rel=1e-12, nan_ok=True), (tid, k)
         l_hat = ref["smoothness_local_max"]
         ok = [r for r in rows if not r["flag"]]
-        cls = [classify((r["loss_probe"] - r["loss"]) - (r["probe_s"] * r["ip_grad_update"]
-                        + l_hat * (0.5 * r["probe_s"] * r["probe_s"] * r["sq_update"])),
-                        r["noise_floor"]) for r in ok]
+        cls = [
+            classify(
+                (r["loss_probe"] - r["loss"])
+                - (r["probe_s"] * r["ip_grad_update"] + l_hat * (0.5 * r["probe_s"] * r["probe_s"] * r["sq_update"])),
+                r["noise_floor"],
+            )
+            for r in ok
+        ]
         for k in ("holds", "violated", "indeterminate"):
             assert got[f"frac_descent_{k}"] == cls.count(k) / len(cls), (tid, k)
 
@@ -185,8 +234,14 @@ def test_assumption_table_numbers(sd):
     for r in (sgd, adam):
         assert (r["trials"], r["seeds"], r["n_measured"], r["n_flagged"]) == (2, 2, 20, 2)
         assert r["statuses"] == "completed:2"
-        expect = {"fwd_holds": 6 / 9, "fwd_violated": 2 / 9, "fwd_indeterminate": 1 / 9,
-                  "bwd_holds": 4 / 9, "bwd_violated": 4 / 9, "bwd_indeterminate": 1 / 9}
+        expect = {
+            "fwd_holds": 6 / 9,
+            "fwd_violated": 2 / 9,
+            "fwd_indeterminate": 1 / 9,
+            "bwd_holds": 4 / 9,
+            "bwd_violated": 4 / 9,
+            "bwd_indeterminate": 1 / 9,
+        }
         for k, v in expect.items():
             assert r[f"frac_convexity_{k}"] == pytest.approx(v, rel=1e-15)
             assert r[f"frac_convexity_{k}_ci"] == 0.0
@@ -227,12 +282,22 @@ def test_envelope_table(sd):
 
 
 def test_crowded_valley_numbers(sd):
-    assert tables.budget_values(sd) == {"sgd": {1: [1.0, 1.25], 2: [0.75, 1.25]},
-                                        "adam": {1: [1.5, 1.5], 2: [0.5, 1.5]},
-                                        "lion": {1: [math.inf], 2: [math.inf]}}
+    assert tables.budget_values(sd) == {
+        "sgd": {1: [1.0, 1.25], 2: [0.75, 1.25]},
+        "adam": {1: [1.5, 1.5], 2: [0.5, 1.5]},
+        "lion": {1: [math.inf], 2: [math.inf]},
+    }
     rows = {r["label"]: r for r in tables.crowded_valley_table(sd)}
-    assert rows["sgd"] == {"label": "sgd", "budget": 2, "seeds": 2, "median": 1.0, "min": 0.75,
-                           "max": 1.25, "no_result": 0, "trials_without_loss": 0}
+    assert rows["sgd"] == {
+        "label": "sgd",
+        "budget": 2,
+        "seeds": 2,
+        "median": 1.0,
+        "min": 0.75,
+        "max": 1.25,
+        "no_result": 0,
+        "trials_without_loss": 0,
+    }
     assert (rows["adam"]["median"], rows["adam"]["trials_without_loss"]) == (1.0, 1)
     assert rows["lion"]["no_result"] == 1 and rows["lion"]["trials_without_loss"] == 2
 
@@ -246,13 +311,18 @@ def test_profile_table(sd):
 
 
 def test_performance_profile_across_workloads():
-    times = {"w1": {"a": 10, "b": 20}, "w2": {"a": 30, "b": 15}, "w3": {"a": math.inf, "b": 5},
-             "w4": {"a": math.nan, "b": math.inf}}  # w4: nobody reached: ranks nobody
+    times = {
+        "w1": {"a": 10, "b": 20},
+        "w2": {"a": 30, "b": 15},
+        "w3": {"a": math.inf, "b": 5},
+        "w4": {"a": math.nan, "b": math.inf},
+    }  # w4: nobody reached: ranks nobody
     rho = stats.performance_profile(times, [1.0, 1.5, 2.0, 4.0])
     assert rho["a"].tolist() == [1 / 3, 1 / 3, 2 / 3, 2 / 3]
     assert rho["b"].tolist() == [2 / 3, 2 / 3, 1.0, 1.0]
     assert stats.profile_score(rho["b"], [1.0, 1.5, 2.0, 4.0]) == pytest.approx(
-        ((2 / 3 + 2 / 3) * 0.5 + (2 / 3 + 1) * 0.5 + 2 * 2) / 2 / 3)
+        ((2 / 3 + 2 / 3) * 0.5 + (2 / 3 + 1) * 0.5 + 2 * 2) / 2 / 3
+    )
 
 
 def test_replay_table(sd):
@@ -276,8 +346,13 @@ def test_quantile_envelope_is_the_constrained_quantile_regression():
     for y, q in ((1.0 + 2.0 * g + rng.normal(0, 0.4, g.size), 0.9), (4.0 - g + rng.normal(0, 0.1, g.size), 0.95)):
         n = g.size
         c = np.r_[0.0, 0.0, q * np.ones(n), (1 - q) * np.ones(n)]
-        lp = linprog(c, A_eq=np.c_[np.ones(n), g, np.eye(n), -np.eye(n)], b_eq=y,
-                     bounds=[(0, None)] * (2 + 2 * n), method="highs")
+        lp = linprog(
+            c,
+            A_eq=np.c_[np.ones(n), g, np.eye(n), -np.eye(n)],
+            b_eq=y,
+            bounds=[(0, None)] * (2 + 2 * n),
+            method="highs",
+        )
         fit = stats.quantile_envelope(g, y, q=q)
         assert (fit["L0"], fit["L1"]) == pytest.approx(tuple(lp.x[:2]), abs=1e-7)
         assert fit["L0"] >= 0 and fit["L1"] >= 0
@@ -306,9 +381,13 @@ def _check_figure(fig):
 
 
 def test_every_figure_renders_with_labelled_axes(sd):
-    figs = [figures.trajectory_figure(sd), figures.smoothness_figure(sd),
-            figures.crowded_valley_figure(sd), figures.profile_figure(tables.profile_table([sd])),
-            figures.loss_curves_figure(sd)]
+    figs = [
+        figures.trajectory_figure(sd),
+        figures.smoothness_figure(sd),
+        figures.crowded_valley_figure(sd),
+        figures.profile_figure(tables.profile_table([sd])),
+        figures.loss_curves_figure(sd),
+    ]
     for fig in figs:
         _check_figure(fig)
     traj = figures.trajectory_figure(sd)
@@ -319,10 +398,13 @@ def test_every_figure_renders_with_labelled_axes(sd):
 
 
 def _write_replay(study: Path) -> None:
-    rows = {"trial_id": ["sgd-000-s0"] * 6, "step": [0, 10, 19, 0, 10, 19],
-            "reference": ["final"] * 3 + ["x0"] * 3,
-            "ip_grad_dist": [0.5, 0.25, 0.0, -0.25, -0.5, 1.0],
-            "loss_gap": [0.25, 0.125, 0.0, -0.5, -1.0, math.nan]}
+    rows = {
+        "trial_id": ["sgd-000-s0"] * 6,
+        "step": [0, 10, 19, 0, 10, 19],
+        "reference": ["final"] * 3 + ["x0"] * 3,
+        "ip_grad_dist": [0.5, 0.25, 0.0, -0.25, -0.5, 1.0],
+        "loss_gap": [0.25, 0.125, 0.0, -0.5, -1.0, math.nan],
+    }
     (study / "replay").mkdir()
     pq.write_table(pa.table(rows), study / "replay" / "part-0.parquet")
 
@@ -333,9 +415,17 @@ def test_replay_table_and_figure(study, tmp_path):
     d = rdata.load(study)
     try:
         rows = {r["reference"]: r for r in tables.replay_table(d)}
-        assert rows["final"] == {"label": "sgd", "reference": "final", "snapshots": 3,
-                                 "sum_num": 0.75, "sum_den": 0.375, "excess": 0.375, "ratio": 2.0,
-                                 "predicted": ">= 1", "consistent": True}
+        assert rows["final"] == {
+            "label": "sgd",
+            "reference": "final",
+            "snapshots": 3,
+            "sum_num": 0.75,
+            "sum_den": 0.375,
+            "excess": 0.375,
+            "ratio": 2.0,
+            "predicted": ">= 1",
+            "consistent": True,
+        }
         # The NaN row is left out: 2 snapshots, Σnum = −0.75, Σden = −1.5.
         assert rows["x0"]["snapshots"] == 2 and rows["x0"]["ratio"] == 0.5
         assert rows["x0"]["predicted"] == "<= 1" and rows["x0"]["consistent"] is True
@@ -369,8 +459,9 @@ def test_write_report_logs_to_mlflow(study):
     assert "No replay/ dataset" in text and "still running" in text
     assert "adam-001-s1" in text and "RuntimeError: out of memory" in text
     client = MlflowClient(f"sqlite:///{study.parent / 'mlflow.db'}")
-    parent = client.search_runs([client.get_experiment_by_name("opt_study/synth").experiment_id],
-                                "tags.`opt_study.role` = 'parent'")[0]
+    parent = client.search_runs(
+        [client.get_experiment_by_name("opt_study/synth").experiment_id], "tags.`opt_study.role` = 'parent'"
+    )[0]
     assert parent.info.run_id in text
     logged = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"index.html", "trajectories.png", "profiles.png"} <= logged
@@ -392,15 +483,20 @@ def test_report_of_a_study_that_has_not_started(tmp_path):
     (study / "spec.yaml").write_text("study: {name: fresh}\nworkload: {type: quadratic}\n")
     (study / "plan.json").write_text(
         '[{"trial_id": "sgd-000-s0", "label": "sgd", "optimizer": "sgd", "hparams": {"lr": 0.1},'
-        ' "seed": 0, "index": 0}]')
+        ' "seed": 0, "index": 0}]'
+    )
     text = build.write_report(study).read_text()
     _sections_present(text)
     assert "MLflow: no tracking store found" in text and "still running" in text
     d = rdata.load(study)
     try:
         assert tables.status_table(d)[-1]["pending"] == 1
-        for fig in (figures.trajectory_figure(d), figures.smoothness_figure(d),
-                    figures.crowded_valley_figure(d), figures.loss_curves_figure(d)):
+        for fig in (
+            figures.trajectory_figure(d),
+            figures.smoothness_figure(d),
+            figures.crowded_valley_figure(d),
+            figures.loss_curves_figure(d),
+        ):
             _check_figure(fig)
     finally:
         d.db.close()
@@ -411,8 +507,7 @@ def test_analysis_recipes_run(study, tmp_path, monkeypatch, capsys):
     interpreter start-up) and writes its figures and table."""
     import runpy
 
-    for script, args in (("assumption_tables.py", [str(study)]),
-                         ("crowded_valley.py", [str(study), str(study)])):
+    for script, args in (("assumption_tables.py", [str(study)]), ("crowded_valley.py", [str(study), str(study)])):
         out = tmp_path / script
         monkeypatch.setattr("sys.argv", [script, *args, "--out", str(out)])
         with pytest.raises(SystemExit) as done:

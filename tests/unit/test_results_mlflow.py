@@ -55,9 +55,14 @@ def test_child_per_trial_with_params_and_tags(sink):
     ids = {}
     for i, status in enumerate(["completed", "diverged"]):
         ids[status] = sink.log_trial(
-            parent, f"t{i}", params={"lr": 10.0 ** -i, "opt": {"beta": 0.9}, "note": "x" * 7000},
-            tags={"optimizer": "sgd"}, summary={"final_loss": 0.5 + i},
-            curves={"loss": _curve(50)}, status=status)
+            parent,
+            f"t{i}",
+            params={"lr": 10.0**-i, "opt": {"beta": 0.9}, "note": "x" * 7000},
+            tags={"optimizer": "sgd"},
+            summary={"final_loss": 0.5 + i},
+            curves={"loss": _curve(50)},
+            status=status,
+        )
     assert len(_children(sink, parent)) == 2
     done = sink.client.get_run(ids["completed"])
     assert done.data.params["lr"] == "1.0" and done.data.params["opt.beta"] == "0.9"
@@ -74,16 +79,19 @@ def test_child_per_trial_with_params_and_tags(sink):
 
 def test_log_trial_twice_logs_each_history_once(sink):
     parent = sink.parent_run("s", {}, {})
-    kwargs = dict(params={"lr": 0.1}, tags={}, status="completed",
-                  summary={"final_loss": 0.25, "best": math.nan},
-                  curves={"loss": _curve(1000), "lr": [(s, 0.1) for s in range(0, 30, 3)]})
+    kwargs = dict(
+        params={"lr": 0.1},
+        tags={},
+        status="completed",
+        summary={"final_loss": 0.25, "best": math.nan},
+        curves={"loss": _curve(1000), "lr": [(s, 0.1) for s in range(0, 30, 3)]},
+    )
     first = sink.log_trial(parent, "t0", **kwargs)
     second = sink.log_trial(parent, "t0", **kwargs)
     assert first == second and len(_children(sink, parent, "t0")) == 1
     keys = ("loss", "lr", "final_loss", "best")
     hist = {k: sink.client.get_metric_history(first, k) for k in keys}
-    assert {k: len(v) for k, v in hist.items()} == {"loss": 200, "lr": 10, "final_loss": 1,
-                                                    "best": 1}
+    assert {k: len(v) for k, v in hist.items()} == {"loss": 200, "lr": 10, "final_loss": 1, "best": 1}
     steps = [m.step for m in hist["loss"]]
     assert steps[0] == 0 and steps[-1] == 999 and len(set(steps)) == 200
     assert math.isnan(hist["best"][0].value)  # NaN is kept, not dropped
@@ -91,18 +99,15 @@ def test_log_trial_twice_logs_each_history_once(sink):
 
 def test_retried_trial_updates_summary_and_fills_curve(sink):
     parent = sink.parent_run("s", {}, {})
-    run_id = sink.log_trial(parent, "t0", {}, {}, {"final_loss": 2.0}, {"loss": _curve(10)},
-                            "failed")
+    run_id = sink.log_trial(parent, "t0", {}, {}, {"final_loss": 2.0}, {"loss": _curve(10)}, "failed")
     assert sink.client.get_run(run_id).info.status == "FAILED"
-    again = sink.log_trial(parent, "t0", {}, {}, {"final_loss": 1.0}, {"loss": _curve(15)},
-                           "running")
+    again = sink.log_trial(parent, "t0", {}, {}, {"final_loss": 1.0}, {"loss": _curve(15)}, "running")
     assert again == run_id and sink.client.get_run(run_id).info.status == "RUNNING"
     sink.log_trial(parent, "t0", {}, {}, {"final_loss": 1.0}, {"loss": _curve(15)}, "completed")
     run = sink.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["final_loss"] == 1.0
     assert [m.value for m in sink.client.get_metric_history(run_id, "final_loss")] == [2.0, 1.0]
-    assert sorted(m.step for m in sink.client.get_metric_history(run_id, "loss")) == \
-        list(range(15))
+    assert sorted(m.step for m in sink.client.get_metric_history(run_id, "loss")) == list(range(15))
 
 
 def test_log_trial_rejects_bad_input(sink):

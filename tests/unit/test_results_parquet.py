@@ -44,8 +44,7 @@ def _pairs(table, *cols):
 # ------------------------------------------------------------------------------------ layout
 
 
-@pytest.mark.parametrize("bad", ["", "..", "a..b", "a/b", ".hidden", "_x", "x y", "é", "a" * 129,
-                                 "trial_id=1"])
+@pytest.mark.parametrize("bad", ["", "..", "a..b", "a/b", ".hidden", "_x", "x y", "é", "a" * 129, "trial_id=1"])
 def test_check_name_rejects_unsafe(bad):
     with pytest.raises(ValueError, match="trial id"):
         layout.check_name(bad, "trial id")
@@ -77,12 +76,12 @@ def test_rows_round_trip(tmp_path):
         for s in range(25):
             row = {"step": s, "loss": 2.0 - s / 100, "lr": 1e-3, "time_unix": 5.0 + s}
             if s % 5 == 0:  # a measured step carries the measurement columns
-                row.update(measured=True, sq_grad=float(s), convexity_gap_fwd=-0.5,
-                           cls_convexity_fwd="holds", flag=None)
+                row.update(
+                    measured=True, sq_grad=float(s), convexity_gap_fwd=-0.5, cls_convexity_fwd="holds", flag=None
+                )
             w.append(row)
     chunks = list_chunks(tmp_path)
-    assert [c.name for c in chunks] == [layout.chunk_name(0, 9), layout.chunk_name(10, 19),
-                                        layout.chunk_name(20, 24)]
+    assert [c.name for c in chunks] == [layout.chunk_name(0, 9), layout.chunk_name(10, 19), layout.chunk_name(20, 24)]
     assert schema_version(pq.read_schema(chunks[0])) == STEP_SCHEMA_VERSION
 
     t = read_steps(tmp_path)
@@ -118,17 +117,24 @@ def test_bad_rows_rejected(tmp_path):
         w.append({"step": 4})
 
 
-@pytest.mark.parametrize("column, value, error, message", [
-    ("loss", "1.0", TypeError, "column 'loss' takes a number, got '1.0' (step 1)"),
-    ("measured", 1, TypeError, "column 'measured' takes a bool, got 1 (step 1)"),
-    ("groups", {"g": 5.0}, TypeError, "column 'groups' takes {group: {sum name: number}}"),
-    ("eval_loss", object(), TypeError, "column 'eval_loss' takes a number, got <object"),
-    ("cls_convexity_bwd", "maybe", ValueError, "column 'cls_convexity_bwd' takes one of "
-                                               "['holds', 'indeterminate', 'violated'], got 'maybe'"),
-    ("flag", 7, TypeError, "column 'flag' takes a string, got 7"),
-    ("flag", b"\xff", ValueError, "column 'flag' takes a string"),
-    ("sq_gradient", 1.0, ValueError, "unknown step column(s): ['sq_gradient']"),
-])
+@pytest.mark.parametrize(
+    "column, value, error, message",
+    [
+        ("loss", "1.0", TypeError, "column 'loss' takes a number, got '1.0' (step 1)"),
+        ("measured", 1, TypeError, "column 'measured' takes a bool, got 1 (step 1)"),
+        ("groups", {"g": 5.0}, TypeError, "column 'groups' takes {group: {sum name: number}}"),
+        ("eval_loss", object(), TypeError, "column 'eval_loss' takes a number, got <object"),
+        (
+            "cls_convexity_bwd",
+            "maybe",
+            ValueError,
+            "column 'cls_convexity_bwd' takes one of ['holds', 'indeterminate', 'violated'], got 'maybe'",
+        ),
+        ("flag", 7, TypeError, "column 'flag' takes a string, got 7"),
+        ("flag", b"\xff", ValueError, "column 'flag' takes a string"),
+        ("sq_gradient", 1.0, ValueError, "unknown step column(s): ['sq_gradient']"),
+    ],
+)
 def test_bad_cell_raises_at_flush_naming_column_and_step(tmp_path, column, value, error, message):
     """Cells are converted a chunk at a time: the flush (here the append that fills the
     buffer) names the column and the step, drops that row, keeps the rest."""
@@ -151,13 +157,19 @@ def test_cells_float_accepts_are_stored(tmp_path):
     import numpy as np
 
     with StepWriter(tmp_path, "t1", 0, 0, rows_per_chunk=10) as w:
-        w.append({"step": np.int64(0), "loss": np.float32(0.5), "lr": True, "measured": np.bool_(True),
-                  "groups": {"blocks.0": {"sq_grad": 2, "ip_grad_update": np.float64(-1.0)}}})
-        w.append({"step": 1, "loss": decimal.Decimal("1.25"), "lr": 2 ** 60 + 1, "flag": b"utf8"})
+        w.append(
+            {
+                "step": np.int64(0),
+                "loss": np.float32(0.5),
+                "lr": True,
+                "measured": np.bool_(True),
+                "groups": {"blocks.0": {"sq_grad": 2, "ip_grad_update": np.float64(-1.0)}},
+            }
+        )
+        w.append({"step": 1, "loss": decimal.Decimal("1.25"), "lr": 2**60 + 1, "flag": b"utf8"})
     t = read_steps(tmp_path)
     assert t["flag"].to_pylist() == [None, "utf8"]
-    assert _pairs(t, "step", "loss", "lr", "measured") == [(0, 0.5, 1.0, True),
-                                                          (1, 1.25, float(2 ** 60 + 1), False)]
+    assert _pairs(t, "step", "loss", "lr", "measured") == [(0, 0.5, 1.0, True), (1, 1.25, float(2**60 + 1), False)]
     g = t["groups"].to_pylist()
     assert g[1] is None and g[0][0]["name"] == "blocks.0" and g[0][0]["sq_grad"] == 2.0
     assert g[0][0]["ip_grad_update"] == -1.0 and g[0][0]["sq_update"] is None
@@ -240,8 +252,7 @@ def test_same_step_twice_in_one_attempt_keeps_last_chunk(tmp_path):
     _write(tmp_path, "t1", 0, 0, 8)
     adir = layout.attempt_dir(tmp_path, "t1", 0)
     table = pq.read_table(list_chunks(tmp_path)[0])  # steps 0..3
-    rewritten = table.slice(2, 2).set_column(
-        table.schema.get_field_index("loss"), "loss", [[-2.0, -3.0]])
+    rewritten = table.slice(2, 2).set_column(table.schema.get_field_index("loss"), "loss", [[-2.0, -3.0]])
     pq.write_table(rewritten, adir / layout.chunk_name(2, 3))  # sorts after part-0-3
     t = read_steps(tmp_path)
     assert t["step"].to_pylist() == list(range(8))
@@ -286,15 +297,16 @@ def test_duckdb_reads_the_dataset(tmp_path):
     _write(tmp_path, "00007", 0, 0, 10)
     _write(tmp_path, "00007", 1, 6, 9, tag=100.0)
     glob = str(tmp_path / "steps" / "**" / "*.parquet")
-    raw = duckdb.sql(f"SELECT trial_id, attempt, step, loss FROM read_parquet('{glob}', "
-                     "hive_partitioning=true) ORDER BY attempt, step").fetchall()
+    raw = duckdb.sql(
+        f"SELECT trial_id, attempt, step, loss FROM read_parquet('{glob}', "
+        "hive_partitioning=true) ORDER BY attempt, step"
+    ).fetchall()
     assert len(raw) == 13  # every committed row, before "last attempt wins"
     assert raw[0] == ("00007", 0, 0, 0.0)  # the file's string column, not an int partition
     dedup = duckdb.sql(steps_sql(tmp_path)).fetchall()
     t = read_steps(tmp_path)
     names = t.schema.names
-    assert [(r[names.index("step")], r[names.index("loss")]) for r in dedup] == \
-        _pairs(t, "step", "loss")
+    assert [(r[names.index("step")], r[names.index("loss")]) for r in dedup] == _pairs(t, "step", "loss")
     assert [r[2] for r in dedup] == list(range(9)) and dedup[7][names.index("loss")] == 107.0
 
 
@@ -308,17 +320,30 @@ def test_measurement_columns_are_in_schema():
 
 
 def _record(i, status="completed", **extra):
-    return {"trial_id": f"t{i}", "study": "s", "optimizer": "adamw", "workload": "mlp",
-            "seed": i, "status": status, "attempt": 0, "started": 1.0, "ended": 2.0 + i,
-            "error": None, "hparams": {"lr": 10.0 ** -i, "betas": {"b1": 0.9}},
-            "summary": {"final_loss": 1.0 / (i + 1)}, "resources": {"cpu": 1}, **extra}
+    return {
+        "trial_id": f"t{i}",
+        "study": "s",
+        "optimizer": "adamw",
+        "workload": "mlp",
+        "seed": i,
+        "status": status,
+        "attempt": 0,
+        "started": 1.0,
+        "ended": 2.0 + i,
+        "error": None,
+        "hparams": {"lr": 10.0**-i, "betas": {"b1": 0.9}},
+        "summary": {"final_loss": 1.0 / (i + 1)},
+        "resources": {"cpu": 1},
+        **extra,
+    }
 
 
 def test_trials_table_round_trip(tmp_path):
     write_trial_record(tmp_path, _record(1))
     write_trial_record(tmp_path, _record(2, status="running"))
-    write_trial_record(tmp_path, _record(2, status="diverged", error="loss is nan",
-                                         summary={"final_loss": math.nan}))  # replaces
+    write_trial_record(
+        tmp_path, _record(2, status="diverged", error="loss is nan", summary={"final_loss": math.nan})
+    )  # replaces
     records = read_trial_records(tmp_path)
     assert [r["trial_id"] for r in records] == ["t1", "t2"]
     assert records[1]["status"] == "diverged" and math.isnan(records[1]["summary"]["final_loss"])

@@ -2,6 +2,7 @@
 exactly once ("last attempt wins"), and the resumed trajectory is bit-for-bit the uninterrupted
 one (data, LR and dropout masks are pure functions of the step; optimizer state is in the
 DeepSpeed checkpoint). Real DeepSpeed, one process (the multi-process kill is in test_faults)."""
+
 from __future__ import annotations
 
 import pyarrow.compute as pc
@@ -24,7 +25,8 @@ def _spec(spec_factory, name, stage):
         scale={"workers": 1, "zero_stage": stage, "micro_batch_size": 4, "grad_accum": 2},
         training={"steps": 8, "eval_every": 2, "checkpoint_every": 2},
         optimizers=[{"name": "adamw", "params": {"lr": 0.01}}],
-        measure={"every": 2})
+        measure={"every": 2},
+    )
 
 
 PLAN = TrialPlan("t", "adamw", "adamw", {"lr": 0.01}, seed=3, index=0)
@@ -81,10 +83,13 @@ def test_same_seed_same_losses_step_for_step(spec_factory):
 def test_divergence_ends_the_trial_as_data(spec_factory, lr, factor):
     """A NaN/inf loss, or one above divergence_factor x the first loss, ends the trial as
     `diverged` at that step; its rows up to and including that step are stored."""
-    spec = spec_factory(study={"name": f"div{int(lr)}"}, workload={"dim": 8, "lambda_max": 10.0},
-                        scale={"workers": 1, "micro_batch_size": 4},
-                        training={"steps": 60, "eval_every": 20, "divergence_factor": factor},
-                        optimizers=[{"name": "sgd", "params": {"lr": lr}}])
+    spec = spec_factory(
+        study={"name": f"div{int(lr)}"},
+        workload={"dim": 8, "lambda_max": 10.0},
+        scale={"workers": 1, "micro_batch_size": 4},
+        training={"steps": 60, "eval_every": 20, "divergence_factor": factor},
+        optimizers=[{"name": "sgd", "params": {"lr": lr}}],
+    )
     plan = TrialPlan("d", "sgd", "sgd", {"lr": lr}, seed=0, index=0)
     final = run_trial(spec, plan, report=lambda m: None)
     rows = read_steps(spec.study_dir).to_pylist()
@@ -107,12 +112,18 @@ def test_probe_restores_batchnorm_buffers_bit_for_bit(tmp_path, spec_factory):
     for every in (1, 0):
         spec = spec_factory(
             study={"name": f"bn{every}"},
-            workload={"type": "resnet_cifar", "data_dir": str(data), "blocks": [1, 1, 1, 1], "width": 8,
-                      "eval_samples": 16},
+            workload={
+                "type": "resnet_cifar",
+                "data_dir": str(data),
+                "blocks": [1, 1, 1, 1],
+                "width": 8,
+                "eval_samples": 16,
+            },
             scale={"workers": 1, "zero_stage": 0, "micro_batch_size": 4},
             training={"steps": 4, "eval_every": 2},
             optimizers=[{"name": "momentum", "params": {"lr": 0.05}}],
-            measure={"every": every})
+            measure={"every": every},
+        )
         plan = TrialPlan("bn", "momentum", "momentum", {"lr": 0.05}, seed=0, index=0)
         run_trial(spec, plan, report=lambda m: None)
         runs[every] = read_steps(spec.study_dir).to_pylist()

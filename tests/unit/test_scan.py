@@ -1,6 +1,7 @@
 """The one "last attempt wins" scan (opt_study.results.scan): the pure rules on hand-made
 listings, the SQL it writes, the DuckDB view skipping a bad chunk as read_steps does, and the
 study folder paths of storage.layout."""
+
 from __future__ import annotations
 
 import os
@@ -80,18 +81,45 @@ def test_the_steps_view_rescans_when_a_chunk_went_away(tmp_path):
 
 def test_every_study_path_comes_from_layout(tmp_path):
     s = tmp_path / "study"
-    rel = {p.relative_to(s).as_posix() for p in (
-        layout.spec_path(s), layout.plan_path(s), layout.trials_dir(s), layout.trials_table_path(s),
-        layout.stop_path(s, "t"), layout.checkpoint_dir(s, "t"), layout.snapshot_rank_file(s, "t", 4, 1, 2),
-        layout.replay_path(s, "t", "final"), layout.mlflow_queue_dir(s), layout.ray_train_dir(s),
-        layout.report_dir(s), layout.attempt_dir(s, "t", 0))}
-    assert rel == {"spec.yaml", "plan.json", "trials", "trials.parquet", "control/t.stop", "checkpoints/t",
-                   "snapshots/t/step-4/rank-1-of-2.pt", "replay/trial_id=t/reference=final.parquet",
-                   "mlflow_queue", "ray/train", "report", "steps/trial_id=t/attempt=0"}
+    rel = {
+        p.relative_to(s).as_posix()
+        for p in (
+            layout.spec_path(s),
+            layout.plan_path(s),
+            layout.trials_dir(s),
+            layout.trials_table_path(s),
+            layout.stop_path(s, "t"),
+            layout.checkpoint_dir(s, "t"),
+            layout.snapshot_rank_file(s, "t", 4, 1, 2),
+            layout.replay_path(s, "t", "final"),
+            layout.mlflow_queue_dir(s),
+            layout.ray_train_dir(s),
+            layout.report_dir(s),
+            layout.attempt_dir(s, "t", 0),
+        )
+    }
+    assert rel == {
+        "spec.yaml",
+        "plan.json",
+        "trials",
+        "trials.parquet",
+        "control/t.stop",
+        "checkpoints/t",
+        "snapshots/t/step-4/rank-1-of-2.pt",
+        "replay/trial_id=t/reference=final.parquet",
+        "mlflow_queue",
+        "ray/train",
+        "report",
+        "steps/trial_id=t/attempt=0",
+    }
     assert layout.parse_snapshot_step_dir("step-12") == 12 and layout.parse_snapshot_step_dir("x") is None
     assert layout.parse_trial_dir("trial_id=t") == "t" and layout.parse_trial_dir("trial_id=..") is None
-    for bad in (lambda: layout.checkpoint_dir(s, "../x"), lambda: layout.snapshot_step_dir(s, "t", -1),
-                lambda: layout.replay_path(s, "t", "best"), lambda: layout.replay_path(s, "t", "²")):
+    for bad in (
+        lambda: layout.checkpoint_dir(s, "../x"),
+        lambda: layout.snapshot_step_dir(s, "t", -1),
+        lambda: layout.replay_path(s, "t", "best"),
+        lambda: layout.replay_path(s, "t", "²"),
+    ):
         with pytest.raises(ValueError):
             bad()
     assert not s.exists()  # path arithmetic only

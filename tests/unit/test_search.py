@@ -1,5 +1,6 @@
 """Search methods (random, scrambled-Sobol quasirandom) and the fair-tuning protocols
 (crowded_valley, algoperf_external): the planning logic, exactly, without running a trial."""
+
 from __future__ import annotations
 
 import math
@@ -33,17 +34,18 @@ def bins_hit(values, lo, hi, n):
 # ------------------------------------------------------------------------------ quasirandom
 def test_sobol_loguniform_covers_every_log_bin_where_random_does_not():
     space = {"lr": parse_domain({"loguniform": [1e-5, 1e-1]}, "lr")}
-    sobol_full = sum(len(bins_hit([c["lr"] for c in expand_quasirandom(space, 8, s)], 1e-5, 1e-1, 8)) == 8
-                     for s in range(20))
-    random_full = sum(len(bins_hit([c["lr"] for c in expand(space, 8, random.Random(s))], 1e-5, 1e-1, 8)) == 8
-                      for s in range(20))
+    sobol_full = sum(
+        len(bins_hit([c["lr"] for c in expand_quasirandom(space, 8, s)], 1e-5, 1e-1, 8)) == 8 for s in range(20)
+    )
+    random_full = sum(
+        len(bins_hit([c["lr"] for c in expand(space, 8, random.Random(s))], 1e-5, 1e-1, 8)) == 8 for s in range(20)
+    )
     assert sobol_full == 20  # a scrambled Sobol 8-point set is stratified: one point per 1/8
     assert random_full == 0  # 8 i.i.d. points hit all 8 bins with probability 8!/8^8 = 0.24%
 
 
 def test_sobol_choice_is_balanced_and_uniform_in_range():
-    space = {"c": parse_domain({"choice": ["a", "b", "c", "d"]}, "c"),
-             "u": parse_domain({"uniform": [-2.0, 3.0]}, "u")}
+    space = {"c": parse_domain({"choice": ["a", "b", "c", "d"]}, "c"), "u": parse_domain({"uniform": [-2.0, 3.0]}, "u")}
     cfgs = expand_quasirandom(space, 16, seed=3)
     assert sorted(c["c"] for c in cfgs) == sorted(["a", "b", "c", "d"] * 4)
     us = sorted(c["u"] for c in cfgs)
@@ -94,8 +96,10 @@ CV = {"protocol": "crowded_valley", "budgets": {"small": 2, "medium": 3, "large"
 def test_crowded_valley_phases_budgets_and_seed_counts(tmp_path):
     plans = plan_trials(make_spec(tmp_path, CV, seeds=(0, 1)))
     assert not [p for p in plans if p.phase == "rerun"]  # nothing has run yet
-    assert [p.phase for p in plans] == sorted((p.phase for p in plans),  # the order Tune runs them in
-                                              key=["oneshot", "search", "oneshot_rerun"].index)
+    assert [p.phase for p in plans] == sorted(
+        (p.phase for p in plans),  # the order Tune runs them in
+        key=["oneshot", "search", "oneshot_rerun"].index,
+    )
     for label in ("sgd", "adamw"):
         mine = [p for p in plans if p.label == label]
         one = [p for p in mine if p.phase == "oneshot"]
@@ -104,20 +108,31 @@ def test_crowded_valley_phases_budgets_and_seed_counts(tmp_path):
         # known before anything runs; the paper reports one-shot performance over seeds too)
         again = [p for p in mine if p.phase == "oneshot_rerun"]
         assert [(p.trial_id, p.seed, p.budget, p.index) for p in again] == [
-            (f"{label}-oneshot-rerun-s{s}", s, "oneshot", 0) for s in (7, 8, 9)]
+            (f"{label}-oneshot-rerun-s{s}", s, "oneshot", 0) for s in (7, 8, 9)
+        ]
         assert all(p.hparams == one[0].hparams for p in again)
         search = [p for p in mine if p.phase == "search"]
         assert len(search) == 5 * 2
         assert [(p.index, p.budget) for p in search if p.seed == 0] == [
-            (0, "small"), (1, "small"), (2, "medium"), (3, "large"), (4, "large")]
+            (0, "small"),
+            (1, "small"),
+            (2, "medium"),
+            (3, "large"),
+            (4, "large"),
+        ]
         assert search[4].trial_id == f"{label}-search-medium-002-s0"
         assert len({p.trial_id for p in mine}) == len(mine)
 
 
 def test_crowded_valley_oneshot_uses_registry_defaults(tmp_path):
-    spec = make_spec(tmp_path, CV, optimizers=[
-        {"name": "adamw", "params": {"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": 0.1}},
-        {"name": "adam"}])  # no params: the entry's default space
+    spec = make_spec(
+        tmp_path,
+        CV,
+        optimizers=[
+            {"name": "adamw", "params": {"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": 0.1}},
+            {"name": "adam"},
+        ],
+    )  # no params: the entry's default space
     plans = plan_trials(spec)
     one = {p.label: p.hparams for p in plans if p.phase == "oneshot"}
     assert one["adamw"] == {"lr": optim.optimizer_entry("adamw").defaults["lr"], "weight_decay": 0.1}
@@ -146,16 +161,21 @@ def test_crowded_valley_budgets_are_nested(tmp_path):
 def test_crowded_valley_nesting_holds_per_grid_point(tmp_path):
     opts = [{"name": "momentum", "params": {"lr": {"loguniform": [1e-3, 0.1]}, "momentum": {"grid": [0.5, 0.9]}}}]
     big = [p for p in plan_trials(make_spec(tmp_path, CV, opts)) if p.phase == "search"]
-    mid = [p for p in plan_trials(make_spec(tmp_path, {**CV, "budgets": {"small": 2, "medium": 3, "large": None}},
-                                         opts)) if p.phase == "search"]
-    assert [(p.hparams["momentum"], p.budget) for p in big] == \
-        [(m, b) for m in (0.5, 0.9) for b in ("small", "small", "medium", "large", "large")]
+    mid = [
+        p
+        for p in plan_trials(make_spec(tmp_path, {**CV, "budgets": {"small": 2, "medium": 3, "large": None}}, opts))
+        if p.phase == "search"
+    ]
+    assert [(p.hparams["momentum"], p.budget) for p in big] == [
+        (m, b) for m in (0.5, 0.9) for b in ("small", "small", "medium", "large", "large")
+    ]
     assert [p.hparams for p in mid] == [p.hparams for p in big if p.budget != "large"]
 
 
 def _record(tmp_path, plan, status, best):
-    write_trial_record(tmp_path / "s", {"trial_id": plan.trial_id, "status": status,
-                                        "summary": {"best_eval_loss": best}})
+    write_trial_record(
+        tmp_path / "s", {"trial_id": plan.trial_id, "status": status, "summary": {"best_eval_loss": best}}
+    )
 
 
 def test_rerun_picks_the_best_of_each_budget_from_trial_records(tmp_path):
@@ -178,7 +198,8 @@ def test_rerun_picks_the_best_of_each_budget_from_trial_records(tmp_path):
     # index 2 has one finite completed trial (0.5) -> best of medium and large
     assert [(p.trial_id, p.budget) for p in sgd] == (
         [(f"sgd-rerun-001-s{s}", "small") for s in (7, 8, 9)]
-        + [(f"sgd-rerun-002-s{s}", "medium,large") for s in (7, 8, 9)])
+        + [(f"sgd-rerun-002-s{s}", "medium,large") for s in (7, 8, 9)]
+    )
     hp = {p.index: p.hparams for p in search if p.label == "sgd"}
     assert all(p.hparams == hp[p.index] for p in sgd)
     assert len(reruns) == 12  # two optimizers x two distinct bests x three seeds
@@ -186,8 +207,11 @@ def test_rerun_picks_the_best_of_each_budget_from_trial_records(tmp_path):
 
 
 def test_rerun_ignores_failed_and_stopped_trials_and_ties_pick_the_earlier_draw(tmp_path):
-    spec = make_spec(tmp_path, {**CV, "budgets": {"small": 2, "medium": 3, "large": None}, "rerun_seeds": [1]},
-                     optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 1.0]}}}])
+    spec = make_spec(
+        tmp_path,
+        {**CV, "budgets": {"small": 2, "medium": 3, "large": None}, "rerun_seeds": [1]},
+        optimizers=[{"name": "sgd", "params": {"lr": {"loguniform": [1e-3, 1.0]}}}],
+    )
     search = [p for p in plan_trials(spec) if p.phase == "search"]
     for p, (status, best) in zip(search, [("completed", 3.0), ("completed", 3.0), ("failed", math.nan)]):
         _record(tmp_path, p, status, best)
@@ -200,8 +224,13 @@ def test_rerun_ignores_failed_and_stopped_trials_and_ties_pick_the_earlier_draw(
 
 
 # ------------------------------------------------------------------------- algoperf_external
-AP = {"protocol": "algoperf_external", "samples": 4, "studies": 3, "seed": 2,
-      "target": {"metric": "eval_loss", "value": 0.25}}
+AP = {
+    "protocol": "algoperf_external",
+    "samples": 4,
+    "studies": 3,
+    "seed": 2,
+    "target": {"metric": "eval_loss", "value": 0.25},
+}
 
 
 def test_algoperf_studies_are_independent_quasirandom_and_carry_the_target(tmp_path):
@@ -219,27 +248,39 @@ def test_algoperf_studies_are_independent_quasirandom_and_carry_the_target(tmp_p
 
 
 def test_trial_plan_round_trips_through_as_dict():
-    p = TrialPlan("a-rerun-001-s3", "a", "adamw", {"lr": 0.1}, 3, 1, phase="rerun", budget="small,large",
-                  target={"metric": "loss", "value": 1.0})
+    p = TrialPlan(
+        "a-rerun-001-s3",
+        "a",
+        "adamw",
+        {"lr": 0.1},
+        3,
+        1,
+        phase="rerun",
+        budget="small,large",
+        target={"metric": "loss", "value": 1.0},
+    )
     assert TrialPlan(**p.as_dict()) == p
     assert TrialPlan(**{k: v for k, v in p.as_dict().items() if k not in ("phase", "budget", "target")}).phase == ""
 
 
 # ------------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("search,field", [
-    ({"method": "sobol"}, "search.method"),
-    ({"protocol": "optuna"}, "search.protocol"),
-    ({"protocol": "crowded_valley", "budgets": {"small": 5, "medium": 3}}, "search.budgets.medium"),
-    ({"protocol": "crowded_valley", "budgets": {"small": 2, "medium": 3, "large": 2}}, "search.budgets.large"),
-    ({"protocol": "crowded_valley", "budgets": {"small": 0}}, "search.budgets.small"),
-    ({"protocol": "crowded_valley", "rerun_seeds": []}, "search.rerun_seeds"),
-    ({"protocol": "crowded_valley", "rerun_seeds": [1, 1]}, "search.rerun_seeds"),
-    ({"protocol": "crowded_valley", "asha": {}}, "search.asha"),
-    ({"protocol": "algoperf_external"}, "search.target"),
-    ({**AP, "method": "random"}, "search.method"),
-    ({**AP, "target": {"metric": "accuracy", "value": 1.0}}, "search.target.metric"),
-    ({"studies": 2}, "search.studies"),
-])
+@pytest.mark.parametrize(
+    "search,field",
+    [
+        ({"method": "sobol"}, "search.method"),
+        ({"protocol": "optuna"}, "search.protocol"),
+        ({"protocol": "crowded_valley", "budgets": {"small": 5, "medium": 3}}, "search.budgets.medium"),
+        ({"protocol": "crowded_valley", "budgets": {"small": 2, "medium": 3, "large": 2}}, "search.budgets.large"),
+        ({"protocol": "crowded_valley", "budgets": {"small": 0}}, "search.budgets.small"),
+        ({"protocol": "crowded_valley", "rerun_seeds": []}, "search.rerun_seeds"),
+        ({"protocol": "crowded_valley", "rerun_seeds": [1, 1]}, "search.rerun_seeds"),
+        ({"protocol": "crowded_valley", "asha": {}}, "search.asha"),
+        ({"protocol": "algoperf_external"}, "search.target"),
+        ({**AP, "method": "random"}, "search.method"),
+        ({**AP, "target": {"metric": "accuracy", "value": 1.0}}, "search.target.metric"),
+        ({"studies": 2}, "search.studies"),
+    ],
+)
 def test_search_config_errors_name_the_field(tmp_path, search, field):
     with pytest.raises(ConfigError) as e:
         make_spec(tmp_path, search)

@@ -1,6 +1,7 @@
 """The MLflow sinks share one protocol: MlflowSink, QueuedSink and NullSink have exactly the
 methods of ``Sink`` with the same parameters (names, kinds, defaults), and the driver's recording
 path runs with a NullSink (no MLflow at all)."""
+
 from __future__ import annotations
 
 import inspect
@@ -24,8 +25,9 @@ def _params(fn) -> list[tuple]:
 
 
 def test_the_protocol_is_what_the_driver_calls():
-    assert sorted(n for n, v in vars(Sink).items() if inspect.isfunction(v) and not n.startswith("_")) \
-        == sorted(METHODS)
+    assert sorted(n for n, v in vars(Sink).items() if inspect.isfunction(v) and not n.startswith("_")) == sorted(
+        METHODS
+    )
 
 
 @pytest.mark.parametrize("cls", [MlflowSink, QueuedSink, NullSink])

@@ -1,5 +1,6 @@
 """Hyperparameter domains: parsing and its errors, sampling ranges, and the deterministic
 expansion of a space into grid x samples configurations."""
+
 from __future__ import annotations
 
 import math
@@ -21,20 +22,23 @@ from opt_study.config.space import (
 
 
 # ------------------------------------------------------------------------------ parse_domain
-@pytest.mark.parametrize("raw,kind,values", [
-    (0.1, "fixed", (0.1,)),
-    (3, "fixed", (3,)),
-    (True, "fixed", (True,)),
-    ("cosine", "fixed", ("cosine",)),
-    ({"choice": [0.0, 0.1, True, "x"]}, "choice", (0.0, 0.1, True, "x")),
-    ({"grid": [0.03, 0.1]}, "grid", (0.03, 0.1)),
-    ({"grid": [1, 1.5, True]}, "grid", (1, 1.5, True)),  # 1 and True are distinct grid points
-    ({"uniform": [0, 1]}, "uniform", (0.0, 1.0)),
-    ({"uniform": [-2.5, -1]}, "uniform", (-2.5, -1.0)),
-    ({"loguniform": [1e-4, 1e-2]}, "loguniform", (1e-4, 1e-2)),
-    ({"int": [2, 8]}, "int", (2, 8)),
-    ({"int": [-3, -1]}, "int", (-3, -1)),
-])
+@pytest.mark.parametrize(
+    "raw,kind,values",
+    [
+        (0.1, "fixed", (0.1,)),
+        (3, "fixed", (3,)),
+        (True, "fixed", (True,)),
+        ("cosine", "fixed", ("cosine",)),
+        ({"choice": [0.0, 0.1, True, "x"]}, "choice", (0.0, 0.1, True, "x")),
+        ({"grid": [0.03, 0.1]}, "grid", (0.03, 0.1)),
+        ({"grid": [1, 1.5, True]}, "grid", (1, 1.5, True)),  # 1 and True are distinct grid points
+        ({"uniform": [0, 1]}, "uniform", (0.0, 1.0)),
+        ({"uniform": [-2.5, -1]}, "uniform", (-2.5, -1.0)),
+        ({"loguniform": [1e-4, 1e-2]}, "loguniform", (1e-4, 1e-2)),
+        ({"int": [2, 8]}, "int", (2, 8)),
+        ({"int": [-3, -1]}, "int", (-3, -1)),
+    ],
+)
 def test_parse_domain_kinds(raw, kind, values):
     d = parse_domain(raw, "p.lr")
     assert d == Domain(kind, values)
@@ -42,37 +46,40 @@ def test_parse_domain_kinds(raw, kind, values):
         assert all(type(v) is float for v in d.values)
 
 
-@pytest.mark.parametrize("raw,prefix", [
-    ([0.1, 0.2], "p.lr: a hyperparameter is a scalar"),
-    (None, "p.lr: a hyperparameter is a scalar"),
-    ({}, "p.lr: a hyperparameter is a scalar"),
-    ({"grid": [1], "choice": [2]}, "p.lr: a hyperparameter is a scalar"),
-    ({"normal": [0, 1]}, "p.lr: unknown domain 'normal'"),
-    (float("nan"), "p.lr: must be a finite number"),
-    (float("-inf"), "p.lr: must be a finite number"),
-    (10**400, "p.lr: must be a finite number"),
-    ({"choice": []}, "p.lr.choice: must be a non-empty list of scalars"),
-    ({"choice": 0.1}, "p.lr.choice: must be a non-empty list of scalars"),
-    ({"choice": [[0.1]]}, "p.lr.choice: must be a non-empty list of scalars"),
-    ({"choice": [0.1, None]}, "p.lr.choice: must be a non-empty list of scalars"),
-    ({"choice": [0.1, float("inf")]}, "p.lr.choice: must be a finite number"),
-    ({"grid": [0.1, 0.1]}, "p.lr.grid: grid values must be distinct"),
-    ({"grid": list(range(MAX_VALUES + 1))}, f"p.lr.grid: at most {MAX_VALUES} values"),
-    ({"uniform": [1, 1]}, "p.lr.uniform: must be [lo, hi] with finite numbers lo < hi"),
-    ({"uniform": [2, 1]}, "p.lr.uniform: must be [lo, hi]"),
-    ({"uniform": [0, 1, 2]}, "p.lr.uniform: must be [lo, hi]"),
-    ({"uniform": [0, float("inf")]}, "p.lr.uniform: must be [lo, hi]"),
-    ({"uniform": [0, 10**400]}, "p.lr.uniform: must be [lo, hi]"),
-    ({"uniform": [False, True]}, "p.lr.uniform: must be [lo, hi]"),
-    ({"uniform": ["a", "b"]}, "p.lr.uniform: must be [lo, hi]"),
-    ({"loguniform": [0, 1]}, "p.lr.loguniform: lo must be > 0"),
-    ({"loguniform": [-1, 1]}, "p.lr.loguniform: lo must be > 0"),
-    ({"int": [1.0, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
-    ({"int": [False, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
-    ({"int": [4, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
-    ({"int": [1, 2, 3]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
-    ({"int": [0, 10**400]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
-])
+@pytest.mark.parametrize(
+    "raw,prefix",
+    [
+        ([0.1, 0.2], "p.lr: a hyperparameter is a scalar"),
+        (None, "p.lr: a hyperparameter is a scalar"),
+        ({}, "p.lr: a hyperparameter is a scalar"),
+        ({"grid": [1], "choice": [2]}, "p.lr: a hyperparameter is a scalar"),
+        ({"normal": [0, 1]}, "p.lr: unknown domain 'normal'"),
+        (float("nan"), "p.lr: must be a finite number"),
+        (float("-inf"), "p.lr: must be a finite number"),
+        (10**400, "p.lr: must be a finite number"),
+        ({"choice": []}, "p.lr.choice: must be a non-empty list of scalars"),
+        ({"choice": 0.1}, "p.lr.choice: must be a non-empty list of scalars"),
+        ({"choice": [[0.1]]}, "p.lr.choice: must be a non-empty list of scalars"),
+        ({"choice": [0.1, None]}, "p.lr.choice: must be a non-empty list of scalars"),
+        ({"choice": [0.1, float("inf")]}, "p.lr.choice: must be a finite number"),
+        ({"grid": [0.1, 0.1]}, "p.lr.grid: grid values must be distinct"),
+        ({"grid": list(range(MAX_VALUES + 1))}, f"p.lr.grid: at most {MAX_VALUES} values"),
+        ({"uniform": [1, 1]}, "p.lr.uniform: must be [lo, hi] with finite numbers lo < hi"),
+        ({"uniform": [2, 1]}, "p.lr.uniform: must be [lo, hi]"),
+        ({"uniform": [0, 1, 2]}, "p.lr.uniform: must be [lo, hi]"),
+        ({"uniform": [0, float("inf")]}, "p.lr.uniform: must be [lo, hi]"),
+        ({"uniform": [0, 10**400]}, "p.lr.uniform: must be [lo, hi]"),
+        ({"uniform": [False, True]}, "p.lr.uniform: must be [lo, hi]"),
+        ({"uniform": ["a", "b"]}, "p.lr.uniform: must be [lo, hi]"),
+        ({"loguniform": [0, 1]}, "p.lr.loguniform: lo must be > 0"),
+        ({"loguniform": [-1, 1]}, "p.lr.loguniform: lo must be > 0"),
+        ({"int": [1.0, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+        ({"int": [False, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+        ({"int": [4, 4]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+        ({"int": [1, 2, 3]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+        ({"int": [0, 10**400]}, "p.lr.int: must be [lo, hi] with integers lo < hi"),
+    ],
+)
 def test_parse_domain_errors_name_the_field(raw, prefix):
     with pytest.raises(ValueError) as ei:
         parse_domain(raw, "p.lr")
@@ -109,9 +116,13 @@ def test_int_domain_maps_the_unit_interval_to_equal_bins():
 
 
 # ------------------------------------------------------------------------------ expand / budget
-SPACE = {"lr": Domain("grid", (0.1, 0.01, 0.001)), "momentum": Domain("fixed", (0.9,)),
-         "wd": Domain("loguniform", (1e-5, 1e-2)), "nesterov": Domain("grid", (True, False)),
-         "beta": Domain("choice", (0.9, 0.95, 0.99))}
+SPACE = {
+    "lr": Domain("grid", (0.1, 0.01, 0.001)),
+    "momentum": Domain("fixed", (0.9,)),
+    "wd": Domain("loguniform", (1e-5, 1e-2)),
+    "nesterov": Domain("grid", (True, False)),
+    "beta": Domain("choice", (0.9, 0.95, 0.99)),
+}
 
 
 def test_expand_is_grid_times_samples():
@@ -119,10 +130,8 @@ def test_expand_is_grid_times_samples():
     assert len(configs) == 3 * 2 * 4 == budget(SPACE, 4)
     assert all(list(c) == sorted(SPACE) for c in configs)  # every config has every key, sorted
     points = [(c["lr"], c["nesterov"]) for c in configs]
-    assert {p: points.count(p) for p in set(points)} == {(lr, n): 4 for lr in (0.1, 0.01, 0.001)
-                                                       for n in (True, False)}
-    assert all(c["momentum"] == 0.9 and 1e-5 <= c["wd"] <= 1e-2 and c["beta"] in (0.9, 0.95, 0.99)
-               for c in configs)
+    assert {p: points.count(p) for p in set(points)} == {(lr, n): 4 for lr in (0.1, 0.01, 0.001) for n in (True, False)}
+    assert all(c["momentum"] == 0.9 and 1e-5 <= c["wd"] <= 1e-2 and c["beta"] in (0.9, 0.95, 0.99) for c in configs)
     assert dedupe(configs)  # 24 distinct continuous draws of wd
 
 
@@ -144,5 +153,14 @@ def test_expand_without_grid_or_samples_dimensions():
 
 def test_budget_multiplies_grids_only():
     assert budget(SPACE, 1) == 6
-    assert budget({"a": Domain("grid", tuple(range(10))), "b": Domain("grid", tuple(range(7))),
-                   "c": Domain("choice", tuple(range(100)))}, 3) == 210
+    assert (
+        budget(
+            {
+                "a": Domain("grid", tuple(range(10))),
+                "b": Domain("grid", tuple(range(7))),
+                "c": Domain("choice", tuple(range(100))),
+            },
+            3,
+        )
+        == 210
+    )

@@ -2,6 +2,7 @@
 group, ray-project/ray#54305): the per-optimizer ASHA wrapper turns ASHA's STOP into a stop file and
 CONTINUE; the trial sees the file at its next step and ends itself as `stopped`. Both halves are
 tested deterministically here (the e2e study shows them together when timing allows)."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -16,11 +17,14 @@ from opt_study.trial.loop import run_trial
 
 
 def _spec(spec_factory, **search):
-    return spec_factory(study={"name": "stop"}, workload={"dim": 8}, scale={"workers": 1, "micro_batch_size": 4},
-                        training={"steps": 40, "eval_every": 10},
-                        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.01, 0.1]}}},
-                                    {"name": "adam", "params": {"lr": 0.01}}],
-                        search=search)
+    return spec_factory(
+        study={"name": "stop"},
+        workload={"dim": 8},
+        scale={"workers": 1, "micro_batch_size": 4},
+        training={"steps": 40, "eval_every": 10},
+        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.01, 0.1]}}}, {"name": "adam", "params": {"lr": 0.01}}],
+        search=search,
+    )
 
 
 def _trial(tid, label):

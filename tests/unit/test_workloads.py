@@ -1,5 +1,6 @@
 """Workloads: purity of batches and init, the fixed and evenly split eval set, learnability,
 the quadratic's closed forms, and config validation."""
+
 from __future__ import annotations
 
 import dataclasses

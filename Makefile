@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# [hf]: transformers for the hf_causal_lm adapter and its tests (about 15 s from the local index,
+	# torch untouched). Not [vision]: PyPI's torchvision 0.28.0 is a CUDA build that does not import
+	# over the CPU torch.
+	$(BIN)/python -m pip install -q -e ".[dev,hf]"
 	$(BIN)/python -m opt_study.prebuild
 	touch $(STAMP)
 

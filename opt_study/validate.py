@@ -15,10 +15,11 @@ from typing import Any, Mapping
 
 import torch
 
-from opt_study import optim, workloads
+from opt_study import optim, plugins, workloads
 from opt_study.config import ConfigError, OptimizerSpec, Spec, WorkloadConfig, build, load_spec, parse_spec
 from opt_study.config.load import study_folder_spec
 from opt_study.config.space import parse_domain
+from opt_study.storage import objectstore, roots
 
 
 def load_study(path: str | Path) -> Spec:
@@ -44,14 +45,33 @@ def check(spec: Spec) -> Spec:
     for i, o in enumerate(spec.optimizers):
         _check_optimizer(o, spec.source, f"optimizers[{i}]")
     spec = dataclasses.replace(spec, optimizers=tuple(_with_registry(o) for o in spec.optimizers))
+    for i, name in enumerate(spec.measure.extra):
+        try:
+            plugins.metric(name)
+        except ValueError as e:
+            raise ConfigError(spec.source, f"measure.extra[{i}]", str(e)) from None
     _cross_checks(spec)
     return spec
 
 
+def imported_modules(spec: Spec) -> list[str]:
+    """What validating ``spec`` imported of user code, one line per plugin name (for
+    ``opt-study validate``): built-in names import nothing and are not listed."""
+    names = [spec.workload.type, *(o.name for o in spec.optimizers), *spec.measure.extra]
+    return [f"{n}: {plugins.IMPORTED[n]}" for n in dict.fromkeys(names) if n in plugins.IMPORTED]
+
+
 def _workload(w: WorkloadConfig, file: str) -> WorkloadConfig:
-    allowed = ", ".join(sorted(workloads.WORKLOADS))
-    if w.type not in workloads.WORKLOADS:
-        raise ConfigError(file, "workload.type", f"unknown workload {w.type!r:.60} (allowed: {allowed})")
+    if w.type not in workloads.WORKLOADS and not plugins.is_import_path(w.type):
+        known = sorted(workloads.WORKLOADS) + plugins.entry_point_names(plugins.WORKLOADS_GROUP)
+        if w.type not in known:
+            raise ConfigError(
+                file, "workload.type", f"unknown workload {w.type!r:.60} (allowed: {', '.join(known)}, or module:Class)"
+            )
+    try:
+        workloads.workload_class(w.type)  # a plugin is imported here, and only here
+    except ValueError as e:
+        raise ConfigError(file, "workload.type", str(e)) from None
     if not isinstance(w.params, Mapping):  # already typed (a spec checked twice)
         return w
     return WorkloadConfig(
@@ -60,10 +80,18 @@ def _workload(w: WorkloadConfig, file: str) -> WorkloadConfig:
 
 
 def _check_optimizer(o: OptimizerSpec, file: str, where: str) -> None:
-    if o.name not in optim.OPTIMIZERS:
-        raise ConfigError(
-            file, f"{where}.name", f"unknown optimizer {o.name!r:.60} (allowed: {', '.join(sorted(optim.OPTIMIZERS))})"
-        )
+    if o.name not in optim.OPTIMIZERS and not plugins.is_import_path(o.name):
+        known = sorted(optim.OPTIMIZERS) + plugins.entry_point_names(plugins.OPTIMIZERS_GROUP)
+        if o.name not in known:
+            raise ConfigError(
+                file,
+                f"{where}.name",
+                f"unknown optimizer {o.name!r:.60} (allowed: {', '.join(known)}, or module:entry)",
+            )
+    try:
+        optim.optimizer_entry(o.name)  # a plugin is imported here, and only here
+    except ValueError as e:
+        raise ConfigError(file, f"{where}.name", str(e)) from None
     _check_hparams(o.name, o.space, file, f"{where}.params")
 
 
@@ -103,8 +131,8 @@ def _check_hparams(name: str, space: Mapping, file: str, where: str) -> None:
         for v in d.values:
             try:
                 optim.build_optimizer(name, [param], {**first, k: v})
-            except (ValueError, TypeError, RuntimeError) as e:
-                msg = str(e).removeprefix(f"{name}: ")
+            except Exception as e:  # noqa: BLE001 - pytorch-optimizer's errors subclass Exception only
+                msg = str(e).replace("\n", " ").removeprefix(f"{name}: ")
                 raise ConfigError(file, f"{where}.{k}", f"{name} rejects {k}={v!r:.40}: {msg[:200]}") from None
 
 
@@ -115,7 +143,7 @@ def _cross_checks(spec: Spec) -> None:
         msg = optim.combination_error(o.name, spec.scale.zero_stage, spec.scale.precision)
         if msg:
             raise ConfigError(file, f"optimizers[{i}].name", msg)
-    supported = workloads.WORKLOADS[spec.workload.type][0].precisions
+    supported = workloads.workload_class(spec.workload.type).precisions
     if spec.scale.precision not in supported:
         raise ConfigError(
             file,
@@ -127,3 +155,35 @@ def _cross_checks(spec: Spec) -> None:
         _ = spec.study_dir  # the symlink-safe folder (opt_study.storage.layout.study_dir) raises
     except ValueError as e:
         raise ConfigError(file, "study.name", str(e)) from None
+    except OSError as e:  # a name over the OS limit
+        raise ConfigError(file, "study.storage", f"{spec.study.storage[:80]!r}: {e.strerror or e}") from None
+
+
+def check_runnable(spec: Spec) -> None:
+    """What only running a study needs, checked by `validate`, `run` and `resume` (not by the
+    commands that read a study, which work on a read-only copy without the workload's data):
+    a writable storage root and the workload's data."""
+    _check_storage(spec)
+    _check_workload_data(spec)
+
+
+def _check_storage(spec: Spec) -> None:
+    """A local storage root must be (or be creatable as) a writable directory; an object-store
+    root's working copy is in the cache folder, which the first write creates."""
+    if objectstore.is_uri(spec.study.storage):
+        return
+    problem = roots.storage_root_problem(Path(spec.study.storage))
+    if problem:
+        raise ConfigError(spec.source, "study.storage", f"{spec.study.storage[:80]!r} {problem}")
+
+
+def _check_workload_data(spec: Spec) -> None:
+    """A workload that reads files from ``data_dir`` (gpt2, resnet_cifar) needs it to exist: the
+    trial would otherwise fail after Ray and DeepSpeed have started."""
+    data_dir = getattr(spec.workload.params, "data_dir", None)
+    if isinstance(data_dir, str) and not Path(data_dir).is_dir():
+        raise ConfigError(
+            spec.source,
+            "workload.data_dir",
+            f"{data_dir[:80]!r} is not a directory on this machine; the trials read their data from it",
+        )

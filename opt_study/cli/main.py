@@ -1,21 +1,26 @@
 """`opt-study`: the one parser listing every subcommand, and the one way a command finds its study.
 
 Exit codes: 0 success; 1 a study ran (or a replay / an MLflow delivery was attempted) but
-something failed; 2 bad input (the error names the file and the field; nothing is started or
-written). Heavy imports (torch, Ray, DuckDB, MLflow) happen inside the command functions, so
+something failed, or it could not go on (the study is run by another process, the disk is full:
+one line, nothing committed lost); 2 bad input (the error names the file and the field; nothing
+is started or written); 130 interrupted (Ctrl-C; `opt-study resume` continues).
+Heavy imports (torch, Ray, DuckDB, MLflow) happen inside the command functions, so
 `opt-study --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from opt_study.cli import results_commands as results_cmd
 from opt_study.cli import study_commands as study_cmd
 from opt_study.config import ConfigError
+from opt_study.storage.runlock import StudyBusy
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,15 +28,21 @@ def parser() -> argparse.ArgumentParser:
         prog="opt-study",
         description="Run, query and report optimizer studies "
         "(Ray Tune trials of DeepSpeed training with sharded measurements).",
-        epilog="exit codes: 0 success, 1 some trials (or deliveries) failed, 2 bad input",
+        epilog="exit codes: 0 success, 1 some trials (or deliveries) failed, the study is already running "
+        "or the disk is full, 2 bad input, 130 interrupted",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("validate", help="check a study YAML without starting anything")
+    r = sub.add_parser("validate", help="check a study YAML without starting anything; print its trial plan")
     r.add_argument("file")
+    r.add_argument("--json", action="store_true", help="print the summary and every planned trial as JSON")
     r.set_defaults(fn=study_cmd.cmd_validate)
     r = sub.add_parser("run", help="run a study from its YAML file (continues an existing one)")
     r.add_argument("file")
-    r.add_argument("--dry-run", action="store_true", help="print trials, resources and storage; start nothing")
+    r.add_argument("--dry-run", action="store_true", help="print the trial plan, resources and storage; start nothing")
+    r.add_argument("--json", action="store_true", help="with --dry-run: print it as JSON")
+    r.add_argument(
+        "--extend", action="store_true", help="allow a spec that adds trials to an existing study (and changes none)"
+    )
     r.set_defaults(fn=study_cmd.cmd_run)
     r = sub.add_parser("resume", help="finish the unfinished trials of a study folder or YAML")
     r.add_argument("study")
@@ -96,3 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StudyBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # also opt_study.study.run.StudyInterrupted
+        print(f"interrupted: {e or 'stopped by the user'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: no space left on device writing {e.filename or 'the study'}; everything committed is kept: "
+            "free space, then continue with `opt-study resume STUDY`",
+            file=sys.stderr,
+        )
+        return 1

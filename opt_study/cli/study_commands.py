@@ -14,23 +14,55 @@ from opt_study.storage import layout
 from opt_study.validate import load_study
 
 
-def cmd_validate(a) -> int:
-    from opt_study.study.run import describe
+def _load(file: str) -> Spec:
+    """The validated spec of a study YAML that is to run: its storage and data too, and its
+    trial ids (a layer above validate: the ids come from the planners)."""
+    from opt_study.plan.planners import check_trial_ids
+    from opt_study.validate import check_runnable
 
-    spec = load_study(a.file)
-    print(f"{a.file}: OK")
-    print(json.dumps(describe(spec), indent=2))
+    spec = load_study(file)
+    check_runnable(spec)
+    check_trial_ids(spec)
+    return spec
+
+
+def cmd_validate(a) -> int:
+    spec = _load(a.file)
+    if not getattr(a, "json", False):
+        print(f"{a.file}: OK")
+    print_plan(spec, getattr(a, "json", False))
     return 0
 
 
-def cmd_run(a) -> int:
-    from opt_study.study.run import describe, run_study
+def print_plan(spec: Spec, as_json: bool) -> None:
+    """The study summary and every trial it will run: a table, or (as_json) one JSON document
+    {"summary", "imported", "trials"}. User code imported by validation is named."""
+    from opt_study.study.run import describe, plan_table
+    from opt_study.validate import imported_modules
 
-    spec = load_study(a.file)
+    rows, imported = plan_table(spec), imported_modules(spec)
+    if as_json:
+        print(json.dumps({"summary": describe(spec), "imported": imported, "trials": rows}, indent=1, default=str))
+        return
+    for line in imported:
+        print(f"imported {line}")
+    print(json.dumps(describe(spec), indent=2))
+    print(f"{'trial':<34}{'phase':<14}{'budget':<10}{'seed':>5}  {'status':<12}hyperparameters")
+    for r in rows:
+        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r["hparams"].items())) or "-"
+        print(
+            f"{r['trial_id']:<34}{r['phase'] or '-':<14}{r['budget'] or '-':<10}{r['seed']:>5}  {r['status']:<12}{hp}"
+        )
+
+
+def cmd_run(a) -> int:
+    from opt_study.study.run import run_study
+
+    spec = _load(a.file)
     if a.dry_run:
-        print(json.dumps(describe(spec), indent=2))
+        print_plan(spec, a.json)
         return 0
-    run_study(spec, source_text=Path(a.file).read_text())
+    run_study(spec, source_text=Path(a.file).read_text(), extend=a.extend)
     return _finish(spec)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -123,8 +125,7 @@ def read_yaml(path: Path) -> Any:
     """The YAML document in `path`, or ConfigError(file, "", why) for any unreadable file."""
     file = str(path)
     try:
-        with open(path, "rb") as f:  # read at most one byte past the cap: /dev/zero is a "file" too
-            raw = f.read(C.MAX_CONFIG_BYTES + 1)
+        raw = _read_regular_file(path, C.MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise C.ConfigError(file, "", f"cannot read: {e.strerror or e}") from None
     if len(raw) > C.MAX_CONFIG_BYTES:
@@ -145,6 +146,20 @@ def read_yaml(path: Path) -> Any:
         # limit, a timestamp with month 13.
         msg = str(e).replace("\n", " ")
         raise C.ConfigError(file, "", f"invalid YAML value: {msg[:300]}") from None
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``. Opened non-blocking and checked on
+    the open descriptor (no race with a swapped path): opening a FIFO for reading would wait for
+    a writer forever, and /dev/zero or a socket is no study file either."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+            raise OSError(f"not a regular file ({kind}); give the study's YAML file")
+        os.set_blocking(fd, True)
+        return f.read(limit)
 
 
 def load_spec(path: str | Path) -> C.Spec:
@@ -317,7 +332,8 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
         name = m.get("name")
         if not isinstance(name, str):
             raise C.ConfigError(file, f"{where}.name", f"must be an optimizer name, got {_tname(name)}")
-        params = _mapping(m.get("params") or {}, file, f"{where}.params")
+        # only an absent or null `params` means none: `params: false` (or [], 0, "") is a mistake
+        params = _mapping({} if m.get("params") is None else m["params"], file, f"{where}.params")
         space = {}
         for k, v in params.items():
             try:
@@ -325,7 +341,7 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
             except ValueError as e:
                 field, _, msg = str(e).partition(": ")
                 raise C.ConfigError(file, field, msg) from None
-        label = name if m.get("label") is None else _scalar(str, m["label"], file, f"{where}.label")
+        label = _default_label(name) if m.get("label") is None else _scalar(str, m["label"], file, f"{where}.label")
         try:
             C.check_name(label, "label")
         except C.FieldError as e:
@@ -335,6 +351,12 @@ def _optimizers(raw: Any, file: str) -> tuple[C.OptimizerSpec, ...]:
         labels.add(label)
         out.append(C.OptimizerSpec(name=name, space=space, label=label))
     return tuple(out)
+
+
+def _default_label(name: str) -> str:
+    """An entry's label when it gives none: its name, or for an import path ``pkg.mod:attr`` the
+    attribute (a label names trial ids and folders, where ``:`` is not allowed)."""
+    return name.rpartition(":")[2].rpartition(".")[2] if ":" in name else name
 
 
 def _cross_checks(spec: C.Spec) -> None:

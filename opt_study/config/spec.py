@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from opt_study.config.space import Domain
-from opt_study.storage import layout, names, objectstore
+from opt_study.storage import layout, names, objectstore, uris
 
 MAX_CONFIG_BYTES = 1 << 20  # a study spec is a page of YAML; refuse anything absurd
 MAX_TRIALS = 100_000  # planned trials per study; the plan is materialised before anything runs
@@ -66,8 +66,8 @@ class StudyConfig:
             raise FieldError("storage", "must be a non-empty path without NUL bytes")
         if objectstore.is_uri(self.storage):
             problem = objectstore.check_uri(self.storage)
-            if problem:
-                raise FieldError("storage", f"{self.storage[:80]!r} {problem}")
+            if problem:  # redacted: the message must not print the secret it refuses
+                raise FieldError("storage", f"{uris.redact(self.storage)[:80]!r} {problem}")
             if self.mlflow_uri is None:
                 # the default SQLite file would live only in this machine's working copy
                 raise FieldError(
@@ -76,6 +76,11 @@ class StudyConfig:
                     "give a tracking server (http://host:5000, see cluster/README.md) "
                     "or a local sqlite:////abs/path/mlflow.db",
                 )
+        if self.mlflow_uri is not None:
+            # kept in spec.yaml, printed by validate and run, pickled by Tune with the spec
+            problem = uris.tracking_uri_problem(self.mlflow_uri)
+            if problem:
+                raise FieldError("mlflow_uri", f"{uris.redact(self.mlflow_uri)[:80]!r} {problem}")
 
 
 @dataclass(frozen=True)
@@ -367,6 +372,9 @@ class MeasureConfig:
     # fp32 parameter snapshots for checkpoint replay (opt_study.trial.snapshots): x_0, every
     # k-th iterate and the last one; 0 = none. Each rank writes its own shard to the study dir.
     snapshot_every: int = 0
+    # user metrics, by import path (mypkg.metrics:fn) or entry-point name (group opt_study.metrics):
+    # each is evaluated on measured steps and stored in the `extra` map column (opt_study.measure.extra)
+    extra: tuple[str, ...] = ()
 
     PROBE_S = ("1", "uniform", "exponential")
 
@@ -379,6 +387,8 @@ class MeasureConfig:
             or not 0 <= self.snapshot_every <= 10**9
         ):
             raise FieldError("snapshot_every", "must be an integer in [0, 1e9] (0 saves no snapshots)")
+        if len(set(self.extra)) != len(self.extra):
+            raise FieldError("extra", "names a metric twice")
         if self.probe_s not in self.PROBE_S:
             raise FieldError(
                 "probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} (the probe point x_t + s*Δ_t)"

@@ -204,3 +204,35 @@ def without_deepspeed_forward_hooks(module: torch.nn.Module):
         for m, dicts in saved:
             for name, d in dicts.items():
                 setattr(m, name, d)
+
+
+# ------------------------------------------------------------------------ checkpoint loading
+def checkpoint_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoints pickle besides tensors and containers (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` at ZeRO 0-3, fp32/bf16; the two
+    loss scalers under fp16). Each is a plain record (an Enum, a dataclass, an attribute holder)
+    whose construction runs no code of the file's choosing, so the weights-only unpickler may
+    build them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_weights_only_loads(engine) -> None:
+    """Make every checkpoint read of ``engine`` a ``torch.load(weights_only=True)``.
+
+    DeepSpeed 0.19.8 reads checkpoints only through ``engine.checkpoint_engine.load`` on the
+    paths opt_study uses (module states through the state-dict loader, ZeRO partitions, the
+    ZeRO-0 optimizer state; universal checkpoints, which call ``torch.load`` directly, are never
+    enabled), and that method passes ``weights_only=False``: a planted pickle would run code
+    (SECURITY.md). The instance's ``load`` is replaced by the weights-only one."""
+    ce = engine.checkpoint_engine
+    allowed = checkpoint_safe_globals()
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load

@@ -13,17 +13,48 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from opt_study.optim.entry import OptimizerEntry
+from opt_study import plugins
+from opt_study.optim.entry import ELEMENTWISE, OptimizerEntry
 from opt_study.optim.interface import ENTRY_ATTR, train_mode
 from opt_study.optim.zoo import OPTIMIZERS
 
 
 def optimizer_entry(name: str) -> OptimizerEntry:
-    """The registry entry of `name`; ValueError listing the known names if there is none."""
-    try:
+    """The registry entry of `name`; ValueError listing the known names if there is none.
+
+    A built-in name is looked up and nothing is imported. Any other name is a plugin
+    (opt_study.plugins): an import path `mypkg.opt:entry`, or a name an installed package
+    registers in the entry-point group `opt_study.optimizers`. The object found is an
+    `OptimizerEntry`, or a function of no arguments returning one.
+    """
+    if isinstance(name, str) and name in OPTIMIZERS:
         return OPTIMIZERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(sorted(OPTIMIZERS))})") from None
+    if not isinstance(name, str):
+        raise ValueError(f"unknown optimizer {name!r}")
+    try:
+        obj = plugins.load(name, plugins.OPTIMIZERS_GROUP)
+    except ValueError as e:
+        if plugins.is_import_path(name):
+            raise
+        known = sorted(OPTIMIZERS) + plugins.entry_point_names(plugins.OPTIMIZERS_GROUP)
+        raise ValueError(f"unknown optimizer {name!r:.60} (known: {', '.join(known)}; or module:entry)") from e
+    return _plugin_entry(name, obj)
+
+
+def _plugin_entry(name: str, obj: Any) -> OptimizerEntry:
+    if not isinstance(obj, OptimizerEntry) and callable(obj) and not isinstance(obj, type):
+        obj = obj()
+    if not isinstance(obj, OptimizerEntry):
+        raise ValueError(f"{name} must be an opt_study.OptimizerEntry or a function returning one")
+    bad = sorted(c for c in obj.combos if c not in ELEMENTWISE)
+    if bad or not obj.combos:
+        raise ValueError(f"{name}: combos must be a non-empty subset of opt_study.optim.ELEMENTWISE (got {bad})")
+    if "lr" not in obj.defaults:
+        raise ValueError(f"{name}: defaults must include lr (the schedule scales it)")
+    missing = sorted(set(obj.space) - set(obj.defaults))
+    if missing:
+        raise ValueError(f"{name}: space names {', '.join(missing)}, which are not in defaults")
+    return obj
 
 
 def combination_error(name: str, zero_stage: int, precision: str) -> str | None:

@@ -19,11 +19,12 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
-from opt_study.config import Spec
+from opt_study.config import ConfigError, Spec
 from opt_study.config.space import expand, expand_quasirandom, seed_of
 from opt_study.plan import protocols, tpe
 from opt_study.plan.trial_plan import TrialPlan
 from opt_study.results.trials import DONE_STATUSES, read_trial_records
+from opt_study.storage.names import MAX_NAME, RULE, is_safe_name
 
 
 class Planner(Protocol):
@@ -114,3 +115,21 @@ def pending_plans(spec: Spec) -> list[TrialPlan]:
     records = read_trial_records(spec.study_dir)
     done = {r["trial_id"] for r in records if r.get("status") in DONE_STATUSES}
     return [p for p in planner_for(spec).slots(spec, records) if p.trial_id not in done]
+
+
+def check_trial_ids(spec: Spec) -> None:
+    """ConfigError naming ``optimizers[i].label`` if a trial id the study would use is not a safe
+    name (opt_study.storage.names): a label legal on its own (128 characters) makes a longer id,
+    which would fail the first write of a trial. The ids are those of every slot planned from no
+    records; crowded_valley's later rerun ids are never longer than its one-shot rerun ids, which
+    are among them (same seeds, a shorter tag)."""
+    where = {o.label: i for i, o in enumerate(spec.optimizers)}
+    for p in planner_for(spec).slots(spec, []):
+        if not is_safe_name(p.trial_id):
+            room = MAX_NAME - (len(p.trial_id) - len(p.label))
+            raise ConfigError(
+                spec.source,
+                f"optimizers[{where[p.label]}].label",
+                f"makes trial id {p.trial_id[:60]!r}... of {len(p.trial_id)} characters, not a safe name "
+                f"({RULE}); shorten the label to at most {room} characters",
+            )

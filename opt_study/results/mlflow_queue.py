@@ -52,13 +52,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from opt_study.results.mlflow_sink import MlflowSink, check_trial_args, flatten_params
-from opt_study.storage import layout
+from opt_study.storage import layout, uris
 
 FAILED_DIR = "failed"
 LOCK_FILE = ".lock"
 ENTRY_FORMAT = 1
 KINDS = ("parent_run", "log_trial", "end_parent", "log_artifacts")
-_ENTRY_RE = re.compile(r"^(\d{12})-(" + "|".join(KINDS) + r")-([A-Za-z0-9_.-]+)\.json$")
+_ENTRY_RE = re.compile(r"([0-9]{12})-(" + "|".join(KINDS) + r")-([A-Za-z0-9_.-]+)\.json")
 _USERINFO_RE = re.compile(r"://[^/@\s]+@")  # credentials in a URL, redacted from stored errors
 
 
@@ -70,7 +70,7 @@ def pending_entries(study_dir) -> list[Path]:
 def _entries(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _ENTRY_RE.match(p.name) and p.is_file())
+    return sorted(p for p in folder.iterdir() if _ENTRY_RE.fullmatch(p.name) and p.is_file())
 
 
 @contextmanager
@@ -239,7 +239,8 @@ class QueuedSink:
         }
         with self._lock:
             seq = max(
-                [self._next_seq] + [int(_ENTRY_RE.match(p.name).group(1)) + 1 for p in self.pending() + self.failed()]
+                [self._next_seq]
+                + [int(_ENTRY_RE.fullmatch(p.name).group(1)) + 1 for p in self.pending() + self.failed()]
             )
             self._next_seq = seq + 1
             name = f"{seq:012d}-{kind}-{key}.json"
@@ -350,4 +351,5 @@ def _str_dict(d: dict) -> dict[str, str]:
 
 
 def redact(text: str) -> str:
-    return _USERINFO_RE.sub("://***@", text)
+    """``text`` without credentials in URLs: user-info, and secret-looking query values."""
+    return uris.redact(_USERINFO_RE.sub("://***@", text))

@@ -29,8 +29,10 @@ Columns (definitions of every column in docs/METRICS.md):
 - ``cls_convexity_fwd``, ``cls_convexity_bwd`` string: ``holds`` / ``violated`` /
   ``indeterminate`` (within the noise floor).
 
-Version history: 1 = the columns above (``loss_precision`` added within version 1: a new
-nullable column, null in files written before it). A reader of a newer version may see more columns;
+- ``extra`` map<string, float64>: the study's user metrics (``measure.extra``) on measured steps.
+
+Version history: 1 = the columns above (``loss_precision`` and ``extra`` added within version 1:
+new nullable columns, null in files written before them). A reader of a newer version may see more columns;
 removing or retyping a column requires a new version.
 """
 
@@ -68,6 +70,10 @@ GROUPS_TYPE = pa.list_(
 
 DERIVED_COLUMNS: tuple[str, ...] = names.ROW_DERIVED_NAMES
 
+# User metrics (measure.extra, opt_study.measure.extra): {name: value} on measured steps, one map
+# cell per row, so a study's own metrics need no schema change; DuckDB reads extra['name'].
+EXTRA_TYPE = pa.map_(pa.string(), pa.float64())
+
 # Every float64 metric column, in schema order: training, raw sums, derived.
 METRIC_COLUMNS: tuple[str, ...] = TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS
 
@@ -86,6 +92,7 @@ STEP_SCHEMA: pa.Schema = pa.schema(
         pa.field("loss_precision", pa.string()),
         pa.field("measured", pa.bool_(), nullable=False),
         pa.field("groups", GROUPS_TYPE),
+        pa.field("extra", EXTRA_TYPE),
     ],
     metadata={"opt_study.step_schema_version": str(STEP_SCHEMA_VERSION)},
 )

@@ -22,6 +22,7 @@ from opt_study.results.schema import (
     CLASS_COLUMNS,
     CLASS_VALUES,
     COLUMN_NAMES,
+    EXTRA_TYPE,
     GROUP_SUM_COLUMNS,
     GROUPS_TYPE,
     METRIC_COLUMNS,
@@ -34,7 +35,7 @@ _COLUMN_SET = frozenset(COLUMN_NAMES)
 _CLASS_VALUES = pa.array(sorted(CLASS_VALUES), pa.string())
 # The columns converted straight from the row dicts (trial_id, attempt: the writer's; groups:
 # converted from its dict form). Nullable in the struct: a row may omit any of them.
-_PLAIN_FIELDS = [f for f in STEP_SCHEMA if f.name not in ("trial_id", "attempt", "groups")]
+_PLAIN_FIELDS = [f for f in STEP_SCHEMA if f.name not in ("trial_id", "attempt", "groups", "extra")]
 _PLAIN_NAMES = [f.name for f in _PLAIN_FIELDS]
 _PLAIN_STRUCT = pa.struct([pa.field(f.name, f.type) for f in _PLAIN_FIELDS])
 # What a failed pyarrow conversion raises (OverflowError: an int beyond int64).
@@ -53,6 +54,11 @@ def convert(name: str, value):
             ]
         except (AttributeError, TypeError, ValueError) as e:
             raise TypeError(f"column 'groups' takes {{group: {{sum name: number}}}}, got {value!r} ({e})") from None
+    if name == "extra":  # {metric name: number} -> map entries
+        try:
+            return [(str(k), None if v is None else float(v)) for k, v in value.items()]
+        except (AttributeError, TypeError, ValueError) as e:
+            raise TypeError(f"column 'extra' takes {{name: number}}, got {value!r:.80} ({e})") from None
     if name in FLOAT_COLUMNS:
         if not isinstance(value, (str, bytes)):
             try:
@@ -114,6 +120,11 @@ def rows_table(rows: list[dict], trial_id: str, attempt: int) -> pa.Table:
         cols["groups"] = pa.array([_convert_at(rows, i, "groups", g) for i, g in enumerate(groups)], type=GROUPS_TYPE)
     else:
         cols["groups"] = pa.nulls(n, GROUPS_TYPE)
+    extra = [r.get("extra") for r in rows]
+    if any(e is not None for e in extra):
+        cols["extra"] = pa.array([_convert_at(rows, i, "extra", e) for i, e in enumerate(extra)], type=EXTRA_TYPE)
+    else:
+        cols["extra"] = pa.nulls(n, EXTRA_TYPE)
     return pa.Table.from_arrays([cols[name] for name in STEP_SCHEMA.names], schema=STEP_SCHEMA)
 
 

@@ -20,8 +20,11 @@ module that owns them::
     trials/<trial_id>.json                      one record per trial (written atomically)
     trials.parquet                              snapshot of all trial records
     control/<trial_id>.stop                     the driver asks a running trial to stop
+    .run.lock                                   held by the one run/resume of the study
     checkpoints/<trial_id>/                     DeepSpeed checkpoints (opt_study.trial.checkpoint)
-      latest, step-<s>/...                      removed once the trial has finished
+      step-<s>/..., step-<s>/COMMITTED          a tag counts once its marker (file digests) is
+                                                written; removed once the driver recorded the
+                                                trial finished
     snapshots/<trial_id>/step-<s>/              fp32 parameter snapshots for checkpoint replay
       rank-<r>-of-<W>.pt, meta.json, COMMITTED  (opt_study.trial.snapshots)
     replay/trial_id=<id>/reference=<ref>.parquet  checkpoint-replay rows (results.replay_store)
@@ -66,10 +69,12 @@ REPLAY_DIR = "replay"
 MLFLOW_QUEUE_DIR = "mlflow_queue"
 REPORT_DIR = "report"
 RAY_DIR = "ray"
+RUN_LOCK = ".run.lock"
 _TRIAL_PREFIX = "trial_id="
-_CHUNK_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
-_ATTEMPT_RE = re.compile(r"^attempt=(\d+)$")
-_SNAPSHOT_STEP_RE = re.compile(r"^step-(\d+)$")
+# fullmatch with ASCII digits: `$` accepts a trailing newline, `\d` Arabic-Indic digits
+_CHUNK_RE = re.compile(r"part-([0-9]+)-([0-9]+)\.parquet")
+_ATTEMPT_RE = re.compile(r"attempt=([0-9]+)")
+_SNAPSHOT_STEP_RE = re.compile(r"step-([0-9]+)")
 # Width of the zero-padded step numbers in chunk names: sorts correctly up to 10**12 steps.
 _STEP_DIGITS = 12
 
@@ -126,7 +131,7 @@ def attempt_dir(study: Path, trial_id: str, attempt: int) -> Path:
 
 def parse_attempt_dir(name: str) -> int | None:
     """The attempt number of a directory named ``attempt=<a>``, else None."""
-    m = _ATTEMPT_RE.match(name)
+    m = _ATTEMPT_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -137,7 +142,7 @@ def chunk_name(first: int, last: int) -> str:
 
 def parse_chunk_name(name: str) -> tuple[int, int] | None:
     """``(first, last)`` of a committed chunk name; None for anything else (temp, hidden)."""
-    m = _CHUNK_RE.match(name)
+    m = _CHUNK_RE.fullmatch(name)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -171,15 +176,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, mode: int | None = None) -> None:
     """Create or replace ``path`` atomically: ``write(f)`` fills a hidden temp file in the
     same directory, which is fsynced and renamed over ``path``; then the directory is
-    fsynced. Readers see the old file or the new one, never a part. Creates the parent."""
+    fsynced. Readers see the old file or the new one, never a part. Creates the parent.
+    ``mode``: the file's permissions, set before it has any content (0o600: owner only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -191,9 +199,9 @@ def atomic_write(path: Path, write) -> None:
     objectstore.after_write(path)  # an object-store root: upload the committed file
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """``atomic_write`` of a bytes payload."""
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), mode)
 
 
 def temp_path(path: Path) -> Path:
@@ -221,6 +229,12 @@ def stop_path(study: Path, trial_id: str) -> Path:
     return Path(study) / CONTROL_DIR / f"{check_name(trial_id, 'trial id')}.stop"
 
 
+def run_lock_path(study: Path) -> Path:
+    """``.run.lock``: held (fcntl) by the one ``opt-study run``/``resume`` of the study; it names
+    its holder (opt_study.storage.runlock). Hidden: not data."""
+    return Path(study) / RUN_LOCK
+
+
 def checkpoint_dir(study: Path, trial_id: str) -> Path:
     """``checkpoints/<trial_id>``: DeepSpeed's checkpoint folder of one trial (its tags
     ``step-<s>/`` and ``latest`` are DeepSpeed's names)."""
@@ -244,7 +258,7 @@ def snapshot_step_dir(study: Path, trial_id: str, step: int) -> Path:
 
 def parse_snapshot_step_dir(name: str) -> int | None:
     """The step of a directory named ``step-<s>``, else None."""
-    m = _SNAPSHOT_STEP_RE.match(name)
+    m = _SNAPSHOT_STEP_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 

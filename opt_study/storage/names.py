@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_NAME = 128
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
 RULE = "1-128 characters from [A-Za-z0-9_.-], starting with a letter or digit, without '..'"
 
 

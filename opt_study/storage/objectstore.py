@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from opt_study.storage import uris
+
 SCHEMES = ("s3", "gs", "gcs")
 MARKER = ".opt_study_remote.json"
 CACHE_ENV = "OPT_STUDY_CACHE"
@@ -44,25 +46,31 @@ _last_poll: dict[str, float] = {}
 
 
 def is_uri(storage: str) -> bool:
-    """True for ``scheme://...`` roots (object stores); False for plain paths."""
-    return "://" in storage
+    """True for anything that starts like a URI (``scheme:``), so that ``s3:/bucket`` (one
+    slash) is refused by check_uri rather than written to a local folder ``./s3:/bucket``;
+    False for plain paths."""
+    return uris.scheme(storage) is not None
 
 
 def check_uri(storage: str) -> str | None:
     """None if ``storage`` is a usable object-store root, else what is wrong with it."""
-    parts = urlsplit(storage)
-    if parts.scheme not in SCHEMES:
-        return f"scheme {parts.scheme!r} is not supported; use a path or one of " + ", ".join(
+    bad = uris.unsafe_char_problem(storage)
+    if bad:
+        return bad
+    scheme = uris.scheme(storage)
+    if scheme not in SCHEMES:
+        return f"scheme {scheme!r} is not supported; use a path or one of " + ", ".join(
             f"{s}://bucket/prefix" for s in SCHEMES
         )
+    if not storage[len(scheme) + 1 :].startswith("//"):
+        return f"is not a URI: write {scheme}://bucket/prefix (two slashes)"
+    parts = urlsplit(storage)
+    # the storage string is stored in spec.yaml, MLflow params and logs
+    secret = uris.secret_problem(storage, "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role")
+    if secret:
+        return secret
     if not parts.netloc:
         return "names no bucket (write s3://bucket/prefix)"
-    if "@" in parts.netloc:
-        # the storage string is stored in spec.yaml, MLflow params and logs
-        return (
-            "must not carry credentials (user:secret@); set them in the environment "
-            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role)"
-        )
     if ".." in parts.path.split("/"):
         return "must not contain '..'"
     return None

@@ -48,10 +48,34 @@ def _worker_loop(cfg: dict) -> None:
     run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report, node=_node_id())
 
 
+def is_new_report(last_step: int | None, metrics: dict) -> bool:
+    """Whether a result goes on to Tune: only a step after the last one forwarded. A worker group
+    restarted by Ray Train resumes from its checkpoint and reports the evaluations between that
+    checkpoint and the failure again; Tune counts every result it gets (`training_iteration`,
+    ASHA's rungs), so a repeat must not reach it."""
+    step = metrics.get("step")
+    return last_step is None or not isinstance(step, int) or step > last_step
+
+
+def _report_once_callback():
+    """Ray Train's TuneReportCallback, forwarding each trial step at most once (is_new_report).
+    It lives in Ray Train's controller, which outlives the worker groups it restarts."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportOnce(TuneReportCallback):
+        last_step: int | None = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and is_new_report(self.last_step, metrics[0]):
+                self.last_step = metrics[0].get("step", self.last_step)
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ReportOnce()
+
+
 def worker_group_trainable(config: dict, spec: Spec) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     plan = config["trial"]
     s = spec.scale
@@ -66,7 +90,7 @@ def worker_group_trainable(config: dict, spec: Spec) -> None:
         run_config=RunConfig(
             name=plan["trial_id"],
             **objectstore.ray_storage(layout.ray_train_dir(spec.study_dir)),
-            callbacks=[TuneReportCallback()],
+            callbacks=[_report_once_callback()],
             # a dead worker: Ray Train restarts the group, and run_trial resumes
             # from the trial's last checkpoint (opt_study.trial.checkpoint)
             failure_config=FailureConfig(max_failures=spec.training.max_failures),

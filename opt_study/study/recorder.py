@@ -9,20 +9,24 @@ from Tune's result objects.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from ray.tune import Callback
 
 from opt_study.config import Spec
 from opt_study.measure.metrics import summarize
 from opt_study.plan import TrialPlan
+from opt_study.plan.fingerprint import config_hash
 from opt_study.results import compact, parquet
 from opt_study.results import trials as trials_tbl
 from opt_study.results.sink import Sink
 from opt_study.results.trials import DONE_STATUSES
 from opt_study.storage import layout, objectstore
+from opt_study.trial import checkpoint
 
 CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
 
@@ -53,6 +57,27 @@ def trial_summary(rows: list[dict], target: dict | None = None) -> dict[str, flo
     return out
 
 
+# The line of a traceback that names the exception: `ValueError: msg`, `pkg.mod.Error: msg`, Ray's
+# `ray.exceptions.RayTaskError(ValueError): ...`, or a bare `KeyError`.
+_EXC_LINE = re.compile(
+    r"(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Failure)\b(?:\([\w.]+\))?(?::.*)?"
+)
+
+
+def trial_error(trial) -> str:
+    """What a failed trial's record says: the exception's type and message, and where the full
+    traceback is (Ray 2.60 keeps it in the trial's `error.txt`; its Trial has no `error_msg`)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text(errors="replace") if path else (trial.get_error() or "")
+    except OSError:
+        text = ""
+    last = text.rsplit("Failure # ", 1)[-1]  # the file accumulates every failure of the trial
+    lines = [ln.strip() for ln in last.splitlines() if _EXC_LINE.fullmatch(ln.strip())]
+    what = lines[-1] if lines else "trial failed (no error recorded by Ray)"
+    return f"{what[:1500]} (traceback: {path})" if path else what[:1500]
+
+
 class StudyRecorder(Callback):
     def __init__(
         self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: Sink, parent_run_id: str | None, out=sys.stdout
@@ -74,6 +99,7 @@ class StudyRecorder(Callback):
             "workload": self.spec.workload.type,
             "seed": plan.seed,
             "hparams": dict(plan.hparams),
+            "config_hash": config_hash(self.spec, plan),  # what it ran with (opt_study.plan.fingerprint)
             "status": status,
             "resources": self.resources,
             "phase": plan.phase,
@@ -117,7 +143,7 @@ class StudyRecorder(Callback):
         self._finish(trial, status, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "failed", str(getattr(trial, "error_msg", None) or "trial failed")[-2000:])
+        self._finish(trial, "failed", trial_error(trial))
 
     def _finish(self, trial, status: str, error: str | None) -> None:
         plan = self._plan(trial)
@@ -137,6 +163,8 @@ class StudyRecorder(Callback):
             nodes=(trial.last_result or {}).get("nodes", ""),
         )
         trials_tbl.write_trials_table(self.spec.study_dir)
+        if status in DONE_STATUSES:  # recorded finished: its checkpoints are no longer needed
+            checkpoint.remove(self.spec.study_dir, plan.trial_id)
         self._log_trial(plan, status, summary, rows)
         self.n_done += 1
         self._line(
@@ -165,6 +193,7 @@ class StudyRecorder(Callback):
             "opt_study.optimizer": plan.optimizer,
             "opt_study.label": plan.label,
             "opt_study.seed": str(plan.seed),
+            "opt_study.config_hash": config_hash(self.spec, plan),
         }
         self.sink.log_trial(self.parent, plan.trial_id, params, tags, summary, curves, status)
 

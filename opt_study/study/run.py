@@ -12,17 +12,36 @@ advance; opt_study.study.tpe_search.StudyTPE proposes the hyperparameters as res
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 from pathlib import Path
 
 from opt_study.config import Spec
 from opt_study.plan import TrialPlan
-from opt_study.plan.planners import pending_plans, plan_trials, planner_for
+from opt_study.plan.planners import check_trial_ids, pending_plans, plan_trials, planner_for
 from opt_study.results.sink import Sink
 from opt_study.results.trials import read_trial_records
 from opt_study.storage import layout, objectstore
+from opt_study.storage.runlock import RunLock
 from opt_study.study.asha import PerLabelASHA
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """The run was stopped (Ctrl-C, SIGUSR1) before its trials ended; `opt-study resume` goes on.
+    A KeyboardInterrupt: Tune catches the signal itself and returns, this raises it again."""
+
+
+def one_run_at_a_time(run):
+    """`run(spec, ...)` holding the study's run lock: a second run of the same study is refused
+    with StudyBusy naming the holder (opt_study.storage.runlock)."""
+
+    @functools.wraps(run)
+    def locked(spec: Spec, *args, **kwargs):
+        with RunLock(spec.study_dir):
+            return run(spec, *args, **kwargs)
+
+    return locked
 
 
 # ------------------------------------------------------------------------ resources and storage
@@ -52,6 +71,60 @@ def max_concurrent(spec: Spec, cluster: dict) -> int:
     return max(1, min(fits) if fits else 1)
 
 
+def cluster_limits() -> tuple[dict, dict]:
+    """(total, largest node): the CPUs and GPUs the connected Ray cluster can ever provide, in
+    all and on its largest node. With an autoscaler, its configured node types and maxima
+    count too (read from the GCS through Ray's own state API; private, so any failure falls
+    back to the nodes alive now)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    total = {k: float(ray.cluster_resources().get(k, 0)) for k in ("CPU", "GPU")}
+    largest = {k: float(max((n.get(k, 0) for n in nodes), default=0)) for k in ("CPU", "GPU")}
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()  # None without an autoscaler
+        maxima = (state.get_max_resources_from_cluster_config() or {}) if config is not None else {}
+        groups = [g for g in config.node_group_configs if g.max_count != 0] if config is not None else []
+    except Exception:  # noqa: BLE001 - an optional refinement of the check, never its cause to fail
+        maxima, groups = {}, []
+    for k in ("CPU", "GPU"):
+        total[k] = max(total[k], float(maxima.get(k, 0)))
+        largest[k] = max([largest[k], *(float(g.resources.get(k, 0)) for g in groups)])
+    return total, largest
+
+
+def fit_problem(spec: Spec, total: dict, largest: dict) -> tuple[str, str] | None:
+    """(field, why) if one trial of ``spec`` can never be placed on a cluster with ``total``
+    CPUs/GPUs whose largest node has ``largest``: Tune would wait for it forever. None if it fits."""
+    s = spec.scale
+    cluster = f"this Ray cluster can provide {total['CPU']:g} CPU(s) and {total['GPU']:g} GPU(s) in all"
+    if s.gpus_per_worker > largest["GPU"]:
+        return "scale.gpus_per_worker", f"each worker needs {s.gpus_per_worker} GPU but no node has one ({cluster})"
+    if s.cpus_per_worker > largest["CPU"]:
+        return (
+            "scale.cpus_per_worker",
+            f"each worker needs {s.cpus_per_worker:g} CPUs; the largest node has {largest['CPU']:g} ({cluster})",
+        )
+    for k, per in (("CPU", s.cpus_per_worker), ("GPU", s.gpus_per_worker)):
+        if s.workers * per > total[k]:
+            return (
+                "scale.workers",
+                f"one trial needs {s.workers} workers x {per:g} {k} = {s.workers * per:g}; {cluster}",
+            )
+    return None
+
+
+def check_fits(spec: Spec) -> None:
+    """ConfigError (exit 2, one line) instead of a run that waits forever for resources."""
+    from opt_study.config import ConfigError
+
+    problem = fit_problem(spec, *cluster_limits())
+    if problem:
+        raise ConfigError(spec.source, problem[0], f"{problem[1]}; the trial could never start")
+
+
 def describe(spec: Spec) -> dict:
     """A dry-run summary: trials, budgets, resources and where results go (under tpe every
     trial, proposed or not)."""
@@ -66,21 +139,94 @@ def describe(spec: Spec) -> dict:
     }
 
 
-def write_spec(spec: Spec, source_text: str | None) -> None:
-    """Keep the exact YAML the study was started from next to its results (provenance)."""
+def write_spec(spec: Spec, source_text: str | None, replace: bool = False) -> None:
+    """Keep the exact YAML the study was started from next to its results (provenance).
+
+    A study with stored trial records keeps its spec.yaml (`check_unchanged` has refused a
+    changed spec), unless `replace` (`--extend`, which only adds trials)."""
     d = spec.study_dir
     d.mkdir(parents=True, exist_ok=True)
-    if source_text is not None:
-        layout.atomic_write_bytes(layout.spec_path(d), source_text.encode())
+    # the study's configuration (spec.yaml, plan.json, Ray's tuner.pkl under ray/) is its
+    # owner's alone: nothing in it is meant for other users of the machine
+    d.chmod(0o700)
+    stored = bool(read_trial_records(d)) and layout.spec_path(d).is_file()
+    if source_text is not None and (replace or not stored):
+        layout.atomic_write_bytes(layout.spec_path(d), source_text.encode(), mode=0o600)
     plan = json.dumps([p.as_dict() for p in plan_trials(spec)], indent=1)
-    layout.atomic_write_bytes(layout.plan_path(d), plan.encode())
+    layout.atomic_write_bytes(layout.plan_path(d), plan.encode(), mode=0o600)
+    layout.ray_dir(d).mkdir(mode=0o700, exist_ok=True)
+
+
+def check_unchanged(spec: Spec, extend: bool = False) -> bool:
+    """Refuse (ConfigError, one line) to run `spec` on a study whose stored trials it would run
+    differently; True when it adds trials (allowed with `extend` only). A study without trial
+    records or without its spec.yaml has nothing to protect."""
+    from opt_study.config import ConfigError
+    from opt_study.plan.fingerprint import spec_changes
+    from opt_study.validate import resolve_study
+
+    d = spec.study_dir
+    records = read_trial_records(d)
+    if not records or not layout.spec_path(d).is_file():
+        return False
+    ch = spec_changes(resolve_study(d), spec, records)
+    where = f"study {spec.study.name} ({d}) holds {len(records)} stored trial(s)"
+    if ch.changed_trials:
+        raise ConfigError(
+            spec.source,
+            ch.fields[0],
+            f"{where} run with another configuration; changed: {', '.join(ch.fields[:6])} "
+            f"({len(ch.changed_trials)} stored trial(s) affected, e.g. {ch.changed_trials[0]}); "
+            "give the study a new study.name, or use --extend when only new trials are added",
+        )
+    if ch.added_trials and not extend:
+        raise ConfigError(
+            spec.source,
+            "study.name",
+            f"{where}; this spec adds {len(ch.added_trials)} trial(s) (e.g. {ch.added_trials[0]}); "
+            "run with --extend to add them, or give the study a new study.name",
+        )
+    return bool(ch.added_trials)
+
+
+def plan_table(spec: Spec) -> list[dict]:
+    """Every trial the study will run, as rows (id, label, optimizer, hyperparameters, seed,
+    phase, budget, status): planned trials, then crowded_valley's later reruns as an upper bound
+    (one per optimizer, budget level and rerun seed, planned once the search finished)."""
+    records = read_trial_records(spec.study_dir)
+    status = {r["trial_id"]: r.get("status", "") for r in records}
+    plans = planner_for(spec).slots(spec, records)
+    rows = [{**p.as_dict(), "status": status.get(p.trial_id, "planned")} for p in plans]
+    if spec.search.protocol == "crowded_valley" and not any(p.phase == "rerun" for p in plans):
+        for o in spec.optimizers:
+            for level, _ in spec.search.budgets.levels():
+                rows += [
+                    {
+                        "trial_id": f"{o.label}-rerun-<best {level}>-s{seed}",
+                        "label": o.label,
+                        "optimizer": o.name,
+                        "hparams": {},
+                        "seed": seed,
+                        "index": -1,
+                        "phase": "rerun",
+                        "budget": level,
+                        "target": None,
+                        "status": "upper bound",
+                    }
+                    for seed in spec.search.rerun_seeds
+                ]
+    return rows
 
 
 # ------------------------------------------------------------------------------- running a study
 def ray_env() -> dict:
     """Environment for every Ray worker: CPU accelerator, shared compiled-op cache, quiet logs."""
-    keep = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
+    # PYTHONPATH: a study's own package named by import path (examples/custom_workload) must
+    # import in every worker, also on a Ray cluster whose raylet did not inherit this shell's env
+    keep = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "PYTHONPATH")
     env = {k: os.environ[k] for k in keep if k in os.environ}
+    if env.get("PYTHONPATH"):  # absolute: a worker's working directory is not the driver's
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opt_study" / "torch_extensions"))
     # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine several groups
     # starting at once need longer.
@@ -114,8 +260,12 @@ def ensure_ray(spec: Spec) -> None:
         ray.init(**kw)
 
 
-def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
+@one_run_at_a_time
+def run_study(spec: Spec, source_text: str | None = None, out=None, extend: bool = False) -> dict:
     """Run (or continue) a study: only planned trials that have not finished are run.
+
+    A study that already holds trial records runs only the spec it was started from
+    (`check_unchanged`; `extend` allows a spec that adds trials and changes none).
 
     A protocol's later phases (crowded_valley's seed reruns of each optimizer's best
     configuration) can only be planned once earlier phases finished, so this runs batches of
@@ -125,9 +275,14 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
 
     from opt_study.results.mlflow_queue import QueuedSink
     from opt_study.results.query import experiment_name
+    from opt_study.validate import check_runnable
 
     out = out or sys.stdout
+    # a resumed study or a spec from the API has not been through the CLI's checks
+    check_runnable(spec)
+    check_trial_ids(spec)
     objectstore.pull_study(spec.study_dir)  # an object-store root: start from what the store holds
+    extended = check_unchanged(spec, extend)  # before anything is written
     sink: Sink = QueuedSink(spec.study_dir, spec.tracking_uri, experiment_name(spec.study.name))
     parent = sink.parent_run(
         spec.study.name, params=_study_params(spec), tags={"opt_study.workload": spec.workload.type}
@@ -135,7 +290,7 @@ def run_study(spec: Spec, source_text: str | None = None, out=None) -> dict:
     attempted: set[str] = set()
     ran = 0
     while True:
-        write_spec(spec, source_text)
+        write_spec(spec, source_text, replace=extended)
         todo = [p for p in pending_plans(spec) if p.trial_id not in attempted]
         if not todo:
             break
@@ -172,6 +327,8 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     from opt_study.study.launch import trainable_for
     from opt_study.study.recorder import StudyRecorder
 
+    ensure_ray(spec)
+    check_fits(spec)  # before any trial is recorded: a trial that can never start would hang Tune
     resources = trial_resources(spec)
     recorder = StudyRecorder(spec, todo, resources, sink, parent, out=out)
     records = read_trial_records(spec.study_dir)
@@ -185,7 +342,6 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
         if p.trial_id not in known and searcher is None:
             recorder.record(p, "pending")
     write_trials_table(spec.study_dir)
-    ensure_ray(spec)
     concurrent = max_concurrent(spec, ray.cluster_resources())
     print(
         f"study {spec.study.name}: {len(todo)} trials to run, {concurrent} at a time "
@@ -215,6 +371,11 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     )
     tuner.fit()
     write_trials_table(spec.study_dir)
+    if recorder.n_done < len(todo):  # Tune returns early only when a signal stopped it
+        raise StudyInterrupted(
+            f"study {spec.study.name} interrupted with {len(todo) - recorder.n_done} trial(s) unfinished; "
+            f"continue with: opt-study resume {spec.study_dir}"
+        )
 
 
 def _next_run_index(ray_dir: Path) -> int:

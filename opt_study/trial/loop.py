@@ -17,6 +17,7 @@ import torch
 from opt_study import distributed, optim
 from opt_study.config import Spec
 from opt_study.measure.cadence import Cadence
+from opt_study.measure.extra import ExtraMetrics
 from opt_study.measure.hook import StepMeasurer
 from opt_study.measure.probe import rng_state, set_rng_state
 from opt_study.plan import TrialPlan
@@ -239,6 +240,7 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     if start == 0:
         saver.save_initial()
     cadence = c.cadence
+    extra = ExtraMetrics(spec.measure.extra)
     for step in range(start, training.steps):
         row = train_step(c, step, stop_vote=c.rank == 0 and control.stop_requested(spec.study_dir, plan.trial_id))
         state.step, state.last_loss = step + 1, row["loss"]
@@ -252,6 +254,8 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
             optim.train_mode(c.client_opt)
             state.best_eval = min(state.best_eval, state.last_eval)
         if c.writer is not None and (cadence.logged(step) or boundary):  # measured rows: always
+            if extra and row.get("measured"):  # user metrics (measure.extra), on rank 0 only
+                row["extra"] = extra(row)
             c.writer.append({"trial_id": plan.trial_id, "attempt": c.attempt, **row})
         state.status = status
         if status != "diverged":
@@ -273,8 +277,8 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
     if c.writer is not None:
         c.writer.close()
     distributed.barrier()
-    if state.status != "running":  # every machine drops its copy; rank 0 the stored one
-        checkpoint.remove(spec.study_dir, plan.trial_id, store=c.rank == 0)
+    # The checkpoints stay: the driver removes them once it has recorded the trial finished
+    # (opt_study.study.recorder), so a driver that dies before that resumes, not reruns, it.
     return _report_metrics(state, {"loss": state.last_loss})
 
 

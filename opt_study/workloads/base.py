@@ -11,7 +11,7 @@ saving and restoring that state (docs/STACK.md §The same-batch probe).
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -84,9 +84,25 @@ def eval_slices(n_items: int, micro_batch_size: int, rank: int, world: int) -> l
 
 
 class Workload(abc.ABC):
-    """A model + data pair. Subclasses set `unit` and implement the five methods below."""
+    """A model + data pair. Subclasses set `unit` and implement the five methods below.
+
+    Contract (what the trial relies on, and what a plugin named by `workload.type:
+    mypkg.mod:MyWorkload` or an `opt_study.workloads` entry point must keep):
+
+    - `config_class`: a frozen dataclass of the workload's typed parameters; the YAML's other
+      `workload:` keys are its fields, type-checked by opt_study.config.build, and its
+      `__post_init__` may raise `opt_study.config.FieldError(field, message)` (or ValueError)
+      to refuse a value: `validate` reports it as one line naming the file and the field.
+    - `__init__(cfg, seed)`: cfg is a `config_class` instance.
+    - every method is a pure function of (cfg, seed and its arguments): no iterator state, so a
+      trial resumes at any step and the probe re-reads step t's batch.
+    - `build_model` leaves the global torch RNG untouched (use `seeded_build`).
+    """
 
     unit: str  # "tokens" or "samples": what units_per_batch counts
+    # The frozen dataclass of the workload's parameters (required for plugins; the built-ins are
+    # registered with theirs in opt_study.workloads.WORKLOADS).
+    config_class: ClassVar[type | None] = None
     # Training precisions the workload supports. Token workloads feed integer ids, so the model
     # may be cast to bf16/fp16; feature workloads feed float32 tensors to the first layer.
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")

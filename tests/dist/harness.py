@@ -17,6 +17,7 @@ import math
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -159,10 +160,23 @@ class RecordingMeasurer(StepMeasurer):
 
 
 # ------------------------------------------------------------------------------------- checks
+# Workloads without dropout: checked against an independent float64 loss and gradient too.
+DROPOUT_FREE = ("mlp_classify", "plugin", "dataset")
+
+
 def spec_for(case: dict, storage: str):
     wl = {
         "tiny_lm": {"type": "tiny_lm", "layers": 1, "heads": 2, "width": 32, "context": 16, "dropout": 0.1},
         "mlp_classify": {"type": "mlp_classify", "dataset": "digits", "hidden": [32], "dropout": 0.0},
+        # a plugin given only by import path (examples/custom_workload, on PYTHONPATH)
+        "plugin": {"type": "byo_example.models:TeacherStudent", "dim": 8, "hidden": 16},
+        # the adapters: a Dataset + model by import path (tests/user_code.py), a transformers model
+        "dataset": {"type": "dataset", "dataset": "user_code:make_digits", "model": "user_code:make_mlp"},
+        "hf_causal_lm": {
+            "type": "hf_causal_lm",
+            "config": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 16, "vocab_size": 256},
+            "context": 16,
+        },
     }[case["workload"]]
     return parse_study(
         {
@@ -277,7 +291,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
     put("param_norm", rel(row["param_norm"], float(x.norm()), float(x.norm())))
     if r["engine_norm"] is not None and not case.get("clip"):
         put("engine_grad_norm", rel(row["grad_norm"], float(r["engine_norm"]), float(g.norm())))
-    if case["workload"] == "mlp_classify":  # dropout-free: an independent float64 loss/grad
+    if case["workload"] in DROPOUT_FREE:  # dropout-free: an independent float64 loss/grad
         lref, gref, small = reference_loss_grad(spec, x, t, world)
         put("loss_vs_fp64", rel(row["loss"], lref, abs(lref)))
         put("grad_vs_fp64", float((g - gref).norm() / gref.norm()))
@@ -290,7 +304,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         put("loss_vs_fp32_ref", rel(row["loss"], r["ref_losses"][0], abs(r["ref_losses"][0])))
         put("loss_probe_vs_fp32_ref", rel(row["loss_probe"], r["ref_losses"][1], abs(r["ref_losses"][1])))
     put("loss_precision_mismatch", float(row.get("loss_precision") != "fp32"))
-    if case["workload"] == "mlp_classify":  # the probe point really is x_t + sΔ_t
+    if case["workload"] in DROPOUT_FREE:  # the probe point really is x_t + sΔ_t
         lref_p, gref_p, _ = reference_loss_grad(spec, x + s * delta, t, world)
         put("loss_probe_vs_fp64", rel(row["loss_probe"], lref_p, abs(lref_p)))
         put("grad_probe_vs_fp64", float((r["g_plus"] - gref_p).norm() / gref_p.norm()))
@@ -446,6 +460,7 @@ def run_cases(out_path: str, cases: list[dict], storage: str, run) -> None:
 
 def main() -> None:
     out_path, cases = sys.argv[1], json.loads(sys.argv[2])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: user_code for the dataset adapter
     distributed.init_process_group("gloo")
     with tempfile.TemporaryDirectory() as storage:
         run_cases(out_path, cases, distributed.broadcast_object(storage), run_case)

@@ -37,11 +37,21 @@ from opt_study.workloads import make_workload
 WORLD_MBS = 4
 
 
+# Optimizers given only by import path (examples/custom_workload, on PYTHONPATH): swept like
+# the built-ins, so a plugin's declared combinations are checked the same way.
+PLUGINS = ("byo_example.opt:signum",)
+
+
+def entries() -> dict:
+    """Every optimizer the sweep runs: the registry's, then the plugins (by import path)."""
+    return {**optim.OPTIMIZERS, **{n: optim.optimizer_entry(n) for n in PLUGINS}}
+
+
 def cases(names: list[str] | None = None) -> list[dict]:
     """(optimizer, stage, precision) for every combination each entry declares that runs on CPU
     (fp16 needs a GPU: opt_study.optim.entry.CPU_PRECISIONS), optimizers in registry order."""
     out = []
-    for name, e in optim.OPTIMIZERS.items():
+    for name, e in entries().items():
         if names is None or name in names:
             out += [
                 {"opt": name, "stage": s, "prec": p}

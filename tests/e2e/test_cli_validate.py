@@ -115,11 +115,13 @@ def test_run_dry_run_refuses_bad_file_with_a_relative_path(sandbox):
 def test_validate_quickstart_prints_the_plan(sandbox):
     cwd, env = sandbox
     path = str(ROOT / "configs" / "quickstart.yaml")
-    proc = cli(["validate", path], cwd, env)
+    proc = cli(["validate", "--json", path], cwd, env)
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr[-2000:]
-    head, _, body = proc.stdout.partition("\n")
-    assert head == f"{path}: OK"
-    plan = json.loads(body)
+    doc = json.loads(proc.stdout)
+    assert [t["trial_id"] for t in doc["trials"]] == [
+        f"{label}-{i:03d}-s0" for label in ("adamw", "momentum", "radam") for i in range(2)
+    ]
+    plan = doc["summary"]
     root = cwd.resolve() / "results"
     assert plan["study"] == "quickstart" and plan["trials"] == 6
     assert plan["per_optimizer"] == {"adamw": 2, "momentum": 2, "radam": 2}
@@ -132,7 +134,8 @@ def test_run_dry_run_of_quickstart_starts_nothing(sandbox):
     cwd, env = sandbox
     proc = cli(["run", str(ROOT / "configs" / "quickstart.yaml"), "--dry-run"], cwd, env)
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["trials"] == 6
+    assert '"trials": 6' in proc.stdout  # the summary, then the table of every trial
+    assert sum(line.startswith(("adamw-", "momentum-", "radam-")) for line in proc.stdout.splitlines()) == 6
 
 
 def test_console_script_refuses_bad_file(sandbox):

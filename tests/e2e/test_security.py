@@ -147,6 +147,9 @@ def _check_no_leak(store: Path, ray_tmp: Path, planted: dict[str, str], proc) ->
     assert any(w.startswith("sec/steps/") and w.endswith(".parquet") for w in written)
     assert any(w.startswith("sec/trials/") for w in written)
     assert any(w.startswith("sec/ray/") for w in written)
+    # the files that hold the study's configuration are its owner's alone (tuner.pkl: under ray/)
+    modes = {n: (store / n).stat().st_mode & 0o777 for n in ("sec", "sec/ray", "sec/spec.yaml", "sec/plan.json")}
+    assert modes == {"sec": 0o700, "sec/ray": 0o700, "sec/spec.yaml": 0o600, "sec/plan.json": 0o600}
     # Ray's own session folder (RAY_TMPDIR, outside the storage root): Ray Tune copies the AWS
     # credential variables into each trial actor's runtime env and Ray's runtime_env_agent.log
     # records that env (SECURITY.md); no other variable may appear there.

@@ -12,6 +12,7 @@ a sum of squares, |ℓ| + ‖g‖‖Δ‖ for anything derived from δ), so 1e-6
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,6 +34,12 @@ BF16_STAGES = (1, 2, 3)
 # ZeRO-3 keeps parameters under stage3_param_persistence_threshold gathered; 0 makes it really
 # partition a tiny model's, so the probe point and the fp32 re-evaluation meet empty weights.
 PARTITIONED = {"stage3_param_persistence_threshold": 0}
+
+
+PLUGIN_OPT = "byo_example.opt:signum"
+# hf_causal_lm needs the optional `hf` extra; without it only its unit tests say they were skipped
+ADAPTERS = ("dataset",) + (("hf_causal_lm",) if importlib.util.find_spec("transformers") else ())
+PLUGIN_PATH = ROOT / "examples" / "custom_workload"
 
 
 def _pair(name: str, **case) -> list[dict]:
@@ -64,7 +71,11 @@ CASES = {
     ]
     # the probe point against an independent float64 oracle (dropout-free workload)
     + [{"stage": s, "workload": "mlp_classify", "gas": 2, "probe_s": "uniform"} for s in (0, 3)]
-    + [{"stage": 3, "workload": "tiny_lm", "gas": 2, "zero": PARTITIONED, "probe_s": "exponential"}],
+    + [{"stage": 3, "workload": "tiny_lm", "gas": 2, "zero": PARTITIONED, "probe_s": "exponential"}]
+    # a plugin workload and a plugin optimizer, named only by import path (examples/custom_workload)
+    + [{"stage": s, "workload": "plugin", "gas": 2, "opt": PLUGIN_OPT} for s in (0, 2)]
+    # the adapters: a user's Dataset + model by import path, and a transformers GPT-2 (if installed)
+    + [{"stage": s, "workload": w, "gas": 2} for w in ADAPTERS for s in (0, 2)],
     4: [{"stage": s, "workload": "tiny_lm", "gas": 1} for s in STAGES]
     + [
         {"stage": 3, "workload": "mlp_classify", "gas": 2},
@@ -74,7 +85,8 @@ CASES = {
 
 
 def torchrun(world: int, cases: list[dict], out: Path, timeout: int = 900) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(ROOT), str(PLUGIN_PATH)])
+    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
     cmd = [
         sys.executable,
@@ -147,7 +159,7 @@ def test_every_number_matches_reference(world_results):
             "loss_precision_mismatch",
         }
         assert must <= set(errs), f"{r['case']}: unchecked {sorted(must - set(errs))}"
-        if r["case"]["workload"] == "mlp_classify":  # dropout-free: independent float64 oracle
+        if r["case"]["workload"] in ("mlp_classify", "plugin", "dataset"):  # dropout-free: float64 oracle
             assert {
                 "loss_vs_fp64",
                 "grad_vs_fp64",
@@ -160,6 +172,43 @@ def test_every_number_matches_reference(world_results):
         for k, e in errs.items():
             limit = TOL_FP64 if k.endswith("_vs_fp64") else TOL
             assert e <= limit, f"world {world} {r['case']}: {k} error {e:.2e} > {limit:.0e}"
+
+
+@pytest.mark.slow
+def test_plugins_by_import_path_pass_the_same_check(world_results):
+    """The plugin cases ran, at ZeRO 0 and 2, and were checked against the float64 oracle too
+    (test_every_number_matches_reference bounds every error)."""
+    world, data = world_results
+    plugin = [r for r in data["results"] if r["case"]["workload"] == "plugin"]
+    if world != 2:
+        assert not plugin
+        return
+    assert sorted(r["case"]["stage"] for r in plugin) == [0, 2]
+    for r in plugin:
+        assert r["case"]["opt"] == PLUGIN_OPT and r["measured"] == 5
+        assert {"grad_vs_fp64", "loss_probe_vs_fp64", "smoothness_local"} <= set(r["errors"])
+        assert r["losses"][-1] < r["losses"][0]  # Signum trains the student
+    # an element-wise rule computes the same numbers on ZeRO-2's flat partitions as at ZeRO-0
+    a, b = plugin
+    assert all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(a["losses"], b["losses"])), (a["losses"], b["losses"])
+
+
+@pytest.mark.slow
+def test_adapters_pass_the_same_check(world_results):
+    """The adapter workloads ran at ZeRO 0 and 2 on 2 ranks and trained; every error is bounded by
+    test_every_number_matches_reference (the Dataset adapter's also by the float64 oracle)."""
+    world, data = world_results
+    ran = [r for r in data["results"] if r["case"]["workload"] in ("dataset", "hf_causal_lm")]
+    if world != 2:
+        assert not ran
+        return
+    assert sorted((r["case"]["workload"], r["case"]["stage"]) for r in ran) == [
+        (w, s) for w in sorted(ADAPTERS) for s in (0, 2)
+    ]
+    for r in ran:
+        assert r["measured"] == 5 and r["losses"][-1] < r["losses"][0], r["case"]
+        if r["case"]["workload"] == "dataset":
+            assert {"grad_vs_fp64", "loss_probe_vs_fp64"} <= set(r["errors"])
 
 
 @pytest.mark.slow

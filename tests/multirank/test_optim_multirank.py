@@ -20,6 +20,15 @@ from opt_study import optim
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
+PLUGIN_PATH = ROOT / "examples" / "custom_workload"  # byo_example: an optimizer by import path
+PLUGINS = ("byo_example.opt:signum",)  # as tests/dist/zoo_harness.py
+
+
+def entries() -> dict:
+    """The registry's optimizers and the plugins the harness sweeps too."""
+    if str(PLUGIN_PATH) not in sys.path:
+        sys.path.append(str(PLUGIN_PATH))
+    return {**optim.OPTIMIZERS, **{n: optim.optimizer_entry(n) for n in PLUGINS}}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +36,8 @@ def zoo(tmp_path_factory) -> dict:
     from opt_study.distributed import free_port
 
     out = tmp_path_factory.mktemp("zoo") / "out.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(ROOT), str(PLUGIN_PATH)])
+    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
     cmd = [
         sys.executable,
@@ -46,7 +56,7 @@ def zoo(tmp_path_factory) -> dict:
 
 
 def declared() -> set[tuple[str, int, str]]:
-    return {(n, s, p) for n, e in optim.OPTIMIZERS.items() for s, p in e.combos if p in optim.CPU_PRECISIONS}
+    return {(n, s, p) for n, e in entries().items() for s, p in e.combos if p in optim.CPU_PRECISIONS}
 
 
 @pytest.mark.slow
@@ -75,7 +85,7 @@ def test_elementwise_rules_are_stage_invariant(zoo):
     pytorch-optimizer cannot do on ZeRO's flat partitions, happens inside the 3 steps.)"""
     by = {(r["opt"], r["stage"], r["prec"]): r for r in zoo["results"]}
     checked = 0
-    for name, e in optim.OPTIMIZERS.items():
+    for name, e in entries().items():
         for prec in optim.CPU_PRECISIONS:
             stages = sorted(s for s, p in e.combos if p == prec)
             for s in stages[1:]:
@@ -85,7 +95,7 @@ def test_elementwise_rules_are_stage_invariant(zoo):
                         f"{name} {prec}: ZeRO-{s} {b['losses']} vs ZeRO-{stages[0]} {a['losses']}"
                     )
                 checked += 1
-    assert checked == (3 + 2) * sum(1 for e in optim.OPTIMIZERS.values() if e.elementwise)
+    assert checked == (3 + 2) * sum(1 for e in entries().values() if e.elementwise)
 
 
 @pytest.mark.slow
@@ -95,7 +105,7 @@ def test_bf16_runs_in_bf16_and_tracks_fp32(zoo):
     accumulation: opt_study.trial.engine), to within bf16's rounding (2**-8 relative per weight)."""
     by = {(r["opt"], r["stage"], r["prec"]): r for r in zoo["results"]}
     pairs = [(k, by[(k[0], k[1], "fp32")]) for k in by if k[2] == "bf16"]
-    assert len(pairs) == 3 * sum(1 for e in optim.OPTIMIZERS.values() if e.elementwise)
+    assert len(pairs) == 3 * sum(1 for e in entries().values() if e.elementwise)
     for (name, stage, _), fp32 in pairs:
         bf16 = by[(name, stage, "bf16")]
         assert bf16["losses"][0] != fp32["losses"][0], f"{name} ZeRO-{stage}: bf16 loss is fp32's"

@@ -32,6 +32,8 @@ PRIVATE = {
     "averaged_gradients",
     "all_grad_tensors",
     "micro_step_id",
+    # the engine's checkpoint reader (replaced by a weights-only one)
+    "checkpoint_engine",
     # torch.nn.Module's hook dictionaries
     *deepspeed_state.HOOK_DICTS,
     "_backward_hooks",

@@ -21,6 +21,7 @@ PKG = Path(__file__).resolve().parents[2] / "opt_study"
 LAYERS = [
     ("storage",),
     ("config",),
+    ("plugins",),
     ("distributed",),
     ("workloads", "optim"),
     ("validate",),
@@ -31,7 +32,7 @@ LAYERS = [
     ("replay",),
     ("report",),
     ("study",),
-    ("cli", "prebuild"),
+    ("cli", "prebuild", "api"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
@@ -132,7 +133,10 @@ def test_the_checker_sees_function_level_and_upward_imports(tmp_path):
 @pytest.mark.parametrize(
     "module",
     [
+        "opt_study",  # the Python API: lazy, so `import opt_study` stays light
+        "opt_study.plugins",
         "opt_study.plan.planners",
+        "opt_study.plan.fingerprint",
         "opt_study.config",
         "opt_study.storage.layout",
         "opt_study.trial.control",

@@ -59,9 +59,11 @@ def test_crash_then_resume_is_exact_and_stores_each_step_once(spec_factory, stag
     for a, b in zip(rows, ref):  # bit-for-bit the uninterrupted trajectory
         for k in ("loss", "grad_norm", "param_norm", "update_norm", "loss_probe", "eval_loss"):
             assert a[k] == b[k], (a["step"], k, a[k], b[k])
-    # the finished trial's checkpoints are removed; the raw dataset still holds the dead attempt's
+    # the trial keeps its checkpoints (the driver removes them once it has recorded the trial
+    # finished): the two newest committed ones; the raw dataset still holds the dead attempt's
     # committed rows, superseded at read time
-    assert checkpoint.latest_step(spec.study_dir, PLAN.trial_id) is None
+    assert checkpoint.complete_steps(spec.study_dir, PLAN.trial_id) == [6, 4]
+    assert not (spec.study_dir / "checkpoints" / PLAN.trial_id / "latest").exists()  # DeepSpeed's: never written
     assert pc.max(table["attempt"]).as_py() == 1
 
 

@@ -43,9 +43,11 @@ def eval_loss(w, model, batches) -> float:
 
 
 def test_registry():
-    assert set(WORKLOADS) == {"tiny_lm", "quadratic", "mlp_classify", "gpt2", "resnet_cifar"}
+    builtin = {"tiny_lm", "quadratic", "mlp_classify", "gpt2", "resnet_cifar"}
+    assert set(WORKLOADS) == builtin | {"dataset", "hf_causal_lm", "torchvision"}  # + the adapters
     assert workload_config_class("quadratic") is QuadraticConfig
-    with pytest.raises(ValueError, match="known: gpt2, mlp_classify, quadratic, resnet_cifar, tiny_lm"):
+    known = "dataset, gpt2, hf_causal_lm, mlp_classify, quadratic, resnet_cifar, tiny_lm, torchvision"
+    with pytest.raises(ValueError, match=f"known: {known}"):
         make_workload("resnet", None, 0)
     with pytest.raises(TypeError, match="QuadraticConfig"):
         make_workload("quadratic", TinyLMConfig(), 0)

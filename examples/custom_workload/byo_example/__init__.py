@@ -1,0 +1,1 @@
+"""A study's own workload, optimizer and metric, named by import path in study.yaml."""

@@ -25,7 +25,7 @@ METRICS_GROUP = "opt_study.metrics"
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 # module.path:attr.path, as entry points write them
-IMPORT_PATH = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
+IMPORT_PATH = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*")  # used with fullmatch
 
 # name -> where it came from ("module mypkg.models", "entry point foo = mypkg:Foo (dist mypkg 0.1)")
 IMPORTED: dict[str, str] = {}
@@ -53,7 +53,7 @@ def entry_point_names(group: str) -> list[str]:
 
 
 def _import(path: str) -> Any:
-    if not IMPORT_PATH.match(path):
+    if not IMPORT_PATH.fullmatch(path):
         raise ValueError(f"{path!r:.80} is not an import path module.sub:attr")
     module_name, _, attr = path.partition(":")
     try:

@@ -8,6 +8,7 @@ from Tune's result objects.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -78,6 +79,10 @@ def trial_error(trial) -> str:
     return f"{what[:1500]} (traceback: {path})" if path else what[:1500]
 
 
+def _drop_trial_tracebacks(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Trial task failed for trial")
+
+
 class StudyRecorder(Callback):
     def __init__(
         self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: Sink, parent_run_id: str | None, out=sys.stdout
@@ -117,6 +122,11 @@ class StudyRecorder(Callback):
         return plan
 
     # -------------------------------------------------------------------------- Tune callbacks
+    def setup(self, **info):
+        # A failed trial's record carries its error and the path of its traceback, and its
+        # progress line says what failed: Tune's own multi-page traceback on stderr goes.
+        logging.getLogger("ray.tune.execution.tune_controller").addFilter(_drop_trial_tracebacks)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         plan = self._plan(trial)
         self.started[plan.trial_id] = time.time()
@@ -171,7 +181,7 @@ class StudyRecorder(Callback):
             plan.trial_id,
             status.upper(),
             f"loss {summary['final_loss']:.4f}  eval {summary['best_eval_loss']:.4f}"
-            f"  [{self.n_done}/{len(self.plans)} done]",
+            f"  [{self.n_done}/{len(self.plans)} done]" + (f"  {error}" if error else ""),
         )
 
     def _log_trial(self, plan: TrialPlan, status: str, summary: dict, rows: list[dict]) -> None:

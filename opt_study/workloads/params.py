@@ -45,7 +45,7 @@ def as_kwargs(pairs: Kwargs) -> dict[str, Any]:
 
 def check_import_path(value: Any, field: str) -> None:
     """`value` is a `module:attr` import path (opt_study.plugins' syntax); nothing is imported."""
-    if not isinstance(value, str) or not plugins.IMPORT_PATH.match(value):
+    if not isinstance(value, str) or not plugins.IMPORT_PATH.fullmatch(value):
         raise FieldError(field, f"must be an import path module.sub:attr, got {value!r:.80}")
 
 

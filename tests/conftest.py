@@ -59,3 +59,14 @@ def spec_factory(tmp_path):
     from specs import SpecFactory  # here, not at the top: opt_study imports torch after the env above
 
     return SpecFactory(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """An in-process trial sets torch's thread count (scale.torch_threads); restore it so later
+    tests run with the interpreter's own setting, whatever ran before them."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

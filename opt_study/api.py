@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from opt_study.config import Spec
 from opt_study.validate import resolve_study
+
+if TYPE_CHECKING:  # tables come from opt_study.results; pyarrow is imported there only
+    import pyarrow as pa
 
 
 def load_study(path: str | Path) -> Spec:

@@ -252,11 +252,22 @@ def test_study_on_s3_survives_driver_kill_and_a_fresh_machine(s3_endpoint, tmp_p
     proc.wait()
     os.killpg(proc.pid, signal.SIGKILL)
     tid = ckpt.split("/")[2]
-    time.sleep(3)  # Ray's workers outlive the driver briefly: read what the store holds after
-    tag = ckpt.split("/")[3]  # checkpoints/<trial>/step-<s>/COMMITTED
-    ckpt_step = int(tag.split("-")[1])
+    # Ray's workers outlive the driver briefly and may commit newer checkpoints (pruning older ones):
+    # wait until the store stops changing, then check the newest committed checkpoint
+    keys, t0 = _objects(s3_endpoint, "studies"), time.time()
+    while time.time() - t0 < 120:
+        time.sleep(3)
+        again = _objects(s3_endpoint, "studies")
+        if again == keys:
+            break
+        keys = again
+    prefix = f"s3study/checkpoints/{tid}/"
+    committed = [k.split("/")[3] for k in keys if k.startswith(prefix) and k.endswith("/COMMITTED")]
+    assert committed, keys
+    ckpt_step = max(int(t.split("-")[1]) for t in committed)
+    tag = f"step-{ckpt_step}"
     # the commit marker goes up only after every rank's files: both ranks' ZeRO partitions are there
-    files = [k.rsplit("/", 1)[-1] for k in _objects(s3_endpoint, f"studies/s3study/checkpoints/{tid}/{tag}")]
+    files = [k.rsplit("/", 1)[-1] for k in keys if k.startswith(f"{prefix}{tag}/")]
     assert any("zero_pp_rank_0_" in n for n in files) and any("zero_pp_rank_1_" in n for n in files), files
     shutil.rmtree(tmp_path / "cache-a")  # a fresh machine: only the store remains
 

@@ -51,7 +51,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from opt_study.results.mlflow_sink import MlflowSink, check_trial_args, flatten_params
+from opt_study.results.mlflow_sink import MlflowSink, check_trial_args, downsample, flatten_params
 from opt_study.storage import layout, uris
 
 FAILED_DIR = "failed"
@@ -140,6 +140,7 @@ class QueuedSink:
         self._parents: dict[tuple[str, str], str] = {}  # (experiment, study) -> delivered parent id
         self._results: dict[str, str | None] = {}  # entry name -> what its delivery returned
         self._failed_at: float | None = None
+        self._described: set[str] = set()  # parent runs given the study's description and files
         self._next_seq = 0
         self._lock = threading.Lock()
 
@@ -179,7 +180,11 @@ class QueuedSink:
             "params": flatten_params(params),
             "tags": _str_dict(tags),
             "summary": {str(k): float(v) for k, v in summary.items()},
-            "curves": {str(k): [[int(s), float(v)] for s, v in pts] for k, pts in curves.items()},
+            # downsampled here already: a long run's curves would make every entry megabytes
+            "curves": {
+                str(k): [[int(s), float(v)] for s, v in downsample(pts, self.max_curve_points)]
+                for k, pts in curves.items()
+            },
             "status": status,
         }
         return self._results.get(self._enqueue("log_trial", trial_id, args))
@@ -318,6 +323,7 @@ class QueuedSink:
             sink.log_artifacts(run_id, args["folder"])
             return run_id
         parent = args["parent_run_id"] or self._resolve_parent(sink, entry)
+        self._describe(sink, parent, entry["study"], force=kind == "end_parent")
         if kind == "end_parent":
             sink.end_parent(parent, status=args["status"])
             return parent
@@ -325,6 +331,17 @@ class QueuedSink:
         return sink.log_trial(
             parent, args["trial_id"], args["params"], args["tags"], args["summary"], curves, args["status"]
         )
+
+    def _describe(self, sink: MlflowSink, parent: str, study: str | None, force: bool) -> None:
+        """Once per parent and process (and again when the study ends): the study's description
+        and its spec.yaml and plan.json on the parent run. Not at parent creation: a new study's
+        spec.yaml is written after its parent run is queued."""
+        if parent in self._described and not force:
+            return
+        study_dir = self.dir.parent
+        files = [layout.spec_path(study_dir), layout.plan_path(study_dir)]
+        sink.describe_parent(parent, study_description(study_dir, study), files)
+        self._described.add(parent)
 
     def _resolve_parent(self, sink: MlflowSink, entry: dict) -> str:
         key = (entry["experiment"], entry["study"])
@@ -336,6 +353,26 @@ class QueuedSink:
                 )
             self._parents[key] = found
         return self._parents[key]
+
+
+def study_description(study_dir: Path, study: str | None) -> str:
+    """The parent run's description (Markdown): the spec's ``study.description`` and where the
+    rest is."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(layout.spec_path(study_dir).read_text()) or {}
+        desc = str((doc.get("study") or {}).get("description") or "").strip()
+        workload = str((doc.get("workload") or {}).get("type") or "?")
+    except (OSError, yaml.YAMLError, AttributeError):
+        desc, workload = "", "?"
+    return (
+        f"**opt_study study `{study}`** (workload `{workload}`). {desc}\n\n"
+        "One child run per trial: metrics `train/`, `eval/`, `measure/` (measured steps), `summary/`, "
+        "`hp/` (numeric hyperparameters). This run: `best/<label>/...`, artifacts `spec.yaml`, "
+        "`plan.json`, `report/index.html` (after `opt-study report`). The Parquet dataset in "
+        f"`{study_dir}` is the full record."
+    )
 
 
 def _move(src: Path, dst: Path) -> None:

@@ -40,6 +40,32 @@ TAG_ROLE = "opt_study.role"
 TAG_TRIAL = "opt_study.trial_id"
 TAG_STATUS = "opt_study.status"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"  # what the MLflow UI shows as a run's description
+# When the trial started and ended (unix seconds, from the trial records): the child run's start
+# and end time, so its duration is the trial's even when the write was queued and delivered late.
+TAG_STARTED = "opt_study.started_unix"
+TAG_ENDED = "opt_study.ended_unix"
+
+# MLflow metric names, grouped by prefix so the UI's charts and filters sort them: every-step
+# curves under train/ and eval/, measured-step curves under measure/, a trial's end-of-run numbers
+# under summary/, numeric hyperparameters under hp/ (params are strings: `metrics.`hp/lr` < 0.01`
+# filters, `params.hp.lr < 0.01` cannot), per-label bests on the parent under best/<label>/.
+TRAIN_CURVES = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "update_norm": "train/update_norm",
+    "eval_loss": "eval/loss",
+}
+MEASURE_CURVES = (
+    "convexity_gap_fwd",
+    "convexity_gap_bwd",
+    "smoothness_local",
+    "smoothness_descent",
+    "cos_update_prev",
+    "noise_floor",
+)
+BEST_METRICS = {"summary/best_eval_loss": "eval_loss", "summary/best_loss": "loss"}
 
 
 def downsample(points: list[tuple[int, float]], max_points: int) -> list[tuple[int, float]]:
@@ -64,6 +90,32 @@ def flatten_params(params: dict) -> dict[str, str]:
         else:
             flat[str(key)] = value
     return {k: str(v)[:_MAX_PARAM_VALUE] for k, v in flat.items()}
+
+
+def trial_metrics(
+    summary: dict, rows: list[dict], hparams: dict
+) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
+    """A trial's MLflow metrics from its summary, its step rows and its hyperparameters:
+    ``(single values, curves)`` named as above. Measured-step curves use the measured,
+    unflagged rows (a flagged row has no meaningful gap); the sink downsamples every curve."""
+    values = {f"summary/{k}": float(v) for k, v in summary.items()}
+    values.update(
+        {f"hp/{k}": float(v) for k, v in hparams.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    )
+    curves = {name: [(r["step"], r[col]) for r in rows if r.get(col) is not None] for col, name in TRAIN_CURVES.items()}
+    measured = [r for r in rows if r.get("measured") and not r.get("flag")]
+    curves.update(
+        {f"measure/{c}": [(r["step"], r[c]) for r in measured if r.get(c) is not None] for c in MEASURE_CURVES}
+    )
+    return values, {k: v for k, v in curves.items() if v}
+
+
+def _ms(tags: dict, key: str) -> int | None:
+    """A unix-seconds tag as MLflow's milliseconds, or None."""
+    try:
+        return int(float(tags[key]) * 1000)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _same(a: float, b: float) -> bool:
@@ -174,12 +226,17 @@ class MlflowSink:
         """
         check_trial_args(trial_id, status, summary, curves)
         experiment_id = self.client.get_run(parent_run_id).info.experiment_id
-        ours = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_STATUS: status}
+        ours = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_STATUS: status, TAG_ROLE: "trial"}
         run = self._find(
             experiment_id, f"tags.`{TAG_PARENT}` = '{parent_run_id}' AND tags.`{TAG_TRIAL}` = '{trial_id}'"
         )
         if run is None:
-            run = self.client.create_run(experiment_id, run_name=trial_id, tags={**_str_tags(tags), **ours})
+            run = self.client.create_run(
+                experiment_id,
+                run_name=trial_id,
+                start_time=_ms(tags, TAG_STARTED),
+                tags={**_str_tags(tags), **ours},
+            )
         run_id = run.info.run_id
         self._log_params(run, params)
         self._set_tags(run_id, {**tags, **ours})
@@ -188,10 +245,41 @@ class MlflowSink:
             self.client.log_batch(run_id, metrics=batch)
         if status in TERMINAL_STATUSES:
             final = "FAILED" if status in ("failed", "diverged") else "FINISHED"
-            self.client.set_terminated(run_id, status=final)
+            self.client.set_terminated(run_id, status=final, end_time=_ms(tags, TAG_ENDED))
         elif run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
+        self._update_best(parent_run_id, str(tags.get("opt_study.label", "")), trial_id, summary)
         return run_id
+
+    def _update_best(self, parent_run_id: str, label: str, trial_id: str, summary: dict) -> None:
+        """The parent's ``best/<label>/eval_loss`` and ``best/<label>/loss``: the lowest over the
+        label's trials so far (logged only when a trial beats it, so re-delivery changes nothing),
+        and tag ``opt_study.best.<label>`` naming the trial that holds the best eval loss."""
+        from mlflow.entities import Metric, RunTag
+
+        if not label:
+            return
+        have = self.client.get_run(parent_run_id).data.metrics
+        ts, new, tags = int(time.time() * 1000), [], []
+        for key, short in BEST_METRICS.items():
+            value, name = summary.get(key), f"best/{label}/{short}"
+            if value is None or not math.isfinite(value) or (name in have and have[name] <= value):
+                continue
+            steps = [m.step for m in self.client.get_metric_history(parent_run_id, name)] if name in have else []
+            new.append(Metric(name, float(value), ts, max(steps, default=-1) + 1))
+            if short == "eval_loss":
+                tags.append(RunTag(f"opt_study.best.{label}", trial_id))
+        if new:
+            self.client.log_batch(parent_run_id, metrics=new, tags=tags)
+
+    def describe_parent(self, parent_run_id: str, text: str, files: list) -> None:
+        """The parent run's description (the UI's run page shows it) and the study's own files
+        (``spec.yaml``, ``plan.json``) as artifacts at its root; files that do not exist yet
+        are skipped. Uploading again replaces them."""
+        self.client.set_tag(parent_run_id, TAG_NOTE, text[:_MAX_TAG_VALUE])
+        for path in files:
+            if Path(path).is_file():
+                self.client.log_artifact(parent_run_id, str(path))
 
     def log_artifacts(self, run_id: str, folder) -> None:
         """Upload every file under ``folder`` as artifacts of run ``run_id``, under the

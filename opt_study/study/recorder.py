@@ -24,12 +24,11 @@ from opt_study.plan import TrialPlan
 from opt_study.plan.fingerprint import config_hash
 from opt_study.results import compact, parquet
 from opt_study.results import trials as trials_tbl
+from opt_study.results.mlflow_sink import TAG_ENDED, TAG_STARTED, trial_metrics
 from opt_study.results.sink import Sink
 from opt_study.results.trials import DONE_STATUSES
 from opt_study.storage import layout, objectstore
 from opt_study.trial import checkpoint
-
-CURVES = ("loss", "eval_loss", "grad_norm", "update_norm", "lr")
 
 
 def trial_summary(rows: list[dict], target: dict | None = None) -> dict[str, float]:
@@ -131,6 +130,7 @@ class StudyRecorder(Callback):
         plan = self._plan(trial)
         self.started[plan.trial_id] = time.time()
         self.record(plan, "running", started=self.started[plan.trial_id])
+        self._log_trial(plan, "running", {}, [])  # the child run starts with the trial: real durations
         self._line(plan.trial_id, "RUNNING", "")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -163,19 +163,20 @@ class StudyRecorder(Callback):
             self._compact(plan.trial_id)
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
         summary = trial_summary(rows, getattr(plan, "target", None))
+        ended = time.time()
         self.record(
             plan,
             status,
             summary=summary,
             started=self.started.get(plan.trial_id),
-            ended=time.time(),
+            ended=ended,
             error=error,
             nodes=(trial.last_result or {}).get("nodes", ""),
         )
         trials_tbl.write_trials_table(self.spec.study_dir)
         if status in DONE_STATUSES:  # recorded finished: its checkpoints are no longer needed
             checkpoint.remove(self.spec.study_dir, plan.trial_id)
-        self._log_trial(plan, status, summary, rows)
+        self._log_trial(plan, status, summary, rows, ended)
         self.n_done += 1
         self._line(
             plan.trial_id,
@@ -184,9 +185,12 @@ class StudyRecorder(Callback):
             f"  [{self.n_done}/{len(self.plans)} done]" + (f"  {error}" if error else ""),
         )
 
-    def _log_trial(self, plan: TrialPlan, status: str, summary: dict, rows: list[dict]) -> None:
-        """The trial's child run: its params, tags, summary and curves (the sink downsamples)."""
-        curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in CURVES}
+    def _log_trial(
+        self, plan: TrialPlan, status: str, summary: dict, rows: list[dict], ended: float | None = None
+    ) -> None:
+        """The trial's child run: its params, tags, summary and curves (the sink downsamples;
+        names and prefixes: opt_study.results.mlflow_sink.trial_metrics)."""
+        values, curves = trial_metrics(summary, rows, plan.hparams)
         params = {
             "optimizer": plan.optimizer,
             **{f"hp.{k}": v for k, v in plan.hparams.items()},
@@ -204,8 +208,10 @@ class StudyRecorder(Callback):
             "opt_study.label": plan.label,
             "opt_study.seed": str(plan.seed),
             "opt_study.config_hash": config_hash(self.spec, plan),
+            TAG_STARTED: str(self.started.get(plan.trial_id, "")),
+            TAG_ENDED: "" if ended is None else str(ended),
         }
-        self.sink.log_trial(self.parent, plan.trial_id, params, tags, summary, curves, status)
+        self.sink.log_trial(self.parent, plan.trial_id, params, tags, values, curves, status)
 
     def _compact(self, trial_id: str) -> None:
         """A finished trial's chunks become one file per attempt (opt_study.results.compact), so

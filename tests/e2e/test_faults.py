@@ -110,7 +110,7 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_facto
     assert len(children) == 1 and children.iloc[0]["status"] == "FINISHED"
     import mlflow
 
-    hist = mlflow.tracking.MlflowClient(spec.tracking_uri).get_metric_history(children.iloc[0]["run_id"], "loss")
+    hist = mlflow.tracking.MlflowClient(spec.tracking_uri).get_metric_history(children.iloc[0]["run_id"], "train/loss")
     steps = [m.step for m in hist]
     assert len(steps) == len(set(steps))  # no metric point twice
 

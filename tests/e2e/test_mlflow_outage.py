@@ -347,7 +347,7 @@ def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_pat
     assert out.getvalue().count("COMPLETED") == 2 and "opt-study sync-mlflow" in out.getvalue()
     queued = sorted(p.name.split("-", 1)[1] for p in mlflow_queue.pending_entries(spec.study_dir))
     tids = sorted(p.trial_id for p in plan_trials(spec))
-    assert queued == sorted(["parent_run-down.json", "end_parent-down.json"] + [f"log_trial-{t}.json" for t in tids])
+    assert queued == sorted(["parent_run-down.json", "end_parent-down.json"] + [f"log_trial-{t}.json" for t in tids for _ in ("start", "end")])
 
     server.start()
     cli = subprocess.run(
@@ -364,4 +364,4 @@ def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_pat
     for [run] in children.values():
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.info.status == "FINISHED" and run.data.params["optimizer"] == "sgd"
-        assert len(_client(server).get_metric_history(run.info.run_id, "loss")) == 5
+        assert len(_client(server).get_metric_history(run.info.run_id, "train/loss")) == 5

@@ -1,9 +1,11 @@
 """``write_report``: one HTML page with every table and figure of a study, logged to MLflow.
 
-The page is ``<study>/report/index.html`` with its figures as PNG files beside it (relative
-links: the folder can be copied or served as is). It reads a snapshot of the study, so it works
-while trials are still running, and it counts every trial by status: diverged, failed, stopped,
-running and pending trials are listed, never silently dropped.
+The page is ``<study>/report/index.html``, one self-contained file: its figures are PNGs inside
+it (``data:`` URIs), so it renders from disk, copied anywhere, and in MLflow's artifact viewer
+(which shows HTML from a ``blob:`` URL, where relative links to files beside it cannot resolve).
+It reads a snapshot of the study, so it works while trials are still running, and it counts every
+trial by status: diverged, failed, stopped, running and pending trials are listed, never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from pathlib import Path
 
 from opt_study.report import figures, render, tables
 from opt_study.report.data import StudyData, load
-from opt_study.storage import layout, objectstore
+from opt_study.storage import layout
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("overview", "Overview"),
     ("status", "Trials and their status"),
     ("assumptions", "Assumption table"),
     ("trajectories", "Trajectories"),
+    ("distributions", "Distributions per optimizer"),
+    ("sensitivity", "Hyperparameter sensitivity"),
     ("smoothness", "(L0, L1)-smoothness"),
     ("replay", "Checkpoint replay"),
     ("crowded-valley", "Crowded Valley: best loss vs tuning budget"),
@@ -28,7 +32,15 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("loss-curves", "Loss curves"),
     ("query", "Query the data"),
 )
-FIGURES: tuple[str, ...] = ("trajectories", "smoothness", "replay", "crowded_valley", "profiles", "loss_curves")
+# PNG files that reports before the page embedded its figures wrote beside it: removed.
+OLD_FIGURE_FILES: tuple[str, ...] = (
+    "trajectories",
+    "smoothness",
+    "replay",
+    "crowded_valley",
+    "profiles",
+    "loss_curves",
+)
 
 _ASSUMPTION_COLUMNS = [
     ("label", "optimizer"),
@@ -52,23 +64,20 @@ _ASSUMPTION_COLUMNS = [
 ]
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=100)
-    return path
-
-
 def _overview(data: StudyData, counts: dict) -> list[str]:
     open_ = counts.get("running", 0) + counts.get("pending", 0)
     parts = [
         render.note(
             f"Study folder {data.db.study_dir.resolve()}; workload {data.workload}; "
-            f"{len(data.trials)} trials: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + "."
+            f"{render.plural(len(data.trials), 'trial')}: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+            + "."
         )
     ]
     if open_:
         parts.append(
             render.note(
-                f"The study is still running ({open_} trials pending or running): "
+                f"The study is still running ({render.plural(open_, 'trial')} pending or running): "
                 "this page is a snapshot; their steps so far are included.",
                 warn=True,
             )
@@ -77,7 +86,7 @@ def _overview(data: StudyData, counts: dict) -> list[str]:
     if bad:
         parts.append(
             render.note(
-                f"{bad} trials diverged, failed, were stopped or lack a record: "
+                f"{render.plural(bad, 'trial')} diverged, failed, were stopped or lack a record: "
                 "they are listed under Status and counted in every table.",
                 warn=True,
             )
@@ -95,6 +104,7 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
         render.table(
             tables.problem_trials(data),
             [(k, k) for k in ("trial_id", "label", "status", "steps", "last_step", "final_loss", "error")],
+            empty="Every trial completed.",
         ),
     ]
     s["assumptions"] = [
@@ -107,16 +117,23 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
         ),
         render.table(tables.assumption_table(data), _ASSUMPTION_COLUMNS, ci=True),
     ]
-    s["trajectories"] = [render.image(_save(figures.trajectory_figure(data), out / "trajectories.png"), "trajectories")]
+    s["trajectories"] = [render.figure(figures.trajectory_figure(data), "trajectories")]
+    s["distributions"] = [render.figure(figures.distribution_figure(data), "distributions per optimizer")]
+    sens = figures.sensitivity_figure(data)
+    s["sensitivity"] = [
+        render.figure(sens, "hyperparameter sensitivity")
+        if sens is not None
+        else render.note("No numeric hyperparameter takes more than one value within an optimizer: nothing to scan.")
+    ]
     env = tables.envelope_table(data, q=q)
     s["smoothness"] = [
-        render.image(_save(figures.smoothness_figure(data, q=q), out / "smoothness.png"), "(L0, L1)-smoothness"),
+        render.figure(figures.smoothness_figure(data, q=q), "(L0, L1)-smoothness"),
         render.table(env, [(k, k) for k in ("label", "L0", "L1", "q", "n", "frac_below")]),
     ]
     rep = figures.replay_figure(data)
     s["replay"] = (
         [
-            render.image(_save(rep, out / "replay.png"), "replay"),
+            render.figure(rep, "replay"),
             render.table(
                 tables.replay_table(data),
                 [
@@ -143,25 +160,9 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
             )
         ]
     )
-    s["crowded-valley"] = [
-        render.image(_save(figures.crowded_valley_figure(data), out / "crowded_valley.png"), "Crowded Valley"),
-        render.table(
-            tables.crowded_valley_table(data),
-            [(k, k) for k in ("label", "budget", "seeds", "median", "min", "max", "no_result", "trials_without_loss")],
-        ),
-    ]
-    prof = tables.profile_table([data])
-    s["profiles"] = [
-        render.note(
-            "One workload per study: pass several studies to analysis/crowded_valley.py for "
-            "profiles across workloads. Cost = steps until every seed of the best "
-            "configuration reached the target (the lowest loss all seeds of some optimizer "
-            "reached)."
-        ),
-        render.image(_save(figures.profile_figure(prof), out / "profiles.png"), "profiles"),
-        render.table(prof["rows"], [(k, k) for k in ("problem", "label", "target", "steps")]),
-    ]
-    s["loss-curves"] = [render.image(_save(figures.loss_curves_figure(data), out / "loss_curves.png"), "loss curves")]
+    s["crowded-valley"] = _crowded_valley(data)
+    s["profiles"] = _profiles(data)
+    s["loss-curves"] = [render.figure(figures.loss_curves_figure(data), "loss curves")]
     s["query"] = [
         render.note(
             "Every number here comes from SQL over the study's Parquet record; "
@@ -172,6 +173,50 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
         f"opt-study ui {data.db.study_dir}</pre>",
     ]
     return s
+
+
+def _crowded_valley(data: StudyData) -> list[str]:
+    rows = tables.crowded_valley_table(data)
+    parts = []
+    if rows and max(r["seeds"] for r in rows) == 1:
+        parts.append(
+            render.note(
+                "One seed per configuration: each point is that seed's best validation loss; "
+                "with several seeds each budget shows a box over seeds."
+            )
+        )
+    parts += [
+        render.figure(figures.crowded_valley_figure(data), "Crowded Valley"),
+        render.table(
+            rows,
+            [(k, k) for k in ("label", "budget", "seeds", "median", "min", "max", "no_result", "trials_without_loss")],
+        ),
+    ]
+    return parts
+
+
+def _profiles(data: StudyData) -> list[str]:
+    """A performance profile needs several workloads; a study has one, so the page shows each
+    optimizer's steps to the target relative to the fastest instead of a profile (whose score
+    would say 0 for an optimizer only a few percent slower)."""
+    prof = tables.profile_table([data])
+    finite = [r["steps"] for r in prof["rows"] if r["steps"] is not None and r["steps"] < float("inf")]
+    fastest = min(finite, default=None)
+    rows = [{**r, "relative": r["steps"] / fastest if fastest else None} for r in prof["rows"]]
+    return [
+        render.note(
+            "One workload in a study, so no performance profile here: pass several studies to "
+            "analysis/crowded_valley.py for profiles across workloads. Steps = steps until every "
+            "seed of the best configuration reached the target (the lowest validation loss that "
+            "all seeds of some optimizer reached); relative = steps / the fastest optimizer's "
+            "(∞: never reached)."
+        ),
+        render.table(
+            rows,
+            [(k, k) for k in ("label", "target", "steps", "relative")],
+            empty="No optimizer has a validation loss yet.",
+        ),
+    ]
 
 
 def _mlflow_parent(data: StudyData, out: Path) -> tuple[str | None, str]:
@@ -195,7 +240,7 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
     return the page's path. ``q``: quantile of the (L0, L1) envelope; ``threads``: DuckDB's."""
     out = Path(out) if out is not None else layout.report_dir(study_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in FIGURES:  # a figure not produced this time must not linger from an old report
+    for name in OLD_FIGURE_FILES:  # PNGs of an older report: the page embeds its figures now
         layout.remove_tree(out / f"{name}.png")
     data = load(study_dir, threads=threads)
     try:
@@ -207,10 +252,8 @@ def write_report(study_dir, out=None, *, mlflow: bool = True, threads: int | Non
         now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         page = render.page(f"opt_study report: {data.name}", f"Generated {now}. {where}", list(SECTIONS), body)
         path = out / "index.html"
-        # a browser reloading the page never sees half of it; the figures and the page reach
-        # the object store when the study's root is one (atomic_write uploads the page)
-        for figure in sorted(out.glob("*.png")):
-            objectstore.push(figure)
+        # a browser reloading the page never sees half of it; the page reaches the object store
+        # when the study's root is one (atomic_write uploads it)
         layout.atomic_write_bytes(path, page.encode("utf-8"))
         if run_id is not None:
             from opt_study.results.mlflow_sink import MlflowSink

@@ -13,18 +13,25 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from opt_study.report import series, stats, tables
 from opt_study.report.data import StudyData
 
+# Axis labels in matplotlib's mathtext (no TeX needed): what each trajectory is.
 _LABELS = {
-    "convexity_gap_fwd": ("forward convexity gap", "⟨g_t, Δ_t⟩ − δ_t  (≤ 0 if convex)"),
-    "convexity_gap_bwd": ("backward convexity gap", "δ_t − ⟨g⁺_t, Δ_t⟩  (≤ 0 if convex)"),
-    "smoothness_local": ("local smoothness", "L_t = ‖g⁺_t − g_t‖ / ‖Δ_t‖"),
-    "smoothness_descent": ("descent-lemma smoothness", "L^DL_t = 2(δ_t − ⟨g_t, Δ_t⟩) / ‖Δ_t‖²"),
-    "cos_update_prev": ("update correlation", "cos(Δ_t, Δ_{t−1})"),
-    "cos_grad_update": ("gradient-update alignment", "cos(g_t, Δ_t)"),
+    "convexity_gap_fwd": ("forward convexity gap", r"$\langle g_t, \Delta_t\rangle - \delta_t$  (≤ 0 if convex)"),
+    "convexity_gap_bwd": ("backward convexity gap", r"$\delta_t - \langle g^+_t, \Delta_t\rangle$  (≤ 0 if convex)"),
+    "smoothness_local": ("local smoothness", r"$L_t = \|g^+_t - g_t\| \,/\, \|\Delta_t\|$"),
+    "smoothness_descent": (
+        "descent-lemma smoothness",
+        r"$L^{DL}_t = 2(\delta_t - \langle g_t, \Delta_t\rangle) \,/\, \|\Delta_t\|^2$",
+    ),
+    "cos_update_prev": ("update correlation", r"$\cos(\Delta_t, \Delta_{t-1})$"),
+    "cos_grad_update": ("gradient-update alignment", r"$\cos(g_t, \Delta_t)$"),
 }
+# A quantity whose positive values span at least this ratio is drawn on a log axis.
+DECADES_FOR_LOG = 30.0
 
 
 def colors(labels) -> dict[str, str]:
@@ -38,19 +45,47 @@ def _empty(ax, text: str = "no data yet") -> None:
 
 def _symlog(ax, values: list[np.ndarray]) -> None:
     """Symmetric log scale for signed quantities spanning decades (the convexity gaps), linear
-    within the 10th percentile of their magnitudes."""
+    within the 10th percentile of their magnitudes. Major ticks at 0 and at most three powers
+    of ten on each side, so their labels never overlap."""
     mags = np.abs(np.concatenate(values)) if values else np.array([])
     mags = mags[np.isfinite(mags) & (mags > 0)]
-    if mags.size:
-        ax.set_yscale("symlog", linthresh=float(np.quantile(mags, 0.1)))
+    if not mags.size:
+        return
+    lin = float(np.quantile(mags, 0.1))
+    ax.set_yscale("symlog", linthresh=lin)
+    lo, hi = math.floor(math.log10(lin)), math.ceil(math.log10(float(mags.max())))
+    every = max(1, math.ceil((hi - lo) / 3))
+    powers = [10.0**e for e in range(hi, lo - 1, -every)]
+    ax.yaxis.set_major_locator(FixedLocator(sorted([-p for p in powers] + [0.0] + powers)))
+    ax.yaxis.set_major_formatter(FuncFormatter(_power_label))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _power_label(v: float, _pos=None) -> str:
+    if v == 0:
+        return "0"
+    return f"${'-' if v < 0 else ''}10^{{{round(math.log10(abs(v)))}}}$"
+
+
+def _log_if_spans(ax, values, axis: str = "y") -> bool:
+    """A log axis where the values are all positive and span decades (a quadratic's loss going
+    from 550 to 1 is a flat line on a linear axis)."""
+    v = np.concatenate([np.asarray(x, dtype=float).ravel() for x in values]) if values else np.array([])
+    v = v[np.isfinite(v)]
+    if v.size and v.min() > 0 and v.max() / v.min() >= DECADES_FOR_LOG:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        return True
+    return False
 
 
 def trajectory_figure(data: StudyData) -> Figure:
     """Convexity gaps, local and descent-lemma smoothness and update correlation over training,
-    one line per label (best configuration, mean over seeds; arXiv:2407.01825, Figs. 1-4)."""
+    one line per label (best configuration, mean over seeds; arXiv:2407.01825, Figs. 1-4). On
+    the gap panels a shaded band ±noise floor per label: a gap inside it is indeterminate
+    (docs/METRICS.md §Noise floor)."""
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
-    traj = series.trajectories(data)
+    traj = series.trajectories(data, series.TRAJECTORY_COLUMNS + ("noise_floor",))
     col = colors(data.labels())
     for ax, name in zip(axes, series.TRAJECTORY_COLUMNS):
         title, ylabel = _LABELS[name]
@@ -62,15 +97,28 @@ def trajectory_figure(data: StudyData) -> Figure:
             if ok.any():
                 ax.plot(steps[ok], vals[ok], color=col[label], label=label, lw=1.2)
                 drawn.append(vals[ok])
+                if name.startswith("convexity_gap"):
+                    _noise_band(ax, cols["noise_floor"], col[label])
         if not drawn:
             _empty(ax)
             continue
+        handles = ax.get_legend_handles_labels()[0]
         if name.startswith("convexity_gap"):
             ax.axhline(0.0, color="0.3", lw=0.7)
             _symlog(ax, drawn)
-        ax.legend(fontsize=8)
+            handles.append(Patch(color="0.5", alpha=0.3, label="± noise floor (indeterminate)"))
+        elif name.startswith("smoothness"):
+            _log_if_spans(ax, drawn)
+        ax.legend(handles=handles, fontsize=8)
     fig.suptitle(f"{data.name}: trajectories of the best configuration per optimizer")
     return fig
+
+
+def _noise_band(ax, noise: tuple[np.ndarray, np.ndarray], color: str) -> None:
+    steps, nf = noise
+    ok = np.isfinite(nf)
+    if ok.any():
+        ax.fill_between(steps[ok], -nf[ok], nf[ok], color=color, alpha=0.2, lw=0)
 
 
 def smoothness_figure(data: StudyData, q: float = 0.95) -> Figure:
@@ -154,7 +202,9 @@ def crowded_valley_figure(data: StudyData) -> Figure:
             if np.isfinite(v).any():
                 pos.append(i + (j - (len(values) - 1) / 2) * width)
                 boxes.append(v[np.isfinite(v)])
-        if boxes:
+        if boxes and max(len(b) for b in boxes) == 1:  # one seed: a box of one value is a line; draw the point
+            ax.scatter(pos, [b[0] for b in boxes], color=col[label], s=36, zorder=3)
+        elif boxes:
             bp = ax.boxplot(
                 boxes,
                 positions=pos,
@@ -204,23 +254,101 @@ def profile_figure(profile: dict) -> Figure:
 
 
 def loss_curves_figure(data: StudyData) -> Figure:
-    """Training loss (lines) and validation loss (markers) of each label's best configuration,
-    mean over seeds."""
+    """Training loss (lines) and validation loss (markers) of each label's best configuration:
+    the mean over seeds, shaded between the lowest and highest seed. A log axis when the loss
+    spans decades."""
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    ax.set(xlabel="step", ylabel="loss", title="best configuration per optimizer")
-    col, drawn = colors(data.labels()), False
+    ax.set(xlabel="step", ylabel="loss", title="best configuration per optimizer (band: min–max over seeds)")
+    col, drawn = colors(data.labels()), []
     for label, curves in series.loss_curves(data).items():
-        steps, loss = curves["loss"]
-        if steps.size:
-            ax.plot(steps, loss, color=col[label], lw=1.0, alpha=0.8, label=f"{label} train")
-            drawn = True
-        steps, ev = curves["eval_loss"]
-        if steps.size:
-            ax.plot(steps, ev, "o--", color=col[label], ms=4, label=f"{label} validation")
-            drawn = True
+        seeds = len(data.best.get(label, []))
+        for key, style, what in (("loss", "-", "train"), ("eval_loss", "o--", "validation")):
+            steps, mean, lo, hi = curves[key]
+            if not steps.size:
+                continue
+            ax.plot(steps, mean, style, color=col[label], lw=1.0, ms=4, label=f"{label} {what}")
+            if seeds > 1:
+                ax.fill_between(steps, lo, hi, color=col[label], alpha=0.15, lw=0)
+            drawn += [mean, lo]
     if drawn:
+        _log_if_spans(ax, drawn)
         ax.legend(fontsize=8)
     else:
         _empty(ax)
+    return fig
+
+
+def sensitivity_figure(data: StudyData) -> Figure | None:
+    """The hyperparameter scan: each trial's best validation loss against each numeric
+    hyperparameter, one row of panels per optimizer (label), one point per trial and a line
+    through the mean over seeds; log axes where the values span decades. None without a
+    numeric hyperparameter that varies."""
+    points = tables.sensitivity_points(data)
+    rows = [(label, hp) for label, by_hp in points.items() for hp in by_hp]
+    if not rows:
+        return None
+    labels = list(points)
+    ncols = max(len(by_hp) for by_hp in points.values())
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * len(labels)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(labels), ncols, squeeze=False))
+    col = colors(data.labels())
+    for i, label in enumerate(labels):
+        for j in range(ncols):
+            ax = axes[i, j]
+            hps = list(points[label])
+            if j >= len(hps):
+                ax.set_visible(False)
+                continue
+            _sensitivity_panel(ax, points[label][hps[j]], hps[j], label, col[label])
+    fig.suptitle(f"{data.name}: best validation loss against each hyperparameter")
+    return fig
+
+
+def _sensitivity_panel(ax, pts: list[tuple[float, float]], hp: str, label: str, color: str) -> None:
+    ax.set(xlabel=hp, ylabel="best validation loss", title=label)
+    xs = np.array([p[0] for p in pts], dtype=float)
+    ys = np.array([p[1] for p in pts], dtype=float)
+    ok = np.isfinite(ys)
+    ax.scatter(xs[ok], ys[ok], color=color, s=18, alpha=0.7)
+    ux = np.unique(xs[ok])
+    ax.plot(ux, [ys[ok][xs[ok] == x].mean() for x in ux], color=color, lw=1.2)
+    if (~ok).any():  # diverged or no evaluation: marked at the top, never dropped silently
+        ax.scatter(xs[~ok], np.full((~ok).sum(), 1.0), marker="x", color="red", transform=ax.get_xaxis_transform())
+    _log_if_spans(ax, [xs], axis="x")
+    _log_if_spans(ax, [ys[ok]])
+
+
+def distribution_figure(data: StudyData) -> Figure:
+    """Distributions over the measured steps of each optimizer's best configuration (all seeds)
+    of the two convexity gaps and the local smoothness, as in the paper's per-optimizer box plots
+    (arXiv:2407.01825): box = quartiles, whiskers = 5th-95th percentile."""
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
+    axes = fig.subplots(1, 3)
+    vals = series.measured_values(data)
+    col = colors(data.labels())
+    labels = [lab for lab in vals if any(v.size for v in vals[lab].values())]
+    for ax, name in zip(axes, ("convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local")):
+        title, ylabel = _LABELS[name]
+        ax.set(title=title, xlabel="optimizer", ylabel=ylabel)
+        data_ = [vals[lab][name] for lab in labels]
+        if not any(d.size for d in data_):
+            _empty(ax)
+            continue
+        bp = ax.boxplot(
+            [d if d.size else [np.nan] for d in data_],
+            whis=(5, 95),
+            showfliers=False,
+            patch_artist=True,
+            medianprops={"color": "black"},
+        )
+        for patch, lab in zip(bp["boxes"], labels):
+            patch.set(facecolor=col[lab], alpha=0.6)
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        if name.startswith("convexity_gap"):
+            ax.axhline(0.0, color="0.3", lw=0.7)
+            _symlog(ax, [d for d in data_ if d.size])
+        else:
+            _log_if_spans(ax, [d for d in data_ if d.size])
+    fig.suptitle(f"{data.name}: distributions over measured steps (best configuration, all seeds)")
     return fig

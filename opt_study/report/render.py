@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import math
 from importlib import resources
-from pathlib import Path
 from string import Template
 
 
@@ -31,11 +32,17 @@ def fmt_ci(mean, half) -> str:
     return f"{fmt(mean, 3)} ± {fmt(half, 2)}"
 
 
-def table(rows: list[dict], columns: list[tuple[str, str]], ci: bool = False) -> str:
-    """An HTML table of ``rows`` with ``columns`` = [(key, header)]. With ``ci``, a key ``k``
-    whose ``k_ci`` is in the row is shown as ``mean ± half-width``."""
+def plural(n: int, word: str) -> str:
+    """``1 trial``, ``3 trials``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]], ci: bool = False, empty: str = "") -> str:
+    """An HTML table of ``rows`` with ``columns`` = [(key, header)], in a box that scrolls
+    sideways when the table is wider than the page. With ``ci``, a key ``k`` whose ``k_ci`` is
+    in the row is shown as ``mean ± half-width``. No rows: the sentence ``empty`` (or nothing)."""
     if not rows:
-        return '<p class="note">(no rows)</p>'
+        return note(empty) if empty else ""
     head = "".join(f'<th class="{_cls(rows, k)}">{html.escape(h)}</th>' for k, h in columns)
     body = []
     for r in rows:
@@ -44,7 +51,7 @@ def table(rows: list[dict], columns: list[tuple[str, str]], ci: bool = False) ->
             v = fmt_ci(r.get(k), r.get(f"{k}_ci")) if ci and f"{k}_ci" in r else fmt(r.get(k))
             cells.append(f'<td class="{_cls(rows, k)}">{html.escape(v)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>\n" + "\n".join(body) + "</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>\n' + "\n".join(body) + "</table></div>"
 
 
 def _cls(rows: list[dict], key: str) -> str:
@@ -52,9 +59,15 @@ def _cls(rows: list[dict], key: str) -> str:
     return "text" if isinstance(v, str) else "num"
 
 
-def image(path: Path, alt: str) -> str:
-    """An ``<img>`` for a PNG beside the page (relative link, so the folder can be moved)."""
-    return f'<p><img src="{html.escape(path.name)}" alt="{html.escape(alt)}"></p>'
+def figure(fig, alt: str, dpi: int = 100) -> str:
+    """An ``<img>`` holding the figure itself, a PNG as a ``data:`` URI: the page is one
+    self-contained file, so it renders wherever it is opened: from disk, mailed, or inside
+    MLflow's artifact viewer, which shows an HTML artifact from a ``blob:`` URL where no
+    relative link can resolve."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>'
 
 
 def note(text: str, warn: bool = False) -> str:

@@ -72,20 +72,34 @@ def smoothness_points(data: StudyData) -> dict[str, tuple[np.ndarray, np.ndarray
     return out
 
 
-def loss_curves(data: StudyData) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """{label: {"loss": (steps, mean train loss), "eval_loss": (steps, mean eval loss)}}.
-    A non-finite loss (divergence) is kept out of the mean; the status table counts it."""
+def loss_curves(data: StudyData) -> dict[str, dict[str, tuple[np.ndarray, ...]]]:
+    """{label: {"loss" | "eval_loss": (steps, mean, min, max over seeds)}} of the label's best
+    configuration (min and max: the seed band). A non-finite loss (divergence) is kept out;
+    the status table counts it."""
     out = {}
     for label, ids in data.best.items():
         curves = {}
         for col in ("loss", "eval_loss"):
             c = data.db.columns(
-                f"SELECT step, avg({col}) AS v FROM steps WHERE "
+                f"SELECT step, avg({col}) AS v, min({col}) AS lo, max({col}) AS hi FROM steps WHERE "
                 f"trial_id IN {ids_sql(ids)} AND isfinite({col}) "
                 "GROUP BY step ORDER BY step"
             )
-            curves[col] = (c["step"], c["v"])
+            curves[col] = (c["step"], c["v"], c["lo"], c["hi"])
         out[label] = curves
+    return out
+
+
+def measured_values(data: StudyData, columns=("convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local")) -> dict:
+    """{label: {column: values}}: every measured, unflagged, finite value of the label's best
+    configuration (all seeds), for the distribution figures."""
+    out = {}
+    for label, ids in data.best.items():
+        cols = data.db.columns(
+            f"SELECT {', '.join(columns)} FROM steps WHERE measured AND coalesce(flag, '') = '' "
+            f"AND trial_id IN {ids_sql(ids)} ORDER BY trial_id, step"
+        )
+        out[label] = {c: cols[c][np.isfinite(cols[c].astype(float))] for c in columns}
     return out
 
 

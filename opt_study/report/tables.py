@@ -221,3 +221,25 @@ def profile_table(studies: list[StudyData], taus=PROFILE_TAUS) -> dict:
     curves = stats.performance_profile(times, taus)
     scores = {k: stats.profile_score(rho, taus) for k, rho in sorted(curves.items())}
     return {"rows": rows, "scores": scores, "taus": np.asarray(taus), "curves": curves}
+
+
+def sensitivity_points(data: StudyData) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """{label: {hyperparameter: [(value, best validation loss)] per trial}} for every numeric
+    hyperparameter that takes more than one value within the label (the scan's axes). A trial
+    without a finite validation loss (diverged, failed, not yet evaluated) has NaN."""
+    out: dict[str, dict] = {}
+    for label in data.labels():
+        ts = data.of_label(label)
+        names = sorted({k for t in ts for k in t if k.startswith("hp.")})
+        by_hp = {}
+        for name in names:
+            pts = [(t[name], t.get("best_eval_loss")) for t in ts if _number(t.get(name))]
+            if len({x for x, _ in pts}) > 1:
+                by_hp[name[3:]] = [(float(x), math.nan if y is None else float(y)) for x, y in pts]
+        if by_hp:
+            out[label] = by_hp
+    return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -387,6 +387,8 @@ def test_every_figure_renders_with_labelled_axes(sd):
         figures.crowded_valley_figure(sd),
         figures.profile_figure(tables.profile_table([sd])),
         figures.loss_curves_figure(sd),
+        figures.distribution_figure(sd),
+        figures.sensitivity_figure(sd),
     ]
     for fig in figs:
         _check_figure(fig)
@@ -432,7 +434,7 @@ def test_replay_table_and_figure(study, tmp_path):
         assert rows["x0"]["excess"] == 0.75
         _check_figure(figures.replay_figure(d))
         path = build.write_report(study, mlflow=False)
-        assert 'id="replay"' in path.read_text() and (path.parent / "replay.png").stat().st_size > 0
+        assert 'id="replay"' in path.read_text() and 'alt="replay"' in path.read_text()
     finally:
         d.db.close()
 
@@ -452,10 +454,9 @@ def test_write_report_logs_to_mlflow(study):
     assert path == study / "report" / "index.html"
     text = path.read_text()
     _sections_present(text)
-    for name in ("trajectories", "smoothness", "crowded_valley", "profiles", "loss_curves"):
-        png = study / "report" / f"{name}.png"
-        assert png.stat().st_size > 2000 and f'src="{name}.png"' in text
-    assert not (study / "report" / "replay.png").exists()
+    # one self-contained page: every figure is inside it, none is a file beside it
+    assert text.count('src="data:image/png;base64,') == 6 and not list((study / "report").glob("*.png"))
+    assert "(no rows)" not in text and " 1 trials" not in text
     assert "No replay/ dataset" in text and "still running" in text
     assert "adam-001-s1" in text and "RuntimeError: out of memory" in text
     client = MlflowClient(f"sqlite:///{study.parent / 'mlflow.db'}")
@@ -464,7 +465,7 @@ def test_write_report_logs_to_mlflow(study):
     )[0]
     assert parent.info.run_id in text
     logged = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"index.html", "trajectories.png", "profiles.png"} <= logged
+    assert logged == {"index.html"}
 
 
 def test_report_command(study, capsys):

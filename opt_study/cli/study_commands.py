@@ -146,19 +146,25 @@ def cmd_compact(a) -> int:
 
 
 def cmd_ui(a) -> int:
+    """The MLflow UI on the study's store: a local store gets an ``mlflow ui`` started here; a
+    tracking server already is one, so the command says where to open it and starts nothing."""
+    from opt_study.results.mlflow_queue import fast_failing_http, redact
+    from opt_study.results.mlflow_sink import experiment_link
+    from opt_study.results.query import experiment_name
+
     spec = study_spec(a.study)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        spec.tracking_uri,
-        "--host",
-        a.host,
-        "--port",
-        str(a.port),
-    ]
+    name = experiment_name(spec.study.name)
+    if spec.tracking_uri.startswith(("http://", "https://")):
+        print(f"{spec.study.name} is tracked by the MLflow server {redact(spec.tracking_uri)}; open:")
+        with fast_failing_http(5):  # a server that is down: the UI's home page, not minutes of retries
+            link = experiment_link(spec.tracking_uri, name, spec.tracking_uri)
+        print(f"  {redact(link)}")
+        return 0
+    host = "localhost" if a.host in ("0.0.0.0", "127.0.0.1", "::") else a.host
+    link = experiment_link(spec.tracking_uri, name, f"http://{host}:{a.port}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", spec.tracking_uri]
+    cmd += ["--host", a.host, "--port", str(a.port)]
     print("starting:", " ".join(cmd), flush=True)
+    print(f"open the study's runs (training view): {link}", flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.call(cmd, env=env)

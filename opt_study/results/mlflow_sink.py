@@ -341,3 +341,19 @@ class MlflowSink:
 
 def _str_tags(tags: dict) -> dict[str, str]:
     return {str(k): str(v)[:_MAX_TAG_VALUE] for k, v in tags.items()}
+
+
+def experiment_link(tracking_uri: str, experiment_name: str, base_url: str) -> str:
+    """The MLflow UI's page of the experiment's runs in its training (machine-learning) view, at
+    ``base_url``; the UI's home page when the experiment cannot be read (no such experiment yet,
+    a server that is down)."""
+    from mlflow.tracking import MlflowClient
+
+    base = base_url.rstrip("/")
+    try:
+        exp = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment_name)
+    except Exception:  # noqa: BLE001 - a link is a convenience: the UI is still where it is
+        exp = None
+    if exp is None:
+        return f"{base}/"
+    return f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"

@@ -13,9 +13,14 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install quickstart test test-fast lint bench clean
+.PHONY: install chromium quickstart test test-fast lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# Debian's chromium, for the report's browser test (tests/e2e/test_report_in_browser.py): Playwright
+# drives this one (it downloads no browser of its own). Needs root, as CI and the dev machines are.
+chromium:
+	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,7 +38,7 @@ quickstart: install
 	$(BIN)/opt-study report results/quickstart
 
 # Everything (what CI runs): tests/unit, tests/multirank (torchrun), tests/e2e (Ray, real studies).
-test: install
+test: install chromium
 	$(BIN)/python -m pytest -q tests
 
 # The unit tests only (no Ray cluster, no torchrun): about 70 s on 2 cores.

@@ -28,7 +28,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("smoothness", "(L0, L1)-smoothness"),
     ("replay", "Checkpoint replay"),
     ("crowded-valley", "Crowded Valley: best loss vs tuning budget"),
-    ("profiles", "Performance profiles"),
+    ("profiles", "Steps to target"),
     ("loss-curves", "Loss curves"),
     ("query", "Query the data"),
 )

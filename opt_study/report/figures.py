@@ -43,18 +43,20 @@ def _empty(ax, text: str = "no data yet") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-def _symlog(ax, values: list[np.ndarray]) -> None:
+def _symlog(ax, values: list[np.ndarray], linthresh: float | None = None) -> None:
     """Symmetric log scale for signed quantities spanning decades (the convexity gaps), linear
-    within the 10th percentile of their magnitudes. Major ticks at 0 and at most three powers
-    of ten on each side, so their labels never overlap."""
+    within ``linthresh`` (the gap plots pass the noise floor, so the linear band around 0 is
+    exactly where a gap is indeterminate), else within the 10th percentile of the magnitudes.
+    Major ticks at 0 and at most three powers of ten on each side, all outside the linear band,
+    so their labels never overlap."""
     mags = np.abs(np.concatenate(values)) if values else np.array([])
     mags = mags[np.isfinite(mags) & (mags > 0)]
     if not mags.size:
         return
-    lin = float(np.quantile(mags, 0.1))
+    lin = linthresh if linthresh and math.isfinite(linthresh) and linthresh > 0 else float(np.quantile(mags, 0.1))
     ax.set_yscale("symlog", linthresh=lin)
-    lo, hi = math.floor(math.log10(lin)), math.ceil(math.log10(float(mags.max())))
-    every = max(1, math.ceil((hi - lo) / 3))
+    lo, hi = math.floor(math.log10(lin)) + 1, max(math.floor(math.log10(lin)) + 1, math.ceil(math.log10(mags.max())))
+    every = max(1, math.ceil((hi - lo + 1) / 3))
     powers = [10.0**e for e in range(hi, lo - 1, -every)]
     ax.yaxis.set_major_locator(FixedLocator(sorted([-p for p in powers] + [0.0] + powers)))
     ax.yaxis.set_major_formatter(FuncFormatter(_power_label))
@@ -67,12 +69,13 @@ def _power_label(v: float, _pos=None) -> str:
     return f"${'-' if v < 0 else ''}10^{{{round(math.log10(abs(v)))}}}$"
 
 
-def _log_if_spans(ax, values, axis: str = "y") -> bool:
-    """A log axis where the values are all positive and span decades (a quadratic's loss going
-    from 550 to 1 is a flat line on a linear axis)."""
+def _log_if_spans(ax, values, axis: str = "y", ratio: float = DECADES_FOR_LOG) -> bool:
+    """A log axis where the values are all positive and their largest is at least ``ratio``
+    times their smallest (a quadratic's loss going from 550 to 1 is a flat line on a linear
+    axis)."""
     v = np.concatenate([np.asarray(x, dtype=float).ravel() for x in values]) if values else np.array([])
     v = v[np.isfinite(v)]
-    if v.size and v.min() > 0 and v.max() / v.min() >= DECADES_FOR_LOG:
+    if v.size and v.min() > 0 and v.max() / v.min() >= ratio:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
         return True
     return False
@@ -90,7 +93,7 @@ def trajectory_figure(data: StudyData) -> Figure:
     for ax, name in zip(axes, series.TRAJECTORY_COLUMNS):
         title, ylabel = _LABELS[name]
         ax.set(title=title, xlabel="step", ylabel=ylabel)
-        drawn = []
+        drawn, floors = [], []
         for label, cols in traj.items():
             steps, vals = cols[name]
             ok = np.isfinite(vals)
@@ -98,27 +101,31 @@ def trajectory_figure(data: StudyData) -> Figure:
                 ax.plot(steps[ok], vals[ok], color=col[label], label=label, lw=1.2)
                 drawn.append(vals[ok])
                 if name.startswith("convexity_gap"):
-                    _noise_band(ax, cols["noise_floor"], col[label])
+                    floors.append(_noise_band(ax, cols["noise_floor"], col[label]))
         if not drawn:
             _empty(ax)
             continue
         handles = ax.get_legend_handles_labels()[0]
         if name.startswith("convexity_gap"):
             ax.axhline(0.0, color="0.3", lw=0.7)
-            _symlog(ax, drawn)
+            floors = [f for f in floors if math.isfinite(f)]
+            _symlog(ax, drawn, linthresh=float(np.median(floors)) if floors else None)
             handles.append(Patch(color="0.5", alpha=0.3, label="± noise floor (indeterminate)"))
-        elif name.startswith("smoothness"):
-            _log_if_spans(ax, drawn)
+        elif not (name.startswith("smoothness") and _log_if_spans(ax, drawn)):
+            ax.ticklabel_format(axis="y", useOffset=False)  # "1e-8 − 1" above a cosine near −1 reads as noise
         ax.legend(handles=handles, fontsize=8)
     fig.suptitle(f"{data.name}: trajectories of the best configuration per optimizer")
     return fig
 
 
-def _noise_band(ax, noise: tuple[np.ndarray, np.ndarray], color: str) -> None:
+def _noise_band(ax, noise: tuple[np.ndarray, np.ndarray], color: str) -> float:
+    """The band ±noise floor over the steps; its median (NaN without one)."""
     steps, nf = noise
     ok = np.isfinite(nf)
-    if ok.any():
-        ax.fill_between(steps[ok], -nf[ok], nf[ok], color=color, alpha=0.2, lw=0)
+    if not ok.any():
+        return math.nan
+    ax.fill_between(steps[ok], -nf[ok], nf[ok], color=color, alpha=0.2, lw=0)
+    return float(np.median(nf[ok]))
 
 
 def smoothness_figure(data: StudyData, q: float = 0.95) -> Figure:
@@ -290,7 +297,7 @@ def sensitivity_figure(data: StudyData) -> Figure | None:
         return None
     labels = list(points)
     ncols = max(len(by_hp) for by_hp in points.values())
-    fig = Figure(figsize=(4.2 * ncols, 3.2 * len(labels)), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 4.2 * ncols), 3.2 * len(labels)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(labels), ncols, squeeze=False))
     col = colors(data.labels())
     for i, label in enumerate(labels):
@@ -315,7 +322,7 @@ def _sensitivity_panel(ax, pts: list[tuple[float, float]], hp: str, label: str, 
     ax.plot(ux, [ys[ok][xs[ok] == x].mean() for x in ux], color=color, lw=1.2)
     if (~ok).any():  # diverged or no evaluation: marked at the top, never dropped silently
         ax.scatter(xs[~ok], np.full((~ok).sum(), 1.0), marker="x", color="red", transform=ax.get_xaxis_transform())
-    _log_if_spans(ax, [xs], axis="x")
+    _log_if_spans(ax, [xs], axis="x", ratio=3.0)  # scans are log-spaced: lr 1e-3, 3e-3, 1e-2
     _log_if_spans(ax, [ys[ok]])
 
 
@@ -345,9 +352,10 @@ def distribution_figure(data: StudyData) -> Figure:
         for patch, lab in zip(bp["boxes"], labels):
             patch.set(facecolor=col[lab], alpha=0.6)
         ax.set_xticks(range(1, len(labels) + 1), labels)
-        if name.startswith("convexity_gap"):
+        if name.startswith("convexity_gap"):  # linear within the noise floor, as on the trajectories
             ax.axhline(0.0, color="0.3", lw=0.7)
-            _symlog(ax, [d for d in data_ if d.size])
+            floors = np.concatenate([vals[lab]["noise_floor"] for lab in labels])
+            _symlog(ax, [d for d in data_ if d.size], linthresh=float(np.median(floors)) if floors.size else None)
         else:
             _log_if_spans(ax, [d for d in data_ if d.size])
     fig.suptitle(f"{data.name}: distributions over measured steps (best configuration, all seeds)")

@@ -90,7 +90,9 @@ def loss_curves(data: StudyData) -> dict[str, dict[str, tuple[np.ndarray, ...]]]
     return out
 
 
-def measured_values(data: StudyData, columns=("convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local")) -> dict:
+def measured_values(
+    data: StudyData, columns=("convexity_gap_fwd", "convexity_gap_bwd", "smoothness_local", "noise_floor")
+) -> dict:
     """{label: {column: values}}: every measured, unflagged, finite value of the label's best
     configuration (all seeds), for the distribution figures."""
     out = {}

@@ -4,7 +4,7 @@
 `optim`) adds what needs them: the workload's typed parameters, optimizer names, every
 hyperparameter value a trial can draw (by building the optimizer), ZeRO stage x precision
 combinations, and the symlink-safe study folder. Each problem is one `ConfigError` naming the
-file and the field.
+file and the field; independent problems are raised together (`ConfigErrors`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 
 from opt_study import optim, plugins, workloads
 from opt_study.config import ConfigError, OptimizerSpec, Spec, WorkloadConfig, build, load_spec, parse_spec
-from opt_study.config.load import study_folder_spec
+from opt_study.config.load import collect, raise_all, study_folder_spec
 from opt_study.config.space import parse_domain
+from opt_study.optim.entry import ELEMENTWISE, PRECISIONS, UNSUPPORTED
 from opt_study.storage import objectstore, roots
 
 
@@ -40,17 +41,26 @@ def resolve_study(target: str | Path) -> Spec:
 
 
 def check(spec: Spec) -> Spec:
-    """``spec`` with its workload params typed, after every registry check."""
-    spec = dataclasses.replace(spec, workload=_workload(spec.workload, spec.source))
+    """``spec`` with its workload params typed, after every registry check. Independent problems
+    (the workload, each optimizer entry, each extra metric, the cross checks) are reported
+    together (ConfigErrors when there are several)."""
+    errors: list[ConfigError] = []
+    workload = collect(errors, _workload, spec.workload, spec.source)
+    if workload is not None:
+        spec = dataclasses.replace(spec, workload=workload)
+    before = len(errors)
     for i, o in enumerate(spec.optimizers):
-        _check_optimizer(o, spec.source, f"optimizers[{i}]")
-    spec = dataclasses.replace(spec, optimizers=tuple(_with_registry(o) for o in spec.optimizers))
+        collect(errors, _check_optimizer, o, spec.source, f"optimizers[{i}]")
+    optimizers_ok = len(errors) == before
     for i, name in enumerate(spec.measure.extra):
         try:
             plugins.metric(name)
         except ValueError as e:
-            raise ConfigError(spec.source, f"measure.extra[{i}]", str(e)) from None
-    _cross_checks(spec)
+            errors.append(ConfigError(spec.source, f"measure.extra[{i}]", str(e)))
+    if workload is not None and optimizers_ok:
+        spec = dataclasses.replace(spec, optimizers=tuple(_with_registry(o) for o in spec.optimizers))
+        errors += _cross_checks(spec)
+    raise_all(errors)
     return spec
 
 
@@ -136,27 +146,46 @@ def _check_hparams(name: str, space: Mapping, file: str, where: str) -> None:
                 raise ConfigError(file, f"{where}.{k}", f"{name} rejects {k}={v!r:.40}: {msg[:200]}") from None
 
 
-def _cross_checks(spec: Spec) -> None:
-    file = spec.source
+def _cross_checks(spec: Spec) -> list[ConfigError]:
+    """Every problem of the ZeRO stage x precision x optimizer x workload combination, each on
+    the field to change: a combination no optimizer can run (DeepSpeed's, optim.entry.UNSUPPORTED)
+    is the scale's, not the first optimizer's."""
+    file, s, errors = spec.source, spec.scale, []
+    engine_why = UNSUPPORTED.get((s.zero_stage, s.precision))
+    if engine_why:
+        ok = sorted({st for st, p in ELEMENTWISE if p == s.precision})
+        precs = [p for p in PRECISIONS if (s.zero_stage, p) in ELEMENTWISE]
+        errors.append(
+            ConfigError(
+                file,
+                "scale.precision",
+                f"{s.precision} cannot run at zero_stage {s.zero_stage} ({engine_why}); set scale.zero_stage to "
+                f"{' or '.join(map(str, ok))} to keep {s.precision}, or scale.precision to {' or '.join(precs)}",
+            )
+        )
     for i, o in enumerate(spec.optimizers):
-        # layer-wise / matrix rules degrade silently on ZeRO's flat partitions (optim/entry.py)
-        msg = optim.combination_error(o.name, spec.scale.zero_stage, spec.scale.precision)
-        if msg:
-            raise ConfigError(file, f"optimizers[{i}].name", msg)
+        # layer-wise / matrix rules degrade silently on ZeRO's flat partitions (optim/entry.py);
+        # an element-wise rule is refused only by the engine (said once, above)
+        msg = optim.combination_error(o.name, s.zero_stage, s.precision)
+        if msg and not (engine_why and optim.optimizer_entry(o.name).elementwise):
+            errors.append(ConfigError(file, f"optimizers[{i}].name", msg))
     supported = workloads.workload_class(spec.workload.type).precisions
-    if spec.scale.precision not in supported:
-        raise ConfigError(
-            file,
-            "scale.precision",
-            f"workload {spec.workload.type} supports {', '.join(supported)} only "
-            f"(it feeds float32 inputs to the model); set scale.precision: fp32",
+    if s.precision not in supported:
+        errors.append(
+            ConfigError(
+                file,
+                "scale.precision",
+                f"workload {spec.workload.type} supports {', '.join(supported)} only "
+                f"(it feeds float32 inputs to the model); set scale.precision: fp32",
+            )
         )
     try:
         _ = spec.study_dir  # the symlink-safe folder (opt_study.storage.layout.study_dir) raises
     except ValueError as e:
-        raise ConfigError(file, "study.name", str(e)) from None
+        errors.append(ConfigError(file, "study.name", str(e)))
     except OSError as e:  # a name over the OS limit
-        raise ConfigError(file, "study.storage", f"{spec.study.storage[:80]!r}: {e.strerror or e}") from None
+        errors.append(ConfigError(file, "study.storage", f"{spec.study.storage[:80]!r}: {e.strerror or e}"))
+    return errors
 
 
 def check_runnable(spec: Spec) -> None:

@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 success, 1 some trials (or deliveries) failed, the study is already running "
         "or the disk is full, 2 bad input, 130 interrupted",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("validate", help="check a study YAML without starting anything; print its trial plan")
     r.add_argument("file")
@@ -43,12 +44,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--extend", action="store_true", help="allow a spec that adds trials to an existing study (and changes none)"
     )
+    _verbose(r)
     r.set_defaults(fn=study_cmd.cmd_run)
     r = sub.add_parser("resume", help="finish the unfinished trials of a study folder or YAML")
     r.add_argument("study")
+    _verbose(r)
     r.set_defaults(fn=study_cmd.cmd_resume)
     r = sub.add_parser("status", help="one line per trial: status, losses, hyperparameters")
     r.add_argument("study")
+    r.add_argument("--json", action="store_true", help="print every trial record as JSON")
     r.set_defaults(fn=study_cmd.cmd_status)
     q = sub.add_parser(
         "query",
@@ -61,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--csv", metavar="PATH", help="also save the result as CSV")
     q.add_argument("--parquet", metavar="PATH", help="also save the result as Parquet")
     q.add_argument("--max-rows", type=int, default=50, help="rows to print (default 50)")
+    q.add_argument(
+        "--format",
+        choices=("table", "csv", "json", "markdown"),
+        default="table",
+        help="table (default: fitted to the terminal width), csv, json (one object per row) or markdown",
+    )
     q.set_defaults(fn=results_cmd.cmd_query)
     r = sub.add_parser(
         "report", help="write the study's HTML report (tables, figures) and log it to the study's MLflow parent run"
@@ -100,12 +110,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's and MLflow's own banners and warnings")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("opt_study")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return a.fn(a)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:  # ConfigErrors: one line per problem
+        for err in getattr(e, "errors", [e]):
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StudyBusy as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,11 @@ example: opt-study query results/quickstart "SELECT optimizer, avg(smoothness_lo
 
 
 def cmd_query(args) -> int:
-    from opt_study.report.text import format_table
+    """The result on stdout in --format: table (fitted to the terminal) and markdown show
+    --max-rows rows; csv and json print every row (for pipes). "saved" lines go to stderr then."""
+    import shutil
+
+    from opt_study.report.text import render
     from opt_study.results.query import QueryError, query, write_csv, write_parquet
 
     study = study_folder(args.study, "query")
@@ -31,11 +35,17 @@ def cmd_query(args) -> int:
     except QueryError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(format_table(table.column_names, table.slice(0, args.max_rows).to_pylist(), table.num_rows))
+    fmt = getattr(args, "format", "table")
+    shown = table.slice(0, args.max_rows) if fmt in ("table", "markdown") else table
+    width = shutil.get_terminal_size().columns if fmt == "table" and sys.stdout.isatty() else None
+    text = render(fmt, table.column_names, shown.to_pylist(), table.num_rows, width=width)
+    if text:
+        print(text)
+    saved_to = sys.stdout if fmt == "table" else sys.stderr  # machine formats keep stdout clean
     if args.csv:
-        print(f"saved {write_csv(table, args.csv)}")
+        print(f"saved {write_csv(table, args.csv)}", file=saved_to)
     if args.parquet:
-        print(f"saved {write_parquet(table, args.parquet)}")
+        print(f"saved {write_parquet(table, args.parquet)}", file=saved_to)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,9 +29,10 @@ def _load(file: str) -> Spec:
 
 
 def cmd_validate(a) -> int:
+    """stdout: the plan only (a table, or JSON with --json), so it pipes; "OK" goes to stderr."""
     spec = _load(a.file)
     if not getattr(a, "json", False):
-        print(f"{a.file}: OK")
+        print(f"{a.file}: OK", file=sys.stderr)
     print_plan(spec, getattr(a, "json", False))
     return 0
 
@@ -37,22 +40,34 @@ def cmd_validate(a) -> int:
 def print_plan(spec: Spec, as_json: bool) -> None:
     """The study summary and every trial it will run: a table, or (as_json) one JSON document
     {"summary", "imported", "trials"}. User code imported by validation is named."""
+    from opt_study.report.text import format_table
     from opt_study.study.run import describe, plan_table
     from opt_study.validate import imported_modules
 
     rows, imported = plan_table(spec), imported_modules(spec)
+    summary = describe(spec)
     if as_json:
-        print(json.dumps({"summary": describe(spec), "imported": imported, "trials": rows}, indent=1, default=str))
+        print(json.dumps({"summary": summary, "imported": imported, "trials": rows}, indent=1, default=str))
         return
     for line in imported:
         print(f"imported {line}")
-    print(json.dumps(describe(spec), indent=2))
-    print(f"{'trial':<34}{'phase':<14}{'budget':<10}{'seed':>5}  {'status':<12}hyperparameters")
-    for r in rows:
-        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r["hparams"].items())) or "-"
-        print(
-            f"{r['trial_id']:<34}{r['phase'] or '-':<14}{r['budget'] or '-':<10}{r['seed']:>5}  {r['status']:<12}{hp}"
-        )
+    for k, v in summary.items():
+        v = ", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else v
+        print(f"{k + ':':<21}{v}")
+    print()
+    names = ["trial", "phase", "budget", "seed", "status", "hyperparameters"]
+    table = [
+        {
+            "trial": r["trial_id"],
+            "phase": r["phase"] or "-",
+            "budget": r["budget"] or "-",
+            "seed": r["seed"],
+            "status": r["status"],
+            "hyperparameters": ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r["hparams"].items())) or "-",
+        }
+        for r in rows
+    ]
+    print(format_table(names, table, len(table), align_left=("trial", "phase", "budget", "status", "hyperparameters")))
 
 
 def cmd_run(a) -> int:
@@ -62,7 +77,7 @@ def cmd_run(a) -> int:
     if a.dry_run:
         print_plan(spec, a.json)
         return 0
-    run_study(spec, source_text=Path(a.file).read_text(), extend=a.extend)
+    run_study(spec, source_text=Path(a.file).read_text(), extend=a.extend, verbose=a.verbose)
     return _finish(spec)
 
 
@@ -70,7 +85,7 @@ def cmd_resume(a) -> int:
     from opt_study.study.run import run_study
 
     spec = study_spec(a.study)
-    run_study(spec, source_text=None)
+    run_study(spec, source_text=None, verbose=a.verbose)
     return _finish(spec)
 
 
@@ -90,7 +105,32 @@ def _finish(spec: Spec) -> int:
 
 
 def cmd_status(a) -> int:
-    return status_table(study_spec(a.study, "status"))
+    spec = study_spec(a.study, "status")
+    if getattr(a, "json", False):
+        return status_json(spec)
+    return status_table(spec)
+
+
+def status_json(spec: Spec) -> int:
+    """{"study", "study_dir", "counts", "trials": [every trial record]}; exit code 1 if some trial failed."""
+    from opt_study.results.trials import read_trial_records
+
+    recs = sorted(read_trial_records(spec.study_dir), key=lambda r: r["trial_id"])
+    counts = dict(sorted(collections.Counter(r["status"] for r in recs).items()))
+    doc = {"study": spec.study.name, "study_dir": str(spec.study_dir), "counts": counts, "trials": recs}
+    # NaN (a diverged trial's losses) is not JSON: null instead, so any JSON reader takes it
+    print(json.dumps(_nan_to_none(doc), indent=1, default=str, allow_nan=False))
+    return 1 if counts.get("failed") else 0
+
+
+def _nan_to_none(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_nan_to_none(x) for x in v]
+    return v
 
 
 def status_table(spec: Spec) -> int:

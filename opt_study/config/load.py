@@ -1,4 +1,5 @@
-"""Load a study YAML into `opt_study.config.Spec` (structure only), or fail with one `ConfigError`.
+"""Load a study YAML into `opt_study.config.Spec` (structure only), or fail with `ConfigError`
+(`ConfigErrors` when several top-level sections have problems: each is named).
 
 Security: YAML is parsed by a SafeLoader subclass (no Python object tags) with caps on the file
 size, the number of aliases and the nesting depth, and duplicate keys are refused (plain PyYAML
@@ -170,8 +171,9 @@ def load_spec(path: str | Path) -> C.Spec:
 
 
 def parse_spec(data: Any, file: str = "<memory>") -> C.Spec:
-    """Validate a parsed document (the top-level dict) into a Spec; the first problem found is
-    raised as ConfigError(file, dotted field, what is allowed). Relative storage is resolved
+    """Validate a parsed document (the top-level dict) into a Spec; problems are raised as
+    ConfigError(file, dotted field, what is allowed): the first one of each top-level section,
+    all sections at once (ConfigErrors when there are several). Relative storage is resolved
     against the current directory."""
     if data is None:
         raise C.ConfigError(file, "", "the file is empty; a study needs study, workload and optimizers")
@@ -179,31 +181,73 @@ def parse_spec(data: Any, file: str = "<memory>") -> C.Spec:
     top = _mapping(data, file, "")
     allowed = {"study", "workload", "optimizers", "scale", "training", "search", "measure"}
     _no_unknown(top, allowed, file, "")
+    errors: list[C.ConfigError] = []
     for required in ("study", "workload", "optimizers"):
         if required not in top:
-            raise C.ConfigError(file, required, "is required")
-    study = build(C.StudyConfig, top["study"], file, "study")
+            errors.append(C.ConfigError(file, required, "is required"))
+    sections = {
+        "study": lambda: _study(top["study"], file),
+        "workload": lambda: _workload(top["workload"], file),
+        "optimizers": lambda: _optimizers(top["optimizers"], file),
+        "scale": lambda: build(C.ScaleConfig, top.get("scale", {}), file, "scale"),
+        "training": lambda: build(C.TrainingConfig, top.get("training", {}), file, "training"),
+        "search": lambda: build(C.SearchConfig, top.get("search", {}), file, "search"),
+        "measure": lambda: build(C.MeasureConfig, top.get("measure", {}), file, "measure"),
+    }
+    built = {
+        k: collect(errors, fn) for k, fn in sections.items() if k in top or k not in ("study", "workload", "optimizers")
+    }
+    raise_all(errors)
+    try:
+        spec = C.Spec(**built, source=file)
+    except C.FieldError as e:  # a cross-slice rule raised from Spec-level checks
+        raise C.ConfigError(file, e.field, e.message) from None
+    _cross_checks(spec)
+    return spec
+
+
+def _study(raw: Any, file: str) -> C.StudyConfig:
+    study = build(C.StudyConfig, raw, file, "study")
     # Ray workers run in other working directories: pin a relative storage root now.
     try:
         storage = study.storage if is_uri(study.storage) else str(Path(study.storage).expanduser().resolve())
     except (OSError, RuntimeError, ValueError) as e:  # no home directory for ~, a symlink loop
         raise C.ConfigError(file, "study.storage", f"cannot resolve {study.storage[:60]!r}: {e}") from None
-    study = dataclasses.replace(study, storage=storage)
+    return dataclasses.replace(study, storage=storage)
+
+
+# ------------------------------------------------------------------------- several errors at once
+class ConfigErrors(C.ConfigError):
+    """Independent problems of one file, reported together (`opt-study validate` prints each as
+    its own `file: field: message` line). A ConfigError whose file/field/message are the first
+    problem's, so code that handles one error handles this too."""
+
+    def __init__(self, errors: list[C.ConfigError]):
+        first = errors[0]
+        super().__init__(first.file, first.field, first.message)
+        self.errors = list(errors)
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+def collect(errors: list[C.ConfigError], check, *args):
+    """``check(*args)``'s result; a ConfigError it raises is appended to ``errors`` (None returned)."""
     try:
-        spec = C.Spec(
-            study=study,
-            workload=_workload(top["workload"], file),
-            optimizers=_optimizers(top["optimizers"], file),
-            scale=build(C.ScaleConfig, top.get("scale", {}), file, "scale"),
-            training=build(C.TrainingConfig, top.get("training", {}), file, "training"),
-            search=build(C.SearchConfig, top.get("search", {}), file, "search"),
-            measure=build(C.MeasureConfig, top.get("measure", {}), file, "measure"),
-            source=file,
-        )
-    except C.FieldError as e:  # a cross-slice rule raised from Spec-level checks
-        raise C.ConfigError(file, e.field, e.message) from None
-    _cross_checks(spec)
-    return spec
+        return check(*args)
+    except ConfigErrors as e:
+        errors.extend(e.errors)
+    except C.ConfigError as e:
+        errors.append(e)
+    return None
+
+
+def raise_all(errors: list[C.ConfigError]) -> None:
+    """Raise the one error, or ConfigErrors for several; nothing when ``errors`` is empty."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
 
 
 # ------------------------------------------------------------------------------ generic builder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import decimal
 import io
 import json
 import math
@@ -93,6 +94,7 @@ def format_json_lines(names: list[str], rows: list[dict]) -> str:
 
 
 def _cell(name: str, v) -> str:
+    v = float(v) if isinstance(v, decimal.Decimal) else v  # DuckDB's numeric literals are DECIMAL
     if v is None:
         return "NULL"
     if isinstance(v, (int, float)) and not isinstance(v, bool) and name in TIME_COLUMNS and math.isfinite(v):
@@ -111,6 +113,8 @@ def _plain(v):
 
 
 def _json_value(v):
+    if isinstance(v, decimal.Decimal):
+        v = float(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v

@@ -14,6 +14,7 @@ import logging
 from opt_study.config import Spec
 from opt_study.plan import TrialPlan
 from opt_study.storage import layout, objectstore
+from opt_study.study.console import board_poster
 
 DRIVER_MEMORY = 256 * 2**20  # bytes reserved for a worker-group trial's driver process
 
@@ -29,14 +30,15 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def in_process_trainable(config: dict, spec: Spec) -> None:
+def in_process_trainable(config: dict, spec: Spec, board=None) -> None:
     from ray import tune
 
     from opt_study.trial.loop import run_trial
 
     _quiet()
     plan = TrialPlan(**config["trial"])
-    run_trial(spec, plan, report=tune.report, node=_node_id())
+    progress = board_poster(board, plan.trial_id)
+    run_trial(spec, plan, report=tune.report, node=_node_id(), progress=progress)
 
 
 def _worker_loop(cfg: dict) -> None:
@@ -45,7 +47,9 @@ def _worker_loop(cfg: dict) -> None:
     from opt_study.trial.loop import run_trial
 
     _quiet()
-    run_trial(cfg["spec"], TrialPlan(**cfg["trial"]), report=ray.train.report, node=_node_id())
+    plan = TrialPlan(**cfg["trial"])
+    progress = board_poster(cfg.get("board"), plan.trial_id)
+    run_trial(cfg["spec"], plan, report=ray.train.report, node=_node_id(), progress=progress)
 
 
 def is_new_report(last_step: int | None, metrics: dict) -> bool:
@@ -73,7 +77,7 @@ def _report_once_callback():
     return ReportOnce()
 
 
-def worker_group_trainable(config: dict, spec: Spec) -> None:
+def worker_group_trainable(config: dict, spec: Spec, board=None) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -82,7 +86,7 @@ def worker_group_trainable(config: dict, spec: Spec) -> None:
     per_worker = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.gpus_per_worker else {})}
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"spec": spec, "trial": plan},
+        train_loop_config={"spec": spec, "trial": plan, "board": board},
         torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.workers, use_gpu=bool(s.gpus_per_worker), resources_per_worker=per_worker
@@ -99,16 +103,17 @@ def worker_group_trainable(config: dict, spec: Spec) -> None:
     trainer.fit()
 
 
-def trainable_for(spec: Spec):
-    """The Tune trainable with its resources: what one trial of this spec holds while it runs."""
+def trainable_for(spec: Spec, board=None):
+    """The Tune trainable with its resources: what one trial of this spec holds while it runs;
+    `board` (opt_study.study.console.progress_board) receives its progress between evaluations."""
     from ray import tune
 
     s = spec.scale
     if s.resolved_launcher == "in_process":
         res = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
-        return tune.with_resources(tune.with_parameters(in_process_trainable, spec=spec), res)
+        return tune.with_resources(tune.with_parameters(in_process_trainable, spec=spec, board=board), res)
     # The trainable only drives the worker group, which reserves its own CPUs/GPUs; it asks for
     # memory alone (Tune refuses an all-zero request) so it never takes a CPU from the workers.
     return tune.with_resources(
-        tune.with_parameters(worker_group_trainable, spec=spec), {"CPU": 0, "memory": DRIVER_MEMORY}
+        tune.with_parameters(worker_group_trainable, spec=spec, board=board), {"CPU": 0, "memory": DRIVER_MEMORY}
     )

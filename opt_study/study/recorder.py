@@ -1,4 +1,5 @@
-"""Driver-side recording of a study: the trials table, MLflow, and the live progress lines.
+"""Driver-side recording of a study: the trials table, MLflow, and the live progress
+(opt_study.study.console).
 
 Runs in the `opt-study run` process only (a Tune Callback), so one process writes the trials table
 and MLflow: no SQLite write contention between trials, and MLflow never sits on a worker's step
@@ -28,6 +29,7 @@ from opt_study.results.mlflow_sink import TAG_ENDED, TAG_STARTED, trial_metrics
 from opt_study.results.sink import Sink
 from opt_study.results.trials import DONE_STATUSES
 from opt_study.storage import layout, objectstore
+from opt_study.study.console import TTY_EVERY_S, Progress
 from opt_study.trial import checkpoint
 
 
@@ -84,12 +86,19 @@ def _drop_trial_tracebacks(record: logging.LogRecord) -> bool:
 
 class StudyRecorder(Callback):
     def __init__(
-        self, spec: Spec, plans: list[TrialPlan], resources: dict, sink: Sink, parent_run_id: str | None, out=sys.stdout
+        self,
+        spec: Spec,
+        plans: list[TrialPlan],
+        resources: dict,
+        sink: Sink,
+        parent_run_id: str | None,
+        out=None,
+        board=None,
     ):
         self.spec, self.resources, self.sink, self.parent = spec, resources, sink, parent_run_id
         self.plans = {p.trial_id: p for p in plans}
-        self.out, self.t0 = out, time.time()
-        self.best: tuple[float, str] | None = None
+        self.progress = Progress(self.plans, spec.training.steps, out or sys.stdout)
+        self.board, self._polled = board, -math.inf  # trials' posts between evaluations (console.ProgressBoard)
         self.started: dict[str, float] = {}  # kept here: a record is rewritten whole at the end
         self.n_done = 0
 
@@ -131,19 +140,40 @@ class StudyRecorder(Callback):
         self.started[plan.trial_id] = time.time()
         self.record(plan, "running", started=self.started[plan.trial_id])
         self._log_trial(plan, "running", {}, [])  # the child run starts with the trial: real durations
-        self._line(plan.trial_id, "RUNNING", "")
+        self.progress.start(plan.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         plan = self._plan(trial)
         ev = result.get("eval_loss", math.nan)
-        if isinstance(ev, float) and math.isfinite(ev) and (self.best is None or ev < self.best[0]):
-            self.best = (ev, plan.trial_id)
-        self._line(
+        self.progress.evaluated(
             plan.trial_id,
-            "RUNNING",
-            f"step {result.get('step', 0):>5}/{self.spec.training.steps}  loss {result.get('loss', math.nan):.4f}"
-            f"  eval {ev:.4f}",
+            int(result.get("step", 0)),  # steps done; printed as the last Parquet step
+            float(result.get("loss", math.nan)),
+            ev if isinstance(ev, float) else math.nan,
+            result.get("units_per_s"),
         )
+
+    def on_step_end(self, iteration, trials, **info):
+        """Tune's loop, many times a second: read the trials' progress posts, redraw when due."""
+        now = time.time()
+        if self.board is not None and now - self._polled >= TTY_EVERY_S:
+            self._polled = now
+            self._poll_board()
+        self.progress.tick()
+
+    def _poll_board(self) -> None:
+        import ray
+
+        try:
+            posts = ray.get(self.board.snapshot.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress is a display; a slow or lost board never stops the study
+            return
+        for tid, p in posts.items():
+            if self.progress.trials.get(tid) is not None and self.progress.trials[tid].state == "running":
+                self.progress.update(tid, int(p["step"]), p.get("units_per_s"), p.get("loss"))
+
+    def on_experiment_end(self, trials, **info):
+        self.progress.close()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
@@ -178,11 +208,11 @@ class StudyRecorder(Callback):
             checkpoint.remove(self.spec.study_dir, plan.trial_id)
         self._log_trial(plan, status, summary, rows, ended)
         self.n_done += 1
-        self._line(
+        self.progress.finish(
             plan.trial_id,
-            status.upper(),
-            f"loss {summary['final_loss']:.4f}  eval {summary['best_eval_loss']:.4f}"
-            f"  [{self.n_done}/{len(self.plans)} done]" + (f"  {error}" if error else ""),
+            status,
+            f"loss {summary['final_loss']:.4f}  best eval {summary['best_eval_loss']:.4f}"
+            + (f"  {error}" if error else ""),
         )
 
     def _log_trial(
@@ -221,7 +251,3 @@ class StudyRecorder(Callback):
             compact.compact_trial(self.spec.study_dir, trial_id)
         except (ValueError, OSError) as e:
             warnings.warn(f"{trial_id}: steps not compacted: {e}", stacklevel=2)
-
-    def _line(self, tid: str, state: str, text: str) -> None:
-        best = f"best {self.best[1]} {self.best[0]:.4f}" if self.best else ""
-        print(f"[{time.time() - self.t0:6.0f}s] {tid:<24} {state:<9} {text:<44} {best}", file=self.out, flush=True)

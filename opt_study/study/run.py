@@ -260,8 +260,9 @@ def ensure_ray(spec: Spec) -> None:
         ray.init(**kw)
 
 
-@one_run_at_a_time
-def run_study(spec: Spec, source_text: str | None = None, out=None, extend: bool = False) -> dict:
+def run_study(
+    spec: Spec, source_text: str | None = None, out=None, extend: bool = False, verbose: bool = False
+) -> dict:
     """Run (or continue) a study: only planned trials that have not finished are run.
 
     A study that already holds trial records runs only the spec it was started from
@@ -270,7 +271,18 @@ def run_study(spec: Spec, source_text: str | None = None, out=None, extend: bool
     A protocol's later phases (crowded_valley's seed reruns of each optimizer's best
     configuration) can only be planned once earlier phases finished, so this runs batches of
     newly planned trials until nothing new appears; a trial is attempted once per call.
+
+    The console shows progress only (opt_study.study.console); `verbose` keeps Ray's and
+    MLflow's own banners and warnings.
     """
+    from opt_study.study.console import quiet
+
+    with quiet(verbose):
+        return _run_study(spec, source_text, out, extend)
+
+
+@one_run_at_a_time
+def _run_study(spec: Spec, source_text: str | None, out, extend: bool) -> dict:
     import sys
 
     from opt_study.results.mlflow_queue import QueuedSink
@@ -324,13 +336,15 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     from ray import tune
 
     from opt_study.results.trials import read_trial_records, write_trials_table
+    from opt_study.study.console import progress_board
     from opt_study.study.launch import trainable_for
     from opt_study.study.recorder import StudyRecorder
 
     ensure_ray(spec)
     check_fits(spec)  # before any trial is recorded: a trial that can never start would hang Tune
     resources = trial_resources(spec)
-    recorder = StudyRecorder(spec, todo, resources, sink, parent, out=out)
+    board = progress_board()
+    recorder = StudyRecorder(spec, todo, resources, sink, parent, out=out, board=board)
     records = read_trial_records(spec.study_dir)
     searcher = None
     if spec.search.resolved_method == "tpe":
@@ -350,7 +364,7 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     )
     run_idx = _next_run_index(layout.ray_dir(spec.study_dir))
     tuner = tune.Tuner(
-        trainable_for(spec),
+        trainable_for(spec, board),
         param_space={} if searcher else {"trial": tune.grid_search([p.as_dict() for p in todo])},
         tune_config=tune.TuneConfig(
             num_samples=len(todo) if searcher else 1,
@@ -369,7 +383,10 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
             ),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        ray.kill(board)
     write_trials_table(spec.study_dir)
     if recorder.n_done < len(todo):  # Tune returns early only when a signal stopped it
         raise StudyInterrupted(

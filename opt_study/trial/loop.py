@@ -28,6 +28,9 @@ from opt_study.trial import engine as engine_mod
 from opt_study.workloads import make_workload
 
 Report = Callable[[dict], None]
+# A trial's progress between evaluations goes to `progress` (the study console's board), never to
+# `report`: Tune counts every report (ASHA's rungs) and Ray Train's report is a barrier of all ranks.
+PROGRESS_EVERY_S = 5.0
 
 
 @dataclass
@@ -215,11 +218,19 @@ def _pull_trial(study_dir, trial_id: str) -> None:
     distributed.barrier()
 
 
-def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeasurer, node: str = "") -> dict:
+def run_trial(
+    spec: Spec,
+    plan: TrialPlan,
+    report: Report,
+    measurer_cls=StepMeasurer,
+    node: str = "",
+    progress: Report | None = None,
+) -> dict:
     """Train one trial to the end (or divergence, or a stop request); every rank runs this.
 
     Returns the final report metrics. `measurer_cls` is a test seam: the multi-rank tests pass a
     subclass that also gathers full tensors (in the test only) to check every measured number.
+    `progress` (rank 0, every PROGRESS_EVERY_S of wall time) gets {step, loss, units_per_s}.
     """
     c = build(spec, plan, measurer_cls)
     training = spec.training
@@ -241,6 +252,7 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
         saver.save_initial()
     cadence = c.cadence
     extra = ExtraMetrics(spec.measure.extra)
+    posted = time.monotonic()
     for step in range(start, training.steps):
         row = train_step(c, step, stop_vote=c.rank == 0 and control.stop_requested(spec.study_dir, plan.trial_id))
         state.step, state.last_loss = step + 1, row["loss"]
@@ -272,6 +284,9 @@ def run_trial(spec: Spec, plan: TrialPlan, report: Report, measurer_cls=StepMeas
             )
         if boundary:
             report(_report_metrics(state, row))
+        elif progress is not None and c.rank == 0 and time.monotonic() - posted >= PROGRESS_EVERY_S:
+            posted = time.monotonic()
+            progress({"step": state.step, "loss": float(row["loss"]), "units_per_s": row.get("units_per_s")})
         if status != "running":
             break
     if c.writer is not None:

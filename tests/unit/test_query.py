@@ -267,3 +267,45 @@ def test_example_sql_runs(study):
     assert bad == []  # no non-finite loss in this study
     status = query(study, statements[0]).to_pylist()
     assert {"optimizer": "sgd", "status": "diverged", "trials": 1} in status
+
+
+def test_query_formats(study, capsys):
+    """--format csv / json (every row, pipeable) / markdown / table; time_unix as a UTC time in tables."""
+    sql = "SELECT trial_id, count(*) AS n, max(loss) AS top, 1796400000.5 AS time_unix FROM steps GROUP BY 1 ORDER BY 1"
+    assert _cli(["query", str(study), sql, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "trial_id,n,top,time_unix",
+        "0123,5,1.0,1796400000.5",
+        "t1,10,109.0,1796400000.5",
+    ]
+    assert _cli(["query", str(study), sql, "--format", "json", "--max-rows", "1"]) == 0  # json: every row
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [
+        {"trial_id": "0123", "n": 5, "top": 1.0, "time_unix": 1796400000.5},
+        {"trial_id": "t1", "n": 10, "top": 109.0, "time_unix": 1796400000.5},
+    ]
+    assert _cli(["query", str(study), sql, "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| trial_id | n | top | time_unix |",
+        "|---|---|---|---|",
+        "| 0123 | 5 | 1 | 2026-12-04 16:00:00 |",
+        "| t1 | 10 | 109 | 2026-12-04 16:00:00 |",
+    ]
+    assert _cli(["query", str(study), sql]) == 0  # table, not a terminal: no width fitting
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split() == ["0123", "5", "1", "2026-12-04", "16:00:00"] and "e+09" not in "".join(out)
+
+
+def test_table_fits_the_width_and_json_has_no_nan():
+    from opt_study.report.text import format_table, render
+
+    rows = [{"name": "x" * 50, "v": 1.0, "note": "y" * 30}, {"name": "short", "v": math.nan, "note": None}]
+    full = format_table(["name", "v", "note"], rows, 2).splitlines()
+    assert max(map(len, full)) == 50 + 2 + 3 + 2 + 30
+    fitted = render("table", ["name", "v", "note"], rows, 2, width=40).splitlines()
+    assert max(map(len, fitted)) <= 40
+    assert fitted[2].startswith("x" * 10) and fitted[2].split()[0].endswith("…")  # cut cells say so
+    assert fitted[3].split()[1:] == ["nan", "NULL"]
+    assert [json.loads(x)["v"] for x in render("json", ["v"], rows, 2).splitlines()] == [1.0, None]
+    with pytest.raises(ValueError, match="unknown format"):
+        render("xml", ["v"], rows, 2)

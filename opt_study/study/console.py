@@ -55,6 +55,8 @@ class TrialProgress:
     steps_per_s: float | None = None
     units_per_s: float | None = None
     loss: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 class Progress:
@@ -68,6 +70,7 @@ class Progress:
         self.trials = {t: TrialProgress() for t in trial_ids}
         self.best: tuple[float, str] | None = None
         self._last_block, self._block_lines = -math.inf, 0
+        self.max_running = 0  # the concurrency seen: how many trials the ETA runs at once
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks (the recorder holds this) into tuner.pkl; a stream is not
@@ -84,6 +87,8 @@ class Progress:
     def start(self, trial_id: str) -> None:
         t = self.add(trial_id)
         t.state, t.seen_at = "running", self.clock()
+        t.started_at = t.seen_at
+        self.max_running = max(self.max_running, self.counts()["running"])
         self.event(trial_id, "RUNNING", "started")
 
     def update(self, trial_id: str, done_steps: int, units_per_s: float | None = None, loss: float | None = None):
@@ -91,7 +96,7 @@ class Progress:
         moving average of the steps per second between observations."""
         t, now = self.add(trial_id), self.clock()
         if t.state == "pending":
-            t.state = "running"
+            t.state, t.started_at = "running", now
         # from the first progress on: the time before it is start-up (Ray, DeepSpeed), not steps
         if t.seen_at is not None and t.done_steps > 0 and done_steps > t.done_steps and now > t.seen_at:
             r = (done_steps - t.done_steps) / (now - t.seen_at)
@@ -109,7 +114,8 @@ class Progress:
         self.event(trial_id, "EVAL", f"{self.step_text(done_steps)}  loss {loss:.4f}  eval {eval_loss:.4f}")
 
     def finish(self, trial_id: str, status: str, text: str) -> None:
-        self.add(trial_id).state = status
+        t = self.add(trial_id)
+        t.state, t.ended_at = status, self.clock()
         done = sum(t.state not in ("pending", "running") for t in self.trials.values())
         self.event(trial_id, status.upper(), f"{text}  [{done}/{len(self.trials)} done]")
 
@@ -136,8 +142,20 @@ class Progress:
         return (sum(steps) if steps else None), (sum(units) if units else None)
 
     def eta(self) -> float | None:
-        """Seconds until every trial has run all its steps at the current study rate (an upper
-        bound under ASHA, which stops trials early); None before a rate is known."""
+        """Seconds until every trial has ended. Once a trial has completed, from the mean wall
+        time of completed trials (start-up included, which dominates short trials), run
+        `max_running` at a time; before that, the steps left at the current study rate. An upper
+        bound under ASHA, which stops trials early; None before anything is known."""
+        now = self.clock()
+        durations = [t.ended_at - t.started_at for t in self.trials.values() if t.state == "completed" and t.started_at]
+        if durations:
+            mean = sum(durations) / len(durations)
+            work = sum(
+                mean if t.state == "pending" else max(0.0, mean - (now - (t.started_at or now)))
+                for t in self.trials.values()
+                if t.state in ("pending", "running")
+            )
+            return work / max(self.max_running, 1)
         steps_per_s, _ = self.rates()
         left = sum(self.steps - t.done_steps for t in self.trials.values() if t.state in ("pending", "running"))
         if left == 0:
@@ -162,7 +180,10 @@ class Progress:
         """The status block: the summary line, then one line per running trial."""
         lines = [self.summary_line()]
         for tid, t in sorted(self.trials.items()):
-            if t.state == "running":
+            if t.state == "running" and not t.done_steps:
+                since = format_duration(self.clock() - (t.started_at or self.clock()))
+                lines.append(f"    {tid:<24} starting (Ray, DeepSpeed) for {since}")
+            elif t.state == "running":
                 lines.append(
                     f"    {tid:<24} {self.step_text(t.done_steps)}  {_rate(t.steps_per_s)} steps/s"
                     f"  {_rate(t.units_per_s)} units/s" + (f"  loss {t.loss:.4f}" if t.loss is not None else "")

@@ -64,6 +64,21 @@ def test_counts_rates_and_eta():
     assert p.eta() == pytest.approx((35 + 100) / 3.0)  # a diverged trial has nothing left to run
 
 
+def test_eta_from_completed_trials_counts_start_up():
+    """Short trials are mostly start-up: once one completed, the ETA is the mean trial time,
+    run as many at once as were seen running."""
+    p, clock, _ = _progress(trials=("a", "b", "c", "d", "e"))
+    p.start("a")
+    p.start("b")
+    clock.t += 60
+    p.finish("a", "completed", "")  # 60 s a trial, 2 at a time
+    p.start("c")
+    clock.t += 20
+    # b: 60 - 80 < 0 left; c: 40 s left; d, e: 60 s each -> 160 s of trial time, 2 at a time
+    assert p.eta() == pytest.approx(80.0)
+    assert p.summary_line() == "[ 1m20s] 2 running  2 pending  1 done  - steps/s  - units/s  ETA 1m20s"
+
+
 def test_plain_lines_show_counts_rates_eta_and_parquet_step_numbers():
     p, clock, out = _progress()
     p.start("a")
@@ -93,7 +108,10 @@ def test_terminal_block_is_redrawn_in_place():
     clock.t += console.TTY_EVERY_S
     p.update("a", 10)
     p.tick()
-    assert "step     9 ( 10%)" in out.getvalue() and "step     - (  0%)" in out.getvalue()  # before any step
+    assert (
+        "step     9 ( 10%)" in out.getvalue()
+        and "    a                        starting (Ray, DeepSpeed) for 0s" in out.getvalue()
+    )
     text = out.getvalue()
     assert text.count("\x1b[2F\x1b[J") == 1  # the 2-line block was erased once and drawn again
     assert text.rstrip("\n").splitlines()[-1].startswith("    a ")

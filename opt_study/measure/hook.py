@@ -24,13 +24,14 @@ import random
 import torch
 
 from opt_study import distributed
-from opt_study.measure import fp32eval, metrics
+from opt_study.measure import fp32eval, lossscale, metrics
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.names import (
     GROUPS,
     LOSS_NAMES,
     LOSS_PRECISION,
+    LOSS_SCALE_NAMES,
     MEASURED,
     NOISE_DERIVED,
     NOISE_RAW,
@@ -118,6 +119,8 @@ class StepMeasurer:
             for _, p in self.view.named:
                 p.register_hook(self._micro_grad_hook)
         self._last_call: str | None = None
+        self._capture: lossscale.Capture | None = None  # active over a measured step's forwards
+        self.train_scale = None  # M of ℓ_t from the training forwards (lossscale)
         self._reset(-1)
 
     def _zero(self) -> torch.Tensor:
@@ -153,6 +156,7 @@ class StepMeasurer:
     def begin(self, step: int) -> None:
         """Before the step's first forward: x_t is kept when anything of this step needs it."""
         self._enter("begin")
+        self._stop_capture()  # a step that raised between before_micro and at_boundary
         self._reset(step)
         self.small_sq = self._zero()
         self.collecting = self.measured and self.noise_scale
@@ -165,11 +169,15 @@ class StepMeasurer:
         if self.measured:
             self.batches.append(batch)
             self.rng_states.append(probe_mod.rng_state())
+            if self._capture is None:  # the loss's rounding magnitude, read in the same forwards
+                self._capture = lossscale.Capture(self.engine.device)
+                self._capture.__enter__()
 
     def at_boundary(self) -> None:
         """After the accumulation-boundary backward, before step(): the reduced gradient exists."""
         self._enter("at_boundary")
         self.collecting = False  # the probe's backward must not count as a micro-batch
+        self.train_scale = self._stop_capture()
         if self.x_t is not None:
             self.g_t = self.view.clone_grads()
 
@@ -271,11 +279,18 @@ class StepMeasurer:
         world = self.info.world_size
         out = dict(totals)
         out.update({"loss_probe": scalars["loss_probe"], "probe_s": s, NOISE_RAW: _finite(scalars[NOISE_RAW])})
+        out.update({k: _finite(scalars[k]) for k in LOSS_SCALE_NAMES})
         out[NOISE_DERIVED] = noise_scale_simple(
             out[NOISE_RAW], totals["sq_grad"], self.small_batch, self.small_batch * world * self.accum
         )
         derived = metrics.derive(
-            totals, scalars["loss"], scalars["loss_probe"], s, self.precision, loss_precision=loss_precision
+            totals,
+            scalars["loss"],
+            scalars["loss_probe"],
+            s,
+            self.precision,
+            loss_precision=loss_precision,
+            loss_scales=tuple(scalars[k] for k in LOSS_SCALE_NAMES),
         )
         out.update({k: v for k, v in derived.items() if k not in NORM_NAMES})
         out[GROUPS] = {name: {k: float(v[j]) for k, v in per_group.items()} for j, name in enumerate(self.groups)}
@@ -318,27 +333,50 @@ class StepMeasurer:
             point = FlatShard(torch.add(self.x_t.flat, delta.flat, alpha=s), self.x_t.sizes)
             self.view.write_params(point)
         try:
-            loss_probe, g_plus = probe_mod.run_probe(
-                self.engine, self.view, self.batches, self.rng_states, loss_fn, self.info.zero_stage
+            (loss_probe, g_plus), scale_p = self._captured(
+                probe_mod.run_probe,
+                self.engine,
+                self.view,
+                self.batches,
+                self.rng_states,
+                loss_fn,
+                self.info.zero_stage,
             )
+            scale = self.train_scale
             precision = self.precision
             if self.refit_fp32 and model_loss_fn is not None:
                 at = point if point is not None else self.view.params()  # p = x_{t+1}: the masters
-                loss_probe = fp32eval.evaluate_losses(
-                    self.engine, self.view, at, self.batches, self.rng_states, model_loss_fn
+                ev = (self.engine, self.view)
+                loss_probe, scale_p = self._captured(
+                    fp32eval.evaluate_losses, *ev, at, self.batches, self.rng_states, model_loss_fn
                 )
-                losses[_LOSS["loss"]] = (
-                    fp32eval.evaluate_losses(
-                        self.engine, self.view, self.x_t, self.batches, self.rng_states, model_loss_fn
-                    )
-                    / world
+                loss_t, scale = self._captured(
+                    fp32eval.evaluate_losses, *ev, self.x_t, self.batches, self.rng_states, model_loss_fn
                 )
+                losses[_LOSS["loss"]] = loss_t / world
                 precision = "fp32"
+            for name, m in zip(LOSS_SCALE_NAMES, (scale, scale_p)):
+                if m is not None:
+                    losses[_LOSS[name]] = m / world
         finally:
             if x_next is not None:
                 self.view.write_params(x_next)
         losses[_LOSS["loss_probe"]] = loss_probe / world
         return g_plus, precision
+
+    def _stop_capture(self) -> torch.Tensor | None:
+        """Ends the training forwards' capture; M of ℓ_t (this rank's mean over micro-batches)."""
+        cap, self._capture = self._capture, None
+        if cap is None:
+            return None
+        cap.__exit__(None, None, None)
+        return cap.value(len(self.batches))
+
+    def _captured(self, fn, *args):
+        """fn(*args) with the loss's rounding magnitude captured: (its result, M)."""
+        with lossscale.Capture(self.engine.device) as cap:
+            out = fn(*args)
+        return out, cap.value(len(self.batches))
 
     def _draw_s(self, step: int) -> float:
         """s of this step's probe: from a stream seeded by (trial seed, step) alone, so a resumed

@@ -9,34 +9,29 @@ place of Δ: ⟨g, sΔ⟩ = s·ip_grad_update, ⟨g⁺, sΔ⟩ = s·ip_probe_upd
 (the raw sums stay in terms of Δ). Norms and cosines describe the real update Δ and do not
 depend on s.
 
-The noise floor (``noise_floor``) is the rounding scale of the quantities an inequality compares,
-each term the first-order rounding of one computed input (Higham, §2.2 and §3.1):
+The noise floor (``noise_floor``) bounds the rounding error of the quantities an inequality
+compares, each term the first-order rounding of one computed input (Higham, §2.2 and §3.1;
+the derivation: docs/METRICS.md §Noise floor):
 
-    floor = c·u·( |ℓ| + |ℓ⁺|                      the two computed losses
-                + (‖g‖ + ‖g⁺‖)·‖sΔ‖               the inner products ⟨g,sΔ⟩, ⟨g⁺,sΔ⟩: elementwise
-                                                  relative error u in g, g⁺ and in the chunked
-                                                  sums, bounded by Cauchy–Schwarz
-                + r·(‖g‖ + ‖g⁺‖)·(2‖x‖ + ‖sΔ‖) )  the rounding of the evaluation points
+    floor = c·( u_L·(M + M⁺)                              the two computed losses
+              + u_G·(‖g‖ + ‖g⁺‖)·‖sΔ‖                     the inner products ⟨g,sΔ⟩, ⟨g⁺,sΔ⟩
+              + r_L·u_L·(‖g‖ + ‖g⁺‖)·(2‖x‖ + ‖sΔ‖)       the losses' rounded evaluation points
+              + r_G·u_G·‖g⁺ − g‖·(2‖x‖ + ‖sΔ‖) )          the gradients' rounded evaluation points
 
-Two unit roundoffs enter, because under mixed precision the losses and the gradients are not
-computed alike (docs/METRICS.md §Precision: "on measured steps, losses that enter differences
-are evaluated in fp32"): u_G is that of ``precision``, the arithmetic of the forward / backward that produced g and
-g⁺ (it bounds their elementwise error, so the inner-product term carries u_G); u_L that of
-``loss_precision`` (default: ``precision``), the forward that produced ℓ and ℓ⁺ (the loss terms
-and the point term carry u_L). Unit roundoffs: 2^-24 fp32, 2^-8 bf16, 2^-11 fp16, 2^-53 fp64.
-
-    floor = c·( u_L·(|ℓ| + |ℓ⁺|) + u_G·(‖g‖ + ‖g⁺‖)·‖sΔ‖ + r·u_L·(‖g‖ + ‖g⁺‖)·(2‖x‖ + ‖sΔ‖) )
-
-r = 0 when both points are exact master values read exactly by the loss's forward (fp32/fp64
-losses and s = 1: p = x_{t+1}), otherwise r = 1: with s ≠ 1 the point x_t + sΔ is rounded, and a
-bf16/fp16 loss forward reads bf16/fp16 weights, so the segment really travelled differs from sΔ
-elementwise by up to u(|x_t| + |p|), moving δ by up to u·‖g‖(2‖x‖ + ‖sΔ‖) to first order. With
-loss_precision = precision this is the single-precision formula above. c = FLOOR_C = 4 covers the
-roundings the first-order count leaves out (the subtraction ℓ⁺ − ℓ and the final roundings of each
-loss and dot: 1u each; the measured chunked-dot error of sums.py: up to 3u). The floor is a scale,
-deliberately conservative (Cauchy–Schwarz, not the much smaller typical size of random rounding
-errors): "indeterminate" is the honest reading inside it. An inequality "gap ≤ 0" is classified
-``holds`` if gap < −floor, ``violated`` if gap > floor, ``indeterminate`` otherwise.
+M, M⁺ (``loss_scale``, ``loss_probe_scale``) are the losses' rounding magnitudes read from the
+logits in the same forwards (measure/lossscale.py): a cross-entropy's rounding scales with the
+logits, not with |ℓ|. Where they are missing (a loss that is not a covered cross-entropy) the
+floor uses |ℓ| and |ℓ⁺| instead: the floor of the first version, kept as the fallback and for
+comparisons (``noise_floor`` without scales). u_G is the unit roundoff of ``precision`` (the
+backward that produced g, g⁺), u_L that of ``loss_precision`` (default ``precision``). r_L = 0
+when both points are exact master values read exactly by the loss's forward (fp32/fp64 losses
+and s = 1), otherwise 1; r_G likewise for the gradients' forward and backward (fp32/fp64
+``precision`` and s = 1). A gradient taken at a rounded point x̃ (|x̃ − x| ≤ u|x| elementwise) is
+off by H(x̃ − x), and ⟨H(x̃ − x), sΔ⟩ ≤ u‖x‖‖H sΔ‖ with H sΔ ≈ g⁺ − g along the segment.
+c = FLOOR_C = 4 covers the roundings the first-order count leaves out (the
+subtraction ℓ⁺ − ℓ and the final roundings of each loss and dot; the chunked-dot error of
+sums.py). An inequality "gap ≤ 0" is ``holds`` if gap < −floor, ``violated`` if gap > floor,
+``indeterminate`` otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +63,11 @@ def _div(a: float, b: float) -> float:
     return a / b if (b != 0 and math.isfinite(a) and math.isfinite(b)) else math.nan
 
 
+def _cos(ip: float, norms: float) -> float:
+    """A cosine clamped to [−1, 1]: the rounded sums can put |⟨a,b⟩| a few ulps above ‖a‖‖b‖."""
+    return min(1.0, max(-1.0, _div(ip, norms))) if math.isfinite(_div(ip, norms)) else math.nan
+
+
 def _out(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
@@ -94,9 +94,9 @@ def group_metrics(sums: Mapping[str, float]) -> dict[str, float | None]:
     un_prev = _root(s.get("sq_update_prev", math.nan))
     gn_prev = _root(s.get("sq_grad_prev", math.nan))
     vals = {
-        "cos_grad_update": _div(s.get("ip_grad_update", math.nan), gn * un),
-        "cos_update_prev": _div(s.get("ip_update_prev", math.nan), un * un_prev),
-        "cos_grad_prev": _div(s.get("ip_grad_prev", math.nan), gn * gn_prev),
+        "cos_grad_update": _cos(s.get("ip_grad_update", math.nan), gn * un),
+        "cos_update_prev": _cos(s.get("ip_update_prev", math.nan), un * un_prev),
+        "cos_grad_prev": _cos(s.get("ip_grad_prev", math.nan), gn * gn_prev),
         "grad_norm": gn,
         "update_norm": un,
         "param_norm": pn,
@@ -113,11 +113,12 @@ def noise_floor(
     precision: str = "fp32",
     floor_c: float = FLOOR_C,
     loss_precision: str | None = None,
+    loss_scales: tuple[float | None, float | None] | None = None,
 ) -> float:
     """The floor of the module docstring; NaN where an input is missing.
 
     ``precision``: the gradients' arithmetic (u_G); ``loss_precision``: the losses' (u_L),
-    default ``precision``.
+    default ``precision``. ``loss_scales``: (M, M⁺); when either is missing, (|ℓ|, |ℓ⁺|).
     """
     loss_precision = precision if loss_precision is None else loss_precision
     for p in (precision, loss_precision):
@@ -127,9 +128,15 @@ def noise_floor(
     s = _f(probe_s)
     gsum = _root(_f(sums.get("sq_grad"))) + _root(_f(sums.get("sq_grad_probe")))
     seg = abs(s) * _root(_f(sums.get("sq_update")))
-    scale = u_l * (abs(_f(loss)) + abs(_f(loss_probe))) + u_g * gsum * seg
-    if loss_precision in ("bf16", "fp16") or s != 1.0:  # the evaluation points are rounded
-        scale += u_l * gsum * (2.0 * _root(_f(sums.get("sq_param"))) + seg)
+    m, m_p = (_f(v) for v in (loss_scales or (None, None)))
+    if not (math.isfinite(m) and math.isfinite(m_p)):
+        m, m_p = abs(_f(loss)), abs(_f(loss_probe))
+    scale = u_l * (m + m_p) + u_g * gsum * seg
+    reach = 2.0 * _root(_f(sums.get("sq_param"))) + seg  # ‖x‖ + ‖p‖ ≤ 2‖x‖ + ‖sΔ‖
+    if loss_precision in ("bf16", "fp16") or s != 1.0:  # the losses' evaluation points are rounded
+        scale += u_l * gsum * reach
+    if precision in ("bf16", "fp16") or s != 1.0:  # the gradients' points are rounded: H·(x̃ − x)
+        scale += u_g * reach * _root(_f(sums.get("sq_grad_diff")))  # ‖H sΔ‖ ≈ ‖g⁺ − g‖
     return floor_c * scale
 
 
@@ -153,12 +160,13 @@ def derive(
     *,
     floor_c: float = FLOOR_C,
     loss_precision: str | None = None,
+    loss_scales: tuple[float | None, float | None] | None = None,
 ) -> dict[str, float | str | None]:
     """Every derived column of docs/METRICS.md (OUTPUT_NAMES) from the global sums of one step.
 
     ``precision`` is the arithmetic of the gradients, ``loss_precision`` that of ℓ and ℓ⁺
     (default ``precision``; "fp32" when the losses were re-evaluated in fp32): both only set
-    the noise floor.
+    the noise floor, as do ``loss_scales`` (M, M⁺: ``noise_floor``).
 
     ``sums`` maps SUM_NAMES to totals (NaN/None for missing ones). Undefined values are None:
     a missing input, a zero segment ("zero_update" / "zero_probe_s" in ``flag``: every metric
@@ -174,7 +182,7 @@ def derive(
     sq_seg = s * s * get("sq_update")  # ‖sΔ‖²
     gap_fwd = ip_g - delta
     gap_bwd = delta - ip_gp
-    floor = noise_floor(S, ell, ell_p, s, precision, floor_c, loss_precision)
+    floor = noise_floor(S, ell, ell_p, s, precision, floor_c, loss_precision, loss_scales)
     vals = {
         "loss_change": delta,
         "convexity_gap_fwd": gap_fwd,
@@ -182,6 +190,7 @@ def derive(
         "trapezoid_residual": delta - 0.5 * (ip_g + ip_gp),
         "smoothness_local": _div(_root(get("sq_grad_diff")), _root(sq_seg)),
         "smoothness_descent": _div(2.0 * (delta - ip_g), sq_seg),
+        "smoothness_descent_band": _div(2.0 * floor, sq_seg),  # its numerator is uncertain by ±floor
         "curvature_secant": _div(ip_gp - ip_g, sq_seg),
         "step_alpha": _div(-get("ip_probe_update"), get("ip_grad_update")),  # s cancels
         "noise_floor": floor,

@@ -56,8 +56,12 @@ SUM_NAMES: tuple[str, ...] = tuple(SUM_TERMS)
 # when the study asked the trial to stop (opt_study.trial), so every rank learns it on the same
 # step without a collective of its own. `sq_grad_small` is the mean over all N·A micro-batches of
 # ‖g_{r,m}‖², each micro-batch's gradient read before DeepSpeed reduces it (the small-batch term
-# of the gradient noise scale; NaN when off).
-LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes", "sq_grad_small")
+# of the gradient noise scale; NaN when off). `loss_scale` and `loss_probe_scale` are the rounding
+# magnitudes M of ℓ_t and ℓ⁺_t (lossscale.Capture, the same averaging as the losses): the loss
+# terms of the noise floor (docs/METRICS.md §Noise floor; NaN where the loss is not a covered
+# cross-entropy, and on unmeasured steps).
+LOSS_SCALE_NAMES: tuple[str, ...] = ("loss_scale", "loss_probe_scale")
+LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes", "sq_grad_small", *LOSS_SCALE_NAMES)
 
 # Every step (unless measure.norms is off): the three norms, square roots of these sums.
 NORM_OF: dict[str, str] = {"grad_norm": "sq_grad", "update_norm": "sq_update", "param_norm": "sq_param"}
@@ -75,8 +79,8 @@ NOISE_RAW = "sq_grad_small"
 NOISE_DERIVED = "noise_scale_simple"
 
 # The raw columns of a measured row (schema order): the probe's scalars, the totals over groups
-# of every sum, the noise scale's raw term.
-RAW_NAMES: tuple[str, ...] = PROBE_NAMES + SUM_NAMES + (NOISE_RAW,)
+# of every sum, the noise scale's raw term, the losses' rounding magnitudes.
+RAW_NAMES: tuple[str, ...] = PROBE_NAMES + SUM_NAMES + (NOISE_RAW,) + LOSS_SCALE_NAMES
 # The sums stored per parameter group on measured rows (the row's `groups` cell).
 GROUP_SUM_NAMES: tuple[str, ...] = SUM_NAMES
 
@@ -89,6 +93,8 @@ DERIVED_NAMES: tuple[str, ...] = (
     "trapezoid_residual",
     "smoothness_local",
     "smoothness_descent",
+    # its rounding band: 2·noise_floor/‖sΔ‖², the uncertainty of smoothness_descent
+    "smoothness_descent_band",
     "curvature_secant",
     "step_alpha",
     "cos_grad_update",

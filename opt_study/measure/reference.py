@@ -63,6 +63,11 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if (b != 0 and math.isfinite(a) and math.isfinite(b)) else None
 
 
+def _clamp(c: float | None) -> float | None:
+    """A cosine in [−1, 1] (rounded sums can leave it a few ulps outside)."""
+    return None if c is None else min(1.0, max(-1.0, c))
+
+
 def _cls(gap: float, floor: float) -> str | None:
     if not (math.isfinite(gap) and math.isfinite(floor)):
         return None
@@ -83,10 +88,14 @@ def reference_metrics(
     precision: str = "fp32",
     floor_c: float = 4.0,
     loss_precision: str | None = None,
+    loss_scale: float | None = None,
+    loss_probe_scale: float | None = None,
 ) -> dict:
     """The derived metrics of docs/METRICS.md §Derived metrics from the definitions, segment sΔ.
 
     ``precision``: the gradients' arithmetic; ``loss_precision``: the losses' (default the same).
+    ``loss_scale``, ``loss_probe_scale``: the rounding magnitudes M, M⁺ of ℓ and ℓ⁺ (docs/METRICS.md
+    §Noise floor); when either is missing, |ℓ| and |ℓ⁺| take their place.
     """
     x, g, d, gp, dp, gq = (_v(t) for t in (x, g, delta, g_plus, delta_prev, g_prev))
     ell = math.nan if loss is None else float(loss)
@@ -101,9 +110,15 @@ def reference_metrics(
     gsum = _norm(g) + _norm(gp)
     u_l = _U[precision if loss_precision is None else loss_precision]  # ℓ, ℓ⁺ and the points
     u_g = _U[precision]  # g, g⁺
-    scale = u_l * (abs(ell) + abs(ell_p)) + u_g * gsum * _norm(seg)
+    m = math.nan if loss_scale is None else float(loss_scale)
+    m_p = math.nan if loss_probe_scale is None else float(loss_probe_scale)
+    if not (math.isfinite(m) and math.isfinite(m_p)):  # not a covered cross-entropy: |ℓ|, |ℓ⁺|
+        m, m_p = abs(ell), abs(ell_p)
+    scale = u_l * (m + m_p) + u_g * gsum * _norm(seg)
     if u_l > _U["fp32"] or s != 1.0:  # bf16/fp16 losses, or a rounded p
         scale += u_l * gsum * (2.0 * _norm(x) + _norm(seg))
+    if u_g > _U["fp32"] or s != 1.0:  # bf16/fp16 gradients, or a rounded p: ‖H sΔ‖ ≈ ‖g⁺ − g‖
+        scale += u_g * _norm(_sub(gp, g)) * (2.0 * _norm(x) + _norm(seg))
     floor = floor_c * scale
     out = {
         "loss_change": _none(dl),
@@ -112,11 +127,12 @@ def reference_metrics(
         "trapezoid_residual": _none(dl - 0.5 * _dot(g_sum, seg)),  # δ − ½⟨g + g⁺, sΔ⟩
         "smoothness_local": _ratio(_norm(_sub(gp, g)), _norm(seg)),
         "smoothness_descent": _ratio(2.0 * (dl - _dot(g, seg)), sq_seg),
+        "smoothness_descent_band": _ratio(2.0 * floor, sq_seg),  # ± floor on δ − ⟨g, sΔ⟩
         "curvature_secant": _ratio(_dot(_sub(gp, g), seg), sq_seg),
         "step_alpha": _ratio(-_dot(gp, seg), _dot(g, seg)),
-        "cos_grad_update": _ratio(_dot(g, d), _norm(g) * _norm(d)),
-        "cos_update_prev": _ratio(_dot(d, dp), _norm(d) * _norm(dp)),
-        "cos_grad_prev": _ratio(_dot(g, gq), _norm(g) * _norm(gq)),
+        "cos_grad_update": _clamp(_ratio(_dot(g, d), _norm(g) * _norm(d))),
+        "cos_update_prev": _clamp(_ratio(_dot(d, dp), _norm(d) * _norm(dp))),
+        "cos_grad_prev": _clamp(_ratio(_dot(g, gq), _norm(g) * _norm(gq))),
         "grad_norm": _none(_norm(g)),
         "update_norm": _none(_norm(d)),
         "param_norm": _none(_norm(x)),

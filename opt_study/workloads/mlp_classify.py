@@ -75,15 +75,24 @@ def load_dataset(cfg: MLPClassifyConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+class InputLinear(nn.Linear):
+    """The first layer: casts the float32 features to its weight's dtype, so that a bf16 model
+    (and the fp32 loss re-evaluation of a bf16 run, which gives it fp32 weights) reads them. For
+    an fp32 model the cast returns the input itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 def make_mlp(n_features: int, hidden: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = n_features
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [(InputLinear if not layers else nn.Linear)(width, h), nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = h
-    layers.append(nn.Linear(width, n_classes))
+    layers.append((InputLinear if not layers else nn.Linear)(width, n_classes))
     return nn.Sequential(*layers)
 
 
@@ -91,7 +100,7 @@ class MLPClassifyWorkload(Workload):
     """Batches are (features [b, f] float32, labels [b] int64); loss is mean cross-entropy."""
 
     unit = "samples"
-    precisions = ("fp32",)  # float32 features into the first layer: a bf16 model would refuse them
+    precisions = ("fp32", "bf16")  # the first layer casts the float32 features (InputLinear)
 
     def __init__(self, cfg: MLPClassifyConfig, seed: int):
         super().__init__(cfg, seed)

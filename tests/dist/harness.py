@@ -207,7 +207,9 @@ def spec_for(case: dict, storage: str):
 
 
 def reference_loss_grad(spec, x: torch.Tensor, step: int, world: int):
-    """Single-process float64 loss and gradient at full x on all N*A micro-batches (no dropout)."""
+    """Single-process float64 loss and gradient at full x on all N*A micro-batches (no dropout),
+    the small-batch noise term and the loss's rounding magnitude M (lossscale, from float64 logits)."""
+    from opt_study.measure.lossscale import Capture
     from opt_study.workloads import make_workload
 
     wl = make_workload(spec.workload.type, spec.workload.params, 0)
@@ -215,15 +217,17 @@ def reference_loss_grad(spec, x: torch.Tensor, step: int, world: int):
     torch.nn.utils.vector_to_parameters(x.clone(), [p for p in model.parameters() if p.requires_grad])
     n = world * spec.scale.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
-    total, g, small = 0.0, None, 0.0
+    total, g, small, scale = 0.0, None, 0.0, 0.0
     for idx in range(n):
         batch = tuple(
             t.double() if t.is_floating_point() else t for t in wl.train_batch(step, idx, spec.scale.micro_batch_size)
         )
-        loss = wl.loss(model, batch)
+        with Capture(x.device) as cap:
+            loss = wl.loss(model, batch)
         gi = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
         total, g, small = total + float(loss) / n, gi / n if g is None else g + gi / n, small + float(gi @ gi) / n
-    return total, g, small
+        scale += float(cap.value(1)) / n
+    return total, g, small, scale
 
 
 def reference_losses_fn(spec):
@@ -292,7 +296,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
     if r["engine_norm"] is not None and not case.get("clip"):
         put("engine_grad_norm", rel(row["grad_norm"], float(r["engine_norm"]), float(g.norm())))
     if case["workload"] in DROPOUT_FREE:  # dropout-free: an independent float64 loss/grad
-        lref, gref, small = reference_loss_grad(spec, x, t, world)
+        lref, gref, small, mref_t = reference_loss_grad(spec, x, t, world)
         put("loss_vs_fp64", rel(row["loss"], lref, abs(lref)))
         put("grad_vs_fp64", float((g - gref).norm() / gref.norm()))
         if row.get("sq_grad_small") is not None:  # the noise scale's small-batch term
@@ -305,8 +309,11 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         put("loss_probe_vs_fp32_ref", rel(row["loss_probe"], r["ref_losses"][1], abs(r["ref_losses"][1])))
     put("loss_precision_mismatch", float(row.get("loss_precision") != "fp32"))
     if case["workload"] in DROPOUT_FREE:  # the probe point really is x_t + sΔ_t
-        lref_p, gref_p, _ = reference_loss_grad(spec, x + s * delta, t, world)
+        lref_p, gref_p, _, mref_p = reference_loss_grad(spec, x + s * delta, t, world)
         put("loss_probe_vs_fp64", rel(row["loss_probe"], lref_p, abs(lref_p)))
+        for k, m in (("loss_scale", mref_t), ("loss_probe_scale", mref_p)):  # the floor's M, M⁺
+            if math.isfinite(m):
+                put(f"{k}_vs_fp64", rel(row[k], m, m))
         put("grad_probe_vs_fp64", float((r["g_plus"] - gref_p).norm() / gref_p.norm()))
     d_prev = (prev["x_next"] - prev["x"]) if prev else None
     ref = reference.reference_sums(
@@ -339,6 +346,8 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         probe_s=s,
         precision=spec.scale.precision,
         loss_precision=row["loss_precision"],
+        loss_scale=row.get("loss_scale"),
+        loss_probe_scale=row.get("loss_probe_scale"),
     )
     for k in ("cls_convexity_fwd", "cls_convexity_bwd", "flag"):
         put(f"{k}_mismatch", float(row.get(k) != mref.get(k)))

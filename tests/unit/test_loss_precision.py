@@ -15,21 +15,22 @@ from opt_study.measure.reference import reference_metrics
 from opt_study.results.schema import COLUMN_NAMES, STEP_SCHEMA
 
 U32, U16 = 2.0**-24, 2.0**-8
-SUMS = {"sq_grad": 4.0, "sq_grad_probe": 9.0, "sq_update": 0.25, "sq_param": 100.0}
+SUMS = {"sq_grad": 4.0, "sq_grad_probe": 9.0, "sq_update": 0.25, "sq_param": 100.0, "sq_grad_diff": 1.0}
 
 
 def test_floor_splits_loss_and_gradient_precision():
-    # fp32 losses at exact fp32 points (s = 1): u32 on the losses, u_bf16 on ⟨g, sΔ⟩, no point term
+    # fp32 losses at exact fp32 points (s = 1): u32 on the losses, u_bf16 on ⟨g, sΔ⟩, no loss point
+    # term; the bf16 gradients' rounded points add u_bf16·‖g⁺ − g‖(2‖x‖ + ‖sΔ‖)
     got = metrics.noise_floor(SUMS, 1.0, -2.0, 1.0, "bf16", loss_precision="fp32")
-    assert got == 4 * (U32 * 3.0 + U16 * (2 + 3) * 0.5)
+    assert got == 4 * (U32 * 3.0 + U16 * (2 + 3) * 0.5 + U16 * 1 * 20.5)
     # s = 0.5: the rounded fp32 point x_t + sΔ adds u32·(‖g‖ + ‖g⁺‖)(2‖x‖ + ‖sΔ‖)
     got = metrics.noise_floor(SUMS, 1.0, -2.0, 0.5, "bf16", loss_precision="fp32")
-    assert got == 4 * (U32 * 3.0 + U16 * 5 * 0.25 + U32 * 5 * (20 + 0.25))
+    assert got == 4 * (U32 * 3.0 + U16 * 5 * 0.25 + U32 * 5 * (20 + 0.25) + U16 * 1 * 20.25)
     # bf16 losses (no re-evaluation): the single-precision formula, bf16 point term included
     assert (
         metrics.noise_floor(SUMS, 1.0, -2.0, 1.0, "bf16", loss_precision="bf16")
         == metrics.noise_floor(SUMS, 1.0, -2.0, 1.0, "bf16")
-        == 4 * U16 * (3.0 + 2.5 + 102.5)
+        == 4 * U16 * (3.0 + 2.5 + 102.5 + 20.5)
     )
     with pytest.raises(ValueError):
         metrics.noise_floor(SUMS, 1.0, 1.0, 1.0, "bf16", loss_precision="int8")

@@ -94,7 +94,7 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     gen = torch.Generator().manual_seed(10 * ranks + (chunk == CHUNK))
     sizes, groups = [1, 7, 300, 5000, 70_000, 40, 2_000], [0, 0, 1, 1, 2, 2, 2]
     params = _random_params(gen, sizes)
-    losses = [[2.0 + r, 1.9 + r, float(r == 0), 0.5 * r] for r in range(ranks)]
+    losses = [[2.0 + r, 1.9 + r, float(r == 0), 0.5 * r, 7.0 + r, 8.0 + r] for r in range(ranks)]
     per_group, scalars = _sharded_packed(params, groups, 3, ranks, gen, losses, chunk=chunk)
     assert set(per_group) == set(SUM_NAMES) and set(scalars) == set(LOSS_NAMES)
     for j in range(3):
@@ -105,13 +105,15 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     assert scalars["loss_probe"] == pytest.approx(np.mean([ls[1] for ls in losses]), rel=1e-12)
     assert scalars["stop_votes"] == 1.0 / ranks  # each rank's share, like the losses
     assert scalars["sq_grad_small"] == pytest.approx(np.mean([0.5 * r for r in range(ranks)]), rel=1e-12)
+    assert scalars["loss_scale"] == pytest.approx(np.mean([ls[4] for ls in losses]), rel=1e-12)
+    assert scalars["loss_probe_scale"] == pytest.approx(np.mean([ls[5] for ls in losses]), rel=1e-12)
 
 
 def test_missing_inputs_are_nan_after_reduction():
     gen = torch.Generator().manual_seed(3)
     params = _random_params(gen, [50, 130])
     per_group, scalars = _sharded_packed(
-        params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, math.nan]] * 2, drop=("g_plus", "x0")
+        params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, math.nan, math.nan, math.nan]] * 2, drop=("g_plus", "x0")
     )
     full = {k: (None if k in ("g_plus", "x0") else torch.cat([p[k] for p in params])) for k in FIELDS}
     ref = reference_sums(**full)
@@ -176,7 +178,7 @@ def test_quadratic_closed_forms(dtype, s):
         Fragment(group=j, x=x[sl].to(dtype), g=g[sl].to(dtype), delta=d[sl].to(dtype), g_plus=gp[sl].to(dtype))
         for j, sl in enumerate((slice(0, half), slice(half, None)))
     ]
-    sums = totals(unpack(pack(local_sums(frags, 2), torch.zeros(4)), 2)[0])
+    sums = totals(unpack(pack(local_sums(frags, 2), torch.zeros(len(LOSS_NAMES))), 2)[0])
     prec = "fp64" if dtype == torch.float64 else "fp32"
     via_sums = metrics.derive(sums, q["loss"], q["loss_probe"], s, prec)
     via_ref = reference_metrics(
@@ -210,7 +212,7 @@ def _random_case(seed=7, n=500):
 @pytest.mark.parametrize("s,precision", [(1.0, "fp32"), (0.5, "fp32"), (1.0, "bf16"), (2.3, "fp16")])
 def test_derive_matches_reference_metrics(s, precision):
     t = _random_case()
-    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(4)), 1)[0])
+    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(len(LOSS_NAMES))), 1)[0])
     got = metrics.derive(sums, 3.0, 2.5, s, precision)
     ref = reference_metrics(
         t["x"],
@@ -234,13 +236,16 @@ def test_derive_matches_reference_metrics(s, precision):
 
 
 def test_noise_floor_formula_and_classification():
-    sums = {"sq_grad": 4.0, "sq_grad_probe": 9.0, "sq_update": 0.25, "sq_param": 100.0}
+    sums = {"sq_grad": 4.0, "sq_grad_probe": 9.0, "sq_update": 0.25, "sq_param": 100.0, "sq_grad_diff": 1.0}
     u32 = 2.0**-24
     # s = 1, fp32: the losses and the inner products only: 4u(|ℓ| + |ℓ⁺| + (2 + 3)·0.5)
     assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "fp32") == 4 * u32 * (3.0 + 2.5)
-    # s = 0.5: plus the rounded probe point, (2 + 3)·(2·10 + 0.25)
-    assert metrics.noise_floor(sums, 1.0, -2.0, 0.5, "fp32") == 4 * u32 * (3.0 + 1.25 + 101.25)
-    assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "bf16") == 4 * 2.0**-8 * (3.0 + 2.5 + 102.5)
+    # the losses' rounding magnitudes M, M⁺ (lossscale) take the place of |ℓ|, |ℓ⁺|
+    assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "fp32", loss_scales=(7.0, 8.0)) == 4 * u32 * (15.0 + 2.5)
+    # s = 0.5: plus the rounded probe point, for the losses (2 + 3)·(2·10 + 0.25) and for the
+    # gradients ‖g⁺ − g‖·(2·10 + 0.25)
+    assert metrics.noise_floor(sums, 1.0, -2.0, 0.5, "fp32") == 4 * u32 * (3.0 + 1.25 + 101.25 + 20.25)
+    assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "bf16") == 4 * 2.0**-8 * (3.0 + 2.5 + 102.5 + 20.5)
     with pytest.raises(ValueError):
         metrics.noise_floor(sums, 1.0, 1.0, 1.0, "int8")
     assert metrics.classify(-1.0, 0.5) == "holds"
@@ -252,7 +257,7 @@ def test_noise_floor_formula_and_classification():
 def test_zero_update_flags_and_nulls():
     t = _random_case()
     t["delta"] = torch.zeros_like(t["delta"])
-    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(4)), 1)[0])
+    sums = totals(unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.zeros(len(LOSS_NAMES))), 1)[0])
     for m in (
         metrics.derive(sums, 3.0, 3.0 + 1e-9, 1.0),
         reference_metrics(
@@ -286,7 +291,13 @@ def test_no_probe_flags_and_nulls():
     t = _random_case()
     t["g_plus"] = None
     sums = totals(
-        unpack(pack(local_sums([Fragment(group=0, **t)], 1), torch.tensor([3.0, math.nan, 0.0, math.nan])), 1)[0]
+        unpack(
+            pack(
+                local_sums([Fragment(group=0, **t)], 1),
+                torch.tensor([3.0, math.nan, 0.0, math.nan, math.nan, math.nan]),
+            ),
+            1,
+        )[0]
     )
     m = metrics.derive(sums, 3.0, math.nan, math.nan)
     assert m["flag"] == "no_probe"
@@ -346,7 +357,7 @@ def test_summarize_fractions_and_ratio():
 
 
 def test_validation_errors():
-    x = torch.zeros(4)
+    x = torch.zeros(len(LOSS_NAMES))
     with pytest.raises(ValueError):
         Fragment(group=0, x=x, g=torch.zeros(5))
     with pytest.raises(ValueError):
@@ -394,7 +405,9 @@ def test_flat_sums_missing_vectors_are_nan_and_agree_with_local_sums():
     drop = ("g_plus", "x0")
     flat = totals(_flat_packed(params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1), drop=drop))
     frag = totals(
-        _sharded_packed(params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1), [[0.0] * 4] * 2, drop=drop)[0]
+        _sharded_packed(
+            params, [0, 1, 1], 2, 2, torch.Generator().manual_seed(1), [[0.0] * len(LOSS_NAMES)] * 2, drop=drop
+        )[0]
     )
     nan = {k for k, v in flat.items() if math.isnan(v)}
     assert (

@@ -45,8 +45,8 @@ def ce_magnitude(logits: torch.Tensor, target: torch.Tensor, reduction: str = "m
             z, target = z.unsqueeze(0), target.reshape(1)
         z = z.movedim(1, -1).reshape(-1, z.shape[1])  # [N, K, *] -> [N·*, K]
         y = target.reshape(-1)
-        keep = y != ignore_index
-        z, y = z[keep], y[keep]
+        keep = (y != ignore_index).to(torch.float64)  # a mask, not an index: no host sync on a GPU
+        y = torch.where(y != ignore_index, y, torch.zeros_like(y))
         n, k = z.shape
         if n == 0:
             return torch.zeros((), dtype=torch.float64, device=logits.device)
@@ -58,8 +58,9 @@ def ce_magnitude(logits: torch.Tensor, target: torch.Tensor, reduction: str = "m
         ell = lse - s_y
         per = s_y.abs() + (p * s.abs()).sum(1) + lse + ell + (math.ceil(math.log2(max(k, 2))) + 3)
         per = per + 2.0 * (1.0 - p_y).clamp_min(0) * z.abs().amax(dim=1)
-        total = per.double().sum() + math.ceil(math.log2(max(n, 2))) * ell.double().sum()
-        return total / n if reduction == "mean" else total
+        # ⌈log2 n⌉ over all n rows, ignored ones included: an upper bound of the kept count's
+        total = (keep * (per.double() + math.ceil(math.log2(max(n, 2))) * ell.double())).sum()
+        return total / keep.sum().clamp_min(1.0) if reduction == "mean" else total
 
 
 class Capture(TorchFunctionMode):

@@ -8,9 +8,11 @@
 - ``cadence``: which steps are measured, evaluated, logged, checkpointed (hook and loop share it).
 - ``shards``, ``probe``, ``fp32eval``, ``hook``: reading DeepSpeed shards, the same-batch probe,
   the fp32 loss re-evaluation, the step hook.
+- ``lossscale``: the losses' rounding magnitudes (the noise floor's loss terms), read from the
+  logits of the measured forwards.
 - ``deepspeed_state``: the only module that touches private DeepSpeed / torch state.
 
 Imports run one way, lowest first: names, cadence < sum_layout < fused_sums < sums < metrics;
-deepspeed_state < shards, probe < fp32eval < hook. Submodules are imported explicitly
+deepspeed_state < shards, probe < fp32eval < hook; lossscale < hook. Submodules are imported explicitly
 (``from opt_study.measure import metrics``) so that the pure math never pulls in DeepSpeed.
 """

@@ -189,7 +189,7 @@ def cmd_ui(a) -> int:
     """The MLflow UI on the study's store: a local store gets an ``mlflow ui`` started here; a
     tracking server already is one, so the command says where to open it and starts nothing."""
     from opt_study.results.mlflow_queue import fast_failing_http, redact
-    from opt_study.results.mlflow_sink import experiment_link
+    from opt_study.results.mlflow_sink import experiment_link, repoint_local_artifacts
     from opt_study.results.query import experiment_name
 
     spec = study_spec(a.study)
@@ -200,6 +200,7 @@ def cmd_ui(a) -> int:
             link = experiment_link(spec.tracking_uri, name, spec.tracking_uri)
         print(f"  {redact(link)}")
         return 0
+    repoint_local_artifacts(spec.tracking_uri)  # a storage root that was moved keeps its artifacts
     host = "localhost" if a.host in ("0.0.0.0", "127.0.0.1", "::") else a.host
     link = experiment_link(spec.tracking_uri, name, f"http://{host}:{a.port}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", spec.tracking_uri]

@@ -23,6 +23,7 @@ again without duplicating anything:
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class MlflowSink:
     def __init__(self, tracking_uri: str, experiment_name: str, max_curve_points: int = 200):
         from mlflow.tracking import MlflowClient
 
+        repoint_local_artifacts(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.max_curve_points = max_curve_points
         self.experiment_id = self._experiment(experiment_name)
@@ -357,3 +359,48 @@ def experiment_link(tracking_uri: str, experiment_name: str, base_url: str) -> s
     if exp is None:
         return f"{base}/"
     return f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
+
+def repoint_local_artifacts(tracking_uri: str) -> int:
+    """Make a SQLite store's artifact locations follow the store when its storage root moved.
+
+    MLflow records each experiment's and run's artifact location as an absolute URI
+    (``file:///old/root/mlartifacts/...``) and has no API to change it. A location under an
+    ``mlartifacts/`` folder that no longer exists is rewritten to the ``mlartifacts/`` beside the
+    store's database; one that exists (another live store) is left alone. Returns how many
+    locations were rewritten. Anything but a local SQLite store: nothing to do."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return 0
+    db = Path(tracking_uri[len("sqlite:///") :])
+    if not db.is_file():
+        return 0
+    here = (db.parent / "mlartifacts").resolve().as_uri()
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        with con:
+            locs = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
+            olds = {loc[: loc.index("/mlartifacts") + len("/mlartifacts")] for loc in locs if _moved_root(loc)}
+            return sum(_rewrite(con, old, here) for old in olds - {here})
+    except sqlite3.OperationalError:  # not (yet) an MLflow store: MLflow creates its tables
+        return 0
+    finally:
+        con.close()
+
+
+def _moved_root(loc: str | None) -> bool:
+    from urllib.parse import unquote, urlparse
+
+    if not loc or not loc.startswith("file://") or "/mlartifacts" not in loc:
+        return False
+    root = loc[: loc.index("/mlartifacts") + len("/mlartifacts")]
+    return not Path(unquote(urlparse(root).path)).exists()
+
+
+def _rewrite(con: sqlite3.Connection, old: str, new: str) -> int:
+    n = 0
+    for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+        n += con.execute(
+            f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+            (new, len(old) + 1, len(old), old),
+        ).rowcount
+    return n

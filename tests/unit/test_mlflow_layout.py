@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from opt_study.results.mlflow_sink import TAG_ENDED, TAG_STARTED, MlflowSink, trial_metrics
+from opt_study.results.mlflow_sink import TAG_ENDED, TAG_STARTED, MlflowSink, repoint_local_artifacts, trial_metrics
 
 ROWS = [
     {"step": s, "loss": 10.0 - s, "lr": 0.1, "grad_norm": 1.0, "eval_loss": 9.0 - s if s % 2 else None}
@@ -85,3 +85,22 @@ def test_queue_entries_hold_downsampled_curves(tmp_path, n):
     [entry] = q.pending()
     pts = json.loads(entry.read_text())["args"]["curves"]["train/loss"]
     assert len(pts) == min(n, 200) and pts[0] == [0, 0.0] and pts[-1] == [n - 1, float(n - 1)]
+
+
+def test_a_moved_store_keeps_its_artifacts(tmp_path):
+    """MLflow records absolute artifact locations; a storage root moved elsewhere is re-pointed
+    to the mlartifacts/ beside its database when a sink (or `opt-study ui`) opens it."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    sink = MlflowSink(f"sqlite:///{old / 'mlflow.db'}", "opt_study/moved")
+    parent = sink.parent_run("moved", {}, {})
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("<p>hi</p>")
+    sink.log_artifacts(parent, tmp_path / "report")
+    del sink
+    old.rename(new)
+    moved = MlflowSink(f"sqlite:///{new / 'mlflow.db'}", "opt_study/moved")
+    assert moved.client.get_run(parent).info.artifact_uri.startswith((new / "mlartifacts").as_uri())
+    local = moved.client.download_artifacts(parent, "report/index.html", str(tmp_path))
+    assert open(local).read() == "<p>hi</p>"
+    assert repoint_local_artifacts(f"sqlite:///{new / 'mlflow.db'}") == 0  # nothing left to move

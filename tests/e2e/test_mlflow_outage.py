@@ -347,7 +347,8 @@ def test_a_real_study_runs_while_the_server_is_down(server, ray_cluster, tmp_pat
     assert out.getvalue().count("COMPLETED") == 2 and "opt-study sync-mlflow" in out.getvalue()
     queued = sorted(p.name.split("-", 1)[1] for p in mlflow_queue.pending_entries(spec.study_dir))
     tids = sorted(p.trial_id for p in plan_trials(spec))
-    assert queued == sorted(["parent_run-down.json", "end_parent-down.json"] + [f"log_trial-{t}.json" for t in tids for _ in ("start", "end")])
+    trial_writes = [f"log_trial-{t}.json" for t in tids for _ in ("start", "end")]  # at trial start and end
+    assert queued == sorted(["parent_run-down.json", "end_parent-down.json"] + trial_writes)
 
     server.start()
     cli = subprocess.run(

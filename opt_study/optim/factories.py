@@ -1,7 +1,7 @@
 """Factories that turn FLAT scalar hyperparameters into library optimizers, and the thin glue
 subclasses the distributed loop needs. No update rule is written here: every rule is the
-library's (torch.optim, pytorch-optimizer 4.1.0, schedulefree 1.4.1); the glue only changes
-WHEN state is created or WHERE a Hessian estimate comes from.
+library's (torch.optim, pytorch-optimizer 4.1.0, schedulefree 1.4.1, heavyball 3.2.1); the glue only
+changes WHEN state is created, WHERE a Hessian estimate comes from, or WHICH random draws a step uses.
 
 A factory is `factory(params, **hparams)` where `params` is an iterable of tensors (the model's
 parameters, or flat partitions at ZeRO 1-3) and `hparams` are exactly the entry's default names.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import heavyball
+import numpy as np
 import pytorch_optimizer as po
 import schedulefree
 import torch
@@ -95,10 +97,10 @@ def lookahead(inner: Factory) -> Factory:
     return factory
 
 
-# ----------------------------------------------------------------------------------------- Muon
-def muon(params, lr, momentum, weight_decay, nesterov, ns_steps, adamw_lr, adamw_wd, beta1, beta2):
-    """pytorch-optimizer Muon: matrices (ndim >= 2) get the orthogonalised momentum update, other
-    tensors (biases, gains) its built-in AdamW at `adamw_lr` with betas (beta1, beta2).
+# ----------------------------------------------------------------------------------- Muon family
+def _muon_groups(params, lr, adamw_lr, beta1, beta2, adamw_wd) -> list[dict]:
+    """Matrices (ndim >= 2) in a `use_muon` group at `lr`, other tensors (biases, gains) in the
+    library's built-in AdamW group at `adamw_lr` with betas (beta1, beta2).
 
     The factory sees tensors, not names, so embeddings and output heads (2-D) are Muon'd too;
     Jordan et al.'s recipe gives those to AdamW. Say so when comparing against the reference.
@@ -114,14 +116,93 @@ def muon(params, lr, momentum, weight_decay, nesterov, ns_steps, adamw_lr, adamw
             "weight_decay": adamw_wd,
         },
     ]
+    return [g for g in groups if g["params"]]
+
+
+def muon(params, lr, momentum, weight_decay, nesterov, ns_steps, adamw_lr, adamw_wd, beta1, beta2):
+    """pytorch-optimizer Muon over `_muon_groups`."""
     return po.Muon(
-        [g for g in groups if g["params"]],
+        _muon_groups(params, lr, adamw_lr, beta1, beta2, adamw_wd),
         momentum=momentum,
         weight_decay=weight_decay,
         nesterov=nesterov,
         ns_steps=ns_steps,
         adamw_lr=adamw_lr,
     )
+
+
+def normuon(params, lr, momentum, muon_beta2, weight_decay, nesterov, ns_steps, adamw_lr, adamw_wd, beta1, beta2):
+    """pytorch-optimizer NorMuon over `_muon_groups`; `muon_beta2` is NorMuon's own second-moment
+    decay (per-neuron, on the orthogonalised update), beta1/beta2 the AdamW group's."""
+    return po.NorMuon(
+        _muon_groups(params, lr, adamw_lr, beta1, beta2, adamw_wd),
+        momentum=momentum,
+        beta2=muon_beta2,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        ns_steps=ns_steps,
+        adamw_lr=adamw_lr,
+    )
+
+
+# ------------------------------------------------------------------------------ AdEMAMix, MARS
+def ademamix(params, beta1, beta2, beta3, t_alpha_beta3, **rest):
+    """pytorch-optimizer AdEMAMix: three betas, and the alpha/beta3 warm-up length
+    (`t_alpha_beta3` = 0 means none: the library's None, a flat scalar here)."""
+    return po.AdEMAMix(params, betas=(beta1, beta2, beta3), t_alpha_beta3=t_alpha_beta3 or None, **rest)
+
+
+def mars(params, beta1, beta2, beta1_1d, beta2_1d, **rest):
+    """pytorch-optimizer MARS (the AdamW instance, mars_type="adamw"): matrices get the
+    variance-reduced update with betas (beta1, beta2); 1-D tensors AdamW with (beta1_1d, beta2_1d)."""
+    return po.MARS(params, betas=(beta1, beta2), betas_1d=(beta1_1d, beta2_1d), mars_type="adamw", **rest)
+
+
+# -------------------------------------------------------------------------------------- PSGD-Kron
+DRAW_SEED = 20151214  # any constant: every rank must use the same one
+
+
+class SameDrawsKron(po.Kron):
+    """pytorch-optimizer Kron (PSGD with Kronecker-factored preconditioners; Li 2015,
+    https://arxiv.org/abs/1512.04202) whose random draws are the same on every rank.
+
+    Why: Kron updates its preconditioners from random probe vectors (torch's global generator)
+    and decides its balancing with numpy's global generator. The training loop seeds torch's
+    generator per RANK (opt_study.trial.loop) and nobody seeds numpy's, so at ZeRO-0, where every
+    rank steps its own full copy, the replicas would silently drift apart. Here each step draws
+    from generators seeded by the step count alone; both global generators are restored after.
+    The update rule is the library's.
+    """
+
+    def step(self, closure=None):
+        seed = DRAW_SEED + int(self.param_groups[0].get("step", 0))
+        devices = sorted({p.device.index for g in self.param_groups for p in g["params"] if p.is_cuda})
+        np_state = np.random.get_state()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            try:
+                return super().step(closure)
+            finally:
+                np.random.set_state(np_state)
+
+
+def kron(params, **hparams):
+    return SameDrawsKron(params, **hparams)
+
+
+# -------------------------------------------------------------------------------- Cautious AdamW
+def cautious_adamw(params, beta1, beta2, **rest):
+    """heavyball AdamW with caution=True (Liang et al. 2024, https://arxiv.org/abs/2411.16085),
+    run eagerly.
+
+    Why eager: heavyball compiles its update functions with torch.compile by default, which on
+    a CPU costs minutes per run (measured: 153 s for 50 steps of an 8x8 problem, 0.7 s eager).
+    `heavyball.utils.compile_mode = None` is the library's own switch for that; setting it
+    affects every heavyball optimizer in the process, and this is the only one here.
+    """
+    heavyball.utils.compile_mode = None
+    return heavyball.AdamW(params, betas=(beta1, beta2), caution=True, compile_step=False, **rest)
 
 
 # --------------------------------------------------------------------------------------- Sophia

@@ -13,6 +13,8 @@ evaluation. Besides the sweep, three checks of the declarations:
 - `lamb_zero2_guard`: LAMB handed to a ZeRO-2 engine is caught by optim.check_model_shapes.
 - `schedulefree_eval_at_x`: the eval loss run_trial reports for schedulefree_adamw equals the
   float64 loss at the averaged iterate x (and differs from the loss at y).
+- `kron_ranks_agree`: PSGD-Kron at ZeRO-0 (every rank steps its own full copy, drawing its
+  preconditioner probes at random) leaves the same weights on every rank after 5 steps.
 Rank 0 writes the findings as JSON; tests/multirank/test_optim_multirank.py asserts on them.
 """
 
@@ -232,6 +234,13 @@ def checks(storage: str) -> dict:
         "reported": r["eval_loss"],
         "at_x": quadratic_loss_at(r["x_eval"], wl.eval_centres, wl.A),
         "at_y": quadratic_loss_at(r["x_train"], wl.eval_centres, wl.A),
+    }
+    r = run_case("psgd_kron", 0, storage, "kron5", steps=5)
+    xs = distributed.all_gather_object(r["x_train"])
+    out["kron_ranks_agree"] = {
+        "max_abs_diff": max(float((x - xs[0]).abs().max()) for x in xs),
+        "moved": float((xs[0] - x0).abs().max()),
+        "ranks": len(xs),
     }
     out["checks_seconds"] = time.time() - t0
     return out

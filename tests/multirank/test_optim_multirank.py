@@ -2,7 +2,8 @@
 precision) it declares that a CPU runs (fp32 and bf16; fp16 needs a GPU), through the real
 `run_trial`; plus the declaration checks (LAMB at ZeRO-0 equals the single-process optimizer;
 LAMB inside a ZeRO-2 engine is caught at run time; Schedule-Free's reported eval loss is the
-loss at x). One torchrun job: tests/dist/zoo_harness.py (127 cases, about 50 s on 2 cores).
+loss at x; PSGD-Kron's random probes leave the ranks' replicas equal). One torchrun job:
+tests/dist/zoo_harness.py (154 cases and 4 checks; 1m44 s CPU, before the 2025-26 entries 1m35 s).
 """
 
 from __future__ import annotations
@@ -131,3 +132,12 @@ def test_schedulefree_eval_loss_is_the_loss_at_x(zoo):
     r = zoo["schedulefree_eval_at_x"]
     assert abs(r["reported"] - r["at_x"]) <= 1e-6 * abs(r["at_x"]), r
     assert abs(r["at_y"] - r["at_x"]) > 100 * 1e-6 * abs(r["at_x"]), r  # y would have been caught
+
+
+@pytest.mark.slow
+def test_psgd_kron_replicas_agree_across_ranks(zoo):
+    """ZeRO-0: every rank steps its own copy, and the loop seeds torch's generator per rank;
+    Kron's probes are drawn per step from the same seed on every rank (factories.SameDrawsKron)."""
+    r = zoo["kron_ranks_agree"]
+    assert r["ranks"] == WORLD and r["moved"] > 1e-4, r
+    assert r["max_abs_diff"] == 0.0, r

@@ -44,10 +44,11 @@ def test_registry_contents():
         "shampoo",
         "sophia",
     }
-    assert set(ALL) == crowded_valley | contenders
+    recent = {"ademamix", "adopt", "cautious_adamw", "mars", "psgd_kron", "normuon", "scion", "splus"}
+    assert set(ALL) == crowded_valley | contenders | recent
     for name, e in optim.OPTIMIZERS.items():
         assert e.name == name and "lr" in e.defaults and e.paper.startswith("https://")
-        assert e.source.split()[0] in ("torch", "pytorch-optimizer", "schedulefree"), e.source
+        assert e.source.split()[0] in ("torch", "pytorch-optimizer", "schedulefree", "heavyball"), e.source
     with pytest.raises(ValueError, match="known: adabelief, adabound, adadelta"):
         optim.optimizer_entry("adamax")
 
@@ -64,6 +65,23 @@ def test_hyperparameters_reach_torch():
     assert g["momentum"] == 0.0 and not g["nesterov"]
     g = optim.build_optimizer("rmsprop", p, {"centered": True, "alpha": 0.9}).param_groups[0]
     assert g["centered"] is True and g["alpha"] == 0.9
+
+
+def test_recent_hyperparameters_reach_the_libraries():
+    p = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(3))]
+    g = optim.build_optimizer("ademamix", p, {"beta3": 0.999}).param_groups[0]
+    assert g["betas"] == (0.9, 0.999, 0.999) and g["t_alpha_beta3"] is None and g["alpha"] == 5.0
+    g = optim.build_optimizer("ademamix", p, {"t_alpha_beta3": 1000}).param_groups[0]
+    assert g["t_alpha_beta3"] == 1000
+    g = optim.build_optimizer("mars", p, {"beta1_1d": 0.8, "lr_1d": 1e-3}).param_groups[0]
+    assert (g["betas"], g["betas_1d"], g["mars_type"], g["lr_1d"]) == ((0.95, 0.99), (0.8, 0.95), "adamw", 1e-3)
+    gs = optim.build_optimizer("normuon", p, {"muon_beta2": 0.9, "beta2": 0.99}).param_groups
+    assert [(g["use_muon"], g["lr"]) for g in gs] == [(True, 0.02), (False, 3e-4)]
+    assert gs[0]["beta2"] == 0.9 and gs[1]["betas"] == (0.9, 0.99)
+    g = optim.build_optimizer("cautious_adamw", p, {"beta2": 0.95}).param_groups[0]
+    assert g["caution"] is True and g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.01
+    g = optim.build_optimizer("psgd_kron", p, {"momentum": 0.5}).param_groups[0]
+    assert g["momentum"] == 0.5 and g["pre_conditioner_update_probability"] is None  # the library's schedule
 
 
 def test_resolve_hparams_overlays_and_rejects():

@@ -6,7 +6,9 @@ The multi-rank side (DeepSpeed at every declared stage) is tests/multirank/test_
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import pytorch_optimizer as po
 import torch
 
 from opt_study import optim
@@ -16,6 +18,8 @@ from opt_study.workloads import QuadraticConfig, make_workload
 
 ALL = list(optim.OPTIMIZERS)
 LAYERWISE = {"lamb", "novograd", "muon", "soap", "shampoo"}
+# The 2024-26 contenders whose rule needs whole tensors (norms, matrices, per-tensor masks).
+RECENT_SHAPED = {"cautious_adamw", "mars", "psgd_kron", "normuon", "scion", "splus"}
 STEPS, MBS = 200, 16
 # The slowest defaults on this problem after 200 steps: shampoo (0.85), lookahead_radam (0.93),
 # lion (0.955: lr 1e-4 moves each coordinate at most 0.02); the rest end below 0.9.
@@ -73,7 +77,7 @@ def test_default_space_validates(name, spec_factory):
 # ---------------------------------------------------------------------------- the declarations
 def test_declared_combinations():
     for name, e in optim.OPTIMIZERS.items():
-        if name in LAYERWISE or name == "sophia":
+        if name in LAYERWISE | RECENT_SHAPED or name == "sophia":
             assert e.combos == optim.MODEL_TENSORS and e.needs_model_shapes, name
         elif name.startswith("schedulefree"):
             assert e.combos == optim.MODEL_TENSORS and not e.needs_model_shapes, name
@@ -100,12 +104,20 @@ def _study(spec_factory, stage: int, precision: str, *optimizers: str):
     )
 
 
-def test_validate_rejects_lamb_at_zero2(spec_factory):
+@pytest.mark.parametrize("name", ["lamb", *sorted(RECENT_SHAPED)])
+def test_validate_rejects_shape_rules_at_zero2(spec_factory, name):
     with pytest.raises(ConfigError) as e:
-        _study(spec_factory, 2, "fp32", "adam", "lamb")
+        _study(spec_factory, 2, "fp32", "adam", name)
     assert e.value.field == "optimizers[1].name"
-    assert "zero_stage" in e.value.message and "0" in e.value.message
-    assert e.value.message == optim.combination_error("lamb", 2, "fp32")
+    assert e.value.message == optim.combination_error(name, 2, "fp32")
+    assert "set scale.zero_stage to 0 with scale.precision fp32" in e.value.message
+    assert e.value.message.endswith("Correct combinations: zero_stage 0/fp32")
+    assert _study(spec_factory, 0, "fp32", "adam", name).scale.zero_stage == 0  # the named fix validates
+
+
+def test_recent_elementwise_rules_validate_at_every_zero_stage(spec_factory):
+    for stage in (1, 2, 3):
+        assert _study(spec_factory, stage, "bf16", "ademamix", "adopt").scale.zero_stage == stage
 
 
 def test_validate_rejects_lamb_under_bf16(spec_factory):
@@ -228,3 +240,52 @@ def test_lr_factor_scales_every_group_from_its_own_base():
     optim.apply_lr_factor(opt, 1.0)  # from the initial lr, not compounding
     assert [g["lr"] for g in opt.param_groups] == [0.02, 3e-4]
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+
+
+def _kron_replica(rank_seed: int, cls=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """10 Kron steps on `quadratic` after seeding the global generators as a rank would; returns
+    the weights and the global generators' next draws."""
+    torch.manual_seed(rank_seed)
+    np.random.seed(rank_seed)
+    w = make_workload("quadratic", QuadraticConfig(), 0)
+    model = w.build_model()
+    opt = optim.build_optimizer("psgd_kron", model.parameters(), {})
+    if cls is not None:  # the library's class with the same hyperparameters
+        opt = cls(model.parameters(), **optim.resolve_hparams("psgd_kron", {}))
+    for step in range(10):
+        opt.zero_grad()
+        w.loss(model, w.train_batch(step, 0, MBS)).backward()
+        opt.step()
+    return model.X.detach().clone(), torch.rand(3), float(np.random.rand())
+
+
+def test_psgd_kron_draws_the_same_on_every_rank():
+    """The loop seeds torch's generator per rank and nobody seeds numpy's; at ZeRO-0 every rank
+    steps its own copy. Same gradients, different global generators: the same weights (the
+    library's Kron alone drifts), and the global generators move on as if Kron drew nothing."""
+    x1, t1, n1 = _kron_replica(1)
+    x2, _, _ = _kron_replica(2)
+    assert torch.equal(x1, x2)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    assert torch.equal(t1, torch.rand(3)) and n1 == float(np.random.rand())
+    y1, _, _ = _kron_replica(1, po.Kron)
+    y2, _, _ = _kron_replica(2, po.Kron)
+    assert (y1 - y2).abs().max() > 1e-6  # why the glue exists
+
+
+def test_cautious_adamw_masks_disagreeing_coordinates():
+    """Liang et al. 2024 (https://arxiv.org/abs/2411.16085): on the first step Adam's update
+    is -lr * sign(g) (bias-corrected m / sqrt(v) = g / |g|), which always agrees with the
+    gradient, so C-AdamW's first step is AdamW's. After a gradient flip, coordinates whose
+    momentum still points the old way do not move."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = optim.build_optimizer("cautious_adamw", [p], {"weight_decay": 0.0, "lr": 0.1})
+    p.grad = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.1, -0.1, 0.1]))
+    before = p.detach().clone()
+    p.grad = torch.tensor([-1e-3, 1e-3, 1.0, -1.0])  # coordinates 0, 1 flip weakly: momentum disagrees
+    opt.step()
+    moved = (p.detach() - before).abs() > 0
+    assert moved.tolist() == [False, False, True, True]

@@ -91,6 +91,9 @@ def test_board_posts_reach_the_console(ray_cluster, spec_factory):
         rec = StudyRecorder(spec, [plan], {}, NullSink(), None, out=out, board=board)
         rec.progress.start(plan.trial_id)
         post = console.board_poster(board, plan.trial_id)
+        ray_cluster.get(post({"step": 10, "loss": 0.7, "units_per_s": 1000.0}))
+        rec._poll_board()
+        assert rec.progress.trials[plan.trial_id].steps_per_s is None  # a rate needs two posts
         ray_cluster.get(post({"step": 30, "loss": 0.5, "units_per_s": 1234.0}))
         rec._poll_board()
         t = rec.progress.trials[plan.trial_id]

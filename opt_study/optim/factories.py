@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import heavyball
 import numpy as np
 import pytorch_optimizer as po
 import schedulefree
@@ -199,8 +198,12 @@ def cautious_adamw(params, beta1, beta2, **rest):
     Why eager: heavyball compiles its update functions with torch.compile by default, which on
     a CPU costs minutes per run (measured: 153 s for 50 steps of an 8x8 problem, 0.7 s eager).
     `heavyball.utils.compile_mode = None` is the library's own switch for that; setting it
-    affects every heavyball optimizer in the process, and this is the only one here.
+    affects every heavyball optimizer in the process, and this is the only one here. Imported
+    here, not at the top: importing heavyball costs about 0.7 s (it imports torch._dynamo and
+    opt_einsum), which every CLI call and trial would pay otherwise.
     """
+    import heavyball
+
     heavyball.utils.compile_mode = None
     return heavyball.AdamW(params, betas=(beta1, beta2), caution=True, compile_step=False, **rest)
 

@@ -49,7 +49,7 @@ def _worker_loop(cfg: dict) -> None:
     _quiet()
     plan = TrialPlan(**cfg["trial"])
     progress = board_poster(cfg.get("board"), plan.trial_id)
-    run_trial(cfg["spec"], plan, report=ray.train.report, node=_node_id(), progress=progress)
+    run_trial(cfg["spec"], plan, report=ray.train.report, node=_node_id(), progress=progress, repeat_report=True)
 
 
 def is_new_report(last_step: int | None, metrics: dict) -> bool:

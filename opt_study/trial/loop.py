@@ -43,6 +43,7 @@ class TrialState:
     status: str = "running"
     nodes: str = ""
     start_time: float = field(default_factory=time.time)
+    resumed_report: dict | None = None  # the evaluation reported at the checkpoint resumed from
 
 
 def _to_device(batch, device):
@@ -201,6 +202,7 @@ def resume(c: Ctx, state: TrialState) -> int:
     start = int(client["next_step"]) if client else 0
     if client:
         state.best_eval, state.initial_loss = client.get("best_eval", math.inf), client.get("initial_loss")
+        state.resumed_report = client.get("report")
     if c.rank == 0:
         c.attempt = next_attempt(c.spec.study_dir, c.plan.trial_id)
         c.writer = StepWriter(c.spec.study_dir, c.plan.trial_id, c.attempt, start_step=start)
@@ -225,12 +227,17 @@ def run_trial(
     measurer_cls=StepMeasurer,
     node: str = "",
     progress: Report | None = None,
+    repeat_report: bool = False,
 ) -> dict:
     """Train one trial to the end (or divergence, or a stop request); every rank runs this.
 
     Returns the final report metrics. `measurer_cls` is a test seam: the multi-rank tests pass a
     subclass that also gathers full tensors (in the test only) to check every measured number.
     `progress` (rank 0, every PROGRESS_EVERY_S of wall time) gets {step, loss, units_per_s}.
+    `repeat_report`: on resuming, report again the evaluation made at the checkpoint's step. A
+    worker group killed between committing a checkpoint and its report reaching Ray Train's
+    controller would otherwise never report that evaluation; the controller drops the repeat
+    when it did arrive (launch.is_new_report), so Tune sees each evaluation exactly once.
     """
     c = build(spec, plan, measurer_cls)
     training = spec.training
@@ -239,6 +246,8 @@ def run_trial(
     state.nodes = ",".join(sorted(set(distributed.all_gather_object(node)))) if node else ""
     _pull_trial(spec.study_dir, plan.trial_id)
     start = resume(c, state)
+    if repeat_report and state.resumed_report:
+        report(state.resumed_report)
     # fp32 parameter snapshots for checkpoint replay (docs/METRICS.md §Reference-point metrics)
     saver = snapshots.SnapshotSaver(
         spec.study_dir,
@@ -280,7 +289,11 @@ def run_trial(
                 spec.study_dir,
                 plan.trial_id,
                 step + 1,
-                {"best_eval": state.best_eval, "initial_loss": state.initial_loss},
+                {
+                    "best_eval": state.best_eval,
+                    "initial_loss": state.initial_loss,
+                    "report": _report_metrics(state, row) if boundary else None,
+                },
             )
         if boundary:
             report(_report_metrics(state, row))

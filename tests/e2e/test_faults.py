@@ -19,6 +19,7 @@ import pytest
 
 from opt_study.results.parquet import read_steps
 from opt_study.results.trials import read_trial_records
+from opt_study.study.recorder import StudyRecorder
 from opt_study.study.run import run_study
 from opt_study.validate import load_study
 
@@ -77,7 +78,7 @@ class RowsAtLeast:
         return self.rows >= self.n
 
 
-def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_factory):
+def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_factory, monkeypatch):
     spec = spec_factory(
         file="killworker.yaml",
         study={"name": "killworker"},
@@ -87,6 +88,14 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_facto
         optimizers=[{"name": "adamw", "params": {"lr": 0.003}}],
         measure={"every": 10},
     )
+    seen = []  # (step, training_iteration) of every result Tune delivered to the driver
+    on_result = StudyRecorder.on_trial_result
+
+    def watch(self, iteration, trials, trial, result, **info):
+        seen.append((result.get("step"), result.get("training_iteration")))
+        return on_result(self, iteration, trials, trial, result, **info)
+
+    monkeypatch.setattr(StudyRecorder, "on_trial_result", watch)
     killer = _kill_one_train_worker_when(RowsAtLeast(spec.study_dir, 50))
     run_study(spec, out=io.StringIO())
     killer["thread"].join(timeout=1)
@@ -113,6 +122,11 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_facto
     hist = mlflow.tracking.MlflowClient(spec.tracking_uri).get_metric_history(children.iloc[0]["run_id"], "train/loss")
     steps = [m.step for m in hist]
     assert len(steps) == len(set(steps))  # no metric point twice
+    # Tune saw each evaluation once: the restarted group's repeats stopped at the controller, so
+    # Tune's own counter (training_iteration, ASHA's rungs) matches the evaluations made
+    # (steps done at each evaluation; one killed between a checkpoint and its report is repeated
+    # by the restarted group, run_trial's repeat_report)
+    assert seen == [(40, 1), (80, 2), (120, 3), (160, 4)], seen
 
 
 def _write_study(tmp_path: Path) -> Path:

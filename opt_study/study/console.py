@@ -56,6 +56,7 @@ class TrialProgress:
     units_per_s: float | None = None
     loss: float | None = None
     started_at: float | None = None
+    first_step_at: float | None = None  # when its first progress was seen: start-up ends
     ended_at: float | None = None
 
 
@@ -103,6 +104,8 @@ class Progress:
             t.steps_per_s = r if t.steps_per_s is None else RATE_SMOOTHING * r + (1 - RATE_SMOOTHING) * t.steps_per_s
         if done_steps != t.done_steps or t.seen_at is None:
             t.seen_at = now
+        if done_steps > 0 and t.first_step_at is None:
+            t.first_step_at = now
         t.done_steps = done_steps
         t.units_per_s = units_per_s if units_per_s is not None else t.units_per_s
         t.loss = loss if loss is not None else t.loss
@@ -142,25 +145,30 @@ class Progress:
         return (sum(steps) if steps else None), (sum(units) if units else None)
 
     def eta(self) -> float | None:
-        """Seconds until every trial has ended. Once a trial has completed, from the mean wall
-        time of completed trials (start-up included, which dominates short trials), run
-        `max_running` at a time; before that, the steps left at the current study rate. An upper
+        """Seconds until every trial has ended: the trial time left (running trials) and to come
+        (pending ones), run `max_running` at a time. A trial's time is, once one has completed,
+        the mean wall time of completed trials; before that, the mean start-up seen (Ray,
+        DeepSpeed: it dominates short trials) plus its steps at the mean per-trial rate. An upper
         bound under ASHA, which stops trials early; None before anything is known."""
-        now = self.clock()
-        durations = [t.ended_at - t.started_at for t in self.trials.values() if t.state == "completed" and t.started_at]
-        if durations:
-            mean = sum(durations) / len(durations)
-            work = sum(
-                mean if t.state == "pending" else max(0.0, mean - (now - (t.started_at or now)))
-                for t in self.trials.values()
-                if t.state in ("pending", "running")
-            )
-            return work / max(self.max_running, 1)
-        steps_per_s, _ = self.rates()
-        left = sum(self.steps - t.done_steps for t in self.trials.values() if t.state in ("pending", "running"))
-        if left == 0:
+        now, live = self.clock(), [t for t in self.trials.values() if t.state in ("pending", "running")]
+        if not live:
             return 0.0
-        return left / steps_per_s if steps_per_s else None
+        done = [t.ended_at - t.started_at for t in self.trials.values() if t.state == "completed" and t.started_at]
+        if done:
+            mean = sum(done) / len(done)
+            work = sum(mean if t.state == "pending" else max(0.0, mean - (now - (t.started_at or now))) for t in live)
+            return work / max(self.max_running, 1)
+        rates = [t.steps_per_s for t in self.trials.values() if t.steps_per_s]
+        startups = [t.first_step_at - t.started_at for t in self.trials.values() if t.first_step_at and t.started_at]
+        if not rates or not startups:
+            return None
+        rate, startup = sum(rates) / len(rates), sum(startups) / len(startups)
+        work = 0.0
+        for t in live:
+            if t.state == "pending" or not t.first_step_at:  # still to start up (or starting)
+                work += max(0.0, startup - (now - t.started_at if t.started_at else 0.0))
+            work += (self.steps - t.done_steps) / (t.steps_per_s or rate)
+        return work / max(self.max_running, 1)
 
     # ------------------------------------------------------------------------------ output
     def _stamp(self) -> str:

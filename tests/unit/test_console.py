@@ -53,15 +53,17 @@ def test_counts_rates_and_eta():
     p.update("b", 15, units_per_s=256.0)  # 1 step/s
     assert p.trials["a"].steps_per_s == pytest.approx(2.0) and p.trials["b"].steps_per_s == pytest.approx(1.0)
     assert p.rates() == (pytest.approx(3.0), pytest.approx(768.0))
-    # left: a 75 + b 85 + c 100 (pending) = 260 steps at 3 steps/s
-    assert p.eta() == pytest.approx(260 / 3.0)
+    # a: 75 steps at 2/s; b: 85 at 1/s; c (pending): the 30 s start-up seen, then 100 steps at the
+    # mean per-trial rate 1.5/s; two trials at a time
+    assert p.eta() == pytest.approx((75 / 2 + 85 / 1 + 30 + 100 / 1.5) / 2)
     clock.t += 10
     p.update("a", 65)  # 4 steps/s now; the average moves halfway (RATE_SMOOTHING = 0.5)
     assert p.trials["a"].steps_per_s == pytest.approx(3.0)
     p.finish("b", "diverged", "loss nan")
     assert p.counts() == {"running": 1, "pending": 1, "done": 1, "diverged": 1, "failed": 0}
     assert p.rates()[0] == pytest.approx(3.0)  # only running trials count
-    assert p.eta() == pytest.approx((35 + 100) / 3.0)  # a diverged trial has nothing left to run
+    # a diverged trial has nothing left to run (its rate still counts in the per-trial mean)
+    assert p.eta() == pytest.approx((35 / 3.0 + 30 + 100 / 2.0) / 2)
 
 
 def test_eta_from_completed_trials_counts_start_up():

@@ -36,8 +36,10 @@ def format_table(
 ) -> str:
     """A plain-text table: a header, a rule, one line per row (floats to 6 significant digits,
     Unix times as UTC), and ``(k of n rows)`` when rows were left out. With ``width``, the widest
-    columns are cut (their cells end in "…") until a line fits in it. Columns in ``align_left``
-    are left-aligned, the rest right-aligned (numbers)."""
+    columns are cut (their cells end in "…") until a line fits in it. Text columns and those in
+    ``align_left`` are left-aligned, the rest (numbers) right-aligned."""
+    text = {n for n in names if any(isinstance(r.get(n), str) for r in rows)}
+    align_left = (*align_left, *(n for n in names if n in text and n not in TIME_COLUMNS))
     cells = [[_cell(n, r.get(n)) for n in names] for r in rows]
     widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
     if width is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -219,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     spec, plan = load_trial(a.study_dir, a.trial)
     try:
         replay_rank(spec, plan, Path(a.study_dir).resolve(), a.reference, hessian_options(a))
+    except (ValueError, FileNotFoundError) as e:  # a refused or missing snapshot file: one line
+        print(f"opt-study replay: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         distributed.destroy()
 

@@ -24,6 +24,7 @@ and ints, so a tampered file cannot run code.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -151,7 +152,12 @@ def read_meta(study_dir, trial_id: str, step: int) -> dict:
 def load_fragments(study_dir, trial_id: str, step: int, rank: int, world: int) -> dict:
     """One rank's file of a committed snapshot: {"bounds": int64 [P, 2], "fragments": {name: t}}."""
     path = layout.snapshot_rank_file(study_dir, trial_id, step, rank, world)
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # it holds objects, not tensors: opt_study did not write it
+        raise ValueError(
+            f"{path}: the weights-only load refuses it ({str(e).splitlines()[-1][:200]}); not loaded"
+        ) from None
     if not isinstance(data, dict) or set(data) != {"bounds", "fragments"}:
         raise ValueError(f"{path}: not a snapshot rank file")
     return data

@@ -197,8 +197,38 @@ def test_uncommitted_snapshots_are_ignored_and_files_load_weights_only(replayed,
     # a rank file that would run code on load is refused (torch.load weights_only=True)
     evil = layout.snapshot_rank_file(study, "t2", 2, 0, 2)
     torch.save({"bounds": torch.zeros(1), "fragments": _Evil()}, evil)
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(ValueError, match="the weights-only load refuses it"):
         snapshots.load_fragments(study, "t2", 2, 0, 2)
+
+
+def test_cli_replay_never_runs_a_planted_pickle(replayed, tmp_path, capfd):
+    """`opt-study replay` over a study whose snapshot file was replaced by a pickle that would
+    create a file when unpickled: the job fails with the weights-only refusal, and no file."""
+    from opt_study.cli.main import main
+
+    _, storage = replayed
+    study = tmp_path / "r0"
+    shutil.copytree(storage / "r0", study)
+    step = snapshots.resolve_reference(study, "t0", "final")
+    world = snapshots.read_meta(study, "t0", step)["world"]
+    canary = tmp_path / "canary"
+    torch.save(
+        {"bounds": torch.zeros(1), "fragments": _Touch(canary)}, layout.snapshot_rank_file(study, "t0", step, 0, world)
+    )
+    stored = layout.replay_path(study, "t0", "final")
+    before = stored.read_bytes() if stored.exists() else None
+    assert main(["replay", str(study), "--trial", "t0"]) != 0
+    assert not canary.exists()
+    assert "the weights-only load refuses it" in capfd.readouterr().err
+    assert (stored.read_bytes() if stored.exists() else None) == before  # nothing replaced
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
 
 
 class _Evil:

@@ -96,6 +96,8 @@ class Progress:
         """A progress observation (``done_steps`` optimizer steps finished); the trial's rate is a
         moving average of the steps per second between observations."""
         t, now = self.add(trial_id), self.clock()
+        if done_steps < t.done_steps:  # a board post older than the last evaluation report: stale
+            return
         if t.state == "pending":
             t.state, t.started_at = "running", now
         # from the first progress on: the time before it is start-up (Ray, DeepSpeed), not steps

@@ -59,6 +59,8 @@ def test_counts_rates_and_eta():
     clock.t += 10
     p.update("a", 65)  # 4 steps/s now; the average moves halfway (RATE_SMOOTHING = 0.5)
     assert p.trials["a"].steps_per_s == pytest.approx(3.0)
+    p.update("a", 50, loss=9.0)  # a board post read after a later evaluation report: ignored
+    assert (p.trials["a"].done_steps, p.trials["a"].loss) == (65, None)
     p.finish("b", "diverged", "loss nan")
     assert p.counts() == {"running": 1, "pending": 1, "done": 1, "diverged": 1, "failed": 0}
     assert p.rates()[0] == pytest.approx(3.0)  # only running trials count

@@ -48,3 +48,22 @@ class Stream(torch.utils.data.IterableDataset):
 
 def make_iterable() -> Stream:
     return Stream()
+
+
+class Exploding(nn.Module):
+    """An MLP whose forward raises on its `after`-th training call: a real bug in a user's model,
+    as `tests/e2e/test_hostile_run.py` runs it (the record must carry this message)."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.net, self.after, self.calls = make_mlp(), after, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        if self.calls >= self.after:
+            raise RuntimeError(f"exploded at training forward {self.calls}")
+        return self.net(x)
+
+
+def make_exploding_mlp(after: int = 3) -> nn.Module:
+    return Exploding(after)

@@ -18,6 +18,7 @@ module that owns them::
                                                 (zero-padded so names sort by step)
           .part-....tmp-<pid>-<rand>            a chunk being written: never read
     trials/<trial_id>.json                      one record per trial (written atomically)
+    trials/<trial_id>.error.txt                 a failed trial's tracebacks (0600)
     trials.parquet                              snapshot of all trial records
     control/<trial_id>.stop                     the driver asks a running trial to stop
     .run.lock                                   held by the one run/resume of the study
@@ -154,6 +155,12 @@ def trials_dir(study: Path) -> Path:
 def trial_record_path(study: Path, trial_id: str) -> Path:
     """``trials/<trial_id>.json``."""
     return trials_dir(study) / f"{check_name(trial_id, 'trial id')}.json"
+
+
+def trial_error_path(study: Path, trial_id: str) -> Path:
+    """``trials/<trial_id>.error.txt``: a failed trial's tracebacks, kept with the study
+    (Ray's copy lives in its session folder, which is temporary)."""
+    return trials_dir(study) / f"{check_name(trial_id, 'trial id')}.error.txt"
 
 
 def trials_table_path(study: Path) -> Path:

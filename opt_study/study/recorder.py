@@ -66,9 +66,14 @@ _EXC_LINE = re.compile(
 )
 
 
-def trial_error(trial) -> str:
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its traceback headers
+
+
+def trial_error(trial, study_dir: Path, trial_id: str) -> str:
     """What a failed trial's record says: the exception's type and message, and where the full
-    traceback is (Ray 2.60 keeps it in the trial's `error.txt`; its Trial has no `error_msg`)."""
+    traceback is. Ray 2.60 keeps it in the trial's `error.txt` (its Trial has no `error_msg`), in
+    Ray's temporary session folder: the tracebacks are copied to
+    trials/<trial_id>.error.txt, which the record names."""
     path = getattr(trial, "error_file", None)
     try:
         text = Path(path).read_text(errors="replace") if path else (trial.get_error() or "")
@@ -77,7 +82,11 @@ def trial_error(trial) -> str:
     last = text.rsplit("Failure # ", 1)[-1]  # the file accumulates every failure of the trial
     lines = [ln.strip() for ln in last.splitlines() if _EXC_LINE.fullmatch(ln.strip())]
     what = lines[-1] if lines else "trial failed (no error recorded by Ray)"
-    return f"{what[:1500]} (traceback: {path})" if path else what[:1500]
+    if not last.strip():
+        return what[:1500]
+    kept = layout.trial_error_path(study_dir, trial_id)
+    layout.atomic_write_bytes(kept, _ANSI.sub("", text).encode(), mode=0o600)  # every failure, plain
+    return f"{what[:1500]} (traceback: {kept})"
 
 
 def _drop_trial_tracebacks(record: logging.LogRecord) -> bool:
@@ -183,7 +192,7 @@ class StudyRecorder(Callback):
         self._finish(trial, status, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "failed", trial_error(trial))
+        self._finish(trial, "failed", trial_error(trial, self.spec.study_dir, self._plan(trial).trial_id))
 
     def _finish(self, trial, status: str, error: str | None) -> None:
         plan = self._plan(trial)

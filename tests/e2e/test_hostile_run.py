@@ -102,3 +102,43 @@ def test_run_refuses_a_trial_the_cluster_can_never_place(tmp_path):
     assert line.startswith(f"error: {spec}: scale.workers: one trial needs 4096 workers x 1 CPU = 4096; ")
     assert line.endswith("the trial could never start") and "Traceback" not in proc.stderr
     assert not (store / "big" / "trials").exists()  # no trial was recorded as pending
+
+
+@pytest.mark.timeout(400)
+def test_a_failing_trial_records_its_real_error_and_the_run_exits_1(tmp_path):
+    """A user's model that raises mid-trial, under real Ray: the trial record carries the
+    exception's type and message and where the traceback is; the other trial completes; exit 1."""
+    store = tmp_path / "store"
+    spec = tmp_path / "boom.yaml"
+    spec.write_text(
+        f"study: {{name: boom, storage: '{store}'}}\n"
+        "workload: {type: dataset, dataset: 'user_code:make_digits', model: 'user_code:make_exploding_mlp',"
+        " model_args: {after: 4}, eval_size: 64}\n"
+        "scale: {workers: 1, micro_batch_size: 16}\n"
+        "training: {steps: 6, eval_every: 3, max_failures: 0}\n"
+        "optimizers: [{name: sgd, params: {lr: 0.1}}, {name: adamw, params: {lr: 0.001}}]\n"
+    )
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rf", dir="/tmp"))
+    env = _env(ray_tmp)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env["PYTHONPATH"]])
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "opt_study.cli", "run", str(spec)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=360,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in sorted((store / "boom" / "trials").glob("*.json"))]
+    assert sorted(r["status"] for r in recs) == ["failed", "failed"], recs
+    for r in recs:
+        what, _, where = r["error"].partition(" (traceback: ")
+        assert what.endswith("RuntimeError: exploded at training forward 4"), r["error"]
+        kept = store / "boom" / "trials" / f"{r['trial_id']}.error.txt"  # kept with the study, not in Ray's tmp
+        assert where == f"{kept})" and 'raise RuntimeError(f"exploded' in kept.read_text(), r["error"]
+        assert kept.stat().st_mode & 0o777 == 0o600
+    assert "exploded at training forward 4" in proc.stdout + proc.stderr

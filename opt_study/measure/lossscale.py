@@ -50,14 +50,18 @@ def ce_magnitude(logits: torch.Tensor, target: torch.Tensor, reduction: str = "m
         n, k = z.shape
         if n == 0:
             return torch.zeros((), dtype=torch.float64, device=logits.device)
-        s = z - z.max(dim=1, keepdim=True).values
-        lse = torch.logsumexp(s, dim=1)
-        p = torch.softmax(s, dim=1)
+        lo, hi = torch.aminmax(z, dim=1)  # m = max z, and max|z| = max(hi, −lo): one pass
+        s = z - hi[:, None]  # s ≤ 0
+        e = s.exp()
+        big_s = e.sum(1)
+        lse = big_s.log()
+        e_y = e.gather(1, y[:, None]).squeeze(1)
         s_y = s.gather(1, y[:, None]).squeeze(1)
-        p_y = p.gather(1, y[:, None]).squeeze(1)
+        p_y = e_y / big_s
         ell = lse - s_y
-        per = s_y.abs() + (p * s.abs()).sum(1) + lse + ell + (math.ceil(math.log2(max(k, 2))) + 3)
-        per = per + 2.0 * (1.0 - p_y).clamp_min(0) * z.abs().amax(dim=1)
+        p_abs_s = -torch.einsum("ij,ij->i", e, s) / big_s  # Σ p_k|s_k| (s ≤ 0)
+        per = -s_y + p_abs_s + lse + ell + (math.ceil(math.log2(max(k, 2))) + 3)
+        per = per + 2.0 * (1.0 - p_y).clamp_min(0) * torch.maximum(hi, -lo)
         # ⌈log2 n⌉ over all n rows, ignored ones included: an upper bound of the kept count's
         total = (keep * (per.double() + math.ceil(math.log2(max(n, 2))) * ell.double())).sum()
         return total / keep.sum().clamp_min(1.0) if reduction == "mean" else total

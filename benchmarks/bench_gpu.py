@@ -18,8 +18,9 @@ MFU (model FLOPs utilization), the formula: training FLOPs per step = 6 · N · 
 parameters (the tied embedding/head counted once; GPT-2 small: 124,439,808) and T the tokens of
 one optimizer step (micro_batch · block_size · grad_accum · ranks); the 6 is 2 FLOPs per
 multiply-add times (1 forward + 2 backward) (Kaplan et al. 2020, https://arxiv.org/abs/2001.08361,
-section 2.1). MFU = 6 · N · T · (steps / s) / peak, peak = the device's dense bf16 peak: 989
-TFLOP/s for an H100 SXM (NVIDIA H100 datasheet, without sparsity). Only the training step's FLOPs
+section 2.1). MFU = 6 · N · T · (steps / s) / peak, peak = the device's dense bf16 peak
+(BF16_PEAKS: H100 SXM/H200 989, H100 NVL 835, H100 PCIe 756, A100 312 TFLOP/s, NVIDIA's datasheets,
+without sparsity; `--peak-tflops` for any other device). Only the training step's FLOPs
 are counted, never the probe's (one more forward + backward) or the fp32 loss re-evaluations
 (two fp32 forwards): a measuring run's time includes them, its counted FLOPs do not, so its MFU
 is the useful-work MFU. Also reported: the PaLM count 6N' + 12·L·d·T per token
@@ -39,7 +40,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-H100_BF16_PEAK = 989e12  # FLOP/s, dense bf16 (H100 SXM5)
+# Dense bf16 peaks (no sparsity), FLOP/s, from NVIDIA's datasheets: H100 SXM5 and H200 989.4 T
+# (same Hopper compute), H100 NVL 835 T, H100 PCIe 756 T, A100 (SXM4 and PCIe) 312 T, L40S 362 T.
+# Matched against torch.cuda.get_device_name() in order: the first substring that occurs wins
+# ("H100 PCIe" and "H100 NVL" before the plain "H100", which is the SXM part: "NVIDIA H100 80GB HBM3").
+BF16_PEAKS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
 SIZES = {
     "small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50257},
     "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 256},
@@ -107,15 +120,24 @@ def flops(spec) -> dict:
     }
 
 
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called `name` (torch's device name); None if not known."""
+    return next((peak for key, peak in BF16_PEAKS if key in name), None)
+
+
 def peak_flops(device: str, given_tflops: float | None) -> float | None:
-    """The device's dense bf16 peak: given, or an H100's; None (no MFU) otherwise."""
+    """The device's dense bf16 peak: `--peak-tflops` when given, else the table's entry for the
+    device; None (no MFU, said on stderr) for a GPU the table does not know."""
     if given_tflops:
         return given_tflops * 1e12
     if device == "cuda":
         import torch
 
-        if "H100" in torch.cuda.get_device_name():
-            return H100_BF16_PEAK
+        name = torch.cuda.get_device_name()
+        peak = peak_for_name(name)
+        if peak is None:
+            print(f"bench_gpu: no bf16 peak known for {name!r}; pass --peak-tflops for MFU", file=sys.stderr)
+        return peak
     return None
 
 

@@ -68,7 +68,10 @@ def check_result(r: dict, record) -> None:
     assert c["train_loss_gap"] > 1e-6
     s = c["speed"]
     assert s["flops_per_step"] == 6 * s["n_params"] * s["tokens_per_step"]
-    assert s["mfu"] == pytest.approx(s["steps_per_s"] * s["flops_per_step"] / r["peak_flops"])
+    if r["peak_flops"] is None:  # a GPU the peak table does not know, and no --peak-tflops
+        assert s["mfu"] is None
+    else:
+        assert s["mfu"] == pytest.approx(s["steps_per_s"] * s["flops_per_step"] / r["peak_flops"])
     b, steps, warmup = r["bench"], r["args"]["steps"], r["args"]["warmup"]
     probed = sum(1 for t in range(warmup, steps) if (t + 1) % 10 == 0 or t + 1 == steps)
     assert [run["measured_in_window"] for run in b["runs"]] == [

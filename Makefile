@@ -5,6 +5,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
+# Where torch comes from: empty = the default index (here a CPU wheel). For a CUDA build:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?=
 # DeepSpeed JIT-compiles its CPU comm op once; keep the cache with the venv so reruns skip it.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export DS_ACCELERATOR ?= cpu
@@ -13,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install chromium quickstart test test-fast lint bench clean
+.PHONY: install chromium quickstart test test-fast lint bench reference clean
 
 install: $(STAMP) chromium
 
@@ -25,7 +28,7 @@ chromium:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	# [hf]: transformers for the hf_causal_lm adapter and its tests (about 15 s from the local index,
 	# torch untouched). Not [vision]: PyPI's torchvision 0.28.0 is a CUDA build that does not import
 	# over the CPU torch.
@@ -51,6 +54,10 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# docs/reference.md, every study key, from the comments beside the config fields (tests/unit/test_reference.py).
+reference: install
+	$(BIN)/python tools/gen_reference.py > docs/reference.md
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

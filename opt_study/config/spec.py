@@ -48,11 +48,11 @@ def check_name(value: str, what: str) -> None:
 class StudyConfig:
     """Identity and storage of a study."""
 
-    name: str
+    name: str  # the study folder under storage and the MLflow experiment opt_study/<name>; [A-Za-z0-9_.-]
     seeds: tuple[int, ...] = (0,)  # every configuration is run once per seed (a study dimension)
     storage: str = "results"  # storage root; relative paths are relative to the working directory
     mlflow_uri: str | None = None  # default: sqlite:///<abs storage>/mlflow.db
-    description: str = ""
+    description: str = ""  # free text (Markdown) shown on the study's MLflow parent run
 
     def __post_init__(self):
         check_name(self.name, "name")
@@ -87,21 +87,22 @@ class StudyConfig:
 class WorkloadConfig:
     """`type` picks the workload; `params` is that workload's own frozen config."""
 
-    type: str
-    params: Any = None
+    type: str  # a built-in workload (below), module:Class, or an entry-point name (group opt_study.workloads)
+    params: Any = None  # the workload's own keys, written beside type; typed by its config class
 
 
 @dataclass(frozen=True)
 class ScaleConfig:
     """How big one trial is: its worker group and DeepSpeed settings."""
 
-    workers: int = 1
+    workers: int = 1  # ranks per trial: one DeepSpeed process each (a TorchTrainer worker group)
     gpus_per_worker: int = 0  # 0 = CPU (gloo); 1 = one GPU per worker (nccl)
-    cpus_per_worker: float = 1.0
-    zero_stage: int = 0
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per rank; with the cluster size, sets how many trials run at once
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
+    # fp32 | bf16 (ZeRO 1-3; measured losses re-evaluated in fp32) | fp16 (GPU only)
     precision: str = "fp32"
-    micro_batch_size: int = 8
-    grad_accum: int = 1
+    micro_batch_size: int = 8  # samples per rank per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = workers x micro_batch_size x grad_accum
     launcher: str = "auto"  # auto: in_process for one CPU/GPU worker, worker_group otherwise
     torch_threads: int = 1  # per worker; CPU trials oversubscribe cores otherwise
 
@@ -145,9 +146,9 @@ class ScheduleConfig:
     the last `decay_fraction` of the steps.
     """
 
-    type: str = "constant"
-    warmup_steps: int = 0
-    min_ratio: float = 0.0
+    type: str = "constant"  # constant | linear | cosine | cosine_restarts (SGDR) | wsd | trapezoidal (= wsd)
+    warmup_steps: int = 0  # linear warm-up from 0 to the full learning rate over these steps
+    min_ratio: float = 0.0  # the multiplier the decay ends at (a fraction of the peak learning rate)
     period: int | None = None  # cosine_restarts only
     mult: float = 1.0  # cosine_restarts only
     decay_fraction: float = 0.2  # wsd / trapezoidal only
@@ -176,12 +177,12 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    steps: int = 100
+    steps: int = 100  # optimizer steps per trial (the budget of every trial)
     # Evaluation and Tune report cadence (ASHA decides at these points); null = min(50, steps),
     # so a short run does not fail on a default the user never wrote.
     eval_every: int | None = None
     grad_clip: float | None = None  # global-norm clipping (DeepSpeed gradient_clipping)
-    schedule: ScheduleConfig = ScheduleConfig()
+    schedule: ScheduleConfig = ScheduleConfig()  # the learning-rate schedule (training.schedule below)
     log_every: int = 1  # Parquet row cadence: 1 = every step
     checkpoint_every: int | None = None  # DeepSpeed checkpoint cadence; null: every eval; 0: never
     max_failures: int = 2  # restarts of a trial (from its last checkpoint) before it is failed
@@ -212,20 +213,22 @@ class TrainingConfig:
 class OptimizerSpec:
     """One optimizer to compare and its hyperparameter space (fixed values or search domains)."""
 
-    name: str
+    name: str  # a built-in optimizer (opt_study/optim/zoo.py), module:attr, or an entry-point name
+    # the hyperparameters (YAML key `params`): a scalar is fixed, a domain ({grid: ..}, {loguniform: [lo, hi]},
+    # ...) is searched; empty: the optimizer's defaults (or a protocol's default space)
     space: Mapping[str, Domain]
     label: str = ""  # distinguishes two entries of the same optimizer; defaults to name
     # From the optimizer registry, filled by opt_study.validate: the rule's default
     # hyperparameters, and the default search space a tuning protocol uses when `space` is empty.
     defaults: Mapping[str, Any] | None = None
-    default_space: Mapping[str, Domain] | None = None
+    default_space: Mapping[str, Domain] | None = None  # from the registry, like defaults
 
 
 @dataclass(frozen=True)
 class AshaConfig:
-    metric: str = "eval_loss"
+    metric: str = "eval_loss"  # what ASHA ranks trials by: eval_loss or loss (lower is better)
     grace_period: int = 1  # in evaluations (Tune "training_iteration")
-    reduction_factor: int = 2
+    reduction_factor: int = 2  # ASHA keeps 1 / reduction_factor of the trials at each rung
 
     def __post_init__(self):
         if self.metric not in ("eval_loss", "loss"):
@@ -245,8 +248,8 @@ class BudgetsConfig:
     large's, so only `large` (or `medium` when large is null) configurations are trained.
     """
 
-    small: int = 4
-    medium: int = 10
+    small: int = 4  # samples of the small budget
+    medium: int = 10  # samples of the medium budget (>= small)
     large: int | None = 25  # null: two levels only
 
     def __post_init__(self):
@@ -267,8 +270,8 @@ class BudgetsConfig:
 class TargetConfig:
     """AlgoPerf's target: a trial reaches it at the first evaluation with metric <= value."""
 
-    value: float
-    metric: str = "eval_loss"
+    value: float  # the loss to reach
+    metric: str = "eval_loss"  # eval_loss or loss (steps_to_target: eval_loss only)
 
     def __post_init__(self):
         if self.metric not in ("eval_loss", "loss"):
@@ -290,11 +293,11 @@ class SearchConfig:
     """
 
     samples: int = 1  # draws per optimizer (times its grid); per study under algoperf_external
-    seed: int = 0
-    asha: AshaConfig | None = None
+    seed: int = 0  # seeds the draws (random, quasirandom, TPE), so a plan is reproducible
+    asha: AshaConfig | None = None  # per-optimizer ASHA early stopping (search.asha below); null: off
     max_concurrent_trials: int | None = None  # default: derived from the cluster's resources
-    method: str | None = None
-    protocol: str = "none"
+    method: str | None = None  # random | quasirandom | tpe; null: the protocol's own
+    protocol: str = "none"  # none | crowded_valley | algoperf_external | steps_to_target
     budgets: BudgetsConfig = BudgetsConfig()  # crowded_valley only
     rerun_seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # crowded_valley: 10 in the paper
     studies: int = 1  # algoperf_external only
@@ -399,13 +402,13 @@ class MeasureConfig:
 class Spec:
     """A whole study: what `opt-study run FILE` executes."""
 
-    study: StudyConfig
-    workload: WorkloadConfig
-    optimizers: tuple[OptimizerSpec, ...]
-    scale: ScaleConfig = ScaleConfig()
-    training: TrainingConfig = TrainingConfig()
-    search: SearchConfig = SearchConfig()
-    measure: MeasureConfig = MeasureConfig()
+    study: StudyConfig  # identity and storage
+    workload: WorkloadConfig  # the model and data
+    optimizers: tuple[OptimizerSpec, ...]  # the optimizers to compare, each with its space
+    scale: ScaleConfig = ScaleConfig()  # one trial's worker group and DeepSpeed settings
+    training: TrainingConfig = TrainingConfig()  # the training loop
+    search: SearchConfig = SearchConfig()  # how spaces become trials
+    measure: MeasureConfig = MeasureConfig()  # what is measured beyond the loss
     source: str = "<memory>"  # the file it came from, for messages
 
     @property

@@ -51,7 +51,7 @@ class DatasetConfig:
     loss: str = "cross_entropy"  # cross_entropy (targets: class ids) | mse (targets: values)
     # keyword arguments of the factories: a YAML mapping, kept as sorted pairs (workloads.params)
     dataset_args: Any = ()
-    model_args: Any = ()
+    model_args: Any = ()  # the same for the model factory
     eval_dataset: str | None = None  # import path of the held-out set's factory (same args)
     eval_size: int = 256  # items in the fixed evaluation slice
 

@@ -43,7 +43,7 @@ class ResNetCifarConfig:
     data_dir: str = "data/cifar-10-batches-bin"  # relative = to the cwd at load
     blocks: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage: ResNet-18
     width: int = 64  # channels of the first stage; stage s has width * 2**s
-    num_classes: int = 10
+    num_classes: int = 10  # outputs of the classifier head (CIFAR-10: 10)
     augment: bool = True  # random crop with 4-pixel padding + horizontal flip
     eval_samples: int = 10000  # the first this many test images (all 10,000 by default)
 

@@ -50,7 +50,7 @@ DATA_SEED = 0  # the synthetic set is the same for every trial and seed
 @dataclass(frozen=True)
 class TorchvisionConfig:
     arch: str = "resnet18"  # a torchvision.models classification architecture
-    num_classes: int = 10
+    num_classes: int = 10  # outputs of the classifier head (synthetic: the number of class templates)
     image_size: int = 32  # side of the square RGB inputs
     data: str = "synthetic"  # "synthetic" or a directory of CIFAR-10 binary files
     train_samples: int = 4096  # synthetic: training items

@@ -356,7 +356,8 @@ def test_paper_study_files_validate_and_dry_run(name, capsys, tmp_path):
     if PAPER[name]:
         assert spec.workload.type == PAPER[name]
     assert cli.main(["validate", str(path)]) == 0
-    assert capsys.readouterr().out.startswith(f"{path}: OK")
+    out = capsys.readouterr()  # the plan table on stdout (pipeable), the verdict on stderr
+    assert out.err.startswith(f"{path}: OK") and out.out.startswith(f"study:               {spec.study.name}")
     assert cli.main(["run", str(path), "--dry-run", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     plan = doc["summary"]

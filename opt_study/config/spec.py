@@ -268,7 +268,8 @@ class BudgetsConfig:
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """AlgoPerf's target: a trial reaches it at the first evaluation with metric <= value."""
+    """A target loss. AlgoPerf: a trial reaches it at the first evaluation with metric <= value;
+    steps_to_target: the validation loss (metric eval_loss) the confirmation seeds must beat."""
 
     value: float  # the loss to reach
     metric: str = "eval_loss"  # eval_loss or loss (steps_to_target: eval_loss only)
@@ -288,8 +289,11 @@ class SearchConfig:
     null means the protocol's own (quasirandom for algoperf_external, random otherwise).
     `protocol` names a fair-tuning template: none (grid x samples per optimizer),
     crowded_valley (one-shot at defaults, nested random-search budgets, best reruns with
-    `rerun_seeds`) or algoperf_external (`studies` independent quasi-random studies of
-    `samples` trials, with a `target` for time-to-target).
+    `rerun_seeds`), algoperf_external (`studies` independent quasi-random studies of
+    `samples` trials, with a `target` for time-to-target) or steps_to_target (modded-nanogpt's
+    optimizer track, opt_study.plan.protocols.plan_steps_to_target: `samples` configurations per
+    optimizer trained to the end of the schedule, the best rerun with `rerun_seeds`, scored by
+    steps to `target` with a one-sided t-test at level `alpha`, opt_study.report.significance).
     """
 
     samples: int = 1  # draws per optimizer (times its grid); per study under algoperf_external
@@ -301,11 +305,12 @@ class SearchConfig:
     budgets: BudgetsConfig = BudgetsConfig()  # crowded_valley only
     rerun_seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # crowded_valley: 10 in the paper
     studies: int = 1  # algoperf_external only
-    target: TargetConfig | None = None  # algoperf_external only (required there)
+    target: TargetConfig | None = None  # algoperf_external and steps_to_target (required there)
+    alpha: float = 0.01  # steps_to_target: significance level (modded-nanogpt's p < 0.01)
     tpe_startup_trials: int = 10  # tpe only: random configurations before TPE's model (Optuna's default)
 
     METHODS = ("random", "quasirandom", "tpe")
-    PROTOCOLS = ("none", "crowded_valley", "algoperf_external")
+    PROTOCOLS = ("none", "crowded_valley", "algoperf_external", "steps_to_target")
 
     def __post_init__(self):
         if not 1 <= self.samples <= 100_000:
@@ -338,6 +343,21 @@ class SearchConfig:
                 raise FieldError("target", "algoperf_external needs target: {metric: eval_loss, value: X}")
         elif self.studies != 1:
             raise FieldError("studies", "is used by protocol algoperf_external only")
+        self._check_steps_to_target()
+
+    def _check_steps_to_target(self) -> None:
+        if not 0.0 < self.alpha < 0.5:
+            raise FieldError("alpha", "must be in (0, 0.5): the one-sided significance level")
+        if self.protocol != "steps_to_target":
+            if self.alpha != 0.01:
+                raise FieldError("alpha", "is used by protocol steps_to_target only")
+            return
+        if self.target is None:
+            raise FieldError("target", "steps_to_target needs target: {value: X} (a validation loss)")
+        if self.target.metric != "eval_loss":
+            raise FieldError("target.metric", "steps_to_target counts steps to a validation loss: use eval_loss")
+        if len(self.rerun_seeds) < 2:
+            raise FieldError("rerun_seeds", "steps_to_target needs at least 2 confirmation seeds (σ is measured)")
 
     def _check_tpe(self) -> None:
         if not 1 <= self.tpe_startup_trials <= 100_000:

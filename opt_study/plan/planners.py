@@ -8,7 +8,7 @@ study's protocol (or, under protocol none, its search method) to one entry of PL
   study-level RNG seeded by search.seed and the optimizer's label keeps the others' draws when
   one is added.
 - tpe: the trial ids are fixed, hyperparameters are proposed online (opt_study.plan.tpe).
-- crowded_valley, algoperf_external: opt_study.plan.protocols.
+- crowded_valley, algoperf_external, steps_to_target: opt_study.plan.protocols.
 
 Every planner is a pure function of (spec, records): a resumed study plans the same trials.
 """
@@ -83,6 +83,14 @@ class CrowdedValleyPlanner:
         return self.plan(spec, records)  # the rerun phase appears once the search has finished
 
 
+class StepsToTargetPlanner:
+    def plan(self, spec: Spec, records: list[dict]) -> list[TrialPlan]:
+        return protocols.plan_steps_to_target(spec, records)
+
+    def slots(self, spec: Spec, records: list[dict]) -> list[TrialPlan]:
+        return self.plan(spec, records)  # an optimizer's confirm phase appears once its tuning finished
+
+
 class AlgoPerfPlanner:
     def plan(self, spec: Spec, records: list[dict]) -> list[TrialPlan]:
         return protocols.plan_algoperf_external(spec)
@@ -97,6 +105,7 @@ PLANNERS: dict[str, Planner] = {
     "tpe": TPEPlanner(),
     "crowded_valley": CrowdedValleyPlanner(),
     "algoperf_external": AlgoPerfPlanner(),
+    "steps_to_target": StepsToTargetPlanner(),
 }
 
 
@@ -122,14 +131,17 @@ def check_trial_ids(spec: Spec) -> None:
     name (opt_study.storage.names): a label legal on its own (128 characters) makes a longer id,
     which would fail the first write of a trial. The ids are those of every slot planned from no
     records; crowded_valley's later rerun ids are never longer than its one-shot rerun ids, which
-    are among them (same seeds, a shorter tag)."""
+    are among them (same seeds, a shorter tag); steps_to_target's confirm ids are added."""
     where = {o.label: i for i, o in enumerate(spec.optimizers)}
-    for p in planner_for(spec).slots(spec, []):
-        if not is_safe_name(p.trial_id):
-            room = MAX_NAME - (len(p.trial_id) - len(p.label))
+    later = []  # steps_to_target's confirm ids, planned once tuning finished
+    if spec.search.protocol == "steps_to_target":
+        later = [(o.label, protocols.confirm_id(o.label, s)) for o in spec.optimizers for s in spec.search.rerun_seeds]
+    for label, trial_id in [(p.label, p.trial_id) for p in planner_for(spec).slots(spec, [])] + later:
+        if not is_safe_name(trial_id):
+            room = MAX_NAME - (len(trial_id) - len(label))
             raise ConfigError(
                 spec.source,
-                f"optimizers[{where[p.label]}].label",
-                f"makes trial id {p.trial_id[:60]!r}... of {len(p.trial_id)} characters, not a safe name "
+                f"optimizers[{where[label]}].label",
+                f"makes trial id {trial_id[:60]!r}... of {len(trial_id)} characters, not a safe name "
                 f"({RULE}); shorten the label to at most {room} characters",
             )

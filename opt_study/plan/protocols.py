@@ -1,10 +1,12 @@
 """Tuning protocols as trial plans: Crowded Valley (one-shot defaults, nested random-search
 budgets, seed reruns of the best configurations) and AlgoPerf's external-tuning ruleset
-(several studies of quasi-random trials), plus the trial count validation checks.
+(several studies of quasi-random trials), modded-nanogpt's steps-to-target optimizer track
+(tune, then confirm the best configuration over seeds), plus the trial count validation checks.
 
 Schmidt, Schneider, Hennig, "Descending through a Crowded Valley", https://arxiv.org/abs/2007.01547;
 Dahl et al., "Benchmarking Neural Network Training Algorithms" (AlgoPerf),
-https://arxiv.org/abs/2306.07179. Each planner is a pure function of (spec, records).
+https://arxiv.org/abs/2306.07179; Jordan et al., modded-nanogpt,
+https://github.com/KellerJordan/modded-nanogpt. Each planner is a pure function of (spec, records).
 """
 
 from __future__ import annotations
@@ -145,15 +147,15 @@ def plan_reruns(spec: Spec, search: list[TrialPlan], records: list[dict]) -> lis
     return plans
 
 
-def config_scores(plans: list[TrialPlan], by_id: dict[str, dict]) -> dict[int, float]:
-    """Configuration index -> mean summary.best_eval_loss over its completed, finite trials
-    (a configuration with none is left out: diverged or failed everywhere)."""
+def config_scores(plans: list[TrialPlan], by_id: dict[str, dict], key: str = "best_eval_loss") -> dict[int, float]:
+    """Configuration index -> mean summary[key] (best_eval_loss) over its completed, finite
+    trials (a configuration with none is left out: diverged or failed everywhere)."""
     import math
 
     vals: dict[int, list[float]] = {}
     for p in plans:
         r = by_id.get(p.trial_id, {})
-        v = (r.get("summary") or {}).get("best_eval_loss")
+        v = (r.get("summary") or {}).get(key)
         if r.get("status") == "completed" and isinstance(v, (int, float)) and math.isfinite(v):
             vals.setdefault(p.index, []).append(float(v))
     return {i: sum(v) / len(v) for i, v in vals.items()}
@@ -188,6 +190,58 @@ def plan_algoperf_external(spec: Spec) -> list[TrialPlan]:
     return plans
 
 
+def plan_steps_to_target(spec: Spec, records: list[dict]) -> list[TrialPlan]:
+    """The steps-to-target protocol, after modded-nanogpt's optimizer track
+    (https://github.com/KellerJordan/modded-nanogpt: a record is a configuration whose runs
+    reach the target validation loss with p < 0.01 over seeds).
+
+    Phase tune: per optimizer `search.samples` configurations of its space (the YAML's params,
+    else the registry's default space; `search.method` random or quasirandom), once per study
+    seed, every trial trained to the end of its schedule (no early stopping: asha is refused).
+    Phase confirm (per optimizer, once each of its tune trials has a terminal record): the
+    configuration with the lowest mean final validation loss, rerun once per `search.rerun_seeds`
+    seed; opt_study.report.significance scores those trials against `search.target`.
+    """
+    by_id = {r["trial_id"]: r for r in records}
+    tunes, confirms = [], []  # every tune trial first: a later phase never moves an id's position
+    for opt in spec.optimizers:
+        space = protocol_space(opt)
+        if spec.search.resolved_method == "quasirandom":
+            configs = expand_quasirandom(space, spec.search.samples, seed_of(spec.search.seed, opt.label, "tune"))
+        else:
+            configs = expand(space, spec.search.samples, random.Random(f"{spec.search.seed}:{opt.label}:tune"))
+        tune = [
+            TrialPlan(f"{opt.label}-tune-{i:03d}-s{seed}", opt.label, opt.name, hp, seed, i, phase="tune")
+            for i, hp in enumerate(configs)
+            for seed in spec.study.seeds
+        ]
+        tunes += tune
+        confirms += plan_confirmation(spec, tune, by_id)
+    return tunes + confirms
+
+
+def confirm_id(label: str, seed: int) -> str:
+    """The trial id of `label`'s confirm trial with `seed` (its configuration is in `index`)."""
+    return f"{label}-confirm-s{seed}"
+
+
+def plan_confirmation(spec: Spec, tune: list[TrialPlan], by_id: dict[str, dict]) -> list[TrialPlan]:
+    """One optimizer's confirm phase: [] until each of its tune trials is terminal (or when none
+    completed with a finite final validation loss); else its best configuration (lowest mean
+    summary.final_eval_loss over seeds, ties: the earlier draw) once per rerun seed."""
+    if any(by_id.get(p.trial_id, {}).get("status") not in TERMINAL_STATUSES for p in tune):
+        return []
+    scores = config_scores(tune, by_id, "final_eval_loss")
+    if not scores:
+        return []
+    best = min((s, i) for i, s in scores.items())[1]
+    p = next(p for p in tune if p.index == best)
+    return [
+        TrialPlan(confirm_id(p.label, seed), p.label, p.optimizer, p.hparams, seed, best, phase="confirm")
+        for seed in spec.search.rerun_seeds
+    ]
+
+
 def planned_trial_count(spec: Spec) -> int:
     """How many trials the study plans in all (crowded_valley: its reruns at most), without
     expanding anything: what config validation compares with MAX_TRIALS."""
@@ -197,6 +251,8 @@ def planned_trial_count(spec: Spec) -> int:
         if s.protocol == "crowded_valley":  # oneshot, search, oneshot_rerun, rerun (one per level at most)
             levels = s.budgets.levels()
             total += seeds * (1 + budget(space, levels[-1][1])) + (1 + len(levels)) * len(s.rerun_seeds)
+        elif s.protocol == "steps_to_target":  # tune, then one configuration's confirmation
+            total += budget(space, s.samples) * seeds + len(s.rerun_seeds)
         else:
             total += budget(space, s.samples) * seeds * (s.studies if s.protocol == "algoperf_external" else 1)
     return total

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from opt_study.config import Spec
-from opt_study.plan import TrialPlan
+from opt_study.plan import TrialPlan, protocols
 from opt_study.plan.planners import check_trial_ids, pending_plans, plan_trials, planner_for
 from opt_study.results.sink import Sink
 from opt_study.results.trials import read_trial_records
@@ -60,38 +60,53 @@ def trial_resources(spec: Spec) -> dict:
     }
 
 
-def max_concurrent(spec: Spec, cluster: dict) -> int:
-    """How many trials fit at once in the cluster's CPUs/GPUs (at least one)."""
+def max_concurrent(spec: Spec, autoscaler_max: dict | None) -> int | None:
+    """The bound given to Tune on trials at once: `search.max_concurrent_trials` (the user's cap),
+    else how many trials the autoscaler's maximum cluster holds (``autoscaler_max``: its maximum
+    CPUs/GPUs), else None: Tune queues every ready trial and runs as many as the cluster holds
+    now. A bound taken from the cluster's size at start would hold an autoscaling cluster at its
+    start size: only pending trials make the autoscaler add nodes."""
     if spec.search.max_concurrent_trials:
         return spec.search.max_concurrent_trials
+    if not autoscaler_max:
+        return None
     r = trial_resources(spec)
-    fits = [int(cluster.get("CPU", 1) // r["total_cpu"])] if r["total_cpu"] else []
+    fits = [int(autoscaler_max.get("CPU", 0) // r["total_cpu"])] if r["total_cpu"] else []
     if r["total_gpu"]:
-        fits.append(int(cluster.get("GPU", 0) // r["total_gpu"]))
-    return max(1, min(fits) if fits else 1)
+        fits.append(int(autoscaler_max.get("GPU", 0) // r["total_gpu"]))
+    return max(1, min(fits)) if fits else None
+
+
+def autoscaler_limits() -> tuple[dict, list[dict]] | None:
+    """(maximum CPUs/GPUs, resources of each node type that may be added) of the connected Ray
+    cluster's autoscaler, or None without one. Read from the GCS through Ray's own state API:
+    private, so any failure counts as no autoscaler (the nodes alive now are then all we know)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()  # None without an autoscaler
+        if config is None:
+            return None
+        maxima = state.get_max_resources_from_cluster_config() or {}
+        groups = [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+    except Exception:  # noqa: BLE001 - an optional refinement, never a cause to fail
+        return None
+    return {k: float(maxima.get(k, 0)) for k in ("CPU", "GPU")}, groups
 
 
 def cluster_limits() -> tuple[dict, dict]:
     """(total, largest node): the CPUs and GPUs the connected Ray cluster can ever provide, in
     all and on its largest node. With an autoscaler, its configured node types and maxima
-    count too (read from the GCS through Ray's own state API; private, so any failure falls
-    back to the nodes alive now)."""
+    count too (`autoscaler_limits`)."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     total = {k: float(ray.cluster_resources().get(k, 0)) for k in ("CPU", "GPU")}
     largest = {k: float(max((n.get(k, 0) for n in nodes), default=0)) for k in ("CPU", "GPU")}
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()  # None without an autoscaler
-        maxima = (state.get_max_resources_from_cluster_config() or {}) if config is not None else {}
-        groups = [g for g in config.node_group_configs if g.max_count != 0] if config is not None else []
-    except Exception:  # noqa: BLE001 - an optional refinement of the check, never its cause to fail
-        maxima, groups = {}, []
+    maxima, groups = autoscaler_limits() or ({}, [])
     for k in ("CPU", "GPU"):
         total[k] = max(total[k], float(maxima.get(k, 0)))
-        largest[k] = max([largest[k], *(float(g.resources.get(k, 0)) for g in groups)])
+        largest[k] = max([largest[k], *(float(g.get(k, 0)) for g in groups)])
     return total, largest
 
 
@@ -192,7 +207,8 @@ def check_unchanged(spec: Spec, extend: bool = False) -> bool:
 def plan_table(spec: Spec) -> list[dict]:
     """Every trial the study will run, as rows (id, label, optimizer, hyperparameters, seed,
     phase, budget, status): planned trials, then crowded_valley's later reruns as an upper bound
-    (one per optimizer, budget level and rerun seed, planned once the search finished)."""
+    (one per optimizer, budget level and rerun seed, planned once the search finished), and
+    steps_to_target's confirm trials (one per optimizer and rerun seed, once its tuning finished)."""
     records = read_trial_records(spec.study_dir)
     status = {r["trial_id"]: r.get("status", "") for r in records}
     plans = planner_for(spec).slots(spec, records)
@@ -215,6 +231,25 @@ def plan_table(spec: Spec) -> list[dict]:
                     }
                     for seed in spec.search.rerun_seeds
                 ]
+    if spec.search.protocol == "steps_to_target":  # an optimizer's confirm phase, once its tuning finished
+        planned = {p.label for p in plans if p.phase == "confirm"}
+        rows += [
+            {
+                "trial_id": protocols.confirm_id(o.label, seed),
+                "label": o.label,
+                "optimizer": o.name,
+                "hparams": {},
+                "seed": seed,
+                "index": -1,
+                "phase": "confirm",
+                "budget": "",
+                "target": None,
+                "status": "upper bound",
+            }
+            for o in spec.optimizers
+            if o.label not in planned
+            for seed in spec.search.rerun_seeds
+        ]
     return rows
 
 
@@ -356,9 +391,10 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
         if p.trial_id not in known and searcher is None:
             recorder.record(p, "pending")
     write_trials_table(spec.study_dir)
-    concurrent = max_concurrent(spec, ray.cluster_resources())
+    concurrent = max_concurrent(spec, (autoscaler_limits() or ({}, []))[0])
+    at_once = f"{concurrent} at a time" if concurrent else "as many at a time as the cluster holds"
     print(
-        f"study {spec.study.name}: {len(todo)} trials to run, {concurrent} at a time "
+        f"study {spec.study.name}: {len(todo)} trials to run, {at_once} "
         f"({resources['launcher']}, {resources['workers']} worker(s) x {resources['per_worker']})",
         file=out,
     )
@@ -387,7 +423,8 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
         tuner.fit()
     finally:
         ray.kill(board)
-    write_trials_table(spec.study_dir)
+        recorder.join()  # the trials' last records and MLflow writes (the recorder's worker)
+        write_trials_table(spec.study_dir)  # once per batch: the records are the per-trial state
     if recorder.n_done < len(todo):  # Tune returns early only when a signal stopped it
         raise StudyInterrupted(
             f"study {spec.study.name} interrupted with {len(todo) - recorder.n_done} trial(s) unfinished; "

@@ -99,7 +99,8 @@ def render(info: dict, done: list[tuple[str, Section, dict]], total_s: float) ->
     lines = [
         "# Benchmark results",
         "",
-        "Written by `make bench` (`.venv/bin/python benchmarks/run_all.py`); do not edit by hand. "
+        "Written by `make bench` (`.venv/bin/python benchmarks/run_all.py`); do not edit by hand above the "
+        "targeted-runs line near the end (sections below it are kept). "
         "What each benchmark does and how to read it: benchmarks/README.md.",
         "",
         "## Machine",
@@ -185,11 +186,23 @@ def main(argv=None) -> int:
     text = render(info, done, time.time() - t0)
     out = Path(a.output) if a.output else (RESULTS if not a.only else None)
     if out is not None:
-        out.write_text(text)
+        out.write_text(text + kept_sections(out))
         print(f"wrote {out}")
     else:
         print(text)
     return 0 if all(s.verdict != "ERROR" for _, s, _ in done) else 1
+
+
+# Sections below this line are targeted runs (one benchmark, by hand, for one issue): `make bench`
+# rewrites what is above it and keeps them as they are.
+TARGETED = "<!-- targeted runs: kept by make bench -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The targeted-runs part of an existing RESULTS.md (from the TARGETED line on), or ""."""
+    old = path.read_text() if path.exists() else ""
+    i = old.find(TARGETED)
+    return "\n" + old[i:] if i >= 0 else "\n" + TARGETED + "\n"
 
 
 if __name__ == "__main__":

@@ -303,7 +303,8 @@ class SearchConfig:
     method: str | None = None  # random | quasirandom | tpe; null: the protocol's own
     protocol: str = "none"  # none | crowded_valley | algoperf_external | steps_to_target
     budgets: BudgetsConfig = BudgetsConfig()  # crowded_valley only
-    rerun_seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # crowded_valley (10 in the paper); steps_to_target: confirm seeds
+    # crowded_valley: the reruns' seeds (10 in the paper); steps_to_target: the confirmation seeds
+    rerun_seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     studies: int = 1  # algoperf_external only
     target: TargetConfig | None = None  # algoperf_external and steps_to_target (required there)
     alpha: float = 0.01  # steps_to_target: significance level (modded-nanogpt's p < 0.01)

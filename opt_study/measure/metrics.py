@@ -41,6 +41,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 # The names of every column below (a new metric: its name there, its formula here).
+from opt_study.measure import authors
 from opt_study.measure.names import CLASSES as CLASSES
 from opt_study.measure.names import DERIVED_NAMES as DERIVED_NAMES
 from opt_study.measure.names import OUTPUT_NAMES as OUTPUT_NAMES
@@ -230,4 +231,5 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, float]:
         if math.isfinite(n_i) and math.isfinite(d_i):
             num, den = num + n_i, den + d_i
     out["smoothness_ratio"] = _div(num, den)
+    out.update(authors.summary(rows))  # the authors' own aggregates (measure/authors.py)
     return out

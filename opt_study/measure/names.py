@@ -122,6 +122,19 @@ LOSS_PRECISION = "loss_precision"
 GROUPS = "groups"
 
 # ------------------------------------------------------------------------------- per trial
+# The aggregates of the authors' code over a window (measure/authors.aggregate; docs/METRICS.md
+# §Authors' aggregates): in the trial summary as authors_<name>.
+AUTHORS_NAMES: tuple[str, ...] = (
+    "n",
+    "gap_mean",
+    "gap_ema99",
+    "gap_ema9999",
+    "linear_over_loss_gap",
+    "convexity_excess",
+    "smoothness_max",
+    "smoothness_ema99",
+    "smoothness_ema9999",
+)
 # metrics.summarize's statistics (docs/METRICS.md §Aggregates).
 SUMMARY_NAMES: tuple[str, ...] = (
     "n_measured",
@@ -130,4 +143,5 @@ SUMMARY_NAMES: tuple[str, ...] = (
     "smoothness_local_median",
     "smoothness_local_max",
     "smoothness_ratio",
+    *(f"authors_{k}" for k in AUTHORS_NAMES),
 )

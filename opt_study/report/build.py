@@ -62,6 +62,11 @@ _ASSUMPTION_COLUMNS = [
     ("smoothness_local_max", "max L_t (L̂)"),
     ("frac_descent_holds", "descent lemma holds (L̂)"),
     ("frac_progress_predicted", "progress predicted"),
+    ("authors_gap_mean", "authors: mean inst. gap"),
+    ("authors_gap_ema99", "authors: gap EMA 0.99"),
+    ("authors_linear_over_loss_gap", "authors: Σ⟨g⁺,Δ⟩/Σδ"),
+    ("authors_convexity_excess", "authors: Σ(⟨g⁺,Δ⟩ − δ)"),
+    ("authors_smoothness_max", "authors: max L (per tensor)"),
 ]
 
 

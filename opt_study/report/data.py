@@ -13,7 +13,9 @@ same numbers as ``opt_study.measure.metrics.summarize`` (the tests check it row 
   Σ(δ_t − ⟨g_t, s_tΔ_t⟩) / (½Σ‖s_tΔ_t‖²), over rows where both terms are finite;
 - L̂ = max L_t over the window, and the descent-lemma gap δ_t − (⟨g_t, s_tΔ_t⟩ + (L̂/2)‖s_tΔ_t‖²)
   is classified against the stored noise floor with ``classify``'s rule (holds if gap < −floor,
-  violated if gap > floor); "progress predicted" counts steps whose bound is below −floor.
+  violated if gap > floor); "progress predicted" counts steps whose bound is below −floor;
+- the authors' own aggregates (``authors_*``, docs/METRICS.md §Authors' aggregates) come from
+  ``query.authors_aggregates``, the same ``measure.authors.aggregate`` that summarize calls.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 from opt_study.config import ConfigError, Spec, study_folder_spec
 from opt_study.measure.metrics import CLASSES
-from opt_study.results.query import StudyDB, open_study
+from opt_study.measure.names import AUTHORS_NAMES
+from opt_study.results.query import StudyDB, authors_aggregates, open_study
 
 STATUSES = ("pending", "running", "completed", "stopped", "diverged", "failed")
 
@@ -105,6 +108,9 @@ def trial_stats(db: StudyDB) -> dict[str, dict]:
         s["smoothness_ratio"] = _ratio(r["sr_num"], r["sr_den"])
         s["smoothness_local_median"] = _nan(r["L_median"])
         s["smoothness_local_max"] = _nan(r["L_max"])
+    for a in authors_aggregates(db):  # window = the trial, as metrics.summarize's authors_*
+        if a["trial_id"] in out:
+            out[a["trial_id"]].update({f"authors_{k}": a[k] for k in AUTHORS_NAMES})
     return out
 
 

@@ -26,6 +26,12 @@ ASSUMPTION_STATS: tuple[str, ...] = (
     "smoothness_local_max",
     "frac_descent_holds",
     "frac_progress_predicted",
+    # beside ours: the authors' own aggregates over the trial (docs/METRICS.md §Authors' aggregates)
+    "authors_gap_mean",
+    "authors_gap_ema99",
+    "authors_linear_over_loss_gap",
+    "authors_convexity_excess",
+    "authors_smoothness_max",
 )
 
 

@@ -27,6 +27,7 @@ experiment ``opt_study/<study>`` (the index: params, tags and summary metrics of
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from opt_study.measure import authors
 from opt_study.results import parquet, scan
 from opt_study.results.schema import GROUP_SUM_COLUMNS, STEP_SCHEMA
 from opt_study.results.trials import read_trial_records, trials_table
@@ -257,6 +259,30 @@ class StudyDB:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# The stored columns the authors' aggregates read (measure.authors.aggregate).
+_AUTHORS_COLS = ("loss", "loss_probe", "probe_s", "ip_probe_update", "smoothness_authors", "flag")
+
+
+def authors_aggregates(db: StudyDB, window: int | None = None) -> list[dict]:
+    """The aggregates of arXiv:2407.01825's code (docs/METRICS.md §Authors' aggregates) per
+    trial and window: ``window`` = None takes a trial's whole run (their run_clm.py: nothing is
+    reset), ``window`` = k restarts every k steps, i.e. windows step // k (their CIFAR
+    train.py: reset every epoch). One dict per (trial_id, window) with ``first_step``,
+    ``last_step`` and measure.authors.AUTHORS_NAMES."""
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be >= 1 step, got {window}")
+    have = {d[0] for d in db.con.execute("DESCRIBE steps").fetchall()}
+    cols = ", ".join(c if c in have else f"NULL AS {c}" for c in _AUTHORS_COLS)
+    key = "0" if window is None else f"step // {int(window)}"
+    rows = db.rows(f"SELECT trial_id, {key} AS win, step, {cols} FROM steps WHERE measured ORDER BY trial_id, step")
+    out: list[dict] = []
+    for (tid, w), group in itertools.groupby(rows, key=lambda r: (r["trial_id"], r["win"])):
+        part = list(group)
+        head = {"trial_id": tid, "window": w, "first_step": part[0]["step"], "last_step": part[-1]["step"]}
+        out.append({**head, **authors.aggregate(part)})
+    return out
 
 
 def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:

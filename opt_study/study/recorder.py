@@ -5,16 +5,26 @@ Runs in the `opt-study run` process only (a Tune Callback), so one process write
 and MLflow: no SQLite write contention between trials, and MLflow never sits on a worker's step
 path. Per-trial summaries are computed from the trial's Parquet rows (the source of truth), not
 from Tune's result objects.
+
+Tune calls its callbacks on its event loop, which also starts trials and collects their results:
+the per-trial work that does I/O (the trial's record, compaction and read-back of its steps,
+its checkpoints' removal, MLflow delivery) runs on the recorder's one worker thread instead, in
+the order it was asked for, so a study of thousands of trials keeps the loop's cost per trial
+flat. Each job touches its own trial only; the trials table (`trials.parquet`, a snapshot of
+every record) is written once per batch by `opt_study.study.run`. A job's exception stops the
+study at the loop's next step (`on_step_end`) or at `join`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ray.tune import Callback
@@ -109,7 +119,46 @@ class StudyRecorder(Callback):
         self.progress = Progress(self.plans, spec.training.steps, out or sys.stdout)
         self.board, self._polled = board, -math.inf  # trials' posts between evaluations (console.ProgressBoard)
         self.started: dict[str, float] = {}  # kept here: a record is rewritten whole at the end
-        self.n_done = 0
+        self.n_done = 0  # trials whose final record is written (by the worker; read after join)
+        self._worker: ThreadPoolExecutor | None = None
+        self._jobs: list[Future] = []
+        self._finished: collections.deque = collections.deque()  # progress lines of ended trials
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks into the experiment state: no thread or future goes along
+        return {**self.__dict__, "_worker": None, "_jobs": [], "_finished": collections.deque()}
+
+    # ------------------------------------------------------------------------ the worker thread
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the worker thread, after every job submitted before it."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opt-study-recorder")
+        self._jobs = [f for f in self._jobs if not f.done() or f.exception() is not None]
+        self._jobs.append(self._worker.submit(fn, *args))
+
+    def _wait(self) -> None:
+        """Let every submitted job finish (no error raised here: see `join`)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        self._show_finished()
+
+    def _raise_failed(self) -> None:
+        failed = [f for f in self._jobs if f.done() and f.exception() is not None]
+        if failed:
+            self._jobs = [f for f in self._jobs if f not in failed]
+            raise failed[0].exception()
+
+    def join(self) -> None:
+        """Wait for the worker's jobs; raise the first one's exception, if any failed."""
+        self._wait()
+        self._raise_failed()
+        self._jobs = []
+
+    def _show_finished(self) -> None:
+        """Print the lines of the trials the worker finished (on the loop: Progress is not shared)."""
+        while self._finished:
+            self.progress.finish(*self._finished.popleft())
 
     # ------------------------------------------------------------------------ trials table rows
     def record(self, plan: TrialPlan, status: str, **extra) -> dict:
@@ -147,9 +196,12 @@ class StudyRecorder(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         plan = self._plan(trial)
         self.started[plan.trial_id] = time.time()
-        self.record(plan, "running", started=self.started[plan.trial_id])
-        self._log_trial(plan, "running", {}, [])  # the child run starts with the trial: real durations
+        self._submit(self._started, plan, self.started[plan.trial_id])
         self.progress.start(plan.trial_id)
+
+    def _started(self, plan: TrialPlan, started: float) -> None:
+        self.record(plan, "running", started=started)
+        self._log_trial(plan, "running", {}, [])  # the child run starts with the trial: real durations
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         plan = self._plan(trial)
@@ -164,6 +216,8 @@ class StudyRecorder(Callback):
 
     def on_step_end(self, iteration, trials, **info):
         """Tune's loop, many times a second: read the trials' progress posts, redraw when due."""
+        self._raise_failed()
+        self._show_finished()
         now = time.time()
         if self.board is not None and now - self._polled >= TTY_EVERY_S:
             self._polled = now
@@ -182,6 +236,7 @@ class StudyRecorder(Callback):
                 self.progress.update(tid, int(p["step"]), p.get("units_per_s"), p.get("loss"))
 
     def on_experiment_end(self, trials, **info):
+        self._wait()  # every trial's line is printed before the summary
         self.progress.close()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -196,6 +251,12 @@ class StudyRecorder(Callback):
 
     def _finish(self, trial, status: str, error: str | None) -> None:
         plan = self._plan(trial)
+        nodes = (trial.last_result or {}).get("nodes", "")
+        self._submit(self._record_end, plan, status, error, nodes, self.started.get(plan.trial_id))
+
+    def _record_end(self, plan: TrialPlan, status: str, error: str | None, nodes: str, started) -> None:
+        """A trial's end, on the worker: its steps compacted and summarized, its final record,
+        its checkpoints removed, its child run updated. Touches this trial's files only."""
         # an object-store root: the rows the trial's rank 0 uploaded, wherever it ran
         objectstore.pull(layout.trial_steps_dir(self.spec.study_dir, plan.trial_id), exact=False)
         if status in DONE_STATUSES:
@@ -203,25 +264,18 @@ class StudyRecorder(Callback):
         rows = parquet.read_steps(self.spec.study_dir, trial_ids=[plan.trial_id]).to_pylist()
         summary = trial_summary(rows, getattr(plan, "target", None))
         ended = time.time()
-        self.record(
-            plan,
-            status,
-            summary=summary,
-            started=self.started.get(plan.trial_id),
-            ended=ended,
-            error=error,
-            nodes=(trial.last_result or {}).get("nodes", ""),
-        )
-        trials_tbl.write_trials_table(self.spec.study_dir)
+        self.record(plan, status, summary=summary, started=started, ended=ended, error=error, nodes=nodes)
         if status in DONE_STATUSES:  # recorded finished: its checkpoints are no longer needed
             checkpoint.remove(self.spec.study_dir, plan.trial_id)
         self._log_trial(plan, status, summary, rows, ended)
         self.n_done += 1
-        self.progress.finish(
-            plan.trial_id,
-            status,
-            f"loss {summary['final_loss']:.4f}  best eval {summary['best_eval_loss']:.4f}"
-            + (f"  {error}" if error else ""),
+        self._finished.append(
+            (
+                plan.trial_id,
+                status,
+                f"loss {summary['final_loss']:.4f}  best eval {summary['best_eval_loss']:.4f}"
+                + (f"  {error}" if error else ""),
+            )
         )
 
     def _log_trial(

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import duckdb
@@ -105,3 +106,79 @@ def test_trial_workers_spread_over_two_nodes(two_nodes, tmp_path):
         0
     ][0]
     assert worst < 1e-5
+
+
+def _ray_head(port: int, env: dict) -> None:
+    _ray(
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--include-dashboard",
+        "false",
+        "--num-cpus",
+        "1",
+        "--disable-usage-stats",
+        env=env,
+    )
+
+
+def _overlapping_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
+    return [
+        (a, b)
+        for i, a in enumerate(records)
+        for b in records[i + 1 :]
+        if max(a["started"], b["started"]) < min(a["ended"], b["ended"])
+    ]
+
+
+def test_a_node_added_mid_study_runs_a_second_trial_at_once(tmp_path):
+    """Concurrency follows the cluster (issue 16): a study started on a cluster with room for one
+    trial runs two at once after a second node joins mid-study. A bound taken from the cluster's
+    size at start (1) would leave the new node idle, and an autoscaler would never add it."""
+    port = free_port()
+    short = tempfile.mkdtemp(prefix="r1n", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": short, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    from opt_study.study.run import ray_env
+
+    env.update(ray_env())
+    f = specs.write_spec(
+        tmp_path / "grow.yaml",
+        tmp_path / "store",
+        study={"name": "grow"},
+        scale={"launcher": "in_process", "workers": 1, "cpus_per_worker": 1},
+        training={"steps": 400, "eval_every": 200, "checkpoint_every": 0},
+        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]}}}],
+        measure={"every": 0},
+    )
+    spec = load_study(f)
+    try:
+        _ray_head(port, env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opt_study.cli", "run", str(f)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+        )
+        deadline = time.time() + 300
+        while not any(r["status"] == "running" for r in read_trial_records(spec.study_dir)):
+            assert proc.poll() is None and time.time() < deadline, "no trial started"
+            time.sleep(0.5)
+        _ray("start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", env=env)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        _stop_cluster_under(short)
+        shutil.rmtree(short, ignore_errors=True)
+    assert proc.returncode == 0, out[-3000:]
+    records = read_trial_records(spec.study_dir)
+    assert [r["status"] for r in records] == ["completed"] * 6, out[-3000:]
+    pairs = _overlapping_pairs(records)
+    assert pairs, [(r["trial_id"], r["started"], r["ended"], r["nodes"]) for r in records]
+    assert any(a["nodes"] != b["nodes"] for a, b in pairs)  # one on each node
+    assert len({r["nodes"] for r in records}) == 2
+    assert "as many at a time as the cluster holds" in out

@@ -60,6 +60,7 @@ def test_recorder_finishes_a_trial_with_a_null_sink(spec_factory):
     recorder = StudyRecorder(spec, [plan], {}, NullSink(), None, out=out)
     trial = SimpleNamespace(config={"trial": plan.as_dict()}, last_result={"status": "completed"})
     recorder.on_trial_complete(0, [trial], trial)
+    recorder.join()  # the record is written by the recorder's worker thread
     (rec,) = read_trial_records(spec.study_dir)
     assert rec["status"] == "completed" and rec["summary"]["best_eval_loss"] == 0.0
     assert "COMPLETED" in out.getvalue()

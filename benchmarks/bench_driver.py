@@ -12,7 +12,9 @@ What is measured (the product is not instrumented; the benchmark wraps the recor
   previous trial ended; that is the driver overhead the issue's target (<= 0.5 s, flat) is about;
 - the driver process's CPU seconds per trial (everything: Tune, Ray's client, the recorder and
   its background worker), and the wall seconds per trial;
-- the driver's RSS (psutil) after trial 100 and at the end.
+- the driver's RSS (psutil) after trial 100 and at the end;
+- per trial, the time of its jobs on the recorder's worker thread (off the loop: its record,
+  compaction, read-back, MLflow).
 
 Every number is reported per hundred trials, so growth with the study's size shows.
 
@@ -46,6 +48,7 @@ if CODE:
     sys.path.insert(0, CODE)
 
 CALLBACKS = ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error", "on_step_end")
+WORKER_JOBS = ("_started", "_record_end")  # the recorder's worker-thread jobs (absent before the change)
 
 
 def spec_for(storage: Path, trials: int):
@@ -66,11 +69,15 @@ def spec_for(storage: Path, trials: int):
 class Meter:
     """Loop time per trial: the wrapped callbacks' durations, attributed to the trial that ends."""
 
-    def __init__(self):
+    def __init__(self, partial: Path | None = None):
         import psutil
+
+        self.partial = partial  # rewritten every 25 trials: a run stopped early still says something
 
         self.proc = psutil.Process()
         self.loop_s = 0.0  # loop time since the last trial ended
+        self.worker_s: list[float] = []  # per finished trial, in order: its worker jobs' time
+        self._worker_acc = 0.0
         self.rows: list[dict] = []
         self.t0 = time.perf_counter()
         self.cpu0 = self._cpu()
@@ -96,14 +103,38 @@ class Meter:
 
         setattr(cls, name, timed)
 
+    def wrap_worker(self, cls, name: str) -> None:
+        if not hasattr(cls, name):
+            return
+        orig = getattr(cls, name)
+        meter = self
+
+        @functools.wraps(orig)
+        def timed(self_, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return orig(self_, *a, **kw)
+            finally:
+                meter._worker_acc += time.perf_counter() - t
+                if name == "_record_end":
+                    meter.worker_s.append(meter._worker_acc)
+                    meter._worker_acc = 0.0
+
+        setattr(cls, name, timed)
+
     def trial_ended(self) -> None:
         self.rows.append({"loop_s": self.loop_s, "t": time.perf_counter() - self.t0, "cpu": self._cpu() - self.cpu0})
         self.loop_s = 0.0
         if len(self.rows) == 100:
             self.rss_100 = self.proc.memory_info().rss / 2**20
+        if self.partial is not None and len(self.rows) % 25 == 0:
+            rss = self.proc.memory_info().rss / 2**20
+            done = {"done": len(self.rows), "rss_mib_at_100": self.rss_100, "rss_mib_now": rss}
+            blocks = per_hundred(self.rows, self.worker_s)
+            self.partial.write_text(json.dumps({**done, "per_hundred": blocks}, indent=1))
 
 
-def per_hundred(rows: list[dict]) -> list[dict]:
+def per_hundred(rows: list[dict], worker_s: list[float]) -> list[dict]:
     out, prev_t, prev_cpu = [], 0.0, 0.0
     for i in range(0, len(rows), 100):
         block = rows[i : i + 100]
@@ -115,6 +146,7 @@ def per_hundred(rows: list[dict]) -> list[dict]:
                 "loop_s_max": max(r["loop_s"] for r in block),
                 "wall_s_per_trial": (block[-1]["t"] - prev_t) / n,
                 "cpu_s_per_trial": (block[-1]["cpu"] - prev_cpu) / n,
+                "worker_s_per_trial": sum(worker_s[i : i + 100]) / n if worker_s else None,
             }
         )
         prev_t, prev_cpu = block[-1]["t"], block[-1]["cpu"]
@@ -166,9 +198,11 @@ def main(out: str, trials: int, mode: str = "study") -> None:
     from opt_study.study.recorder import StudyRecorder
     from opt_study.study.run import run_study
 
-    meter = Meter()
+    meter = Meter(Path(out + ".partial"))
     for name in CALLBACKS:
         meter.wrap(StudyRecorder, name)
+    for name in WORKER_JOBS:
+        meter.wrap_worker(StudyRecorder, name)
     load_before = load1()
     backlog = None
     with tempfile.TemporaryDirectory(prefix="drvbench") as tmp:
@@ -193,7 +227,7 @@ def main(out: str, trials: int, mode: str = "study") -> None:
         "load1_after": load1(),
         "rss_mib_at_100": meter.rss_100,
         "rss_mib_at_end": rss_end,
-        "per_hundred": per_hundred(meter.rows),
+        "per_hundred": per_hundred(meter.rows, meter.worker_s),
     }
     Path(out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -150,8 +150,8 @@ def test_a_node_added_mid_study_runs_a_second_trial_at_once(tmp_path):
         tmp_path / "store",
         study={"name": "grow"},
         scale={"launcher": "in_process", "workers": 1, "cpus_per_worker": 1},
-        training={"steps": 400, "eval_every": 200, "checkpoint_every": 0},
-        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]}}}],
+        training={"steps": 300, "eval_every": 150, "checkpoint_every": 0},
+        optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.01, 0.02, 0.03, 0.04]}}}],
         measure={"every": 0},
     )
     spec = load_study(f)
@@ -176,7 +176,7 @@ def test_a_node_added_mid_study_runs_a_second_trial_at_once(tmp_path):
         shutil.rmtree(short, ignore_errors=True)
     assert proc.returncode == 0, out[-3000:]
     records = read_trial_records(spec.study_dir)
-    assert [r["status"] for r in records] == ["completed"] * 6, out[-3000:]
+    assert [r["status"] for r in records] == ["completed"] * 4, out[-3000:]
     pairs = _overlapping_pairs(records)
     assert pairs, [(r["trial_id"], r["started"], r["ended"], r["nodes"]) for r in records]
     assert any(a["nodes"] != b["nodes"] for a, b in pairs)  # one on each node

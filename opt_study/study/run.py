@@ -424,7 +424,7 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     finally:
         ray.kill(board)
         recorder.join()  # the trials' last records and MLflow writes (the recorder's worker)
-        write_trials_table(spec.study_dir)  # once per batch: the records are the per-trial state
+    write_trials_table(spec.study_dir)  # once per batch: the records are the per-trial state
     if recorder.n_done < len(todo):  # Tune returns early only when a signal stopped it
         raise StudyInterrupted(
             f"study {spec.study.name} interrupted with {len(todo) - recorder.n_done} trial(s) unfinished; "

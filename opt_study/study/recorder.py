@@ -121,20 +121,23 @@ class StudyRecorder(Callback):
         self.started: dict[str, float] = {}  # kept here: a record is rewritten whole at the end
         self.n_done = 0  # trials whose final record is written (by the worker; read after join)
         self._worker: ThreadPoolExecutor | None = None
-        self._jobs: list[Future] = []
+        self._errors: collections.deque = collections.deque()  # exceptions of failed jobs, oldest first
         self._finished: collections.deque = collections.deque()  # progress lines of ended trials
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks into the experiment state: no thread or future goes along
-        return {**self.__dict__, "_worker": None, "_jobs": [], "_finished": collections.deque()}
+        return {**self.__dict__, "_worker": None, "_errors": collections.deque(), "_finished": collections.deque()}
 
     # ------------------------------------------------------------------------ the worker thread
     def _submit(self, fn, *args) -> None:
         """Run ``fn(*args)`` on the worker thread, after every job submitted before it."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opt-study-recorder")
-        self._jobs = [f for f in self._jobs if not f.done() or f.exception() is not None]
-        self._jobs.append(self._worker.submit(fn, *args))
+        self._worker.submit(fn, *args).add_done_callback(self._note_error)  # O(1): no list of jobs
+
+    def _note_error(self, job: Future) -> None:
+        if job.exception() is not None:
+            self._errors.append(job.exception())
 
     def _wait(self) -> None:
         """Let every submitted job finish (no error raised here: see `join`)."""
@@ -144,16 +147,13 @@ class StudyRecorder(Callback):
         self._show_finished()
 
     def _raise_failed(self) -> None:
-        failed = [f for f in self._jobs if f.done() and f.exception() is not None]
-        if failed:
-            self._jobs = [f for f in self._jobs if f not in failed]
-            raise failed[0].exception()
+        if self._errors:
+            raise self._errors.popleft()
 
     def join(self) -> None:
         """Wait for the worker's jobs; raise the first one's exception, if any failed."""
         self._wait()
         self._raise_failed()
-        self._jobs = []
 
     def _show_finished(self) -> None:
         """Print the lines of the trials the worker finished (on the loop: Progress is not shared)."""

@@ -40,9 +40,11 @@ from opt_study.measure.names import (
     NORM_SUMS,
     PREV_OF,
     SUM_NAMES,
+    TENSOR_NORM_OF,
+    TENSOR_SUMS,
 )
 from opt_study.measure.shards import FlatShard, ShardView, flatten
-from opt_study.measure.sums import flat_sums, group_runs, pack, unpack
+from opt_study.measure.sums import flat_sums, group_runs, pack, tensor_sums, unpack
 
 _LOSS = {name: i for i, name in enumerate(LOSS_NAMES)}  # slot of each scalar in the packed losses
 
@@ -202,13 +204,15 @@ class StepMeasurer:
         if self.measured:
             s = self._draw_s(step)
             g_plus, loss_precision = self._probe(s, delta, losses, loss_fn, model_loss_fn)
-        local = self._local_sums(self._kept(delta, g_plus), None if self.measured else NORM_SUMS)
-        per_group, scalars = self._reduce(local, losses)
+        kept = self._kept(delta, g_plus)
+        local = self._local_sums(kept, None if self.measured else NORM_SUMS)
+        per_tensor = self._tensor_sums(kept) if self.measured else None
+        per_group, scalars, tensor_norms = self._reduce(local, losses, per_tensor)
         self._keep_prev(delta, local)
         totals = {k: float(v.sum()) for k, v in per_group.items()}
         row = self._norm_row(totals, scalars, loss_precision)
         if self.measured:
-            row.update(self._measured_fields(per_group, totals, scalars, s, loss_precision))
+            row.update(self._measured_fields(per_group, {**totals, **tensor_norms}, scalars, s, loss_precision))
         return row
 
     # ------------------------------------------------------------------- the pieces of end()
@@ -250,16 +254,31 @@ class StepMeasurer:
             "g_prev": self.prev_g if m else None,
         }
 
-    def _reduce(self, local: torch.Tensor, losses: torch.Tensor) -> tuple[dict, dict]:
-        """The ONE collective of the step's measurements: this rank's sums and loss terms packed
-        into one float64 vector, SUM-reduced, split again (setting p for s ≠ 1 and the fp32
-        re-evaluation under bf16 communicate too, in _probe: they move weights, not
-        measurements). Sets ``stop_requested`` from the summed votes."""
+    def _reduce(self, local: torch.Tensor, losses: torch.Tensor, per_tensor: torch.Tensor | None = None):
+        """The ONE collective of the step's measurements: this rank's sums, loss terms and (measured
+        steps) per-tensor block packed into one float64 vector, SUM-reduced, split again (setting
+        p for s ≠ 1 and the fp32 re-evaluation under bf16 communicate too, in _probe: they move
+        weights, not measurements). Sets ``stop_requested`` from the summed votes. Returns the
+        per-group sums, the scalars and names.TENSOR_NAMES' values ({} without the block)."""
         packed = pack(local, losses)
+        n = packed.numel()
+        if per_tensor is not None:
+            packed = torch.cat([packed, per_tensor.to(packed.device, torch.float64).reshape(-1)])
         distributed.all_reduce_sum(packed)
-        per_group, scalars = unpack(packed, len(self.groups))  # host sync inside (the row)
+        host = packed.detach().to("cpu", torch.float64)  # host sync: the step's ONE read-back
+        per_group, scalars = unpack(host[:n], len(self.groups))
         self.stop_requested = scalars["stop_votes"] > 0
-        return per_group, scalars
+        tensor_norms = {}
+        if per_tensor is not None:  # Σ_i √(sum_i) over tensors, after the reduce (never per rank)
+            block = host[n:].view(len(TENSOR_SUMS), -1)
+            roots = {k: float(block[TENSOR_SUMS.index(v)].sqrt().sum()) for k, v in TENSOR_NORM_OF.items()}
+            tensor_norms = {k: _finite(v) for k, v in roots.items()}
+        return per_group, scalars, tensor_norms
+
+    def _tensor_sums(self, kept: dict) -> torch.Tensor:
+        """This rank's partial TENSOR_SUMS per parameter tensor (sums.tensor_sums)."""
+        vectors = {k: kept[k].flat for k in ("x", "g", "delta", "g_plus") if kept[k] is not None}
+        return tensor_sums(vectors, self.x_t.sizes)
 
     def _keep_prev(self, delta: FlatShard, local: torch.Tensor) -> None:
         """Keep Δ_t, g_t and this rank's partial ‖Δ_t‖², ‖g_t‖² when step t + 1 is measured."""

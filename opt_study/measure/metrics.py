@@ -190,6 +190,9 @@ def derive(
         "convexity_gap_bwd": gap_bwd,
         "trapezoid_residual": delta - 0.5 * (ip_g + ip_gp),
         "smoothness_local": _div(_root(get("sq_grad_diff")), _root(sq_seg)),
+        # Σ_i ‖g⁺_i − g_i‖ / Σ_i ‖sΔ_i‖ over tensors (tranhp98/some_projects, compute_smoothness in
+        # test_properties/transformers/run_clm.py lines 340-346; docs/METRICS.md §Derived metrics)
+        "smoothness_authors": _div(get("tensor_norm_grad_diff"), abs(s) * get("tensor_norm_update")),
         "smoothness_descent": _div(2.0 * (delta - ip_g), sq_seg),
         "smoothness_descent_band": _div(2.0 * floor, sq_seg),  # its numerator is uncertain by ±floor
         "curvature_secant": _div(ip_gp - ip_g, sq_seg),

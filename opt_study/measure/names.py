@@ -78,9 +78,18 @@ PROBE_NAMES: tuple[str, ...] = ("loss_probe", "probe_s")
 NOISE_RAW = "sq_grad_small"
 NOISE_DERIVED = "noise_scale_simple"
 
+# Per parameter TENSOR (not group: a group merges weight and bias), measured steps only: these
+# sums of each tensor i ride the same all-reduce as a [len(TENSOR_SUMS), P] block after the loss
+# terms (hook.StepMeasurer._reduce). After it, TENSOR_NORM_OF's columns are Σ_i √(sum_i): the
+# numerator Σ_i ‖g⁺_i − g_i‖ and denominator Σ_i ‖Δ_i‖ of the authors' smoothness
+# (smoothness_authors; docs/METRICS.md §Derived metrics).
+TENSOR_NORM_OF: dict[str, str] = {"tensor_norm_grad_diff": "sq_grad_diff", "tensor_norm_update": "sq_update"}
+TENSOR_NAMES: tuple[str, ...] = tuple(TENSOR_NORM_OF)
+TENSOR_SUMS: tuple[str, ...] = tuple(TENSOR_NORM_OF.values())
+
 # The raw columns of a measured row (schema order): the probe's scalars, the totals over groups
-# of every sum, the noise scale's raw term, the losses' rounding magnitudes.
-RAW_NAMES: tuple[str, ...] = PROBE_NAMES + SUM_NAMES + (NOISE_RAW,) + LOSS_SCALE_NAMES
+# of every sum, the noise scale's raw term, the losses' rounding magnitudes, the per-tensor norms.
+RAW_NAMES: tuple[str, ...] = PROBE_NAMES + SUM_NAMES + (NOISE_RAW,) + LOSS_SCALE_NAMES + TENSOR_NAMES
 # The sums stored per parameter group on measured rows (the row's `groups` cell).
 GROUP_SUM_NAMES: tuple[str, ...] = SUM_NAMES
 
@@ -92,6 +101,8 @@ DERIVED_NAMES: tuple[str, ...] = (
     "convexity_gap_bwd",
     "trapezoid_residual",
     "smoothness_local",
+    # the authors' L: Σ_i ‖g⁺_i − g_i‖ / Σ_i ‖sΔ_i‖ over parameter tensors i (TENSOR_NORM_OF)
+    "smoothness_authors",
     "smoothness_descent",
     # its rounding band: 2·noise_floor/‖sΔ‖², the uncertainty of smoothness_descent
     "smoothness_descent_band",

@@ -55,6 +55,20 @@ def reference_sums(x, g, delta, g_plus, x0, delta_prev, g_prev) -> dict[str, flo
     }
 
 
+def reference_tensor_norms(g, g_plus, delta, sizes=None) -> dict[str, float]:
+    """Σ_i ‖g⁺_i − g_i‖ and Σ_i ‖Δ_i‖ over the parameter tensors i: the full 1-D vectors cut
+    into consecutive tensors of ``sizes`` elements (None: one tensor). A direct transcription of
+    the authors' ``compute_smoothness`` (tranhp98/some_projects,
+    test_properties/transformers/run_clm.py lines 340-346): a sum of per-tensor torch.norm."""
+    g, gp, d = (_v(t) for t in (g, g_plus, delta))
+    sizes = [d.numel()] if sizes is None and d is not None else sizes
+    if g is None or gp is None or d is None:
+        return {"tensor_norm_grad_diff": math.nan, "tensor_norm_update": math.nan}
+    num = sum(float(torch.linalg.vector_norm(a - b)) for a, b in zip(gp.split(sizes), g.split(sizes)))
+    den = sum(float(torch.linalg.vector_norm(a)) for a in d.split(sizes))
+    return {"tensor_norm_grad_diff": num, "tensor_norm_update": den}
+
+
 def _none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -90,12 +104,16 @@ def reference_metrics(
     loss_precision: str | None = None,
     loss_scale: float | None = None,
     loss_probe_scale: float | None = None,
+    sizes=None,
 ) -> dict:
     """The derived metrics of docs/METRICS.md §Derived metrics from the definitions, segment sΔ.
 
     ``precision``: the gradients' arithmetic; ``loss_precision``: the losses' (default the same).
     ``loss_scale``, ``loss_probe_scale``: the rounding magnitudes M, M⁺ of ℓ and ℓ⁺ (docs/METRICS.md
-    §Noise floor); when either is missing, |ℓ| and |ℓ⁺| take their place.
+    §Noise floor); when either is missing, |ℓ| and |ℓ⁺| take their place. ``sizes``: the
+    numel of each parameter tensor, in the vectors' order, for smoothness_authors
+    (None: unknown tensors, so smoothness_authors is None, as metrics.derive without the
+    tensor_norm_* values).
     """
     x, g, d, gp, dp, gq = (_v(t) for t in (x, g, delta, g_plus, delta_prev, g_prev))
     ell = math.nan if loss is None else float(loss)
@@ -120,12 +138,16 @@ def reference_metrics(
     if u_g > _U["fp32"] or s != 1.0:  # bf16/fp16 gradients, or a rounded p: ‖H sΔ‖ ≈ ‖g⁺ − g‖
         scale += u_g * _norm(_sub(gp, g)) * (2.0 * _norm(x) + _norm(seg))
     floor = floor_c * scale
+    nan2 = {"tensor_norm_grad_diff": math.nan, "tensor_norm_update": math.nan}
+    tn = reference_tensor_norms(g, gp, d, sizes) if sizes is not None else nan2
     out = {
         "loss_change": _none(dl),
         "convexity_gap_fwd": _none(gap_fwd),
         "convexity_gap_bwd": _none(gap_bwd),
         "trapezoid_residual": _none(dl - 0.5 * _dot(g_sum, seg)),  # δ − ½⟨g + g⁺, sΔ⟩
         "smoothness_local": _ratio(_norm(_sub(gp, g)), _norm(seg)),
+        # Σ_i ‖g⁺_i − g_i‖ / Σ_i ‖sΔ_i‖ (‖sΔ_i‖ = |s|·‖Δ_i‖)
+        "smoothness_authors": _ratio(tn["tensor_norm_grad_diff"], abs(s) * tn["tensor_norm_update"]),
         "smoothness_descent": _ratio(2.0 * (dl - _dot(g, seg)), sq_seg),
         "smoothness_descent_band": _ratio(2.0 * floor, sq_seg),  # ± floor on δ − ⟨g, sΔ⟩
         "curvature_secant": _ratio(_dot(_sub(gp, g), seg), sq_seg),

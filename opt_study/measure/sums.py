@@ -48,6 +48,7 @@ from opt_study.measure import fused_sums as _fused
 from opt_study.measure.names import LOSS_NAMES as LOSS_NAMES
 from opt_study.measure.names import SUM_DIFFS as _DIFFS
 from opt_study.measure.names import SUM_NAMES as SUM_NAMES
+from opt_study.measure.names import TENSOR_SUMS as TENSOR_SUMS
 from opt_study.measure.names import VECTOR_NAMES as VECTOR_NAMES
 from opt_study.measure.sum_layout import CHUNK as CHUNK
 from opt_study.measure.sum_layout import check_flat as check_flat
@@ -216,6 +217,17 @@ def group_runs(sizes: Sequence[int], group_of: Sequence[int]) -> list[tuple[int,
                 runs.append([grp, pos, pos + n])
         pos += n
     return [tuple(r) for r in runs]
+
+
+def tensor_sums(vectors: Mapping[str, Tensor | None], sizes: Sequence[int], chunk: int = CHUNK) -> Tensor:
+    """Per parameter TENSOR (not group): float64 [len(TENSOR_SUMS), P] of this rank's partial
+    TENSOR_SUMS, P = len(sizes) fragments laid back to back in the flat ``vectors`` (a rank
+    holding none of tensor i contributes 0). The same ``flat_sums`` (fused kernel or torch) with
+    one run per tensor; a second pass over g, g⁺ and Δ on measured steps (docs/METRICS.md
+    §Raw sums)."""
+    runs = group_runs(sizes, range(len(sizes)))
+    out = flat_sums(vectors, runs, len(sizes), chunk, only=TENSOR_SUMS)
+    return out[[SUM_NAMES.index(n) for n in TENSOR_SUMS]]
 
 
 def _blocks(members: Sequence[Fragment], present: tuple[str, ...], chunk: int) -> Iterator[dict[str, Tensor]]:

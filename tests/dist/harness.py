@@ -120,12 +120,18 @@ class RecordingMeasurer(StepMeasurer):
         self.view.__class__ = RecordingView
         self.view.stage, self.view.precision = info.zero_stage, info.precision
         self.log: list[dict] = []
+        # each parameter tensor's full numel, in full_params' order (ZeRO-3 keeps it in ds_numel)
+        self.sizes = [int(getattr(p, "ds_numel", p.numel())) for _, p in self.view.named]
         self.reference_losses = RecordingMeasurer.reference_fn  # fp32 losses of a plain model
         RecordingMeasurer.last = self
 
     def begin(self, step):
         super().begin(step)
-        self.rec = {"step": step, "x": getattr(self.view, "full_x", None) if self.x_t is not None else None}
+        self.rec = {
+            "step": step,
+            "sizes": self.sizes,
+            "x": getattr(self.view, "full_x", None) if self.x_t is not None else None,
+        }
 
     def at_boundary(self):
         super().at_boundary()
@@ -334,6 +340,11 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         if name not in ref or (norms[a] is None or norms[b] is None):
             continue
         put(name, rel(row[name], ref[name], float(norms[a] * norms[b])))
+    # Σ_i ‖g⁺_i − g_i‖ and Σ_i ‖Δ_i‖ over the full tensors (the authors' smoothness; per-tensor
+    # partial sums of every rank's fragments, reduced in the step's one all-reduce)
+    tref = reference.reference_tensor_norms(g, r["g_plus"], delta, r["sizes"])
+    for name in names.TENSOR_NAMES:
+        put(name, rel(row[name], tref[name], abs(tref[name])))
     mref = reference.reference_metrics(
         x=x,
         g=g,
@@ -348,6 +359,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         loss_precision=row["loss_precision"],
         loss_scale=row.get("loss_scale"),
         loss_probe_scale=row.get("loss_probe_scale"),
+        sizes=r["sizes"],
     )
     for k in ("cls_convexity_fwd", "cls_convexity_bwd", "flag"):
         put(f"{k}_mismatch", float(row.get(k) != mref.get(k)))
@@ -360,6 +372,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         "convexity_gap_bwd": ell + gd,
         "trapezoid_residual": ell + gd,
         "smoothness_local": abs(mref["smoothness_local"] or 1),
+        "smoothness_authors": abs(mref["smoothness_authors"] or 1),
         "smoothness_descent": 2 * gd / dd if dd else 1,
         "curvature_secant": 2 * gd / dd if dd else 1,
         "step_alpha": 1.0,

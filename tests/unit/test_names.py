@@ -20,7 +20,7 @@ from opt_study.config import MeasureConfig
 from opt_study.measure import fused_sums, metrics, names, sums
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.hook import StepMeasurer
-from opt_study.measure.reference import reference_metrics, reference_sums
+from opt_study.measure.reference import reference_metrics, reference_sums, reference_tensor_norms
 from opt_study.results import schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,9 +88,19 @@ def test_loss_names_are_what_pack_carries():
 def test_every_derived_name_has_a_formula_a_reference_and_a_value():
     v = _random(seed=1)
     ref_sums = reference_sums(v["x"], v["g"], v["delta"], v["g_plus"], v["x0"], v["delta_prev"], v["g_prev"])
+    ref_sums.update(reference_tensor_norms(v["g"], v["g_plus"], v["delta"], [20, 30]))  # two tensors
     got = metrics.derive(ref_sums, 1.0, 1.5, 0.7)
     ref = reference_metrics(
-        v["x"], v["g"], v["delta"], v["g_plus"], 1.0, 1.5, 0.7, delta_prev=v["delta_prev"], g_prev=v["g_prev"]
+        v["x"],
+        v["g"],
+        v["delta"],
+        v["g_plus"],
+        1.0,
+        1.5,
+        0.7,
+        delta_prev=v["delta_prev"],
+        g_prev=v["g_prev"],
+        sizes=[20, 30],
     )
     assert tuple(got) == names.OUTPUT_NAMES
     assert set(ref) == set(names.OUTPUT_NAMES)

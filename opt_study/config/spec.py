@@ -299,7 +299,7 @@ class SearchConfig:
     samples: int = 1  # draws per optimizer (times its grid); per study under algoperf_external
     seed: int = 0  # seeds the draws (random, quasirandom, TPE), so a plan is reproducible
     asha: AshaConfig | None = None  # per-optimizer ASHA early stopping (search.asha below); null: off
-    max_concurrent_trials: int | None = None  # default: derived from the cluster's resources
+    max_concurrent_trials: int | None = None  # cap on trials at once; null: autoscaler max, else all ready
     method: str | None = None  # random | quasirandom | tpe; null: the protocol's own
     protocol: str = "none"  # none | crowded_valley | algoperf_external | steps_to_target
     budgets: BudgetsConfig = BudgetsConfig()  # crowded_valley only

@@ -310,6 +310,11 @@ def quiet(verbose: bool = False):
     if verbose:
         yield
         return
+    # for the rest of the process, not restored: Ray prints a trial's error again, as an
+    # "Unhandled error" with its traceback, when it frees the trial's abandoned result at exit
+    # (after a study-stopping error such as a full disk). The error is already reported: by Tune,
+    # in the trial's record and in trials/<id>.error.txt.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)

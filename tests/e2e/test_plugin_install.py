@@ -43,9 +43,15 @@ def test_entry_points_of_a_pip_installed_package(tmp_path):
         "byo_example.metrics:edge_of_stability (package byo-example 0.1.0)",
     ]
     assert [t["trial_id"] for t in doc["trials"]] == ["signum-000-s0", "signum-001-s0"]
-    # without the install, the same names are unknown: one line naming the file and the field
+    # without the install, the same names are unknown: validate reports every one of them,
+    # one line each naming the file and the field
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
-    (line,) = proc.stderr.splitlines()
-    assert line.startswith(f"error: {study}: workload.type: unknown workload 'teacher_student'")
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert lines[0].startswith(f"error: {study}: workload.type: unknown workload 'teacher_student'")
+    assert lines[1].startswith(f"error: {study}: optimizers[0].name: unknown optimizer 'signum'")
+    assert lines[2] == (
+        f"error: {study}: measure.extra[0]: no entry point 'edge_of_stability' in group opt_study.metrics"
+    )

@@ -267,6 +267,8 @@ class StudyRecorder(Callback):
         self.record(plan, status, summary=summary, started=started, ended=ended, error=error, nodes=nodes)
         if status in DONE_STATUSES:  # recorded finished: its checkpoints are no longer needed
             checkpoint.remove(self.spec.study_dir, plan.trial_id)
+            # and an earlier failure's tracebacks, which the record no longer names
+            layout.remove_tree(layout.trial_error_path(self.spec.study_dir, plan.trial_id))
         self._log_trial(plan, status, summary, rows, ended)
         self.n_done += 1
         self._finished.append(

@@ -12,6 +12,7 @@ from opt_study.plan import TrialPlan
 from opt_study.results.parquet import StepWriter
 from opt_study.results.sink import NullSink
 from opt_study.results.trials import read_trial_records
+from opt_study.storage import layout
 from opt_study.study.recorder import StudyRecorder
 
 
@@ -55,3 +56,20 @@ def test_a_failed_job_stops_the_loop_and_join(spec_factory, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         rec.join()
     rec.join()  # reported once each
+
+
+def test_a_rerun_that_finishes_removes_the_failed_attempts_traceback(spec_factory):
+    spec = spec_factory(study={"name": "rerun"})
+    plan = TrialPlan("sgd-000-s0", "sgd", "sgd", {"lr": 0.01}, seed=0, index=0)
+    kept = layout.trial_error_path(spec.study_dir, plan.trial_id)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text("Failure # 1\nRuntimeError: exploded\n")  # what the failed first run left
+    rec = StudyRecorder(spec, [plan], {}, NullSink(), None, out=io.StringIO())
+    rec.on_trial_start(0, [], _trial(plan))
+    with StepWriter(spec.study_dir, plan.trial_id, 1, 0) as w:
+        w.append({"step": 0, "loss": 1.0, "eval_loss": 1.0})
+    rec.on_trial_complete(0, [], _trial(plan))
+    rec.join()
+    (record,) = read_trial_records(spec.study_dir)
+    assert record["status"] == "completed" and record.get("error") is None
+    assert not kept.exists()

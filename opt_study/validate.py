@@ -196,6 +196,24 @@ def check_runnable(spec: Spec) -> None:
     _check_workload_data(spec)
 
 
+def storage_warnings(spec: Spec) -> list[str]:
+    """What may work but should not be done, printed by `validate` and `run` (nothing is refused):
+    an MLflow SQLite store on a network file system, whose locking SQLite cannot rely on when
+    several processes write (the recorder, `sync-mlflow`, the UI)."""
+    uri = spec.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        return []
+    fs = roots.shared_filesystem(Path(uri[len("sqlite:///") :]))
+    if fs is None:
+        return []
+    field = "study.mlflow_uri" if spec.study.mlflow_uri else "study.storage"
+    return [
+        f"warning: {spec.source}: {field}: the MLflow SQLite store {uri[len('sqlite:///') :]} is on a {fs} file "
+        "system, where SQLite's locking is unreliable; on a cluster run an MLflow server on PostgreSQL "
+        "(cluster/README.md) and set study.mlflow_uri to it"
+    ]
+
+
 def _check_storage(spec: Spec) -> None:
     """A local storage root must be (or be creatable as) a writable directory; an object-store
     root's working copy is in the cache folder, which the first write creates."""

@@ -20,11 +20,13 @@ def _load(file: str) -> Spec:
     """The validated spec of a study YAML that is to run: its storage and data too, and its
     trial ids (a layer above validate: the ids come from the planners)."""
     from opt_study.plan.planners import check_trial_ids
-    from opt_study.validate import check_runnable
+    from opt_study.validate import check_runnable, storage_warnings
 
     spec = load_study(file)
     check_runnable(spec)
     check_trial_ids(spec)
+    for line in storage_warnings(spec):
+        print(line, file=sys.stderr)
     return spec
 
 

@@ -32,6 +32,29 @@ PSEUDO_FS = {
     "autofs",
     "efivarfs",
 }
+# Network and cluster file systems, where SQLite's locking is unreliable (https://www.sqlite.org/faq.html#q5,
+# "SQLite uses reader/writer locks ... file locking of many NFS implementations is buggy"). AWS EFS,
+# GCP Filestore and Azure Files mount as nfs4 or cifs.
+SHARED_FS = {
+    "nfs",
+    "nfs4",
+    "lustre",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "ceph",
+    "fuse.ceph",
+    "glusterfs",
+    "fuse.glusterfs",
+    "gpfs",
+    "beegfs",
+    "fuse.sshfs",
+    "fuse.juicefs",
+    "fuse.s3fs",
+    "fuse.gcsfuse",
+    "9p",
+    "virtiofs",
+}
 MOUNTS = Path("/proc/self/mounts")
 # The longest name the study adds below the root (study <= 128, then `trial_id=<id>` and temp names).
 DEEPEST_BELOW_ROOT = 400
@@ -98,3 +121,13 @@ def filesystem_type(path: Path) -> str | None:
         if inside and len(point) >= len(best):
             best, fs = point, fields[2]
     return fs
+
+
+def shared_filesystem(path: Path) -> str | None:
+    """The type of the network/cluster file system (SHARED_FS) holding ``path`` or its nearest
+    existing ancestor, or None for a local one (or where that is unknown)."""
+    existing = Path(os.path.abspath(path))
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    fs = filesystem_type(existing)
+    return fs if fs in SHARED_FS else None

@@ -399,6 +399,14 @@ class MeasureConfig:
     # user metrics, by import path (mypkg.metrics:fn) or entry-point name (group opt_study.metrics):
     # each is evaluated on measured steps and stored in the `extra` map column (opt_study.measure.extra)
     extra: tuple[str, ...] = ()
+    # online curvature cadence k: every k-th step (a measured step) also measures the sharpness
+    # λ_max (Lanczos) and the critical sharpness λc on the step's batch; 0 or null = off
+    # (docs/METRICS.md §Online curvature)
+    curvature_every: int | None = 0
+    # Lanczos steps per sharpness measurement (2 gradient evaluations each); 0 = no λ_max
+    lanczos_steps: int = 20
+    # forward passes of the critical-sharpness line search (at least 3); 0 = no λc
+    critical_forwards: int = 10
 
     PROBE_S = ("1", "uniform", "exponential")
 
@@ -413,10 +421,27 @@ class MeasureConfig:
             raise FieldError("snapshot_every", "must be an integer in [0, 1e9] (0 saves no snapshots)")
         if len(set(self.extra)) != len(self.extra):
             raise FieldError("extra", "names a metric twice")
+        self._check_curvature()
         if self.probe_s not in self.PROBE_S:
             raise FieldError(
                 "probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} (the probe point x_t + s*Δ_t)"
             )
+
+    def _check_curvature(self) -> None:
+        k = 0 if self.curvature_every is None else self.curvature_every
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 10**9:
+            raise FieldError("curvature_every", "must be an integer in [0, 1e9] or null (0/null: no curvature)")
+        object.__setattr__(self, "curvature_every", k)  # null means off: one value for off
+        for name, lo, hi in (("lanczos_steps", 0, 1000), ("critical_forwards", 0, 100)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise FieldError(name, f"must be an integer in [{lo}, {hi}]")
+        if self.lanczos_steps == 1:
+            raise FieldError("lanczos_steps", "must be 0 (off) or at least 2")
+        if 0 < self.critical_forwards < 3:
+            raise FieldError("critical_forwards", "must be 0 (off) or at least 3 (φ(0), a bracket, a refinement)")
+        if k and not (self.lanczos_steps or self.critical_forwards):
+            raise FieldError("curvature_every", "needs lanczos_steps or critical_forwards above 0")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ been applied, so "every k" means (t + 1) % k == 0 (``due``).
 - evaluated: every eval_every-th step and the last one (the loop also evaluates when a trial
   stops or diverges early: a runtime event, not a cadence).
 - measured: every measure.every-th step (0: never), and every evaluated step, since a scheduler
-  may stop the trial at an evaluation (levanter-style declared hook).
+  may stop the trial at an evaluation (levanter-style declared hook); and every curvature step.
+- curvature: every measure.curvature_every-th step (0: never): the step hook also measures the
+  sharpness and the critical sharpness (opt_study.measure.sharpness). A curvature step is a
+  measured step, so its row carries the probe and every raw sum too.
 - logged: step % log_every == 0, every evaluated step, and every measured step: a measured row is
   never dropped, whatever log_every says.
 - checkpointed: every checkpoint_every-th step (null in the spec: eval_every; 0: never).
@@ -38,12 +41,13 @@ class Cadence:
     measure_every: int = 0  # measure.every; 0 = never measured
     log_every: int = 1  # training.log_every
     checkpoint_every: int = 0  # training.checkpoint_every resolved (null -> eval_every); 0 = never
+    curvature_every: int = 0  # measure.curvature_every; 0 = no online curvature
 
     def __post_init__(self):
         if self.steps < 1 or self.eval_every < 1 or self.log_every < 1:
             raise ValueError(f"steps, eval_every and log_every must be >= 1: {self}")
-        if min(self.measure_every, self.checkpoint_every) < 0:
-            raise ValueError(f"measure_every and checkpoint_every must be >= 0: {self}")
+        if min(self.measure_every, self.checkpoint_every, self.curvature_every) < 0:
+            raise ValueError(f"measure_every, checkpoint_every and curvature_every must be >= 0: {self}")
 
     @classmethod
     def from_spec(cls, spec) -> Cadence:
@@ -55,6 +59,7 @@ class Cadence:
             measure_every=m.every,
             log_every=t.log_every,
             checkpoint_every=t.eval_every if t.checkpoint_every is None else t.checkpoint_every,
+            curvature_every=m.curvature_every or 0,
         )
 
     def last(self, step: int) -> bool:
@@ -66,7 +71,18 @@ class Cadence:
 
     def measured(self, step: int) -> bool:
         """The step hook measures this step (probe and every raw sum)."""
-        return self.measure_every > 0 and (due(step, self.measure_every) or self.evaluated(step))
+        return (self.measure_every > 0 and (due(step, self.measure_every) or self.evaluated(step))) or self.curvature(
+            step
+        )
+
+    def curvature(self, step: int) -> bool:
+        """The step hook also measures the sharpness and the critical sharpness (a measured step)."""
+        return due(step, self.curvature_every)
+
+    @property
+    def measures(self) -> bool:
+        """Whether any step of the trial is measured (the hook then keeps x_0)."""
+        return self.measure_every > 0 or self.curvature_every > 0
 
     def logged(self, step: int) -> bool:
         """This step's row is written (the loop also writes when a trial ends early)."""

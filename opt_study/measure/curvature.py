@@ -56,29 +56,40 @@ def global_norm(v: Vec, reduce: Reduce) -> float:
     return math.sqrt(float(s))
 
 
-def lanczos(hvp: Callable[[Vec], Vec], v0: Vec, steps: int, reduce: Reduce) -> tuple[np.ndarray, int]:
+def lanczos(
+    hvp: Callable[[Vec], Vec], v0: Vec, steps: int, reduce: Reduce, window: int | None = None
+) -> tuple[np.ndarray, int]:
     """Ritz values of H (descending) after up to ``steps`` Lanczos steps from start vector v0,
     and the number of steps taken (fewer if the Krylov space became invariant).
 
     Two all-reduces per step (one per Gram-Schmidt pass; the second also carries ‖w‖²),
-    besides those of ``hvp``. Memory: the k basis vectors (k × the local part, float64).
-    v0 is any non-zero start vector (its local part).
+    besides those of ``hvp``. v0 is any non-zero start vector (its local part).
+
+    ``window=None`` keeps every basis vector and re-orthogonalises against all of them (memory:
+    k × the local part, float64). ``window=w`` keeps only the last w: with w = 2 this is the
+    classical three-term Lanczos with local re-orthogonalisation, memory a constant 2 vectors.
+    In finite precision the basis then loses orthogonality once a Ritz value converges and
+    copies ("ghosts") of converged eigenvalues appear, but the extreme Ritz values stay accurate
+    (Paige's analysis; Meurant & Strakoš 2006, https://doi.org/10.1017/S096249290626001X), so
+    λ_max is what the window keeps; the rest of ``hessian_top`` would repeat it.
     """
-    basis = torch.empty(steps, v0.numel(), dtype=torch.float64, device=v0.device)
+    keep = steps if window is None else max(2, min(window, steps))
+    basis = torch.empty(keep, v0.numel(), dtype=torch.float64, device=v0.device)
     basis[0] = v0 / global_norm(v0, reduce)
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(steps):
-        w = hvp(basis[j])
-        stack = basis[: j + 1]
+        w = hvp(basis[j % keep])
+        rows = [i % keep for i in range(max(0, j + 1 - keep), j + 1)]  # oldest first, newest last
         alpha = 0.0
         for rep in range(2):
-            c = stack @ w
+            c = torch.stack([torch.dot(basis[i], w) for i in rows])
             if rep == 1:
                 c = torch.cat([c, torch.dot(w, w).reshape(1)])  # ‖w‖² before the 2nd pass
             reduce(c)
-            coef = c[: j + 1]
-            w = w - coef @ stack
+            coef = c[: len(rows)]
+            for i, a in zip(rows, coef):
+                w = w - a * basis[i]
             alpha += float(coef[-1])
         alphas.append(alpha)
         # ‖w‖² after the second pass = before − Σc² (the pass removes an orthogonal component)
@@ -86,9 +97,83 @@ def lanczos(hvp: Callable[[Vec], Vec], v0: Vec, steps: int, reduce: Reduce) -> t
         if j == steps - 1 or beta <= 1e-12 * max(abs(a) for a in alphas):
             break
         betas.append(beta)
-        basis[j + 1] = w / beta
+        basis[(j + 1) % keep] = w / beta
     t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
     return np.linalg.eigvalsh(t)[::-1].copy(), len(alphas)
+
+
+GROW = 4.0  # bracket growth while the loss still decreases: τ up to 4^8 within 10 forwards
+
+
+def critical_step(phi: Callable[[float], float], max_evals: int, start: float = 1.0) -> tuple[float | None, int]:
+    """The critical step τc along a direction: the step at which the loss φ(τ) stops being below
+    φ(0), found with at most ``max_evals`` evaluations of φ (φ(0) included). Returns (τc or None,
+    evaluations used).
+
+    Critical sharpness (Kalra et al. 2026, https://arxiv.org/abs/2601.16979): λc = 2/ηc, ηc the
+    step along the update direction at which the loss stops decreasing. With h(τ) = φ(τ) − φ(0):
+
+    1. bracket from ``start`` (τ = 1: the real update): multiply τ by GROW while h(τ) < 0, or
+       halve it while h(τ) ≥ 0, until lo < hi with h(lo) < 0 ≤ h(hi) (a non-finite φ counts as ≥);
+    2. refine the bracket by false position with the Illinois modification (Dowell & Jarratt
+       1971, https://doi.org/10.1007/BF01934364), which converges superlinearly;
+    3. τc = the root of the secant through the final bracket (exact when h is linear there).
+
+    None when no bracket is found within the budget: the loss still decreased at the largest
+    step tried (τc beyond it), or it increased at the smallest (the direction does not descend
+    on this batch). On φ(τ) = ½(x + τΔ)ᵀA(x + τΔ), h(τ) = τ⟨Ax, Δ⟩ + ½τ²ΔᵀAΔ, and the only
+    positive root is τc = −2⟨Ax, Δ⟩ / ΔᵀAΔ (docs/METRICS.md §Online curvature).
+    """
+    f0 = phi(0.0)
+    n = 1
+
+    def h(tau: float) -> float:
+        nonlocal n
+        n += 1
+        v = phi(tau) - f0
+        return v if math.isfinite(v) else math.inf
+
+    lo = hi = None  # (τ, h(τ)) with h < 0, and with h ≥ 0
+    tau = start
+    while n < max_evals and (lo is None or hi is None):
+        v = h(tau)
+        if v < 0:
+            lo = (tau, v)
+            tau = tau * GROW
+        else:
+            hi = (tau, v)
+            tau = tau / 2.0
+    if lo is None or hi is None:
+        return None, n
+    tau_c, _ = _illinois(h, lo, hi, max_evals - n)
+    return tau_c, n  # h counted every evaluation
+
+
+def _illinois(h, lo: tuple[float, float], hi: tuple[float, float], budget: int) -> tuple[float, int]:
+    """(the root in (lo, hi) of h, evaluations used), h(lo) < 0 ≤ h(hi), by Illinois false
+    position with at most ``budget`` evaluations. An infinite h(hi) falls back to bisection."""
+    side, used = 0, 0
+    while True:
+        (a, fa), (b, fb) = lo, hi
+        if math.isinf(fb):
+            c = 0.5 * (a + b)
+        else:
+            c = b - fb * (b - a) / (fb - fa)
+            c = min(max(c, a), b)
+        if used >= budget or b - a <= 1e-9 * b:
+            return c, used
+        used += 1
+        fc = h(c)
+        if fc < 0:
+            lo = (c, fc)
+            if side == -1 and not math.isinf(hi[1]):
+                hi = (hi[0], hi[1] / 2)  # Illinois: halve the stale end's value
+            side = -1
+        else:
+            hi = (c, fc)
+            if side == 1:
+                lo = (lo[0], lo[1] / 2)
+            side = 1
 
 
 def hutchinson(hvp: Callable[[Vec], Vec], probes: list[Vec], reduce: Reduce) -> tuple[float, float]:

@@ -24,7 +24,7 @@ import random
 import torch
 
 from opt_study import distributed
-from opt_study.measure import fp32eval, lossscale, metrics
+from opt_study.measure import fp32eval, lossscale, metrics, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.names import (
@@ -112,7 +112,7 @@ class StepMeasurer:
         # Under bf16/fp16 the losses entering differences are re-evaluated in fp32 on measured
         # steps (opt_study.measure.fp32eval); `loss` and `loss_probe` then say "fp32".
         self.refit_fp32 = precision in ("bf16", "fp16")
-        self.x0 = self.view.clone_params() if cadence.measure_every > 0 else None
+        self.x0 = self.view.clone_params() if cadence.measures else None
         self.prev_delta = self.prev_g = self.prev_sq = None
         self.collecting = False
         self.small_sq = self._zero()
@@ -183,7 +183,7 @@ class StepMeasurer:
         if self.x_t is not None:
             self.g_t = self.view.clone_grads()
 
-    def end(self, step: int, loss_local, loss_fn, stop_vote: bool = False, model_loss_fn=None) -> dict:
+    def end(self, step: int, loss_local, loss_fn, stop_vote: bool = False, model_loss_fn=None, lr=None) -> dict:
         """Called after engine.step(); returns this step's row fields (same on every rank).
 
         ``loss_local`` is this rank's mean training loss over its micro-batches (a tensor, best
@@ -191,6 +191,8 @@ class StepMeasurer:
         `loss_fn(batch)` is the loss through the engine (the probe's forward + backward);
         `model_loss_fn(model, batch)` the workload's loss of any module (the fp32 re-evaluation
         under bf16/fp16 needs it; without it the losses stay in the training precision).
+        `lr` is the step's learning rate η_t (base lr × schedule factor): the critical sharpness
+        of a curvature step normalises the update direction by it (d_t = −Δ_t/η_t).
         `stop_vote` (rank 0's view of the study's stop request) is summed in the same all-reduce;
         afterwards `self.stop_requested` is the same on every rank. `loss_precision` in the row
         says in which precision `loss` (and `loss_probe`) were evaluated.
@@ -200,7 +202,9 @@ class StepMeasurer:
         if self.x_t is None:  # norms off and not measured: the loss alone, still one all-reduce
             return self._loss_only_row(losses)
         delta = self._update()
-        s, g_plus, loss_precision = math.nan, None, self.precision
+        s, g_plus, loss_precision, curv = math.nan, None, self.precision, {}
+        if self.cadence.curvature(step):  # before the probe: its g⁺ is the last gradient read
+            curv = self._curvature(step, delta, lr, loss_fn)
         if self.measured:
             s = self._draw_s(step)
             g_plus, loss_precision = self._probe(s, delta, losses, loss_fn, model_loss_fn)
@@ -213,6 +217,7 @@ class StepMeasurer:
         row = self._norm_row(totals, scalars, loss_precision)
         if self.measured:
             row.update(self._measured_fields(per_group, {**totals, **tensor_norms}, scalars, s, loss_precision))
+            row.update(curv)
         return row
 
     # ------------------------------------------------------------------- the pieces of end()
@@ -382,6 +387,20 @@ class StepMeasurer:
                 self.view.write_params(x_next)
         losses[_LOSS["loss_probe"]] = loss_probe / world
         return g_plus, precision
+
+    def _curvature(self, step: int, delta: FlatShard, lr, loss_fn) -> dict:
+        """The online curvature columns (opt_study.measure.sharpness) at x_t on step t's batch."""
+        return sharpness.measure(
+            self.engine,
+            self.view,
+            self.info.zero_stage,
+            (self.batches, self.rng_states, loss_fn),
+            self.x_t,
+            delta,
+            lr,
+            self.cfg,
+            (self.seed, step, self.info.rank),
+        )
 
     def _stop_capture(self) -> torch.Tensor | None:
         """Ends the training forwards' capture; M of ℓ_t (this rank's mean over micro-batches)."""

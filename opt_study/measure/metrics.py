@@ -235,4 +235,27 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, float]:
             num, den = num + n_i, den + d_i
     out["smoothness_ratio"] = _div(num, den)
     out.update(authors.summary(rows))  # the authors' own aggregates (measure/authors.py)
+    out.update(curvature_summary(rows))
     return out
+
+
+def curvature_summary(rows: Sequence[Mapping]) -> dict[str, float]:
+    """The online curvature's per-trial statistics over the rows with a finite value, in step
+    order, flagged rows included (a zero update still has a Hessian): the median over the last
+    quarter of them (the late phase, where Cohen et al. 2021, https://arxiv.org/abs/2103.00065,
+    find λ_max hovering at 2/η) and the max. NaN without values."""
+    ordered = sorted(rows, key=lambda r: r.get("step", 0))
+    out = {}
+    for col in ("sharpness", "critical_sharpness"):
+        vals = [x for x in (_f(r.get(col)) for r in ordered) if math.isfinite(x)]
+        out[f"{col}_late_median"] = late_median(vals)
+        if col == "sharpness":
+            out["sharpness_max"] = max(vals) if vals else math.nan
+    return out
+
+
+def late_median(values: Sequence[float]) -> float:
+    """The median of the last quarter (at least one) of ``values``; NaN when empty."""
+    if not values:
+        return math.nan
+    return statistics.median(values[len(values) - max(1, len(values) // 4) :])

@@ -87,6 +87,11 @@ TENSOR_NORM_OF: dict[str, str] = {"tensor_norm_grad_diff": "sq_grad_diff", "tens
 TENSOR_NAMES: tuple[str, ...] = tuple(TENSOR_NORM_OF)
 TENSOR_SUMS: tuple[str, ...] = tuple(TENSOR_NORM_OF.values())
 
+# Online curvature (measure.curvature_every; measure/sharpness.py, docs/METRICS.md §Online
+# curvature), on curvature steps only: λ_max of the Hessian on the step's batch (Lanczos), the
+# critical sharpness λc = 2/ηc along the update direction, and the wall time of both.
+CURVATURE_NAMES: tuple[str, ...] = ("sharpness", "critical_sharpness", "curvature_time_s")
+
 # The raw columns of a measured row (schema order): the probe's scalars, the totals over groups
 # of every sum, the noise scale's raw term, the losses' rounding magnitudes, the per-tensor norms.
 RAW_NAMES: tuple[str, ...] = PROBE_NAMES + SUM_NAMES + (NOISE_RAW,) + LOSS_SCALE_NAMES + TENSOR_NAMES
@@ -155,4 +160,9 @@ SUMMARY_NAMES: tuple[str, ...] = (
     "smoothness_local_max",
     "smoothness_ratio",
     *(f"authors_{k}" for k in AUTHORS_NAMES),
+    # over the rows with a value (metrics.summarize): the median over the last quarter of them
+    # (the late phase of the edge-of-stability readings) and the max
+    "sharpness_late_median",
+    "sharpness_max",
+    "critical_sharpness_late_median",
 )

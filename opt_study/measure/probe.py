@@ -59,3 +59,22 @@ def run_probe(engine, view, batches, rng_states, loss_fn, zero_stage: int):
             b.copy_(saved)
     set_rng_state(after)
     return total / n, g_plus
+
+
+def run_forward(engine, batches, rng_states, loss_fn):
+    """This rank's mean loss over step t's micro-batches at the weights the engine holds now, by
+    forwards only (no backward, no gradient state touched), as a float64 0-dim tensor on the
+    loss's device. Same masks and the same restores as ``run_probe``: each micro-batch's forward
+    replays its RNG state; module buffers and the RNG state are put back afterwards."""
+    after = rng_state()
+    buffers = [(b, b.detach().clone()) for b in engine.module.buffers()]
+    total = None
+    with torch.no_grad():
+        for batch, st in zip(batches, rng_states):
+            set_rng_state(st)
+            term = loss_fn(batch).detach().double().reshape(())
+            total = term if total is None else total + term
+        for b, saved in buffers:
+            b.copy_(saved)
+    set_rng_state(after)
+    return total / len(batches)

@@ -65,6 +65,8 @@ MEASURE_CURVES = (
     "smoothness_descent",
     "cos_update_prev",
     "noise_floor",
+    "sharpness",  # curvature steps only (measure.curvature_every)
+    "critical_sharpness",
 )
 BEST_METRICS = {"summary/best_eval_loss": "eval_loss", "summary/best_loss": "loss"}
 

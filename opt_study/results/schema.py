@@ -29,9 +29,14 @@ Columns (definitions of every column in docs/METRICS.md):
 - ``cls_convexity_fwd``, ``cls_convexity_bwd`` string: ``holds`` / ``violated`` /
   ``indeterminate`` (within the noise floor).
 
+- online curvature (curvature steps, ``measure.curvature_every``): ``sharpness`` (λ_max of the
+  Hessian on the step's batch), ``critical_sharpness`` (λc = 2/ηc along the update direction),
+  ``curvature_time_s`` (float64).
+
 - ``extra`` map<string, float64>: the study's user metrics (``measure.extra``) on measured steps.
 
-Version history: 1 = the columns above (``loss_precision`` and ``extra`` added within version 1:
+Version history: 1 = the columns above (``loss_precision``, ``extra`` and the curvature columns
+added within version 1:
 new nullable columns, null in files written before them). A reader of a newer version may see more columns;
 removing or retyping a column requires a new version.
 """
@@ -74,8 +79,11 @@ DERIVED_COLUMNS: tuple[str, ...] = names.ROW_DERIVED_NAMES
 # cell per row, so a study's own metrics need no schema change; DuckDB reads extra['name'].
 EXTRA_TYPE = pa.map_(pa.string(), pa.float64())
 
-# Every float64 metric column, in schema order: training, raw sums, derived.
-METRIC_COLUMNS: tuple[str, ...] = TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS
+# Online curvature (curvature steps only): sharpness, critical_sharpness, curvature_time_s.
+CURVATURE_COLUMNS: tuple[str, ...] = names.CURVATURE_NAMES
+
+# Every float64 metric column, in schema order: training, raw sums, derived, curvature.
+METRIC_COLUMNS: tuple[str, ...] = TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS + CURVATURE_COLUMNS
 
 CLASS_COLUMNS: tuple[str, ...] = names.CLASS_NAMES
 CLASS_VALUES: frozenset[str] = frozenset(names.CLASSES)

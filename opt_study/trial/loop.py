@@ -155,7 +155,12 @@ def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
         loss_sum += loss.detach().double()
         units += c.workload.units_per_batch(batch)
     fields = c.measurer.end(
-        step, loss_sum / A, lambda mb: c.workload.loss(c.eng, mb), stop_vote=stop_vote, model_loss_fn=c.workload.loss
+        step,
+        loss_sum / A,
+        lambda mb: c.workload.loss(c.eng, mb),
+        stop_vote=stop_vote,
+        model_loss_fn=c.workload.loss,
+        lr=lr,
     )
     dt = time.perf_counter() - t0
     # host sync: _engine_norm reads DeepSpeed's norm as a Python float (after end()'s own sync)

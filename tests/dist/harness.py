@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from opt_study import distributed
-from opt_study.measure import names, reference
+from opt_study.measure import curvature, names, reference
 from opt_study.measure.hook import StepMeasurer
 from opt_study.measure.shards import ShardView
 from opt_study.plan import TrialPlan
@@ -139,6 +139,7 @@ class RecordingMeasurer(StepMeasurer):
 
     def end(self, step, loss_local, loss_fn, **kw):
         self.view.full_g = None
+        self.rec["lr"] = kw.get("lr")
         stage, precision = self.view.stage, self.view.precision
         before = engine_snapshot(self.engine, stage, precision) if self.measured else None
         batches, rng_states = self.batches, self.rng_states
@@ -207,6 +208,8 @@ def spec_for(case: dict, storage: str):
                 "norms": True,
                 "noise_scale": True,
                 "probe_s": case.get("probe_s", "1"),
+                "curvature_every": case.get("curvature_every", 0),
+                "lanczos_steps": case.get("lanczos_steps", 20),
             },
         }
     )
@@ -286,7 +289,59 @@ def check_case(case: dict, log: list[dict], spec) -> dict:
     x0 = log[0]["x"]
     for t, r in enumerate(log):
         check_step(case, spec, t, r, log[t - 1] if t > 0 else None, x0, put)
+        if r["row"].get("sharpness") is not None and case["workload"] in DROPOUT_FREE and distributed.rank() == 0:
+            check_curvature(spec, t, r, put)
     return errs
+
+
+def check_curvature(spec, t: int, r: dict, put) -> None:
+    """The online curvature of step t against float64 on the full vectors (docs/METRICS.md
+    §Online curvature): λ_max of the dense Hessian of f(·; B_t) at x_t (every rank's micro-batches,
+    eigvalsh), and λc from the same line search on the float64 loss along x_t + τΔ_t."""
+    x, delta, row = r["x"], r["x_next"] - r["x"], r["row"]
+    f = reference_objective(spec, t, distributed.world_size())
+    lam = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, x, vectorize=True)).max())
+    put("sharpness_vs_dense", rel(row["sharpness"], lam, abs(lam)))
+    with torch.no_grad():
+        tau, _ = curvature.critical_step(lambda tau: float(f(x + tau * delta)), spec.measure.critical_forwards)
+    ref_c = 2.0 / (tau * r["lr"]) if tau else None
+    if ref_c is not None or row["critical_sharpness"] is not None:
+        put("critical_sharpness_vs_fp64", rel(row["critical_sharpness"], ref_c, abs(ref_c or 1.0)))
+
+
+def reference_objective(spec, step: int, world: int):
+    """x (full, float64) -> f(x; B_t): a float64 copy of the model, mean over all N*A
+    micro-batches of step t (dropout-free workloads only)."""
+    from torch.func import functional_call
+
+    from opt_study.workloads import make_workload
+
+    wl = make_workload(spec.workload.type, spec.workload.params, 0)
+    model = wl.build_model().double()
+    names_shapes = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+    n = world * spec.scale.grad_accum
+    batches = [
+        tuple(t.double() if t.is_floating_point() else t for t in wl.train_batch(step, i, spec.scale.micro_batch_size))
+        for i in range(n)
+    ]
+
+    class Flat(torch.nn.Module):  # the workload's loss calls model(x): a module over the flat vector
+        def __init__(self, x):
+            super().__init__()
+            self.params, o = {}, 0
+            for name, shape in names_shapes:
+                k = math.prod(shape)
+                self.params[name] = x[o : o + k].view(shape)
+                o += k
+
+        def forward(self, inp):
+            return functional_call(model, self.params, (inp,))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        m = Flat(x)
+        return sum(wl.loss(m, b) for b in batches) / n
+
+    return f
 
 
 def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) -> None:

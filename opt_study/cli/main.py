@@ -87,6 +87,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("study", help="the study folder (with spec.yaml), or the study's YAML file")
     r.add_argument("--trial", action="append", help="trial id (repeatable; default: every trial with snapshots)")
     r.add_argument("--reference", default="final", help="final (default), init, or a snapshot step")
+    r.add_argument(
+        "--objective",
+        default="eval",
+        choices=("eval", "train"),
+        help="F: the held-out evaluation set in eval mode (default), or f(·; B_e), the training batch of "
+        "each snapshot's step e in train mode with that step's dropout masks",
+    )
     results_cmd.add_hessian_args(r)
     r.set_defaults(fn=results_cmd.cmd_replay)
     r = sub.add_parser("compact", help="merge each trial's Parquet chunks into one file per attempt")
@@ -102,6 +109,22 @@ def parser() -> argparse.ArgumentParser:
         help="also retry the writes the server refused before (mlflow_queue/failed)",
     )
     r.set_defaults(fn=results_cmd.cmd_sync_mlflow)
+    r = sub.add_parser(
+        "mlflow-server",
+        help="an MLflow tracking server on PostgreSQL for a study's mlflow_uri (cluster scripts start it)",
+        description=results_cmd.MLFLOW_SERVER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("study", nargs="?", help="the study's YAML file or folder (optional)")
+    r.add_argument("--home", help="server state: database, password, logs (default <storage>/mlflow_server)")
+    r.add_argument("--artifacts", help="artifact store: a folder, s3://... or gs://... (default <storage>/mlartifacts)")
+    r.add_argument("--host", default="127.0.0.1", help="MLflow's bind address (default: loopback only)")
+    r.add_argument("--port", type=int, default=5000, help="MLflow's port without a study (default 5000)")
+    r.add_argument("--pg-port", type=int, help="the private PostgreSQL's port on 127.0.0.1 (default: a free one)")
+    r.add_argument("--workers", type=int, default=2, help="MLflow server worker processes (default 2)")
+    r.add_argument("--backend-store-uri", help="your own database (postgresql://user@host/db); no PostgreSQL starts")
+    r.add_argument("--wait", type=float, metavar="SECONDS", help="start nothing; wait until the server answers")
+    r.set_defaults(fn=results_cmd.cmd_mlflow_server)
     r = sub.add_parser("ui", help="the MLflow UI on the study's tracking store")
     r.add_argument("study")
     r.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")

@@ -80,7 +80,7 @@ def cmd_replay(a) -> int:
     failed = 0
     for t in trials:
         try:
-            path = run_replay(study_dir, t, a.reference, hessian)
+            path = run_replay(study_dir, t, a.reference, hessian, objective=a.objective)
             print(f"{t}: {path}")
         except RuntimeError as e:
             print(f"{t}: {e}", file=sys.stderr)
@@ -112,3 +112,82 @@ def cmd_sync_mlflow(a) -> int:
         err = path.with_name(path.name + ".error.txt")
         print(f"  refused  {path.name}: {err.read_text() if err.is_file() else '?'}")
     return 0 if left == 0 else 1
+
+
+MLFLOW_SERVER_HELP = """Run an MLflow tracking server on PostgreSQL until Ctrl-C or SIGTERM (cluster/README.md §2).
+
+With STUDY (its YAML file or folder), it serves the study's `mlflow_uri` when that is
+http://127.0.0.1:PORT or http://localhost:PORT: a private PostgreSQL in HOME (default
+<storage>/mlflow_server, initialised on first use) and `mlflow server` on that port, with
+artifacts under <storage>/mlartifacts. A study tracked elsewhere (another host, SQLite, a
+database URI) needs nothing started here: the command says so and exits 0.
+Without STUDY, --home is required and --port chooses the port.
+--backend-store-uri names a database of your own instead (postgresql://user@host/db, the password
+in PGPASSWORD): only `mlflow server` starts.
+--wait SECONDS starts nothing: it waits until the study's (or --port's) server answers, for
+scripts that started the server in the background (exit 1 if it does not in time).
+"""
+
+
+def cmd_mlflow_server(a) -> int:
+    from opt_study.results.mlflow_server import serve, wait_healthy
+    from opt_study.storage import objectstore, uris
+
+    port, host, home, artifacts = a.port, a.host, a.home, a.artifacts
+    if a.study:
+        spec = study_spec(a.study)
+        uri = spec.tracking_uri
+        served = _served_port(uri)
+        if served is None:
+            where = uris.redact(uri)
+            if uri.startswith("sqlite:"):
+                print(
+                    f"{spec.study.name} writes MLflow to the SQLite file {where}: nothing to serve. On a shared "
+                    "file system (NFS, EFS, Lustre) SQLite's locking is unreliable: set "
+                    "study.mlflow_uri: http://127.0.0.1:5000 and run this command beside the driver",
+                    file=sys.stderr,
+                )
+                return 0
+            if a.wait is not None and uri.startswith(("http://", "https://")):
+                return _wait_for(uri, a.wait, wait_healthy)
+            print(f"{spec.study.name} is tracked by {where}: nothing to start here")
+            return 0
+        port = served
+        if objectstore.is_uri(spec.study.storage):
+            home = home or "~/opt_study_mlflow"
+            artifacts = artifacts or spec.study.storage.split("?", 1)[0].rstrip("/") + "/mlartifacts"
+        else:
+            home = home or str(spec.storage_root / "mlflow_server")
+            artifacts = artifacts or str(spec.storage_root / "mlartifacts")
+    if a.wait is not None:
+        return _wait_for(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", a.wait, wait_healthy)
+    if home is None:
+        print("error: give a study, or --home for the server's state (database, logs)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return serve(
+        home,
+        artifacts=artifacts,
+        host=host,
+        port=port,
+        pg_port=a.pg_port,
+        workers=a.workers,
+        backend_store_uri=a.backend_store_uri,
+    )
+
+
+def _served_port(uri: str) -> int | None:
+    """The port of a loopback ``http://`` tracking URI (served on this host), else None."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost") or parts.path not in ("", "/"):
+        return None
+    return parts.port or 80
+
+
+def _wait_for(url: str, seconds: float, wait_healthy) -> int:
+    if wait_healthy(url, seconds):
+        print(f"MLflow answers at {url}")
+        return 0
+    print(f"error: no MLflow server answered at {url} within {seconds:.0f} s", file=sys.stderr)
+    return 1

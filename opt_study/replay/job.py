@@ -68,6 +68,7 @@ def run_replay(
     hessian: HessianOptions | None = None,
     capture: bool = False,
     timeout: float | None = None,
+    objective: str = "eval",
 ) -> Path:
     """Replay one trial in a torchrun job at its own world size; returns the Parquet file.
 
@@ -78,7 +79,7 @@ def run_replay(
     from opt_study.trial import snapshots
 
     study_dir = Path(study_dir).resolve()
-    layout.check_reference(reference)
+    layout.check_reference(reference), layout.check_objective(objective)
     ref_step = snapshots.resolve_reference(study_dir, trial_id, reference)
     world = snapshots.read_meta(study_dir, trial_id, ref_step)["world"]
     cmd = [
@@ -96,6 +97,8 @@ def run_replay(
         str(study_dir),
         trial_id,
         reference,
+        "--objective",
+        objective,
     ]
     if hessian is not None:
         cmd += [
@@ -117,7 +120,7 @@ def run_replay(
     if proc.returncode != 0:
         tail = (proc.stderr or "")[-4000:] if capture else ""
         raise RuntimeError(f"replay of {trial_id} failed (exit {proc.returncode}) {tail}")
-    return layout.replay_path(study_dir, trial_id, reference)
+    return layout.replay_path(study_dir, trial_id, reference, objective)
 
 
 def add_hessian_args(p: argparse.ArgumentParser) -> None:

@@ -14,8 +14,15 @@ partitions the same way; the bounds stored with each snapshot are checked) and t
 3. optionally the top Hessian eigenvalues of F at x_e by Lanczos and a Hutchinson trace
    (opt_study.measure.curvature), from central differences of gradients computed as in 2.
 
-F is the mean loss over the workload's fixed evaluation sample set (the set
-`opt_study.trial.evaluate` uses), in eval mode (no dropout). Rank 0 writes the rows with
+With ``objective="eval"`` (the default) F is the mean loss over the workload's fixed evaluation
+sample set (the set `opt_study.trial.evaluate` uses), in eval mode (no dropout). With
+``objective="train"`` F changes with the snapshot: F_e = f(·; B_e), the loss of the global
+training batch of the snapshot's step e (its A micro-batches on every rank), in train mode with
+the dropout masks the trial drew at step e (`trial.loop.step_seed`, reseeded before every
+evaluation, so f(x_e; B_e) and f(y; B_e) see the same masks). That is the training-objective
+check of Tran, Zhang & Cutkosky (https://arxiv.org/abs/2407.01825): f(x_e; B_e) − f(y; B_e) ≤
+⟨∇f(x_e; B_e), x_e − y⟩ for a convex f, on the function the optimizer actually stepped on.
+f(x_e; B_e) is the trial's own training loss at step e. Rank 0 writes the rows with
 opt_study.results.replay_store. Weights are what the forward sees: with bf16 training the
 snapshot's fp32 masters are rounded to bf16 on load, as in training.
 """
@@ -83,6 +90,9 @@ class EvalObjective:
         restore_after_probe(self.engine, self.stage)
         return total / k, grads
 
+    def at_step(self, step: int) -> None:
+        """The evaluation set does not depend on the snapshot."""
+
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(flat, self.sizes))
 
@@ -93,6 +103,38 @@ class EvalObjective:
         """∇F at the local point x (flat), as a flat local tensor; moves the model to x."""
         self.write(self.split(x.float()))
         return self.join(self.loss_and_grad()[1])
+
+
+class TrainObjective(EvalObjective):
+    """F_e = f(·; B_e) through the engine: step e's training micro-batches of this rank, in train
+    mode, each evaluation preceded by the trial's own reseeding for step e (the same masks)."""
+
+    def __init__(self, engine, view, workload, zero_stage: int, *, seed: int, rank: int, world: int, mbs: int, accum):
+        super().__init__(engine, view, workload, [None], zero_stage)
+        self.seed, self.rank, self.world, self.mbs, self.accum = seed, rank, world, mbs, accum
+        self.step = 0
+
+    def at_step(self, step: int) -> None:
+        self.step = step
+        self.batches = [
+            tuple(
+                t.to(self.engine.device) for t in self.workload.train_batch(step, m * self.world + self.rank, self.mbs)
+            )
+            for m in range(self.accum)
+        ]
+
+    def _reseed(self) -> None:
+        from opt_study.trial.loop import step_seed
+
+        torch.manual_seed(step_seed(self.seed, self.rank, self.step))
+
+    def loss(self) -> float:
+        self._reseed()
+        return super().loss()
+
+    def loss_and_grad(self, on_grad=None) -> tuple[float, list[torch.Tensor]]:
+        self._reseed()
+        return super().loss_and_grad(on_grad)
 
 
 def _own_fragments(study_dir, trial_id: str, step: int, view, device) -> list[torch.Tensor]:
@@ -113,9 +155,16 @@ def _own_fragments(study_dir, trial_id: str, step: int, view, device) -> list[to
 
 
 def replay_rank(
-    spec, plan, study_dir, reference: str = "final", hessian: HessianOptions | None = None, on_grad=None
+    spec,
+    plan,
+    study_dir,
+    reference: str = "final",
+    hessian: HessianOptions | None = None,
+    on_grad=None,
+    objective: str = "eval",
 ) -> list[dict]:
-    """One rank's part of the replay of trial ``plan`` (every rank calls it; a collective).
+    """One rank's part of the replay of trial ``plan`` against ``objective`` (eval or train; see
+    the module docstring); every rank calls it, a collective.
 
     Returns the rows on every rank; rank 0 also writes them. ``on_grad(step, view)`` is a test
     seam (see EvalObjective.loss_and_grad).
@@ -123,10 +172,10 @@ def replay_rank(
     from opt_study.measure.hook import StepMeasurer
     from opt_study.measure.sums import SUM_NAMES, Fragment, local_sums
     from opt_study.results.replay_store import write_replay
-    from opt_study.storage.layout import check_reference
+    from opt_study.storage.layout import check_objective, check_reference
     from opt_study.trial.loop import build
 
-    check_reference(reference)
+    check_reference(reference), check_objective(objective)
     ref_step = snapshots.resolve_reference(study_dir, plan.trial_id, reference)
     steps = snapshots.committed_steps(study_dir, plan.trial_id)
     c = build(spec, plan, StepMeasurer)
@@ -136,17 +185,19 @@ def replay_rank(
         raise ValueError(
             f"trial {plan.trial_id} saved its snapshots at ZeRO-{meta['zero_stage']}, the spec now says ZeRO-{stage}"
         )
-    c.eng.eval()  # F is the evaluation loss: no dropout
-    batches = [
-        tuple(t.to(c.device) for t in b) for b in c.workload.eval_batches(spec.scale.micro_batch_size, c.rank, world)
-    ]
-    obj = EvalObjective(c.eng, view, c.workload, batches, stage)
+    obj = _objective(objective, spec, plan, c, view)
     y = _own_fragments(study_dir, plan.trial_id, ref_step, view, c.device)
-    obj.write(y)
-    loss_y_local = obj.loss()
+    loss_y_local = None
+    if objective == "eval":  # F(y) once: the evaluation set is every snapshot's
+        obj.write(y)
+        loss_y_local = obj.loss()
     rows = []
     for e in steps:
         x = _own_fragments(study_dir, plan.trial_id, e, view, c.device)
+        if objective == "train":  # F_e: f(y; B_e) on this snapshot's batch and masks
+            obj.at_step(e)
+            obj.write(y)
+            loss_y_local = obj.loss()
         obj.write(x)
         seam = None if on_grad is None else (lambda v, e=e: on_grad(e, v))
         loss_x_local, g = obj.loss_and_grad(seam)
@@ -175,8 +226,28 @@ def replay_rank(
         row["time_unix"] = time.time()
         rows.append(row)
     if c.rank == 0:
-        write_replay(study_dir, plan.trial_id, reference, rows)
+        write_replay(study_dir, plan.trial_id, reference, rows, objective)
     return rows
+
+
+def _objective(objective: str, spec, plan, c, view) -> EvalObjective:
+    stage, mbs = spec.scale.zero_stage, spec.scale.micro_batch_size
+    if objective == "train":
+        c.eng.train()  # the trial's mode: dropout on, with the step's masks
+        return TrainObjective(
+            c.eng,
+            view,
+            c.workload,
+            stage,
+            seed=plan.seed,
+            rank=c.rank,
+            world=c.world,
+            mbs=mbs,
+            accum=spec.scale.grad_accum,
+        )
+    c.eng.eval()  # F is the evaluation loss: no dropout
+    batches = [tuple(t.to(c.device) for t in b) for b in c.workload.eval_batches(mbs, c.rank, c.world)]
+    return EvalObjective(c.eng, view, c.workload, batches, stage)
 
 
 def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, step: int, rank: int) -> dict:
@@ -210,16 +281,18 @@ def _curvature(obj: EvalObjective, x: list[torch.Tensor], opts: HessianOptions, 
 
 # ------------------------------------------------------------------------------ entry point
 def main(argv: list[str] | None = None) -> None:
-    """`python -m opt_study.replay.worker STUDY_DIR TRIAL REFERENCE [--hessian ...]`, per rank."""
+    """`python -m opt_study.replay.worker STUDY_DIR TRIAL REFERENCE [--objective train] [--hessian ...]`,
+    per rank."""
     p = argparse.ArgumentParser(prog="python -m opt_study.replay.worker")
     p.add_argument("study_dir")
     p.add_argument("trial")
     p.add_argument("reference")
+    p.add_argument("--objective", default="eval", choices=("eval", "train"))
     add_hessian_args(p)
     a = p.parse_args(argv)
     spec, plan = load_trial(a.study_dir, a.trial)
     try:
-        replay_rank(spec, plan, Path(a.study_dir).resolve(), a.reference, hessian_options(a))
+        replay_rank(spec, plan, Path(a.study_dir).resolve(), a.reference, hessian_options(a), objective=a.objective)
     except (ValueError, FileNotFoundError) as e:  # a refused or missing snapshot file: one line
         print(f"opt-study replay: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

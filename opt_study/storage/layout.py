@@ -284,9 +284,24 @@ def replay_trial_dir(study: Path, trial_id: str) -> Path:
     return replay_dir(study) / f"{_TRIAL_PREFIX}{check_name(trial_id, 'trial id')}"
 
 
-def replay_path(study: Path, trial_id: str, reference: str) -> Path:
-    """``replay/trial_id=<id>/reference=<ref>.parquet``: one (trial, reference) replay file."""
-    return replay_trial_dir(study, trial_id) / f"reference={check_reference(reference)}.parquet"
+REPLAY_OBJECTIVES = ("eval", "train")  # F of a replay: the held-out set, or each snapshot's training batch
+
+
+def replay_path(study: Path, trial_id: str, reference: str, objective: str = "eval") -> Path:
+    """``replay/trial_id=<id>/reference=<ref>.parquet`` (the evaluation objective) or
+    ``reference=<ref>.objective=train.parquet``: one (trial, reference, objective) replay file."""
+    return replay_trial_dir(study, trial_id) / replay_file_name(reference, objective)
+
+
+def replay_file_name(reference: str, objective: str = "eval") -> str:
+    suffix = "" if check_objective(objective) == "eval" else f".objective={objective}"
+    return f"reference={check_reference(reference)}{suffix}.parquet"
+
+
+def check_objective(objective: str) -> str:
+    if objective in REPLAY_OBJECTIVES:
+        return objective
+    raise ValueError(f"objective must be eval or train, got {objective!r}")
 
 
 def check_reference(reference: str) -> str:

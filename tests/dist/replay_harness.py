@@ -24,6 +24,7 @@ from opt_study.measure.hook import StepMeasurer
 from opt_study.plan import TrialPlan
 from opt_study.replay.job import HessianOptions
 from opt_study.replay.worker import replay_rank
+from opt_study.results.parquet import read_steps
 from opt_study.results.replay_store import read_replay
 from opt_study.trial import loop as trial_mod
 from opt_study.trial import snapshots
@@ -95,7 +96,7 @@ def spec_doc(case: dict, storage: str) -> dict:
             "workers": distributed.world_size(),
             "zero_stage": case["stage"],
             "micro_batch_size": case.get("mbs", 8),
-            "grad_accum": 1,
+            "grad_accum": case.get("accum", 1),
             "launcher": "worker_group" if distributed.world_size() > 1 else "auto",
         },
         "training": {"steps": steps, "eval_every": steps},
@@ -138,10 +139,54 @@ def oracle(spec, x: torch.Tensor, world: int):
     return float(loss), torch.cat([g.reshape(-1) for g in grads]), wl
 
 
+def oracle_train(spec, x: torch.Tensor, world: int, step: int):
+    """f(x; B_step) and its gradient in float64 on one process: the global training batch of
+    ``step`` (every rank's micro-batches), for a workload without dropout."""
+    wl = make_workload(spec.workload.type, spec.workload.params, 0)
+    model = wl.build_model().double().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.vector_to_parameters(x.clone(), params)
+    mbs, accum = spec.scale.micro_batch_size, spec.scale.grad_accum
+    batches = [wl.train_batch(step, m * world + r, mbs) for m in range(accum) for r in range(world)]
+    loss = sum(wl.loss(model, tuple(t.double() if t.is_floating_point() else t for t in b)) for b in batches)
+    loss = loss / len(batches)
+    grads = torch.autograd.grad(loss, params)
+    return float(loss), torch.cat([g.reshape(-1) for g in grads])
+
+
 def rel(a, b, scale) -> float:
     if a is None or b is None:
         return math.inf
     return abs(a - b) / max(scale, 1e-300)
+
+
+def check_train(case, spec, rows, engine_g, recorded, trial_loss) -> dict:
+    """The training objective: teacher-forced sums, f(x_e; B_e) against the trial's own training
+    loss at step e (same weights, batch and dropout masks), and, without dropout, float64."""
+    errs: dict[str, float] = {}
+
+    def put(k, e):
+        errs[k] = max(errs.get(k, 0.0), e)
+
+    world, sd, tid = distributed.world_size(), spec.study_dir, f"t{case['id']}"
+    y = assemble(sd, tid, rows[0]["ref_step"])
+    for r in rows:
+        e = r["step"]
+        x = assemble(sd, tid, e)
+        put("snapshot_vs_trained_params", float((x - recorded[e]).abs().max()))
+        g, d = engine_g[e], x - y
+        put("tf_ip_grad_dist", rel(r["ip_grad_dist"], float(g @ d), float(g.norm() * d.norm())))
+        put("tf_sq_grad", rel(r["sq_grad"], float(g @ g), float(g @ g)))
+        if e in trial_loss:  # the last snapshot's batch B_T is one the trial never stepped on
+            put("trial_train_loss", rel(r["loss_x"], trial_loss[e], abs(trial_loss[e])))
+        if case["workload"] == "quadratic":  # no dropout: the float64 model sees the same function
+            loss_x, g64 = oracle_train(spec, x, world, e)
+            loss_y, _ = oracle_train(spec, y, world, e)
+            put("fp64_loss_x", rel(r["loss_x"], loss_x, abs(loss_x)))
+            put("fp64_loss_y", rel(r["loss_y"], loss_y, abs(loss_y)))
+            put("fp64_ip_grad_dist", rel(r["ip_grad_dist"], float(g64 @ d), float(g64.norm() * d.norm())))
+            put("fp64_grad", float((g - g64).norm() / g64.norm()))
+    return errs
 
 
 def check(case, spec, rows, engine_g, final_eval, recorded) -> dict:
@@ -241,7 +286,9 @@ def run_case(case: dict, storage: str) -> dict:
         run_trial(spec, plan, report=reports.append, measurer_cls=SnapshotMeasurer)
         recorded = SnapshotMeasurer.last.full
         t1 = time.time()
-        rows = replay_rank(spec, plan, spec.study_dir, case.get("reference", "final"), hess, on_grad=on_grad)
+        objective = case.get("objective", "eval")
+        ref = case.get("reference", "final")
+        rows = replay_rank(spec, plan, spec.study_dir, ref, hess, on_grad=on_grad, objective=objective)
         t2 = time.time()
     out = {
         "case": case,
@@ -251,9 +298,15 @@ def run_case(case: dict, storage: str) -> dict:
         "n_rows": len(rows),
     }
     if distributed.rank() == 0:
-        stored = read_replay(spec.study_dir, tid, case.get("reference", "final")).to_pylist()
+        stored = read_replay(spec.study_dir, tid, ref, objective).to_pylist()
         out["stored_equals_returned"] = [{k: s[k] for k in r} for s, r in zip(stored, rows)] == rows
-        out["errors"] = check(case, spec, rows, engine_g, reports[-1]["eval_loss"], recorded)
+        out["stored_objective"] = sorted({s["objective"] for s in stored})
+        if objective == "train":
+            steps = read_steps(spec.study_dir, trial_ids=[tid]).to_pylist()
+            trial_loss = {int(r["step"]): float(r["loss"]) for r in steps}
+            out["errors"] = check_train(case, spec, rows, engine_g, recorded, trial_loss)
+        else:
+            out["errors"] = check(case, spec, rows, engine_g, reports[-1]["eval_loss"], recorded)
         out["rows"] = rows
     return out
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -61,8 +62,20 @@ CASES = [
         "mbs": 64,
         "hessian": {"lanczos_steps": 18, "hutchinson_samples": 6},
     },
+    # the training objective (replay --objective train): with dropout, and without (float64 oracle)
+    {"stage": 2, "workload": "mlp", "steps": 4, "every": 2, "reference": "final", "objective": "train"},
+    {
+        "stage": 3,
+        "workload": "quadratic",
+        "steps": 3,
+        "every": 1,
+        "reference": "init",
+        "objective": "train",
+        "accum": 2,
+        "mbs": 16,
+    },
 ]
-EXPECTED_STEPS = [[0, 3, 4], [0, 2], [0, 2, 4], [0, 1, 2], [0, 2], [0, 2]]
+EXPECTED_STEPS = [[0, 3, 4], [0, 2], [0, 2, 4], [0, 1, 2], [0, 2], [0, 2], [0, 2, 4], [0, 1, 2, 3]]
 
 
 def _env() -> dict:
@@ -108,6 +121,9 @@ def test_replay_matches_float64_oracle_at_every_stage(replayed):
         assert r["steps"] == steps, case  # x_0, every k-th iterate and the last one
         assert r["n_rows"] == len(steps) and r["stored_equals_returned"], case
         errs = r["errors"]
+        if case.get("objective") == "train":
+            _check_train_errors(case, r)
+            continue
         must = {
             "snapshot_vs_trained_params",
             "tf_ip_grad_dist",
@@ -130,6 +146,20 @@ def test_replay_matches_float64_oracle_at_every_stage(replayed):
                 k, TOL_FP64 if k.startswith("fp64_") else TOL
             )
             assert e <= limit, f"{case}: {k} error {e:.2e} > {limit:.0e}"
+
+
+def _check_train_errors(case: dict, r: dict) -> None:
+    errs = r["errors"]
+    must = {"snapshot_vs_trained_params", "tf_ip_grad_dist", "tf_sq_grad", "trial_train_loss"}
+    if case["workload"] == "quadratic":
+        must |= {"fp64_loss_x", "fp64_loss_y", "fp64_ip_grad_dist", "fp64_grad"}
+    assert must <= set(errs), f"{case}: unchecked {sorted(must - set(errs))}"
+    assert r["stored_objective"] == ["train"], case
+    assert errs["snapshot_vs_trained_params"] == 0.0, case
+    # f(x_e; B_e) is the trial's own training loss at step e: same weights, batch and masks
+    assert errs["trial_train_loss"] <= 1e-12, f"{case}: {errs['trial_train_loss']:.2e}"  # measured: 0.0
+    for k, e in errs.items():
+        assert e <= (TOL_FP64 if k.startswith("fp64_") else TOL), f"{case}: {k} error {e:.2e}"
 
 
 @pytest.mark.slow
@@ -325,3 +355,23 @@ def test_replay_store_roundtrip_and_refusals(tmp_path):
             layout.replay_path(tmp_path, "a-1", bad)
     with pytest.raises(ValueError):
         layout.replay_path(tmp_path, "../a", "final")
+    # the training objective: its own file beside the evaluation set's, told apart on read
+    train = replay_store.write_replay(tmp_path, "a-1", "final", rows[:2], objective="train")
+    assert train.name == "reference=final.objective=train.parquet"
+    got = replay_store.read_replay(tmp_path, "a-1", "final").to_pylist()
+    assert [(r["objective"], r["step"]) for r in got] == [
+        ("eval", 0),
+        ("eval", 2),
+        ("eval", 4),
+        ("train", 0),
+        ("train", 4),
+    ]
+    assert replay_store.read_replay(tmp_path, objective="train").num_rows == 2
+    assert replay_store.read_replay(tmp_path, "a-1", "3", objective="train").num_rows == 0
+    with pytest.raises(ValueError, match="objective must be eval or train"):
+        layout.replay_path(tmp_path, "a-1", "final", "test")
+    # a file written before the objective column existed reads as the evaluation set's
+    old = pq.read_table(path).drop_columns(["objective"])
+    pq.write_table(old, path)
+    got = replay_store.read_replay(tmp_path, "a-1", "final", objective="eval").to_pylist()
+    assert [(r["objective"], r["step"]) for r in got] == [("eval", 0), ("eval", 2), ("eval", 4)]

@@ -14,7 +14,7 @@ import datetime as _dt
 import warnings
 from pathlib import Path
 
-from opt_study.report import figures, render, steps_to_target, tables
+from opt_study.report import eos, figures, render, steps_to_target, tables
 from opt_study.report.data import StudyData, load
 from opt_study.storage import layout
 
@@ -30,6 +30,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("crowded-valley", "Crowded Valley: best loss vs tuning budget"),
     ("profiles", "Steps to target"),
     ("steps-to-target", "Steps-to-target protocol: confirmation over seeds"),
+    ("edge-of-stability", "Edge of stability: sharpness against 2/η"),
     ("loss-curves", "Loss curves"),
     ("query", "Query the data"),
 )
@@ -169,6 +170,7 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
     s["crowded-valley"] = _crowded_valley(data)
     s["profiles"] = _profiles(data)
     s["steps-to-target"] = steps_to_target.section(data)
+    s["edge-of-stability"] = eos.section(data)
     s["loss-curves"] = [render.figure(figures.loss_curves_figure(data), "loss curves")]
     s["query"] = [
         render.note(

@@ -15,7 +15,9 @@ same numbers as ``opt_study.measure.metrics.summarize`` (the tests check it row 
   is classified against the stored noise floor with ``classify``'s rule (holds if gap < −floor,
   violated if gap > floor); "progress predicted" counts steps whose bound is below −floor;
 - the authors' own aggregates (``authors_*``, docs/METRICS.md §Authors' aggregates) come from
-  ``query.authors_aggregates``, the same ``measure.authors.aggregate`` that summarize calls.
+  ``query.authors_aggregates``, the same ``measure.authors.aggregate`` that summarize calls;
+- the online curvature's ``sharpness_late_median``, ``sharpness_max`` and
+  ``critical_sharpness_late_median`` from ``metrics.curvature_summary`` on the curvature rows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opt_study.config import ConfigError, Spec, study_folder_spec
-from opt_study.measure.metrics import CLASSES
+from opt_study.measure.metrics import CLASSES, curvature_summary
 from opt_study.measure.names import AUTHORS_NAMES
 from opt_study.results.query import StudyDB, authors_aggregates, open_study
 
@@ -111,7 +113,19 @@ def trial_stats(db: StudyDB) -> dict[str, dict]:
     for a in authors_aggregates(db):  # window = the trial, as metrics.summarize's authors_*
         if a["trial_id"] in out:
             out[a["trial_id"]].update({f"authors_{k}": a[k] for k in AUTHORS_NAMES})
+    curv: dict[str, list[dict]] = {}
+    for r in db.rows(CURVATURE_SQL):
+        curv.setdefault(r["trial_id"], []).append(r)
+    for tid, s in out.items():  # the online curvature's late-phase medians, as summarize's
+        s.update(curvature_summary(curv.get(tid, [])))
     return out
+
+
+# The curvature rows of each trial (measured steps with a sharpness column), for curvature_summary.
+CURVATURE_SQL = """
+SELECT trial_id, step, sharpness, critical_sharpness FROM steps
+WHERE measured AND (sharpness IS NOT NULL OR critical_sharpness IS NOT NULL) ORDER BY trial_id, step
+"""
 
 
 def _nan(v) -> float:

@@ -1,4 +1,5 @@
-"""mlp_classify: a ReLU multilayer perceptron trained with cross-entropy on a small table.
+"""mlp_classify: a multilayer perceptron (ReLU or tanh) trained with cross-entropy or MSE on a
+small table.
 
 dataset "digits": scikit-learn's bundled 8×8 handwritten digits (1,797 samples, 64 features,
 10 classes; shipped inside scikit-learn, no download). "synthetic": a Gaussian mixture with
@@ -8,6 +9,12 @@ The data and the train/validation split depend on the config only, never on the 
 so every seed and every optimizer of a study is evaluated on the same held-out samples; the
 seed drives the initialisation, the batch sampling and dropout. Features are standardised
 with the training split's mean and standard deviation.
+
+``full_batch: n`` trains on a fixed subset, the first n training samples (of the split, so the
+same for every seed): micro-batch i of every step is rows [i·b, (i+1)·b) mod n of it, so with
+micro_batch_size × workers × grad_accum = n every step sees the whole subset once: full-batch
+gradient descent, as in Cohen et al. 2021 (https://arxiv.org/abs/2103.00065).
+``loss: mse`` is their squared loss on one-hot targets, ½·mean_i Σ_k (z_ik − 1[k = y_i])².
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from opt_study.config import FieldError
 from opt_study.workloads.base import STREAM_DATA, Batch, Workload, eval_slices, generator, seeded_build
 
 DATASETS = ("digits", "synthetic")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+LOSSES = ("cross_entropy", "mse")
 DATA_SEED = 0  # the seed of the dataset and split: fixed, so all trials share them
 MEAN_SPREAD = 2.0  # class means ~ N(0, (MEAN_SPREAD² / n_features) I): separable, not trivially
 
@@ -35,6 +44,9 @@ class MLPClassifyConfig:
     n_classes: int = 10  # synthetic only; digits has 10
     n_features: int = 64  # synthetic only; digits has 64
     n_samples: int = 2000  # synthetic only; digits has 1797
+    activation: str = "relu"  # "relu" or "tanh" (smooth: finite-difference Hessians see no kinks)
+    loss: str = "cross_entropy"  # "cross_entropy" or "mse" (½·mean Σ_k (z_k − onehot_k)²)
+    full_batch: int = 0  # n > 0: train on the first n training samples, every step all of them
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -56,6 +68,18 @@ class MLPClassifyConfig:
                 "n_classes" if self.n_classes != 10 else "n_features",
                 "digits has 10 classes and 64 features; leave n_classes and n_features "
                 "at their defaults or use dataset: synthetic",
+            )
+        if self.activation not in ACTIVATIONS:
+            raise FieldError("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.loss not in LOSSES:
+            raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if (
+            isinstance(self.full_batch, bool)
+            or not isinstance(self.full_batch, int)
+            or not 0 <= self.full_batch <= 1 << 24
+        ):
+            raise FieldError(
+                "full_batch", f"must be an integer in [0, 16777216] (0: sampled batches), got {self.full_batch!r}"
             )
         if self.dataset == "synthetic" and self.n_samples < self.n_classes:
             raise FieldError("n_samples", f"must be >= n_classes={self.n_classes}")
@@ -84,11 +108,13 @@ class InputLinear(nn.Linear):
         return super().forward(x.to(self.weight.dtype))
 
 
-def make_mlp(n_features: int, hidden: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
+def make_mlp(
+    n_features: int, hidden: tuple[int, ...], n_classes: int, dropout: float, activation: str = "relu"
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = n_features
     for h in hidden:
-        layers += [(InputLinear if not layers else nn.Linear)(width, h), nn.ReLU()]
+        layers += [(InputLinear if not layers else nn.Linear)(width, h), ACTIVATIONS[activation]()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = h
@@ -117,16 +143,25 @@ class MLPClassifyWorkload(Workload):
 
     def build_model(self) -> nn.Module:
         c = self.cfg
-        return seeded_build(self.seed, lambda: make_mlp(self.n_features, c.hidden, self.n_classes, c.dropout))
+        return seeded_build(
+            self.seed, lambda: make_mlp(self.n_features, c.hidden, self.n_classes, c.dropout, c.activation)
+        )
 
     def train_batch(self, step: int, index: int, micro_batch_size: int) -> Batch:
+        n = self.cfg.full_batch
+        if n:  # the fixed subset: micro-batch `index` is the same rows at every step
+            i = (index * micro_batch_size + torch.arange(micro_batch_size)) % min(n, len(self.train_y))
+            return self.train_x[i], self.train_y[i]
         # Sampling with replacement: every micro-batch is an independent draw, so no epoch state.
         i = torch.randint(0, len(self.train_y), (micro_batch_size,), generator=self._batch_generator(step, index))
         return self.train_x[i], self.train_y[i]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(model(x), y)
+        z = model(x)
+        if self.cfg.loss == "mse":
+            return 0.5 * (z - F.one_hot(y, z.shape[-1]).to(z.dtype)).square().sum(dim=-1).mean()
+        return F.cross_entropy(z, y)
 
     def eval_batches(self, micro_batch_size: int, rank: int, world: int) -> list[Batch]:
         return [(self.val_x[s], self.val_y[s]) for s in eval_slices(len(self.val_y), micro_batch_size, rank, world)]

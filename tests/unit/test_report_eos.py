@@ -1,0 +1,55 @@
+"""The report's edge-of-stability section (opt_study.report.eos): the stability threshold of each
+optimizer, the late-phase verdict against the ±10% band, and the replication config that uses it
+(configs/replications/eos_gd_cpu.yaml)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opt_study.report import eos
+from opt_study.validate import load_study
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_threshold_factor_is_two_plus_two_beta():
+    assert eos.threshold_factor("sgd", {"lr": 0.1}) == 2.0
+    assert eos.threshold_factor("momentum", {"lr": 0.1, "momentum": 0.5}) == pytest.approx(3.0)
+    assert eos.threshold_factor("momentum", {"lr": 0.1}) == pytest.approx(3.8)  # the entry's default β = 0.9
+    assert eos.threshold_factor("adamw", {"lr": 1e-3}) is None  # a preconditioned threshold: not built
+
+
+def _curves(values, lr=0.2):
+    n = len(values)
+    return {
+        "step": np.arange(n, dtype=float) * 10,
+        "lr": np.full(n, lr),
+        "sharpness": np.asarray(values, dtype=float),
+        "critical_sharpness": np.full(n, math.nan),
+    }
+
+
+def test_verdict_uses_the_median_of_the_last_quarter():
+    trial = {"trial_id": "t", "optimizer": "sgd", "hp.lr": 0.2}
+    # sharpening to 2/η = 10, then hovering: the last quarter (4 of 16) is 9.5, 10.5, 9.8, 10.2
+    row = eos.verdict_row(trial, _curves([2, 3, 4, 5, 6, 7, 8, 9, 9.5, 10, 10.3, 9.9, 9.5, 10.5, 9.8, 10.2]))
+    assert row["predicted"] == pytest.approx(10.0) and row["n"] == 16
+    assert row["lambda_max_late"] == pytest.approx(10.0) and row["verdict"] == "met"
+    low = eos.verdict_row(trial, _curves([2, 3, 4, 5, 6, 7, 8, 8.5]))  # last 2: 8, 8.5 -> 0.825
+    assert low["ratio"] == pytest.approx(0.825) and low["verdict"] == "not met"
+    assert eos.verdict_row({**trial, "optimizer": "adamw"}, _curves([1.0, 2.0]))["verdict"] == "no threshold"
+
+
+def test_the_replication_config_states_its_band_and_validates():
+    path = ROOT / "configs" / "replications" / "eos_gd_cpu.yaml"
+    text = path.read_text()
+    assert "±10% of the predicted threshold 2/η" in text and "arxiv.org/abs/2103.00065" in text
+    spec = load_study(path)
+    assert spec.measure.curvature_every > 0 and spec.workload.params.full_batch == 1000
+    s = spec.scale
+    assert s.micro_batch_size * s.workers * s.grad_accum == spec.workload.params.full_batch  # full batch
+    assert len(spec.optimizers) == 1 and len(spec.optimizers[0].space["lr"].values) >= 3

@@ -407,6 +407,10 @@ class MeasureConfig:
     lanczos_steps: int = 20
     # forward passes of the critical-sharpness line search (at least 3); 0 = no λc
     critical_forwards: int = 10
+    # on measured steps t, the next-batch identity of the previous update (ZQZCalin/trainit):
+    # f(x_t; B_t) − f(x_{t−1}; B_t) and ⟨g_t, x_t − x_{t−1}⟩ in the nb_* columns; costs one forward
+    # at x_{t−1} per measured step and keeps x_{t−1} (docs/METRICS.md §Next-batch gap)
+    next_batch: bool = False
 
     PROBE_S = ("1", "uniform", "exponential")
 
@@ -422,6 +426,8 @@ class MeasureConfig:
         if len(set(self.extra)) != len(self.extra):
             raise FieldError("extra", "names a metric twice")
         self._check_curvature()
+        if not isinstance(self.next_batch, bool):
+            raise FieldError("next_batch", "must be true or false")
         if self.probe_s not in self.PROBE_S:
             raise FieldError(
                 "probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} (the probe point x_t + s*Δ_t)"

@@ -24,7 +24,7 @@ import random
 import torch
 
 from opt_study import distributed
-from opt_study.measure import fp32eval, lossscale, metrics, sharpness
+from opt_study.measure import fp32eval, lossscale, metrics, next_batch, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.names import (
@@ -33,6 +33,7 @@ from opt_study.measure.names import (
     LOSS_PRECISION,
     LOSS_SCALE_NAMES,
     MEASURED,
+    NEXT_BATCH_RAW,
     NOISE_DERIVED,
     NOISE_RAW,
     NORM_NAMES,
@@ -114,6 +115,10 @@ class StepMeasurer:
         self.refit_fp32 = precision in ("bf16", "fp16")
         self.x0 = self.view.clone_params() if cadence.measures else None
         self.prev_delta = self.prev_g = self.prev_sq = None
+        # measure.next_batch: x_{t−1} is kept too (the buffer x_t already was: no copy), for
+        # the forward at x_{t−1} on B_t (opt_study.measure.next_batch)
+        self.next_batch = bool(getattr(cfg, "next_batch", False))
+        self.prev_x = None
         self.collecting = False
         self.small_sq = self._zero()
         self.accum = engine.gradient_accumulation_steps()
@@ -208,6 +213,7 @@ class StepMeasurer:
         if self.measured:
             s = self._draw_s(step)
             g_plus, loss_precision = self._probe(s, delta, losses, loss_fn, model_loss_fn)
+            self._next_batch(losses, loss_fn, model_loss_fn)
         kept = self._kept(delta, g_plus)
         local = self._local_sums(kept, None if self.measured else NORM_SUMS)
         per_tensor = self._tensor_sums(kept) if self.measured else None
@@ -286,8 +292,10 @@ class StepMeasurer:
         return tensor_sums(vectors, self.x_t.sizes)
 
     def _keep_prev(self, delta: FlatShard, local: torch.Tensor) -> None:
-        """Keep Δ_t, g_t and this rank's partial ‖Δ_t‖², ‖g_t‖² when step t + 1 is measured."""
+        """Keep Δ_t, g_t and this rank's partial ‖Δ_t‖², ‖g_t‖² when step t + 1 is measured (and
+        x_t, with measure.next_batch)."""
         self.prev_delta, self.prev_g = (delta, self.g_t) if self.keep_prev else (None, None)
+        self.prev_x = self.x_t if self.keep_prev and self.next_batch else None
         self.prev_sq = local[[SUM_NAMES.index(v) for v in PREV_OF.values()]] if self.keep_prev else None
 
     def _norm_row(self, totals: dict, scalars: dict, loss_precision: str) -> dict:
@@ -304,6 +312,7 @@ class StepMeasurer:
         out = dict(totals)
         out.update({"loss_probe": scalars["loss_probe"], "probe_s": s, NOISE_RAW: _finite(scalars[NOISE_RAW])})
         out.update({k: _finite(scalars[k]) for k in LOSS_SCALE_NAMES})
+        out.update(next_batch.columns(scalars["loss"], *(scalars[k] for k in NEXT_BATCH_RAW)))
         out[NOISE_DERIVED] = noise_scale_simple(
             out[NOISE_RAW], totals["sq_grad"], self.small_batch, self.small_batch * world * self.accum
         )
@@ -387,6 +396,20 @@ class StepMeasurer:
                 self.view.write_params(x_next)
         losses[_LOSS["loss_probe"]] = loss_probe / world
         return g_plus, precision
+
+    def _next_batch(self, losses: torch.Tensor, loss_fn, model_loss_fn) -> None:
+        """measure.next_batch: this rank's share of f(x_{t−1}; B_t) and its partial ⟨g_t, Δ_{t−1}⟩
+        into the packed losses (opt_study.measure.next_batch). Nothing on an attempt's first
+        step, where Δ_{t−1} and x_{t−1} were not kept (the same on every rank: the cadence).
+        Under bf16/fp16 the forward is fp32 (fp32eval), as the measured ℓ_t it is subtracted from."""
+        if not (self.next_batch and self.prev_x is not None and self.prev_delta is not None):
+            return
+        fp32 = model_loss_fn if self.refit_fp32 else None
+        loss_prev = next_batch.loss_at(
+            self.engine, self.view, self.prev_x, self.batches, self.rng_states, loss_fn, fp32
+        )
+        losses[_LOSS["nb_loss_prev"]] = loss_prev / self.info.world_size
+        losses[_LOSS["nb_ip_grad_update"]] = next_batch.ip_partial(self.x_t, self.g_t, self.prev_delta)
 
     def _curvature(self, step: int, delta: FlatShard, lr, loss_fn) -> dict:
         """The online curvature columns (opt_study.measure.sharpness) at x_t on step t's batch."""

@@ -61,7 +61,18 @@ SUM_NAMES: tuple[str, ...] = tuple(SUM_TERMS)
 # terms of the noise floor (docs/METRICS.md §Noise floor; NaN where the loss is not a covered
 # cross-entropy, and on unmeasured steps).
 LOSS_SCALE_NAMES: tuple[str, ...] = ("loss_scale", "loss_probe_scale")
-LOSS_NAMES: tuple[str, ...] = ("loss", "loss_probe", "stop_votes", "sq_grad_small", *LOSS_SCALE_NAMES)
+# The next-batch identity (measure.next_batch; measure/next_batch.py, docs/METRICS.md §Next-batch
+# gap) rides the same vector: this rank's share of f(x_{t−1}; B_t) and its partial ⟨g_t, Δ_{t−1}⟩
+# (NaN when off or when Δ_{t−1} was not kept).
+NEXT_BATCH_RAW: tuple[str, ...] = ("nb_loss_prev", "nb_ip_grad_update")
+LOSS_NAMES: tuple[str, ...] = (
+    "loss",
+    "loss_probe",
+    "stop_votes",
+    "sq_grad_small",
+    *LOSS_SCALE_NAMES,
+    *NEXT_BATCH_RAW,
+)
 
 # Every step (unless measure.norms is off): the three norms, square roots of these sums.
 NORM_OF: dict[str, str] = {"grad_norm": "sq_grad", "update_norm": "sq_update", "param_norm": "sq_param"}
@@ -91,6 +102,13 @@ TENSOR_SUMS: tuple[str, ...] = tuple(TENSOR_NORM_OF.values())
 # curvature), on curvature steps only: λ_max of the Hessian on the step's batch (Lanczos), the
 # critical sharpness λc = 2/ηc along the update direction, and the wall time of both.
 CURVATURE_NAMES: tuple[str, ...] = ("sharpness", "critical_sharpness", "curvature_time_s")
+
+# The next-batch identity of the previous update (measure.next_batch; measure/next_batch.py,
+# docs/METRICS.md §Next-batch gap), on measured steps t whose Δ_{t−1} and x_{t−1} were kept: the
+# raw f(x_{t−1}; B_t) and ⟨g_t, Δ_{t−1}⟩, then ℓ_t − f(x_{t−1}; B_t) and that gap minus the
+# inner product (≤ 0 under convexity). ZQZCalin/trainit's `loss/fn-f(n-1)` and
+# `update/<gn, xn-x(n-1)>` with their n = our t.
+NEXT_BATCH_NAMES: tuple[str, ...] = (*NEXT_BATCH_RAW, "nb_loss_gap", "nb_convexity_gap")
 
 # The raw columns of a measured row (schema order): the probe's scalars, the totals over groups
 # of every sum, the noise scale's raw term, the losses' rounding magnitudes, the per-tensor norms.

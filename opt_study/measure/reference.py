@@ -172,3 +172,20 @@ def reference_metrics(
         reasons.append("no_probe")
     out["flag"] = ",".join(reasons) or None
     return out
+
+
+def reference_next_batch(loss: float, loss_prev: float, g, delta_prev) -> dict[str, float | None]:
+    """The next-batch columns of docs/METRICS.md §Next-batch gap from full tensors in float64:
+    ``loss`` = f(x_t; B_t), ``loss_prev`` = f(x_{t−1}; B_t), ``g`` = ∇f(x_t; B_t) and
+    ``delta_prev`` = x_t − x_{t−1} (ZQZCalin/trainit, loggers/demo.py lines 236 and 249:
+    `update/<gn, xn-x(n-1)>`, `loss/fn-f(n-1)`)."""
+    ell = math.nan if loss is None else float(loss)
+    ell_prev = math.nan if loss_prev is None else float(loss_prev)
+    ip = _dot(_v(g), _v(delta_prev))  # ⟨g_t, Δ_{t−1}⟩
+    gap = ell - ell_prev  # f(x_t; B_t) − f(x_{t−1}; B_t)
+    return {
+        "nb_loss_prev": _none(ell_prev),
+        "nb_ip_grad_update": _none(ip),
+        "nb_loss_gap": _none(gap),
+        "nb_convexity_gap": _none(gap - ip),  # ≤ 0 if f(·; B_t) is convex on the segment
+    }

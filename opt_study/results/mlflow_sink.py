@@ -67,6 +67,8 @@ MEASURE_CURVES = (
     "noise_floor",
     "sharpness",  # curvature steps only (measure.curvature_every)
     "critical_sharpness",
+    "nb_loss_gap",  # measure.next_batch only: the identity of the previous update on this batch
+    "nb_convexity_gap",
 )
 BEST_METRICS = {"summary/best_eval_loss": "eval_loss", "summary/best_loss": "loss"}
 

@@ -33,10 +33,14 @@ Columns (definitions of every column in docs/METRICS.md):
   Hessian on the step's batch), ``critical_sharpness`` (λc = 2/ηc along the update direction),
   ``curvature_time_s`` (float64).
 
+- next-batch identity of the previous update (measured steps, ``measure.next_batch``):
+  ``nb_loss_prev`` (f(x_{t−1}; B_t)), ``nb_ip_grad_update`` (⟨g_t, Δ_{t−1}⟩), ``nb_loss_gap``
+  (ℓ_t − f(x_{t−1}; B_t)), ``nb_convexity_gap`` (the gap minus the inner product) (float64).
+
 - ``extra`` map<string, float64>: the study's user metrics (``measure.extra``) on measured steps.
 
-Version history: 1 = the columns above (``loss_precision``, ``extra`` and the curvature columns
-added within version 1:
+Version history: 1 = the columns above (``loss_precision``, ``extra``, the curvature and the
+next-batch columns added within version 1:
 new nullable columns, null in files written before them). A reader of a newer version may see more columns;
 removing or retyping a column requires a new version.
 """
@@ -82,8 +86,14 @@ EXTRA_TYPE = pa.map_(pa.string(), pa.float64())
 # Online curvature (curvature steps only): sharpness, critical_sharpness, curvature_time_s.
 CURVATURE_COLUMNS: tuple[str, ...] = names.CURVATURE_NAMES
 
-# Every float64 metric column, in schema order: training, raw sums, derived, curvature.
-METRIC_COLUMNS: tuple[str, ...] = TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS + CURVATURE_COLUMNS
+# The next-batch identity of the previous update (measured steps with measure.next_batch):
+# nb_loss_prev, nb_ip_grad_update, nb_loss_gap, nb_convexity_gap.
+NEXT_BATCH_COLUMNS: tuple[str, ...] = names.NEXT_BATCH_NAMES
+
+# Every float64 metric column, in schema order: training, raw sums, derived, curvature, next batch.
+METRIC_COLUMNS: tuple[str, ...] = (
+    TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS + CURVATURE_COLUMNS + NEXT_BATCH_COLUMNS
+)
 
 CLASS_COLUMNS: tuple[str, ...] = names.CLASS_NAMES
 CLASS_VALUES: frozenset[str] = frozenset(names.CLASSES)

@@ -94,7 +94,7 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     gen = torch.Generator().manual_seed(10 * ranks + (chunk == CHUNK))
     sizes, groups = [1, 7, 300, 5000, 70_000, 40, 2_000], [0, 0, 1, 1, 2, 2, 2]
     params = _random_params(gen, sizes)
-    losses = [[2.0 + r, 1.9 + r, float(r == 0), 0.5 * r, 7.0 + r, 8.0 + r] for r in range(ranks)]
+    losses = [[2.0 + r, 1.9 + r, float(r == 0), 0.5 * r, 7.0 + r, 8.0 + r, 2.1 + r, 0.3 * r] for r in range(ranks)]
     per_group, scalars = _sharded_packed(params, groups, 3, ranks, gen, losses, chunk=chunk)
     assert set(per_group) == set(SUM_NAMES) and set(scalars) == set(LOSS_NAMES)
     for j in range(3):
@@ -107,13 +107,15 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     assert scalars["sq_grad_small"] == pytest.approx(np.mean([0.5 * r for r in range(ranks)]), rel=1e-12)
     assert scalars["loss_scale"] == pytest.approx(np.mean([ls[4] for ls in losses]), rel=1e-12)
     assert scalars["loss_probe_scale"] == pytest.approx(np.mean([ls[5] for ls in losses]), rel=1e-12)
+    assert scalars["nb_loss_prev"] == pytest.approx(np.mean([ls[6] for ls in losses]), rel=1e-12)
+    assert scalars["nb_ip_grad_update"] == pytest.approx(np.mean([ls[7] for ls in losses]), rel=1e-12)
 
 
 def test_missing_inputs_are_nan_after_reduction():
     gen = torch.Generator().manual_seed(3)
     params = _random_params(gen, [50, 130])
     per_group, scalars = _sharded_packed(
-        params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, math.nan, math.nan, math.nan]] * 2, drop=("g_plus", "x0")
+        params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, *[math.nan] * 5]] * 2, drop=("g_plus", "x0")
     )
     full = {k: (None if k in ("g_plus", "x0") else torch.cat([p[k] for p in params])) for k in FIELDS}
     ref = reference_sums(**full)
@@ -294,7 +296,7 @@ def test_no_probe_flags_and_nulls():
         unpack(
             pack(
                 local_sums([Fragment(group=0, **t)], 1),
-                torch.tensor([3.0, math.nan, 0.0, math.nan, math.nan, math.nan]),
+                torch.tensor([3.0, math.nan, 0.0, *[math.nan] * 5]),
             ),
             1,
         )[0]

@@ -215,6 +215,7 @@ def test_hook_rows_are_schema_rows():
             *names.CLASS_NAMES,
             names.FLAG,
             names.GROUPS,
+            *names.NEXT_BATCH_NAMES,  # null without measure.next_batch
         }
         assert set(r) == want
         assert all(set(g) == set(names.SUM_NAMES) for g in r[names.GROUPS].values())

@@ -44,6 +44,20 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    """Rank r sends ``inp``'s r-th chunk (``in_splits[r]`` elements, in rank order) to rank r and
+    receives rank q's chunk for it into ``out``'s q-th chunk (``out_splits[q]`` elements); a copy
+    on one process. 1-D tensors. The whole-tensor optimizers (opt_study.optim.whole_tensor) move
+    each tensor's fragments to its owner and the owner's new weights back with it: only the
+    fragments travel, no padding."""
+    if is_distributed() and world_size() > 1:
+        dist.all_to_all_single(out, inp, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits))
+        COUNTERS["all_to_all"] += 1
+    else:
+        out.copy_(inp)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank (used for run-level metadata, never tensors)."""
     if not (is_distributed() and world_size() > 1):
@@ -69,7 +83,7 @@ def barrier() -> None:
 
 # Collective counts per process, so benchmarks and tests can assert "one all-reduce per measured
 # step" on the real code path rather than trusting a comment.
-COUNTERS = {"all_reduce": 0}
+COUNTERS = {"all_reduce": 0, "all_to_all": 0}
 
 
 def free_port() -> int:

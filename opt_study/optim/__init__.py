@@ -5,12 +5,22 @@ taking the parameters and FLAT scalar hyperparameters, the full defaults, a defa
 space, the paper, the implementation and its version, and the (ZeRO stage, precision)
 combinations under which the update rule is correct. The training loop builds optimizers through
 `build_optimizer` and talks to them only through interface.py, never branching on a name.
-`lr_factor` / `schedule_factor` (schedules.py) are the schedules.
+`lr_factor` / `schedule_factor` (schedules.py) are the schedules. whole_tensor.py runs a matrix or
+layer-wise rule under ZeRO 1-3 on whole tensors, each owned by one rank.
 """
 
-from opt_study.optim.entry import CPU_PRECISIONS, ELEMENTWISE, MODEL_TENSORS, PRECISIONS, STAGES, OptimizerEntry
+from opt_study.optim.entry import (
+    CPU_PRECISIONS,
+    ELEMENTWISE,
+    MODEL_TENSORS,
+    PRECISIONS,
+    STAGES,
+    WHOLE_TENSOR,
+    OptimizerEntry,
+)
 from opt_study.optim.interface import (
     apply_lr_factor,
+    attach_fragments,
     check_model_shapes,
     estimate_hessian,
     eval_mode,
@@ -30,6 +40,7 @@ __all__ = [
     "CPU_PRECISIONS",
     "ELEMENTWISE",
     "MODEL_TENSORS",
+    "WHOLE_TENSOR",
     "optimizer_entry",
     "resolve_hparams",
     "build_optimizer",
@@ -38,6 +49,7 @@ __all__ = [
     "schedule_factor",
     "SCHEDULES",
     "apply_lr_factor",
+    "attach_fragments",
     "train_mode",
     "eval_mode",
     "is_sync_step",

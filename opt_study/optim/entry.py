@@ -42,10 +42,18 @@ UNSUPPORTED = {
 ELEMENTWISE = frozenset((s, p) for s in STAGES for p in PRECISIONS) - frozenset(UNSUPPORTED)
 # The one combination in which the client optimizer holds the model's real tensors.
 MODEL_TENSORS = frozenset({(0, "fp32")})
+# A rule that runs on whole tensors (optim.whole_tensor: each tensor gathered to one owner rank,
+# the rule run there, the new weights sent back into the partitions) is correct at ZeRO-0 fp32
+# (the plain rule) and at ZeRO 1-3 in the precisions a CPU tests (fp32; bf16 with fp32 masters and
+# gradients): tests/multirank/test_optim_multirank.py compares those trajectories with ZeRO-0's.
+# fp16 is not declared: its loss scaling is untested on this route (it needs a GPU).
+WHOLE_TENSOR = MODEL_TENSORS | frozenset((s, p) for s in (1, 2, 3) for p in ("fp32", "bf16"))
 SHAPES_WHY = (
     "its update needs each parameter's real shape, and ZeRO 1-3 and DeepSpeed's "
     "bf16/fp16 optimizer wrappers hand the optimizer flat partitions"
 )
+
+WHOLE_TENSOR_WHY = "its whole-tensor route (optim.whole_tensor) is not tested under fp16's loss scaling"
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,9 @@ class OptimizerEntry:
     documented default search space in the YAML domain form of `opt_study.config.space.parse_domain`
     (a subset of the defaults' names); `combos` the (zero_stage, precision) pairs under which
     the update rule is correct; `needs_model_shapes` says the rule needs each parameter's real
-    shape (the run-time guard `check_model_shapes` enforces it); `source` names the
+    shape (the run-time guard `check_model_shapes` enforces it); `whole_tensor` says that at ZeRO
+    1-3 the rule runs through optim.whole_tensor (each tensor whole on one owner rank), so its
+    `combos` are WHOLE_TENSOR; `source` names the
     implementation ("torch 2.13.0", "pytorch-optimizer 4.1.0 Lamb", ...); `notes` documents what
     the loop must know (which iterate gradients are taken at, extra backward passes, ...).
     """
@@ -71,6 +81,7 @@ class OptimizerEntry:
     source: str
     needs_model_shapes: bool = False
     notes: str = ""
+    whole_tensor: bool = False
     why_restricted: str = ""  # why `combos` is not every combination (for validate's message)
 
     @property
@@ -90,9 +101,14 @@ class OptimizerEntry:
         to change in the study file (for `opt-study validate`)."""
         if (zero_stage, precision) in self.combos:
             return None
-        why = self.why_restricted or (
-            SHAPES_WHY if self.needs_model_shapes else UNSUPPORTED.get((zero_stage, precision), "not declared correct")
-        )
+        if self.whole_tensor and not self.why_restricted:
+            why = UNSUPPORTED.get((zero_stage, precision), WHOLE_TENSOR_WHY)
+        else:
+            why = self.why_restricted or (
+                SHAPES_WHY
+                if self.needs_model_shapes
+                else UNSUPPORTED.get((zero_stage, precision), "not declared correct")
+            )
         ok = self.precisions_at(zero_stage)
         keep = [s for s in STAGES if (s, precision) in self.combos]  # stages that run this precision
         if ok and keep:

@@ -8,6 +8,8 @@
 - `is_sync_step(opt, step)`: Lookahead's slow-weight sync steps, so measurement can flag them.
 - `needs_hessian(opt)` / `estimate_hessian(opt, loss_fn, seed)`: Sophia's side backward.
 - `check_model_shapes(opt, model)`: the run-time guard for rules that need the model's shapes.
+- `attach_fragments(opt, fragments)`: hands a whole-tensor optimizer (optim.whole_tensor) where
+  this rank's fp32 fragments live, once the engine exists; a no-op for every other optimizer.
 
 `opt` may be the client optimizer or a wrapper exposing it as `.optimizer` (DeepSpeed's ZeRO
 optimizers, Lookahead): the functions look through that chain.
@@ -130,6 +132,18 @@ def estimate_hessian(opt, loss_fn: Callable[[], torch.Tensor], seed: int) -> Non
     o.set_side_hessian(out)
 
 
+# ------------------------------------------------------------------------ whole-tensor rules
+def attach_fragments(opt, fragments: Callable[[], list]) -> bool:
+    """Give a whole-tensor optimizer (opt_study.optim.whole_tensor.WholeTensorOptimizer) the
+    function returning, per parameter, this rank's live fp32 master fragment and its [start,
+    stop) in the flattened tensor. Returns whether `opt` needed it."""
+    o = _find(opt, "attach")
+    if o is None or not getattr(o, "sees_whole_tensors", False):
+        return False
+    o.attach(fragments)
+    return True
+
+
 # ----------------------------------------------------------------------------- run-time guard
 def check_model_shapes(opt, model: torch.nn.Module) -> None:
     """Raise RuntimeError unless every tensor the optimizer holds is one of `model`'s parameters
@@ -145,8 +159,14 @@ def check_model_shapes(opt, model: torch.nn.Module) -> None:
     entry = getattr(tagged, ENTRY_ATTR)
     if not (entry.needs_model_shapes or entry.combos <= MODEL_TENSORS):
         return
+    if getattr(tagged, "sees_whole_tensors", False):  # optim.whole_tensor: the rule runs on whole tensors
+        return
     model_params = {id(p): p for p in model.parameters()}
-    fix = f"{entry.name} is correct only at zero_stage 0 with precision fp32"
+    fix = (
+        f"{entry.name} is correct only at zero_stage 0 with precision fp32"
+        if not entry.whole_tensor
+        else f"build {entry.name} with optim.build_optimizer(..., zero_stage, precision) for a sharded engine"
+    )
     for p in held_params(tagged):
         if id(p) not in model_params:
             raise RuntimeError(

@@ -14,8 +14,9 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from opt_study import plugins
-from opt_study.optim.entry import ELEMENTWISE, OptimizerEntry
+from opt_study.optim.entry import ELEMENTWISE, MODEL_TENSORS, OptimizerEntry
 from opt_study.optim.interface import ENTRY_ATTR, train_mode
+from opt_study.optim.whole_tensor import WholeTensorOptimizer
 from opt_study.optim.zoo import OPTIMIZERS
 
 
@@ -109,14 +110,24 @@ def _check_value(name: str, key: str, default: Any, value: Any) -> Any:
     raise ValueError(f"{name}: {key} must be a finite number, got {value!r}")
 
 
-def build_optimizer(name: str, params: Iterable, hparams: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params` from its defaults overlaid with `hparams`.
+def build_optimizer(
+    name: str, params: Iterable, hparams: Mapping[str, Any], zero_stage: int = 0, precision: str = "fp32"
+) -> torch.optim.Optimizer:
+    """The optimizer `name` over `params` from its defaults overlaid with `hparams`, for an engine
+    at (`zero_stage`, `precision`).
 
     The returned object carries its entry (for check_model_shapes) and each group's
-    `initial_lr` (for apply_lr_factor). Schedule-Free optimizers start in train mode.
+    `initial_lr` (for apply_lr_factor). Schedule-Free optimizers start in train mode. A
+    whole-tensor entry (`entry.whole_tensor`) under ZeRO 1-3 or a mixed-precision wrapper is
+    built as a `WholeTensorOptimizer` (optim.whole_tensor; a collective set-up on every rank,
+    after the process group): hand it `attach_fragments` once the engine exists.
     """
     entry = optimizer_entry(name)
-    opt = entry.factory(params, **resolve_hparams(name, hparams))
+    resolved = resolve_hparams(name, hparams)
+    if entry.whole_tensor and (zero_stage, precision) not in MODEL_TENSORS:
+        opt = WholeTensorOptimizer(entry, params, resolved)
+    else:
+        opt = entry.factory(params, **resolved)
     setattr(opt, ENTRY_ATTR, entry)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]

@@ -19,7 +19,7 @@ import pytorch_optimizer as po
 import torch
 
 from opt_study.optim import factories as F
-from opt_study.optim.entry import ELEMENTWISE, MODEL_TENSORS, OptimizerEntry
+from opt_study.optim.entry import ELEMENTWISE, MODEL_TENSORS, WHOLE_TENSOR, OptimizerEntry
 
 TORCH = f"torch {torch.__version__.split('+')[0]}"
 PO = f"pytorch-optimizer {version('pytorch-optimizer')}"
@@ -63,18 +63,20 @@ def _ew(name, factory, defaults, paper, space, source, notes="") -> OptimizerEnt
     return OptimizerEntry(name, factory, dict(defaults), paper, dict(space), ELEMENTWISE, source, notes=notes)
 
 
-def _shaped(name, factory, defaults, paper, space, source, notes="", why="") -> OptimizerEntry:
-    """A rule that needs the model's own tensors: ZeRO-0 fp32 only, guarded at run time."""
+def _shaped(name, factory, defaults, paper, space, source, notes="", why="", whole=False) -> OptimizerEntry:
+    """A rule that needs the model's own tensors: ZeRO-0 fp32 only, guarded at run time; with
+    `whole`, also ZeRO 1-3 through optim.whole_tensor (each tensor whole on its owner rank)."""
     return OptimizerEntry(
         name,
         factory,
         dict(defaults),
         paper,
         dict(space),
-        MODEL_TENSORS,
+        WHOLE_TENSOR if whole else MODEL_TENSORS,
         source,
         needs_model_shapes=True,
         notes=notes,
+        whole_tensor=whole,
         why_restricted=why,
     )
 
@@ -297,9 +299,11 @@ CONTENDERS = (
         "https://kellerjordan.github.io/posts/muon/",
         {"lr": _lu(1e-4, 1e-1), "momentum": _u(0.8, 0.99)},
         f"{PO} Muon",
-        notes="Client Muon. DeepSpeed's native Muon (ZeRO 1-3) is not offered: it writes the "
-        "update into the partitioned gradient buffer, which the measurement reads as the "
-        "gradient, and an extra backward at a boundary would advance its momentum.",
+        notes="Client Muon. At ZeRO 1-3 each tensor runs whole on its owner rank "
+        "(optim.whole_tensor). DeepSpeed's native Muon is not used: it writes the update into "
+        "the partitioned gradient buffer, which the measurement reads as the gradient, and runs "
+        "its own Newton-Schulz rather than this library's.",
+        whole=True,
     ),
     # Vyas et al. 2024 (SOAP): Adam in the eigenbasis of Shampoo's Kronecker factors.
     _shaped(

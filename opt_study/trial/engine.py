@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opt_study import distributed
+from opt_study import distributed, optim
 from opt_study.config import ScaleConfig
 
 
@@ -83,3 +83,15 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
         precision=scale.precision,
     )
     return engine, info
+
+
+def attach_fragments(engine, client_opt, info: EngineInfo) -> None:
+    """Tell a whole-tensor optimizer (opt_study.optim.whole_tensor) where this rank's fp32 master
+    fragment of each parameter lives and which elements it holds: the measurement's shard view
+    (opt_study.measure.shards, the one reader of private DeepSpeed state), in the order of
+    `engine.module`'s trainable parameters, the order the optimizer was built with. A no-op for
+    every other optimizer."""
+    from opt_study.measure.shards import ShardView
+
+    view = ShardView(engine, info.zero_stage, info.precision, info.rank, info.world_size)
+    optim.attach_fragments(client_opt, lambda: list(zip(view.params(), *zip(*view.bounds()))))

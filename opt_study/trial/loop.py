@@ -89,8 +89,10 @@ def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
     workload = make_workload(spec.workload.type, spec.workload.params, plan.seed)
     model = workload.build_model()
     hparams = optim.resolve_hparams(plan.optimizer, plan.hparams)
-    client_opt = optim.build_optimizer(plan.optimizer, model.parameters(), hparams)
+    client_opt = optim.build_optimizer(plan.optimizer, model.parameters(), hparams, scale.zero_stage, scale.precision)
     eng, info = engine_mod.build_engine(model, client_opt, scale, training.grad_clip)
+    # A whole-tensor rule at ZeRO 1-3 learns where this rank's fp32 fragments live (optim.whole_tensor).
+    engine_mod.attach_fragments(eng, client_opt, info)
     # A layer-wise or matrix rule must see the model's own tensors, not ZeRO's flat partitions.
     optim.check_model_shapes(client_opt, eng.module)
     # Built before any checkpoint is loaded, so x_0 is the deterministic initial point even

@@ -15,6 +15,10 @@ evaluation. Besides the sweep, three checks of the declarations:
   float64 loss at the averaged iterate x (and differs from the loss at y).
 - `kron_ranks_agree`: PSGD-Kron at ZeRO-0 (every rank steps its own full copy, drawing its
   preconditioner probes at random) leaves the same weights on every rank after 5 steps.
+- `whole_tensor`: every whole-tensor rule (optim.whole_tensor) at ZeRO 1, 2 and 3, gradient
+  accumulation 1 and 2, fp32 and bf16, against the same rule at ZeRO-0 fp32: 10 steps on
+  `mlp_classify` (six tensors, matrices and biases, spread over the ranks' owners), the weights
+  after every run and the training losses.
 Rank 0 writes the findings as JSON; tests/multirank/test_optim_multirank.py asserts on them.
 """
 
@@ -67,17 +71,24 @@ def _combo_order(c: tuple[int, str]) -> tuple[int, int]:
     return optim.PRECISIONS.index(c[1]), c[0]  # per optimizer: its fp32 stages, then its bf16 stages
 
 
-def spec_for(opt: str, stage: int, steps: int, storage: str, tag: str, precision: str = "fp32"):
+# The whole-tensor check's workload: three matrices and three biases, so both ranks own tensors.
+MLP = {"type": "mlp_classify", "dataset": "digits", "hidden": [32, 16]}
+
+
+def spec_for(
+    opt: str, stage: int, steps: int, storage: str, tag: str, precision: str = "fp32", workload=None, gas: int = 1
+):
     return parse_study(
         {
             "study": {"name": f"zoo-{tag}", "storage": storage},
-            "workload": {"type": "quadratic"},
+            "workload": workload or {"type": "quadratic"},
             "scale": {
                 "workers": distributed.world_size(),
                 "zero_stage": stage,
                 "micro_batch_size": WORLD_MBS,
                 "launcher": "worker_group",
                 "precision": precision,
+                "grad_accum": gas,
             },
             "training": {"steps": steps, "eval_every": steps},
             "optimizers": [{"name": opt}],
@@ -133,9 +144,11 @@ def full_params(engine) -> torch.Tensor:
     return torch.cat([safe_get_full_fp32_param(p).detach().double().reshape(-1) for p in ps])
 
 
-def run_case(opt: str, stage: int, storage: str, tag: str, steps: int = 3, precision: str = "fp32") -> dict:
-    spec = spec_for(opt, stage, steps, storage, tag, precision)
-    ZooMeasurer.workload = make_workload("quadratic", spec.workload.params, 0)
+def run_case(
+    opt: str, stage: int, storage: str, tag: str, steps: int = 3, precision: str = "fp32", workload=None, gas: int = 1
+) -> dict:
+    spec = spec_for(opt, stage, steps, storage, tag, precision, workload, gas)
+    ZooMeasurer.workload = make_workload(spec.workload.type, spec.workload.params, 0)
     # Lookahead's default k = 5 would never sync in 3 steps: k = 2 syncs after step 1.
     hparams = {"k": 2} if "k" in optim.optimizer_entry(opt).defaults and steps < 5 else {}
     plan = TrialPlan(trial_id=tag, label=opt, optimizer=opt, hparams=hparams, seed=0, index=0)
@@ -242,8 +255,89 @@ def checks(storage: str) -> dict:
         "moved": float((xs[0] - x0).abs().max()),
         "ranks": len(xs),
     }
+    out["whole_tensor"] = whole_tensor_checks(storage)
+    out["whole_tensor_resume"] = [whole_tensor_resume(storage, s) for s in (2, 3)]
     out["checks_seconds"] = time.time() - t0
     return out
+
+
+WHOLE_TENSOR_STEPS = 10
+
+
+def whole_tensor_checks(storage: str) -> list[dict]:
+    """Per whole-tensor rule, per (stage 1-3, precision, gradient accumulation): the largest
+    absolute difference of the weights after 10 steps from the same rule's at ZeRO-0 fp32 (same
+    accumulation; bf16 also from bf16 at ZeRO-1), that reference's largest weight and how far it
+    moved, and both loss traces."""
+    out = []
+    x0 = full_x0(MLP, storage)
+    for name, e in entries().items():
+        if not e.whole_tensor:
+            continue
+        for gas in (1, 2):
+            ref = run_case(name, 0, storage, f"wt-{name}-0-{gas}", WHOLE_TENSOR_STEPS, workload=MLP, gas=gas)
+            bf16_first = None
+            for s, prec in sorted(c for c in e.combos if c[0] > 0 and c[1] in optim.CPU_PRECISIONS):
+                if prec == "bf16" and gas == 2:
+                    continue  # bf16 once, at accumulation 1: its rounding, not the route, sets its tolerance
+                r = run_case(name, s, storage, f"wt-{name}-{s}-{prec}-{gas}", WHOLE_TENSOR_STEPS, prec, MLP, gas)
+                row = {
+                    "opt": name,
+                    "stage": s,
+                    "prec": prec,
+                    "gas": gas,
+                    "max_abs_diff": float((r["x_train"] - ref["x_train"]).abs().max()),
+                    "max_abs": float(ref["x_train"].abs().max()),
+                    "moved": float((ref["x_train"] - x0).abs().max()),
+                    "lr": float(optim.resolve_hparams(name, {})["lr"]),
+                    "losses": r["losses"],
+                    "ref_losses": ref["losses"],
+                }
+                if prec == "bf16":
+                    bf16_first = bf16_first if bf16_first is not None else (s, r["x_train"])
+                    row["vs_stage"] = bf16_first[0]
+                    row["max_abs_diff_vs_stage"] = float((r["x_train"] - bf16_first[1]).abs().max())
+                out.append(row)
+    return out
+
+
+def whole_tensor_resume(storage: str, stage: int, name: str = "muon") -> dict:
+    """A 6-step run that checkpoints after step 3, then the same trial started again: it resumes
+    from that checkpoint (the owners' rule state comes back through DeepSpeed's checkpoint,
+    `WholeTensorOptimizer.state_dict`) and must end on the first run's weights."""
+    spec = parse_study(
+        {
+            "study": {"name": f"zoo-wtr{stage}", "storage": storage},
+            "workload": MLP,
+            "scale": {
+                "workers": distributed.world_size(),
+                "zero_stage": stage,
+                "micro_batch_size": WORLD_MBS,
+                "launcher": "worker_group",
+            },
+            "training": {"steps": 6, "eval_every": 3, "checkpoint_every": 3},
+            "optimizers": [{"name": name}],
+            "measure": {"every": 0},
+        }
+    )
+    ZooMeasurer.workload = make_workload(spec.workload.type, spec.workload.params, 0)
+    plan = TrialPlan(trial_id="r", label=name, optimizer=name, hparams={}, seed=0, index=0)
+    run_trial(spec, plan, report=lambda r: None, measurer_cls=ZooMeasurer)
+    first = ZooMeasurer.last.x_train
+    run_trial(spec, plan, report=lambda r: None, measurer_cls=ZooMeasurer)
+    again = ZooMeasurer.last
+    return {
+        "opt": name,
+        "stage": stage,
+        "steps_rerun": len(again.losses),
+        "max_abs_diff": float((again.x_train - first).abs().max()),
+    }
+
+
+def full_x0(workload: dict, storage: str) -> torch.Tensor:
+    spec = spec_for("adamw", 0, 1, storage, "x0", workload=workload)
+    model = make_workload(spec.workload.type, spec.workload.params, 0).build_model()
+    return torch.cat([p.detach().double().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
 if __name__ == "__main__":

@@ -102,6 +102,23 @@ CASES = {
     + [{"stage": s, "workload": "mlp_classify", "gas": 1, **CURV} for s in (0, 1, 2)],
 }
 
+# A whole-tensor rule (optim.whole_tensor: each tensor whole on its owner rank): Muon measured at
+# ZeRO-2 on 2 ranks; on 4 ranks at every stage (ZeRO-3 really partitioned), ZeRO-2 measured every
+# step and the others never, for test_whole_tensor_trajectory_on_four_ranks.
+CASES[2] += [{"stage": 2, "workload": "mlp_classify", "gas": 2, "opt": "muon"}]
+CASES[4] += [
+    {
+        "stage": s,
+        "workload": "mlp_classify",
+        "gas": 1,
+        "opt": "muon",
+        "keep_final": True,
+        "every": 1 if s == 2 else 0,
+        **({"zero": PARTITIONED} if s == 3 else {}),
+    }
+    for s in STAGES
+]
+
 
 def torchrun(world: int, cases: list[dict], out: Path, timeout: int = 900) -> dict:
     path = os.pathsep.join([str(ROOT), str(PLUGIN_PATH)])
@@ -277,3 +294,27 @@ def _check_probe_s_and_precision(r: dict) -> None:
         assert r["train_loss_gap"] > 1e-5, case  # bf16 rounding of the forward: ~1e-3 here
     else:
         assert r["train_loss_gap"] == 0.0, case
+
+
+# The bound of tests/multirank/test_optim_multirank.py (WT_ULPS): Muon's Newton-Schulz runs in
+# bf16, so a reduced gradient that differs from ZeRO-0's by fp32 rounding (4 ranks reduce in
+# another order under reduce-scatter than under all-reduce) can move each step's update by bf16
+# ulps of its order-1 entries; 2**-6 * lr per step.
+WT_ULPS = 2.0**-6
+
+
+@pytest.mark.slow
+def test_whole_tensor_trajectory_on_four_ranks(world_results):
+    """Muon at ZeRO 1-3 on 4 ranks (each tensor whole on its owner rank) ends where Muon at ZeRO-0
+    ends, and its ZeRO-2 run's sums matched the reference (test_every_number_matches_reference)."""
+    world, data = world_results
+    runs = {r["case"]["stage"]: r for r in data["results"] if r["case"].get("opt") == "muon"}
+    if world != 4:
+        assert set(runs) == ({2} if world == 2 else set())
+        return
+    assert set(runs) == set(STAGES) and runs[2]["measured"] == 5
+    x0 = runs[0]["final_x"]
+    for s in (1, 2, 3):
+        diff = max(abs(a - b) for a, b in zip(runs[s]["final_x"], x0))
+        assert diff <= WT_ULPS * 0.01 * 5, f"ZeRO-{s}: {diff}"
+        assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(runs[0]["train_losses"], runs[s]["train_losses"])), s

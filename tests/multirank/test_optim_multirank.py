@@ -2,7 +2,8 @@
 precision) it declares that a CPU runs (fp32 and bf16; fp16 needs a GPU), through the real
 `run_trial`; plus the declaration checks (LAMB at ZeRO-0 equals the single-process optimizer;
 LAMB inside a ZeRO-2 engine is caught at run time; Schedule-Free's reported eval loss is the
-loss at x; PSGD-Kron's random probes leave the ranks' replicas equal). One torchrun job:
+loss at x; PSGD-Kron's random probes leave the ranks' replicas equal; every whole-tensor rule at
+ZeRO 1-3 follows its ZeRO-0 trajectory). One torchrun job:
 tests/dist/zoo_harness.py (154 cases and 4 checks; 1m44 s CPU, before the 2025-26 entries 1m35 s).
 """
 
@@ -87,6 +88,8 @@ def test_elementwise_rules_are_stage_invariant(zoo):
     by = {(r["opt"], r["stage"], r["prec"]): r for r in zoo["results"]}
     checked = 0
     for name, e in entries().items():
+        if not e.elementwise:
+            continue  # whole-tensor rules: test_whole_tensor_rules_follow_their_zero0_trajectory
         for prec in optim.CPU_PRECISIONS:
             stages = sorted(s for s, p in e.combos if p == prec)
             for s in stages[1:]:
@@ -106,7 +109,7 @@ def test_bf16_runs_in_bf16_and_tracks_fp32(zoo):
     accumulation: opt_study.trial.engine), to within bf16's rounding (2**-8 relative per weight)."""
     by = {(r["opt"], r["stage"], r["prec"]): r for r in zoo["results"]}
     pairs = [(k, by[(k[0], k[1], "fp32")]) for k in by if k[2] == "bf16"]
-    assert len(pairs) == 3 * sum(1 for e in entries().values() if e.elementwise)
+    assert len(pairs) == sum(1 for e in entries().values() for _, p in e.combos if p == "bf16")
     for (name, stage, _), fp32 in pairs:
         bf16 = by[(name, stage, "bf16")]
         assert bf16["losses"][0] != fp32["losses"][0], f"{name} ZeRO-{stage}: bf16 loss is fp32's"
@@ -141,3 +144,60 @@ def test_psgd_kron_replicas_agree_across_ranks(zoo):
     r = zoo["kron_ranks_agree"]
     assert r["ranks"] == WORLD and r["moved"] > 1e-4, r
     assert r["max_abs_diff"] == 0.0, r
+
+
+# Whole-tensor rules (optim.whole_tensor) at ZeRO 1-3 against the same rule at ZeRO-0, 10 steps.
+# Where the engine hands the owner the same reduced gradient as ZeRO-0 (accumulation 1 at every
+# stage; ZeRO-1 at any accumulation, which reduces once per step like ZeRO-0), the route moves
+# values without arithmetic, so the weights are bit for bit ZeRO-0's. ZeRO 2-3 with accumulation
+# reduce every micro-batch's gradient, so the reduced gradient differs from ZeRO-0's by fp32
+# rounding (an element-wise rule's weights by about 1e-8 here), and Muon's Newton-Schulz runs in
+# bf16 (pytorch-optimizer, as Jordan et al.), where such a difference can flip a rounding: the
+# update, entries of order 1, then differs by bf16 ulps (2**-8). The bound: four of those per step
+# at the rule's lr, WT_ULPS * lr * steps (measured: 2.9e-3 <= 6.3e-3 for Muon at lr 0.02).
+WT_ULPS = 2.0**-6
+WT_STEPS = 10
+
+
+@pytest.mark.slow
+def test_whole_tensor_rules_follow_their_zero0_trajectory(zoo):
+    rows = zoo["whole_tensor"]
+    names = {n for n, e in entries().items() if e.whole_tensor}
+    assert "muon" in names and {r["opt"] for r in rows} == names
+    # every declared sharded CPU combination, fp32 at accumulation 1 and 2, bf16 at 1
+    want = {
+        (n, s, p, g)
+        for n in names
+        for s, p in optim.optimizer_entry(n).combos
+        if s > 0 and p in optim.CPU_PRECISIONS
+        for g in ((1, 2) if p == "fp32" else (1,))
+    }
+    assert {(r["opt"], r["stage"], r["prec"], r["gas"]) for r in rows} == want
+    for r in rows:
+        case = f"{r['opt']} ZeRO-{r['stage']} {r['prec']} accumulation {r['gas']}"
+        assert r["moved"] > 2 * r["lr"], case  # the reference really trained
+        assert len(r["losses"]) == WT_STEPS and all(math.isfinite(v) for v in r["losses"]), case
+        if r["prec"] == "bf16":
+            # bf16 forwards: the same rule on every stage (bit for bit: the fp32 masters and
+            # gradients travel, not the bf16 weights), within bf16's rounding of fp32's losses
+            assert r["max_abs_diff_vs_stage"] == 0.0, f"{case} vs ZeRO-{r['vs_stage']}: {r['max_abs_diff_vs_stage']}"
+            for x, y in zip(r["ref_losses"], r["losses"]):
+                assert abs(x - y) <= 0.02 * abs(x), f"{case}: {r['losses']} vs {r['ref_losses']}"
+        elif r["gas"] == 1 or r["stage"] == 1:
+            assert r["max_abs_diff"] == 0.0, f"{case}: {r['max_abs_diff']}"
+            assert r["losses"] == r["ref_losses"], case
+        else:
+            assert r["max_abs_diff"] <= WT_ULPS * r["lr"] * WT_STEPS, f"{case}: {r['max_abs_diff']}"
+            for x, y in zip(r["ref_losses"], r["losses"]):
+                assert abs(x - y) <= 1e-4 * abs(x), f"{case}: {r['losses']} vs {r['ref_losses']}"
+
+
+@pytest.mark.slow
+def test_whole_tensor_rule_resumes_from_its_checkpoint(zoo):
+    """The owners' rule state (Muon's momentum) is in DeepSpeed's checkpoint: a trial restarted
+    from step 3 of 6 at ZeRO 2 and 3 runs the last 3 steps and ends on the weights of the run
+    that never stopped, bit for bit (a lost momentum would change every later update)."""
+    runs = zoo["whole_tensor_resume"]
+    assert [r["stage"] for r in runs] == [2, 3]
+    for r in runs:
+        assert r["steps_rerun"] == 3 and r["max_abs_diff"] == 0.0, r

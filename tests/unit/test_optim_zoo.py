@@ -17,7 +17,8 @@ from opt_study.config.space import parse_domain
 from opt_study.workloads import QuadraticConfig, make_workload
 
 ALL = list(optim.OPTIMIZERS)
-LAYERWISE = {"lamb", "novograd", "muon", "soap", "shampoo"}
+LAYERWISE = {"lamb", "novograd", "soap", "shampoo"}
+WHOLE_TENSOR = {"muon"}  # at ZeRO 1-3 through optim.whole_tensor
 # The 2024-26 contenders whose rule needs whole tensors (norms, matrices, per-tensor masks).
 RECENT_SHAPED = {"cautious_adamw", "mars", "psgd_kron", "normuon", "scion", "splus"}
 STEPS, MBS = 200, 16
@@ -77,8 +78,10 @@ def test_default_space_validates(name, spec_factory):
 # ---------------------------------------------------------------------------- the declarations
 def test_declared_combinations():
     for name, e in optim.OPTIMIZERS.items():
-        if name in LAYERWISE | RECENT_SHAPED or name == "sophia":
-            assert e.combos == optim.MODEL_TENSORS and e.needs_model_shapes, name
+        if name in WHOLE_TENSOR:
+            assert e.combos == optim.WHOLE_TENSOR and e.needs_model_shapes and e.whole_tensor, name
+        elif name in LAYERWISE | RECENT_SHAPED or name == "sophia":
+            assert e.combos == optim.MODEL_TENSORS and e.needs_model_shapes and not e.whole_tensor, name
         elif name.startswith("schedulefree"):
             assert e.combos == optim.MODEL_TENSORS and not e.needs_model_shapes, name
         else:
@@ -95,6 +98,67 @@ def test_combination_errors_say_what_to_change():
     assert "set scale.precision to fp32" in msg
     msg = optim.combination_error("schedulefree_adamw", 3, "fp32")
     assert "evaluation would see y instead of x" in msg and "scale.zero_stage to 0" in msg
+
+
+def test_whole_tensor_rules_validate_at_zero_1_to_3_and_refuse_fp16(spec_factory):
+    """Muon runs whole tensors on owner ranks at ZeRO 1-3 (optim.whole_tensor): fp32 and bf16
+    validate there; fp16 (untested on that route) and ZeRO-0 bf16 (no engine) are refused with
+    the combinations that work."""
+    for stage in (1, 2, 3):
+        for precision in ("fp32", "bf16"):
+            assert _study(spec_factory, stage, precision, "adamw", "muon").scale.zero_stage == stage
+    msg = optim.combination_error("muon", 2, "fp16")  # fp16 needs a GPU: ScaleConfig refuses it here first
+    assert "not tested under fp16" in msg
+    assert "scale.precision to fp32 or bf16" in msg
+    assert msg.endswith(
+        "Correct combinations: zero_stage 0/fp32, zero_stage 1/fp32, zero_stage 1/bf16, zero_stage 2/fp32, "
+        "zero_stage 2/bf16, zero_stage 3/fp32, zero_stage 3/bf16"
+    )
+    assert "no bf16 mode without ZeRO" in optim.combination_error("muon", 0, "bf16")
+
+
+def test_whole_tensor_owners_balance_bytes():
+    from opt_study.optim.whole_tensor import assign_owners
+
+    # largest first to the lighter rank: 10 -> 0; 8, 2 -> 1 (10 | 10); the two 1s -> 0 (tie), then 1
+    assert assign_owners([10, 1, 1, 8, 2], 2) == [0, 0, 1, 1, 1]
+    assert assign_owners([4, 4, 4, 4], 4) == [0, 1, 2, 3]
+    assert assign_owners([5], 3) == [0]
+    owners = assign_owners([64 * 32, 32, 32 * 16, 16, 16 * 10, 10], 2)
+    load = [sum(n for n, r in zip([64 * 32, 32, 32 * 16, 16, 16 * 10, 10], owners) if r == q) for q in (0, 1)]
+    assert load == [2048, 730]
+
+
+def test_whole_tensor_optimizer_on_one_process_is_the_rule():
+    """On one process every tensor is this rank's and every fragment is the whole tensor: the
+    wrapper's step equals the library's rule bit for bit, over the schedule's lr factor too."""
+    from opt_study.optim.whole_tensor import WholeTensorOptimizer
+
+    torch.manual_seed(0)
+    ws = [torch.randn(6, 4), torch.randn(4), torch.randn(3, 6)]
+    a = [w.clone().requires_grad_() for w in ws]
+    flat = torch.cat([w.reshape(-1) for w in ws]).clone()  # what ZeRO would hand the optimizer
+    plain = optim.build_optimizer("muon", a, {})
+    wrapped = optim.build_optimizer("muon", [w.clone().requires_grad_() for w in ws], {}, zero_stage=2)
+    assert isinstance(wrapped, WholeTensorOptimizer)
+    wrapped.param_groups[0]["params"] = [flat]
+    bounds, at = [], 0
+    for w in ws:
+        bounds.append((flat[at : at + w.numel()], 0, w.numel()))
+        at += w.numel()
+    assert optim.attach_fragments(wrapped, lambda: bounds)
+    for step in range(3):
+        grads = [torch.randn_like(w) for w in ws]
+        for p, g in zip(a, grads):
+            p.grad = g.clone()
+        flat.grad = torch.cat([g.reshape(-1) for g in grads])
+        optim.apply_lr_factor(plain, 0.5**step)
+        optim.apply_lr_factor(wrapped, 0.5**step)
+        plain.step()
+        wrapped.step()
+        assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in a])), step
+    sd = wrapped.state_dict()
+    assert sd["whole_tensor"]["owner"] == [0, 0, 0] and sd["whole_tensor"]["rule"]["state"]
 
 
 def _study(spec_factory, stage: int, precision: str, *optimizers: str):

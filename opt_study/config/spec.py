@@ -407,6 +407,9 @@ class MeasureConfig:
     lanczos_steps: int = 20
     # forward passes of the critical-sharpness line search (at least 3); 0 = no λc
     critical_forwards: int = 10
+    # also λ_max(P⁻¹H), P = diag(√v̂) + ε from Adam's second moment (another 2·lanczos_steps
+    # gradient evaluations; null for optimizers without one)
+    preconditioned_sharpness: bool = False
     # on measured steps t, the next-batch identity of the previous update (ZQZCalin/trainit):
     # f(x_t; B_t) − f(x_{t−1}; B_t) and ⟨g_t, x_t − x_{t−1}⟩ in the nb_* columns; costs one forward
     # at x_{t−1} per measured step and keeps x_{t−1} (docs/METRICS.md §Next-batch gap)

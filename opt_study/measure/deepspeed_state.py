@@ -173,6 +173,57 @@ def restore_after_probe(engine, zero_stage: int) -> None:
     set_accumulation_boundary(engine, None)  # the override is sticky otherwise
 
 
+# ------------------------------------------------------------------------- optimizer state
+def client_optimizer(engine):
+    """The torch optimizer that applies the update: ZeRO 1-3 and BF16_Optimizer wrap the client
+    as ``engine.optimizer.optimizer``; at ZeRO-0 fp32 ``engine.optimizer`` is the client."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def adam_second_moment_hyper(engine) -> tuple[float, float, int] | None:
+    """(β2, ε, k) of an Adam-family client optimizer, k its step count (torch Adam/AdamW keep
+    ``state[p]["step"]``, after step t it is t + 1), or None when the optimizer keeps no
+    ``exp_avg_sq`` (not Adam-family) or has not stepped. Read for the preconditioned sharpness:
+    P = diag(√v̂) + ε with v̂ = v / (1 − β2^k) (Cohen et al. 2022, https://arxiv.org/abs/2207.14484)."""
+    client = client_optimizer(engine)
+    group = client.param_groups[0]
+    state = next((st for st in client.state.values() if "exp_avg_sq" in st and "step" in st), None)
+    if state is None or "betas" not in group:
+        return None
+    return float(group["betas"][1]), float(group["eps"]), int(float(state["step"]))
+
+
+def slice_optim_state(engine, p, key: str) -> torch.Tensor | None:
+    """The whole ``key`` state of ``p`` (ZeRO-0 fp32: the client's state is keyed by the model's
+    own parameters), flattened; None if absent."""
+    st = client_optimizer(engine).state.get(p, {})
+    v = st.get(key)
+    return v.view(-1) if torch.is_tensor(v) else None
+
+
+def hp_optim_state_fragment(p, key: str) -> torch.Tensor | None:
+    """This rank's fragment of the ``key`` state of ``p`` (ZeRO-1/2, BF16_Optimizer): the
+    ``tensor_fragment.optim_fragment`` views DeepSpeed links after the first step(); EMPTY if the
+    rank holds none of ``p``, None before the link or without the key."""
+    m = p._hp_mapping
+    if m is None:
+        return EMPTY
+    frag = getattr(m, "optim_fragment", None) or {}
+    return frag[key].view(-1) if key in frag else None
+
+
+def z3_local_optim_state(p, key: str) -> torch.Tensor | None:
+    """This rank's (padded) partition of the ``key`` state of ``p`` (ZeRO-3,
+    ``deepspeed.utils.safe_get_local_optimizer_state``); None without the key."""
+    from deepspeed.utils import safe_get_local_optimizer_state
+
+    try:
+        return safe_get_local_optimizer_state(p, key)
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
 # ------------------------------------------------------------------------- torch module hooks
 def _is_deepspeed_hook(fn) -> bool:
     fn = getattr(fn, "func", fn)  # functools.partial

@@ -246,7 +246,7 @@ def curvature_summary(rows: Sequence[Mapping]) -> dict[str, float]:
     find λ_max hovering at 2/η) and the max. NaN without values."""
     ordered = sorted(rows, key=lambda r: r.get("step", 0))
     out = {}
-    for col in ("sharpness", "critical_sharpness"):
+    for col in ("sharpness", "sharpness_precond", "critical_sharpness"):
         vals = [x for x in (_f(r.get(col)) for r in ordered) if math.isfinite(x)]
         out[f"{col}_late_median"] = late_median(vals)
         if col == "sharpness":

@@ -101,7 +101,8 @@ TENSOR_SUMS: tuple[str, ...] = tuple(TENSOR_NORM_OF.values())
 # Online curvature (measure.curvature_every; measure/sharpness.py, docs/METRICS.md §Online
 # curvature), on curvature steps only: λ_max of the Hessian on the step's batch (Lanczos), the
 # critical sharpness λc = 2/ηc along the update direction, and the wall time of both.
-CURVATURE_NAMES: tuple[str, ...] = ("sharpness", "critical_sharpness", "curvature_time_s")
+# ``sharpness_precond``: λ_max(P⁻¹H) with Adam's P = diag(√v̂) + ε (measure.preconditioned_sharpness).
+CURVATURE_NAMES: tuple[str, ...] = ("sharpness", "sharpness_precond", "critical_sharpness", "curvature_time_s")
 
 # The next-batch identity of the previous update (measure.next_batch; measure/next_batch.py,
 # docs/METRICS.md §Next-batch gap), on measured steps t whose Δ_{t−1} and x_{t−1} were kept: the
@@ -182,5 +183,6 @@ SUMMARY_NAMES: tuple[str, ...] = (
     # (the late phase of the edge-of-stability readings) and the max
     "sharpness_late_median",
     "sharpness_max",
+    "sharpness_precond_late_median",
     "critical_sharpness_late_median",
 )

@@ -119,6 +119,25 @@ class ShardView:
             return [self._z3_valid(p, ds.z3_local_grad(p)) for _, p in self.named]
         return [ds.hp_grad_fragment(p) for _, p in self.named]
 
+    def optim_state(self, key: str) -> list[torch.Tensor] | None:
+        """This rank's fp32 fragment of the optimizer state ``key`` (e.g. Adam's ``exp_avg_sq``)
+        of every parameter, laid out as ``params()`` (live views); None when the optimizer keeps
+        no such state (deepspeed_state reads it: private optimizer state)."""
+        if self.mode == "slice":
+            full = [ds.slice_optim_state(self.engine, p, key) for _, p in self.named]
+            if any(v is None for v in full):
+                return None
+            return [v[slice(*self._bounds(p))] for v, (_, p) in zip(full, self.named)]
+        if self.mode == "z3":
+            parts = [ds.z3_local_optim_state(p, key) for _, p in self.named]
+            return (
+                None
+                if any(v is None for v in parts)
+                else [self._z3_valid(p, v) for v, (_, p) in zip(parts, self.named)]
+            )
+        frags = [ds.hp_optim_state_fragment(p, key) for _, p in self.named]
+        return None if any(v is None for v in frags) else frags
+
     def clone_params(self) -> FlatShard:
         """An fp32 copy of ``params()`` in one flat buffer (what the measurer keeps)."""
         return flatten(self.params())

@@ -7,6 +7,10 @@ masks, around x_t, the point step t took its gradient at:
   vectors: memory a constant number of partitions) on Hessian-vector products by central
   differences of gradients (curvature.fd_hvp). Each gradient is the same-batch probe
   (probe.run_probe) at a point x_t ± εv written into the shards (ShardView.write_params).
+- ``sharpness_precond`` (``measure.preconditioned_sharpness``, Adam family): λ_max(P⁻¹H) with
+  P = diag(√v̂) + ε from the optimizer's second moment, v̂ = v/(1 − β2^k) (Cohen et al. 2022,
+  https://arxiv.org/abs/2207.14484), by the same Lanczos on the symmetric P^{-1/2} H P^{-1/2}
+  (same eigenvalues as P⁻¹H); null for an optimizer without ``exp_avg_sq``.
 - ``critical_sharpness``: λc = 2/ηc of Kalra et al. 2026 (https://arxiv.org/abs/2601.16979):
   ηc the step along the update direction d_t = −Δ_t/η_t at which the loss stops decreasing,
   found by curvature.critical_step on forwards only (probe.run_forward) at x_t + τΔ_t.
@@ -27,6 +31,7 @@ import torch
 
 from opt_study import distributed
 from opt_study.measure import curvature
+from opt_study.measure import deepspeed_state as ds
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.shards import FlatShard, flatten
 
@@ -78,6 +83,39 @@ def sharpness(obj: StepObjective, x_t: FlatShard, steps: int, v0: torch.Tensor) 
     return float(ritz[0]), k
 
 
+def preconditioner_root(engine, view, sizes) -> torch.Tensor | None:
+    """P^{-1/2} on this rank's part (float64), P = diag(√v̂) + ε, v̂ = v/(1 − β2^k) (Cohen et al.
+    2022, https://arxiv.org/abs/2207.14484); None on every rank when any rank lacks Adam's second
+    moment (one MAX all-reduce makes the decision common, so every rank joins the same Lanczos)."""
+    hyper = ds.adam_second_moment_hyper(engine)
+    frags = view.optim_state("exp_avg_sq") if hyper is not None else None
+    v = flatten(frags) if frags is not None else None
+    missing = torch.tensor([float(v is None or v.sizes != tuple(sizes))], dtype=torch.float64)
+    distributed.all_reduce_max(missing)
+    if missing.item():  # host sync: whether to measure is a Python decision
+        return None
+    beta2, eps, k = hyper
+    p = (v.flat.double() / (1.0 - beta2**k)).sqrt() + eps
+    return p.rsqrt()
+
+
+def preconditioned_sharpness(obj: StepObjective, x_t: FlatShard, steps: int, v0: torch.Tensor, root) -> float:
+    """λ_max(P⁻¹H) = λ_max(P^{-1/2} H P^{-1/2}) at x_t (``root`` = P^{-1/2}): Lanczos on
+    v ↦ r ⊙ H(r ⊙ v), each H(u) as ‖u‖·H(u/‖u‖) so the difference step stays ε along a unit
+    vector however P scales u."""
+    reduce = distributed.all_reduce_sum
+    x = x_t.flat.double()
+    hvp = curvature.fd_hvp(obj.grad_at, x, FD_EPS * max(curvature.global_norm(x, reduce), 1.0))
+
+    def op(v: torch.Tensor) -> torch.Tensor:
+        u = root * v
+        n = curvature.global_norm(u, reduce)
+        return root * (n * hvp(u / n)) if n > 0 else torch.zeros_like(v)
+
+    ritz, _ = curvature.lanczos(op, v0, steps, reduce, LANCZOS_WINDOW)
+    return float(ritz[0])
+
+
 def critical_sharpness(obj: StepObjective, x_t: FlatShard, delta: FlatShard, lr: float, forwards: int) -> float | None:
     """λc = 2/ηc along d_t = −Δ_t/η_t: the line search runs in τ = η/η_t on x_t + τΔ_t (τ = 1 is
     the real update), so ηc = τc·η_t. None without a positive lr or a bracket in the budget."""
@@ -97,11 +135,16 @@ def measure(engine, view, zero_stage: int, step_data, x_t: FlatShard, delta: Fla
     obj = StepObjective(engine, view, zero_stage, batches, rng_states, loss_fn, x_t.sizes)
     x_next = flatten(view.params())  # x_{t+1} exactly, to restore
     t0 = time.perf_counter()
-    out: dict = {"sharpness": None, "critical_sharpness": None}
+    out: dict = {"sharpness": None, "sharpness_precond": None, "critical_sharpness": None}
     try:
+        v0 = start_vector(x_t.flat.numel(), *ids, device=x_t.flat.device)
         if cfg.lanczos_steps:
-            v0 = start_vector(x_t.flat.numel(), *ids, device=x_t.flat.device)
             out["sharpness"], _ = sharpness(obj, x_t, cfg.lanczos_steps, v0)
+        root = (
+            preconditioner_root(engine, view, x_t.sizes) if cfg.lanczos_steps and cfg.preconditioned_sharpness else None
+        )
+        if root is not None:
+            out["sharpness_precond"] = preconditioned_sharpness(obj, x_t, cfg.lanczos_steps, v0, root)
         if cfg.critical_forwards:
             out["critical_sharpness"] = critical_sharpness(obj, x_t, delta, lr, cfg.critical_forwards)
     finally:

@@ -16,8 +16,9 @@ same numbers as ``opt_study.measure.metrics.summarize`` (the tests check it row 
   violated if gap > floor); "progress predicted" counts steps whose bound is below −floor;
 - the authors' own aggregates (``authors_*``, docs/METRICS.md §Authors' aggregates) come from
   ``query.authors_aggregates``, the same ``measure.authors.aggregate`` that summarize calls;
-- the online curvature's ``sharpness_late_median``, ``sharpness_max`` and
-  ``critical_sharpness_late_median`` from ``metrics.curvature_summary`` on the curvature rows.
+- the online curvature's ``sharpness_late_median``, ``sharpness_max``,
+  ``sharpness_precond_late_median`` and ``critical_sharpness_late_median`` from
+  ``metrics.curvature_summary`` on the curvature rows.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def trial_stats(db: StudyDB) -> dict[str, dict]:
 
 # The curvature rows of each trial (measured steps with a sharpness column), for curvature_summary.
 CURVATURE_SQL = """
-SELECT trial_id, step, sharpness, critical_sharpness FROM steps
+SELECT trial_id, step, sharpness, sharpness_precond, critical_sharpness FROM steps
 WHERE measured AND (sharpness IS NOT NULL OR critical_sharpness IS NOT NULL) ORDER BY trial_id, step
 """
 

@@ -3,10 +3,10 @@ sharpness λc (docs/METRICS.md §Online curvature) against the optimizer's stabi
 whether the late phase meets the acceptance band.
 
 The threshold (Cohen et al. 2021, https://arxiv.org/abs/2103.00065): 2/η for gradient descent
-with step η, and (2 + 2β)/η with heavy-ball momentum β (their §5 / App. on momentum). With a
-schedule, η is the row's lr, so the threshold is taken row by row. Optimizers without a known
-threshold (Adam's is a threshold on the preconditioned sharpness, not built) get their curves
-and no verdict.
+with step η, and (2 + 2β)/η with heavy-ball momentum β, on λ_max. For Adam (Cohen et al. 2022,
+https://arxiv.org/abs/2207.14484) it is (2 + 2β1)/((1 − β1)η), 38/η at β1 = 0.9, on the
+preconditioned sharpness λ_max(P⁻¹H) (``sharpness_precond``). With a schedule, η is the row's
+lr, so the threshold is taken row by row. Other optimizers get their curves and no verdict.
 
 The acceptance band: the median of λ_max/threshold over the late phase, the last quarter of the
 trial's curvature rows (``measure.metrics.late_median``, the same window as the trial summary's
@@ -27,16 +27,30 @@ from opt_study.report.data import StudyData
 from opt_study.report.series import ids_sql
 
 BAND = 0.10  # ±10% of the predicted threshold
+COLUMNS = ("step", "lr", "sharpness", "sharpness_precond", "critical_sharpness")
 HEAVY_BALL = ("sgd", "momentum")  # torch SGD: heavy-ball momentum β (0 for plain sgd), no Nesterov
+ADAM = ("adam", "adamw")  # their β1: the threshold is on the preconditioned sharpness
 
 SQL = """
-SELECT trial_id, step, lr, sharpness, critical_sharpness FROM steps
+SELECT trial_id, step, lr, sharpness, sharpness_precond, critical_sharpness FROM steps
 WHERE (sharpness IS NOT NULL OR critical_sharpness IS NOT NULL) AND trial_id IN {ids} ORDER BY trial_id, step
 """
 
 
+def threshold(optimizer: str, hparams: dict) -> tuple[str, float] | None:
+    """(the column it bounds, c) of the threshold c/η: ("sharpness", 2 + 2β) for heavy-ball SGD
+    (Cohen et al. 2021, https://arxiv.org/abs/2103.00065); ("sharpness_precond",
+    (2 + 2β1)/(1 − β1)) for Adam (Cohen et al. 2022, https://arxiv.org/abs/2207.14484); None
+    otherwise (or Nesterov)."""
+    if optimizer in ADAM:
+        b1 = float(optim.resolve_hparams(optimizer, hparams)["beta1"])
+        return "sharpness_precond", (2.0 + 2.0 * b1) / (1.0 - b1)
+    factor = threshold_factor(optimizer, hparams)
+    return None if factor is None else ("sharpness", factor)
+
+
 def threshold_factor(optimizer: str, hparams: dict) -> float | None:
-    """c in the threshold c/η: 2 + 2β for heavy-ball SGD (Cohen et al. 2021,
+    """c in the threshold c/η on λ_max: 2 + 2β for heavy-ball SGD (Cohen et al. 2021,
     https://arxiv.org/abs/2103.00065), None where no threshold on λ_max is known (or Nesterov)."""
     if optimizer not in HEAVY_BALL:
         return None
@@ -47,13 +61,14 @@ def threshold_factor(optimizer: str, hparams: dict) -> float | None:
 
 
 def trial_curves(data: StudyData) -> dict[str, dict[str, np.ndarray]]:
-    """trial id -> {step, lr, sharpness, critical_sharpness} arrays of its curvature rows."""
+    """trial id -> {step, lr, sharpness, sharpness_precond, critical_sharpness} arrays of its
+    curvature rows."""
     ids = sorted(data.trials)
     if not ids:
         return {}
     out: dict[str, dict[str, list]] = {}
     for r in data.db.rows(SQL.format(ids=ids_sql(ids))):
-        d = out.setdefault(r["trial_id"], {k: [] for k in ("step", "lr", "sharpness", "critical_sharpness")})
+        d = out.setdefault(r["trial_id"], {k: [] for k in COLUMNS})
         for k in d:
             d[k].append(math.nan if r[k] is None else float(r[k]))
     return {t: {k: np.asarray(v, dtype=float) for k, v in d.items()} for t, d in out.items()}
@@ -62,21 +77,25 @@ def trial_curves(data: StudyData) -> dict[str, dict[str, np.ndarray]]:
 def verdict_row(trial: dict, c: dict[str, np.ndarray]) -> dict:
     """One trial's line: predicted threshold, late-phase medians, ratio and the verdict."""
     hp = {k[3:]: v for k, v in trial.items() if k.startswith("hp.") and v is not None}
-    factor = threshold_factor(trial["optimizer"], hp)
+    th = threshold(trial["optimizer"], hp)
+    col, factor = th if th is not None else ("sharpness", None)
     thr = factor / c["lr"] if factor is not None else np.full_like(c["lr"], math.nan)
-    ok = np.isfinite(c["sharpness"])
-    ratio = late_median(list((c["sharpness"] / thr)[ok])) if factor is not None else math.nan
+    ok = np.isfinite(c[col])
+    ratio = late_median(list((c[col] / thr)[ok])) if factor is not None else math.nan
     row = {
         "trial": trial["trial_id"],
         "optimizer": trial["optimizer"],
         "lr": float(c["lr"][-1]),
+        "compared": col,
         "predicted": float(thr[-1]),
-        "lambda_max_late": late_median(list(c["sharpness"][ok])),
+        "lambda_max_late": late_median([v for v in c["sharpness"] if math.isfinite(v)]),
+        "lambda_precond_late": late_median([v for v in c["sharpness_precond"] if math.isfinite(v)]),
         "lambda_c_late": late_median([v for v in c["critical_sharpness"] if math.isfinite(v)]),
         "ratio": ratio,
         "n": int(ok.sum()),
     }
-    row["verdict"] = "no threshold" if factor is None else ("met" if abs(ratio - 1.0) <= BAND else "not met")
+    met = factor is not None and ok.any() and abs(ratio - 1.0) <= BAND
+    row["verdict"] = "no threshold" if factor is None or not ok.any() else ("met" if met else "not met")
     return row
 
 
@@ -90,10 +109,13 @@ def figure(data: StudyData, curves: dict[str, dict[str, np.ndarray]]) -> Figure:
     for ax, tid in zip(axes, ids):
         c, t = curves[tid], data.trials[tid]
         hp = {k[3:]: v for k, v in t.items() if k.startswith("hp.") and v is not None}
-        factor = threshold_factor(t["optimizer"], hp)
+        th = threshold(t["optimizer"], hp)
         ax.plot(c["step"], c["sharpness"], ".-", ms=3, lw=1, label="λ_max (Lanczos)")
+        if np.isfinite(c["sharpness_precond"]).any():
+            ax.plot(c["step"], c["sharpness_precond"], ".-", ms=3, lw=1, label="λ_max(P⁻¹H)")
         ax.plot(c["step"], c["critical_sharpness"], ".", ms=3, alpha=0.7, label="λc (critical)")
-        if factor is not None:
+        if th is not None:
+            factor = th[1]
             thr = factor / c["lr"]
             ax.plot(c["step"], thr, "k--", lw=1, label=f"{factor:g}/η")
             ax.fill_between(c["step"], thr * (1 - BAND), thr * (1 + BAND), color="k", alpha=0.08, lw=0)
@@ -121,12 +143,26 @@ def section(data: StudyData) -> list[str]:
     rows = [verdict_row(data.trials[t], curves[t]) for t in sorted(curves) if t in data.trials]
     cols = [
         (k, k)
-        for k in ("trial", "optimizer", "lr", "predicted", "lambda_max_late", "lambda_c_late", "ratio", "n", "verdict")
+        for k in (
+            "trial",
+            "optimizer",
+            "lr",
+            "compared",
+            "predicted",
+            "lambda_max_late",
+            "lambda_precond_late",
+            "lambda_c_late",
+            "ratio",
+            "n",
+            "verdict",
+        )
     ]
     return [
         render.note(
             "Edge of stability (Cohen et al. 2021, arXiv:2103.00065): under gradient descent with step η "
-            "(heavy-ball momentum β) λ_max rises to the threshold (2 + 2β)/η and hovers there. "
+            "(heavy-ball momentum β) λ_max rises to the threshold (2 + 2β)/η and hovers there; under Adam "
+            "the preconditioned λ_max(P⁻¹H) does, at (2 + 2β1)/((1 − β1)η) = 38/η for β1 = 0.9 (Cohen et al. "
+            "2022, arXiv:2207.14484). "
             f"Acceptance band: the median of λ_max / threshold over the late phase (the last quarter of "
             f"a trial's curvature rows, shaded) within ±{BAND:.0%} of 1 (met / not met). λc = 2/ηc "
             "along the update direction (Kalra et al. 2026, arXiv:2601.16979) is drawn beside it."

@@ -66,6 +66,7 @@ MEASURE_CURVES = (
     "cos_update_prev",
     "noise_floor",
     "sharpness",  # curvature steps only (measure.curvature_every)
+    "sharpness_precond",
     "critical_sharpness",
     "nb_loss_gap",  # measure.next_batch only: the identity of the previous update on this batch
     "nb_convexity_gap",

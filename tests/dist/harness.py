@@ -50,6 +50,24 @@ def full_grads(engine, stage: int, precision: str = "fp32") -> torch.Tensor:
     return torch.cat([safe_get_full_grad(p).detach().double().reshape(-1) for p in ps])
 
 
+def full_vhat(engine, stage: int, precision: str = "fp32") -> torch.Tensor:
+    """The full Adam preconditioner P = √v̂ + ε (float64), v̂ = exp_avg_sq / (1 − β2^k), from the
+    client's state at ZeRO-0 fp32 and DeepSpeed's safe_get_full_optimizer_state otherwise (an
+    independent path to the adapter's fragments; a collective at ZeRO 1-3)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    client = getattr(opt, "optimizer", opt)
+    ps = [p for p in engine.module.parameters() if p.requires_grad]
+    if stage == 0 and precision == "fp32":
+        v = torch.cat([client.state[p]["exp_avg_sq"].double().reshape(-1) for p in ps])
+    else:
+        v = torch.cat([safe_get_full_optimizer_state(p, "exp_avg_sq").double().reshape(-1) for p in ps])
+    (_, beta2), eps = client.param_groups[0]["betas"], client.param_groups[0]["eps"]
+    k = int(float(next(st["step"] for st in client.state.values() if "step" in st)))
+    return (v / (1 - beta2**k)).sqrt() + eps
+
+
 def engine_snapshot(engine, stage: int, precision: str = "fp32") -> dict:
     """Everything a probe could disturb: optimizer state, counters, buffers, RNG, weights, ZeRO
     gradient bookkeeping. Deep copies, compared exactly."""
@@ -154,6 +172,8 @@ class RecordingMeasurer(StepMeasurer):
         self.rec["local_numel"] = self.view.local_numel()
         self.rec["g_plus"] = self.view.full_g if self.measured else None
         self.rec["x_next"] = full_params(self.engine, stage, precision)
+        if row.get("sharpness_precond") is not None:  # the same on every rank: a common collective
+            self.rec["precond"] = full_vhat(self.engine, stage, precision)
         if self.measured and self.reference_losses is not None:
             # fp32 forwards of a plain copy of the model at x_t and p = x_t + sΔ_t (p formed as
             # the hook forms it, fp32 x + s·Δ), on this rank's micro-batches with their masks
@@ -210,6 +230,7 @@ def spec_for(case: dict, storage: str):
                 "probe_s": case.get("probe_s", "1"),
                 "curvature_every": case.get("curvature_every", 0),
                 "lanczos_steps": case.get("lanczos_steps", 20),
+                "preconditioned_sharpness": bool(case.get("curvature_every")),
             },
         }
     )
@@ -300,8 +321,13 @@ def check_curvature(spec, t: int, r: dict, put) -> None:
     eigvalsh), and λc from the same line search on the float64 loss along x_t + τΔ_t."""
     x, delta, row = r["x"], r["x_next"] - r["x"], r["row"]
     f = reference_objective(spec, t, distributed.world_size())
-    lam = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, x, vectorize=True)).max())
+    h = torch.autograd.functional.hessian(f, x, vectorize=True)
+    lam = float(torch.linalg.eigvalsh(h).max())
     put("sharpness_vs_dense", rel(row["sharpness"], lam, abs(lam)))
+    if "precond" in r:  # λ_max(P⁻¹H) = λ_max(P^{-1/2} H P^{-1/2}), P from DeepSpeed's full state
+        root = r["precond"].rsqrt()
+        lam_p = float(torch.linalg.eigvalsh(root[:, None] * h * root[None, :]).max())
+        put("sharpness_precond_vs_dense", rel(row["sharpness_precond"], lam_p, abs(lam_p)))
     with torch.no_grad():
         tau, _ = curvature.critical_step(lambda tau: float(f(x + tau * delta)), spec.measure.critical_forwards)
     ref_c = 2.0 / (tau * r["lr"]) if tau else None

@@ -16,19 +16,22 @@ from opt_study.validate import load_study
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_threshold_factor_is_two_plus_two_beta():
-    assert eos.threshold_factor("sgd", {"lr": 0.1}) == 2.0
+def test_thresholds_are_two_plus_two_beta_and_38_for_adam():
+    assert eos.threshold("sgd", {"lr": 0.1}) == ("sharpness", 2.0)
     assert eos.threshold_factor("momentum", {"lr": 0.1, "momentum": 0.5}) == pytest.approx(3.0)
     assert eos.threshold_factor("momentum", {"lr": 0.1}) == pytest.approx(3.8)  # the entry's default β = 0.9
-    assert eos.threshold_factor("adamw", {"lr": 1e-3}) is None  # a preconditioned threshold: not built
+    col, c = eos.threshold("adamw", {"lr": 1e-3})  # on λ_max(P⁻¹H): (2 + 2β1)/(1 − β1) = 38 at β1 = 0.9
+    assert col == "sharpness_precond" and c == pytest.approx(38.0)
+    assert eos.threshold("lion", {"lr": 1e-4}) is None
 
 
-def _curves(values, lr=0.2):
+def _curves(values, lr=0.2, precond=None):
     n = len(values)
     return {
         "step": np.arange(n, dtype=float) * 10,
         "lr": np.full(n, lr),
         "sharpness": np.asarray(values, dtype=float),
+        "sharpness_precond": np.full(n, math.nan) if precond is None else np.asarray(precond, dtype=float),
         "critical_sharpness": np.full(n, math.nan),
     }
 
@@ -41,6 +44,11 @@ def test_verdict_uses_the_median_of_the_last_quarter():
     assert row["lambda_max_late"] == pytest.approx(10.0) and row["verdict"] == "met"
     low = eos.verdict_row(trial, _curves([2, 3, 4, 5, 6, 7, 8, 8.5]))  # last 2: 8, 8.5 -> 0.825
     assert low["ratio"] == pytest.approx(0.825) and low["verdict"] == "not met"
+    assert eos.verdict_row({**trial, "optimizer": "lion"}, _curves([1.0, 2.0]))["verdict"] == "no threshold"
+    # Adam: the preconditioned sharpness against 38/η (η = 0.2: 190)
+    adam = eos.verdict_row({**trial, "optimizer": "adamw"}, _curves([1.0, 2.0, 3.0, 4.0], precond=[50, 150, 185, 195]))
+    assert adam["compared"] == "sharpness_precond" and adam["predicted"] == pytest.approx(190.0)
+    assert adam["ratio"] == pytest.approx(195 / 190) and adam["verdict"] == "met"
     assert eos.verdict_row({**trial, "optimizer": "adamw"}, _curves([1.0, 2.0]))["verdict"] == "no threshold"
 
 

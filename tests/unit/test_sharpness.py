@@ -67,14 +67,22 @@ def test_windowed_lanczos_finds_the_top_eigenvalue():
 
 
 class Recording(StepMeasurer):
-    """Keeps x_t, g_t and Δ_t of every step (one rank, ZeRO-0: the shard is the whole vector)."""
+    """Keeps x_t, g_t, Δ_t of every step and, for Adam, P = √v̂ + ε after it (one rank, ZeRO-0:
+    the shard is the whole vector, the optimizer is torch's own)."""
 
     log: dict = {}
 
     def end(self, step, loss_local, loss_fn, **kw):
         x, g = self.x_t.flat.double().clone(), self.g_t.flat.double().clone()
         row = super().end(step, loss_local, loss_fn, **kw)
-        Recording.log[step] = (x, g, self.view.clone_params().flat.double() - x)
+        opt = self.engine.optimizer
+        p = None
+        if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            st = opt.state[self.view.named[0][1]]
+            (_, beta2), eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+            vhat = st["exp_avg_sq"].double().reshape(-1) / (1 - beta2 ** int(st["step"]))
+            p = vhat.sqrt() + eps
+        Recording.log[step] = (x, g, self.view.clone_params().flat.double() - x, p)
         return row
 
 
@@ -85,7 +93,7 @@ def _run(spec_factory, name, opt, curvature_every, measurer=StepMeasurer, steps=
         scale={"workers": 1, "zero_stage": 0, "micro_batch_size": 8},
         training={"steps": steps, "eval_every": steps},
         optimizers=[{"name": opt, "params": {"lr": 0.05}}],
-        measure={"every": 0, "curvature_every": curvature_every},
+        measure={"every": 0, "curvature_every": curvature_every, "preconditioned_sharpness": True},
     )
     run_trial(
         spec, TrialPlan("t", opt, opt, {"lr": 0.05}, seed=0, index=0), report=lambda m: None, measurer_cls=measurer
@@ -104,7 +112,7 @@ def test_online_curvature_on_the_quadratic_is_its_closed_form(spec_factory, opt)
     for r in curv:
         # FD Hessian-vector products of fp32 gradients: docs/METRICS.md's 2e-3
         assert r["sharpness"] == pytest.approx(float(wl.spectrum.max()), rel=2e-3), r["step"]
-        x, g, delta = Recording.log[r["step"]]
+        x, g, delta, p = Recording.log[r["step"]]
         d = -delta / r["lr"]
         dm = d.reshape(QUADRATIC["dim"], QUADRATIC["cols"])
         closed = float((dm * (a @ dm)).sum() / (d @ g))  # λc = dᵀHd / ⟨d, g⟩
@@ -112,6 +120,12 @@ def test_online_curvature_on_the_quadratic_is_its_closed_form(spec_factory, opt)
         assert 0 < r["curvature_time_s"] < 10
         if opt == "sgd":  # d = g: the Rayleigh quotient along the gradient, ≤ λ_max
             assert r["critical_sharpness"] <= r["sharpness"] * (1 + 2e-3)
+            assert r["sharpness_precond"] is None  # no second moment
+        else:  # λ_max(P⁻¹H) = λ_max(P^{-1/2} (A ⊗ I) P^{-1/2}), P = √v̂ + ε from the optimizer
+            h = torch.kron(a, torch.eye(QUADRATIC["cols"], dtype=torch.float64))  # X row-major
+            root = p.rsqrt()
+            dense = float(torch.linalg.eigvalsh(root[:, None] * h * root[None, :]).max())
+            assert r["sharpness_precond"] == pytest.approx(dense, rel=2e-3), r["step"]
     summary = metrics.summarize([r for r in rows if r["measured"]])
     assert summary["sharpness_late_median"] == curv[-1]["sharpness"]
     assert summary["sharpness_max"] == max(r["sharpness"] for r in curv)

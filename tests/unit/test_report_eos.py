@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from opt_study.report import eos
 from opt_study.validate import load_study
@@ -61,3 +62,18 @@ def test_the_replication_config_states_its_band_and_validates():
     s = spec.scale
     assert s.micro_batch_size * s.workers * s.grad_accum == spec.workload.params.full_batch  # full batch
     assert len(spec.optimizers) == 1 and len(spec.optimizers[0].space["lr"].values) >= 3
+
+
+def test_full_batch_is_the_same_subset_every_step_and_mse_is_half_the_squared_error():
+    from opt_study.workloads import MLPClassifyConfig, make_workload
+
+    cfg = MLPClassifyConfig(hidden=(8,), activation="tanh", loss="mse", full_batch=100)
+    wl = make_workload("mlp_classify", cfg, 0)
+    parts = [wl.train_batch(step, i, 25) for step in (0, 7) for i in range(4)]
+    x = torch.cat([p[0] for p in parts[:4]])
+    assert torch.equal(x, wl.train_x[:100]) and torch.equal(x, torch.cat([p[0] for p in parts[4:]]))
+    model = wl.build_model()
+    assert any(isinstance(m, torch.nn.Tanh) for m in model)
+    z = model(x)
+    onehot = torch.nn.functional.one_hot(wl.train_y[:100], 10).float()
+    assert float(wl.loss(model, (x, wl.train_y[:100]))) == pytest.approx(float(0.5 * ((z - onehot) ** 2).sum(1).mean()))

@@ -401,10 +401,12 @@ class StepMeasurer:
         """measure.next_batch: this rank's share of f(x_{t−1}; B_t) and its partial ⟨g_t, Δ_{t−1}⟩
         into the packed losses (opt_study.measure.next_batch). Nothing on an attempt's first
         step, where Δ_{t−1} and x_{t−1} were not kept (the same on every rank: the cadence).
-        Under bf16/fp16 the forward is fp32 (fp32eval), as the measured ℓ_t it is subtracted from."""
+        Under bf16/fp16 the forward is fp32 (fp32eval), as the measured ℓ_t it is subtracted from;
+        at ZeRO-3 too (next_batch.loss_at: a forward-only pass through ZeRO-3's hooks leaves
+        parameters gathered that a run without it has released)."""
         if not (self.next_batch and self.prev_x is not None and self.prev_delta is not None):
             return
-        fp32 = model_loss_fn if self.refit_fp32 else None
+        fp32 = model_loss_fn if self.refit_fp32 or self.info.zero_stage == 3 else None
         loss_prev = next_batch.loss_at(
             self.engine, self.view, self.prev_x, self.batches, self.rng_states, loss_fn, fp32
         )

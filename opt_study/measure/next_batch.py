@@ -36,12 +36,17 @@ def loss_at(engine, view, x_prev: FlatShard, batches, rng_states, loss_fn, model
     """This rank's mean loss f(x_{t−1}; B_t) over step t's micro-batches with step t's dropout masks
     (float64 0-dim tensor on the loss's device). Collective: every rank calls it.
 
-    ``model_loss_fn`` given (bf16/fp16 trials, whose measured ℓ_t is an fp32 re-evaluation):
-    fp32eval's fp32 forward at the fp32 point, nothing written. Otherwise the engine's own forward
-    (``loss_fn``, the path ℓ_t came from) with x_{t−1} written into the shards
-    (ShardView.write_params: fp32 masters and the weights the forward reads) and x_{t+1} written
-    back bit-for-bit afterwards, as the probe does for s ≠ 1 (docs/METRICS.md §Probe contract);
-    run_forward puts back the RNG and module buffers and touches no gradient.
+    ``model_loss_fn`` given: fp32eval's fp32 forward at the fp32 point, with DeepSpeed's hooks
+    detached and nothing written. The hook passes it for bf16/fp16 trials, whose measured ℓ_t is
+    an fp32 re-evaluation, and at ZeRO-3: a forward without its backward through ZeRO-3's
+    gather/release hooks leaves the parameters that the recorded trace expects the backward to
+    reuse gathered (found by the harness's engine snapshot at stage3_param_persistence_threshold
+    0), state a run without the forward lacks. Otherwise (fp32 at ZeRO 0-2) the engine's own
+    forward (``loss_fn``, the path ℓ_t came from, so x_{t−1} = x_t gives a gap of exactly 0) with
+    x_{t−1} written into the shards (ShardView.write_params: fp32 masters and the weights the
+    forward reads) and x_{t+1} written back bit-for-bit afterwards, as the probe does for s ≠ 1
+    (docs/METRICS.md §Probe contract); run_forward puts back the RNG and module buffers and
+    touches no gradient.
     """
     if model_loss_fn is not None:
         return fp32eval.evaluate_losses(engine, view, x_prev, batches, rng_states, model_loss_fn)

@@ -26,10 +26,8 @@ by the copy that keeping it needs anyway). On CPU ``flat_sums`` hands the buffer
 kernel (fused_sums.py): one pass over each group's element range, every sum updated from
 registers, within ~1.2x of one pass over the bytes (benchmarks/bench_sums.py, RESULTS.md §3); its
 fp32 lanes over blocks of 256 elements satisfy the bound above with C = 32. Elsewhere (GPU,
-float64, strided views, no compiler) ``flat_sums_torch`` cuts each range into near-equal chunks
-and runs ~12 calls per chunk on plain slices: the bytes are read from memory once, by the first
-dots of a chunk, and the other dots re-read the chunk from L2 (1.7-2.8x one pass on CPU).
-float64 arithmetic (chunks upcast) costs 2-3x more.
+float64, strided views, no compiler) ``flat_sums_torch`` runs one batched dot per sum and
+group run over the run's chunks (a few dozen launches per step, whatever the shard's size).
 """
 
 from __future__ import annotations
@@ -161,8 +159,13 @@ def flat_sums_torch(
     chunk: int = CHUNK,
     only: Collection[str] | None = None,
 ) -> Tensor:
-    """``flat_sums`` on its torch path (any device and float dtype): per chunk, one torch.dot
-    per sum in the working precision, the chunks' results summed in float64."""
+    """``flat_sums`` on its torch path (any device and float dtype): per run and sum, ONE batched
+    dot over the run's chunks of ``chunk`` elements (``torch.bmm`` of [k, 1, C] by [k, C, 1]) plus
+    one dot for the remainder, in the working precision; the chunks' results summed in float64.
+    A step's launches grow with runs × sums, not with the shard's size (issue 16: one torch.dot
+    per 64k-element chunk made ~5.7k launches per GPT-2 step); tests/unit/test_sum_launches.py
+    counts them through the torch profiler. Differences are formed once over the whole vector
+    (one shard-sized buffer each, where the CPU kernel needs none)."""
     present, _, wanted = check_flat(vectors, runs, n_groups, chunk, only)
     device = present["x"].device
     out = _empty_out(wanted, n_groups, device)
@@ -173,32 +176,49 @@ def flat_sums_torch(
     held = sorted({g for g, _, _ in runs})
     if missing and held:
         out[torch.tensor(missing)[:, None], torch.tensor(held)[None, :]] = float("nan")
-    lens = [chunk_lengths(stop - start, chunk) for _, start, stop in runs]
-    if computable and any(lens):
-        blocks = (
-            dict(zip(names, ops))
-            for (_, start, stop), ls in zip(runs, lens)
-            for ops in zip(*(present[k][start:stop].split(ls) for k in names))
-        )
-        per_chunk = _accumulate(blocks, terms, device, work)  # [chunks, terms]
-        per_group = torch.zeros(n_groups, len(terms), dtype=torch.float64, device=device)
-        group_of_chunk = [g for (g, _, _), ls in zip(runs, lens) for _ in ls]
-        per_group.index_add_(0, torch.tensor(group_of_chunk, device=device), per_chunk)
-        out[computable] += per_group.T
+    if not computable or not any(stop > start for _, start, stop in runs):
+        return out
+    chunk = min(chunk, BMM_ROW)
+    ops = {k: present[k] if present[k].dtype == work else present[k].to(work) for k in names}
+    for d, (a, b) in _DIFFS.items():
+        if any(d in t for t in terms):
+            ops[d] = ops[a] - ops[b]  # fp32 differences before the dot, never via ‖a‖² − 2⟨a,b⟩ + ‖b‖²
+    per_group = torch.zeros(n_groups, len(terms), dtype=torch.float64, device=device)
+    for g, start, stop in runs:
+        if stop > start:
+            per_group[g] += _run_dots(ops, terms, start, stop, chunk)
+    out[computable] += per_group.T
     return out
+
+
+# A batched dot's row: a row's fp32 dot is accumulated in one sequence by the CPU's bmm (its
+# error grows like the row's length: 8e-6 relative at 64k rows against 1e-7 for BLAS sdot), so
+# rows stay short; their count costs no launches, only a float64 sum of k values.
+BMM_ROW = 1024
+
+
+def _run_dots(ops: Mapping[str, Tensor], terms: list[tuple[str, str]], start: int, stop: int, chunk: int) -> Tensor:
+    """float64 [terms]: each term's dot over elements [start, stop), as k full chunks of ``chunk``
+    (one bmm per term; each chunk's dot in the working precision, the error bound of the module
+    docstring with C = chunk) and a remainder (one dot per term), summed in float64."""
+    k = (stop - start) // chunk
+    bulk = start + k * chunk
+    parts = []
+    if k:
+        rows = [
+            torch.bmm(ops[a][start:bulk].view(k, 1, chunk), ops[b][start:bulk].view(k, chunk, 1)).view(k)
+            for a, b in terms
+        ]
+        parts.append(torch.stack(rows).to(torch.float64).sum(dim=1))
+    if bulk < stop:
+        parts.append(torch.stack([torch.dot(ops[a][bulk:stop], ops[b][bulk:stop]) for a, b in terms]).to(torch.float64))
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
 def _use_fused(present: Mapping[str, Tensor]) -> bool:
     """Whether flat_sums hands these vectors to the fused one-pass kernel (fused_sums.py): CPU
     fp32 contiguous vectors, the kernel built, and OPT_STUDY_FUSED_SUMS not "0"."""
     return _fused.enabled() and _fused.supports(present) and _fused.available()
-
-
-def chunk_lengths(n: int, chunk: int = CHUNK) -> list[int]:
-    """Lengths of the near-equal pieces of at most ``chunk`` elements that flat_sums cuts a run
-    of ``n`` elements into (no tiny remainder chunk: each costs as many calls as a full one)."""
-    pieces = -(-n // chunk)
-    return [n * (i + 1) // pieces - n * i // pieces for i in range(pieces)]
 
 
 def group_runs(sizes: Sequence[int], group_of: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -240,6 +240,7 @@ CONTENDERS = (
         "https://arxiv.org/abs/1904.00962",
         {"lr": _lu(1e-4, 1e-1), "weight_decay": _lu(1e-4, 1.0)},
         f"{PO} Lamb",
+        whole=True,
     ),
     # Ginsburg et al. 2019 (NovoGrad): second moment of each layer's gradient NORM.
     _shaped(
@@ -452,7 +453,9 @@ RECENT = (
         "https://arxiv.org/abs/2510.05491",
         {"lr": _lu(1e-4, 1e-1), "momentum": _u(0.8, 0.99)},
         f"{PO} NorMuon",
-        notes="Matrices by shape, as muon: embeddings and output heads are NorMuon'd too.",
+        notes="Matrices by shape, as muon: embeddings and output heads are NorMuon'd too. At ZeRO "
+        "1-3 each tensor runs whole on its owner rank (optim.whole_tensor).",
+        whole=True,
     ),
     # Pethick et al. 2025 (Scion): steps along a linear minimisation oracle of a norm chosen per
     # tensor (norm_type AUTO: spectral for matrices, sign/bias-style for the rest), scaled by `scale`.
@@ -463,7 +466,9 @@ RECENT = (
         "https://arxiv.org/abs/2502.07529",
         {"lr": LR_ADAM, "scale": _lu(0.1, 100.0)},
         f"{PO} SCION",
-        notes="momentum is the weight of the NEW gradient (1 - the usual momentum).",
+        notes="momentum is the weight of the NEW gradient (1 - the usual momentum). At ZeRO 1-3 "
+        "each tensor runs whole on its owner rank (optim.whole_tensor).",
+        whole=True,
     ),
     # Frans, Levine & Abbeel 2025 (SPlus): Shampoo-style whitening with sign-normalised
     # eigenbasis updates, shape-scaled lr, and evaluation at an EMA of the weights.

@@ -16,14 +16,19 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install chromium quickstart test test-fast lint bench reference clean
+.PHONY: install chromium postgresql quickstart test test-fast lint bench reference clean
 
-install: $(STAMP) chromium
+install: $(STAMP) chromium postgresql
 
 # Debian's chromium, for the report's browser test (tests/e2e/test_report_in_browser.py): Playwright
 # drives this one (it downloads no browser of its own). Needs root, as CI and the dev machines are.
 chromium:
 	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# Debian's PostgreSQL server programs (in /usr/lib/postgresql/<version>/bin), for the MLflow-on-PostgreSQL
+# test (tests/e2e/test_mlflow_postgres.py) and `opt-study mlflow-server`. Needs root, like chromium.
+postgresql:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,7 +46,7 @@ quickstart: install
 	$(BIN)/opt-study report results/quickstart
 
 # Everything (what CI runs): tests/unit, tests/multirank (torchrun), tests/e2e (Ray, real studies).
-test: install chromium
+test: install chromium postgresql
 	$(BIN)/python -m pytest -q tests
 
 # The unit tests only (no Ray cluster, no torchrun): about 70 s on 2 cores.

@@ -6,6 +6,7 @@ the MLflow server uses PostgreSQL and binds loopback; the README walks through e
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -247,10 +248,69 @@ def test_compose_runs_mlflow_on_postgres_bound_to_loopback():
 
 def test_plain_mlflow_script():
     text = (CLUSTER / "mlflow" / "run_server.sh").read_text()
-    assert "MLFLOW_HOST=${MLFLOW_HOST:-127.0.0.1}" in text and "listen_addresses=127.0.0.1" in text
-    assert '--backend-store-uri "postgresql+psycopg2://mlflow@127.0.0.1:${PG_PORT}/mlflow"' in text
-    assert "initdb" in text and "pg_ctl" in text and "trap stop_postgres EXIT" in text
-    assert "--serve-artifacts" in text and "PGPASSWORD" in text
+    assert "exec opt-study mlflow-server" in text and '--host "${MLFLOW_HOST:-127.0.0.1}"' in text
+    line = text.split("exec ", 1)[1].replace("\\\n", " ").splitlines()[0]
+    line = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", line).replace("$MLFLOW_HOME", "/home/u/opt_study_mlflow")
+    args = mlflow_server_args(shlex.split(line))  # the defaults, as the shell expands them
+    assert args.port == 5000 and args.home == "/home/u/opt_study_mlflow" and args.artifacts.endswith("/artifacts")
+
+
+def mlflow_server_args(cmd: list[str]):
+    """``opt-study mlflow-server ...`` parsed by the real command's parser (every flag exists)."""
+    from opt_study.cli.main import parser
+
+    at = (
+        cmd.index("opt-study") if "opt-study" in cmd else next(i for i, c in enumerate(cmd) if c.endswith("/opt-study"))
+    )
+    assert cmd[at + 1] == "mlflow-server", cmd
+    args = parser().parse_args(cmd[at + 1 :])
+    assert args.fn.__name__ == "cmd_mlflow_server" and args.host == "127.0.0.1"
+    return args
+
+
+# The paper studies' (and the ConfigMap study's) tracking URI, which the launchers serve.
+SERVED = "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_heads_start_the_mlflow_server(name):
+    cfg = load(name)
+    [cmd] = [c for c in cfg["head_start_ray_commands"] if "mlflow-server" in c]
+    args = mlflow_server_args(shlex.split(cmd.split("nohup", 1)[1].split(">>")[0]))
+    assert args.port == 5000 and args.home.startswith("/mnt/shared/") and args.artifacts.startswith("/mnt/shared/")
+    assert any("apt-get install" in c and "postgresql" in c for c in cfg["head_setup_commands"])
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_head_pod_runs_the_mlflow_server(name, tmp_path):
+    doc = load(name)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    containers = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    [ml] = [c for c in containers if c["name"] == "mlflow"]
+    args = mlflow_server_args(ml["command"])
+    assert args.port == 5000 and args.home.startswith("/mnt/shared/")
+    assert {"name": "shared", "mountPath": "/mnt/shared"} in ml["volumeMounts"]
+    cm = load("kuberay/study-configmap.yaml")
+    (tmp_path / "study.yaml").write_text(cm["data"]["study.yaml"])
+    assert load_study(tmp_path / "study.yaml").tracking_uri == SERVED
+    assert "postgresql" in (CLUSTER / "docker" / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("name", ["symmetric_run.sbatch", "ray_cluster.sbatch"])
+def test_slurm_scripts_serve_the_studys_mlflow_uri(name):
+    text = (CLUSTER / "slurm" / name).read_text()
+    start, wait = (
+        text.index('opt-study mlflow-server "$STUDY" &'),
+        text.index('opt-study mlflow-server "$STUDY" --wait'),
+    )
+    run = text.index('opt-study run "$STUDY"')
+    assert start < wait < run and "trap " in text[start:wait]
+    mlflow_server_args(["opt-study", "mlflow-server", "study.yaml", "--wait", "600"])
+
+
+@pytest.mark.parametrize("name", ["paper_gpt2_124m.yaml", "paper_resnet18_cifar10.yaml", "crowded_valley_gpu.yaml"])
+def test_cluster_configs_track_to_the_served_uri(name):
+    assert load_study(ROOT / "configs" / name).tracking_uri == SERVED
 
 
 # ------------------------------------------------------------------------------------------ README

@@ -36,9 +36,9 @@ within the flattened tensor (opt_study.measure.shards.ShardView, over
 opt_study.measure.deepspeed_state); this module only finds those views in the flat tensors
 DeepSpeed hands `step()`.
 
-Memory per rank: the rule's state and an fp32 copy of the weights for the tensors it owns (about
-1/W of the model each when the tensors balance), plus transient buffers of this rank's fragments
-and its owned tensors' gradients.
+Memory per rank: the rule's state for the tensors it owns (about 1/W of the model's when the
+tensors balance); during `step()` only, its owned tensors' weights and gradients and its
+fragments' send buffers.
 """
 
 from __future__ import annotations
@@ -87,9 +87,11 @@ class WholeTensorOptimizer(torch.optim.Optimizer):
         self.owner = assign_owners([n * 4 for n in self.numels], self.world)  # fp32 bytes
         self.mine = [i for i, r in enumerate(self.owner) if r == self.rank]
         self.owned_by = [[i for i, r in enumerate(self.owner) if r == q] for q in range(self.world)]
-        # the owner's whole tensors, fp32, real shapes: the rule's state is keyed by them
+        # the owner's whole tensors, fp32: the rule's state is keyed by them, and the factory sees
+        # their real shapes (Muon's groups go by ndim); between steps they hold no memory
         self.full = {i: params[i].detach().float().clone() for i in self.mine}
         self.rule = entry.factory([self.full[i] for i in self.mine], **hparams) if self.mine else None
+        self._release()
         for g in self.rule.param_groups if self.rule is not None else ():
             g["initial_lr"] = g["lr"]
         self._fragments: Fragments | None = None
@@ -149,15 +151,16 @@ class WholeTensorOptimizer(torch.optim.Optimizer):
         recv = torch.empty(sum(recv_splits), dtype=torch.float32, device=dev)
         distributed.all_to_all(recv, send, recv_splits, send_splits)
 
-        # 2. the owner's whole tensors
+        # 2. the owner's whole tensors (memory only until this step returns)
         grads = {i: torch.empty(self.numels[i], dtype=torch.float32, device=dev) for i in self.mine}
+        for i in self.mine:
+            self.full[i].data = torch.empty(self.shapes[i], dtype=torch.float32, device=dev)
         at = 0
         for q in range(W):
-            for target in (grads, None):
+            for whole in (grads, {i: self.full[i].view(-1) for i in self.mine}):
                 for i in self.mine:
                     lo, hi = layout[q][i]
-                    dst = grads[i] if target is not None else self.full[i].view(-1)
-                    dst[lo:hi].copy_(recv[at : at + hi - lo])
+                    whole[i][lo:hi].copy_(recv[at : at + hi - lo])
                     at += hi - lo
 
         # 3. the rule, at the schedule's factor
@@ -175,6 +178,7 @@ class WholeTensorOptimizer(torch.optim.Optimizer):
         # 4. back to every rank: its fragments of the new weights
         back_parts = [self.full[i].view(-1)[layout[q][i][0] : layout[q][i][1]] for q in range(W) for i in self.mine]
         back = torch.cat(back_parts) if back_parts else torch.empty(0, device=dev)
+        self._release()
         mine_back = torch.empty(sum(s // 2 for s in send_splits), dtype=torch.float32, device=dev)
         distributed.all_to_all(mine_back, back, [s // 2 for s in send_splits], [s // 2 for s in recv_splits])
         at = 0
@@ -184,6 +188,12 @@ class WholeTensorOptimizer(torch.optim.Optimizer):
                 view.copy_(mine_back[at : at + hi - lo])
                 at += hi - lo
         return None
+
+    def _release(self) -> None:
+        """Drop the owner's whole tensors' memory between steps (the objects, and so the rule's
+        state keyed by them, stay): a rank keeps its rule state, not a second copy of the weights."""
+        for t in self.full.values():
+            t.data = t.new_empty(0)
 
     # --------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:

@@ -161,14 +161,14 @@ class RecordingMeasurer(StepMeasurer):
         stage, precision = self.view.stage, self.view.precision
         before = engine_snapshot(self.engine, stage, precision) if self.measured else None
         batches, rng_states = self.batches, self.rng_states
+        kept_before = self._kept_numel()  # x_{t−1} (next_batch), Δ_{t−1}, g_{t−1} still held
         row = super().end(step, loss_local, loss_fn, **kw)
         if before is not None:  # the probe ran inside end(): nothing of the engine may differ
             self.rec["probe_state_diff"] = diff_snapshots(before, engine_snapshot(self.engine, stage, precision))
         train = torch.tensor([float(loss_local) / self.info.world_size], dtype=torch.float64, device=self.engine.device)
         distributed.all_reduce_sum(train)  # the training forward's own loss (bf16 under bf16)
         self.rec["train_loss"] = float(train[0])
-        kept = [self.x_t, self.g_t, self.x0, self.prev_delta, self.prev_g]
-        self.rec["kept_numel"] = sum(t.numel() for ts in kept if ts for t in ts)
+        self.rec["kept_numel"] = max(kept_before, self._kept_numel())
         self.rec["local_numel"] = self.view.local_numel()
         self.rec["g_plus"] = self.view.full_g if self.measured else None
         self.rec["x_next"] = full_params(self.engine, stage, precision)
@@ -179,11 +179,21 @@ class RecordingMeasurer(StepMeasurer):
             # the hook forms it, fp32 x + s·Δ), on this rank's micro-batches with their masks
             x, s = self.rec["x"], row["probe_s"]
             p = torch.add(x.float(), (self.rec["x_next"] - x).float(), alpha=s)
-            self.rec["ref_losses"] = self.reference_losses([x.float(), p], batches, rng_states)
+            points = [x.float(), p]
+            if row.get("nb_loss_prev") is not None:  # and x_{t−1} (step t−1's record), same masks
+                assert self.log[-1]["step"] == step - 1
+                points.append(self.log[-1]["x"].float())
+            self.rec["ref_losses"] = self.reference_losses(points, batches, rng_states)
         self.rec["row"] = row
         self.rec["engine_norm"] = self.engine.get_global_grad_norm()
         self.log.append(self.rec)
         return row
+
+    def _kept_numel(self) -> int:
+        """Elements of the distinct flat buffers the measurer holds (a buffer kept under two
+        names, e.g. x_t as x_{t−1} for the next step, counts once)."""
+        held = [self.x_t, self.g_t, self.x0, self.prev_delta, self.prev_g, self.prev_x]
+        return sum({ts.flat.data_ptr(): ts.flat.numel() for ts in held if ts is not None}.values())
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -231,6 +241,8 @@ def spec_for(case: dict, storage: str):
                 "curvature_every": case.get("curvature_every", 0),
                 "lanczos_steps": case.get("lanczos_steps", 20),
                 "preconditioned_sharpness": bool(case.get("curvature_every")),
+                # on unless a case turns it off: every measured number below is then checked
+                "next_batch": case.get("next_batch", True),
             },
         }
     )
@@ -423,6 +435,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         put(name, rel(row[name], ref[name], float(norms[a] * norms[b])))
     # Σ_i ‖g⁺_i − g_i‖ and Σ_i ‖Δ_i‖ over the full tensors (the authors' smoothness; per-tensor
     # partial sums of every rank's fragments, reduced in the step's one all-reduce)
+    check_next_batch(case, spec, t, r, prev, put)
     tref = reference.reference_tensor_norms(g, r["g_plus"], delta, r["sizes"])
     for name in names.TENSOR_NAMES:
         put(name, rel(row[name], tref[name], abs(tref[name])))
@@ -470,6 +483,30 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
             continue
         # a metric without a scale above is compared relative to its reference value
         put(k, rel(a, b, scales.get(k, abs(b) if b else 1.0)))
+
+
+def check_next_batch(case: dict, spec, t: int, r: dict, prev: dict | None, put) -> None:
+    """The next-batch columns of measured step t (docs/METRICS.md §Next-batch gap) against
+    reference.reference_next_batch on the full tensors: ⟨g_t, Δ_{t−1}⟩ in float64 with
+    Δ_{t−1} = x_t − x_{t−1} from step t−1's record, f(x_{t−1}; B_t) from fp32 forwards of a plain
+    model at x_{t−1} with step t's masks (and, dropout-free, the float64 oracle). Null where
+    nothing was kept (step 0) or next_batch is off."""
+    row = r["row"]
+    present = [row.get(k) is not None for k in names.NEXT_BATCH_NAMES]
+    if not spec.measure.next_batch or prev is None:
+        put("nb_present_when_not_kept", float(any(present)))
+        return
+    put("nb_missing", float(not all(present)))
+    g, d_prev = r["g"], prev["x_next"] - prev["x"]
+    fp32_prev = r["ref_losses"][2] if len(r.get("ref_losses", ())) > 2 else None  # no plain model: ⟨,⟩ only
+    ref = reference.reference_next_batch(row["loss"], fp32_prev, g, d_prev)
+    ell, gd = abs(row["loss"]), float(g.norm() * d_prev.norm())
+    scales = {"nb_loss_prev": ell, "nb_ip_grad_update": gd, "nb_loss_gap": ell, "nb_convexity_gap": ell + gd}
+    for k in names.NEXT_BATCH_NAMES if fp32_prev is not None else ("nb_ip_grad_update",):
+        put(k, rel(row[k], ref[k], scales[k]))
+    if case["workload"] in DROPOUT_FREE:  # f(x_{t−1}; B_t) against an independent float64 model
+        lref_prev = reference_loss_grad(spec, prev["x"], t, distributed.world_size())[0]
+        put("nb_loss_prev_vs_fp64", rel(row["nb_loss_prev"], lref_prev, abs(lref_prev)))
 
 
 SUM_OPERANDS = {

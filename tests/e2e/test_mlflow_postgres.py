@@ -6,7 +6,7 @@
   the next start) while trials go on finishing, then started again. Every trial's MLflow writes
   must arrive exactly once: one parent, one child run per trial, each curve point once and equal
   to the study's Parquet rows, nothing left queued or refused.
-- `opt-study mlflow-server STUDY` (the command the cluster scripts start): initialises the
+- the SLURM script's own lines, then `opt-study mlflow-server STUDY` (what every launcher starts): initialises the
   database, serves the study's `mlflow_uri`, stops both servers on SIGTERM, and a second start
   finds the runs kept.
 
@@ -35,6 +35,8 @@ from opt_study.results.mlflow_queue import fast_failing_http
 from opt_study.results.mlflow_server import MlflowServer, Postgres, find_pg_bin, free_port
 from opt_study.results.parquet import read_steps
 from opt_study.results.query import experiment_name
+
+CLUSTER_SLURM = Path(__file__).resolve().parents[2] / "cluster" / "slurm"
 
 pytestmark = [
     pytest.mark.slow,
@@ -191,7 +193,7 @@ def test_study_survives_a_database_crash_and_every_write_arrives_once(servers, r
                 assert len(client.get_metric_history(run.info.run_id, key)) == 1, (tid, key)
 
 
-def test_the_cli_serves_a_studys_uri_and_keeps_runs_across_restarts(home):
+def test_the_slurm_lines_and_the_cli_serve_a_studys_uri_and_keep_runs(home):
     port = free_port()
     study = home / "study.yaml"
     study.write_text(
@@ -238,31 +240,56 @@ def test_the_cli_serves_a_studys_uri_and_keeps_runs_across_restarts(home):
         return out
 
     uri = f"http://127.0.0.1:{port}"
-    proc = start()
-    try:
-        wait_ready(proc)
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.create_experiment("kept")
-        run = client.create_run(exp, tags={"k": "v"})
-        client.log_metric(run.info.run_id, "m", 1.5)
-        client.log_artifact(run.info.run_id, str(study))
-    finally:
-        out = stop(proc)
-    assert "initialised PostgreSQL data folder" in out and f"MLflow: {uri}" in out
+    # First start: the SLURM script's own lines (ray_cluster.sbatch: the server in the background,
+    # `--wait`, the liveness check, the EXIT trap that stops it), with a "study" that logs a run.
+    script = (CLUSTER_SLURM / "ray_cluster.sbatch").read_text()
+    start_block = script[script.index('opt-study mlflow-server "$STUDY" &') : script.index("\n", script.index("trap "))]
+    at = script.index('opt-study mlflow-server "$STUDY" --wait')
+    wait_block = script[at : script.index("\nfi\n", at) + 3]
+    assert "--wait" in wait_block and "kill -0" in wait_block
+    log_run = (
+        "from mlflow.tracking import MlflowClient; import sys; c = MlflowClient(tracking_uri=sys.argv[1]); "
+        "r = c.create_run(c.create_experiment('kept'), tags={'k': 'v'}); c.log_metric(r.info.run_id, 'm', 1.5); "
+        "c.log_artifact(r.info.run_id, sys.argv[2]); open(sys.argv[3], 'w').write(r.info.run_id)"
+    )
+    job = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'set -euo pipefail\n{start_block}\n{wait_block}\n"$PY" -c "$LOG_RUN" {uri} "$STUDY" {home}/run_id',
+        ],
+        env={
+            **env,
+            "STUDY": str(study),
+            "PY": sys.executable,
+            "LOG_RUN": log_run,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out
+    run_id = (home / "run_id").read_text()
+    for said in ("initialised PostgreSQL data folder", f"MLflow: {uri}", f"MLflow answers at {uri}"):
+        assert said in out, (said, out)
     assert (state / "pgdata" / "PG_VERSION").is_file()
-    assert not (state / "pgdata" / "postmaster.pid").exists()  # PostgreSQL stopped cleanly with it
+    # the trap stopped both servers with the job: PostgreSQL cleanly (its pid file removed)
+    assert not (state / "pgdata" / "postmaster.pid").exists()
     assert (home / "store" / "mlartifacts").is_dir()  # artifacts beside the studies, not in the database
     with pytest.raises(OSError):
         import urllib.request
 
         urllib.request.urlopen(f"{uri}/health", timeout=2)
 
+    # Second start: the command itself, on the same state folder.
     proc = start()
     try:
         wait_ready(proc)
-        got = MlflowClient(tracking_uri=uri).get_run(run.info.run_id)
+        got = MlflowClient(tracking_uri=uri).get_run(run_id)
         assert got.data.tags["k"] == "v" and got.data.metrics == {"m": 1.5}
-        assert [f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run.info.run_id)] == ["study.yaml"]
+        assert [f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id)] == ["study.yaml"]
     finally:
         out = stop(proc)
     assert "initialised" not in out  # the second start reused the data folder

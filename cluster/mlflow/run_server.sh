@@ -10,7 +10,7 @@
 #
 # Needs PostgreSQL's server programs (`apt-get install postgresql`; found in
 # /usr/lib/postgresql/<version>/bin). As root, the database runs as the `postgres` (or `nobody`)
-# account. Settings (environment variables):
+# account, which must reach MLFLOW_HOME (not under root's mode-700 home). Settings (environment variables):
 #   MLFLOW_HOME       state folder: database, password, logs               [~/opt_study_mlflow]
 #                     (one server per folder: a lock refuses a second one, on any host)
 #   MLFLOW_ARTIFACTS  artifact store: a folder (e.g. /mnt/shared/mlflow-artifacts), s3://... or gs://...

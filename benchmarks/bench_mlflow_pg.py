@@ -2,7 +2,8 @@
 (behind `mlflow server`, as `opt-study mlflow-server` runs it) and on SQLite (the default store,
 read directly as `opt-study ui` / a user's `mlflow.search_runs` read it). Issue 16 item 4.
 
-Run as `python benchmarks/bench_mlflow_pg.py OUT.json [RUNS] [OPTIMIZERS]` (defaults 10,000 and 8);
+Run as `python benchmarks/bench_mlflow_pg.py OUT.json [RUNS] [OPTIMIZERS] [postgres]` (defaults 10,000
+and 8; `postgres`: that store only);
 not part of `make bench` (run_all.py), a targeted run recorded in RESULTS.md.
 
 The study: one experiment, one parent run, RUNS child runs spread over OPTIMIZERS optimizers,
@@ -262,23 +263,29 @@ def main() -> int:
         result["postgres"] = {**pg_pop, **measure(client, pg_pop["experiment_id"], n_opt, want, n_runs)}
         print("postgres", json.dumps(result["postgres"]), flush=True)
 
-        db = home / "mlflow.db"
-        sqlite_uri = f"sqlite:///{db}"
-        SqlAlchemyStore(sqlite_uri, (home / "mlartifacts").as_uri())  # MLflow creates its schema
-        sqlite_engine = sqlalchemy.create_engine(sqlite_uri)
-        sclient = MlflowClient(tracking_uri=sqlite_uri)
-        s_pop = populate(sclient, sqlite_engine, trials, sqlite_uri, (home / "mlartifacts").as_uri())
-        sqlite_engine.dispose()
-        result["sqlite_db_bytes"] = db.stat().st_size
-        result["sqlite"] = {**s_pop, **measure(sclient, s_pop["experiment_id"], n_opt, want, n_runs)}
-        print("sqlite", json.dumps(result["sqlite"]), flush=True)
+        # The same database read in-process (MLflow's SqlAlchemyStore, no HTTP): what the server adds.
+        direct = MlflowClient(tracking_uri=pg.uri)
+        result["postgres_direct"] = measure(direct, pg_pop["experiment_id"], n_opt, want, n_runs)
+        print("postgres_direct", json.dumps(result["postgres_direct"]), flush=True)
+
+        if not (len(sys.argv) > 4 and sys.argv[4] == "postgres"):  # `postgres`: a second sample of it only
+            db = home / "mlflow.db"
+            sqlite_uri = f"sqlite:///{db}"
+            SqlAlchemyStore(sqlite_uri, (home / "mlartifacts").as_uri())  # MLflow creates its schema
+            sqlite_engine = sqlalchemy.create_engine(sqlite_uri)
+            sclient = MlflowClient(tracking_uri=sqlite_uri)
+            s_pop = populate(sclient, sqlite_engine, trials, sqlite_uri, (home / "mlartifacts").as_uri())
+            sqlite_engine.dispose()
+            result["sqlite_db_bytes"] = db.stat().st_size
+            result["sqlite"] = {**s_pop, **measure(sclient, s_pop["experiment_id"], n_opt, want, n_runs)}
+            print("sqlite", json.dumps(result["sqlite"]), flush=True)
     finally:
         if ml is not None:
             ml.stop()
         pg.stop("fast")
         shutil.rmtree(home, ignore_errors=True)
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("postgres", "sqlite")}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("postgres", "postgres_direct", "sqlite")}))
     return 0
 
 

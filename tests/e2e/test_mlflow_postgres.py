@@ -8,7 +8,7 @@
   to the study's Parquet rows, nothing left queued or refused.
 - the SLURM script's own lines, then `opt-study mlflow-server STUDY` (what every launcher starts): initialises the
   database, serves the study's `mlflow_uri`, stops both servers on SIGTERM, and a second start
-  finds the runs kept.
+  finds the runs kept; a database that dies under it is started again.
 
 Skipped only where no PostgreSQL server programs exist (`apt-get install postgresql`); anywhere
 else a failure to start them fails the test. As root (CI), the database runs as an unprivileged
@@ -289,13 +289,28 @@ def test_the_slurm_lines_and_the_cli_serve_a_studys_uri_and_keep_runs(home):
 
         urllib.request.urlopen(f"{uri}/health", timeout=2)
 
-    # Second start: the command itself, on the same state folder.
+    # Second start: the command itself, on the same state folder. Its database then dies (SIGQUIT
+    # to the postmaster, as a crash): the command starts it again and the server goes on.
     proc = start()
     try:
         wait_ready(proc)
-        got = MlflowClient(tracking_uri=uri).get_run(run_id)
+        pid_file = state / "pgdata" / "postmaster.pid"
+        first = int(pid_file.read_text().split()[0])
+        os.kill(first, signal.SIGQUIT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if int(pid_file.read_text().split()[0]) != first:
+                    break
+            except (OSError, ValueError, IndexError):  # gone or half-written between the two
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("PostgreSQL was not started again")
+        got = MlflowClient(tracking_uri=uri).get_run(run_id)  # MLflow's pool reconnects (pre-ping)
         assert got.data.tags["k"] == "v" and got.data.metrics == {"m": 1.5}
         assert [f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id)] == ["study.yaml"]
     finally:
         out = stop(proc)
     assert "initialised" not in out  # the second start reused the data folder
+    assert "PostgreSQL exited" in out and "starting it again" in out

@@ -6,7 +6,10 @@ interleaved and rotated over REPEATS repeats:
 
 - `off`: `measure: {every: 0, norms: false}` (loss and lr only);
 - `every10`: `measure: {every: 10}` with the default every-step norms: on each 10th step the
-  same-batch probe (one more forward + backward with gradient reduction) and all raw sums.
+  same-batch probe (one more forward + backward with gradient reduction) and all raw sums;
+- `every10_nb`: `every10` plus `measure.next_batch` (docs/METRICS.md §Next-batch gap): on each
+  measured step one more forward at x_{t−1} on the step's batch, with x_{t−1} written into the
+  shards and x_{t+1} back (two weight all-reduces at ZeRO-2), and x_{t−1} kept from the step before.
 
 The window is steps WARMUP..STEPS-1 = 10..39: 30 steps of which exactly 3 (19, 29, 39) are
 measured, the cadence's 1 in 10 (step 9 is measured too, but before the window). Steps/s is the
@@ -19,10 +22,16 @@ intervals, off / ((9 · unmeasured + measured) / 10).
 
 from __future__ import annotations
 
+import time
+
 from common import MIN_STEP_S, Section, fmt, median, out_path, paired_ratios, study_dict, write_json
 
 WARMUP, STEPS, REPEATS = 10, 40, 4
-MEASURE = {"off": {"every": 0, "norms": False}, "every10": {"every": 10}}
+MEASURE = {
+    "off": {"every": 0, "norms": False},
+    "every10": {"every": 10},
+    "every10_nb": {"every": 10, "next_batch": True},
+}
 TARGET = 0.85
 
 
@@ -40,7 +49,7 @@ def main() -> None:
         doc = study_dict(
             f"every{rep}{v}", storage, workers=world, stage=2, steps=STEPS, measure=MEASURE[v], launcher="worker_group"
         )
-        cols = loops.opt_study_trial(doc, f"t{rep}{v}")
+        cols = loops.opt_study_trial(doc, f"t{rep}{v}", measurer_cls=timed_measurer())
         if cols is not None:
             measured[v] = [s for s, m in zip(cols["step"], cols["measured"]) if m and s >= WARMUP]
         return cols
@@ -58,6 +67,8 @@ def main() -> None:
                 "measured_steps_in_window": measured,
                 "world": world,
                 "zero_stage": 2,
+                # wall seconds of each probe and each next-batch forward (rank 0, every run)
+                "hook_times": TIMES,
             },
         )
         tmp.cleanup()
@@ -73,6 +84,58 @@ def modelled_ratios(runs: list[dict]) -> list[float]:
             mix = (9 * on["median_gap_unmeasured_s"] + on["median_gap_measured_s"]) / 10
             out.append(off["steps_per_s_median"] ** -1 / mix)
     return out
+
+
+TIMES: dict[str, list[float]] = {"probe": [], "next_batch": []}
+
+
+def timed_measurer():
+    """The real StepMeasurer, timing its probe and its next-batch forward (when one runs) into
+    TIMES: the cost of each in isolation from the other steps' foreign load (minimum over calls)."""
+    from opt_study.measure.hook import StepMeasurer
+
+    class Timed(StepMeasurer):
+        def _probe(self, *a):
+            t0 = time.perf_counter()
+            out = super()._probe(*a)
+            TIMES["probe"].append(time.perf_counter() - t0)
+            return out
+
+        def _next_batch(self, *a):
+            runs = self.next_batch and self.prev_x is not None and self.prev_delta is not None
+            t0 = time.perf_counter()
+            super()._next_batch(*a)
+            if runs:
+                TIMES["next_batch"].append(time.perf_counter() - t0)
+
+    return Timed
+
+
+def next_batch_note(runs: list[dict], times: dict | None = None) -> str:
+    """The next-batch gap's cost: every10_nb against every10, per repeat and as the extra median
+    interval of a measured step."""
+    nb = [r for r in runs if r["variant"] == "every10_nb"]
+    if not nb:
+        return "next_batch: not run."
+    on = [r for r in runs if r["variant"] == "every10"]
+    extra = median(r["median_gap_measured_s"] for r in nb) - median(r["median_gap_measured_s"] for r in on)
+    ratios = paired_ratios(runs, "every10_nb", "every10")
+    cost = ""
+    if times and times.get("next_batch") and times.get("probe"):
+        nb, probe = min(times["next_batch"]), min(times["probe"])
+        step = median(r["median_step_s"] for r in runs if r["variant"] == "off")
+        cost = (
+            f" In isolation (minimum over {len(times['next_batch'])} calls): the next-batch forward "
+            f"{fmt(1000 * nb)} ms against the probe's {fmt(1000 * probe)} ms and an unmeasured step's "
+            f"{fmt(1000 * step)} ms; modelled every10_nb / every10 = (10·step + probe) / (10·step + probe "
+            f"+ nb) = {fmt((10 * step + probe) / (10 * step + probe + nb))}."
+        )
+    return (
+        f"measure.next_batch: every10_nb / every10 = {fmt(median(ratios))} (per repeat "
+        f"{', '.join(fmt(x) for x in ratios)}), every10_nb / off = "
+        f"{fmt(median(paired_ratios(runs, 'every10_nb', 'off')))}; a measured step's median interval "
+        f"{fmt(1000 * extra)} ms longer (one forward at x_{{t−1}} and two weight writes)." + cost
+    )
 
 
 def summarize(res: dict) -> Section:
@@ -114,6 +177,7 @@ def summarize(res: dict) -> Section:
         "Ceiling: a probe costs about one step, so 10 steps take about 11 step-times (≈ 0.91).",
         f"Step time with measurement off {fmt(1000 * step_s)} ms "
         f"({'>=' if step_s >= MIN_STEP_S else 'BELOW'} the 100 ms the target assumes).",
+        next_batch_note(runs, res.get("hook_times")),
     ]
     return Section(
         "5. Measured every 10 steps vs measurement off (METRICS 7c)",

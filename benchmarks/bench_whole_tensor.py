@@ -2,7 +2,7 @@
 ZeRO-0: step time and the optimizer state's memory per rank (issue 18; a targeted run, not in
 run_all.py).
 
-`python benchmarks/bench_whole_tensor.py OUT.json [WORLD]` starts one torchrun job of WORLD ranks
+`python benchmarks/bench_whole_tensor.py OUT.json [WORLD] [--opt NAME] [--gpu]` starts one torchrun job of WORLD ranks
 (default 2; gloo on CPU, or nccl with `--gpu`) that runs, interleaved over REPEATS rounds, the real
 `run_trial` of STEP_MODEL (benchmarks/common.py, about 1.9M parameters) for STEPS steps with
 measurement off, at ZeRO 0, 1, 2 and 3, and writes per stage:
@@ -32,7 +32,10 @@ from common import STEP_MICRO_BATCH, STEP_MODEL, VENV_BIN, child_env, load1, med
 STAGES = (0, 1, 2, 3)
 STEPS = 12
 WARMUP = 2
-REPEATS = 3
+REPEATS = 5
+# `--opt NAME` times another optimizer the same way (AdamW: what ZeRO 1-3 cost an element-wise rule
+# on this machine, to tell the route's overhead from the engine's)
+OPT = sys.argv[sys.argv.index("--opt") + 1] if "--opt" in sys.argv else "muon"
 
 
 def _bytes(state) -> int:
@@ -104,17 +107,18 @@ def worker(out_path: str) -> None:
                             "gpus_per_worker": 1 if torch.cuda.is_available() else 0,
                         },
                         "training": {"steps": STEPS, "eval_every": STEPS, "checkpoint_every": 0},
-                        "optimizers": [{"name": "muon"}],
+                        "optimizers": [{"name": OPT}],
                         "measure": {"every": 0},
                     }
                 )
-                plan = TrialPlan(trial_id=f"s{s}r{rep}", label="muon", optimizer="muon", hparams={}, seed=0, index=0)
+                plan = TrialPlan(trial_id=f"s{s}r{rep}", label=OPT, optimizer=OPT, hparams={}, seed=0, index=0)
                 run_trial(spec, plan, report=lambda r: None, measurer_cls=Timer)
                 runs[s].append(median(Timer.last.times[WARMUP:]))
                 memory[s] = distributed.all_gather_object(Timer.last.memory)
     if distributed.rank() == 0:
         result = {
             "world": world,
+            "optimizer": OPT,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "model": STEP_MODEL,
             "steps": STEPS,
@@ -122,6 +126,7 @@ def worker(out_path: str) -> None:
             "stages": {
                 s: {
                     "step_s_median": median(runs[s]),
+                    "step_s_min": min(runs[s]),
                     "step_s_per_round": runs[s],
                     "per_rank": memory[s],
                 }
@@ -141,7 +146,7 @@ def main() -> None:
     if "--gpu" in sys.argv:
         env.pop("DS_ACCELERATOR")
     cmd = [str(VENV_BIN / "python"), "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
-    cmd += ["--master_port", str(29500 + os.getpid() % 1000), __file__, "--worker", out]
+    cmd += ["--master_port", str(29500 + os.getpid() % 1000), __file__, "--worker", out, "--opt", OPT]
     subprocess.run(cmd, env=env, check=True)
     print(Path(out).read_text())
 

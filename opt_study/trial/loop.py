@@ -43,7 +43,10 @@ class TrialState:
     status: str = "running"
     nodes: str = ""
     start_time: float = field(default_factory=time.time)
-    resumed_report: dict | None = None  # the evaluation reported at the checkpoint resumed from
+    # every evaluation reported so far, carried by each checkpoint: Ray Train's controller collects
+    # reports on a poll, so a group killed soon after reporting may lose several; the restarted
+    # group repeats them all and the controller drops those it had forwarded (launch.is_new_report)
+    reports: list = field(default_factory=list)
 
 
 def _to_device(batch, device):
@@ -209,7 +212,7 @@ def resume(c: Ctx, state: TrialState) -> int:
     start = int(client["next_step"]) if client else 0
     if client:
         state.best_eval, state.initial_loss = client.get("best_eval", math.inf), client.get("initial_loss")
-        state.resumed_report = client.get("report")
+        state.reports = list(client.get("reports") or ([client["report"]] if client.get("report") else []))
     if c.rank == 0:
         c.attempt = next_attempt(c.spec.study_dir, c.plan.trial_id)
         c.writer = StepWriter(c.spec.study_dir, c.plan.trial_id, c.attempt, start_step=start)
@@ -253,8 +256,9 @@ def run_trial(
     state.nodes = ",".join(sorted(set(distributed.all_gather_object(node)))) if node else ""
     _pull_trial(spec.study_dir, plan.trial_id)
     start = resume(c, state)
-    if repeat_report and state.resumed_report:
-        report(state.resumed_report)
+    if repeat_report:
+        for r in state.reports:
+            report(r)
     # fp32 parameter snapshots for checkpoint replay (docs/METRICS.md §Reference-point metrics)
     saver = snapshots.SnapshotSaver(
         spec.study_dir,
@@ -290,6 +294,8 @@ def run_trial(
             saver.maybe_save(step, last=status != "running")
         if boundary and c.writer is not None:
             c.writer.flush()  # rows are durable before a checkpoint, a report or a stop
+        if boundary:  # made before the checkpoint, which carries it
+            state.reports.append(_report_metrics(state, row))
         if cadence.checkpointed(step) and status == "running":
             checkpoint.save(
                 c.eng,
@@ -299,11 +305,11 @@ def run_trial(
                 {
                     "best_eval": state.best_eval,
                     "initial_loss": state.initial_loss,
-                    "report": _report_metrics(state, row) if boundary else None,
+                    "reports": state.reports,
                 },
             )
         if boundary:
-            report(_report_metrics(state, row))
+            report(state.reports[-1])
         elif progress is not None and c.rank == 0 and time.monotonic() - posted >= PROGRESS_EVERY_S:
             posted = time.monotonic()
             progress({"step": state.step, "loss": float(row["loss"]), "units_per_s": row.get("units_per_s")})

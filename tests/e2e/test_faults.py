@@ -124,8 +124,11 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_facto
     assert len(steps) == len(set(steps))  # no metric point twice
     # Tune saw each evaluation once: the restarted group's repeats stopped at the controller, so
     # Tune's own counter (training_iteration, ASHA's rungs) matches the evaluations made
-    # (steps done at each evaluation; one killed between a checkpoint and its report is repeated
-    # by the restarted group, run_trial's repeat_report)
+    # (steps done at each evaluation). Ray Train's controller collects reports on a poll, so a
+    # group killed soon after reporting loses them (on a quiet machine both the step-40 and the
+    # step-80 reports were lost): each checkpoint carries every report made so far and the
+    # restarted group repeats them (run_trial's repeat_report); the controller drops the repeats
+    # it had forwarded
     assert seen == [(40, 1), (80, 2), (120, 3), (160, 4)], seen
 
 

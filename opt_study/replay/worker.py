@@ -41,6 +41,7 @@ from opt_study import distributed
 from opt_study.measure import curvature
 from opt_study.replay.job import HessianOptions, add_hessian_args, hessian_options, load_trial
 from opt_study.trial import snapshots
+from opt_study.trial.loop import step_seed
 
 SUMS = ("sq_param", "sq_grad", "ip_param_grad")  # of Fragment(x = x_e − y, g = ∇F(x_e))
 STREAM_CURVATURE = 101  # random-stream id of the Lanczos start vector and Hutchinson probes
@@ -124,8 +125,6 @@ class TrainObjective(EvalObjective):
         ]
 
     def _reseed(self) -> None:
-        from opt_study.trial.loop import step_seed
-
         torch.manual_seed(step_seed(self.seed, self.rank, self.step))
 
     def loss(self) -> float:

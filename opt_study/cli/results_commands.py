@@ -16,6 +16,10 @@ QUERY_HELP = """SQL over the study's views (DuckDB dialect):
   steps_hp  steps joined with label, optimizer, workload, seed, status, index, "hp.<name>"
   groups    trial_id, step, group_name and the per-parameter-group raw sums
   replay    checkpoint-replay rows, where the study has a replay/ dataset
+  steps_to_target, steps_to_target_pairs
+            a search.protocol: steps_to_target study's result, as in its report: per optimizer
+            the steps to the target (mean, 95% CI), final eval loss, margin, verdict; and the
+            ordered pairs where A beats B (Welch at search.alpha)
 example: opt-study query results/quickstart "SELECT optimizer, avg(smoothness_local)
          FROM steps_hp WHERE measured GROUP BY optimizer"
 """
@@ -31,7 +35,7 @@ def cmd_query(args) -> int:
 
     study = study_folder(args.study, "query")
     try:
-        table = query(study, args.sql)
+        table = _protocol_query(study, args.sql) if "steps_to_target" in args.sql.lower() else query(study, args.sql)
     except QueryError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -47,6 +51,18 @@ def cmd_query(args) -> int:
     if args.parquet:
         print(f"saved {write_parquet(table, args.parquet)}", file=saved_to)
     return 0
+
+
+def _protocol_query(study, sql: str):
+    """``sql`` with the steps-to-target views (computed by the report's code) beside the others."""
+    from opt_study.report import data, steps_to_target
+
+    d = data.load(study)
+    try:
+        steps_to_target.add_views(d)
+        return d.db.table(sql)
+    finally:
+        d.db.close()
 
 
 def cmd_report(args) -> int:

@@ -6,6 +6,8 @@ counted only at evaluations after the schedule's decay ended (``significance.dec
 mean and the 95% Student-t interval of those steps (when every seed reached the target) and of
 the final validation loss; and the verdict of the one-sided t-test at ``search.alpha``. A second
 table says, for each ordered pair, whether A beats B in steps and in final loss (Welch).
+``add_views`` gives both tables to ``opt-study query`` as the views ``steps_to_target`` and
+``steps_to_target_pairs``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from opt_study.report.data import StudyData, _spec
 from opt_study.report.series import ids_sql
 
 PHASE = "confirm"
+RESULT_COLUMNS = [
+    "label", "config", "seeds", "reached", "steps", "steps_ci", "final_eval_loss", "final_eval_loss_ci",
+    "sd", "margin", "target", "verdict",
+]  # fmt: skip
+PAIR_COLUMNS = ["A", "B", "fewer_steps", "lower_final_loss"]
+VIEWS = ("steps_to_target", "steps_to_target_pairs")
 
 
 def confirm_trials(data: StudyData) -> dict[str, list[dict]]:
@@ -85,6 +93,19 @@ def pairwise_table(values: dict[str, dict], alpha: float) -> list[dict]:
             if a != b and (fewer or lower):
                 rows.append({"A": a, "B": b, "fewer_steps": fewer, "lower_final_loss": lower})
     return rows
+
+
+def add_views(data: StudyData) -> None:
+    """Register the result table and the pairwise table as the views of ``VIEWS`` on
+    ``data.db``; ``QueryError`` for a study under another protocol."""
+    from opt_study.results.query import QueryError
+
+    spec = _spec(data.db.study_dir)
+    if spec is None or spec.search.protocol != "steps_to_target":
+        raise QueryError(f"{VIEWS[0]}: {data.db.study_dir} is not a steps_to_target study (search.protocol)")
+    rows, values = result_table(data, spec)
+    data.db.add_view(VIEWS[0], rows, RESULT_COLUMNS)
+    data.db.add_view(VIEWS[1], pairwise_table(values, spec.search.alpha), PAIR_COLUMNS)
 
 
 def section(data: StudyData) -> list[str]:

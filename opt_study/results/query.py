@@ -19,6 +19,9 @@ views are registered (read-only; nothing in the study folder is written):
 ``replay``    checkpoint-replay rows (``replay/**/*.parquet``: ``trial_id, step, reference,
               ip_grad_dist, loss_gap``), only where the study has a ``replay/`` dataset.
 
+A layer above may add a view computed from these (``StudyDB.add_view``: the steps-to-target
+tables of ``opt_study.report.steps_to_target`` for ``opt-study query``).
+
 ``query(study_dir, sql)`` runs one statement and returns a ``pyarrow.Table``. ``find_trials``
 and ``best_per_optimizer`` select trials through ``mlflow.search_runs`` on the study's
 experiment ``opt_study/<study>`` (the index: params, tags and summary metrics of each trial).
@@ -241,6 +244,11 @@ class StudyDB:
         # duckdb >= 1.4 names it to_arrow_table; older releases only have fetch_arrow_table.
         fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
         return fetch()
+
+    def add_view(self, name: str, rows: list[dict], columns: list[str]) -> None:
+        """Register ``rows`` (dicts with ``columns``) as the read-only view ``name``."""
+        self.con.register(f"_{name}", pa.table({c: [r.get(c) for r in rows] for c in columns}))
+        self.con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS SELECT * FROM {_ident('_' + name)}")
 
     def rows(self, sql: str, params=None) -> list[dict]:
         """The result as a list of dicts (column name -> Python value)."""

@@ -4,6 +4,7 @@ a synthetic study whose every number is known by construction."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -231,3 +232,28 @@ def test_result_table_from_a_synthetic_study(tmp_path):
     assert sps.ttest_1samp(slow, 1.0, alternative="less").pvalue > 0.01 and by["slow"]["verdict"] == "not shown"
     assert {(r["A"], r["B"]) for r in pairs} == {("fast", "slow")} and pairs[0]["fewer_steps"]
     assert any("Steps" in p or "steps" in p for p in parts)
+
+
+def test_query_gives_the_protocol_tables_as_views(tmp_path, capsys):
+    """`opt-study query` sees the report's two tables as views steps_to_target(_pairs), with the
+    report's numbers; a study under another protocol gets a one-line error and exit code 2."""
+    from opt_study.cli.main import main
+
+    study = _synth_study(tmp_path)
+    sql = "SELECT label, steps, reached, verdict, final_eval_loss FROM steps_to_target ORDER BY label"
+    assert main(["query", str(study), sql, "--format", "json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["label"], r["steps"], r["reached"], r["verdict"]) for r in got] == [
+        ("fast", 30.0, "3/3", "reaches"),
+        ("slow", 40.0, "3/3", "not shown"),
+    ]
+    assert got[0]["final_eval_loss"] == pytest.approx(0.8)
+    assert main(["query", str(study), "SELECT * FROM steps_to_target_pairs", "--format", "json"]) == 0
+    pairs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert pairs == [{"A": "fast", "B": "slow", "fewer_steps": True, "lower_final_loss": True}]
+
+    other = specs.make_spec(tmp_path / "o", study={"name": "plain"}).study_dir
+    other.mkdir(parents=True)
+    specs.write_spec(other / "spec.yaml", tmp_path / "o", study={"name": "plain"})
+    assert main(["query", str(other), "SELECT * FROM steps_to_target"]) == 2
+    assert "is not a steps_to_target study (search.protocol)" in capsys.readouterr().err

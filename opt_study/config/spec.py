@@ -97,6 +97,8 @@ class ScaleConfig:
 
     workers: int = 1  # ranks per trial: one DeepSpeed process each (a TorchTrainer worker group)
     gpus_per_worker: int = 0  # 0 = CPU (gloo); 1 = one GPU per worker (nccl)
+    # auto = cuda if gpus_per_worker else cpu; cpu = train on CPU (gloo) even while reserving GPUs (simulated cluster)
+    accelerator: str = "auto"
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per rank; with the cluster size, sets how many trials run at once
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
     # fp32 | bf16 (ZeRO 1-3; measured losses re-evaluated in fp32) | fp16 (GPU only)
@@ -117,7 +119,11 @@ class ScaleConfig:
             raise FieldError("zero_stage", "must be one of 0, 1, 2, 3")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise FieldError("precision", "must be one of fp32, bf16, fp16")
-        if self.precision == "fp16" and self.gpus_per_worker == 0:
+        if self.accelerator not in ("auto", "cpu", "cuda"):
+            raise FieldError("accelerator", "must be one of auto, cpu, cuda")
+        if self.accelerator == "cuda" and self.gpus_per_worker == 0:
+            raise FieldError("accelerator", "cuda needs gpus_per_worker: 1 (a GPU reserved for each rank)")
+        if self.precision == "fp16" and self.device == "cpu":
             raise FieldError("precision", "fp16 needs a GPU; use fp32 or bf16 on CPU")
         if not 1 <= self.micro_batch_size <= 1 << 20:
             raise FieldError("micro_batch_size", "must be an integer in [1, 1048576]")
@@ -129,6 +135,28 @@ class ScaleConfig:
             raise FieldError("launcher", "in_process runs exactly one worker; set workers: 1 or use worker_group")
         if not 1 <= self.torch_threads <= 256:
             raise FieldError("torch_threads", "must be an integer in [1, 256]")
+
+    # The one place that maps the scale to Ray resources, the torch backend and DeepSpeed's
+    # accelerator (opt_study.study.launch, opt_study.study.run, opt_study.trial.engine): reserving
+    # GPUs and computing on them are separate, so a loopback cluster with logical GPUs
+    # (`ray start --num-gpus 8` on a CPU machine) schedules like a GPU cluster while ranks train on CPU.
+    @property
+    def device(self) -> str:
+        """Where each rank computes: "cuda" or "cpu" (also DeepSpeed's DS_ACCELERATOR)."""
+        if self.accelerator != "auto":
+            return self.accelerator
+        return "cuda" if self.gpus_per_worker else "cpu"
+
+    @property
+    def dist_backend(self) -> str:
+        """The torch.distributed backend of a trial's ranks."""
+        return "nccl" if self.device == "cuda" else "gloo"
+
+    @property
+    def ray_resources_per_worker(self) -> dict:
+        """The Ray resources one rank reserves: its CPUs, and one (possibly logical) GPU when
+        gpus_per_worker is 1, whatever it computes on."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
 
     @property
     def resolved_launcher(self) -> str:

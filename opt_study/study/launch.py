@@ -83,13 +83,14 @@ def worker_group_trainable(config: dict, spec: Spec, board=None) -> None:
 
     plan = config["trial"]
     s = spec.scale
-    per_worker = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.gpus_per_worker else {})}
+    # use_gpu only reserves (Ray refuses GPU in resources_per_worker without it); where the
+    # ranks compute is s.device, so logical GPUs on a CPU machine train on CPU over gloo
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"spec": spec, "trial": plan, "board": board},
-        torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(backend=s.dist_backend),
         scaling_config=ScalingConfig(
-            num_workers=s.workers, use_gpu=bool(s.gpus_per_worker), resources_per_worker=per_worker
+            num_workers=s.workers, use_gpu=bool(s.gpus_per_worker), resources_per_worker=s.ray_resources_per_worker
         ),
         run_config=RunConfig(
             name=plan["trial_id"],
@@ -110,7 +111,7 @@ def trainable_for(spec: Spec, board=None):
 
     s = spec.scale
     if s.resolved_launcher == "in_process":
-        res = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+        res = s.ray_resources_per_worker
         return tune.with_resources(tune.with_parameters(in_process_trainable, spec=spec, board=board), res)
     # The trainable only drives the worker group, which reserves its own CPUs/GPUs; it asks for
     # memory alone (Tune refuses an all-zero request) so it never takes a CPU from the workers.

@@ -48,7 +48,7 @@ def one_run_at_a_time(run):
 def trial_resources(spec: Spec) -> dict:
     """What one trial holds while it runs (also recorded per trial as the compute it used)."""
     s = spec.scale
-    per_worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+    per_worker = s.ray_resources_per_worker
     return {
         "launcher": s.resolved_launcher,
         "workers": s.workers,
@@ -57,6 +57,7 @@ def trial_resources(spec: Spec) -> dict:
         "total_gpu": s.gpus_per_worker * s.workers,
         "zero_stage": s.zero_stage,
         "precision": s.precision,
+        "device": s.device,
     }
 
 

@@ -54,12 +54,11 @@ def setup_process(scale: ScaleConfig) -> torch.device:
     """Threads, accelerator selection and the process group, before deepspeed is imported."""
     torch.set_num_threads(scale.torch_threads)
     # The trial's own scale decides the accelerator, whatever the launching shell exported
-    # (the Makefile exports cpu for the quickstart and tests).
-    os.environ["DS_ACCELERATOR"] = "cuda" if scale.gpus_per_worker else "cpu"
-    distributed.init_process_group(
-        "gloo" if scale.gpus_per_worker == 0 else "nccl", single=scale.resolved_launcher == "in_process"
-    )
-    if scale.gpus_per_worker:
+    # (the Makefile exports cpu for the quickstart and tests); accelerator: cpu computes on CPU
+    # even where the trial reserved GPUs (ScaleConfig.device).
+    os.environ["DS_ACCELERATOR"] = scale.device
+    distributed.init_process_group(scale.dist_backend, single=scale.resolved_launcher == "in_process")
+    if scale.device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)

@@ -201,6 +201,26 @@ def test_boundaries_are_accepted():
     assert spec(scale={"gpus_per_worker": 1, "precision": "fp16", "launcher": "in_process"}).scale.precision == "fp16"
 
 
+def test_accelerator_separates_reserving_from_computing():
+    """ScaleConfig is the one place that decides Ray resources, torch backend and DS accelerator:
+    accelerator: cpu keeps the GPU reservation (a simulated cluster's logical GPUs) but trains
+    on CPU over gloo; auto is the old coupling."""
+    got = {
+        acc: (s.ray_resources_per_worker, s.dist_backend, s.device)
+        for acc, s in (
+            (acc, spec(scale={"gpus_per_worker": g, "accelerator": acc, "cpus_per_worker": 0.5}).scale)
+            for acc, g in (("auto", 0), ("cpu", 1), ("cuda", 1))
+        )
+    }
+    assert got == {
+        "auto": ({"CPU": 0.5}, "gloo", "cpu"),
+        "cpu": ({"CPU": 0.5, "GPU": 1}, "gloo", "cpu"),
+        "cuda": ({"CPU": 0.5, "GPU": 1}, "nccl", "cuda"),
+    }
+    auto_gpu = spec(scale={"gpus_per_worker": 1}).scale
+    assert (auto_gpu.ray_resources_per_worker, auto_gpu.dist_backend) == ({"CPU": 1.0, "GPU": 1}, "nccl")
+
+
 # ------------------------------------------------------------------------- every rule, by field
 RULES = [
     # study
@@ -248,6 +268,9 @@ RULES = [
     ("scale.zero_stage", {"scale": {"zero_stage": -1}}),
     ("scale.precision", {"scale": {"precision": "FP32"}}),
     ("scale.precision", {"scale": {"precision": "fp16"}}),
+    ("scale.precision", {"scale": {"gpus_per_worker": 1, "accelerator": "cpu", "precision": "fp16"}}),
+    ("scale.accelerator", {"scale": {"accelerator": "gpu"}}),
+    ("scale.accelerator", {"scale": {"accelerator": "cuda"}}),
     ("scale.micro_batch_size", {"scale": {"micro_batch_size": 0}}),
     ("scale.micro_batch_size", {"scale": {"micro_batch_size": (1 << 20) + 1}}),
     ("scale.micro_batch_size", {"scale": {"micro_batch_size": 10**30}}),

@@ -265,17 +265,15 @@ def checks(storage: str) -> dict:
 
 
 WHOLE_TENSOR_STEPS = 10
-# Muon gets every sharded CPU combination at accumulation 1 and 2 (bf16 at 1: its rounding, not the
-# route, sets its tolerance); the other whole-tensor rules, to keep the job's time, fp32 at ZeRO 1-3
-# with accumulation 1 and ZeRO-2 with accumulation 2 and bf16 (the same route, the same code).
-FULL_MATRIX = ("muon",)
 
 
 def whole_tensor_matrix(name: str) -> set[tuple[int, str, int]]:
-    """(stage, precision, accumulation) of the whole-tensor check for rule `name`."""
-    if name in FULL_MATRIX:
-        return {(s, "fp32", g) for s in (1, 2, 3) for g in (1, 2)} | {(s, "bf16", 1) for s in (1, 2, 3)}
-    return {(s, "fp32", 1) for s in (1, 2, 3)} | {(2, "fp32", 2), (2, "bf16", 1)}
+    """(stage, precision, accumulation) of the whole-tensor check for rule `name`: every sharded
+    CPU combination it declares, fp32 at accumulation 1 and 2, bf16 at 1 (bf16's rounding, not
+    the route, would set an accumulation-2 tolerance)."""
+    e = entries()[name]
+    sharded = [(s, p) for s, p in e.combos if s > 0 and p in optim.CPU_PRECISIONS]
+    return {(s, p, g) for s, p in sharded for g in (1, 2) if (p, g) != ("bf16", 2)}
 
 
 def whole_tensor_checks(storage: str) -> list[dict]:

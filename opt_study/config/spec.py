@@ -105,7 +105,8 @@ class ScaleConfig:
     precision: str = "fp32"
     micro_batch_size: int = 8  # samples per rank per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = workers x micro_batch_size x grad_accum
-    launcher: str = "auto"  # auto: in_process for one CPU/GPU worker, worker_group otherwise
+    # auto: in_process for one worker, worker_group otherwise; pool: ranks on warm actors reused across trials
+    launcher: str = "auto"
     torch_threads: int = 1  # per worker; CPU trials oversubscribe cores otherwise
 
     def __post_init__(self):
@@ -129,8 +130,8 @@ class ScaleConfig:
             raise FieldError("micro_batch_size", "must be an integer in [1, 1048576]")
         if not 1 <= self.grad_accum <= 4096:
             raise FieldError("grad_accum", "must be an integer in [1, 4096]")
-        if self.launcher not in ("auto", "in_process", "worker_group"):
-            raise FieldError("launcher", "must be one of auto, in_process, worker_group")
+        if self.launcher not in ("auto", "in_process", "worker_group", "pool"):
+            raise FieldError("launcher", "must be one of auto, in_process, worker_group, pool")
         if self.launcher == "in_process" and self.workers != 1:
             raise FieldError("launcher", "in_process runs exactly one worker; set workers: 1 or use worker_group")
         if not 1 <= self.torch_threads <= 256:

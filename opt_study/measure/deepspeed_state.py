@@ -287,3 +287,43 @@ def use_weights_only_loads(engine) -> None:
             return torch.load(path, map_location=map_location, weights_only=True)
 
     ce.load = load
+
+
+# ---------------------------------------------------------------------- a reused rank process
+def forget_process_group() -> None:
+    """Drop DeepSpeed's module-level references to the process group a finished trial used, so a
+    reused rank process (opt_study.study.pool) builds the next trial's engine on the next group.
+
+    ``deepspeed.comm.comm.cdb`` (the TorchBackend wrapping torch.distributed) and the group
+    caches of ``deepspeed.utils.groups`` (world, data/model/expert parallel groups, the device
+    mesh) are globals that outlive an engine: left set, the next ``deepspeed.initialize`` would
+    reuse a destroyed group. Each is reset to the value it has in a fresh process."""
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
+        getattr(groups, name, {}).clear()
+    for name in (
+        "_WORLD_GROUP",
+        "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+        "mpu",
+        "mesh_device",
+        "_TENSOR_MODEL_PARALLEL_GROUP",
+        "_MODEL_PARALLEL_GROUP",
+        "_DATA_PARALLEL_GROUP",
+        "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+        "_MPU_TENSOR_MODEL_PARALLEL_RANK",
+    ):
+        if hasattr(groups, name):
+            setattr(groups, name, None)

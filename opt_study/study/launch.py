@@ -3,25 +3,21 @@
 - worker_group: the Ray Train V2 pattern that works under Tune (docs/STACK.md §Ray Tune and
   Train): the trainable builds and fits a TorchTrainer whose workers run `run_trial`;
   TuneReportCallback forwards rank 0's reports to Tune. (`Tuner(trainer)` fails in Ray 2.60.)
+- pool: the trial's ranks on warm Ray actors reused across trials (opt_study.study.pool).
 - in_process: one worker, the DeepSpeed engine in the Tune trial's own process (a process group
   of one), so small studies do not pay a worker group's start-up for each trial.
 """
 
 from __future__ import annotations
 
-import logging
-
 from opt_study.config import Spec
 from opt_study.plan import TrialPlan
 from opt_study.storage import layout, objectstore
 from opt_study.study.console import board_poster
+from opt_study.study.reporting import is_new_report
+from opt_study.study.reporting import quiet as _quiet
 
 DRIVER_MEMORY = 256 * 2**20  # bytes reserved for a worker-group trial's driver process
-
-
-def _quiet() -> None:
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _node_id() -> str:
@@ -50,15 +46,6 @@ def _worker_loop(cfg: dict) -> None:
     plan = TrialPlan(**cfg["trial"])
     progress = board_poster(cfg.get("board"), plan.trial_id)
     run_trial(cfg["spec"], plan, report=ray.train.report, node=_node_id(), progress=progress, repeat_report=True)
-
-
-def is_new_report(last_step: int | None, metrics: dict) -> bool:
-    """Whether a result goes on to Tune: only a step after the last one forwarded. A worker group
-    restarted by Ray Train resumes from its checkpoint and reports the evaluations between that
-    checkpoint and the failure again; Tune counts every result it gets (`training_iteration`,
-    ASHA's rungs), so a repeat must not reach it."""
-    step = metrics.get("step")
-    return last_step is None or not isinstance(step, int) or step > last_step
 
 
 def _report_once_callback():
@@ -104,17 +91,23 @@ def worker_group_trainable(config: dict, spec: Spec, board=None) -> None:
     trainer.fit()
 
 
-def trainable_for(spec: Spec, board=None):
+def trainable_for(spec: Spec, board=None, keeper=None):
     """The Tune trainable with its resources: what one trial of this spec holds while it runs;
-    `board` (opt_study.study.console.progress_board) receives its progress between evaluations."""
+    `board` (opt_study.study.console.progress_board) receives its progress between evaluations;
+    `keeper` (opt_study.study.pool.make_keeper) lends the `pool` launcher's warm rank actors."""
     from ray import tune
 
     s = spec.scale
     if s.resolved_launcher == "in_process":
         res = s.ray_resources_per_worker
         return tune.with_resources(tune.with_parameters(in_process_trainable, spec=spec, board=board), res)
-    # The trainable only drives the worker group, which reserves its own CPUs/GPUs; it asks for
-    # memory alone (Tune refuses an all-zero request) so it never takes a CPU from the workers.
-    return tune.with_resources(
-        tune.with_parameters(worker_group_trainable, spec=spec, board=board), {"CPU": 0, "memory": DRIVER_MEMORY}
-    )
+    # The trainable only drives the worker group (or the pool's slot), which reserves its own
+    # CPUs/GPUs; it asks for memory alone (Tune refuses an all-zero request) so it never takes a
+    # CPU from the workers.
+    if s.resolved_launcher == "pool":
+        from opt_study.study.pool import pool_trainable
+
+        fn = tune.with_parameters(pool_trainable, spec=spec, keeper=keeper, board=board)
+    else:
+        fn = tune.with_parameters(worker_group_trainable, spec=spec, board=board)
+    return tune.with_resources(fn, {"CPU": 0, "memory": DRIVER_MEMORY})

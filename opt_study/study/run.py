@@ -374,6 +374,7 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
     from opt_study.results.trials import read_trial_records, write_trials_table
     from opt_study.study.console import progress_board
     from opt_study.study.launch import trainable_for
+    from opt_study.study.pool import close_keeper, make_keeper
     from opt_study.study.recorder import StudyRecorder
 
     ensure_ray(spec)
@@ -400,21 +401,26 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
         file=out,
     )
     run_idx = _next_run_index(layout.ray_dir(spec.study_dir))
+    pool = spec.scale.resolved_launcher == "pool"
+    keeper = make_keeper(spec) if pool else None  # owns the pool's warm rank actors for this run
     tuner = tune.Tuner(
-        trainable_for(spec, board),
+        trainable_for(spec, board, keeper),
         param_space={} if searcher else {"trial": tune.grid_search([p.as_dict() for p in todo])},
         tune_config=tune.TuneConfig(
             num_samples=len(todo) if searcher else 1,
             search_alg=searcher,
             max_concurrent_trials=concurrent,
             scheduler=PerLabelASHA(spec) if spec.search.asha else None,
+            # the pool's trainable only drives a slot: reusing it saves a process boot per trial
+            reuse_actors=pool,
         ),
         run_config=tune.RunConfig(
             name=f"run-{run_idx}",
             **objectstore.ray_storage(layout.ray_dir(spec.study_dir)),
             callbacks=[recorder],
             verbose=0,
-            # in-process trials are retried by Tune; worker groups by Ray Train
+            # in-process trials are retried by Tune; worker groups by Ray Train; pool trials by
+            # their trainable (on a fresh slot)
             failure_config=tune.FailureConfig(
                 max_failures=spec.training.max_failures if spec.scale.resolved_launcher == "in_process" else 0
             ),
@@ -424,6 +430,8 @@ def _run_batch(spec: Spec, todo: list[TrialPlan], sink: Sink, parent: str | None
         tuner.fit()
     finally:
         ray.kill(board)
+        if keeper is not None:
+            close_keeper(keeper)  # also ends ranks a stopped trainable left running
         recorder.join()  # the trials' last records and MLflow writes (the recorder's worker)
     write_trials_table(spec.study_dir)  # once per batch: the records are the per-trial state
     if recorder.n_done < len(todo):  # Tune returns early only when a signal stopped it

@@ -67,3 +67,28 @@ class Exploding(nn.Module):
 
 def make_exploding_mlp(after: int = 3) -> nn.Module:
     return Exploding(after)
+
+
+class Gated(nn.Module):
+    """An MLP whose `hold_at`-th training forward waits until the file `gate` exists (at most
+    `max_wait_s`): trials that hold their resources until the test opens the gate, so
+    tests/e2e/test_sim_cluster.py sees trials overlap whatever the machine's speed."""
+
+    def __init__(self, gate: str, hold_at: int, max_wait_s: float):
+        super().__init__()
+        self.net, self.gate, self.hold_at, self.max_wait_s, self.calls = make_mlp(), gate, hold_at, max_wait_s, 0
+
+    def forward(self, x):
+        import os
+        import time
+
+        self.calls += self.training
+        if self.calls == self.hold_at:
+            deadline = time.time() + self.max_wait_s
+            while not os.path.exists(self.gate) and time.time() < deadline:
+                time.sleep(0.2)
+        return self.net(x)
+
+
+def make_gated_mlp(gate: str, hold_at: int = 1, max_wait_s: float = 300.0) -> nn.Module:
+    return Gated(gate, hold_at, max_wait_s)

@@ -443,6 +443,9 @@ class MeasureConfig:
     # f(x_t; B_t) − f(x_{t−1}; B_t) and ⟨g_t, x_t − x_{t−1}⟩ in the nb_* columns; costs one forward
     # at x_{t−1} per measured step and keeps x_{t−1} (docs/METRICS.md §Next-batch gap)
     next_batch: bool = False
+    # on measured steps, trainit's gradient-history cosine cos(g_t, Σ_{s<t} g_s) over every step
+    # of the attempt; keeps the running gradient sum (docs/METRICS.md §Gradient history)
+    grad_history: bool = False
 
     PROBE_S = ("1", "uniform", "exponential")
 
@@ -460,6 +463,8 @@ class MeasureConfig:
         self._check_curvature()
         if not isinstance(self.next_batch, bool):
             raise FieldError("next_batch", "must be true or false")
+        if not isinstance(self.grad_history, bool):
+            raise FieldError("grad_history", "must be true or false")
         if self.probe_s not in self.PROBE_S:
             raise FieldError(
                 "probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} (the probe point x_t + s*Δ_t)"

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from opt_study.measure.names import SUM_DIFFS, SUM_NAMES, VECTOR_NAMES
+from opt_study.measure.names import SUM_NAMES, VECTOR_NAMES, operand_vectors
 from opt_study.measure.sum_layout import CHUNK, check_flat, empty_out, plan
 
 NAME = "opt_study_fused_sums"
@@ -148,7 +148,7 @@ def fused_sums(
     if not computable or not runs:
         return out
     # read only the vectors the wanted sums need (x always: the kernel's sq_param is free)
-    needed = {k for a, b in terms for name in (a, b) for k in SUM_DIFFS.get(name, (name,))}
+    needed = {k for a, b in terms for name in (a, b) for k in operand_vectors(name)}
     mask = sum(bit for k, bit in _BITS.items() if k in needed)
     ptrs = (ctypes.c_void_p * 7)(
         present["x"].data_ptr(), *(present[k].data_ptr() if k in needed else None for k in _BITS)

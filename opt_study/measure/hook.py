@@ -19,21 +19,20 @@ noise scale's micro-batch norms stay on the device until then.
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 
 from opt_study import distributed
-from opt_study.measure import fp32eval, lossscale, metrics, next_batch, sharpness
+from opt_study.measure import fp32eval, grad_history, lossscale, metrics, next_batch, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.names import (
+    GRAD_HISTORY_RAW,
     GROUPS,
     LOSS_NAMES,
     LOSS_PRECISION,
     LOSS_SCALE_NAMES,
     MEASURED,
-    NEXT_BATCH_RAW,
     NOISE_DERIVED,
     NOISE_RAW,
     NORM_NAMES,
@@ -44,7 +43,9 @@ from opt_study.measure.names import (
     TENSOR_NORM_OF,
     TENSOR_SUMS,
 )
+from opt_study.measure.noise_scale import noise_scale_simple
 from opt_study.measure.shards import FlatShard, ShardView, flatten
+from opt_study.measure.shards import group_names as group_names  # re-exported (benchmarks)
 from opt_study.measure.sums import flat_sums, group_runs, pack, tensor_sums, unpack
 
 _LOSS = {name: i for i, name in enumerate(LOSS_NAMES)}  # slot of each scalar in the packed losses
@@ -57,20 +58,6 @@ _PROTOCOL: dict[str, tuple[str | None, ...]] = {
     "at_boundary": ("before_micro",),
     "end": ("at_boundary",),
 }
-
-
-def group_names(param_names: list[str]) -> tuple[list[str], list[int]]:
-    """Parameter groups for per-group sums: the module path truncated to two components.
-
-    e.g. 'blocks.0.attn.qkv.weight' -> 'blocks.0', 'embed.weight' -> 'embed'. Stable across ranks
-    because every rank sees the same module names.
-    """
-    keys = []
-    for n in param_names:
-        parts = n.split(".")[:-1] or [n]
-        keys.append(".".join(parts[:2]) if parts[0] and len(parts) > 1 and parts[1].isdigit() else parts[0])
-    names = sorted(set(keys))
-    return names, [names.index(k) for k in keys]
 
 
 class StepMeasurer:
@@ -119,6 +106,8 @@ class StepMeasurer:
         # the forward at x_{t−1} on B_t (opt_study.measure.next_batch)
         self.next_batch = bool(getattr(cfg, "next_batch", False))
         self.prev_x = None
+        # measure.grad_history: the running sum of every step's gradient (grad_history.py)
+        self.history = grad_history.GradHistory() if getattr(cfg, "grad_history", False) else None
         self.collecting = False
         self.small_sq = self._zero()
         self.accum = engine.gradient_accumulation_steps()
@@ -167,7 +156,7 @@ class StepMeasurer:
         self._reset(step)
         self.small_sq = self._zero()
         self.collecting = self.measured and self.noise_scale
-        if self.norms or self.measured or self.keep_prev:
+        if self.norms or self.measured or self.keep_prev or self.history is not None:
             self.x_t = self.view.clone_params()
 
     def before_micro(self, batch) -> None:
@@ -211,9 +200,10 @@ class StepMeasurer:
         if self.cadence.curvature(step):  # before the probe: its g⁺ is the last gradient read
             curv = self._curvature(step, delta, lr, loss_fn)
         if self.measured:
-            s = self._draw_s(step)
+            s = probe_mod.draw_s(self.cfg.probe_s, self.seed, step)
             g_plus, loss_precision = self._probe(s, delta, losses, loss_fn, model_loss_fn)
             self._next_batch(losses, loss_fn, model_loss_fn)
+        self._grad_history(step, losses)
         kept = self._kept(delta, g_plus)
         local = self._local_sums(kept, None if self.measured else NORM_SUMS)
         per_tensor = self._tensor_sums(kept) if self.measured else None
@@ -312,7 +302,8 @@ class StepMeasurer:
         out = dict(totals)
         out.update({"loss_probe": scalars["loss_probe"], "probe_s": s, NOISE_RAW: _finite(scalars[NOISE_RAW])})
         out.update({k: _finite(scalars[k]) for k in LOSS_SCALE_NAMES})
-        out.update(next_batch.columns(scalars["loss"], *(scalars[k] for k in NEXT_BATCH_RAW)))
+        out.update(next_batch.columns(scalars, totals, self.precision, loss_precision))
+        out.update(grad_history.columns(*(scalars[k] for k in GRAD_HISTORY_RAW), totals["sq_grad"]))
         out[NOISE_DERIVED] = noise_scale_simple(
             out[NOISE_RAW], totals["sq_grad"], self.small_batch, self.small_batch * world * self.accum
         )
@@ -398,20 +389,17 @@ class StepMeasurer:
         return g_plus, precision
 
     def _next_batch(self, losses: torch.Tensor, loss_fn, model_loss_fn) -> None:
-        """measure.next_batch: this rank's share of f(x_{t−1}; B_t) and its partial ⟨g_t, Δ_{t−1}⟩
-        into the packed losses (opt_study.measure.next_batch). Nothing on an attempt's first
-        step, where Δ_{t−1} and x_{t−1} were not kept (the same on every rank: the cadence).
-        Under bf16/fp16 the forward is fp32 (fp32eval), as the measured ℓ_t it is subtracted from;
-        at ZeRO-3 too (next_batch.loss_at: a forward-only pass through ZeRO-3's hooks leaves
-        parameters gathered that a run without it has released)."""
-        if not (self.next_batch and self.prev_x is not None and self.prev_delta is not None):
+        """measure.next_batch: f(x_{t−1}; B_t), its M and ⟨g_t, Δ_{t−1}⟩ (next_batch.measure)."""
+        next_batch.measure(self, losses, _LOSS, loss_fn, model_loss_fn)
+
+    def _grad_history(self, step: int, losses: torch.Tensor) -> None:
+        """measure.grad_history: on a measured step this rank's partial ⟨g_t, S_t⟩ and ‖S_t‖²
+        into the packed losses; then S ← S + g_t on every step (grad_history.py)."""
+        if self.history is None:
             return
-        fp32 = model_loss_fn if self.refit_fp32 or self.info.zero_stage == 3 else None
-        loss_prev = next_batch.loss_at(
-            self.engine, self.view, self.prev_x, self.batches, self.rng_states, loss_fn, fp32
-        )
-        losses[_LOSS["nb_loss_prev"]] = loss_prev / self.info.world_size
-        losses[_LOSS["nb_ip_grad_update"]] = next_batch.ip_partial(self.x_t, self.g_t, self.prev_delta)
+        if self.measured:
+            losses[[_LOSS[k] for k in GRAD_HISTORY_RAW]] = self.history.partials(self.g_t, step)
+        self.history.add(self.g_t, step)
 
     def _curvature(self, step: int, delta: FlatShard, lr, loss_fn) -> dict:
         """The online curvature columns (opt_study.measure.sharpness) at x_t on step t's batch."""
@@ -440,31 +428,6 @@ class StepMeasurer:
         with lossscale.Capture(self.engine.device) as cap:
             out = fn(*args)
         return out, cap.value(len(self.batches))
-
-    def _draw_s(self, step: int) -> float:
-        """s of this step's probe: from a stream seeded by (trial seed, step) alone, so a resumed
-        trial draws the same s and the training RNG is never touched."""
-        if self.cfg.probe_s == "1":
-            return 1.0
-        rng = random.Random(f"opt_study.probe_s:{self.seed}:{step}")  # str seeds hash with SHA-512
-        if self.cfg.probe_s == "uniform":
-            return rng.random()
-        return rng.expovariate(1.0)
-
-
-def noise_scale_simple(sq_small: float | None, sq_big: float, b: int, B: int) -> float | None:
-    """B_simple = tr(Σ)/‖G‖² from squared gradient norms at batch sizes b < B, in samples.
-
-    McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", App. A
-    (https://arxiv.org/abs/1812.06162): ‖G‖² ≈ (B‖G_B‖² − b‖G_b‖²)/(B − b),
-    tr(Σ) ≈ (‖G_b‖² − ‖G_B‖²)/(1/b − 1/B). Per-step values are noisy; analysis keeps EMAs of the
-    numerator and denominator separately and divides last.
-    """
-    if sq_small is None or B <= b or not math.isfinite(sq_small):
-        return None
-    g2 = (B * sq_big - b * sq_small) / (B - b)
-    tr = (sq_small - sq_big) / (1 / b - 1 / B)
-    return tr / g2 if g2 != 0 else None
 
 
 def _finite(v: float) -> float | None:

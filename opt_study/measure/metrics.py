@@ -138,6 +138,50 @@ def noise_floor(
         scale += u_l * gsum * reach
     if precision in ("bf16", "fp16") or s != 1.0:  # the gradients' points are rounded: H·(x̃ − x)
         scale += u_g * reach * _root(_f(sums.get("sq_grad_diff")))  # ‖H sΔ‖ ≈ ‖g⁺ − g‖
+        scale += u_g * weight_rounding(sums, s)  # a convex f's gap at rounded points
+    return floor_c * scale
+
+
+def weight_rounding(sums: Mapping[str, float], probe_s: float) -> float:
+    """W = Σ|g_i||x_i| + Σ|g⁺_i||p_i|, the weight-rounding term of the floor (times u_G), with
+    Σ|g⁺_i||p_i| ≤ Σ|g⁺_i||x_i| + |s|·Σ|g⁺_i||Δ_i| (p = x + sΔ). If f is convex, a gradient g̃
+    read at x̃ (|x̃_i − x_i| ≤ u|x_i|) moves the computed gap at x above the true one by at most
+    ⟨∇f(x) − g̃, x − x̃⟩ ≤ u·Σ(|∇f(x)_i| + |g̃_i|)|x_i| ≈ 2u·Σ|g̃_i||x_i|, and likewise at p
+    (docs/METRICS.md §Noise floor; Higham 2002, §2.2 for |x̃ − x| ≤ u|x|). NaN when missing."""
+    a = _f(sums.get("abs_grad_param"))
+    a_p = _f(sums.get("abs_probe_param")) + abs(_f(probe_s)) * _f(sums.get("abs_probe_update"))
+    return a + a_p
+
+
+def next_batch_floor(
+    sums: Mapping[str, float],
+    loss: float,
+    loss_prev: float,
+    precision: str = "fp32",
+    floor_c: float = FLOOR_C,
+    loss_precision: str | None = None,
+    loss_scales: tuple[float | None, float | None] | None = None,
+) -> float:
+    """The noise floor of nb_convexity_gap = ℓ_t − f(x_{t−1}; B_t) − ⟨g_t, Δ_{t−1}⟩, the terms
+    of ``noise_floor`` for its inputs (docs/METRICS.md §Next-batch gap; Higham 2002, §2.2, §3.1):
+
+        c·( u_L·(M + M_prev) + u_G·‖g‖·‖Δ_{t−1}‖
+          + r_L·u_L·‖g‖·(2‖x‖ + ‖Δ_{t−1}‖) + r_G·2u_G·Σ|g_i||x_i| )
+
+    r_L = 1 for bf16/fp16 losses (both points read rounded), r_G = 1 for bf16/fp16 gradients
+    (g read at rounded x_t: a convex f's gap then rises by at most ≈ 2u·Σ|g_i||x_i|,
+    ``weight_rounding``). ``loss_scales``: (M of ℓ_t, M of f(x_{t−1}; B_t)); missing: |ℓ|."""
+    loss_precision = precision if loss_precision is None else loss_precision
+    u_g, u_l = UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[loss_precision]
+    g, dp = _root(_f(sums.get("sq_grad"))), _root(_f(sums.get("sq_update_prev")))
+    m, m_prev = (_f(v) for v in (loss_scales or (None, None)))
+    if not (math.isfinite(m) and math.isfinite(m_prev)):
+        m, m_prev = abs(_f(loss)), abs(_f(loss_prev))
+    scale = u_l * (m + m_prev) + u_g * g * dp
+    if loss_precision in ("bf16", "fp16"):
+        scale += u_l * g * (2.0 * _root(_f(sums.get("sq_param"))) + dp)
+    if precision in ("bf16", "fp16"):
+        scale += 2.0 * u_g * _f(sums.get("abs_grad_param"))
     return floor_c * scale
 
 

@@ -26,6 +26,17 @@ VECTOR_NAMES: tuple[str, ...] = ("x", "g", "delta", "g_plus", "x0", "delta_prev"
 # Differences formed per chunk in fp32 before a dot (never as ‖a‖² − 2⟨a,b⟩ + ‖b‖², which
 # cancels catastrophically when g⁺ ≈ g): name -> (minuend, subtrahend).
 SUM_DIFFS: dict[str, tuple[str, str]] = {"x_minus_x0": ("x", "x0"), "gp_minus_g": ("g_plus", "g")}
+# Elementwise magnitudes |v_i| (exact in any precision): operands of the noise floor's
+# weight-rounding sums Σ|g_i||x_i| (docs/METRICS.md §Noise floor): name -> vector.
+SUM_ABS: dict[str, str] = {"abs_x": "x", "abs_g": "g", "abs_g_plus": "g_plus", "abs_delta": "delta"}
+
+
+def operand_vectors(operand: str) -> tuple[str, ...]:
+    """The vectors one operand of SUM_TERMS reads (a difference reads two)."""
+    if operand in SUM_DIFFS:
+        return SUM_DIFFS[operand]
+    return (SUM_ABS[operand],) if operand in SUM_ABS else (operand,)
+
 
 # Every raw sum of docs/METRICS.md is one dot product over parameter elements: name -> its operands
 # (vectors, or differences of SUM_DIFFS). The order is the row order of sums.local_sums /
@@ -47,6 +58,12 @@ SUM_TERMS: dict[str, tuple[str, str]] = {
     # before a measured step is usually not measured, so they must travel with this step's sums.
     "sq_update_prev": ("delta_prev", "delta_prev"),
     "sq_grad_prev": ("g_prev", "g_prev"),
+    # Σ|g_i||x_i|, Σ|g⁺_i||x_i|, Σ|g⁺_i||Δ_i|: how far a gradient read at weights rounded to the
+    # training precision can move the convexity gaps (the noise floor's weight-rounding term,
+    # docs/METRICS.md §Noise floor; Σ|g⁺_i||p_i| ≤ abs_probe_param + |s|·abs_probe_update)
+    "abs_grad_param": ("abs_g", "abs_x"),
+    "abs_probe_param": ("abs_g_plus", "abs_x"),
+    "abs_probe_update": ("abs_g_plus", "abs_delta"),
 }
 SUM_NAMES: tuple[str, ...] = tuple(SUM_TERMS)
 
@@ -65,6 +82,12 @@ LOSS_SCALE_NAMES: tuple[str, ...] = ("loss_scale", "loss_probe_scale")
 # gap) rides the same vector: this rank's share of f(x_{t−1}; B_t) and its partial ⟨g_t, Δ_{t−1}⟩
 # (NaN when off or when Δ_{t−1} was not kept).
 NEXT_BATCH_RAW: tuple[str, ...] = ("nb_loss_prev", "nb_ip_grad_update")
+# ... and the rounding magnitude M of f(x_{t−1}; B_t) (lossscale.Capture over that forward), for
+# the next-batch gap's noise floor
+NEXT_BATCH_SCALE = "nb_loss_prev_scale"
+# measure.grad_history (measure/grad_history.py): this rank's partial ⟨g_t, S_t⟩ and ‖S_t‖²,
+# S_t = Σ_{s<t} g_s the running sum of every step's gradient (ZQZCalin/trainit's g(1:n-1))
+GRAD_HISTORY_RAW: tuple[str, ...] = ("grad_history_ip", "grad_history_sq")
 LOSS_NAMES: tuple[str, ...] = (
     "loss",
     "loss_probe",
@@ -72,6 +95,8 @@ LOSS_NAMES: tuple[str, ...] = (
     "sq_grad_small",
     *LOSS_SCALE_NAMES,
     *NEXT_BATCH_RAW,
+    NEXT_BATCH_SCALE,
+    *GRAD_HISTORY_RAW,
 )
 
 # Every step (unless measure.norms is off): the three norms, square roots of these sums.
@@ -109,7 +134,20 @@ CURVATURE_NAMES: tuple[str, ...] = ("sharpness", "sharpness_precond", "critical_
 # raw f(x_{t−1}; B_t) and ⟨g_t, Δ_{t−1}⟩, then ℓ_t − f(x_{t−1}; B_t) and that gap minus the
 # inner product (≤ 0 under convexity). ZQZCalin/trainit's `loss/fn-f(n-1)` and
 # `update/<gn, xn-x(n-1)>` with their n = our t.
-NEXT_BATCH_NAMES: tuple[str, ...] = (*NEXT_BATCH_RAW, "nb_loss_gap", "nb_convexity_gap")
+# With its noise floor (metrics.next_batch_floor) and class, like the same-batch gaps.
+NEXT_BATCH_NAMES: tuple[str, ...] = (
+    *NEXT_BATCH_RAW,
+    "nb_loss_gap",
+    "nb_convexity_gap",
+    NEXT_BATCH_SCALE,
+    "nb_noise_floor",
+)
+NEXT_BATCH_CLASS = "cls_nb_convexity"
+
+# trainit's gradient-history cosine (measure.grad_history; measure/grad_history.py,
+# docs/METRICS.md §Gradient history) on measured steps: ⟨g_t, S_t⟩, ‖S_t‖² and
+# cos(g_t, S_t), S_t = Σ_{s<t} g_s over every step of the attempt.
+GRAD_HISTORY_NAMES: tuple[str, ...] = (*GRAD_HISTORY_RAW, "cos_grad_history")
 
 # The raw columns of a measured row (schema order): the probe's scalars, the totals over groups
 # of every sum, the noise scale's raw term, the losses' rounding magnitudes, the per-tensor norms.

@@ -25,9 +25,9 @@ import math
 
 import torch
 
-from opt_study.measure import fp32eval
+from opt_study.measure import fp32eval, metrics
 from opt_study.measure import probe as probe_mod
-from opt_study.measure.names import SUM_NAMES
+from opt_study.measure.names import NEXT_BATCH_CLASS, NEXT_BATCH_RAW, NEXT_BATCH_SCALE, SUM_NAMES
 from opt_study.measure.shards import FlatShard, flatten
 from opt_study.measure.sums import flat_sums, group_runs
 
@@ -58,6 +58,24 @@ def loss_at(engine, view, x_prev: FlatShard, batches, rng_states, loss_fn, model
         view.write_params(x_next)
 
 
+def measure(m, losses: torch.Tensor, slot: dict, loss_fn, model_loss_fn) -> None:
+    """measure.next_batch on the measurer ``m`` (hook.StepMeasurer): this rank's shares of
+    f(x_{t−1}; B_t) and of its rounding magnitude M (lossscale.Capture over that forward, like
+    the other forwards), and its partial ⟨g_t, Δ_{t−1}⟩, into ``losses`` at ``slot`` (the
+    LOSS_NAMES index of each name). Nothing on an attempt's first step, where Δ_{t−1} and x_{t−1}
+    were not kept (the same on every rank: the cadence). Under bf16/fp16 the forward is fp32
+    (fp32eval), as the measured ℓ_t it is subtracted from; at ZeRO-3 too (``loss_at``)."""
+    if not (m.next_batch and m.prev_x is not None and m.prev_delta is not None):
+        return
+    fp32 = model_loss_fn if m.refit_fp32 or m.info.zero_stage == 3 else None
+    replay = (m.batches, m.rng_states, loss_fn, fp32)
+    loss_prev, scale = m._captured(loss_at, m.engine, m.view, m.prev_x, *replay)
+    world = m.info.world_size
+    losses[slot["nb_loss_prev"]] = loss_prev / world
+    losses[slot[NEXT_BATCH_SCALE]] = scale / world
+    losses[slot["nb_ip_grad_update"]] = ip_partial(m.x_t, m.g_t, m.prev_delta)
+
+
 def ip_partial(x: FlatShard, g: FlatShard, delta_prev: FlatShard) -> torch.Tensor:
     """This rank's partial ⟨g_t, Δ_{t−1}⟩ (float64 0-dim): the raw sums' own ``flat_sums`` (fused
     kernel or torch path, the error bound of docs/METRICS.md §Raw sums) for ⟨g, Δ⟩ with Δ_{t−1}
@@ -67,17 +85,29 @@ def ip_partial(x: FlatShard, g: FlatShard, delta_prev: FlatShard) -> torch.Tenso
     return out[SUM_NAMES.index("ip_grad_update"), 0]
 
 
-def columns(loss: float, nb_loss_prev: float, nb_ip: float) -> dict[str, float | None]:
-    """names.NEXT_BATCH_NAMES from the reduced scalars (None where undefined):
+def columns(scalars: dict, totals: dict, precision: str, loss_precision: str) -> dict:
+    """names.NEXT_BATCH_NAMES and NEXT_BATCH_CLASS from the reduced scalars and the step's total
+    sums (None where undefined):
 
     nb_loss_gap      = ℓ_t − f(x_{t−1}; B_t)                 trainit's loss/fn-f(n-1)
     nb_convexity_gap = nb_loss_gap − ⟨g_t, Δ_{t−1}⟩           ≤ 0 if f(·; B_t) is convex on the segment
+    nb_noise_floor   = metrics.next_batch_floor, and cls_nb_convexity the gap's class against it
     """
-    gap = loss - nb_loss_prev
+    loss, prev, ip = (scalars[k] for k in ("loss", *NEXT_BATCH_RAW))
+    m, m_prev = scalars["loss_scale"], scalars[NEXT_BATCH_SCALE]
+    gap = loss - prev
+    floor = math.nan
+    if math.isfinite(prev):
+        sc = (m, m_prev)
+        floor = metrics.next_batch_floor(totals, loss, prev, precision, loss_precision=loss_precision, loss_scales=sc)
     vals = {
-        "nb_loss_prev": nb_loss_prev,
-        "nb_ip_grad_update": nb_ip,
+        "nb_loss_prev": prev,
+        "nb_ip_grad_update": ip,
         "nb_loss_gap": gap,
-        "nb_convexity_gap": gap - nb_ip,
+        "nb_convexity_gap": gap - ip,
+        NEXT_BATCH_SCALE: m_prev,
+        "nb_noise_floor": floor,
     }
-    return {k: float(v) if math.isfinite(v) else None for k, v in vals.items()}
+    out = {k: float(v) if math.isfinite(v) else None for k, v in vals.items()}
+    out[NEXT_BATCH_CLASS] = metrics.classify(out["nb_convexity_gap"], out["nb_noise_floor"])
+    return out

@@ -14,6 +14,8 @@ dropout masks. The engine internals the restore touches are deepspeed_state.rest
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from opt_study.measure import deepspeed_state as ds
@@ -78,3 +80,14 @@ def run_forward(engine, batches, rng_states, loss_fn):
             b.copy_(saved)
     set_rng_state(after)
     return total / len(batches)
+
+
+def draw_s(probe_s: str, seed: int, step: int) -> float:
+    """s of step t's probe (measure.probe_s): from a stream seeded by (trial seed, step) alone,
+    so a resumed trial draws the same s and the training RNG is never touched."""
+    if probe_s == "1":
+        return 1.0
+    rng = random.Random(f"opt_study.probe_s:{seed}:{step}")  # str seeds hash with SHA-512
+    if probe_s == "uniform":
+        return rng.random()
+    return rng.expovariate(1.0)

@@ -34,6 +34,10 @@ def _sub(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return None if a is None or b is None else a - b
 
 
+def _abs(a: Tensor | None) -> Tensor | None:
+    return None if a is None else a.abs()
+
+
 def reference_sums(x, g, delta, g_plus, x0, delta_prev, g_prev) -> dict[str, float]:
     """The raw sums of docs/METRICS.md §Raw sums over full 1-D tensors, in float64."""
     x, g, d, gp, x0, dp, gq = (_v(t) for t in (x, g, delta, g_plus, x0, delta_prev, g_prev))
@@ -52,6 +56,9 @@ def reference_sums(x, g, delta, g_plus, x0, delta_prev, g_prev) -> dict[str, flo
         "ip_grad_prev": _dot(g, gq),  # ⟨g_t, g_{t−1}⟩
         "sq_update_prev": _dot(dp, dp),  # ‖Δ_{t−1}‖²
         "sq_grad_prev": _dot(gq, gq),  # ‖g_{t−1}‖²
+        "abs_grad_param": _dot(_abs(g), _abs(x)),  # Σ|g_i||x_i|
+        "abs_probe_param": _dot(_abs(gp), _abs(x)),  # Σ|g⁺_i||x_i|
+        "abs_probe_update": _dot(_abs(gp), _abs(d)),  # Σ|g⁺_i||Δ_i|
     }
 
 
@@ -137,6 +144,8 @@ def reference_metrics(
         scale += u_l * gsum * (2.0 * _norm(x) + _norm(seg))
     if u_g > _U["fp32"] or s != 1.0:  # bf16/fp16 gradients, or a rounded p: ‖H sΔ‖ ≈ ‖g⁺ − g‖
         scale += u_g * _norm(_sub(gp, g)) * (2.0 * _norm(x) + _norm(seg))
+        # a convex f's computed gaps at rounded points: Σ|g_i||x_i| + Σ|g⁺_i|(|x_i| + |s||Δ_i|)
+        scale += u_g * (_dot(_abs(g), _abs(x)) + _dot(_abs(gp), _abs(x)) + abs(s) * _dot(_abs(gp), _abs(d)))
     floor = floor_c * scale
     nan2 = {"tensor_norm_grad_diff": math.nan, "tensor_norm_update": math.nan}
     tn = reference_tensor_norms(g, gp, d, sizes) if sizes is not None else nan2
@@ -174,18 +183,62 @@ def reference_metrics(
     return out
 
 
-def reference_next_batch(loss: float, loss_prev: float, g, delta_prev) -> dict[str, float | None]:
+def reference_next_batch(
+    loss: float,
+    loss_prev: float,
+    g,
+    delta_prev,
+    *,
+    x=None,
+    loss_scale: float | None = None,
+    loss_prev_scale: float | None = None,
+    precision: str = "fp32",
+    loss_precision: str | None = None,
+    floor_c: float = 4.0,
+) -> dict[str, float | str | None]:
     """The next-batch columns of docs/METRICS.md §Next-batch gap from full tensors in float64:
     ``loss`` = f(x_t; B_t), ``loss_prev`` = f(x_{t−1}; B_t), ``g`` = ∇f(x_t; B_t) and
     ``delta_prev`` = x_t − x_{t−1} (ZQZCalin/trainit, loggers/demo.py lines 236 and 249:
-    `update/<gn, xn-x(n-1)>`, `loss/fn-f(n-1)`)."""
+    `update/<gn, xn-x(n-1)>`, `loss/fn-f(n-1)`), and the gap's noise floor and class, restated
+    from metrics.next_batch_floor (``x`` = x_t; M of ℓ_t and of f(x_{t−1}; B_t), |ℓ| without)."""
     ell = math.nan if loss is None else float(loss)
     ell_prev = math.nan if loss_prev is None else float(loss_prev)
-    ip = _dot(_v(g), _v(delta_prev))  # ⟨g_t, Δ_{t−1}⟩
+    g, dp, x = _v(g), _v(delta_prev), _v(x)
+    ip = _dot(g, dp)  # ⟨g_t, Δ_{t−1}⟩
     gap = ell - ell_prev  # f(x_t; B_t) − f(x_{t−1}; B_t)
+    u_g, u_l = _U[precision], _U[precision if loss_precision is None else loss_precision]
+    m = math.nan if loss_scale is None else float(loss_scale)
+    m_prev = math.nan if loss_prev_scale is None else float(loss_prev_scale)
+    if not (math.isfinite(m) and math.isfinite(m_prev)):
+        m, m_prev = abs(ell), abs(ell_prev)
+    scale = u_l * (m + m_prev) + u_g * _norm(g) * _norm(dp)
+    if u_l > _U["fp32"]:  # bf16/fp16 losses: both points read rounded
+        scale += u_l * _norm(g) * (2.0 * _norm(x) + _norm(dp))
+    if u_g > _U["fp32"]:  # g read at rounded x_t: a convex f's gap rises by ≤ ≈ 2u·Σ|g_i||x_i|
+        scale += 2.0 * u_g * _dot(_abs(g), _abs(x))
+    floor = floor_c * scale if math.isfinite(ell_prev) else math.nan
     return {
         "nb_loss_prev": _none(ell_prev),
         "nb_ip_grad_update": _none(ip),
         "nb_loss_gap": _none(gap),
         "nb_convexity_gap": _none(gap - ip),  # ≤ 0 if f(·; B_t) is convex on the segment
+        "nb_loss_prev_scale": _none(m_prev) if loss_prev_scale is not None else None,
+        "nb_noise_floor": _none(floor),
+        "cls_nb_convexity": _cls(gap - ip, floor),
+    }
+
+
+def reference_grad_history(g, past: list) -> dict[str, float | None]:
+    """trainit's gradient-history columns from full tensors in float64 (ZQZCalin/trainit,
+    loggers/demo.py lines 227-228 and 264): S_t = Σ_{s<t} g_s over ``past`` (every earlier
+    step's full gradient), ⟨g_t, S_t⟩, ‖S_t‖², cos(g_t, S_t) clamped (None when S_t = 0)."""
+    g = _v(g)
+    hist = torch.zeros_like(g)
+    for p in past:
+        hist += _v(p)
+    ip, sq = _dot(g, hist), _dot(hist, hist)
+    return {
+        "grad_history_ip": _none(ip),
+        "grad_history_sq": _none(sq),
+        "cos_grad_history": _clamp(_ratio(ip, _norm(g) * _norm(hist))),
     }

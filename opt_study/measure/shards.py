@@ -236,3 +236,17 @@ class ShardView:
                 p = self.named[j][1]
                 if p.data.numel() == n:  # ZeRO-3: only where this rank holds the whole
                     p.data.view(-1).copy_(buf[o : o + n])
+
+
+def group_names(param_names: list[str]) -> tuple[list[str], list[int]]:
+    """Parameter groups for per-group sums: the module path truncated to two components.
+
+    e.g. 'blocks.0.attn.qkv.weight' -> 'blocks.0', 'embed.weight' -> 'embed'. Stable across ranks
+    because every rank sees the same module names.
+    """
+    keys = []
+    for n in param_names:
+        parts = n.split(".")[:-1] or [n]
+        keys.append(".".join(parts[:2]) if parts[0] and len(parts) > 1 and parts[1].isdigit() else parts[0])
+    names = sorted(set(keys))
+    return names, [names.index(k) for k in keys]

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from opt_study.measure.names import SUM_DIFFS, SUM_NAMES, SUM_TERMS, VECTOR_NAMES
+from opt_study.measure.names import SUM_ABS, SUM_DIFFS, SUM_NAMES, SUM_TERMS, VECTOR_NAMES
 
 # 64k elements: 6-7 fp32 operands of 256 KiB mostly stay in a 2 MiB L2 while the dots re-read
 # them; 32k pays more per-call overhead, 128k spills (bench_sums on a 2-core Xeon).
@@ -70,6 +70,7 @@ def plan(wanted: set[str], present) -> tuple[list[int], list[int], list[tuple[st
     """Rows of the wanted sums that the ``present`` operands can / cannot compute (the latter
     are NaN), and the operand names of each computable one."""
     avail = set(present) | {d for d, (a, b) in SUM_DIFFS.items() if a in present and b in present}
+    avail |= {m for m, v in SUM_ABS.items() if v in present}
     rows = [i for i, n in enumerate(SUM_NAMES) if n in wanted]
     computable = [i for i in rows if set(SUM_TERMS[SUM_NAMES[i]]) <= avail]
     missing = [i for i in rows if i not in computable]

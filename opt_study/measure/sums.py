@@ -44,6 +44,7 @@ from opt_study.measure import fused_sums as _fused
 # The names live in names.py (the schema and the fused kernel's layout check read them there);
 # the checks and the row plan shared with fused_sums.py in sum_layout.py. Re-exported here.
 from opt_study.measure.names import LOSS_NAMES as LOSS_NAMES
+from opt_study.measure.names import SUM_ABS as _ABS
 from opt_study.measure.names import SUM_DIFFS as _DIFFS
 from opt_study.measure.names import SUM_NAMES as SUM_NAMES
 from opt_study.measure.names import TENSOR_SUMS as TENSOR_SUMS
@@ -183,6 +184,9 @@ def flat_sums_torch(
     for d, (a, b) in _DIFFS.items():
         if any(d in t for t in terms):
             ops[d] = ops[a] - ops[b]  # fp32 differences before the dot, never via ‖a‖² − 2⟨a,b⟩ + ‖b‖²
+    for m, v in _ABS.items():
+        if any(m in t for t in terms):
+            ops[m] = ops[v].abs()  # exact: |v_i| (the floor's weight-rounding sums)
     per_group = torch.zeros(n_groups, len(terms), dtype=torch.float64, device=device)
     for g, start, stop in runs:
         if stop > start:
@@ -291,6 +295,9 @@ def _accumulate(
             if buf is None or buf.numel() < n or buf.dtype != w:
                 buf = scratch[name] = torch.empty(n, dtype=w, device=device)
             ops[name] = torch.sub(ops[a], ops[b], out=buf[:n])
+        for name, v in _ABS.items():
+            if any(name in t for t in terms):
+                ops[name] = ops[v].abs()
         dots += [torch.dot(ops[a], ops[b]) for a, b in terms]
     if not dots:  # only empty fragments
         return torch.zeros(1, len(terms), dtype=torch.float64, device=device)

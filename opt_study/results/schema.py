@@ -35,7 +35,11 @@ Columns (definitions of every column in docs/METRICS.md):
 
 - next-batch identity of the previous update (measured steps, ``measure.next_batch``):
   ``nb_loss_prev`` (f(x_{t−1}; B_t)), ``nb_ip_grad_update`` (⟨g_t, Δ_{t−1}⟩), ``nb_loss_gap``
-  (ℓ_t − f(x_{t−1}; B_t)), ``nb_convexity_gap`` (the gap minus the inner product) (float64).
+  (ℓ_t − f(x_{t−1}; B_t)), ``nb_convexity_gap`` (the gap minus the inner product),
+  ``nb_loss_prev_scale`` (the rounding magnitude of f(x_{t−1}; B_t)), ``nb_noise_floor``
+  (float64); ``cls_nb_convexity`` string (its class against the floor).
+- gradient history (measured steps, ``measure.grad_history``): ``grad_history_ip``
+  (⟨g_t, S_t⟩), ``grad_history_sq`` (‖S_t‖²), ``cos_grad_history`` (float64), S_t = Σ_{s<t} g_s.
 
 - ``extra`` map<string, float64>: the study's user metrics (``measure.extra``) on measured steps.
 
@@ -89,13 +93,15 @@ CURVATURE_COLUMNS: tuple[str, ...] = names.CURVATURE_NAMES
 # The next-batch identity of the previous update (measured steps with measure.next_batch):
 # nb_loss_prev, nb_ip_grad_update, nb_loss_gap, nb_convexity_gap.
 NEXT_BATCH_COLUMNS: tuple[str, ...] = names.NEXT_BATCH_NAMES
+# The gradient-history cosine (measured steps with measure.grad_history).
+GRAD_HISTORY_COLUMNS: tuple[str, ...] = names.GRAD_HISTORY_NAMES
 
 # Every float64 metric column, in schema order: training, raw sums, derived, curvature, next batch.
 METRIC_COLUMNS: tuple[str, ...] = (
-    TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS + CURVATURE_COLUMNS + NEXT_BATCH_COLUMNS
+    TRAINING_COLUMNS + RAW_SUM_COLUMNS + DERIVED_COLUMNS + CURVATURE_COLUMNS + NEXT_BATCH_COLUMNS + GRAD_HISTORY_COLUMNS
 )
 
-CLASS_COLUMNS: tuple[str, ...] = names.CLASS_NAMES
+CLASS_COLUMNS: tuple[str, ...] = (*names.CLASS_NAMES, names.NEXT_BATCH_CLASS)
 CLASS_VALUES: frozenset[str] = frozenset(names.CLASSES)
 
 STEP_SCHEMA: pa.Schema = pa.schema(

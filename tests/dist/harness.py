@@ -193,6 +193,7 @@ class RecordingMeasurer(StepMeasurer):
         """Elements of the distinct flat buffers the measurer holds (a buffer kept under two
         names, e.g. x_t as x_{t−1} for the next step, counts once)."""
         held = [self.x_t, self.g_t, self.x0, self.prev_delta, self.prev_g, self.prev_x]
+        held.append(self.history.sum if self.history is not None else None)  # S (grad_history)
         return sum({ts.flat.data_ptr(): ts.flat.numel() for ts in held if ts is not None}.values())
 
 
@@ -243,6 +244,8 @@ def spec_for(case: dict, storage: str):
                 "preconditioned_sharpness": bool(case.get("curvature_every")),
                 # on unless a case turns it off: every measured number below is then checked
                 "next_batch": case.get("next_batch", True),
+                # trainit's gradient-history cosine, on in every case (checked below)
+                "grad_history": case.get("grad_history", True),
             },
         }
     )
@@ -322,6 +325,7 @@ def check_case(case: dict, log: list[dict], spec) -> dict:
     x0 = log[0]["x"]
     for t, r in enumerate(log):
         check_step(case, spec, t, r, log[t - 1] if t > 0 else None, x0, put)
+        check_grad_history(spec, r, [p["g"] for p in log[:t]], put)
         if r["row"].get("sharpness") is not None and case["workload"] in DROPOUT_FREE and distributed.rank() == 0:
             check_curvature(spec, t, r, put)
     return errs
@@ -428,6 +432,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         "delta_prev": d_prev.norm() if d_prev is not None else None,
         "g_prev": prev["g"].norm() if prev else None,
     }
+    norms.update({f"abs_{k}": norms[k] for k in ("x", "g", "g_plus", "delta")})  # ‖|v|‖ = ‖v‖
     for name in names.SUM_NAMES:  # every raw sum (a new one without operands below: KeyError)
         a, b = SUM_OPERANDS[name]
         if name not in ref or (norms[a] is None or norms[b] is None):
@@ -485,6 +490,26 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         put(k, rel(a, b, scales.get(k, abs(b) if b else 1.0)))
 
 
+def check_grad_history(spec, r: dict, past: list, put) -> None:
+    """The gradient-history columns of a measured step (docs/METRICS.md §Gradient history)
+    against reference.reference_grad_history: S_t = Σ_{s<t} g_s in float64 over every earlier
+    step's full gradient. Errors relative to ‖g_t‖‖S_t‖ (the dot's scale-aware bound) and ‖S_t‖²."""
+    row = r["row"]
+    if not row.get("measured"):
+        return
+    if not spec.measure.grad_history:
+        put("gh_present_when_off", float(any(row.get(k) is not None for k in names.GRAD_HISTORY_NAMES)))
+        return
+    ref = reference.reference_grad_history(r["g"], past)
+    if not past:  # step 0: S_0 = 0, no cosine
+        put("gh_step0", float(row["grad_history_sq"] != 0.0 or row["cos_grad_history"] is not None))
+        return
+    gs = float(r["g"].norm()) * math.sqrt(ref["grad_history_sq"])
+    put("grad_history_ip", rel(row["grad_history_ip"], ref["grad_history_ip"], gs))
+    put("grad_history_sq", rel(row["grad_history_sq"], ref["grad_history_sq"], ref["grad_history_sq"]))
+    put("cos_grad_history", rel(row["cos_grad_history"], ref["cos_grad_history"], 1.0))
+
+
 def check_next_batch(case: dict, spec, t: int, r: dict, prev: dict | None, put) -> None:
     """The next-batch columns of measured step t (docs/METRICS.md §Next-batch gap) against
     reference.reference_next_batch on the full tensors: ⟨g_t, Δ_{t−1}⟩ in float64 with
@@ -499,11 +524,25 @@ def check_next_batch(case: dict, spec, t: int, r: dict, prev: dict | None, put) 
     put("nb_missing", float(not all(present)))
     g, d_prev = r["g"], prev["x_next"] - prev["x"]
     fp32_prev = r["ref_losses"][2] if len(r.get("ref_losses", ())) > 2 else None  # no plain model: ⟨,⟩ only
-    ref = reference.reference_next_batch(row["loss"], fp32_prev, g, d_prev)
+    ref = reference.reference_next_batch(
+        row["loss"],
+        fp32_prev,
+        g,
+        d_prev,
+        x=r["x"],
+        loss_scale=row.get("loss_scale"),
+        loss_prev_scale=row.get("nb_loss_prev_scale"),
+        precision=spec.scale.precision,
+        loss_precision=row["loss_precision"],
+    )
     ell, gd = abs(row["loss"]), float(g.norm() * d_prev.norm())
     scales = {"nb_loss_prev": ell, "nb_ip_grad_update": gd, "nb_loss_gap": ell, "nb_convexity_gap": ell + gd}
-    for k in names.NEXT_BATCH_NAMES if fp32_prev is not None else ("nb_ip_grad_update",):
-        put(k, rel(row[k], ref[k], scales[k]))
+    scales["nb_noise_floor"] = abs(ref["nb_noise_floor"] or 1.0)
+    for k in (*scales, names.NEXT_BATCH_CLASS) if fp32_prev is not None else ("nb_ip_grad_update",):
+        if k == names.NEXT_BATCH_CLASS:  # the class against the floor, as the oracle's
+            put("cls_nb_convexity_mismatch", float(row.get(k) != ref[k]))
+        else:
+            put(k, rel(row[k], ref[k], scales[k]))
     if case["workload"] in DROPOUT_FREE:  # f(x_{t−1}; B_t) against an independent float64 model
         lref_prev = reference_loss_grad(spec, prev["x"], t, distributed.world_size())[0]
         put("nb_loss_prev_vs_fp64", rel(row["nb_loss_prev"], lref_prev, abs(lref_prev)))
@@ -524,6 +563,9 @@ SUM_OPERANDS = {
     "ip_grad_prev": ("g", "g_prev"),
     "sq_update_prev": ("delta_prev", "delta_prev"),
     "sq_grad_prev": ("g_prev", "g_prev"),
+    "abs_grad_param": ("abs_g", "abs_x"),
+    "abs_probe_param": ("abs_g_plus", "abs_x"),
+    "abs_probe_update": ("abs_g_plus", "abs_delta"),
 }
 
 

@@ -94,7 +94,10 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     gen = torch.Generator().manual_seed(10 * ranks + (chunk == CHUNK))
     sizes, groups = [1, 7, 300, 5000, 70_000, 40, 2_000], [0, 0, 1, 1, 2, 2, 2]
     params = _random_params(gen, sizes)
-    losses = [[2.0 + r, 1.9 + r, float(r == 0), 0.5 * r, 7.0 + r, 8.0 + r, 2.1 + r, 0.3 * r] for r in range(ranks)]
+    losses = [
+        [2.0 + r, 1.9 + r, float(r == 0), 0.5 * r, 7.0 + r, 8.0 + r, 2.1 + r, 0.3 * r, 9.0 + r, 0.2 * r, 4.0 + r]
+        for r in range(ranks)
+    ]
     per_group, scalars = _sharded_packed(params, groups, 3, ranks, gen, losses, chunk=chunk)
     assert set(per_group) == set(SUM_NAMES) and set(scalars) == set(LOSS_NAMES)
     for j in range(3):
@@ -109,13 +112,15 @@ def test_sharded_sums_equal_reference(ranks, chunk):
     assert scalars["loss_probe_scale"] == pytest.approx(np.mean([ls[5] for ls in losses]), rel=1e-12)
     assert scalars["nb_loss_prev"] == pytest.approx(np.mean([ls[6] for ls in losses]), rel=1e-12)
     assert scalars["nb_ip_grad_update"] == pytest.approx(np.mean([ls[7] for ls in losses]), rel=1e-12)
+    for i, k in enumerate(("nb_loss_prev_scale", "grad_history_ip", "grad_history_sq"), start=8):
+        assert scalars[k] == pytest.approx(np.mean([ls[i] for ls in losses]), rel=1e-12), k
 
 
 def test_missing_inputs_are_nan_after_reduction():
     gen = torch.Generator().manual_seed(3)
     params = _random_params(gen, [50, 130])
     per_group, scalars = _sharded_packed(
-        params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, *[math.nan] * 5]] * 2, drop=("g_plus", "x0")
+        params, [0, 1], 2, 2, gen, [[1.0, math.nan, 0.0, *[math.nan] * 8]] * 2, drop=("g_plus", "x0")
     )
     full = {k: (None if k in ("g_plus", "x0") else torch.cat([p[k] for p in params])) for k in FIELDS}
     ref = reference_sums(**full)
@@ -123,7 +128,7 @@ def test_missing_inputs_are_nan_after_reduction():
     assert (
         {k for k, v in got.items() if math.isnan(v)}
         == {k for k, v in ref.items() if math.isnan(v)}
-        == {"sq_grad_probe", "ip_probe_update", "sq_grad_diff", "sq_dist_init"}
+        == {"sq_grad_probe", "ip_probe_update", "sq_grad_diff", "sq_dist_init", "abs_probe_param", "abs_probe_update"}
     )
     _assert_sums_close(got, ref)
     assert math.isnan(scalars["loss_probe"]) and scalars["loss"] == 1.0
@@ -239,15 +244,20 @@ def test_derive_matches_reference_metrics(s, precision):
 
 def test_noise_floor_formula_and_classification():
     sums = {"sq_grad": 4.0, "sq_grad_probe": 9.0, "sq_update": 0.25, "sq_param": 100.0, "sq_grad_diff": 1.0}
+    sums.update({"abs_grad_param": 7.0, "abs_probe_param": 11.0, "abs_probe_update": 2.0})
     u32 = 2.0**-24
     # s = 1, fp32: the losses and the inner products only: 4u(|ℓ| + |ℓ⁺| + (2 + 3)·0.5)
     assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "fp32") == 4 * u32 * (3.0 + 2.5)
     # the losses' rounding magnitudes M, M⁺ (lossscale) take the place of |ℓ|, |ℓ⁺|
     assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "fp32", loss_scales=(7.0, 8.0)) == 4 * u32 * (15.0 + 2.5)
     # s = 0.5: plus the rounded probe point, for the losses (2 + 3)·(2·10 + 0.25) and for the
-    # gradients ‖g⁺ − g‖·(2·10 + 0.25)
-    assert metrics.noise_floor(sums, 1.0, -2.0, 0.5, "fp32") == 4 * u32 * (3.0 + 1.25 + 101.25 + 20.25)
-    assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "bf16") == 4 * 2.0**-8 * (3.0 + 2.5 + 102.5 + 20.5)
+    # gradients ‖g⁺ − g‖·(2·10 + 0.25) and the weight rounding Σ|g||x| + Σ|g⁺||x| + |s|Σ|g⁺||Δ|
+    assert metrics.noise_floor(sums, 1.0, -2.0, 0.5, "fp32") == 4 * u32 * (3.0 + 1.25 + 101.25 + 20.25 + 19.0)
+    assert metrics.noise_floor(sums, 1.0, -2.0, 1.0, "bf16") == 4 * 2.0**-8 * (3.0 + 2.5 + 102.5 + 20.5 + 20.0)
+    # without the weight-rounding sums a rounded point has no floor (never a silently smaller one)
+    bare = {k: v for k, v in sums.items() if not k.startswith("abs_")}
+    assert math.isnan(metrics.noise_floor(bare, 1.0, -2.0, 1.0, "bf16"))
+    assert metrics.noise_floor(bare, 1.0, -2.0, 1.0, "fp32") == 4 * u32 * (3.0 + 2.5)
     with pytest.raises(ValueError):
         metrics.noise_floor(sums, 1.0, 1.0, 1.0, "int8")
     assert metrics.classify(-1.0, 0.5) == "holds"
@@ -296,7 +306,7 @@ def test_no_probe_flags_and_nulls():
         unpack(
             pack(
                 local_sums([Fragment(group=0, **t)], 1),
-                torch.tensor([3.0, math.nan, 0.0, *[math.nan] * 5]),
+                torch.tensor([3.0, math.nan, 0.0, *[math.nan] * 8]),
             ),
             1,
         )[0]
@@ -415,7 +425,7 @@ def test_flat_sums_missing_vectors_are_nan_and_agree_with_local_sums():
     assert (
         nan
         == {k for k, v in frag.items() if math.isnan(v)}
-        == {"sq_grad_probe", "ip_probe_update", "sq_grad_diff", "sq_dist_init"}
+        == {"sq_grad_probe", "ip_probe_update", "sq_grad_diff", "sq_dist_init", "abs_probe_param", "abs_probe_update"}
     )
     ref = reference_sums(**{k: (None if k in drop else torch.cat([p[k] for p in params])) for k in FIELDS})
     _assert_sums_close(flat, ref)

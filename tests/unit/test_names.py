@@ -30,7 +30,7 @@ _CPP_BITS = {"G": "g", "D": "delta", "GP": "g_plus", "X0": "x0", "DP": "delta_pr
 
 def _vectors(terms: tuple[str, str]) -> set[str]:
     """The vectors a sum's operands read (differences expanded)."""
-    return {v for t in terms for v in names.SUM_DIFFS.get(t, (t,))}
+    return {v for t in terms for v in names.operand_vectors(t)}
 
 
 def _random(n: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -51,6 +51,7 @@ def test_sum_names_have_operands_and_a_reference_line():
     assert tuple(ref) == names.SUM_NAMES
     # the operand table IS the definition: each sum is the dot of its two operands
     ops = {**v, **{d: v[a] - v[b] for d, (a, b) in names.SUM_DIFFS.items()}}
+    ops.update({m: v[k].abs() for m, k in names.SUM_ABS.items()})
     for name, (a, b) in names.SUM_TERMS.items():
         assert ref[name] == pytest.approx(float(ops[a] @ ops[b]), rel=1e-12), name
     assert set(names.NORM_SUMS) | set(names.PREV_OF) | set(names.PREV_OF.values()) <= set(names.SUM_NAMES)
@@ -121,7 +122,8 @@ def test_schema_columns_come_from_names():
     assert schema.RAW_SUM_COLUMNS == names.RAW_NAMES
     assert schema.GROUP_SUM_COLUMNS == names.SUM_NAMES
     assert schema.DERIVED_COLUMNS == names.ROW_DERIVED_NAMES
-    assert schema.CLASS_COLUMNS == names.CLASS_NAMES and schema.CLASS_VALUES == set(names.CLASSES)
+    assert schema.CLASS_COLUMNS == (*names.CLASS_NAMES, names.NEXT_BATCH_CLASS)
+    assert schema.CLASS_VALUES == set(names.CLASSES)
     float_names = (
         *names.NORM_NAMES,
         *names.RAW_NAMES,
@@ -216,6 +218,8 @@ def test_hook_rows_are_schema_rows():
             names.FLAG,
             names.GROUPS,
             *names.NEXT_BATCH_NAMES,  # null without measure.next_batch
+            names.NEXT_BATCH_CLASS,
+            *names.GRAD_HISTORY_NAMES,  # null without measure.grad_history
         }
         assert set(r) == want
         assert all(set(g) == set(names.SUM_NAMES) for g in r[names.GROUPS].values())

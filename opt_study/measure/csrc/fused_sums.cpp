@@ -3,7 +3,7 @@
 //
 // Contract (fused_sums.py checks the inputs; this file trusts them):
 //   opt_study_fused_sums(mask, v, n, runs, n_runs, n_groups, out) adds to out[group][k]
-//   (float64, row-major [n_groups, 14]) the sum SUM_NAMES[k] (sums.py) over each run.
+//   (float64, row-major [n_groups, 17]) the sum SUM_NAMES[k] (sums.py) over each run.
 //   v: 7 pointers to fp32 arrays of n elements, in Fragment field order (x, g, delta, g_plus,
 //      x0, delta_prev, g_prev); a vector whose bit is not in `mask` is never read (may be null).
 //   mask: bits G=1, D=2, GP=4, X0=8, DP=16, GPR=32 (x is always read).
@@ -34,7 +34,7 @@ namespace {
 
 constexpr int LANES = 8;
 constexpr int64_t BLOCK = 256;  // elements per fp32 partial sum flushed to float64 (32 per lane)
-constexpr int N_SUMS = 14;      // len(sums.SUM_NAMES)
+constexpr int N_SUMS = 17;      // len(sums.SUM_NAMES)
 constexpr int N_VECS = 7;       // len(sums.VECTOR_NAMES)
 
 // Presence bits of the optional vectors (x is always present).
@@ -45,11 +45,15 @@ constexpr unsigned N_MASKS = 64;  // masks are in [0, N_MASKS)
 enum Sum : int {
   SQ_GRAD, SQ_GRAD_PROBE, SQ_UPDATE, SQ_PARAM, SQ_DIST_INIT, IP_GRAD_UPDATE, IP_PROBE_UPDATE,
   SQ_GRAD_DIFF, IP_PARAM_UPDATE, IP_PARAM_GRAD, IP_UPDATE_PREV, IP_GRAD_PREV, SQ_UPDATE_PREV,
-  SQ_GRAD_PREV,
+  SQ_GRAD_PREV, ABS_GRAD_PARAM, ABS_PROBE_PARAM, ABS_PROBE_UPDATE,
 };
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 typedef double vd __attribute__((vector_size(LANES * sizeof(double))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+// |v| elementwise, exact: the sign bit cleared (a cast between same-size vectors reinterprets).
+__attribute__((always_inline)) inline vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }
 
 // Which sums a presence mask can compute: the operands of sums._TERMS, all present.
 constexpr bool has(unsigned m, int k) {
@@ -68,6 +72,9 @@ constexpr bool has(unsigned m, int k) {
     case IP_GRAD_PREV: return (m & G) && (m & GPR);
     case SQ_UPDATE_PREV: return m & DP;
     case SQ_GRAD_PREV: return m & GPR;
+    case ABS_GRAD_PARAM: return m & G;
+    case ABS_PROBE_PARAM: return m & GP;
+    case ABS_PROBE_UPDATE: return (m & GP) && (m & D);
   }
   return false;
 }
@@ -104,6 +111,9 @@ __attribute__((always_inline)) inline void step(vf (&a)[N_SUMS], vf x, vf g, vf 
   if constexpr (has(M, IP_GRAD_PREV)) a[IP_GRAD_PREV] += g * gpr;
   if constexpr (has(M, SQ_UPDATE_PREV)) a[SQ_UPDATE_PREV] += dp * dp;
   if constexpr (has(M, SQ_GRAD_PREV)) a[SQ_GRAD_PREV] += gpr * gpr;
+  if constexpr (has(M, ABS_GRAD_PARAM)) a[ABS_GRAD_PARAM] += vabs(g) * vabs(x);
+  if constexpr (has(M, ABS_PROBE_PARAM)) a[ABS_PROBE_PARAM] += vabs(gp) * vabs(x);
+  if constexpr (has(M, ABS_PROBE_UPDATE)) a[ABS_PROBE_UPDATE] += vabs(gp) * vabs(d);
 }
 
 // Elements [lo, hi) of the vectors into acc (float64 lanes), in blocks of BLOCK elements.

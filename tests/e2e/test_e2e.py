@@ -47,7 +47,8 @@ def _runs(spec):
 
 
 def test_worker_group_study_stores_every_step_once(ray_cluster, tmp_path):
-    spec = _spec(tmp_path, "wg")
+    # worker_group named: 2 ranks default to pool (tests/e2e/test_pool.py, test_faults.py)
+    spec = _spec(tmp_path, "wg", scale={"launcher": "worker_group"})
     out = io.StringIO()
     run_study(spec, out=out)
     plans = plan_trials(spec)

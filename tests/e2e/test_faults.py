@@ -40,9 +40,11 @@ def _runs(spec):
     return mlflow.search_runs(experiment_names=[f"opt_study/{spec.study.name}"])
 
 
-def _kill_one_train_worker_when(cond, timeout=300) -> dict:
-    """Background: once cond() holds, SIGKILL one Ray Train worker process; report what was killed."""
+def _kill_one_train_worker_when(cond, launcher: str, timeout=300) -> dict:
+    """Background: once cond() holds, SIGKILL one rank process of the trial (a pool slot's
+    PoolRank actor, or a Ray Train worker); report what was killed."""
     out: dict = {}
+    name = "PoolRank" if launcher == "pool" else "RayTrainWorker"
 
     def run():
         t0 = time.time()
@@ -51,7 +53,7 @@ def _kill_one_train_worker_when(cond, timeout=300) -> dict:
                 procs = [
                     p
                     for p in psutil.process_iter(["pid", "cmdline"])
-                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+                    if name in " ".join(p.info["cmdline"] or [])
                 ]
                 if procs:
                     out["pid"] = procs[0].pid
@@ -96,7 +98,7 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(ray_cluster, spec_facto
         return on_result(self, iteration, trials, trial, result, **info)
 
     monkeypatch.setattr(StudyRecorder, "on_trial_result", watch)
-    killer = _kill_one_train_worker_when(RowsAtLeast(spec.study_dir, 50))
+    killer = _kill_one_train_worker_when(RowsAtLeast(spec.study_dir, 50), spec.scale.resolved_launcher)
     run_study(spec, out=io.StringIO())
     killer["thread"].join(timeout=1)
     assert "pid" in killer, "the worker was never killed (trial too fast?)"

@@ -95,7 +95,7 @@ class WorkloadConfig:
 class ScaleConfig:
     """How big one trial is: its worker group and DeepSpeed settings."""
 
-    workers: int = 1  # ranks per trial: one DeepSpeed process each (a TorchTrainer worker group)
+    workers: int = 1  # ranks per trial: one DeepSpeed process each (see launcher)
     gpus_per_worker: int = 0  # 0 = CPU (gloo); 1 = one GPU per worker (nccl)
     # auto = cuda if gpus_per_worker else cpu; cpu = train on CPU (gloo) even while reserving GPUs (simulated cluster)
     accelerator: str = "auto"

@@ -14,7 +14,7 @@ import datetime as _dt
 import warnings
 from pathlib import Path
 
-from opt_study.report import eos, figures, render, steps_to_target, tables
+from opt_study.report import critical, eos, figures, render, seed_claims, steps_to_target, tables
 from opt_study.report.data import StudyData, load
 from opt_study.storage import layout
 
@@ -31,6 +31,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("profiles", "Steps to target"),
     ("steps-to-target", "Steps-to-target protocol: confirmation over seeds"),
     ("edge-of-stability", "Edge of stability: sharpness against 2/η"),
+    ("critical-sharpness", "Critical sharpness against λ_max"),
     ("loss-curves", "Loss curves"),
     ("query", "Query the data"),
 )
@@ -68,6 +69,22 @@ _ASSUMPTION_COLUMNS = [
     ("authors_linear_over_loss_gap", "authors: Σ⟨g⁺,Δ⟩/Σδ"),
     ("authors_convexity_excess", "authors: Σ(⟨g⁺,Δ⟩ − δ)"),
     ("authors_smoothness_max", "authors: max L (per tensor)"),
+]
+
+_CLAIM_COLUMNS = [
+    (k, k)
+    for k in (
+        "label",
+        "n_measured",
+        "fwd_holds",
+        "bwd_holds",
+        "convexity_most_steps",
+        "L_hat",
+        "eff_smoothness_ratio",
+        "L_hat_over_ratio",
+        "smoothness_loose",
+        "progress_predicted",
+    )
 ]
 
 
@@ -114,6 +131,7 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
             empty="Every trial completed.",
         ),
     ]
+    assumption = tables.assumption_table(data)
     s["assumptions"] = [
         render.note(
             "Per optimizer, its best configuration (lowest mean best validation loss over "
@@ -122,7 +140,9 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
             "steps, classified against the noise floor (arXiv:2407.01825; "
             "docs/METRICS.md §Noise floor)."
         ),
-        render.table(tables.assumption_table(data), _ASSUMPTION_COLUMNS, ci=True),
+        render.table(assumption, _ASSUMPTION_COLUMNS, ci=True),
+        render.note(seed_claims.NOTE),
+        render.table(seed_claims.claim_rows(assumption), _CLAIM_COLUMNS),
     ]
     s["trajectories"] = [render.figure(figures.trajectory_figure(data), "trajectories")]
     s["distributions"] = [render.figure(figures.distribution_figure(data), "distributions per optimizer")]
@@ -171,6 +191,7 @@ def _sections(data: StudyData, out: Path, q: float) -> dict[str, list[str]]:
     s["profiles"] = _profiles(data)
     s["steps-to-target"] = steps_to_target.section(data)
     s["edge-of-stability"] = eos.section(data)
+    s["critical-sharpness"] = critical.section(data)
     s["loss-curves"] = [render.figure(figures.loss_curves_figure(data), "loss curves")]
     s["query"] = [
         render.note(

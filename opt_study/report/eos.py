@@ -60,6 +60,34 @@ def threshold_factor(optimizer: str, hparams: dict) -> float | None:
     return 2.0 + 2.0 * float(hp.get("momentum", 0.0) or 0.0)
 
 
+def trial_hparams(trial: dict) -> dict:
+    """A report trial's hyperparameters (its non-null ``hp.*`` fields, prefix dropped)."""
+    return {k[3:]: v for k, v in trial.items() if k.startswith("hp.") and v is not None}
+
+
+def band_verdict(ratio: float, lo: float, hi: float) -> str:
+    """ "met" when lo ≤ ratio ≤ hi, "not met" otherwise (a NaN ratio: "no data"). One rule for
+    every acceptance band of the reproductions (this section, report.critical,
+    report.seed_claims)."""
+    if math.isnan(ratio):
+        return "no data"
+    return "met" if lo <= ratio <= hi else "not met"
+
+
+def trial_verdict(trial: dict, verdict: str) -> str:
+    """A band verdict, overruled for a trial that diverged or failed: its few rows before the end
+    say nothing about where the run settles ("not met (diverged)")."""
+    status = trial.get("status")
+    if verdict in ("met", "not met") and status in ("diverged", "failed"):
+        return f"not met ({status})"
+    return verdict
+
+
+def late(values: np.ndarray) -> float:
+    """``late_median`` of the finite entries of ``values`` (the late phase of a curve)."""
+    return late_median([float(v) for v in values if math.isfinite(v)])
+
+
 def trial_curves(data: StudyData) -> dict[str, dict[str, np.ndarray]]:
     """trial id -> {step, lr, sharpness, sharpness_precond, critical_sharpness} arrays of its
     curvature rows."""
@@ -76,8 +104,7 @@ def trial_curves(data: StudyData) -> dict[str, dict[str, np.ndarray]]:
 
 def verdict_row(trial: dict, c: dict[str, np.ndarray]) -> dict:
     """One trial's line: predicted threshold, late-phase medians, ratio and the verdict."""
-    hp = {k[3:]: v for k, v in trial.items() if k.startswith("hp.") and v is not None}
-    th = threshold(trial["optimizer"], hp)
+    th = threshold(trial["optimizer"], trial_hparams(trial))
     col, factor = th if th is not None else ("sharpness", None)
     thr = factor / c["lr"] if factor is not None else np.full_like(c["lr"], math.nan)
     ok = np.isfinite(c[col])
@@ -88,28 +115,24 @@ def verdict_row(trial: dict, c: dict[str, np.ndarray]) -> dict:
         "lr": float(c["lr"][-1]),
         "compared": col,
         "predicted": float(thr[-1]),
-        "lambda_max_late": late_median([v for v in c["sharpness"] if math.isfinite(v)]),
-        "lambda_precond_late": late_median([v for v in c["sharpness_precond"] if math.isfinite(v)]),
-        "lambda_c_late": late_median([v for v in c["critical_sharpness"] if math.isfinite(v)]),
+        "lambda_max_late": late(c["sharpness"]),
+        "lambda_precond_late": late(c["sharpness_precond"]),
+        "lambda_c_late": late(c["critical_sharpness"]),
         "ratio": ratio,
         "n": int(ok.sum()),
     }
-    met = factor is not None and ok.any() and abs(ratio - 1.0) <= BAND
-    row["verdict"] = "no threshold" if factor is None or not ok.any() else ("met" if met else "not met")
+    verdict = band_verdict(ratio, 1.0 - BAND, 1.0 + BAND)
+    row["verdict"] = "no threshold" if factor is None or not ok.any() else trial_verdict(trial, verdict)
     return row
 
 
 def figure(data: StudyData, curves: dict[str, dict[str, np.ndarray]]) -> Figure:
     """One panel per trial: λ_max and λc against the step, the threshold and its ±BAND band."""
     ids = sorted(curves)
-    ncols = min(3, len(ids))
-    nrows = math.ceil(len(ids) / ncols)
-    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = panels(len(ids))
     for ax, tid in zip(axes, ids):
         c, t = curves[tid], data.trials[tid]
-        hp = {k[3:]: v for k, v in t.items() if k.startswith("hp.") and v is not None}
-        th = threshold(t["optimizer"], hp)
+        th = threshold(t["optimizer"], trial_hparams(t))
         ax.plot(c["step"], c["sharpness"], ".-", ms=3, lw=1, label="λ_max (Lanczos)")
         if np.isfinite(c["sharpness_precond"]).any():
             ax.plot(c["step"], c["sharpness_precond"], ".-", ms=3, lw=1, label="λ_max(P⁻¹H)")
@@ -119,15 +142,29 @@ def figure(data: StudyData, curves: dict[str, dict[str, np.ndarray]]) -> Figure:
             thr = factor / c["lr"]
             ax.plot(c["step"], thr, "k--", lw=1, label=f"{factor:g}/η")
             ax.fill_between(c["step"], thr * (1 - BAND), thr * (1 + BAND), color="k", alpha=0.08, lw=0)
-        late = c["step"][len(c["step"]) - max(1, len(c["step"]) // 4)]
-        ax.axvspan(late, c["step"][-1], color="tab:orange", alpha=0.07, lw=0)
+        shade_late(ax, c["step"])
         ax.set_title(f"{tid} (lr {render.fmt(float(c['lr'][-1]), 3)})", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("sharpness")
         ax.legend(fontsize=7)
-    for ax in axes[len(ids) :]:
-        ax.set_visible(False)
     return fig
+
+
+def panels(n: int) -> tuple[Figure, list]:
+    """A figure of n panels, 3 to a row (spare ones hidden): (figure, the n axes)."""
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def shade_late(ax, steps: np.ndarray) -> None:
+    """Shade the late phase (the last quarter of the curvature rows) on ``ax``."""
+    start = steps[len(steps) - max(1, len(steps) // 4)]
+    ax.axvspan(start, steps[-1], color="tab:orange", alpha=0.07, lw=0)
 
 
 def section(data: StudyData) -> list[str]:

@@ -258,7 +258,8 @@ def pool_trainable(config: dict, spec, keeper, board=None) -> None:
             if failures > spec.training.max_failures:
                 raise RuntimeError(f"trial failed on {failures} slot(s); last error: {e}") from e
             continue
-        keeper.release.remote(slot)
+        # waited for: the trial Tune schedules next on this reused trainable must find it idle
+        ray.get(keeper.release.remote(slot))
         return
 
 

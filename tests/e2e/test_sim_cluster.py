@@ -39,7 +39,8 @@ def _training(study_dir: Path) -> int:
     return len(set(read_steps(study_dir).column("trial_id").to_pylist()))
 
 
-def _wait_for(n: int, study_dir: Path, proc, what: str) -> bool:
+def _wait_for(n: int, study_dir: Path, proc) -> bool:
+    """Whether `n` trials trained before the study ended or WAIT_S passed."""
     deadline = time.time() + WAIT_S
     while _training(study_dir) < n:
         if proc.poll() is not None or time.time() > deadline:
@@ -80,9 +81,9 @@ def test_trials_fill_logical_gpus_and_a_joining_node(tmp_path):
             text=True,
             env={**cluster.env, "RAY_ADDRESS": cluster.address},
         )
-        filled = _wait_for(2, spec.study_dir, proc, "two trials")  # both nodes' GPUs taken
+        filled = _wait_for(2, spec.study_dir, proc)  # both nodes' GPUs taken
         joined = cluster.add_node()
-        third = _wait_for(3, spec.study_dir, proc, "a third trial")  # placed on the new node
+        third = _wait_for(3, spec.study_dir, proc)  # placed on the new node
         gate.touch()  # the held trials finish; the last one runs
         out, _ = proc.communicate(timeout=600)
         node_ids = cluster.node_ids()

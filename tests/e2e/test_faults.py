@@ -51,9 +51,7 @@ def _kill_one_train_worker_when(cond, launcher: str, timeout=300) -> dict:
         while time.time() - t0 < timeout:
             if cond():
                 procs = [
-                    p
-                    for p in psutil.process_iter(["pid", "cmdline"])
-                    if name in " ".join(p.info["cmdline"] or [])
+                    p for p in psutil.process_iter(["pid", "cmdline"]) if name in " ".join(p.info["cmdline"] or [])
                 ]
                 if procs:
                     out["pid"] = procs[0].pid

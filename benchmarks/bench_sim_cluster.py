@@ -58,11 +58,21 @@ class Sampler:
     def sample(self) -> None:
         import psutil
 
+        # Ray's workers retitle themselves (ray::PoolRank): found as children of the raylets
+        roots = [p for p in psutil.process_iter(["pid", "cmdline"]) if self.tmpdir in " ".join(p.info["cmdline"] or [])]
+        procs = {}
+        for p in roots + [psutil.Process(self.driver)]:
+            try:
+                for q in [p, *p.children(recursive=True)]:
+                    procs[q.pid] = q
+            except psutil.Error:
+                pass
         rss = 0
-        for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if (self.tmpdir in cmd or p.info["pid"] == self.driver) and p.info["memory_info"]:
-                rss += p.info["memory_info"].rss
+        for q in procs.values():
+            try:
+                rss += q.memory_info().rss
+            except psutil.Error:
+                pass
         self.rss = max(self.rss, rss / 2**30)
         self.mem_used = max(self.mem_used, psutil.virtual_memory().used / 2**30)
         self.load = max(self.load, load1())
@@ -130,6 +140,11 @@ def main() -> None:
             "trials_on_new_node": sum(len(node_ids) == NODES and node_ids[-1] in b.nodes for b in busy),
             "join_after_s": joined - t0,
             "train_s": sorted(b.end - b.start for b in busy),
+            # each trial's training interval from the first trial's start, and whether on the new node
+            "intervals": sorted(
+                (round(b.start - t0, 1), round(b.end - t0, 1), len(node_ids) == NODES and node_ids[-1] in b.nodes)
+                for b in busy
+            ),
             "first_step_s": min(b.start for b in busy) - t0,
             "mem_used_gib": sampler.mem_used,
             "cluster_rss_gib": sampler.rss,

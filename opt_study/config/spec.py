@@ -105,8 +105,8 @@ class ScaleConfig:
     precision: str = "fp32"
     micro_batch_size: int = 8  # samples per rank per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = workers x micro_batch_size x grad_accum
-    # auto: in_process for one worker, pool otherwise (ranks on warm actors reused across trials);
-    # worker_group: a Ray Train worker group per trial
+    # auto: in_process for one worker, worker_group otherwise (a Ray Train group per trial);
+    # pool: ranks on warm actors reused across trials (not the default yet: see docs/DESIGN.md)
     launcher: str = "auto"
     torch_threads: int = 1  # per worker; CPU trials oversubscribe cores otherwise
 
@@ -164,7 +164,7 @@ class ScaleConfig:
     def resolved_launcher(self) -> str:
         if self.launcher != "auto":
             return self.launcher
-        return "in_process" if self.workers == 1 else "pool"
+        return "in_process" if self.workers == 1 else "worker_group"
 
 
 @dataclass(frozen=True)

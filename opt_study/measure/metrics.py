@@ -121,17 +121,11 @@ def noise_floor(
     ``precision``: the gradients' arithmetic (u_G); ``loss_precision``: the losses' (u_L),
     default ``precision``. ``loss_scales``: (M, M⁺); when either is missing, (|ℓ|, |ℓ⁺|).
     """
-    loss_precision = precision if loss_precision is None else loss_precision
-    for p in (precision, loss_precision):
-        if p not in UNIT_ROUNDOFF:
-            raise ValueError(f"precision must be one of {sorted(UNIT_ROUNDOFF)}, got {p!r}")
-    u_g, u_l = UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[loss_precision]
+    loss_precision, u_g, u_l = _unit_roundoffs(precision, loss_precision)
     s = _f(probe_s)
     gsum = _root(_f(sums.get("sq_grad"))) + _root(_f(sums.get("sq_grad_probe")))
     seg = abs(s) * _root(_f(sums.get("sq_update")))
-    m, m_p = (_f(v) for v in (loss_scales or (None, None)))
-    if not (math.isfinite(m) and math.isfinite(m_p)):
-        m, m_p = abs(_f(loss)), abs(_f(loss_probe))
+    m, m_p = _loss_magnitudes(loss_scales, loss, loss_probe)
     scale = u_l * (m + m_p) + u_g * gsum * seg
     reach = 2.0 * _root(_f(sums.get("sq_param"))) + seg  # ‖x‖ + ‖p‖ ≤ 2‖x‖ + ‖sΔ‖
     if loss_precision in ("bf16", "fp16") or s != 1.0:  # the losses' evaluation points are rounded
@@ -171,18 +165,32 @@ def next_batch_floor(
     r_L = 1 for bf16/fp16 losses (both points read rounded), r_G = 1 for bf16/fp16 gradients
     (g read at rounded x_t: a convex f's gap then rises by at most ≈ 2u·Σ|g_i||x_i|,
     ``weight_rounding``). ``loss_scales``: (M of ℓ_t, M of f(x_{t−1}; B_t)); missing: |ℓ|."""
-    loss_precision = precision if loss_precision is None else loss_precision
-    u_g, u_l = UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[loss_precision]
+    loss_precision, u_g, u_l = _unit_roundoffs(precision, loss_precision)
     g, dp = _root(_f(sums.get("sq_grad"))), _root(_f(sums.get("sq_update_prev")))
-    m, m_prev = (_f(v) for v in (loss_scales or (None, None)))
-    if not (math.isfinite(m) and math.isfinite(m_prev)):
-        m, m_prev = abs(_f(loss)), abs(_f(loss_prev))
+    m, m_prev = _loss_magnitudes(loss_scales, loss, loss_prev)
     scale = u_l * (m + m_prev) + u_g * g * dp
     if loss_precision in ("bf16", "fp16"):
         scale += u_l * g * (2.0 * _root(_f(sums.get("sq_param"))) + dp)
     if precision in ("bf16", "fp16"):
         scale += 2.0 * u_g * _f(sums.get("abs_grad_param"))
     return floor_c * scale
+
+
+def _unit_roundoffs(precision: str, loss_precision: str | None) -> tuple[str, float, float]:
+    """(loss precision, u_G, u_L) of the floors: the losses' precision defaults to the gradients'."""
+    loss_precision = precision if loss_precision is None else loss_precision
+    for p in (precision, loss_precision):
+        if p not in UNIT_ROUNDOFF:
+            raise ValueError(f"precision must be one of {sorted(UNIT_ROUNDOFF)}, got {p!r}")
+    return loss_precision, UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[loss_precision]
+
+
+def _loss_magnitudes(loss_scales, loss: float, other: float) -> tuple[float, float]:
+    """The two losses' rounding magnitudes (M, M'): the captured ones, else (|ℓ|, |ℓ'|)."""
+    m, m_other = (_f(v) for v in (loss_scales or (None, None)))
+    if math.isfinite(m) and math.isfinite(m_other):
+        return m, m_other
+    return abs(_f(loss)), abs(_f(other))
 
 
 def _flag(sq_update: float, loss_probe: float, probe_s: float) -> str | None:

@@ -3,7 +3,8 @@
 DeepSpeed compiles `deepspeed_shm_comm` with gcc on the first CPU `initialize` (about 60 s) into
 $TORCH_EXTENSIONS_DIR. If many trial workers start at once, they queue on torch's file lock; if a
 compiling process is killed, its lock is left behind and every later trial waits on it forever.
-Building it here (`make install`) means trials only ever load the finished op.
+Building it here (`make install`) means trials only ever load the finished op; a lock left by a
+rank killed while loading is cleared before each load (opt_study.storage.build_locks).
 
 The fused measurement-sums kernel (opt_study/measure/fused_sums.py, a few seconds of gcc) is built
 first, the same way into the same directory. If that build fails (no compiler, an unsupported
@@ -17,6 +18,9 @@ import os
 
 def main() -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from opt_study.storage import build_locks
+
+    build_locks.clear_stale_locks()  # a killed earlier build would make this wait forever
     build_fused_sums()
     from deepspeed.comm.torch import build_shm_op
 

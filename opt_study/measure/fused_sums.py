@@ -32,6 +32,7 @@ from torch import Tensor
 
 from opt_study.measure.names import SUM_NAMES, VECTOR_NAMES, operand_vectors
 from opt_study.measure.sum_layout import CHUNK, check_flat, empty_out, plan
+from opt_study.storage import build_locks
 
 NAME = "opt_study_fused_sums"
 SOURCE = Path(__file__).with_name("csrc") / "fused_sums.cpp"
@@ -79,6 +80,7 @@ def _build_and_open(verbose: bool):
     names.py (a kernel built from an older .cpp with another N_SUMS / N_VECS is refused)."""
     from torch.utils.cpp_extension import load as load_ext
 
+    build_locks.clear_stale_locks()  # a lock left by a killed loader would hang load_ext forever
     # is_python_module=False: a plain shared library with a C entry point (no pybind, no torch
     # headers to compile), opened with ctypes, which releases the GIL during the call.
     path = load_ext(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False, verbose=verbose)

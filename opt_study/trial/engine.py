@@ -14,6 +14,7 @@ import torch
 
 from opt_study import distributed, optim
 from opt_study.config import ScaleConfig
+from opt_study.storage import build_locks
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
 
     world = distributed.world_size()
     config = ds_config(scale, world, grad_clip)
+    # initialize loads DeepSpeed's JIT op under torch's build lock; one left by a killed rank
+    # would make this wait forever (storage.build_locks)
+    build_locks.clear_stale_locks()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     info = EngineInfo(
         device=engine.device,

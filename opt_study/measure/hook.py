@@ -177,7 +177,9 @@ class StepMeasurer:
         if self.x_t is not None:
             self.g_t = self.view.clone_grads()
 
-    def end(self, step: int, loss_local, loss_fn, stop_vote: bool = False, model_loss_fn=None, lr=None) -> dict:
+    def end(
+        self, step: int, loss_local, loss_fn, stop_vote: bool = False, model_loss_fn=None, lr=None, carry=None
+    ) -> dict:
         """Called after engine.step(); returns this step's row fields (same on every rank).
 
         ``loss_local`` is this rank's mean training loss over its micro-batches (a tensor, best
@@ -190,11 +192,15 @@ class StepMeasurer:
         `stop_vote` (rank 0's view of the study's stop request) is summed in the same all-reduce;
         afterwards `self.stop_requested` is the same on every rank. `loss_precision` in the row
         says in which precision `loss` (and `loss_probe`) were evaluated.
+        `carry` ({column: value}) holds values that are global already (DeepSpeed's gradient
+        norm): they come back in the row as Python floats (None stays None), a device tensor
+        with the step's one read-back instead of a host sync of its own (``_Carry``).
         """
         self._enter("end", step)
+        carried = _Carry(carry)
         losses = self._loss_terms(loss_local, stop_vote)
         if self.x_t is None:  # norms off and not measured: the loss alone, still one all-reduce
-            return self._loss_only_row(losses)
+            return {**self._loss_only_row(losses, carried), **carried.row}
         delta = self._update()
         s, g_plus, loss_precision, curv = math.nan, None, self.precision, {}
         if self.cadence.curvature(step):  # before the probe: its g⁺ is the last gradient read
@@ -207,10 +213,10 @@ class StepMeasurer:
         kept = self._kept(delta, g_plus)
         local = self._local_sums(kept, None if self.measured else NORM_SUMS)
         per_tensor = self._tensor_sums(kept) if self.measured else None
-        per_group, scalars, tensor_norms = self._reduce(local, losses, per_tensor)
+        per_group, scalars, tensor_norms = self._reduce(local, losses, per_tensor, carried)
         self._keep_prev(delta, local)
         totals = {k: float(v.sum()) for k, v in per_group.items()}
-        row = self._norm_row(totals, scalars, loss_precision)
+        row = {**self._norm_row(totals, scalars, loss_precision), **carried.row}
         if self.measured:
             row.update(self._measured_fields(per_group, {**totals, **tensor_norms}, scalars, s, loss_precision))
             row.update(curv)
@@ -229,10 +235,11 @@ class StepMeasurer:
             losses[_LOSS[NOISE_RAW]] = self.small_sq / (world * self.accum)
         return losses
 
-    def _loss_only_row(self, losses: torch.Tensor) -> dict:
+    def _loss_only_row(self, losses: torch.Tensor, carried: _Carry) -> dict:
         """An unmeasured step with norms off: the losses' all-reduce alone."""
         distributed.all_reduce_sum(losses)
-        vals = losses.tolist()  # host sync: the row and the stop decision are Python values
+        vals = carried.append(losses).tolist()  # host sync: the row and the stop decision are Python values
+        carried.read(vals[len(LOSS_NAMES) :])
         self.stop_requested = vals[_LOSS["stop_votes"]] > 0
         return {"loss": vals[_LOSS["loss"]], MEASURED: False, LOSS_PRECISION: self.precision}
 
@@ -255,18 +262,23 @@ class StepMeasurer:
             "g_prev": self.prev_g if m else None,
         }
 
-    def _reduce(self, local: torch.Tensor, losses: torch.Tensor, per_tensor: torch.Tensor | None = None):
+    def _reduce(self, local: torch.Tensor, losses: torch.Tensor, per_tensor=None, carried=None):
         """The ONE collective of the step's measurements: this rank's sums, loss terms and (measured
         steps) per-tensor block packed into one float64 vector, SUM-reduced, split again (setting
         p for s ≠ 1 and the fp32 re-evaluation under bf16 communicate too, in _probe: they move
-        weights, not measurements). Sets ``stop_requested`` from the summed votes. Returns the
-        per-group sums, the scalars and names.TENSOR_NAMES' values ({} without the block)."""
+        weights, not measurements). ``carried``'s tensors join the vector after the reduce and
+        come back with it. Sets ``stop_requested`` from the summed votes. Returns the per-group
+        sums, the scalars and names.TENSOR_NAMES' values ({} without the block)."""
+        carried = carried or _Carry(None)
         packed = pack(local, losses)
         n = packed.numel()
         if per_tensor is not None:
             packed = torch.cat([packed, per_tensor.to(packed.device, torch.float64).reshape(-1)])
         distributed.all_reduce_sum(packed)
-        host = packed.detach().to("cpu", torch.float64)  # host sync: the step's ONE read-back
+        n_reduced = packed.numel()
+        host = carried.append(packed).detach().to("cpu", torch.float64)  # host sync: the step's ONE read-back
+        carried.read(host[n_reduced:].tolist())
+        host = host[:n_reduced]
         per_group, scalars = unpack(host[:n], len(self.groups))
         self.stop_requested = scalars["stop_votes"] > 0
         tensor_norms = {}
@@ -428,6 +440,30 @@ class StepMeasurer:
         with lossscale.Capture(self.engine.device) as cap:
             out = fn(*args)
         return out, cap.value(len(self.batches))
+
+
+class _Carry:
+    """Values end() hands back in the row as Python floats. Device tensors among them (DeepSpeed's
+    global gradient norm after step()) are appended to the reduced vector AFTER its all-reduce
+    (they are global already: a sum would multiply them by the world size) and read back with it,
+    so an unmeasured step still has one host sync; a float64 copy of an fp32/bf16 value is exact,
+    so the column is the ``float(tensor)`` it was before."""
+
+    def __init__(self, values: dict | None):
+        values = values or {}
+        self.tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+        self._values = [values[k].detach().reshape(()) for k in self.tensors]
+        self.row = {k: None if v is None else float(v) for k, v in values.items() if k not in self.tensors}
+
+    def append(self, reduced: torch.Tensor) -> torch.Tensor:
+        if not self._values:
+            return reduced
+        tail = torch.stack([v.to(reduced.device, torch.float64) for v in self._values])
+        return torch.cat([reduced, tail])
+
+    def read(self, host_values: list) -> None:
+        """The appended values, as read back (Python floats), into ``row``."""
+        self.row.update(zip(self.tensors, (float(v) for v in host_values)))
 
 
 def _finite(v: float) -> float | None:

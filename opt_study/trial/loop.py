@@ -166,15 +166,16 @@ def train_step(c: Ctx, step: int, stop_vote: bool) -> dict:
         stop_vote=stop_vote,
         model_loss_fn=c.workload.loss,
         lr=lr,
+        # DeepSpeed's norm, a device tensor at ZeRO 1-3: read back with the measurer's one
+        # transfer of the step's values, not by a float() (a host sync) of its own
+        carry={"engine_grad_norm": _engine_norm(c.eng)},
     )
     dt = time.perf_counter() - t0
-    # host sync: _engine_norm reads DeepSpeed's norm as a Python float (after end()'s own sync)
     row = {
         "step": step,
         "lr": lr,
         "step_time_s": dt,
         "units_per_s": units * c.world / dt,
-        "engine_grad_norm": _engine_norm(c.eng),
         "time_unix": time.time(),
         **fields,
     }
@@ -338,13 +339,13 @@ def _status(state: TrialState, row: dict, training, stop_requested: bool, step: 
     return "stopped" if stop_requested else "running"
 
 
-def _engine_norm(eng) -> float | None:
-    """DeepSpeed's own global gradient norm (None at ZeRO-0): an independent check column."""
+def _engine_norm(eng):
+    """DeepSpeed's own global gradient norm (None at ZeRO-0; a tensor or a float otherwise), as
+    DeepSpeed holds it: an independent check column, read on the host by the measurer."""
     try:
-        n = eng.get_global_grad_norm()
+        return eng.get_global_grad_norm()
     except Exception:  # noqa: BLE001 - some engine variants raise instead of returning None
         return None
-    return None if n is None else float(n)
 
 
 def _report_metrics(state: TrialState, row: dict) -> dict:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,9 +22,9 @@ from opt_study.study.run import run_study
 from opt_study.validate import load_study
 
 import specs
+from cli_process import start_cli
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _raw_rows(study_dir: Path):
@@ -145,25 +143,10 @@ def _write_study(tmp_path: Path) -> Path:
     )
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    return subprocess.Popen(
-        [sys.executable, "-m", "opt_study.cli", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        **kw,
-    )
-
-
 def test_driver_killed_then_resume_finishes_without_rerunning(tmp_path):
     f = _write_study(tmp_path)
     spec = load_study(f)
-    proc = _cli(["run", str(f)])
+    proc = start_cli(["run", str(f)], new_session=True)
     t0 = time.time()
     while time.time() - t0 < 300:  # kill once one trial is finished and another is under way
         done = (
@@ -190,7 +173,7 @@ def test_driver_killed_then_resume_finishes_without_rerunning(tmp_path):
         for tid in finished
     }
 
-    res = _cli(["resume", str(spec.study_dir)])
+    res = start_cli(["resume", str(spec.study_dir)], new_session=True)
     out, _ = res.communicate(timeout=600)
     assert res.returncode == 0, out[-3000:]
     recs = {r["trial_id"]: r for r in read_trial_records(spec.study_dir)}

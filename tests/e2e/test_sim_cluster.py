@@ -13,7 +13,6 @@ proves the same property within the CI machine (2 cores, 24 GiB)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from opt_study.results.trials import read_trial_records
 from opt_study.validate import load_study
 
 import specs
+from cli_process import start_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,14 +73,7 @@ def test_trials_fill_logical_gpus_and_a_joining_node(tmp_path):
     try:
         cluster.add_node()
         cluster.add_node()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "opt_study.cli", "run", str(f)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**cluster.env, "RAY_ADDRESS": cluster.address},
-        )
+        proc = start_cli(["run", str(f)], env=cluster.env, ray_address=cluster.address)
         filled = _wait_for(2, spec.study_dir, proc)  # both nodes' GPUs taken
         joined = cluster.add_node()
         third = _wait_for(3, spec.study_dir, proc)  # placed on the new node

@@ -21,6 +21,7 @@ from opt_study.results.trials import read_trial_records
 from opt_study.validate import load_study
 
 import specs
+from cli_process import start_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,14 +158,7 @@ def test_a_node_added_mid_study_runs_a_second_trial_at_once(tmp_path):
     spec = load_study(f)
     try:
         _ray_head(port, env)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "opt_study.cli", "run", str(f)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-        )
+        proc = start_cli(["run", str(f)], env=env, ray_address=f"127.0.0.1:{port}")
         deadline = time.time() + 300
         while not any(r["status"] == "running" for r in read_trial_records(spec.study_dir)):
             assert proc.poll() is None and time.time() < deadline, "no trial started"

@@ -1,7 +1,9 @@
 """Every file in cluster/ parses and names what it must: the Ray launcher configs pass Ray's own
 cluster-config schema and install torch before opt_study; the KubeRay manifests mount the study
-and run `opt-study run` on it; the SLURM scripts are valid bash using the two Ray start patterns;
-the MLflow server uses PostgreSQL and binds loopback; the README walks through every file."""
+and run `opt-study run` on it, and their MLflow (PostgreSQL, server, Service, Secret) agrees with
+itself and with the study's tracking URI; the SLURM scripts are valid bash using the two Ray start
+patterns; the MLflow server uses PostgreSQL and binds loopback; the README walks through every
+file, and its 4 × 8-GPU walkthrough names only real fields, commands and numbers."""
 
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def test_the_folder_has_every_kind_of_file():
         "kuberay/rayjob.yaml",
         "kuberay/study-configmap.yaml",
         "kuberay/storage.yaml",
+        "kuberay/mlflow.yaml",
         "slurm/symmetric_run.sbatch",
         "slurm/ray_cluster.sbatch",
         "mlflow/docker-compose.yaml",
@@ -281,19 +284,122 @@ def test_launcher_heads_start_the_mlflow_server(name):
     assert any("apt-get install" in c and "postgresql" in c for c in cfg["head_setup_commands"])
 
 
-@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
-def test_kuberay_head_pod_runs_the_mlflow_server(name, tmp_path):
-    doc = load(name)
-    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
-    containers = spec["headGroupSpec"]["template"]["spec"]["containers"]
-    [ml] = [c for c in containers if c["name"] == "mlflow"]
-    args = mlflow_server_args(ml["command"])
-    assert args.port == 5000 and args.home.startswith("/mnt/shared/")
-    assert {"name": "shared", "mountPath": "/mnt/shared"} in ml["volumeMounts"]
+# ------------------------------------------------------------------- KubeRay: MLflow and its viewer
+def kube_objects(rel: str) -> dict[tuple[str, str], dict]:
+    """A multi-document manifest as {(kind, name): object}."""
+    docs = [d for d in yaml.safe_load_all((CLUSTER / rel).read_text()) if d is not None]
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert len(objs) == len(docs), f"{rel}: two objects of one kind share a name"
+    return objs
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def container_port(pod: dict, port) -> int:
+    """A Service's targetPort (a number or a container port's name) as the container's number."""
+    ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
+    assert isinstance(port, int) or port in ports, (port, ports)
+    return port if isinstance(port, int) else ports[port]
+
+
+def secret_ref(container: dict, env_name: str) -> tuple[str, str]:
+    [ref] = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == env_name]
+    return ref["name"], ref["key"]
+
+
+def workload_and_service(objs: dict, kind: str, name: str):
+    """The workload ``kind/name``, its pod template, and the one Service that selects its pods."""
+    work = objs[(kind, name)]
+    pod = work["spec"]["template"]
+    assert selects(work["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"]), name
+    [svc] = [
+        o for (k, _), o in objs.items() if k == "Service" and selects(o["spec"]["selector"], pod["metadata"]["labels"])
+    ]
+    return work, pod, svc
+
+
+def test_kuberay_mlflow_server_postgres_and_study_agree(tmp_path):
+    """mlflow.yaml's names, ports, labels and secret agree with each other, with the study's
+    tracking URI, with the volume the Ray pods mount, and with the commands in the README."""
+    from urllib.parse import urlsplit
+
+    from mlflow.cli import server
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    objs = kube_objects("kuberay/mlflow.yaml")
+    dep, ml_pod, ml_svc = workload_and_service(objs, "Deployment", "opt-study-mlflow")
+    sts, pg_pod, pg_svc = workload_and_service(objs, "StatefulSet", "opt-study-postgres")
+    assert sts["spec"]["serviceName"] == pg_svc["metadata"]["name"]
+    [ml], [pg] = ml_pod["spec"]["containers"], pg_pod["spec"]["containers"]
+
+    # The study writes to the MLflow Service by its name and port; the server listens there.
     cm = load("kuberay/study-configmap.yaml")
     (tmp_path / "study.yaml").write_text(cm["data"]["study.yaml"])
-    assert load_study(tmp_path / "study.yaml").tracking_uri == SERVED
-    assert "postgresql" in (CLUSTER / "docker" / "Dockerfile").read_text()
+    uri = urlsplit(load_study(tmp_path / "study.yaml").tracking_uri)
+    [svc_port] = ml_svc["spec"]["ports"]
+    assert ml_svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert (uri.scheme, uri.hostname, uri.port) == ("http", ml_svc["metadata"]["name"], svc_port["port"])
+    opts = server.make_context("server", ml["command"][2:]).params  # MLflow's own parser: every flag exists
+    assert ml["command"][:2] == ["mlflow", "server"]
+    assert opts["port"] == container_port(ml_pod["spec"], svc_port["targetPort"]) and opts["host"] == "0.0.0.0"
+    allowed = opts["allowed_hosts"].split(",")  # MLflow's own Host check: the driver's, port-forward's
+    for host in (uri.netloc, f"127.0.0.1:{opts['port']}", f"localhost:{opts['port']}"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, f"evil.example:{opts['port']}")
+    assert opts["serve_artifacts"] and opts["artifacts_destination"].startswith("/mnt/shared/")
+    assert {"name": "shared", "mountPath": "/mnt/shared"} in ml["volumeMounts"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in ml_pod["spec"]["volumes"]}
+    assert claims == {load("kuberay/storage.yaml")["metadata"]["name"]}
+
+    # MLflow reaches PostgreSQL by its Service, as the database's user, with the same secret.
+    db = urlsplit(opts["backend_store_uri"])
+    pg_env = {e["name"]: e.get("value") for e in pg["env"]}
+    [pg_port] = pg_svc["spec"]["ports"]
+    assert db.scheme == "postgresql+psycopg2" and db.password is None  # the password: PGPASSWORD
+    assert (db.hostname, db.port) == (pg_svc["metadata"]["name"], pg_port["port"])
+    assert container_port(pg_pod["spec"], pg_port["targetPort"]) == 5432
+    assert (db.username, db.path.lstrip("/")) == (pg_env["POSTGRES_USER"], pg_env["POSTGRES_DB"])
+    secret = secret_ref(ml, "PGPASSWORD")
+    assert secret == secret_ref(pg, "POSTGRES_PASSWORD")
+    assert f"kubectl create secret generic {secret[0]} --from-literal={secret[1]}=" in README
+    mount = {m["name"]: m["mountPath"] for m in pg["volumeMounts"]}
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    assert pg_env["PGDATA"].startswith(mount[claim["metadata"]["name"]] + "/")
+
+    # Who may connect: pods labelled as KubeRay labels a head (the drivers) to MLflow, MLflow to PostgreSQL.
+    head_labels = {"ray.io/node-type": "head", "ray.io/cluster": "any"}
+    for target, svc, source in ((ml_pod, ml_svc, head_labels), (pg_pod, pg_svc, ml_pod["metadata"]["labels"])):
+        [policy] = [
+            o
+            for (k, _), o in objs.items()
+            if k == "NetworkPolicy" and selects(o["spec"]["podSelector"]["matchLabels"], target["metadata"]["labels"])
+        ]
+        [rule] = policy["spec"]["ingress"]
+        [peer] = rule["from"]
+        assert selects(peer["podSelector"]["matchLabels"], source), policy["metadata"]["name"]
+        assert [p["port"] for p in rule["ports"]] == [
+            container_port(target["spec"], svc["spec"]["ports"][0]["targetPort"])
+        ]
+
+    # The same image as the Ray pods (MLflow and psycopg2 come with opt_study), checked on import.
+    assert (
+        ml["image"]
+        == load("kuberay/raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    assert re.search(r"python -c \"import [^\"]*\bmlflow, psycopg2", (CLUSTER / "docker" / "Dockerfile").read_text())
+    assert f"kubectl port-forward svc/{ml_svc['metadata']['name']} {svc_port['port']}:{svc_port['port']}" in README
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_heads_leave_mlflow_to_the_service(name):
+    """One MLflow server for every KubeRay study (mlflow.yaml): a Ray head runs none of its own."""
+    doc = load(name)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    for pod in pod_specs(spec):
+        assert [c["name"] for c in pod["containers"]] in (["ray-head"], ["ray-worker"])
+    assert "cluster/kuberay/mlflow.yaml" in (CLUSTER / name).read_text()
 
 
 @pytest.mark.parametrize("name", ["symmetric_run.sbatch", "ray_cluster.sbatch"])
@@ -350,6 +456,49 @@ def test_readme_walks_through_every_command():
         "mlflow_uri",
     ):
         assert command in README, command
+
+
+WALKTHROUGH = README.split("## 4 nodes × 8 GPUs", 1)[-1].split("\n## ", 1)[0]
+
+
+def test_walkthrough_names_real_fields_commands_and_numbers(tmp_path):
+    """The 4 × 8-GPU walkthrough: every `slice.field` it names is a field of the study config
+    (the workload's: of the ConfigMap study's type), every `opt-study` subcommand and file it
+    names exists, and its numbers are the files' (4 nodes of 8 GPUs, 8-rank trials, 4 at once)."""
+    import argparse
+    from dataclasses import fields
+
+    from opt_study.cli.main import parser
+    from opt_study.config.spec import ScaleConfig, SearchConfig, StudyConfig
+    from opt_study.plan.planners import plan_trials
+    from opt_study.study.run import max_concurrent
+
+    assert WALKTHROUGH.startswith(":") and "Rehearse" in WALKTHROUGH
+    (tmp_path / "study.yaml").write_text(load("kuberay/study-configmap.yaml")["data"]["study.yaml"])
+    spec = load_study(tmp_path / "study.yaml")
+    known = {
+        k: {f.name for f in fields(c)}
+        for k, c in (("study", StudyConfig), ("scale", ScaleConfig), ("search", SearchConfig))
+    }
+    known["workload"] = {f.name for f in fields(spec.workload.params)}
+    named = set(re.findall(r"`(study|scale|search|workload)\.([a-z_]+)", WALKTHROUGH))
+    assert {("scale", "workers"), ("scale", "accelerator"), ("search", "max_concurrent_trials")} <= named
+    assert {("study", "storage"), ("study", "mlflow_uri")} <= named
+    assert all(field in known[part] for part, field in named), [n for n in named if n[1] not in known[n[0]]]
+    [sub] = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    used = set(re.findall(r"opt-study ([a-z][a-z-]+)", WALKTHROUGH))
+    assert {"run", "status", "query"} <= used <= set(sub.choices), used - set(sub.choices)
+    for rel in set(re.findall(r"`((?:kuberay/)?[a-z-]+\.yaml)`", WALKTHROUGH)):
+        assert (CLUSTER / rel).is_file(), rel
+    [group] = load("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]
+    [worker] = group["template"]["spec"]["containers"]
+    assert (group["replicas"], group["maxReplicas"], worker["resources"]["limits"]["nvidia.com/gpu"]) == (0, 4, 8)
+    assert (spec.scale.workers, spec.scale.gpus_per_worker, spec.scale.device) == (8, 1, "cuda")
+    assert spec.scale.workers * spec.scale.cpus_per_worker <= int(worker["resources"]["requests"]["cpu"])
+    most = {"CPU": 4 * float(worker["resources"]["requests"]["cpu"]), "GPU": 4 * 8.0}  # the autoscaler's maximum
+    n = len(plan_trials(spec))
+    assert max_concurrent(spec, most) == 4 and f"{n} trials to run, 4 at a time" in WALKTHROUGH
+    assert f"`trials: {n}`" in WALKTHROUGH
 
 
 def test_every_placeholder_is_explained():

@@ -381,9 +381,10 @@ def find_trials(tracking_uri: str, study: str, optimizer: str | None = None, fil
         )
 
 
-def best_per_optimizer(tracking_uri: str, study: str, metric: str = "best_eval_loss"):
+def best_per_optimizer(tracking_uri: str, study: str, metric: str = "summary/best_eval_loss"):
     """One row per optimizer (tag ``opt_study.optimizer``): the trial run with the lowest
-    finite ``metrics.<metric>``, as a pandas DataFrame sorted by that metric. Optimizers whose
+    finite ``metrics.<metric>`` (by default the best evaluation loss as the runner logs it,
+    mlflow_sink.trial_metrics), as a pandas DataFrame sorted by that metric. Optimizers whose
     every trial lacks a finite value (all diverged or failed) are left out; ``find_trials``
     lists them."""
     runs = find_trials(tracking_uri, study)

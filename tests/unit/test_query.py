@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from opt_study.cli.main import main as cli_main
-from opt_study.results.mlflow_sink import MlflowSink
+from opt_study.results.mlflow_sink import MlflowSink, trial_metrics
 from opt_study.results.parquet import StepWriter, read_steps
 from opt_study.results.query import (
     QueryError,
@@ -192,7 +192,9 @@ def store(tmp_path_factory):
         ("s-1", "sgd", math.nan, "diverged"),
         ("l-0", "lion", math.nan, "failed"),
     ):
-        sink.log_trial(parent, tid, {"hp.lr": 0.1}, {"opt_study.optimizer": opt}, {"best_eval_loss": best}, {}, status)
+        # named as the runner names them (summary/best_eval_loss, hp/lr)
+        values, curves = trial_metrics({"best_eval_loss": best}, [], {"lr": 0.1})
+        sink.log_trial(parent, tid, {"hp.lr": 0.1}, {"opt_study.optimizer": opt}, values, curves, status)
     return uri, parent
 
 
@@ -202,11 +204,11 @@ def test_find_trials_and_best_per_optimizer(store):
     runs = find_trials(uri, "st")
     assert sorted(runs["tags.opt_study.trial_id"]) == ["a-0", "a-1", "l-0", "s-0", "s-1"]
     assert sorted(find_trials(uri, "st", optimizer="sgd")["tags.opt_study.trial_id"]) == ["s-0", "s-1"]
-    low = find_trials(uri, "st", filter_string="metrics.best_eval_loss < 1.8")
+    low = find_trials(uri, "st", filter_string="metrics.`summary/best_eval_loss` < 1.8")
     assert sorted(low["tags.opt_study.trial_id"]) == ["a-1", "s-0"]
     best = best_per_optimizer(uri, "st")
     assert list(best["tags.opt_study.trial_id"]) == ["a-1", "s-0"]  # lion: nothing finite
-    assert list(best["metrics.best_eval_loss"]) == [1.5, 1.75]
+    assert list(best["metrics.summary/best_eval_loss"]) == [1.5, 1.75]
     with pytest.raises(ValueError):
         find_trials(uri, "st", optimizer="x' OR '1'='1")
 

@@ -26,6 +26,7 @@ from opt_study import distributed
 from opt_study.measure import fp32eval, grad_history, lossscale, metrics, next_batch, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
+from opt_study.measure.carry import Carry
 from opt_study.measure.names import (
     GRAD_HISTORY_RAW,
     GROUPS,
@@ -194,10 +195,10 @@ class StepMeasurer:
         says in which precision `loss` (and `loss_probe`) were evaluated.
         `carry` ({column: value}) holds values that are global already (DeepSpeed's gradient
         norm): they come back in the row as Python floats (None stays None), a device tensor
-        with the step's one read-back instead of a host sync of its own (``_Carry``).
+        with the step's one read-back instead of a host sync of its own (``Carry``).
         """
         self._enter("end", step)
-        carried = _Carry(carry)
+        carried = Carry(carry)
         losses = self._loss_terms(loss_local, stop_vote)
         if self.x_t is None:  # norms off and not measured: the loss alone, still one all-reduce
             return {**self._loss_only_row(losses, carried), **carried.row}
@@ -235,7 +236,7 @@ class StepMeasurer:
             losses[_LOSS[NOISE_RAW]] = self.small_sq / (world * self.accum)
         return losses
 
-    def _loss_only_row(self, losses: torch.Tensor, carried: _Carry) -> dict:
+    def _loss_only_row(self, losses: torch.Tensor, carried: Carry) -> dict:
         """An unmeasured step with norms off: the losses' all-reduce alone."""
         distributed.all_reduce_sum(losses)
         vals = carried.append(losses).tolist()  # host sync: the row and the stop decision are Python values
@@ -269,7 +270,7 @@ class StepMeasurer:
         weights, not measurements). ``carried``'s tensors join the vector after the reduce and
         come back with it. Sets ``stop_requested`` from the summed votes. Returns the per-group
         sums, the scalars and names.TENSOR_NAMES' values ({} without the block)."""
-        carried = carried or _Carry(None)
+        carried = carried or Carry(None)
         packed = pack(local, losses)
         n = packed.numel()
         if per_tensor is not None:
@@ -440,30 +441,6 @@ class StepMeasurer:
         with lossscale.Capture(self.engine.device) as cap:
             out = fn(*args)
         return out, cap.value(len(self.batches))
-
-
-class _Carry:
-    """Values end() hands back in the row as Python floats. Device tensors among them (DeepSpeed's
-    global gradient norm after step()) are appended to the reduced vector AFTER its all-reduce
-    (they are global already: a sum would multiply them by the world size) and read back with it,
-    so an unmeasured step still has one host sync; a float64 copy of an fp32/bf16 value is exact,
-    so the column is the ``float(tensor)`` it was before."""
-
-    def __init__(self, values: dict | None):
-        values = values or {}
-        self.tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-        self._values = [values[k].detach().reshape(()) for k in self.tensors]
-        self.row = {k: None if v is None else float(v) for k, v in values.items() if k not in self.tensors}
-
-    def append(self, reduced: torch.Tensor) -> torch.Tensor:
-        if not self._values:
-            return reduced
-        tail = torch.stack([v.to(reduced.device, torch.float64) for v in self._values])
-        return torch.cat([reduced, tail])
-
-    def read(self, host_values: list) -> None:
-        """The appended values, as read back (Python floats), into ``row``."""
-        self.row.update(zip(self.tensors, (float(v) for v in host_values)))
 
 
 def _finite(v: float) -> float | None:

@@ -410,6 +410,15 @@ def _cross_checks(spec: C.Spec) -> None:
         raise C.ConfigError(
             file, "measure.noise_scale", "needs two batch sizes: set scale.workers x scale.grad_accum >= 2"
         )
+    fixed, sc = spec.measure.curvature_batch, spec.scale
+    if fixed is not None and fixed.size % (sc.workers * sc.grad_accum):
+        # each rank's share splits into grad_accum equal micro-batches: the mean of their means
+        # is then the mean over the whole batch at every world size
+        raise C.ConfigError(
+            file,
+            "measure.curvature_batch.size",
+            f"{fixed.size} is not divisible by scale.workers x scale.grad_accum = {sc.workers * sc.grad_accum}",
+        )
     t = spec.training
     evals = -(-t.steps // t.eval_every)  # at every eval_every-th step and at the last step
     if spec.search.asha and evals < spec.search.asha.grace_period:

@@ -433,6 +433,11 @@ class MeasureConfig:
     # λ_max (Lanczos) and the critical sharpness λc on the step's batch; 0 or null = off
     # (docs/METRICS.md §Online curvature)
     curvature_every: int | None = 0
+    # the batch every curvature quantity (λ_max, λ_max(P⁻¹H), λc's line search) is measured on:
+    # "step" (the step's own batch) or {size: N, seed: S}, a fixed batch of N training samples
+    # drawn once per trial from (trial seed, S) and used at every curvature step, as Cohen et al.
+    # 2021 measure on a fixed subset (N divisible by workers x grad_accum; S defaults to 0)
+    curvature_batch: Any | str = "step"
     # Lanczos steps per sharpness measurement (2 gradient evaluations each); 0 = no λ_max
     lanczos_steps: int = 20
     # forward passes of the critical-sharpness line search (at least 3); 0 = no λc
@@ -486,6 +491,41 @@ class MeasureConfig:
             raise FieldError("critical_forwards", "must be 0 (off) or at least 3 (φ(0), a bracket, a refinement)")
         if k and not (self.lanczos_steps or self.critical_forwards):
             raise FieldError("curvature_every", "needs lanczos_steps or critical_forwards above 0")
+        object.__setattr__(self, "curvature_batch", _curvature_batch(self.curvature_batch))
+        if self.curvature_batch is not None and not k:
+            raise FieldError("curvature_batch", "a fixed curvature batch needs curvature_every above 0")
+
+
+@dataclass(frozen=True)
+class CurvatureBatch:
+    """measure.curvature_batch as a fixed batch: N global training samples from stream S."""
+
+    size: int
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        """The ``curvature_batch`` column's value (results/schema.py)."""
+        return f"fixed:size={self.size},seed={self.seed}"
+
+
+def _curvature_batch(value: Any) -> CurvatureBatch | None:
+    """measure.curvature_batch normalised: None for "step", else a CurvatureBatch."""
+    if value is None or value == "step" or isinstance(value, CurvatureBatch):
+        return value if isinstance(value, CurvatureBatch) else None
+    if not isinstance(value, Mapping):
+        raise FieldError("curvature_batch", f'must be "step" or a mapping {{size: N, seed: S}}, got {value!r:.60}')
+    unknown = sorted(set(value) - {"size", "seed"})
+    if unknown:
+        raise FieldError(f"curvature_batch.{str(unknown[0])[:60]}", "unknown key (allowed: seed, size)")
+    if "size" not in value:
+        raise FieldError("curvature_batch.size", "is required: the fixed batch's number of samples")
+    size, seed = value["size"], value.get("seed", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 10**6:
+        raise FieldError("curvature_batch.size", f"must be an integer in [1, 1000000], got {size!r:.60}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise FieldError("curvature_batch.seed", f"must be an integer in [0, 2**31), got {seed!r:.60}")
+    return CurvatureBatch(size, seed)
 
 
 @dataclass(frozen=True)

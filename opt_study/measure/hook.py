@@ -23,11 +23,13 @@ import math
 import torch
 
 from opt_study import distributed
+from opt_study.measure import curvature_batch as fixed_batch
 from opt_study.measure import fp32eval, grad_history, lossscale, metrics, next_batch, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.carry import Carry
 from opt_study.measure.names import (
+    CURVATURE_BATCH,
     GRAD_HISTORY_RAW,
     GROUPS,
     LOSS_NAMES,
@@ -89,6 +91,7 @@ class StepMeasurer:
         seed: int = 0,
         norms: bool = True,
         small_batch: int = 1,
+        curvature_batch: tuple[list, list] | None = None,
     ):
         self.engine, self.info, self.cfg, self.precision = engine, info, cfg, precision
         self.cadence, self.norms = cadence, norms
@@ -97,6 +100,9 @@ class StepMeasurer:
         self.noise_scale = bool(getattr(cfg, "noise_scale", False))
         self.view = ShardView(engine, info.zero_stage, precision, info.rank, info.world_size)
         self.groups, self.group_of = group_names(self.view.names)
+        # measure.curvature_batch: (this rank's micro-batches, their RNG states) of the fixed
+        # batch (curvature_batch.draw), or None: the curvature is measured on the step's batch
+        self.curvature_batch = curvature_batch
         self.seed = seed  # probe_s draws: a private stream per (seed, step), never the global RNG
         # Under bf16/fp16 the losses entering differences are re-evaluated in fp32 on measured
         # steps (opt_study.measure.fp32eval); `loss` and `loss_probe` then say "fp32".
@@ -415,18 +421,22 @@ class StepMeasurer:
         self.history.add(self.g_t, step)
 
     def _curvature(self, step: int, delta: FlatShard, lr, loss_fn) -> dict:
-        """The online curvature columns (opt_study.measure.sharpness) at x_t on step t's batch."""
-        return sharpness.measure(
+        """The online curvature columns (opt_study.measure.sharpness) at x_t, on step t's batch
+        or on the fixed curvature batch (measure.curvature_batch), and which batch it was."""
+        batches, states = self.curvature_batch or (self.batches, self.rng_states)
+        out = sharpness.measure(
             self.engine,
             self.view,
             self.info.zero_stage,
-            (self.batches, self.rng_states, loss_fn),
+            (batches, states, loss_fn),
             self.x_t,
             delta,
             lr,
             self.cfg,
             (self.seed, step, self.info.rank),
         )
+        out[CURVATURE_BATCH] = fixed_batch.label(getattr(self.cfg, "curvature_batch", None))
+        return out
 
     def _stop_capture(self) -> torch.Tensor | None:
         """Ends the training forwards' capture; M of ℓ_t (this rank's mean over micro-batches)."""

@@ -128,6 +128,9 @@ TENSOR_SUMS: tuple[str, ...] = tuple(TENSOR_NORM_OF.values())
 # critical sharpness λc = 2/ηc along the update direction, and the wall time of both.
 # ``sharpness_precond``: λ_max(P⁻¹H) with Adam's P = diag(√v̂) + ε (measure.preconditioned_sharpness).
 CURVATURE_NAMES: tuple[str, ...] = ("sharpness", "sharpness_precond", "critical_sharpness", "curvature_time_s")
+# Which batch those were measured on (measure.curvature_batch): "step" or "fixed:size=N,seed=S"
+# (measure/curvature_batch.py), a string column beside them.
+CURVATURE_BATCH = "curvature_batch"
 
 # The next-batch identity of the previous update (measure.next_batch; measure/next_batch.py,
 # docs/METRICS.md §Next-batch gap), on measured steps t whose Δ_{t−1} and x_{t−1} were kept: the

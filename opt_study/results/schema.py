@@ -31,7 +31,8 @@ Columns (definitions of every column in docs/METRICS.md):
 
 - online curvature (curvature steps, ``measure.curvature_every``): ``sharpness`` (λ_max of the
   Hessian on the step's batch), ``critical_sharpness`` (λc = 2/ηc along the update direction),
-  ``curvature_time_s`` (float64).
+  ``curvature_time_s`` (float64); ``curvature_batch`` string: the batch they were measured on,
+  ``step`` (the step's own) or ``fixed:size=N,seed=S`` (``measure.curvature_batch``).
 
 - next-batch identity of the previous update (measured steps, ``measure.next_batch``):
   ``nb_loss_prev`` (f(x_{t−1}; B_t)), ``nb_ip_grad_update`` (⟨g_t, Δ_{t−1}⟩), ``nb_loss_gap``
@@ -114,6 +115,7 @@ STEP_SCHEMA: pa.Schema = pa.schema(
         pa.field("flag", pa.string()),
         *[pa.field(name, pa.string()) for name in CLASS_COLUMNS],
         pa.field("loss_precision", pa.string()),
+        pa.field(names.CURVATURE_BATCH, pa.string()),
         pa.field("measured", pa.bool_(), nullable=False),
         pa.field("groups", GROUPS_TYPE),
         pa.field("extra", EXTRA_TYPE),

@@ -16,6 +16,7 @@ import torch
 
 from opt_study import distributed, optim
 from opt_study.config import Spec
+from opt_study.measure import curvature_batch
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.extra import ExtraMetrics
 from opt_study.measure.hook import StepMeasurer
@@ -110,6 +111,10 @@ def build(spec: Spec, plan: TrialPlan, measurer_cls) -> Ctx:
         seed=plan.seed,
         norms=spec.measure.norms,
         small_batch=scale.micro_batch_size,
+        # measure.curvature_batch: drawn once, here, from the workload's pure batch function
+        curvature_batch=curvature_batch.draw(
+            workload, spec.measure.curvature_batch, distributed.rank(), distributed.world_size(), scale, device
+        ),
     )
     return Ctx(
         spec,

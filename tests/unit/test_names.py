@@ -132,7 +132,7 @@ def test_schema_columns_come_from_names():
     )
     for n in float_names:
         assert schema.STEP_SCHEMA.field(n).type == pa.float64(), n
-    for n in (*names.CLASS_NAMES, names.FLAG, names.LOSS_PRECISION):
+    for n in (*names.CLASS_NAMES, names.FLAG, names.LOSS_PRECISION, names.CURVATURE_BATCH):
         assert schema.STEP_SCHEMA.field(n).type == pa.string(), n
     group = schema.STEP_SCHEMA.field(names.GROUPS).type.value_type
     assert [f.name for f in group] == ["name", *names.SUM_NAMES]

@@ -86,14 +86,18 @@ class Recording(StepMeasurer):
         return row
 
 
-def _run(spec_factory, name, opt, curvature_every, measurer=StepMeasurer, steps=6):
+FIXED = {"size": 16, "seed": 3}  # measure.curvature_batch: a fixed batch of 16 centres
+
+
+def _run(spec_factory, name, opt, curvature_every, measurer=StepMeasurer, steps=6, batch="step"):
+    measure = {"every": 0, "curvature_every": curvature_every, "preconditioned_sharpness": True}
     spec = spec_factory(
         study={"name": name},
         workload=QUADRATIC,
         scale={"workers": 1, "zero_stage": 0, "micro_batch_size": 8},
         training={"steps": steps, "eval_every": steps},
         optimizers=[{"name": opt, "params": {"lr": 0.05}}],
-        measure={"every": 0, "curvature_every": curvature_every, "preconditioned_sharpness": True},
+        measure={**measure, **({"curvature_batch": batch} if curvature_every else {})},
     )
     run_trial(
         spec, TrialPlan("t", opt, opt, {"lr": 0.05}, seed=0, index=0), report=lambda m: None, measurer_cls=measurer
@@ -101,20 +105,32 @@ def _run(spec_factory, name, opt, curvature_every, measurer=StepMeasurer, steps=
     return spec, read_steps(spec.study_dir).to_pylist()
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
-def test_online_curvature_on_the_quadratic_is_its_closed_form(spec_factory, opt):
+@pytest.mark.parametrize("opt,batch", [("sgd", "step"), ("adamw", "step"), ("sgd", FIXED), ("adamw", FIXED)])
+def test_online_curvature_on_the_quadratic_is_its_closed_form(spec_factory, opt, batch):
+    """With a fixed curvature batch, λc's closed form takes the gradient on that batch,
+    A(X − C̄) with C̄ the mean of its centres: matching it at steps 1, 3 and 5 shows every
+    measurement used the same batch (the step's gradient gives another value)."""
     Recording.log = {}
-    spec, rows = _run(spec_factory, f"q{opt}", opt, 2, Recording)
+    spec, rows = _run(spec_factory, f"q{opt}{batch == FIXED}", opt, 2, Recording, batch=batch)
     wl = make_workload("quadratic", spec.workload.params, 0)
     a = wl.A  # float64 copy of the model's float32 A; H = A ⊗ I on X [dim, cols]
+    shape = (QUADRATIC["dim"], QUADRATIC["cols"])
     curv = [r for r in rows if r["sharpness"] is not None]
     assert [r["step"] for r in curv] == [1, 3, 5] and all(r["measured"] for r in curv)
+    label = "step" if batch == "step" else "fixed:size=16,seed=3"
+    assert [r["curvature_batch"] for r in rows] == [label if r in curv else None for r in rows]
+    # the fixed batch: the training batch of a virtual step past every real one (curvature_batch.py)
+    centres = wl.train_batch(2**32 + FIXED["seed"], 0, FIXED["size"])[0].double().mean(0)
+    moved = 0.0
     for r in curv:
         # FD Hessian-vector products of fp32 gradients: docs/METRICS.md's 2e-3
         assert r["sharpness"] == pytest.approx(float(wl.spectrum.max()), rel=2e-3), r["step"]
         x, g, delta, p = Recording.log[r["step"]]
+        if batch != "step":  # ∇f(x_t; fixed batch) instead of the step's g_t
+            g_step, g = g, (a @ (x.reshape(shape) - centres)).reshape(-1)
+            moved = max(moved, float((g - g_step).norm() / g.norm()))
         d = -delta / r["lr"]
-        dm = d.reshape(QUADRATIC["dim"], QUADRATIC["cols"])
+        dm = d.reshape(shape)
         closed = float((dm * (a @ dm)).sum() / (d @ g))  # λc = dᵀHd / ⟨d, g⟩
         assert r["critical_sharpness"] == pytest.approx(closed, rel=1e-4), r["step"]
         assert 0 < r["curvature_time_s"] < 10
@@ -126,13 +142,15 @@ def test_online_curvature_on_the_quadratic_is_its_closed_form(spec_factory, opt)
             root = p.rsqrt()
             dense = float(torch.linalg.eigvalsh(root[:, None] * h * root[None, :]).max())
             assert r["sharpness_precond"] == pytest.approx(dense, rel=2e-3), r["step"]
+    assert batch == "step" or moved > 1e-2  # the two batches' gradients do differ
     summary = metrics.summarize([r for r in rows if r["measured"]])
     assert summary["sharpness_late_median"] == curv[-1]["sharpness"]
     assert summary["sharpness_max"] == max(r["sharpness"] for r in curv)
 
 
-def test_measuring_curvature_leaves_the_trajectory_bit_for_bit(spec_factory):
-    _, on = _run(spec_factory, "on", "adamw", 1)
+@pytest.mark.parametrize("batch", ["step", FIXED])
+def test_measuring_curvature_leaves_the_trajectory_bit_for_bit(spec_factory, batch):
+    _, on = _run(spec_factory, "on", "adamw", 1, batch=batch)
     _, off = _run(spec_factory, "off", "adamw", 0)
     assert all(r["sharpness"] is not None for r in on) and all(r["sharpness"] is None for r in off)
     for a, b in zip(on, off):

@@ -430,7 +430,7 @@ class MeasureConfig:
     # each is evaluated on measured steps and stored in the `extra` map column (opt_study.measure.extra)
     extra: tuple[str, ...] = ()
     # online curvature cadence k: every k-th step (a measured step) also measures the sharpness
-    # λ_max (Lanczos) and the critical sharpness λc on the step's batch; 0 or null = off
+    # λ_max (Lanczos) and the critical sharpness λc on the step's batch (or curvature_batch); 0 or null = off
     # (docs/METRICS.md §Online curvature)
     curvature_every: int | None = 0
     # the batch every curvature quantity (λ_max, λ_max(P⁻¹H), λc's line search) is measured on:

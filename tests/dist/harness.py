@@ -242,6 +242,8 @@ def spec_for(case: dict, storage: str):
                 "curvature_every": case.get("curvature_every", 0),
                 "lanczos_steps": case.get("lanczos_steps", 20),
                 "preconditioned_sharpness": bool(case.get("curvature_every")),
+                # "step", or a fixed batch (the same global rows at every world size)
+                **({"curvature_batch": case["curvature_batch"]} if "curvature_batch" in case else {}),
                 # on unless a case turns it off: every measured number below is then checked
                 "next_batch": case.get("next_batch", True),
                 # trainit's gradient-history cosine, on in every case (checked below)
@@ -336,7 +338,9 @@ def check_curvature(spec, t: int, r: dict, put) -> None:
     §Online curvature): λ_max of the dense Hessian of f(·; B_t) at x_t (every rank's micro-batches,
     eigvalsh), and λc from the same line search on the float64 loss along x_t + τΔ_t."""
     x, delta, row = r["x"], r["x_next"] - r["x"], r["row"]
-    f = reference_objective(spec, t, distributed.world_size())
+    fixed = spec.measure.curvature_batch
+    f = reference_objective(spec, t, distributed.world_size(), fixed)
+    put("curvature_batch_label", float(row["curvature_batch"] != ("step" if fixed is None else fixed.label)))
     h = torch.autograd.functional.hessian(f, x, vectorize=True)
     lam = float(torch.linalg.eigvalsh(h).max())
     put("sharpness_vs_dense", rel(row["sharpness"], lam, abs(lam)))
@@ -351,9 +355,11 @@ def check_curvature(spec, t: int, r: dict, put) -> None:
         put("critical_sharpness_vs_fp64", rel(row["critical_sharpness"], ref_c, abs(ref_c or 1.0)))
 
 
-def reference_objective(spec, step: int, world: int):
+def reference_objective(spec, step: int, world: int, fixed=None):
     """x (full, float64) -> f(x; B_t): a float64 copy of the model, mean over all N*A
-    micro-batches of step t (dropout-free workloads only)."""
+    micro-batches of step t (dropout-free workloads only). With a fixed curvature batch
+    (measure.curvature_batch) B is instead its whole global batch in one piece, drawn here
+    independently of how the trial slices it over ranks and micro-batches."""
     from torch.func import functional_call
 
     from opt_study.workloads import make_workload
@@ -366,6 +372,9 @@ def reference_objective(spec, step: int, world: int):
         tuple(t.double() if t.is_floating_point() else t for t in wl.train_batch(step, i, spec.scale.micro_batch_size))
         for i in range(n)
     ]
+    if fixed is not None:  # the virtual step of curvature_batch.py, written out: 2^32 + S
+        whole = wl.train_batch(2**32 + fixed.seed, 0, fixed.size)
+        batches, n = [tuple(t.double() if t.is_floating_point() else t for t in whole)], 1
 
     class Flat(torch.nn.Module):  # the workload's loss calls model(x): a module over the flat vector
         def __init__(self, x):

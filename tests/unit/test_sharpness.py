@@ -155,3 +155,30 @@ def test_measuring_curvature_leaves_the_trajectory_bit_for_bit(spec_factory, bat
     assert all(r["sharpness"] is not None for r in on) and all(r["sharpness"] is None for r in off)
     for a, b in zip(on, off):
         assert (a["loss"], a["param_norm"], a["update_norm"]) == (b["loss"], b["param_norm"], b["update_norm"])
+
+
+def test_fixed_curvature_batch_is_one_global_batch_at_every_world_size():
+    """curvature_batch.draw: the ranks' micro-batches, concatenated in (rank, micro-batch) order,
+    are the whole batch drawn in one piece at world 1, 2 and 4 (the slow reference: one
+    train_batch call), the RNG states are the same on every call, and drawing leaves the global
+    generator where it was."""
+    from opt_study.config.spec import CurvatureBatch, ScaleConfig
+    from opt_study.measure import curvature_batch
+
+    wl = make_workload("quadratic", None, 0)
+    fixed = CurvatureBatch(size=16, seed=3)
+    whole = wl.train_batch(curvature_batch.VIRTUAL_STEP + 3, 0, 16)[0]
+    before = torch.get_rng_state()
+    for world, gas in ((1, 1), (1, 2), (2, 2), (4, 1), (4, 2)):
+        parts, states = [], []
+        for rank in range(world):
+            b, st = curvature_batch.draw(wl, fixed, rank, world, ScaleConfig(grad_accum=gas), "cpu")
+            assert len(b) == len(st) == gas and all(x[0].shape[0] == 16 // (world * gas) for x in b)
+            parts += [x[0] for x in b]
+            states.append(st)
+        assert torch.equal(torch.cat(parts), whole), (world, gas)
+        again = curvature_batch.draw(wl, fixed, 0, world, ScaleConfig(grad_accum=gas), "cpu")[1]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(again, states[0]))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert curvature_batch.draw(wl, None, 0, 1, ScaleConfig(), "cpu") is None
+    assert curvature_batch.label(None) == "step" and curvature_batch.label(fixed) == "fixed:size=16,seed=3"

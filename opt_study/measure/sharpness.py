@@ -1,7 +1,9 @@
 """Online curvature on a curvature step, on this rank's shard (docs/METRICS.md §Online curvature).
 
 Every quantity is of f(·; B_t), the loss on step t's own micro-batches with step t's dropout
-masks, around x_t, the point step t took its gradient at:
+masks, around x_t, the point step t took its gradient at; with ``measure.curvature_batch:
+{size, seed}`` B_t is instead the fixed curvature batch with its fixed masks (curvature_batch.py),
+the same at every curvature step, for all three quantities (λc's line search included):
 
 - ``sharpness``: λ_max of the Hessian by Lanczos (curvature.lanczos with a window of 2 basis
   vectors: memory a constant number of partitions) on Hessian-vector products by central

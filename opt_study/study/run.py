@@ -462,4 +462,7 @@ def _study_params(spec: Spec) -> dict:
         "workers": spec.scale.workers,
         "steps": spec.training.steps,
         "measure_every": spec.measure.every,
+        "curvature_every": spec.measure.curvature_every,
+        # the batch the sharpness columns were measured on (the step's, or a fixed one)
+        "curvature_batch": "step" if spec.measure.curvature_batch is None else spec.measure.curvature_batch.label,
     }

@@ -66,3 +66,13 @@ def test_recorder_finishes_a_trial_with_a_null_sink(spec_factory):
     assert "COMPLETED" in out.getvalue()
     flush_mlflow(NullSink(), spec, out)  # nothing queued: says nothing
     assert "MLflow" not in out.getvalue()
+
+
+def test_study_params_name_the_curvature_batch(spec_factory):
+    """The parent run's params say on which batch the sharpness columns were measured."""
+    from opt_study.study.run import _study_params
+
+    step = _study_params(spec_factory(measure={"every": 2, "curvature_every": 4}))
+    assert (step["curvature_every"], step["curvature_batch"]) == (4, "step")
+    fixed = _study_params(spec_factory(measure={"every": 2, "curvature_every": 4, "curvature_batch": {"size": 8}}))
+    assert fixed["curvature_batch"] == "fixed:size=8,seed=0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -115,6 +116,28 @@ def init_process_group(backend: str = "gloo", single: bool = False) -> None:
         }
     )
     dist.init_process_group(backend=backend, rank=0, world_size=1)
+
+
+# How long a rank waits for a peer at a collective, gloo's rendezvous included (torch's default).
+COLLECTIVE_S = 1800.0
+
+
+def rendezvous_store(world: int, timeout_s: float) -> dist.TCPStore:
+    """A new group's key-value store, served by this process (its rank 0) on a port the OS picks
+    as it binds (`.port`): a port chosen first and bound later could be taken meanwhile, and a
+    peer would then meet another group's store or none. `timeout_s` bounds each wait on a key."""
+    wait = timedelta(seconds=timeout_s)
+    return dist.TCPStore("0.0.0.0", 0, world, is_master=True, timeout=wait, wait_for_workers=False)
+
+
+def join(backend: str, rank: int, world: int, addr: str, port: int, timeout_s: float, store=None) -> None:
+    """Join the group whose rank 0 serves its store (rendezvous_store; passed as `store` on rank 0)
+    at addr:port; a peer's connection gives up after `timeout_s`. gloo then waits for every peer
+    for COLLECTIVE_S, as at every later collective: the launcher bounds the rendezvous itself
+    (opt_study.study.pool)."""
+    if store is None:
+        store = dist.TCPStore(addr, port, world, is_master=False, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=COLLECTIVE_S))
 
 
 def destroy() -> None:

@@ -93,8 +93,8 @@ class ScaleConfig:
     precision: str = "fp32"
     micro_batch_size: int = 8  # samples per rank per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = workers x micro_batch_size x grad_accum
-    # auto: in_process for one worker, worker_group otherwise (a Ray Train group per trial);
-    # pool: ranks on warm actors reused across trials (not the default yet: see docs/DESIGN.md)
+    # auto: in_process for one worker, pool otherwise (ranks on warm actors reused across trials);
+    # worker_group: a Ray Train group per trial (docs/DESIGN.md §Launchers)
     launcher: str = "auto"
     torch_threads: int = 1  # per worker; CPU trials oversubscribe cores otherwise
 
@@ -152,7 +152,7 @@ class ScaleConfig:
     def resolved_launcher(self) -> str:
         if self.launcher != "auto":
             return self.launcher
-        return "in_process" if self.workers == 1 else "worker_group"
+        return "in_process" if self.workers == 1 else "pool"
 
 
 @dataclass(frozen=True)

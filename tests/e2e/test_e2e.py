@@ -47,7 +47,7 @@ def _runs(spec):
 
 
 def test_worker_group_study_stores_every_step_once(ray_cluster, tmp_path):
-    # worker_group named (the default for 2 ranks; pool: tests/e2e/test_pool.py)
+    # worker_group named (pool, the default for 2 ranks: tests/e2e/test_pool.py, test_faults.py)
     spec = _spec(tmp_path, "wg", scale={"launcher": "worker_group"})
     out = io.StringIO()
     run_study(spec, out=out)

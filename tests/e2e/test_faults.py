@@ -1,4 +1,5 @@
-"""Faults injected for real: a Ray Train worker process SIGKILLed mid-trial, and the `opt-study run`
+"""Faults injected for real: a rank process of a 2-rank trial (a pool slot's PoolRank under the default
+launcher) SIGKILLed mid-trial, and the `opt-study run`
 driver SIGKILLed mid-study then `opt-study resume`. Assertions read the stored data: Parquet rows
 per step, attempts, trial records, MLflow runs."""
 

@@ -24,9 +24,9 @@ from opt_study.cli.resolve import READS
 from opt_study.storage import layout, objectstore
 
 import specs
+from cli_process import start_cli
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -217,16 +217,7 @@ def _write_study(tmp_path: Path, endpoint: str) -> Path:
 
 def _cli(args, cache: Path, ray_tmp: Path) -> subprocess.Popen:
     env = {**os.environ, **CREDS, objectstore.CACHE_ENV: str(cache), "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "opt_study.cli", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_cli(args, env=env, new_session=True)
 
 
 def test_study_on_s3_survives_driver_kill_and_a_fresh_machine(s3_endpoint, tmp_path):

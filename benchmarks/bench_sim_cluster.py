@@ -30,7 +30,9 @@ from sim_cluster import LoopbackCluster, busy_intervals, concurrency, utilizatio
 
 from common import VENV_BIN, Section, child_env, fmt, load1, out_path, write_json
 
-NODES, GPUS, RANKS, TRIALS, STEPS = 4, 8, 8, 6, 200
+# 600 steps: the first wave must still train when the 4th node's 8 ranks have booted (with 200,
+# at load 30-113, it had ended, and 4 trials never trained at once)
+NODES, GPUS, RANKS, TRIALS, STEPS = 4, 8, 8, 6, 600
 TIMEOUT_S = 1500
 
 

@@ -120,3 +120,9 @@ def _curvature_batch(value: Any) -> CurvatureBatch | None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise FieldError("curvature_batch.seed", f"must be an integer in [0, 2**31), got {seed!r:.60}")
     return CurvatureBatch(size, seed)
+
+
+def batch_label(fixed: CurvatureBatch | None) -> str:
+    """The ``curvature_batch`` column's value (and the study's MLflow param): "step" for the
+    step's own batch, else "fixed:size=N,seed=S"."""
+    return "step" if fixed is None else fixed.label

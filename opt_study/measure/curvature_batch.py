@@ -25,14 +25,11 @@ import random
 
 import torch
 
+from opt_study.config.measure import batch_label
 from opt_study.measure import probe
 
+label = batch_label  # the curvature_batch column's value: one definition, in config.measure
 VIRTUAL_STEP = 2**32  # the fixed batch is step VIRTUAL_STEP + S's draw: no real step reaches it
-
-
-def label(fixed) -> str:
-    """The ``curvature_batch`` column's value: "step" or "fixed:size=N,seed=S"."""
-    return "step" if fixed is None else fixed.label
 
 
 def rows(size: int, rank: int, world: int, grad_accum: int) -> list[slice]:

@@ -245,8 +245,12 @@ class PoolKeeper:
     def lent(self) -> list[int]:
         """Keys of the slots lent now (tests, diagnostics)."""
         with self.lock:
-            idle = {s.key for s in self.idle}
-            return sorted(k for k in self.all if k not in idle)
+            return sorted(s.key for s in self._lent())
+
+    def _lent(self) -> list[Slot]:
+        """The slots out on loan (caller holds the lock)."""
+        idle = {s.key for s in self.idle}
+        return [s for k, s in self.all.items() if k not in idle]
 
     def _reclaim(self) -> None:
         """Discard every lent slot whose lease ran out: its trainable was killed (by Tune, at a
@@ -255,8 +259,7 @@ class PoolKeeper:
         while not self.closed.wait(min(self.lease_s / 4, 5.0)):
             now = time.monotonic()
             with self.lock:
-                idle = {s.key for s in self.idle}
-                lost = [s for k, s in self.all.items() if k not in idle and now - s.renewed > self.lease_s]
+                lost = [s for s in self._lent() if now - s.renewed > self.lease_s]
             for slot in lost:
                 self.discard(slot)
 

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from opt_study.config import Spec
+from opt_study.config.measure import batch_label
 from opt_study.plan import TrialPlan, protocols
 from opt_study.plan.planners import check_trial_ids, pending_plans, plan_trials, planner_for
 from opt_study.results.sink import Sink
@@ -464,5 +465,5 @@ def _study_params(spec: Spec) -> dict:
         "measure_every": spec.measure.every,
         "curvature_every": spec.measure.curvature_every,
         # the batch the sharpness columns were measured on (the step's, or a fixed one)
-        "curvature_batch": "step" if spec.measure.curvature_batch is None else spec.measure.curvature_batch.label,
+        "curvature_batch": batch_label(spec.measure.curvature_batch),
     }

@@ -20,6 +20,7 @@ already use the cores.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import threading
 import time
@@ -92,6 +93,11 @@ def _build_and_open(verbose: bool):
             f"{path} computes {layout(0)} sums of {layout(1)} vectors; expected "
             f"{len(SUM_NAMES)} of {len(VECTOR_NAMES)} (stale build?)"
         )
+    frag = lib.opt_study_fragment_sums
+    frag.restype = ctypes.c_int64
+    frag.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    frag.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    _state["fragments"] = frag
     fn = lib.opt_study_fused_sums
     fn.restype = ctypes.c_int64
     fn.argtypes = [
@@ -163,4 +169,52 @@ def fused_sums(
     if rc != 0:  # check_flat validated the runs: a failure here is a bug, never a silent zero
         raise RuntimeError(f"fused sums kernel rejected its input (code {rc})")
     out[computable] += per_group.T[computable]
+    return out
+
+
+def fragment_sums(
+    frags: Sequence[Tensor], runs: Sequence[tuple[int, int, int]], n_groups: int, kept: Tensor | None = None
+) -> Tensor | None:
+    """The every-step norms of an unmeasured step read straight from the engine's fragments,
+    with no flat copy: float64 [len(SUM_NAMES), n_groups], NaN but for the sums computed. None
+    when the kernel cannot take them (not built, OPT_STUDY_FUSED_SUMS=0, or a fragment that is
+    not fp32, contiguous and on the CPU): the caller then copies and takes ``flat_sums``.
+
+    ``runs`` are ``sums.group_runs`` over the fragments laid back to back (shards.FlatShard).
+    Without ``kept``: the fragments are g_t, and sq_grad is computed. With ``kept`` (x_t, one
+    flat fp32 buffer in that layout): the fragments are x_{t+1}; sq_update = ‖x_{t+1} − x_t‖²
+    and sq_param = ‖x_t‖² are computed, and ``kept`` is overwritten with x_{t+1}, in one pass.
+    Each sum is bit-for-bit ``fused_sums`` of the same vectors flattened (tested): the same
+    blocks and lanes, each block gathered from the fragments into cache first."""
+    present = {f"f{i}": t for i, t in enumerate(frags)}
+    if kept is not None:
+        present["kept"] = kept
+    if not (enabled() and supports(present) and available()):
+        return None
+    sizes = [t.numel() for t in frags]
+    n = sum(sizes)
+    if kept is not None and (kept.dim() != 1 or kept.numel() != n):
+        raise ValueError(f"kept must be 1-D with the fragments' {n} elements, got shape {tuple(kept.shape)}")
+    names = ("sq_update", "sq_param") if kept is not None else ("sq_grad",)
+    out = empty_out(set(names), n_groups, torch.device("cpu"))
+    cols = [SUM_NAMES.index(k) for k in names]
+    ptrs = (ctypes.c_void_p * max(len(frags), 1))(*(t.data_ptr() if t.numel() else None for t in frags))
+    off = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64)
+    table = torch.tensor(runs, dtype=torch.int64).reshape(-1, 3)
+    per_group = torch.zeros(n_groups, len(SUM_NAMES), dtype=torch.float64)
+    mode, kept_ptr = (1, kept.data_ptr()) if kept is not None else (0, None)
+    rc = _state["fragments"](
+        mode,
+        ptrs,
+        off.data_ptr(),
+        len(frags),
+        kept_ptr,
+        table.data_ptr(),
+        table.shape[0],
+        n_groups,
+        per_group.data_ptr(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"fragment sums kernel rejected its input (code {rc})")
+    out[cols] += per_group.T[cols]
     return out

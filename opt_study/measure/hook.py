@@ -24,7 +24,7 @@ import torch
 
 from opt_study import distributed
 from opt_study.measure import curvature_batch as fixed_batch
-from opt_study.measure import fp32eval, grad_history, lossscale, metrics, next_batch, sharpness
+from opt_study.measure import fp32eval, fused_sums, grad_history, lossscale, metrics, next_batch, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.carry import Carry
@@ -81,6 +81,10 @@ class StepMeasurer:
     ``cfg`` is the study's MeasureConfig (probe_s, noise_scale).
     """
 
+    # Norms-only steps read the engine's fragments in place (_norms_only); False makes every
+    # step copy x_t, g_t and x_{t+1} (the reference path, bit-for-bit the same rows: tested)
+    fragment_norms = True
+
     def __init__(
         self,
         engine,
@@ -108,6 +112,10 @@ class StepMeasurer:
         # steps (opt_study.measure.fp32eval); `loss` and `loss_probe` then say "fp32".
         self.refit_fp32 = precision in ("bf16", "fp16")
         self.x0 = self.view.clone_params() if cadence.measures else None
+        # A norms-only step (``_norms_only``) leaves x_{t+1} in x_t's buffer: the next step's x_t
+        self.x_next: tuple[int, FlatShard] | None = None
+        self.g_sq: torch.Tensor | None = None  # that step's partial ‖g‖², read without a copy
+        self._runs_cache: list[tuple[int, int, int]] | None = None
         self.prev_delta = self.prev_g = self.prev_sq = None
         # measure.next_batch: x_{t−1} is kept too (the buffer x_t already was: no copy), for
         # the forward at x_{t−1} on B_t (opt_study.measure.next_batch)
@@ -153,6 +161,7 @@ class StepMeasurer:
     # ---------------------------------------------------------------------------- the protocol
     def _reset(self, step: int) -> None:
         self.step, self.x_t, self.g_t, self.batches, self.rng_states = step, None, None, [], []
+        self.g_sq = None
         self.measured = self.cadence.measured(step) if step >= 0 else False
         self.keep_prev = self.cadence.measured(step + 1) if step >= 0 else False
 
@@ -164,7 +173,8 @@ class StepMeasurer:
         self.small_sq = self._zero()
         self.collecting = self.measured and self.noise_scale
         if self.norms or self.measured or self.keep_prev or self.history is not None:
-            self.x_t = self.view.clone_params()
+            kept, self.x_next = self.x_next, None
+            self.x_t = kept[1] if kept is not None and kept[0] == step else self.view.clone_params()
 
     def before_micro(self, batch) -> None:
         """Keep the micro-batch and the RNG state its forward uses (the probe replays both)."""
@@ -181,7 +191,9 @@ class StepMeasurer:
         self._enter("at_boundary")
         self.collecting = False  # the probe's backward must not count as a micro-batch
         self.train_scale = self._stop_capture()
-        if self.x_t is not None:
+        if self.x_t is not None and self._norms_only():
+            self.g_sq = fused_sums.fragment_sums(self.view.grads(), self._runs(), len(self.groups))
+        if self.x_t is not None and self.g_sq is None:
             self.g_t = self.view.clone_grads()
 
     def end(
@@ -208,6 +220,8 @@ class StepMeasurer:
         losses = self._loss_terms(loss_local, stop_vote)
         if self.x_t is None:  # norms off and not measured: the loss alone, still one all-reduce
             return {**self._loss_only_row(losses, carried), **carried.row}
+        if self.g_sq is not None:  # a norms-only step: the fragments read in place, no copies
+            return self._norms_only_row(losses, carried)
         delta = self._update()
         s, g_plus, loss_precision, curv = math.nan, None, self.precision, {}
         if self.cadence.curvature(step):  # before the probe: its g⁺ is the last gradient read
@@ -249,6 +263,35 @@ class StepMeasurer:
         carried.read(vals[len(LOSS_NAMES) :])
         self.stop_requested = vals[_LOSS["stop_votes"]] > 0
         return {"loss": vals[_LOSS["loss"]], MEASURED: False, LOSS_PRECISION: self.precision}
+
+    def _norms_only(self) -> bool:
+        """Whether this step needs only ‖g‖, ‖Δ‖ and ‖x‖: nothing is measured, kept for step t + 1,
+        or fed to the curvature or the gradient history. Such a step reads g_t and x_{t+1} where
+        the engine holds them (fused_sums.fragment_sums, CPU fp32: the common case of most steps)
+        and rolls x_t's buffer forward to x_{t+1}, instead of three copies and a subtraction."""
+        quiet = not (self.measured or self.keep_prev or self.cadence.curvature(self.step))
+        return quiet and self.norms and self.history is None and self.fragment_norms
+
+    def _runs(self) -> list[tuple[int, int, int]]:
+        """sums.group_runs of this rank's layout (the same every step)."""
+        if self._runs_cache is None:
+            self._runs_cache = group_runs(self.x_t.sizes, self.group_of)
+        return self._runs_cache
+
+    def _norms_only_row(self, losses: torch.Tensor, carried: Carry) -> dict:
+        """end() of a norms-only step: ‖x_{t+1} − x_t‖² and ‖x_t‖² in the pass that writes x_{t+1}
+        over x_t's buffer (kept for step t + 1's begin), then the step's one all-reduce. The
+        sums are bit-for-bit those of the copying path (tests/unit/test_fragment_norms.py)."""
+        local = fused_sums.fragment_sums(self.view.params(), self._runs(), len(self.groups), kept=self.x_t.flat)
+        if local is None:  # cannot happen after g's pass took the kernel; never a wrong row
+            raise RuntimeError("fragment sums: the kernel took g_t but not x_{t+1}")
+        i = SUM_NAMES.index("sq_grad")
+        local[i] = self.g_sq[i]
+        per_group, scalars, _ = self._reduce(local, losses, None, carried)
+        self._keep_prev(None, None)
+        self.x_next = (self.step + 1, self.x_t)
+        totals = {k: float(v.sum()) for k, v in per_group.items()}
+        return {**self._norm_row(totals, scalars, self.precision), **carried.row}
 
     def _update(self) -> FlatShard:
         """Δ_t = x_{t+1} − x_t on this rank's shard (fp32, in one new flat buffer)."""

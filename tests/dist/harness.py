@@ -145,15 +145,15 @@ class RecordingMeasurer(StepMeasurer):
 
     def begin(self, step):
         super().begin(step)
-        self.rec = {
-            "step": step,
-            "sizes": self.sizes,
-            "x": getattr(self.view, "full_x", None) if self.x_t is not None else None,
-        }
+        # gathered here, not in clone_params: a norms-only step reuses the buffer x_{t+1} was
+        # written into (hook._norms_only_row) and copies nothing
+        x = full_params(self.engine, self.view.stage, self.view.precision) if self.x_t is not None else None
+        self.rec = {"step": step, "sizes": self.sizes, "x": x}
 
     def at_boundary(self):
         super().at_boundary()
-        self.rec["g"] = self.view.full_g
+        keeps = self.x_t is not None  # a norms-only step reads g_t in place, without clone_grads
+        self.rec["g"] = full_grads(self.engine, self.view.stage, self.view.precision) if keeps else None
 
     def end(self, step, loss_local, loss_fn, **kw):
         self.view.full_g = None
@@ -185,6 +185,7 @@ class RecordingMeasurer(StepMeasurer):
                 points.append(self.log[-1]["x"].float())
             self.rec["ref_losses"] = self.reference_losses(points, batches, rng_states)
         self.rec["row"] = row
+        self.rec["norms_only"] = self.g_sq is not None
         self.rec["engine_norm"] = self.engine.get_global_grad_norm()
         self.log.append(self.rec)
         return row
@@ -605,6 +606,7 @@ def run_case(case: dict, storage: str) -> dict:
         else None,
         "probe_s": [r["row"].get("probe_s") for r in m.log],
         "probe_state_diff": sorted({d for r in m.log for d in r.get("probe_state_diff", [])})[:10],
+        "norms_only_steps": sum(1 for r in m.log if r["norms_only"]),
         "kept_ratio": max(r["kept_numel"] / max(r["local_numel"], 1) for r in m.log),
         "local_fraction": m.log[0]["local_numel"] / m.log[0]["x"].numel(),
     }

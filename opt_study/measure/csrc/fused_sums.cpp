@@ -190,7 +190,77 @@ void run_all(unsigned mask, const float* const* v, const int64_t* runs, int64_t 
   return run_all_m<KERNELS[4]>(mask, v, runs, n_runs, out);
 }
 
+// Elements [b, b + len) of the fragments laid back to back (off: n_frags + 1 prefix offsets, the
+// flat layout of shards.FlatShard) into dst: the block run_range reads from one flat buffer.
+inline void gather(const float* const* frag, const int64_t* off, int64_t n_frags, int64_t b,
+                   int64_t len, float* dst) {
+  int64_t i = std::upper_bound(off, off + n_frags + 1, b) - off - 1;  // off[i] <= b < off[i + 1]
+  for (; len > 0; ++i) {
+    const int64_t take = std::min(len, off[i + 1] - b);  // 0 for an empty fragment
+    if (take > 0) std::memcpy(dst, frag[i] + (b - off[i]), take * sizeof(float));
+    dst += take, b += take, len -= take;
+  }
+}
+
+// The every-step norms straight from the engine's fragments (opt_study_fragment_sums below):
+// each run is cut into the same BLOCKs as run_all_m's, each block gathered into L1 and summed by
+// the same run_range, so every sum is bit-for-bit the flat kernel's on flattened copies.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void fragment_all(bool advance, const float* const* frag, const int64_t* off, int64_t n_frags,
+                  float* kept, const int64_t* runs, int64_t n_runs, double* out) {
+  alignas(64) float live[BLOCK], diff[BLOCK];
+  const int cols[2][2] = {{SQ_GRAD, -1}, {SQ_UPDATE, SQ_PARAM}};  // the sums each mode writes
+  for (int64_t r = 0; r < n_runs; ++r) {
+    const int64_t group = runs[3 * r], lo = runs[3 * r + 1], hi = runs[3 * r + 2];
+    vd acc[N_SUMS];
+    for (auto& t : acc) t = vd{};
+    for (int64_t b = lo; b < hi; b += BLOCK) {
+      const int64_t len = std::min(hi - b, BLOCK);
+      gather(frag, off, n_frags, b, len, live);
+      if (advance) {  // Δ = x_{t+1} − x_t (one fp32 subtraction, as torch's sub_), then x_t ← x_{t+1}
+        for (int64_t j = 0; j < len; ++j) diff[j] = live[j] - kept[b + j];
+        const float* v[N_VECS] = {kept + b, nullptr, diff, nullptr, nullptr, nullptr, nullptr};
+        run_range<D>(v, 0, len, acc);  // only Δ's and x's sums: each sum is the same in any kernel
+        std::memcpy(kept + b, live, len * sizeof(float));
+      } else {  // the fragments are g: ‖g‖² (x reads zeros)
+        const float* v[N_VECS] = {ZEROS, live, nullptr, nullptr, nullptr, nullptr, nullptr};
+        run_range<G>(v, 0, len, acc);
+      }
+    }
+    for (int c = 0; c < (advance ? 2 : 1); ++c) {
+      const int k = cols[advance][c];
+      double s = 0.0;
+      for (int l = 0; l < LANES; ++l) s += acc[k][l];  // lane order, as run_all_m
+      out[group * N_SUMS + k] += s;
+    }
+  }
+}
+
 }  // namespace
+
+// The every-step norms of an unmeasured step without copies (fused_sums.py: grad_sq, advance).
+// frag: n_frags pointers to fp32 fragments; off: their n_frags + 1 prefix offsets (off[n_frags]
+// = n); runs: as opt_study_fused_sums's, over that layout. mode 0: out[group][SQ_GRAD] += Σ frag²
+// (kept unused). mode 1: the fragments are x_{t+1}, kept (n fp32) holds x_t: adds Σ(x_{t+1} −
+// x_t)² to SQ_UPDATE and Σ x_t² to SQ_PARAM, then writes x_{t+1} into kept. Returns 0, -1 for a
+// bad mode or layout, -(2 + r) for run r out of range; nothing is written then.
+extern "C" int64_t opt_study_fragment_sums(int64_t mode, const float* const* frag,
+                                           const int64_t* off, int64_t n_frags, float* kept,
+                                           const int64_t* runs, int64_t n_runs,
+                                           int64_t n_groups, double* out) {
+  if (mode < 0 || mode > 1 || n_frags < 0 || off[0] != 0 || (mode == 1 && !kept)) return -1;
+  for (int64_t i = 0; i < n_frags; ++i)
+    if (off[i + 1] < off[i]) return -1;
+  const int64_t n = off[n_frags];
+  for (int64_t r = 0; r < n_runs; ++r) {
+    const int64_t g = runs[3 * r], lo = runs[3 * r + 1], hi = runs[3 * r + 2];
+    if (g < 0 || g >= n_groups || lo < 0 || lo > hi || hi > n) return -(2 + r);
+  }
+  fragment_all(mode == 1, frag, off, n_frags, kept, runs, n_runs, out);
+  return 0;
+}
 
 // The C entry point, called through ctypes (fused_sums.py checks dtypes, devices, contiguity and
 // lengths; this checks what could make it read out of bounds). Returns 0, or -1 for a bad mask

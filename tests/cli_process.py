@@ -19,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_cli(
-    args: list[str], env: dict | None = None, ray_address: str | None = None, new_session: bool = False
+    args: list[str],
+    env: dict | None = None,
+    ray_address: str | None = None,
+    new_session: bool = False,
+    separate_stderr: bool = False,
 ) -> subprocess.Popen:
-    """``opt-study ARGS`` running (``env``: the whole environment, default this process's)."""
+    """``opt-study ARGS`` running (``env``: the whole environment, default this process's;
+    ``separate_stderr``: stderr in its own pipe, for a test that reads what was said there)."""
     env = dict(os.environ if env is None else env)
     env.pop("RAY_ADDRESS", None)
     if ray_address is not None:
@@ -31,7 +36,7 @@ def start_cli(
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT,
         text=True,
         start_new_session=new_session,
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from opt_study.results.trials import read_trial_records
 from opt_study.validate import load_study
 
 import specs
+from cli_process import start_cli
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 300
 
 
@@ -38,16 +37,7 @@ def _write_study(path: Path, storage: Path, name: str) -> Path:
 
 
 def _cli(args) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
-    return subprocess.Popen(
-        [sys.executable, "-m", "opt_study.cli", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return start_cli(args, new_session=True, separate_stderr=True)  # its own local Ray
 
 
 def _statuses(spec) -> list[str]:

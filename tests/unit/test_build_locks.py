@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from holder import start_holder
 from torch.utils.file_baton import FileBaton
 
 from opt_study.storage import build_locks
@@ -24,16 +23,10 @@ time.sleep(600)
 """
 
 
-def _holder(lock):
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "held"
-    return p
-
-
 def test_lock_of_a_killed_holder_is_cleared_and_the_baton_can_be_taken(tmp_path):
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
-    p = _holder(lock)
+    p = start_holder(HOLD, lock)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert lock.exists()  # what torch leaves behind: every later load would wait forever
@@ -46,7 +39,7 @@ def test_lock_of_a_killed_holder_is_cleared_and_the_baton_can_be_taken(tmp_path)
 def test_lock_of_a_live_holder_is_kept(tmp_path):
     lock = tmp_path / "py311_cpu" / "opt_study_fused_sums" / "lock"  # torch's default two levels
     lock.parent.mkdir(parents=True)
-    p = _holder(lock)
+    p = start_holder(HOLD, lock)
     try:
         assert build_locks.clear_stale_locks(tmp_path, now=time.time() + 5) == []
         assert lock.exists()

@@ -7,10 +7,9 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
+from holder import start_holder
 
 from opt_study.storage import layout
 from opt_study.storage.runlock import RunLock, StudyBusy
@@ -26,15 +25,9 @@ with RunLock(Path(sys.argv[1])):
 """
 
 
-def _holder(study_dir):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(study_dir)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_second_run_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(spec_factory):
     spec = spec_factory(study={"name": "locked"})
-    proc = _holder(spec.study_dir)
+    proc = start_holder(HOLD, spec.study_dir)
     try:
         with pytest.raises(StudyBusy) as e:
             run_study(spec)  # refused before Ray, MLflow or any write

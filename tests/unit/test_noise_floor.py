@@ -109,8 +109,8 @@ def test_floor_is_not_vacuous_in_bf16_with_fp32_gradients(spec_factory):
     """The same MLP in bf16 (ZeRO-1): with g and g⁺ from the bf16 backward the floor's u_bf16
     gradient terms leave every step `indeterminate`; with measure.fp32_grads (fp32 backwards at
     the fp32 master points, opt_study/measure/fp32grad.py) the floor is the fp32 one and most
-    steps are decided again (docs/METRICS.md §Noise floor; measured: 0.5% / 100% decided ... see
-    the docs for the numbers)."""
+    steps are decided again. Measured (200 gaps each): 100% indeterminate without; 93.5% holds,
+    6.5% violated, 0 indeterminate with (docs/METRICS.md §Noise floor)."""
     mlp = {"type": "mlp_classify", "hidden": [32, 32]}
     before = _classes(_measured_rows(spec_factory, "bf16-grads", mlp, "bf16", 0.2, 200, every=2, fp32_grads=False))
     rows = _measured_rows(spec_factory, "fp32-grads", mlp, "bf16", 0.2, 200, every=2, fp32_grads=True)

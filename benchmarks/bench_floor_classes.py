@@ -8,6 +8,9 @@ next-batch gap on (`measure.next_batch`). The two-hidden-layer MLP (non-convex) 
 momentum (heavy ball, 0.9), adamw, lion and muon in fp32 at ZeRO 0 and in bf16 at ZeRO 1 (the
 loop's bf16 needs ZeRO 1-3; measured losses are re-evaluated in fp32). Softmax regression
 (`hidden: []`, convex) runs sgd and adamw in fp32, also at large lrs into its low-loss tail.
+`--fp32-grads` runs only the bf16 rows, with `measure.fp32_grads` false (g, g⁺ of the bf16
+backward, the floor's u_bf16 terms) and true (fp32 g, g⁺: opt_study/measure/fp32grad.py); without
+it the bf16 rows take the default, `auto`, which is on under bf16 at ZeRO 1.
 Prints one JSON record per trial, then the two markdown tables of benchmarks/RESULTS.md's
 section "Issue 13: convexity classes per optimizer".
 
@@ -65,7 +68,7 @@ def first_floor(sums, loss, loss_probe, probe_s, precision: str) -> float:
     return FLOOR_C * UNIT_ROUNDOFF[precision] * scale
 
 
-def train(workload, precision, zero, opt, lr, every, next_batch=True):
+def train(workload, precision, zero, opt, lr, every, next_batch=True, fp32_grads="auto"):
     """One trial; returns (study_dir, the final report, wall seconds)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from opt_study.plan import TrialPlan
@@ -79,7 +82,7 @@ def train(workload, precision, zero, opt, lr, every, next_batch=True):
         scale={"workers": 1, "zero_stage": zero, "micro_batch_size": 32, "precision": precision},
         training={"steps": STEPS, "eval_every": STEPS},
         optimizers=[{"name": opt, "params": {"lr": lr}}],
-        measure={"every": every, "next_batch": next_batch and every > 0},
+        measure={"every": every, "next_batch": next_batch and every > 0, "fp32_grads": fp32_grads},
     )
     t = time.perf_counter()
     final = run_trial(spec, TrialPlan("t", opt, opt, {"lr": lr}, seed=0, index=0), report=lambda m: None)
@@ -115,12 +118,12 @@ def classes(rows, precision: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def measure_one(label, workload, precision, zero, opt, lr) -> dict:
+def measure_one(label, workload, precision, zero, opt, lr, fp32_grads="auto") -> dict:
     from opt_study.measure import metrics
     from opt_study.results.parquet import read_steps
     from opt_study.results.query import authors_aggregates, open_study
 
-    study_dir, final, wall = train(workload, precision, zero, opt, lr, every=1)
+    study_dir, final, wall = train(workload, precision, zero, opt, lr, every=1, fp32_grads=fp32_grads)
     measured = [r for r in read_steps(study_dir).to_pylist() if r["measured"]]
     rows = [r for r in measured if not r["flag"]]
     summ = metrics.summarize(measured)
@@ -133,6 +136,9 @@ def measure_one(label, workload, precision, zero, opt, lr) -> dict:
         "precision": precision,
         "opt": opt,
         "lr": lr,
+        "fp32_grads": fp32_grads,
+        "grad_precision": sorted({r["grad_precision"] for r in rows}),
+        "step_time_median_s": statistics.median(r["step_time_s"] for r in rows),
         "rows": len(rows),
         "flagged": len(measured) - len(rows),
         "min_loss": min(r["loss"] for r in rows),
@@ -168,14 +174,22 @@ def sweep() -> dict[str, float]:
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--sweep"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     if "--sweep" in sys.argv:
         print(json.dumps({"best_lr": sweep()}), flush=True)
         return
+    runs = [(*run, "auto") for run in RUNS]
+    if "--fp32-grads" in sys.argv:  # only the bf16 rows, with measure.fp32_grads false and true
+        runs = [
+            (f"{r[0]}, fp32_grads: {str(fg).lower()}", *r[1:], fg)
+            for fg in (False, True)
+            for r in RUNS
+            if r[2] == "bf16"
+        ]
     out = []
-    for label, wl, precision, zero, lrs in RUNS:
+    for label, wl, precision, zero, lrs, fp32_grads in runs:
         for opt, lr in lrs.items():
-            rec = measure_one(label, wl, precision, zero, opt, lr)
+            rec = measure_one(label, wl, precision, zero, opt, lr, fp32_grads)
             print(json.dumps(rec), flush=True)
             out.append(rec)
     if args:

@@ -276,6 +276,8 @@ def _coerce(tp, value: Any, file: str, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, bool) and bool in inner:  # e.g. str | bool (measure.fp32_grads)
+            return value
         return _coerce(inner[0], value, file, where)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, file, where)

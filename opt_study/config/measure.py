@@ -46,6 +46,11 @@ class MeasureConfig:
     # on measured steps, trainit's gradient-history cosine cos(g_t, Σ_{s<t} g_s) over every step
     # of the attempt; keeps the running gradient sum (docs/METRICS.md §Gradient history)
     grad_history: bool = False
+    # under bf16/fp16, g_t and g⁺_t of measured steps from fp32 backwards at the fp32 master
+    # points (as the losses already are), so the noise floor is the fp32 one: "auto" (on under
+    # bf16/fp16 at ZeRO 0-2; off in fp32, where it would only repeat the gradient, and at ZeRO-3,
+    # where it holds the whole model in fp32 per rank), true or false (docs/METRICS.md §Precision)
+    fp32_grads: str | bool = "auto"
 
     PROBE_S = ("1", "uniform", "exponential")
 
@@ -65,6 +70,8 @@ class MeasureConfig:
             raise FieldError("next_batch", "must be true or false")
         if not isinstance(self.grad_history, bool):
             raise FieldError("grad_history", "must be true or false")
+        if not (isinstance(self.fp32_grads, bool) or (isinstance(self.fp32_grads, str) and self.fp32_grads == "auto")):
+            raise FieldError("fp32_grads", f'must be "auto", true or false, got {self.fp32_grads!r:.60}')
         if self.probe_s not in self.PROBE_S:
             raise FieldError(
                 "probe_s", f"must be one of {', '.join(repr(v) for v in self.PROBE_S)} (the probe point x_t + s*Δ_t)"

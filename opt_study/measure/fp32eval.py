@@ -70,12 +70,18 @@ class _Fp32Point:
                 q, data, n = self.saved[id(p)]
                 self.saved[id(p)] = (q, data, n + 1)
                 continue
-            frag, lo, hi, numel, shape = self.where[id(p)]
-            full = torch.zeros(numel, dtype=torch.float32, device=self.device)
-            full[lo:hi].copy_(frag)
-            distributed.all_reduce_sum(full)  # every rank's fragment: the whole parameter
             self.saved[id(p)] = (p, p.data, 1)
-            p.data = full.view(shape)
+            p.data = self.full(p)
+
+    def full(self, p) -> torch.Tensor:
+        """The whole of parameter ``p`` at the point, fp32 in ``p``'s shape, on every rank.
+        Collective: one SUM all-reduce of a zero buffer holding this rank's fragment (x + 0 is
+        exact). fp32grad.py assembles every parameter with it for its leaf tensors."""
+        frag, lo, hi, numel, shape = self.where[id(p)]
+        full = torch.zeros(numel, dtype=torch.float32, device=self.device)
+        full[lo:hi].copy_(frag)
+        distributed.all_reduce_sum(full)  # every rank's fragment: the whole parameter
+        return full.view(shape)
 
     def post(self, module, args, output) -> None:
         for p in self._own(module):

@@ -24,13 +24,14 @@ import torch
 
 from opt_study import distributed
 from opt_study.measure import curvature_batch as fixed_batch
-from opt_study.measure import fp32eval, fused_sums, grad_history, lossscale, metrics, next_batch, sharpness
+from opt_study.measure import fp32eval, fp32grad, fused_sums, grad_history, lossscale, metrics, next_batch, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.carry import Carry
 from opt_study.measure.names import (
     CURVATURE_BATCH,
     GRAD_HISTORY_RAW,
+    GRAD_PRECISION,
     GROUPS,
     LOSS_NAMES,
     LOSS_PRECISION,
@@ -108,9 +109,10 @@ class StepMeasurer:
         # batch (curvature_batch.draw), or None: the curvature is measured on the step's batch
         self.curvature_batch = curvature_batch
         self.seed = seed  # probe_s draws: a private stream per (seed, step), never the global RNG
-        # Under bf16/fp16 the losses entering differences are re-evaluated in fp32 on measured
-        # steps (opt_study.measure.fp32eval); `loss` and `loss_probe` then say "fp32".
+        # bf16/fp16: measured steps' losses are fp32 forwards (fp32eval; `loss_precision` "fp32")
+        # and, with measure.fp32_grads, g_t and g⁺_t fp32 backwards too (fp32grad)
         self.refit_fp32 = precision in ("bf16", "fp16")
+        self.fp32_grads = fp32grad.enabled(getattr(cfg, "fp32_grads", "auto"), precision, info.zero_stage)
         self.x0 = self.view.clone_params() if cadence.measures else None
         # A norms-only step (``_norms_only``) leaves x_{t+1} in x_t's buffer: the next step's x_t
         self.x_next: tuple[int, FlatShard] | None = None
@@ -162,6 +164,7 @@ class StepMeasurer:
     def _reset(self, step: int) -> None:
         self.step, self.x_t, self.g_t, self.batches, self.rng_states = step, None, None, [], []
         self.g_sq = None
+        self.g_train, self.grad_precision = None, self.precision  # fp32grad.probe may replace g_t
         self.measured = self.cadence.measured(step) if step >= 0 else False
         self.keep_prev = self.cadence.measured(step + 1) if step >= 0 else False
 
@@ -194,7 +197,7 @@ class StepMeasurer:
         if self.x_t is not None and self._norms_only():
             self.g_sq = fused_sums.fragment_sums(self.view.grads(), self._runs(), len(self.groups))
         if self.x_t is not None and self.g_sq is None:
-            self.g_t = self.view.clone_grads()
+            self.g_t = self.g_train = self.view.clone_grads()
 
     def end(
         self, step: int, loss_local, loss_fn, stop_vote: bool = False, model_loss_fn=None, lr=None, carry=None
@@ -262,7 +265,8 @@ class StepMeasurer:
         vals = carried.append(losses).tolist()  # host sync: the row and the stop decision are Python values
         carried.read(vals[len(LOSS_NAMES) :])
         self.stop_requested = vals[_LOSS["stop_votes"]] > 0
-        return {"loss": vals[_LOSS["loss"]], MEASURED: False, LOSS_PRECISION: self.precision}
+        row = {"loss": vals[_LOSS["loss"]], MEASURED: False}
+        return {**row, LOSS_PRECISION: self.precision, GRAD_PRECISION: self.precision}
 
     def _norms_only(self) -> bool:
         """Whether this step needs only ‖g‖, ‖Δ‖ and ‖x‖: nothing is measured, kept for step t + 1,
@@ -354,7 +358,7 @@ class StepMeasurer:
         """Every step's fields: the loss and the three norms (square roots of the total sums)."""
         row = {"loss": scalars["loss"]}
         row.update({name: _root(totals[NORM_OF[name]]) for name in NORM_NAMES})
-        row.update({MEASURED: self.measured, LOSS_PRECISION: loss_precision})
+        row.update({MEASURED: self.measured, LOSS_PRECISION: loss_precision, GRAD_PRECISION: self.grad_precision})
         return row
 
     def _measured_fields(self, per_group: dict, totals: dict, scalars: dict, s: float, loss_precision: str) -> dict:
@@ -364,7 +368,7 @@ class StepMeasurer:
         out = dict(totals)
         out.update({"loss_probe": scalars["loss_probe"], "probe_s": s, NOISE_RAW: _finite(scalars[NOISE_RAW])})
         out.update({k: _finite(scalars[k]) for k in LOSS_SCALE_NAMES})
-        out.update(next_batch.columns(scalars, totals, self.precision, loss_precision))
+        out.update(next_batch.columns(scalars, totals, self.grad_precision, loss_precision))
         out.update(grad_history.columns(*(scalars[k] for k in GRAD_HISTORY_RAW), totals["sq_grad"]))
         out[NOISE_DERIVED] = noise_scale_simple(
             out[NOISE_RAW], totals["sq_grad"], self.small_batch, self.small_batch * world * self.accum
@@ -374,7 +378,7 @@ class StepMeasurer:
             scalars["loss"],
             scalars["loss_probe"],
             s,
-            self.precision,
+            self.grad_precision,  # the gradients' arithmetic: "fp32" with measure.fp32_grads
             loss_precision=loss_precision,
             loss_scales=tuple(scalars[k] for k in LOSS_SCALE_NAMES),
         )
@@ -405,13 +409,12 @@ class StepMeasurer:
     def _probe(self, s: float, delta: FlatShard, losses: torch.Tensor, loss_fn, model_loss_fn):
         """The probe at p = x_t + sΔ_t on step t's batch; fills losses[1] (and, re-evaluated in
         fp32, losses[0]) with this rank's share. Returns (g⁺ fragments, the losses' precision).
-
-        With s ≠ 1 the point is set in the weights the forward reads and in the fp32 masters
-        (ShardView.write_params: ZeRO-3 edits the partitions, ZeRO 0-2 write this rank's fragment
-        and all-reduce the replicated weights, as DeepSpeed's own step all-gathers them), and
-        x_{t+1} is written back the same way afterwards: bit-for-bit, since the low-precision
-        weights are the same round-to-nearest copy of the same fp32 masters step() made.
-        """
+        measure.fp32_grads on: all from fp32grad.probe (fp32 ℓ, g, ℓ⁺, g⁺; no engine probe).
+        Else, with s ≠ 1, ShardView.write_params sets p in the weights and the fp32 masters and
+        writes x_{t+1} back after, bit-for-bit (the low-precision weights are the same
+        round-to-nearest copy of the same masters step() made)."""
+        if self.fp32_grads and model_loss_fn is not None:  # ℓ, g, ℓ⁺, g⁺ all fp32, no engine probe
+            return fp32grad.probe(self, s, delta, losses, _LOSS, model_loss_fn, loss_fn), "fp32"
         world = self.info.world_size
         x_next = point = None
         if s != 1.0:
@@ -461,7 +464,7 @@ class StepMeasurer:
             return
         if self.measured:
             losses[[_LOSS[k] for k in GRAD_HISTORY_RAW]] = self.history.partials(self.g_t, step)
-        self.history.add(self.g_t, step)
+        self.history.add(self.g_train, step)  # S sums the gradients training used
 
     def _curvature(self, step: int, delta: FlatShard, lr, loss_fn) -> dict:
         """The online curvature columns (opt_study.measure.sharpness) at x_t, on step t's batch

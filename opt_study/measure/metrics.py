@@ -23,7 +23,8 @@ logits in the same forwards (measure/lossscale.py): a cross-entropy's rounding s
 logits, not with |ℓ|. Where they are missing (a loss that is not a covered cross-entropy) the
 floor uses |ℓ| and |ℓ⁺| instead: the floor of the first version, kept as the fallback and for
 comparisons (``noise_floor`` without scales). u_G is the unit roundoff of ``precision`` (the
-backward that produced g, g⁺), u_L that of ``loss_precision`` (default ``precision``). r_L = 0
+backward that produced g, g⁺: the row's ``grad_precision``, fp32 with measure.fp32_grads), u_L
+that of ``loss_precision`` (default ``precision``). r_L = 0
 when both points are exact master values read exactly by the loss's forward (fp32/fp64 losses
 and s = 1), otherwise 1; r_G likewise for the gradients' forward and backward (fp32/fp64
 ``precision`` and s = 1). A gradient taken at a rounded point x̃ (|x̃ − x| ≤ u|x| elementwise) is

@@ -195,6 +195,9 @@ ROW_DERIVED_NAMES: tuple[str, ...] = tuple(n for n in DERIVED_NAMES if n not in 
 # The other fields of every step's row from StepMeasurer.end.
 MEASURED = "measured"
 LOSS_PRECISION = "loss_precision"
+# the arithmetic of g and g⁺ of the row: "fp32" on measured steps with measure.fp32_grads
+# (measure/fp32grad.py), else the training precision (docs/METRICS.md §Precision)
+GRAD_PRECISION = "grad_precision"
 GROUPS = "groups"
 
 # ------------------------------------------------------------------------------- per trial

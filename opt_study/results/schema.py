@@ -26,6 +26,10 @@ Columns (definitions of every column in docs/METRICS.md):
   in: the training precision (``fp32``, ``bf16``, ``fp16``) on unmeasured steps, ``fp32`` on
   measured steps (docs/METRICS.md §Precision: losses that enter differences are re-evaluated in fp32 under
   bf16/fp16, so a bf16 run's measured rows carry fp32 losses).
+- ``grad_precision`` string: the arithmetic of the backward that produced ``g`` (and ``g⁺``) of
+  the row: ``fp32`` on measured steps with ``measure.fp32_grads`` on (measure/fp32grad.py; the
+  sums, ``grad_norm`` and the noise floor of the row are then of the fp32 gradient), else the
+  training precision. Null in files written before it.
 - ``cls_convexity_fwd``, ``cls_convexity_bwd`` string: ``holds`` / ``violated`` /
   ``indeterminate`` (within the noise floor).
 
@@ -115,6 +119,7 @@ STEP_SCHEMA: pa.Schema = pa.schema(
         pa.field("flag", pa.string()),
         *[pa.field(name, pa.string()) for name in CLASS_COLUMNS],
         pa.field("loss_precision", pa.string()),
+        pa.field(names.GRAD_PRECISION, pa.string()),
         pa.field(names.CURVATURE_BATCH, pa.string()),
         pa.field("measured", pa.bool_(), nullable=False),
         pa.field("groups", GROUPS_TYPE),

@@ -132,6 +132,7 @@ class RecordingView(ShardView):
 class RecordingMeasurer(StepMeasurer):
     last = None  # the instance of the most recent run, for the caller to inspect
     reference_fn = None  # run_case sets reference_losses_fn(spec) before each case
+    grads_fn = None  # and reference_grads_fn(spec): float64 gradients (measure.fp32_grads)
 
     def __init__(self, engine, info, cfg, **kw):
         super().__init__(engine, info, cfg, **kw)
@@ -141,6 +142,7 @@ class RecordingMeasurer(StepMeasurer):
         # each parameter tensor's full numel, in full_params' order (ZeRO-3 keeps it in ds_numel)
         self.sizes = [int(getattr(p, "ds_numel", p.numel())) for _, p in self.view.named]
         self.reference_losses = RecordingMeasurer.reference_fn  # fp32 losses of a plain model
+        self.reference_grads = RecordingMeasurer.grads_fn
         RecordingMeasurer.last = self
 
     def begin(self, step):
@@ -184,16 +186,35 @@ class RecordingMeasurer(StepMeasurer):
                 assert self.log[-1]["step"] == step - 1
                 points.append(self.log[-1]["x"].float())
             self.rec["ref_losses"] = self.reference_losses(points, batches, rng_states)
+        if self.measured and row.get(names.GRAD_PRECISION) == "fp32" and precision != "fp32":
+            self._record_fp32_grads(row, batches, rng_states)
         self.rec["row"] = row
         self.rec["norms_only"] = self.g_sq is not None
         self.rec["engine_norm"] = self.engine.get_global_grad_norm()
         self.log.append(self.rec)
         return row
 
+    def _probe(self, *a):
+        out = super()._probe(*a)
+        self._g_plus = out[0]  # g⁺ fragments as the hook computed them (fp32grad: no engine probe)
+        return out
+
+    def _record_fp32_grads(self, row: dict, batches, rng_states) -> None:
+        """measure.fp32_grads: the hook's fp32 g_t and g⁺_t fragments gathered whole ("g32",
+        "gp32"; the row's sums read them), and an independent float64 gradient at the same
+        gathered fp32 points x_t and p on the same micro-batches with step t's dropout masks
+        ("g64", "gp64")."""
+        x, s = self.rec["x"], row["probe_s"]
+        # p as the hook forms it: the masters x_{t+1} for s = 1, else fp32 x_t + s·Δ_t
+        p = self.rec["x_next"] if s == 1.0 else torch.add(x.float(), (self.rec["x_next"] - x).float(), alpha=s)
+        self.rec["g32"] = gather_fragments(self.view, self.g_t, self.sizes)
+        self.rec["gp32"] = gather_fragments(self.view, self._g_plus, self.sizes)
+        self.rec["g64"], self.rec["gp64"] = self.reference_grads([x, p.double()], batches, rng_states)
+
     def _kept_numel(self) -> int:
         """Elements of the distinct flat buffers the measurer holds (a buffer kept under two
         names, e.g. x_t as x_{t−1} for the next step, counts once)."""
-        held = [self.x_t, self.g_t, self.x0, self.prev_delta, self.prev_g, self.prev_x]
+        held = [self.x_t, self.g_t, self.g_train, self.x0, self.prev_delta, self.prev_g, self.prev_x]
         held.append(self.history.sum if self.history is not None else None)  # S (grad_history)
         return sum({ts.flat.data_ptr(): ts.flat.numel() for ts in held if ts is not None}.values())
 
@@ -249,6 +270,8 @@ def spec_for(case: dict, storage: str):
                 "next_batch": case.get("next_batch", True),
                 # trainit's gradient-history cosine, on in every case (checked below)
                 "grad_history": case.get("grad_history", True),
+                # g, g⁺ of measured bf16 steps in fp32 (auto: on at ZeRO 0-2, off at ZeRO-3)
+                "fp32_grads": case.get("fp32_grads", "auto"),
             },
         }
     )
@@ -309,6 +332,50 @@ def reference_losses_fn(spec):
         return t.tolist()
 
     return losses
+
+
+def gather_fragments(view, frags, sizes: list[int]) -> torch.Tensor:
+    """The whole float64 vector (full_params' order) of which ``frags`` are every rank's
+    fragments, laid out as view.bounds(): one SUM all-reduce of a zero vector."""
+    full = torch.zeros(sum(sizes), dtype=torch.float64)
+    o = 0
+    for (lo, hi), f, n in zip(view.bounds(), frags, sizes):
+        full[o + lo : o + hi] = f.reshape(-1)[: hi - lo].double().cpu()
+        o += n
+    return distributed.all_reduce_sum(full)
+
+
+def reference_grads_fn(spec):
+    """grads(points, batches, rng_states) -> [global mean float64 gradient at each full point]:
+    a plain single-process float64 copy of the model (no DeepSpeed, no hooks, no functional_call),
+    in train mode, autograd of the workload's loss on this rank's micro-batches with the RNG
+    states their training forwards used (CPU dropout masks do not depend on the dtype: fp32eval),
+    summed over micro-batches and ranks and divided by A·W, as DeepSpeed's reduced g_t."""
+    from opt_study.measure.probe import rng_state, set_rng_state
+    from opt_study.workloads import make_workload
+
+    wl = make_workload(spec.workload.type, spec.workload.params, 0)
+    model = wl.build_model().double().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(points, batches, rng_states):
+        after, out = rng_state(), []
+        for x in points:
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(x.double().clone(), params)
+            g = torch.zeros(x.numel(), dtype=torch.float64)
+            for b, st in zip(batches, rng_states):
+                set_rng_state(st)
+                b = tuple(t.cpu().double() if t.is_floating_point() else t.cpu() for t in b)
+                parts = torch.autograd.grad(wl.loss(model, b), params, allow_unused=True)
+                g += torch.cat(
+                    [(q if q is not None else torch.zeros_like(p)).reshape(-1) for q, p in zip(parts, params)]
+                )
+            out.append(distributed.all_reduce_sum(g) / (len(batches) * distributed.world_size()))
+        set_rng_state(after)
+        return out
+
+    return grads
 
 
 def rel(a: float, b: float, scale: float) -> float:
@@ -396,18 +463,34 @@ def reference_objective(spec, step: int, world: int, fixed=None):
     return f
 
 
+def fp32_grads_on(spec) -> bool:
+    """measure.fp32_grads as the hook resolves it (fp32grad.enabled), restated."""
+    fg, precision = spec.measure.fp32_grads, spec.scale.precision
+    return precision in ("bf16", "fp16") and fg is not False and (fg is True or spec.scale.zero_stage != 3)
+
+
 def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) -> None:
     """Every check of step t's record ``r`` (``prev``: step t−1's, for the `*_prev` sums);
     ``put(name, relative error)`` keeps the maximum per name."""
     world = distributed.world_size()
-    row, x, g = r["row"], r["x"], r["g"]
+    row, x = r["row"], r["x"]
+    # measure.fp32_grads: a measured row's g and g⁺ are the hook's fp32 ones (checked against the
+    # float64 reference below); else DeepSpeed's reduced gradient and the probe's
+    g, g_plus = (r["g32"], r["gp32"]) if "g32" in r else (r["g"], r.get("g_plus"))
+    g_prev = (prev.get("g32", prev["g"])) if prev else None  # the hook keeps the row's g_t
     delta = r["x_next"] - x
     # every step: the sharded norms against the gathered tensors
     put("grad_norm", rel(row["grad_norm"], float(g.norm()), float(g.norm())))
     put("update_norm", rel(row["update_norm"], float(delta.norm()), float(delta.norm())))
     put("param_norm", rel(row["param_norm"], float(x.norm()), float(x.norm())))
-    if r["engine_norm"] is not None and not case.get("clip"):
-        put("engine_grad_norm", rel(row["grad_norm"], float(r["engine_norm"]), float(g.norm())))
+    if r["engine_norm"] is not None and not case.get("clip"):  # DeepSpeed's norm: of its own g
+        own = row["grad_norm"] if "g32" not in r else float(r["g"].norm())
+        put("engine_grad_norm", rel(own, float(r["engine_norm"]), float(r["g"].norm())))
+    expect = "fp32" if row.get("measured") and fp32_grads_on(spec) else spec.scale.precision
+    put("grad_precision_mismatch", float(row.get(names.GRAD_PRECISION) != expect))
+    if "g32" in r:  # the fp32 gradients against float64 autograd at the same points, same masks
+        put("grad_fp32_vs_fp64", float((g - r["g64"]).norm() / r["g64"].norm()))
+        put("grad_probe_fp32_vs_fp64", float((g_plus - r["gp64"]).norm() / r["gp64"].norm()))
     if case["workload"] in DROPOUT_FREE:  # dropout-free: an independent float64 loss/grad
         lref, gref, small, mref_t = reference_loss_grad(spec, x, t, world)
         put("loss_vs_fp64", rel(row["loss"], lref, abs(lref)))
@@ -427,20 +510,18 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
         for k, m in (("loss_scale", mref_t), ("loss_probe_scale", mref_p)):  # the floor's M, M⁺
             if math.isfinite(m):
                 put(f"{k}_vs_fp64", rel(row[k], m, m))
-        put("grad_probe_vs_fp64", float((r["g_plus"] - gref_p).norm() / gref_p.norm()))
+        put("grad_probe_vs_fp64", float((g_plus - gref_p).norm() / gref_p.norm()))
     d_prev = (prev["x_next"] - prev["x"]) if prev else None
-    ref = reference.reference_sums(
-        x=x, g=g, delta=delta, g_plus=r["g_plus"], x0=x0, delta_prev=d_prev, g_prev=prev["g"] if prev else None
-    )
+    ref = reference.reference_sums(x=x, g=g, delta=delta, g_plus=g_plus, x0=x0, delta_prev=d_prev, g_prev=g_prev)
     norms = {
         "g": g.norm(),
         "delta": delta.norm(),
         "x": x.norm(),
-        "g_plus": r["g_plus"].norm(),
+        "g_plus": g_plus.norm(),
         "x_minus_x0": (x - x0).norm(),
-        "gp_minus_g": (r["g_plus"] - g).norm(),
+        "gp_minus_g": (g_plus - g).norm(),
         "delta_prev": d_prev.norm() if d_prev is not None else None,
-        "g_prev": prev["g"].norm() if prev else None,
+        "g_prev": g_prev.norm() if prev else None,
     }
     norms.update({f"abs_{k}": norms[k] for k in ("x", "g", "g_plus", "delta")})  # ‖|v|‖ = ‖v‖
     for name in names.SUM_NAMES:  # every raw sum (a new one without operands below: KeyError)
@@ -451,20 +532,20 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
     # Σ_i ‖g⁺_i − g_i‖ and Σ_i ‖Δ_i‖ over the full tensors (the authors' smoothness; per-tensor
     # partial sums of every rank's fragments, reduced in the step's one all-reduce)
     check_next_batch(case, spec, t, r, prev, put)
-    tref = reference.reference_tensor_norms(g, r["g_plus"], delta, r["sizes"])
+    tref = reference.reference_tensor_norms(g, g_plus, delta, r["sizes"])
     for name in names.TENSOR_NAMES:
         put(name, rel(row[name], tref[name], abs(tref[name])))
     mref = reference.reference_metrics(
         x=x,
         g=g,
         delta=delta,
-        g_plus=r["g_plus"],
+        g_plus=g_plus,
         delta_prev=d_prev,
-        g_prev=prev["g"] if prev else None,
+        g_prev=g_prev,
         loss=row["loss"],
         loss_probe=row["loss_probe"],
         probe_s=s,
-        precision=spec.scale.precision,
+        precision=row[names.GRAD_PRECISION],
         loss_precision=row["loss_precision"],
         loss_scale=row.get("loss_scale"),
         loss_probe_scale=row.get("loss_probe_scale"),
@@ -473,7 +554,7 @@ def check_step(case: dict, spec, t: int, r: dict, prev: dict | None, x0, put) ->
     for k in ("cls_convexity_fwd", "cls_convexity_bwd", "flag"):
         put(f"{k}_mismatch", float(row.get(k) != mref.get(k)))
     ell = abs(row["loss"])
-    gd = float(g.norm() * delta.norm()) + float(r["g_plus"].norm() * delta.norm())
+    gd = float(g.norm() * delta.norm()) + float(g_plus.norm() * delta.norm())
     dd = float(delta.norm()) ** 2
     scales = {
         "loss_change": ell,
@@ -510,11 +591,12 @@ def check_grad_history(spec, r: dict, past: list, put) -> None:
     if not spec.measure.grad_history:
         put("gh_present_when_off", float(any(row.get(k) is not None for k in names.GRAD_HISTORY_NAMES)))
         return
-    ref = reference.reference_grad_history(r["g"], past)
+    g = r.get("g32", r["g"])  # the row's g_t (fp32 with measure.fp32_grads); S sums training's
+    ref = reference.reference_grad_history(g, past)
     if not past:  # step 0: S_0 = 0, no cosine
         put("gh_step0", float(row["grad_history_sq"] != 0.0 or row["cos_grad_history"] is not None))
         return
-    gs = float(r["g"].norm()) * math.sqrt(ref["grad_history_sq"])
+    gs = float(g.norm()) * math.sqrt(ref["grad_history_sq"])
     put("grad_history_ip", rel(row["grad_history_ip"], ref["grad_history_ip"], gs))
     put("grad_history_sq", rel(row["grad_history_sq"], ref["grad_history_sq"], ref["grad_history_sq"]))
     put("cos_grad_history", rel(row["cos_grad_history"], ref["cos_grad_history"], 1.0))
@@ -532,7 +614,7 @@ def check_next_batch(case: dict, spec, t: int, r: dict, prev: dict | None, put) 
         put("nb_present_when_not_kept", float(any(present)))
         return
     put("nb_missing", float(not all(present)))
-    g, d_prev = r["g"], prev["x_next"] - prev["x"]
+    g, d_prev = r.get("g32", r["g"]), prev["x_next"] - prev["x"]
     fp32_prev = r["ref_losses"][2] if len(r.get("ref_losses", ())) > 2 else None  # no plain model: ⟨,⟩ only
     ref = reference.reference_next_batch(
         row["loss"],
@@ -542,7 +624,7 @@ def check_next_batch(case: dict, spec, t: int, r: dict, prev: dict | None, put) 
         x=r["x"],
         loss_scale=row.get("loss_scale"),
         loss_prev_scale=row.get("nb_loss_prev_scale"),
-        precision=spec.scale.precision,
+        precision=row[names.GRAD_PRECISION],
         loss_precision=row["loss_precision"],
     )
     ell, gd = abs(row["loss"]), float(g.norm() * d_prev.norm())
@@ -586,6 +668,7 @@ def run_case(case: dict, storage: str) -> dict:
     )
     t0 = time.time()
     RecordingMeasurer.reference_fn = reference_losses_fn(spec)
+    RecordingMeasurer.grads_fn = reference_grads_fn(spec)
     with zero_config(case.get("zero")):
         run_trial(spec, plan, report=lambda m: None, measurer_cls=RecordingMeasurer)
     m = RecordingMeasurer.last

@@ -5,11 +5,14 @@ One torchrun job per world size loops over its cases (tests/dist/harness.py), so
 matrix costs three process-group start-ups. Cases also cover docs/METRICS.md's probe points
 x_t + sΔ_t with s ~ U[0, 1] and Exp(1), and bf16 at ZeRO 1-3 (sums from the fp32 masters, ℓ and ℓ⁺
 re-evaluated in fp32, checked against fp32 forwards of a plain model at the same points with the
-same dropout masks). Every case measures the next-batch identity (measure.next_batch, unless a
-case turns it off) and checks it against float64 ⟨g_t, Δ_{t−1}⟩ and fp32 forwards of a plain
-model at x_{t−1} with step t's masks. Tolerances are docs/METRICS.md's scale-aware ones: the
-harness already divides each error by its scale (‖a‖‖b‖ for an inner product, the sum itself for
-a sum of squares, |ℓ| + ‖g‖‖Δ‖ for anything derived from δ), so 1e-6 applies to every column.
+same dropout masks; with measure.fp32_grads, the default at bf16 ZeRO 1-2 and turned on at
+ZeRO-3 below, g and g⁺ are fp32 gradients checked against float64 autograd at the same gathered
+points with the same dropout masks: ``*_fp32_vs_fp64``). Every case measures the next-batch
+identity (measure.next_batch, unless a case turns it off) and checks it against float64
+⟨g_t, Δ_{t−1}⟩ and fp32 forwards of a plain model at x_{t−1} with step t's masks. Tolerances are
+docs/METRICS.md's scale-aware ones: the harness already divides each error by its scale (‖a‖‖b‖
+for an inner product, the sum itself for a sum of squares, |ℓ| + ‖g‖‖Δ‖ for anything derived
+from δ), so 1e-6 applies to every column (1e-5 to the ``*_vs_fp64`` ones).
 """
 
 from __future__ import annotations
@@ -78,7 +81,15 @@ CURV_FIXED = {**CURV, "curvature_batch": FIXED}
 
 CASES = {
     1: [{"stage": s, "workload": "mlp_classify", "gas": 2, **(CURV_FIXED if s % 2 else CURV)} for s in STAGES]
-    + [{"stage": 1, "workload": "tiny_lm", "gas": 2, "precision": "bf16"}],
+    + [{"stage": 1, "workload": "tiny_lm", "gas": 2, "precision": "bf16"}]
+    # measure.fp32_grads: auto (on) at ZeRO-2, turned on at a really partitioned ZeRO-3 with
+    # s ~ U[0, 1], and off at ZeRO-1 (g, g⁺ of the bf16 backward, the floor's u_bf16 terms)
+    + [
+        {"stage": 2, "workload": "tiny_lm", "gas": 2, "precision": "bf16"},
+        {"stage": 3, "workload": "tiny_lm", "gas": 2, "precision": "bf16", "zero": PARTITIONED, "probe_s": "uniform"}
+        | {"fp32_grads": True},
+        {"stage": 1, "workload": "tiny_lm", "gas": 2, "precision": "bf16", "fp32_grads": False},
+    ],
     2: [
         {"stage": s, "workload": w, "gas": g, **({2: CURV, 1: CURV_FIXED}[g] if w == "mlp_classify" else {})}
         for s in STAGES
@@ -104,6 +115,8 @@ CASES = {
             **({"zero": PARTITIONED, "probe_s": "uniform"} if s == 3 else {}),
         )
     ]
+    # and ZeRO-3 with measure.fp32_grads on (auto leaves it off there): bit-for-bit too
+    + _pair("f3", stage=3, workload="tiny_lm", gas=2, precision="bf16", zero=PARTITIONED, fp32_grads=True)
     # the probe point against an independent float64 oracle (dropout-free workload)
     + [{"stage": s, "workload": "mlp_classify", "gas": 2, "probe_s": "uniform"} for s in (0, 3)]
     + [{"stage": 3, "workload": "tiny_lm", "gas": 2, "zero": PARTITIONED, "probe_s": "exponential"}]
@@ -223,6 +236,7 @@ def test_every_number_matches_reference(world_results):
             "grad_history_sq",
             "cos_grad_history",
             "gh_step0",
+            "grad_precision_mismatch",
         }
         if r["case"].get("next_batch", True):  # the next-batch columns (step 0: null, checked too)
             must |= {"nb_missing", "nb_present_when_not_kept", "nb_loss_prev", "nb_ip_grad_update"}
@@ -240,6 +254,8 @@ def test_every_number_matches_reference(world_results):
                 "loss_probe_vs_fp64",
                 "grad_probe_vs_fp64",
             } <= set(errs), r["case"]
+        if r["case"].get("precision") == "bf16" and r["case"].get("fp32_grads", r["case"]["stage"] != 3):
+            assert {"grad_fp32_vs_fp64", "grad_probe_fp32_vs_fp64"} <= set(errs), r["case"]
         if r["case"].get("curvature_every") and r["case"]["workload"] == "mlp_classify":
             # λ_max against the dense float64 Hessian: the finite-difference tolerance of
             # docs/METRICS.md (2e-3); λc against the same line search on the float64 loss
@@ -303,7 +319,7 @@ def test_probe_leaves_trajectory_bit_for_bit_unchanged(world_results):
     if world != 2:
         assert not pairs
         return
-    assert len(pairs) == 2 * len(STAGES) + len(BF16_STAGES)
+    assert len(pairs) == 2 * len(STAGES) + len(BF16_STAGES) + 1
     for name, p in pairs.items():
         on, off = p[1], p[0]
         # the training forward's losses (the stored `loss` of a bf16 run's measured rows is the

@@ -314,6 +314,9 @@ RULES = [
     ("measure.probe_s", {"measure": {"probe_s": "2"}}),
     ("measure.probe_s", {"measure": {"probe_s": "Uniform"}}),  # exact names only
     ("measure.norms", {"measure": {"norms": 1}}),
+    ("measure.fp32_grads", {"measure": {"fp32_grads": 1}}),  # 1 == True in Python: refused all the same
+    ("measure.fp32_grads", {"measure": {"fp32_grads": "on"}}),
+    ("measure.fp32_grads", {"measure": {"fp32_grads": None}}),
     ("measure.hessian", {"measure": {"hessian": True}}),
     # measure.curvature_batch: "step" or {size: N, seed: S}, N divisible by workers x grad_accum
     ("measure.curvature_batch", {"measure": {"curvature_every": 2, "curvature_batch": "fixed"}}),

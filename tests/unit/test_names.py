@@ -212,6 +212,7 @@ def test_hook_rows_are_schema_rows():
             *names.NORM_NAMES,
             names.MEASURED,
             names.LOSS_PRECISION,
+            names.GRAD_PRECISION,
             *names.RAW_NAMES,
             *names.ROW_DERIVED_NAMES,
             *names.CLASS_NAMES,

@@ -21,7 +21,7 @@ SOFTMAX = {"type": "mlp_classify", "hidden": []}  # no hidden layer: softmax reg
 QUADRATIC = {"type": "quadratic", "dim": 8, "cols": 2, "noise": 0.001, "lambda_min": 1.0, "lambda_max": 4.0}
 
 
-def _measured_rows(spec_factory, name, workload, precision, lr, steps, every=1):
+def _measured_rows(spec_factory, name, workload, precision, lr, steps, every=1, fp32_grads="auto"):
     spec = spec_factory(
         study={"name": name},
         workload=workload,
@@ -33,7 +33,7 @@ def _measured_rows(spec_factory, name, workload, precision, lr, steps, every=1):
         },
         training={"steps": steps, "eval_every": steps},
         optimizers=[{"name": "sgd", "params": {"lr": lr}}],
-        measure={"every": every},
+        measure={"every": every, "fp32_grads": fp32_grads},
     )
     run_trial(spec, TrialPlan("t", "sgd", "sgd", {"lr": lr}, seed=0, index=0), report=lambda m: None)
     return [r for r in read_steps(spec.study_dir).to_pylist() if r["measured"] and not r["flag"]]
@@ -44,12 +44,20 @@ def _classes(rows):
 
 
 @pytest.mark.parametrize(
-    "workload,precision,lr,steps",
-    [(SOFTMAX, "fp32", 8.0, 500), (QUADRATIC, "fp32", 0.3, 150), (QUADRATIC, "bf16", 0.3, 150)],
-    ids=["softmax-fp32", "quadratic-fp32", "quadratic-bf16"],
+    "workload,precision,lr,steps,fp32_grads",
+    [
+        (SOFTMAX, "fp32", 8.0, 500, "auto"),
+        (QUADRATIC, "fp32", 0.3, 150, "auto"),
+        (QUADRATIC, "bf16", 0.3, 150, False),  # g, g⁺ of the bf16 backward: the u_bf16 floor
+        (QUADRATIC, "bf16", 0.3, 150, True),  # g, g⁺ in fp32 (measure.fp32_grads): the fp32 floor
+        (SOFTMAX, "bf16", 8.0, 500, True),
+    ],
+    ids=["softmax-fp32", "quadratic-fp32", "quadratic-bf16", "quadratic-bf16-fp32grads", "softmax-bf16-fp32grads"],
 )
-def test_convex_low_loss_tail_is_never_violated(spec_factory, workload, precision, lr, steps):
-    rows = _measured_rows(spec_factory, f"convex-{precision}", workload, precision, lr, steps)
+def test_convex_low_loss_tail_is_never_violated(spec_factory, workload, precision, lr, steps, fp32_grads):
+    rows = _measured_rows(spec_factory, f"convex-{precision}", workload, precision, lr, steps, fp32_grads=fp32_grads)
+    want = "fp32" if fp32_grads is True else precision  # the arithmetic of the row's g and g⁺
+    assert all(r["grad_precision"] == want for r in rows)
     assert len(rows) >= 0.9 * steps
     assert min(r["loss"] for r in rows) < 1e-3  # the low-loss tail was reached
     assert _classes(rows)["violated"] == 0, [
@@ -61,6 +69,16 @@ def test_convex_low_loss_tail_is_never_violated(spec_factory, workload, precisio
         assert all(r["loss_scale"] > 7 and r["loss_probe_scale"] > 7 for r in rows)
         # ⌈log2 10⌉ + 3 = 7 is the per-sample constant; the floor is at least 4·u·(M + M⁺)
         assert all(r["noise_floor"] >= 4 * 2.0**-24 * (r["loss_scale"] + r["loss_probe_scale"]) for r in rows)
+    if want == "fp32":  # the floor is the fp32 one: no u_bf16 gradient term is left in it
+        for r in rows:
+            assert r["noise_floor"] == metrics.noise_floor(
+                r,
+                r["loss"],
+                r["loss_probe"],
+                r["probe_s"],
+                "fp32",
+                loss_scales=(r["loss_scale"], r["loss_probe_scale"]),
+            )
     else:  # not a cross-entropy: the floor falls back to |ℓ|, |ℓ⁺|
         assert all(r["loss_scale"] is None for r in rows)
 
@@ -69,7 +87,7 @@ def test_softmax_regression_bf16_low_loss_tail_is_never_violated(spec_factory):
     """bf16 weights: updates below half a bf16 ulp leave g⁺ == g, and only the weight-rounding
     term u·(Σ|g||x| + Σ|g⁺||p|) keeps the floor above the gap's error (3 of 500 steps were
     violated without it; docs/METRICS.md §Noise floor)."""
-    rows = _measured_rows(spec_factory, "convex-bf16", SOFTMAX, "bf16", 8.0, 500)
+    rows = _measured_rows(spec_factory, "convex-bf16", SOFTMAX, "bf16", 8.0, 500, fp32_grads=False)
     assert min(r["loss"] for r in rows) < 1e-3
     assert _classes(rows)["violated"] == 0
     assert all(r["abs_grad_param"] > 0 and r["abs_probe_param"] > 0 for r in rows)
@@ -85,6 +103,23 @@ def test_floor_is_not_vacuous_on_a_non_convex_model(spec_factory):
     decided = cls["holds"] + cls["violated"]
     assert decided > 0.75 * sum(cls.values()), cls
     assert cls["violated"] > 0  # the classifier can say violated on a non-convex model
+
+
+def test_floor_is_not_vacuous_in_bf16_with_fp32_gradients(spec_factory):
+    """The same MLP in bf16 (ZeRO-1): with g and g⁺ from the bf16 backward the floor's u_bf16
+    gradient terms leave every step `indeterminate`; with measure.fp32_grads (fp32 backwards at
+    the fp32 master points, opt_study/measure/fp32grad.py) the floor is the fp32 one and most
+    steps are decided again. Measured (200 gaps each): 100% indeterminate without; 93.5% holds,
+    6.5% violated, 0 indeterminate with (docs/METRICS.md §Noise floor)."""
+    mlp = {"type": "mlp_classify", "hidden": [32, 32]}
+    before = _classes(_measured_rows(spec_factory, "bf16-grads", mlp, "bf16", 0.2, 200, every=2, fp32_grads=False))
+    rows = _measured_rows(spec_factory, "fp32-grads", mlp, "bf16", 0.2, 200, every=2, fp32_grads=True)
+    after = _classes(rows)
+    assert before["indeterminate"] > 0.9 * sum(before.values()), before
+    assert all(r["grad_precision"] == "fp32" and r["loss_precision"] == "fp32" for r in rows)
+    decided = after["holds"] + after["violated"]
+    assert decided > 0.5 * sum(after.values()), after
+    assert after["violated"] > 0 and after["holds"] > 0, after
 
 
 def test_ce_magnitude_bounds_the_fp32_rounding_of_the_loss():

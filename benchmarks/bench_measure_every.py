@@ -28,7 +28,7 @@ import time
 
 from common import MIN_STEP_S, Section, fmt, median, out_path, paired_ratios, study_dict, write_json
 
-WARMUP, STEPS, REPEATS = 10, 40, 4
+WARMUP, STEPS, REPEATS = 10, 40, 6
 MEASURE = {
     "off": {"every": 0, "norms": False},
     "every10": {"every": 10},

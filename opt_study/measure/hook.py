@@ -24,7 +24,7 @@ import torch
 
 from opt_study import distributed
 from opt_study.measure import curvature_batch as fixed_batch
-from opt_study.measure import fp32eval, fp32grad, fused_sums, grad_history, lossscale, metrics, next_batch, sharpness
+from opt_study.measure import fp32eval, fp32grad, fused_sums, grad_history, lossscale, next_batch, sharpness
 from opt_study.measure import probe as probe_mod
 from opt_study.measure.cadence import Cadence
 from opt_study.measure.carry import Carry
@@ -32,25 +32,19 @@ from opt_study.measure.names import (
     CURVATURE_BATCH,
     GRAD_HISTORY_RAW,
     GRAD_PRECISION,
-    GROUPS,
     LOSS_NAMES,
     LOSS_PRECISION,
     LOSS_SCALE_NAMES,
     MEASURED,
-    NOISE_DERIVED,
     NOISE_RAW,
-    NORM_NAMES,
-    NORM_OF,
     NORM_SUMS,
     PREV_OF,
     SUM_NAMES,
-    TENSOR_NORM_OF,
-    TENSOR_SUMS,
 )
-from opt_study.measure.noise_scale import noise_scale_simple
 from opt_study.measure.shards import FlatShard, ShardView, flatten
 from opt_study.measure.shards import group_names as group_names  # re-exported (benchmarks)
-from opt_study.measure.sums import flat_sums, group_runs, pack, tensor_sums, unpack
+from opt_study.measure.step_row import measured_fields, norm_row, reduce_step
+from opt_study.measure.sums import flat_sums, group_runs, tensor_sums
 
 _LOSS = {name: i for i, name in enumerate(LOSS_NAMES)}  # slot of each scalar in the packed losses
 
@@ -240,9 +234,12 @@ class StepMeasurer:
         per_group, scalars, tensor_norms = self._reduce(local, losses, per_tensor, carried)
         self._keep_prev(delta, local)
         totals = {k: float(v.sum()) for k, v in per_group.items()}
-        row = {**self._norm_row(totals, scalars, loss_precision), **carried.row}
+        row = {**norm_row(totals, scalars, self.measured, loss_precision, self.grad_precision), **carried.row}
         if self.measured:
-            row.update(self._measured_fields(per_group, {**totals, **tensor_norms}, scalars, s, loss_precision))
+            noise_batch = (self.small_batch, self.small_batch * self.info.world_size * self.accum)
+            precisions = (self.grad_precision, loss_precision)
+            totals.update(tensor_norms)
+            row.update(measured_fields(per_group, totals, scalars, s, self.groups, precisions, noise_batch))
             row.update(curv)
         return row
 
@@ -295,7 +292,7 @@ class StepMeasurer:
         self._keep_prev(None, None)
         self.x_next = (self.step + 1, self.x_t)
         totals = {k: float(v.sum()) for k, v in per_group.items()}
-        return {**self._norm_row(totals, scalars, self.precision), **carried.row}
+        return {**norm_row(totals, scalars, False, self.precision, self.grad_precision), **carried.row}
 
     def _update(self) -> FlatShard:
         """Δ_t = x_{t+1} − x_t on this rank's shard (fp32, in one new flat buffer)."""
@@ -317,30 +314,11 @@ class StepMeasurer:
         }
 
     def _reduce(self, local: torch.Tensor, losses: torch.Tensor, per_tensor=None, carried=None):
-        """The ONE collective of the step's measurements: this rank's sums, loss terms and (measured
-        steps) per-tensor block packed into one float64 vector, SUM-reduced, split again (setting
-        p for s ≠ 1 and the fp32 re-evaluation under bf16 communicate too, in _probe: they move
-        weights, not measurements). ``carried``'s tensors join the vector after the reduce and
-        come back with it. Sets ``stop_requested`` from the summed votes. Returns the per-group
-        sums, the scalars and names.TENSOR_NAMES' values ({} without the block)."""
-        carried = carried or Carry(None)
-        packed = pack(local, losses)
-        n = packed.numel()
-        if per_tensor is not None:
-            packed = torch.cat([packed, per_tensor.to(packed.device, torch.float64).reshape(-1)])
-        distributed.all_reduce_sum(packed)
-        n_reduced = packed.numel()
-        host = carried.append(packed).detach().to("cpu", torch.float64)  # host sync: the step's ONE read-back
-        carried.read(host[n_reduced:].tolist())
-        host = host[:n_reduced]
-        per_group, scalars = unpack(host[:n], len(self.groups))
-        self.stop_requested = scalars["stop_votes"] > 0
-        tensor_norms = {}
-        if per_tensor is not None:  # Σ_i √(sum_i) over tensors, after the reduce (never per rank)
-            block = host[n:].view(len(TENSOR_SUMS), -1)
-            roots = {k: float(block[TENSOR_SUMS.index(v)].sqrt().sum()) for k, v in TENSOR_NORM_OF.items()}
-            tensor_norms = {k: _finite(v) for k, v in roots.items()}
-        return per_group, scalars, tensor_norms
+        """The step's one all-reduce (step_row.reduce_step); sets ``stop_requested`` from the
+        summed votes, the same on every rank."""
+        out = reduce_step(local, losses, len(self.groups), per_tensor, carried)
+        self.stop_requested = out[1]["stop_votes"] > 0
+        return out
 
     def _tensor_sums(self, kept: dict) -> torch.Tensor:
         """This rank's partial TENSOR_SUMS per parameter tensor (sums.tensor_sums)."""
@@ -353,38 +331,6 @@ class StepMeasurer:
         self.prev_delta, self.prev_g = (delta, self.g_t) if self.keep_prev else (None, None)
         self.prev_x = self.x_t if self.keep_prev and self.next_batch else None
         self.prev_sq = local[[SUM_NAMES.index(v) for v in PREV_OF.values()]] if self.keep_prev else None
-
-    def _norm_row(self, totals: dict, scalars: dict, loss_precision: str) -> dict:
-        """Every step's fields: the loss and the three norms (square roots of the total sums)."""
-        row = {"loss": scalars["loss"]}
-        row.update({name: _root(totals[NORM_OF[name]]) for name in NORM_NAMES})
-        row.update({MEASURED: self.measured, LOSS_PRECISION: loss_precision, GRAD_PRECISION: self.grad_precision})
-        return row
-
-    def _measured_fields(self, per_group: dict, totals: dict, scalars: dict, s: float, loss_precision: str) -> dict:
-        """A measured step's fields: the total and per-group sums, the probe's scalars, the noise
-        scale and every derived metric (metrics.derive)."""
-        world = self.info.world_size
-        out = dict(totals)
-        out.update({"loss_probe": scalars["loss_probe"], "probe_s": s, NOISE_RAW: _finite(scalars[NOISE_RAW])})
-        out.update({k: _finite(scalars[k]) for k in LOSS_SCALE_NAMES})
-        out.update(next_batch.columns(scalars, totals, self.grad_precision, loss_precision))
-        out.update(grad_history.columns(*(scalars[k] for k in GRAD_HISTORY_RAW), totals["sq_grad"]))
-        out[NOISE_DERIVED] = noise_scale_simple(
-            out[NOISE_RAW], totals["sq_grad"], self.small_batch, self.small_batch * world * self.accum
-        )
-        derived = metrics.derive(
-            totals,
-            scalars["loss"],
-            scalars["loss_probe"],
-            s,
-            self.grad_precision,  # the gradients' arithmetic: "fp32" with measure.fp32_grads
-            loss_precision=loss_precision,
-            loss_scales=tuple(scalars[k] for k in LOSS_SCALE_NAMES),
-        )
-        out.update({k: v for k, v in derived.items() if k not in NORM_NAMES})
-        out[GROUPS] = {name: {k: float(v[j]) for k, v in per_group.items()} for j, name in enumerate(self.groups)}
-        return out
 
     def _local_sums(self, kept: dict, only) -> torch.Tensor:
         """This rank's partial sums over the kept vectors (shards.FlatShard, or None), which must
@@ -497,11 +443,3 @@ class StepMeasurer:
         with lossscale.Capture(self.engine.device) as cap:
             out = fn(*args)
         return out, cap.value(len(self.batches))
-
-
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
-
-
-def _root(v: float) -> float:
-    return math.sqrt(v) if v >= 0 else math.nan

@@ -181,8 +181,9 @@ def summarize(res: dict) -> Section:
         f"Step time with measurement off {fmt(1000 * step_s)} ms "
         f"({'>=' if step_s >= MIN_STEP_S else 'BELOW'} the 100 ms the target assumes).",
         next_batch_note(runs, res.get("hook_times")),
-        f"Every-step norms (‖g‖, ‖Δ‖, ‖x‖ on unmeasured steps: x_t and g_t copied, Δ_t formed, one fused "
-        f"pass): every10_nonorms / off = {fmt(median(paired_ratios(runs, 'every10_nonorms', 'off')))}, "
+        f"Every-step norms (‖g‖, ‖Δ‖, ‖x‖ on unmeasured steps; a norms-only step reads g_t and x_{{t+1}} "
+        f"in place, fused_sums.fragment_sums): every10_nonorms / off = "
+        f"{fmt(median(paired_ratios(runs, 'every10_nonorms', 'off')))}, "
         f"every10 / every10_nonorms = {fmt(median(paired_ratios(runs, 'every10', 'every10_nonorms')))}.",
     ]
     return Section(

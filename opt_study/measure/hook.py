@@ -173,6 +173,12 @@ class StepMeasurer:
             kept, self.x_next = self.x_next, None
             self.x_t = kept[1] if kept is not None and kept[0] == step else self.view.clone_params()
 
+    def weights_moved(self) -> None:
+        """The loop moved the weights between steps (an evaluation at Schedule-Free's x, and back
+        to y, need not restore y bit for bit): the x_{t+1} a norms-only step kept is then not
+        the next step's x_t, which ``begin`` copies afresh instead."""
+        self.x_next = None
+
     def before_micro(self, batch) -> None:
         """Keep the micro-batch and the RNG state its forward uses (the probe replays both)."""
         self._enter("before_micro")

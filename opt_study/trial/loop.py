@@ -290,6 +290,7 @@ def run_trial(
             optim.eval_mode(c.client_opt)  # evaluate at the evaluation iterate (Schedule-Free's x)
             state.last_eval = row["eval_loss"] = evaluate(c.eng, c.workload, spec.scale.micro_batch_size, c.device)
             optim.train_mode(c.client_opt)
+            c.measurer.weights_moved()  # the round trip x -> y may not give y back bit for bit
             state.best_eval = min(state.best_eval, state.last_eval)
         if c.writer is not None and (cadence.logged(step) or boundary):  # measured rows: always
             if extra and row.get("measured"):  # user metrics (measure.extra), on rank 0 only

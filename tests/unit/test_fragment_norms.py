@@ -99,3 +99,28 @@ def test_norms_only_steps_store_the_copying_paths_rows(spec_factory, stage):
             assert Counting.taken == 6
     assert [r["measured"] for r in rows[Counting]] == [s % 4 == 3 or s == 12 for s in range(13)]
     assert rows[Counting] == rows[Copying]
+
+
+def test_an_evaluation_between_steps_makes_the_next_step_copy_x_t(spec_factory):
+    """Schedule-Free evaluates at x and trains at y: the loop's eval_mode / train_mode round trip
+    between two steps need not give y back bit for bit, so the x_{t+1} a norms-only step kept
+    must not be reused after it (StepMeasurer.weights_moved). Never measured, evaluated every 3rd
+    step: every step norms-only, the rows equal the copying path's."""
+    rows = {}
+    for cls in (Counting, Copying):
+        spec = spec_factory(
+            study={"name": f"sf{cls.__name__}"},
+            workload={"type": "mlp_classify", "dataset": "digits", "hidden": [32]},
+            scale={"workers": 1, "zero_stage": 0, "micro_batch_size": 16},
+            training={"steps": 10, "eval_every": 3},
+            optimizers=[{"name": "schedulefree_adamw", "params": {"lr": 0.05}}],
+            measure={"every": 0},
+        )
+        Counting.taken = 0
+        plan = TrialPlan("t", "sf", "schedulefree_adamw", {"lr": 0.05}, seed=0, index=0)
+        run_trial(spec, plan, lambda m: None, cls)
+        rows[cls] = read_steps(spec.study_dir).drop_columns(["time_unix", "step_time_s", "units_per_s"]).to_pylist()
+        if cls is Counting:
+            assert Counting.taken == 10
+    assert [r["eval_loss"] is not None for r in rows[Counting]] == [s % 3 == 2 or s == 9 for s in range(10)]
+    assert rows[Counting] == rows[Copying]

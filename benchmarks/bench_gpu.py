@@ -195,6 +195,7 @@ def check(args, storage: str, data_dir: Path, peak: float | None) -> dict:
     StreamingChecker.case = {"workload": "gpt2", "stage": spec.scale.zero_stage}
     StreamingChecker.spec = spec
     harness.RecordingMeasurer.reference_fn = harness.reference_losses_fn(spec)
+    harness.RecordingMeasurer.grads_fn = harness.reference_grads_fn(spec)  # bf16: g, g⁺ are fp32 (fp32_grads)
     speed = run_one(doc, "check", args.warmup, peak, StreamingChecker)
     m = harness.RecordingMeasurer.last
     rows = [r["row"] for r in m.log]

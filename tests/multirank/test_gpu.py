@@ -45,6 +45,7 @@ MUST = {
     "cls_convexity_fwd_mismatch",
     "cls_convexity_bwd_mismatch",
     "probe_state_diffs",
+    "grad_fp32_vs_fp64",  # measure.fp32_grads (on under bf16 by default): g, g⁺ against float64 autograd
 }
 
 

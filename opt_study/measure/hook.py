@@ -110,7 +110,6 @@ class StepMeasurer:
         self.x0 = self.view.clone_params() if cadence.measures else None
         # A norms-only step (``_norms_only``) leaves x_{t+1} in x_t's buffer: the next step's x_t
         self.x_next: tuple[int, FlatShard] | None = None
-        self.g_sq: torch.Tensor | None = None  # that step's partial ‖g‖², read without a copy
         self._runs_cache: list[tuple[int, int, int]] | None = None
         self.prev_delta = self.prev_g = self.prev_sq = None
         # measure.next_batch: x_{t−1} is kept too (the buffer x_t already was: no copy), for
@@ -157,7 +156,7 @@ class StepMeasurer:
     # ---------------------------------------------------------------------------- the protocol
     def _reset(self, step: int) -> None:
         self.step, self.x_t, self.g_t, self.batches, self.rng_states = step, None, None, [], []
-        self.g_sq = None
+        self.g_sq: torch.Tensor | None = None  # a norms-only step's partial ‖g‖², read without a copy
         self.g_train, self.grad_precision = None, self.precision  # fp32grad.probe may replace g_t
         self.measured = self.cadence.measured(step) if step >= 0 else False
         self.keep_prev = self.cadence.measured(step + 1) if step >= 0 else False

@@ -293,9 +293,21 @@ def test_lanczos_stops_when_the_krylov_space_is_invariant():
 def test_fd_hvp_is_exact_on_a_quadratic_and_hutchinson_is_unbiased():
     a, _ = _sym(40, seed=3)
     x = torch.randn(40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    hvp = curvature.fd_hvp(lambda p: a @ (p.double() - 1.0), x, 1e-2)
-    v = torch.randn(40, dtype=torch.float64)
-    assert torch.allclose(hvp(v), a @ v, atol=1e-5)  # fp32 points: rounding only
+    eps = 1e-2
+    hvp = curvature.fd_hvp(lambda p: a @ (p.double() - 1.0), x, eps)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        v = torch.randn(40, generator=g, dtype=torch.float64)
+        got = hvp(v)
+        # On a quadratic the central difference is exact; what is left is the fp32 rounding of
+        # the two points x ± εv: each coordinate moves by at most u·|x ± εv| (u = 2^-24), and
+        # the difference quotient maps that through A and divides by 2ε.
+        plus, minus = (x + eps * v).float().double(), (x - eps * v).float().double()
+        assert torch.allclose(got, a @ (plus - minus) / (2 * eps), rtol=0, atol=1e-12)
+        u = 2.0**-24
+        bound = a.abs() @ (u * ((x + eps * v).abs() + (x - eps * v).abs())) / (2 * eps)
+        err = (got - a @ v).abs()
+        assert bool((err <= bound).all()) and float(err.max()) > 0  # rounding only, and some
     g = torch.Generator().manual_seed(5)
     probes = [torch.randint(0, 2, (40,), generator=g).double() * 2 - 1 for _ in range(400)]
     mean, se = curvature.hutchinson(lambda u: a @ u, probes, lambda t: t)

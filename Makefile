@@ -47,7 +47,7 @@ quickstart: install
 
 # Everything (what CI runs): tests/unit, tests/multirank (torchrun), tests/e2e (Ray, real studies).
 test: install chromium postgresql
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=40 tests
 
 # The unit tests only (no Ray cluster, no torchrun): about 70 s on 2 cores.
 test-fast: install

@@ -208,7 +208,7 @@ def _write_study(tmp_path: Path, endpoint: str) -> Path:
         workload={"dim": 32, "cols": 8},
         # two ranks in a Ray Train worker group: each rank uploads its own ZeRO partition files
         scale={"workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "micro_batch_size": 8},
-        training={"steps": 600, "eval_every": 100},
+        training={"steps": 400, "eval_every": 100},
         measure={"every": 50},
         optimizers=[{"name": "sgd", "params": {"lr": {"grid": [0.002, 0.004]}}}],
         search={"max_concurrent_trials": 1},
@@ -282,7 +282,7 @@ def test_study_on_s3_survives_driver_kill_and_a_fresh_machine(s3_endpoint, tmp_p
     qout, _ = q.communicate(timeout=300)
     assert q.returncode == 0, qout
     lines = [ln.split() for ln in qout.splitlines() if ln.startswith("sgd-")]
-    assert lines == [["sgd-000-s0", "600", "600", "0", "599"], ["sgd-001-s0", "600", "600", "0", "599"]], qout
+    assert lines == [["sgd-000-s0", "400", "400", "0", "399"], ["sgd-001-s0", "400", "400", "0", "399"]], qout
     # the interrupted trial restarted from the checkpoint the store held, as a new attempt
     starts = {
         k: json.loads(_read(s3_endpoint, f"studies/{k}"))["start_step"]

@@ -163,7 +163,7 @@ def recorder_only(meter: Meter, storage: Path, trials: int) -> float:
     from opt_study.results.query import experiment_name
     from opt_study.results.trials import write_trials_table
     from opt_study.study.recorder import StudyRecorder
-    from opt_study.study.run import trial_resources
+    from opt_study.study.resources import trial_resources
 
     spec = spec_for(storage, trials)
     plans = plan_trials(spec)

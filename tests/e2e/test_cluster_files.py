@@ -471,7 +471,7 @@ def test_walkthrough_names_real_fields_commands_and_numbers(tmp_path):
     from opt_study.cli.main import parser
     from opt_study.config.spec import ScaleConfig, SearchConfig, StudyConfig
     from opt_study.plan.planners import plan_trials
-    from opt_study.study.run import max_concurrent
+    from opt_study.study.resources import max_concurrent
 
     assert WALKTHROUGH.startswith(":") and "Rehearse" in WALKTHROUGH
     (tmp_path / "study.yaml").write_text(load("kuberay/study-configmap.yaml")["data"]["study.yaml"])

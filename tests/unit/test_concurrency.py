@@ -3,7 +3,7 @@ cluster, else no bound (Tune queues every ready trial, so an autoscaler sees the
 
 from __future__ import annotations
 
-from opt_study.study.run import max_concurrent
+from opt_study.study.resources import max_concurrent
 
 
 def test_no_cap_and_no_autoscaler_leaves_tune_unbounded(spec_factory):

@@ -19,7 +19,8 @@ from opt_study.config import ConfigError, FieldError, StudyConfig
 from opt_study.config.load import load_spec
 from opt_study.plan.planners import check_trial_ids
 from opt_study.storage import layout, objectstore, roots, uris
-from opt_study.study.run import fit_problem, write_spec
+from opt_study.study.resources import fit_problem
+from opt_study.study.run import write_spec
 from opt_study.validate import check_runnable, parse_study
 
 ROOT = Path(__file__).resolve().parents[2]

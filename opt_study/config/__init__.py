@@ -5,7 +5,7 @@ structure; `opt_study.validate` adds the checks against the workload and optimiz
 and is what commands call (`validate.load_study`).
 """
 
-from opt_study.config.load import build, load_spec, parse_spec, read_yaml, study_folder_spec
+from opt_study.config.load import build, load_spec, parse_spec, study_folder_spec
 from opt_study.config.spec import (
     MAX_CONFIG_BYTES,
     MAX_TRIALS,
@@ -25,6 +25,7 @@ from opt_study.config.spec import (
     WorkloadConfig,
     check_name,
 )
+from opt_study.config.yaml_file import read_yaml
 
 __all__ = [
     "build",

@@ -231,7 +231,7 @@ def test_source_has_no_eval_exec_or_unpickling():
     assert seen["yaml.load"] >= 1  # the scan does see the loader call (and would judge it)
     import yaml
 
-    from opt_study.config.load import _CappedLoader
+    from opt_study.config.yaml_file import _CappedLoader
 
     assert issubclass(_CappedLoader, yaml.SafeLoader)
 

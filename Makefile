@@ -49,7 +49,7 @@ quickstart: install
 test: install chromium postgresql
 	$(BIN)/python -m pytest -q --durations=40 tests
 
-# The unit tests only (no Ray cluster, no torchrun): about 70 s on 2 cores.
+# The unit tests only (no Ray cluster, no torchrun): about 2 min on 2 cores.
 test-fast: install
 	$(BIN)/python -m pytest -q tests/unit
 

@@ -9,7 +9,7 @@ only and treated as optional.
 
 from __future__ import annotations
 
-from opt_study.config import Spec
+from opt_study.config import ConfigError, Spec
 
 
 def trial_resources(spec: Spec) -> dict:
@@ -101,8 +101,6 @@ def fit_problem(spec: Spec, total: dict, largest: dict) -> tuple[str, str] | Non
 
 def check_fits(spec: Spec) -> None:
     """ConfigError (exit 2, one line) instead of a run that waits forever for resources."""
-    from opt_study.config import ConfigError
-
     problem = fit_problem(spec, *cluster_limits())
     if problem:
         raise ConfigError(spec.source, problem[0], f"{problem[1]}; the trial could never start")
